@@ -1,0 +1,7 @@
+"""mlx_sd_convert: published PyTorch checkpoints -> mlx_sd model folders, offline and without running pickles."""
+
+import mlx_sd  # noqa: F401  (first: loads OpenBLAS before mlx.core)
+
+from .keymap import ConversionError, Rule, apply_rules
+
+__all__ = ["ConversionError", "Rule", "apply_rules"]

@@ -1,0 +1,16 @@
+"""MLX modules for every network in a Stable Diffusion checkpoint, channels-last, named as diffusers names them."""
+
+from .clip import CLIPOutput, CLIPTextConfig, CLIPTextModel
+from .unet import UNet2DConditionModel, UNetConfig
+from .vae import AutoencoderKL, LatentDistribution, VAEConfig
+
+__all__ = [
+    "AutoencoderKL",
+    "CLIPOutput",
+    "CLIPTextConfig",
+    "CLIPTextModel",
+    "LatentDistribution",
+    "UNet2DConditionModel",
+    "UNetConfig",
+    "VAEConfig",
+]

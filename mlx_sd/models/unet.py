@@ -1,0 +1,284 @@
+"""The conditional UNet of Stable Diffusion 1.x, 2.x and SDXL (diffusers' UNet2DConditionModel), one class.
+
+Reference: Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"; SDXL
+(Podell et al. 2023) adds the text-time embedding and per-stage transformer depth. Every variant is a
+`UNetConfig`; parameter paths follow diffusers (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .layers import (
+    Attention,
+    Downsample2D,
+    GroupNorm,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Upsample2D,
+    timestep_embedding,
+)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of one UNet. Tuples hold one value per resolution stage, highest resolution first.
+
+    `num_heads` is the number of attention heads per stage (diffusers' SD configs call this
+    `attention_head_dim`; the converter translates). A stage with `transformer_depth` 0 has no attention
+    (diffusers' DownBlock2D/UpBlock2D). Up stages mirror the down stages.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 0)
+    num_heads: tuple[int, ...] = (8, 8, 8, 8)
+    mid_transformer_depth: int = 1
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    # SDXL's added text-time embedding: pooled text (B, P) + 6 (5 for the refiner) micro-conditioning numbers
+    # each embedded in `addition_time_embed_dim` -> `projection_class_embeddings_input_dim` inputs.
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+    # LCM-distilled UNets embed the guidance scale and add it to the timestep embedding.
+    time_cond_proj_dim: int | None = None
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+    @property
+    def mid_num_heads(self) -> int:
+        return self.num_heads[-1]
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text, GEGLU feed-forward; pre-LayerNorm, residual each."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim // heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class GEGLU(nn.Module):
+    """One projection to 2 * inner, split into value and GELU gate (Shazeer 2020). Kept fused as published."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        value, gate = mx.split(self.proj(x), 2, axis=-1)
+        return value * nn.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # diffusers' ff.net = [GEGLU, Dropout, Linear]; index 1 has no parameters.
+        self.net = [GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.net[2](self.net[0](x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm, project to tokens, `depth` transformer blocks, project back, residual.
+
+    `proj_in`/`proj_out` are linears here for every family: SD1's 1x1 convolutions are the same map and the
+    converter reshapes their (C, C, 1, 1) weights once.
+    """
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int):
+        super().__init__()
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
+        self.proj_out = nn.Linear(channels, channels)
+
+    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        h = self.proj_in(self.norm(x).reshape(B, H * W, C))  # (B, H*W, C)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        return x + self.proj_out(h).reshape(B, H, W, C)
+
+
+class DownBlock(nn.Module):
+    """diffusers' CrossAttnDownBlock2D (with attentions) or DownBlock2D (depth 0)."""
+
+    def __init__(self, cfg: UNetConfig, in_ch: int, out_ch: int, depth: int, heads: int, downsample: bool):
+        super().__init__()
+        groups, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
+        n = cfg.layers_per_block
+        self.resnets = [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, groups, eps) for i in range(n)]
+        if depth:
+            self.attentions = [
+                Transformer2DModel(out_ch, heads, depth, cfg.cross_attention_dim, groups) for _ in range(n)
+            ]
+        if downsample:
+            self.downsamplers = [Downsample2D(out_ch)]
+
+    def __call__(self, x, temb, context) -> tuple[mx.array, list[mx.array]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if "attentions" in self:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        if "downsamplers" in self:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """diffusers' CrossAttnUpBlock2D / UpBlock2D: each resnet eats one skip connection, concatenated on C."""
+
+    def __init__(self, cfg, prev_ch: int, skip_chs: list[int], out_ch: int, depth: int, heads: int, upsample: bool):
+        super().__init__()
+        groups, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
+        self.resnets = [
+            ResnetBlock2D((prev_ch if i == 0 else out_ch) + skip, out_ch, temb, groups, eps)
+            for i, skip in enumerate(skip_chs)
+        ]
+        if depth:
+            self.attentions = [
+                Transformer2DModel(out_ch, heads, depth, cfg.cross_attention_dim, groups) for _ in skip_chs
+            ]
+        if upsample:
+            self.upsamplers = [Upsample2D(out_ch)]
+
+    def __call__(self, x, temb, context, skips: list[mx.array], upsample_size) -> mx.array:
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(mx.concatenate([x, skips.pop()], axis=-1), temb)
+            if "attentions" in self:
+                x = self.attentions[i](x, context)
+        if "upsamplers" in self:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class MidBlock(nn.Module):
+    """resnet, (transformer, resnet) x 1: diffusers' UNetMidBlock2DCrossAttn."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        ch, groups, eps, temb = cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
+        self.resnets = [ResnetBlock2D(ch, ch, temb, groups, eps) for _ in range(2)]
+        self.attentions = [
+            Transformer2DModel(ch, cfg.mid_num_heads, cfg.mid_transformer_depth, cfg.cross_attention_dim, groups)
+        ]
+
+    def __call__(self, x, temb, context) -> mx.array:
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        cfg = self.config = config
+        chans = cfg.block_out_channels
+        n = len(chans)
+        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chans[0], cfg.time_embed_dim, cfg.time_cond_proj_dim)
+        if cfg.addition_time_embed_dim is not None:
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
+
+        self.down_blocks = []
+        skip_chs = [chans[0]]  # channels of every skip connection, in push order
+        for i in range(n):
+            in_ch = chans[max(i - 1, 0)]
+            last = i == n - 1
+            block = DownBlock(cfg, in_ch, chans[i], cfg.transformer_depth[i], cfg.num_heads[i], not last)
+            self.down_blocks.append(block)
+            skip_chs += [chans[i]] * cfg.layers_per_block + ([] if last else [chans[i]])
+
+        self.mid_block = MidBlock(cfg)
+
+        self.up_blocks = []
+        prev_ch = chans[-1]
+        for i in range(n):
+            stage = n - 1 - i  # the down stage this up stage mirrors
+            k = cfg.layers_per_block + 1
+            block_skips, skip_chs = skip_chs[-k:][::-1], skip_chs[:-k]
+            block = UpBlock(
+                cfg, prev_ch, block_skips, chans[stage], cfg.transformer_depth[stage], cfg.num_heads[stage], i < n - 1
+            )
+            self.up_blocks.append(block)
+            prev_ch = chans[stage]
+
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, chans[0], cfg.norm_eps)
+        self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
+
+    def __call__(
+        self,
+        x: mx.array,
+        t: mx.array,
+        context: mx.array,
+        pooled: mx.array | None = None,
+        time_ids: mx.array | None = None,
+        timestep_cond: mx.array | None = None,
+    ) -> mx.array:
+        """Predict the model output (eps or v) for noisy latents.
+
+        Args:
+            x: (B, H, W, in_channels) scaled latents (inpainting UNets: latents, mask, masked-image latents).
+            t: (B,) or scalar timesteps, fractional allowed.
+            context: (B, N, cross_attention_dim) text conditioning.
+            pooled: (B, P) pooled text embedding (SDXL only).
+            time_ids: (B, 6) or (B, 5) micro-conditioning numbers (SDXL only).
+            timestep_cond: (B, time_cond_proj_dim) guidance embedding (LCM-distilled UNets only).
+        Returns:
+            (B, H, W, out_channels).
+        """
+        cfg = self.config
+        B = x.shape[0]
+        t = mx.broadcast_to(mx.array(t).reshape(-1), (B,))
+        temb_in = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb = self.time_embedding(temb_in.astype(x.dtype), timestep_cond)
+        if "add_embedding" in self:
+            if pooled is None or time_ids is None:
+                raise ValueError("this UNet has an added text-time embedding (SDXL): pass pooled and time_ids")
+            time_emb = timestep_embedding(
+                time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+            ).reshape(B, -1)
+            added = mx.concatenate([pooled, time_emb.astype(pooled.dtype)], axis=-1)
+            temb = temb + self.add_embedding(added.astype(x.dtype))
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, temb, context)
+            skips += block_skips
+
+        h = self.mid_block(h, temb, context)
+
+        for block in self.up_blocks:
+            k = len(block.resnets)
+            block_skips, skips = skips[-k:], skips[:-k]
+            # Upsample to the next skip's size, so latent sizes that do not divide by 2^n line up as in diffusers.
+            upsample_size = tuple(skips[-1].shape[1:3]) if skips else None
+            h = block(h, temb, context, block_skips, upsample_size)
+
+        return self.conv_out(nn.silu(self.conv_norm_out(h)))

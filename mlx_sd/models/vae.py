@@ -1,0 +1,167 @@
+"""The KL autoencoder that maps images to latents and back (diffusers' AutoencoderKL), channels-last.
+
+Reference: Rombach et al. 2022, section 3.1. Parameter paths follow diffusers
+(`decoder.up_blocks.0.resnets.0.conv1`, `encoder.mid_block.attentions.0.to_q`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+
+# diffusers clamps log-variance before exp(0.5 * logvar), so a broken encoder cannot overflow the std.
+LOGVAR_RANGE = (-30.0, 20.0)
+VAE_NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    # Latents are multiplied by this before the UNet sees them (unit variance; SDXL's VAE uses 0.13025).
+    scaling_factor: float = 0.18215
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent along each side (8 for every SD VAE)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class LatentDistribution:
+    """The encoder's diagonal Gaussian over latents, (B, h, w, latent_channels) each."""
+
+    mean: mx.array
+    logvar: mx.array
+
+    @property
+    def std(self) -> mx.array:
+        return mx.exp(0.5 * self.logvar)
+
+    def sample(self, key: mx.array | None = None, noise: mx.array | None = None) -> mx.array:
+        """mean + std * noise, with noise drawn from `key` or given (e.g. from a torch-compatible generator)."""
+        if (key is None) == (noise is None):
+            raise ValueError("LatentDistribution.sample takes exactly one of key= or noise=")
+        if noise is None:
+            noise = mx.random.normal(self.mean.shape, dtype=self.mean.dtype, key=key)
+        return self.mean + self.std * noise
+
+
+class VAEMidAttention(Attention):
+    """Single-head self-attention over all H*W pixels with its own GroupNorm and a residual connection."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__(channels, heads=1, head_dim=channels, qkv_bias=True)
+        self.group_norm = GroupNorm(groups, channels, VAE_NORM_EPS)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        h = super().__call__(self.group_norm(x).reshape(B, H * W, C))  # (B, H*W, C)
+        return x + h.reshape(B, H, W, C)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.resnets = [ResnetBlock2D(channels, channels, None, groups, VAE_NORM_EPS) for _ in range(2)]
+        self.attentions = [VAEMidAttention(channels, groups)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, VAE_NORM_EPS) for i in range(layers)
+        ]
+        if downsample:
+            self.downsamplers = [Downsample2D(out_ch, asymmetric_pad=True)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.downsamplers[0](x) if "downsamplers" in self else x
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, VAE_NORM_EPS) for i in range(layers)
+        ]
+        if upsample:
+            self.upsamplers = [Upsample2D(out_ch)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.upsamplers[0](x) if "upsamplers" in self else x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chans, groups, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        self.down_blocks = [
+            EncoderBlock(chans[max(i - 1, 0)], chans[i], cfg.layers_per_block, groups, i < n - 1) for i in range(n)
+        ]
+        self.mid_block = MidBlock(chans[-1], groups)
+        self.conv_norm_out = GroupNorm(groups, chans[-1], VAE_NORM_EPS)
+        self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chans, groups, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, chans[0], 3, padding=1)
+        self.mid_block = MidBlock(chans[0], groups)
+        self.up_blocks = [
+            DecoderBlock(chans[max(i - 1, 0)], chans[i], cfg.layers_per_block + 1, groups, i < n - 1) for i in range(n)
+        ]
+        self.conv_norm_out = GroupNorm(groups, chans[-1], VAE_NORM_EPS)
+        self.conv_out = nn.Conv2d(chans[-1], cfg.out_channels, 3, padding=1)
+
+    def __call__(self, z: mx.array) -> mx.array:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+
+    def encode(self, images: mx.array) -> LatentDistribution:
+        """(B, H, W, 3) images in [-1, 1] -> the latent distribution at (B, H/8, W/8, latent_channels)."""
+        moments = self.quant_conv(self.encoder(images))
+        mean, logvar = mx.split(moments, 2, axis=-1)
+        return LatentDistribution(mean, mx.clip(logvar, *LOGVAR_RANGE))
+
+    def decode(self, latents: mx.array) -> mx.array:
+        """(B, h, w, latent_channels) unscaled latents -> (B, 8h, 8w, 3) images, nominally in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(latents))

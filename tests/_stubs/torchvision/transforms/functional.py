@@ -1,0 +1,1 @@
+"""Imported by k_diffusion.utils; the sampling functions never call it."""

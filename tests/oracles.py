@@ -1,0 +1,118 @@
+"""The reference implementations, loaded offline, and the helpers every parity test shares.
+
+References: diffusers and transformers (imported normally), open_clip's text tower and tokenizer, k-diffusion's
+sampling functions, and the original CompVis/Stability `ldm` code (stable-diffusion-sdkit). open_clip and
+k-diffusion import torchvision and other heavy modules from their package `__init__`; we register bare package
+modules instead so only the submodules the oracles need are executed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import mlx_sd  # noqa: F401  (first: loads OpenBLAS before mlx.core)
+
+# isort: split
+import mlx.core as mx
+import numpy as np
+import torch
+
+_STUBS = Path(__file__).parent / "_stubs"
+
+
+def _bare_package(name: str):
+    """Import `name` as a namespace-like package without running its __init__."""
+    if name in sys.modules:
+        return sys.modules[name]
+    if str(_STUBS) not in sys.path:
+        sys.path.insert(0, str(_STUBS))  # the torchvision stand-in
+    spec = importlib.util.find_spec(name)
+    module = types.ModuleType(name)
+    module.__path__ = list(spec.submodule_search_locations)
+    sys.modules[name] = module
+    return module
+
+
+def open_clip_module(submodule: str):
+    """e.g. open_clip_module("transformer").TextTransformer, open_clip_module("tokenizer").SimpleTokenizer."""
+    _bare_package("open_clip")
+    return importlib.import_module(f"open_clip.{submodule}")
+
+
+def k_diffusion_sampling():
+    _bare_package("k_diffusion")
+    return importlib.import_module("k_diffusion.sampling")
+
+
+def open_clip_vocab_path() -> Path:
+    """The real CLIP BPE vocabulary shipped inside open_clip_torch (MIT, OpenAI)."""
+    return Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+# --- random weights ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give *every* parameter of a reference model random values, norm affines and biases included.
+
+    Fresh reference models zero-initialise several layers (the original code's `zero_module`, diffusers'
+    ones/zeros norms), which would let parity pass without exercising them. Weights get a fan-in scaled
+    normal so activations stay O(1) through deep stacks.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            fan_in = p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+        elif name.endswith("weight") and ("norm" in name or "ln" in name):
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+# --- layouts and comparisons ------------------------------------------------------------------------------
+
+
+def nchw_to_nhwc(x: torch.Tensor) -> mx.array:
+    return mx.array(x.detach().permute(0, 2, 3, 1).contiguous().numpy())
+
+
+def nhwc_to_nchw(x: mx.array) -> torch.Tensor:
+    return torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)
+
+
+def to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().float().numpy()
+    return np.array(x.astype(mx.float32) if isinstance(x, mx.array) else x, dtype=np.float32)
+
+
+def relative_error(ours, ref) -> float:
+    """max |ours - ref| / max |ref|: scaled by the reference's range, since plain rtol is useless near zero."""
+    ours, ref = to_numpy(ours), to_numpy(ref)
+    assert ours.shape == ref.shape, f"shape {ours.shape} != reference {ref.shape}"
+    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+def assert_close(ours, ref, tol: float, what: str = "") -> float:
+    err = relative_error(ours, ref)
+    assert np.isfinite(err) and err <= tol, f"{what}: max|ours - ref| / max|ref| = {err:.3g} > {tol:g}"
+    return err
+
+
+def psnr(ours, ref) -> float:
+    """PSNR in dB of two images in [-1, 1] (peak-to-peak 2) or [0, 1]/[0, 255] given the same way."""
+    ours, ref = to_numpy(ours).astype(np.float64), to_numpy(ref).astype(np.float64)
+    peak = max(np.abs(ref).max(), 1.0) * (2 if ref.min() < 0 else 1)
+    mse = np.mean((ours - ref) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse))
