@@ -20,6 +20,9 @@ import mlx_sd  # noqa: F401  (first: loads OpenBLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 import torch
+from mlx.utils import tree_map
+
+from mlx_sd.components import build
 
 _STUBS = Path(__file__).parent / "_stubs"
 
@@ -110,9 +113,29 @@ def assert_close(ours, ref, tol: float, what: str = "") -> float:
     return err
 
 
-def psnr(ours, ref) -> float:
-    """PSNR in dB of two images in [-1, 1] (peak-to-peak 2) or [0, 1]/[0, 255] given the same way."""
-    ours, ref = to_numpy(ours).astype(np.float64), to_numpy(ref).astype(np.float64)
-    peak = max(np.abs(ref).max(), 1.0) * (2 if ref.min() < 0 else 1)
-    mse = np.mean((ours - ref) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse))
+def psnr(ours, ref, data_range: float = 2.0) -> float:
+    """PSNR in dB; `data_range` is the images' peak-to-peak range (2 for [-1, 1], 255 for uint8)."""
+    diff = to_numpy(ours).astype(np.float64) - to_numpy(ref).astype(np.float64)
+    mse = np.mean(diff**2)
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range**2 / mse))
+
+
+# --- loading our side --------------------------------------------------------------------------------------
+
+
+def load_ours(config, weights, dtype=mx.float32):
+    model = build(config)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
+    return model.eval()
+
+
+def token_batch(pad_id: int, lengths=(5, 77, 12), seed=0) -> np.ndarray:
+    """Token rows as a tokenizer makes them: bos, words, eos, then padding; ids below eos."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in lengths:
+        words = rng.integers(0, 49406, size=min(n, 75))
+        row = [49406, *words, 49407]
+        rows.append(row + [pad_id] * (77 - len(row)))
+    return np.array(rows, dtype=np.int64)

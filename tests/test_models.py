@@ -8,7 +8,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from mlx.utils import tree_map
 
 from mlx_sd.components import build
 from mlx_sd_convert.diffusers import clip_config, convert_weights, unet_config, vae_config
@@ -16,21 +15,16 @@ from mlx_sd_convert.keymap import apply_rules
 from mlx_sd_convert.openclip import openclip_config, openclip_rules
 from oracles import (
     assert_close,
+    load_ours,
     nchw_to_nhwc,
     open_clip_module,
     randomize,
     state_dict_numpy,
+    token_batch,
 )
 
 FP32_TOL = 1e-4  # the issue's bound; observed errors are printed by -s and listed in the README
 FP16_TOL = 2e-2  # half precision carries ~1e-3 relative rounding per op through dozens of layers
-
-
-def load_ours(config, weights, dtype=mx.float32):
-    model = build(config)
-    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
-    model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
-    return model.eval()
 
 
 # --- UNet ---------------------------------------------------------------------------------------------------
@@ -273,17 +267,6 @@ def reference_clip(with_projection: bool, seed=0, **overrides):
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     torch.manual_seed(seed)
     return randomize(cls(CLIPTextConfig(**cfg)), seed)
-
-
-def token_batch(pad_id: int, lengths=(5, 77, 12), seed=0) -> np.ndarray:
-    """Token rows as a tokenizer makes them: bos, words, eos, then padding; ids below eos."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for n in lengths:
-        words = rng.integers(0, 49406, size=min(n, 75))
-        row = [49406, *words, 49407]
-        rows.append(row + [pad_id] * (77 - len(row)))
-    return np.array(rows, dtype=np.int64)
 
 
 CLIP_CASES = [
