@@ -42,6 +42,12 @@ class LatentDistribution:
     mean: mx.array
     logvar: mx.array
 
+    @classmethod
+    def from_moments(cls, moments: mx.array) -> LatentDistribution:
+        """Split quant_conv's output (B, h, w, 2 * latent_channels) into mean and clamped log-variance."""
+        mean, logvar = mx.split(moments, 2, axis=-1)
+        return cls(mean, mx.clip(logvar, *LOGVAR_RANGE))
+
     @property
     def std(self) -> mx.array:
         return mx.exp(0.5 * self.logvar)
@@ -156,11 +162,13 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
 
+    def encode_moments(self, images: mx.array) -> mx.array:
+        """(B, H, W, 3) images in [-1, 1] -> (B, H/8, W/8, 2 * latent_channels) mean and log-variance."""
+        return self.quant_conv(self.encoder(images))
+
     def encode(self, images: mx.array) -> LatentDistribution:
         """(B, H, W, 3) images in [-1, 1] -> the latent distribution at (B, H/8, W/8, latent_channels)."""
-        moments = self.quant_conv(self.encoder(images))
-        mean, logvar = mx.split(moments, 2, axis=-1)
-        return LatentDistribution(mean, mx.clip(logvar, *LOGVAR_RANGE))
+        return LatentDistribution.from_moments(self.encode_moments(images))
 
     def decode(self, latents: mx.array) -> mx.array:
         """(B, h, w, latent_channels) unscaled latents -> (B, 8h, 8w, 3) images, nominally in [-1, 1]."""
