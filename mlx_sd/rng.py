@@ -8,8 +8,8 @@ means for every draw:
   seed gives the same images with the same mlx-sd and MLX versions on the same kind of device.
 - `TorchCPUNoise(seed)` ("torch-cpu"): the values of `torch.Generator().manual_seed(seed)` followed by
   `torch.randn(shape, generator=g, dtype=dtype)` on CPU, which is what diffusers draws when handed that generator:
-  bit for bit as x86-64 torch computes them (`torch_randn` explains how). Computed in numpy on the CPU: about 8 ms
-  per 64K values.
+  bit for bit as x86-64 torch computes them (`torch_randn` explains how). Computed in numpy on the CPU: 5 to 10 ms
+  per 64K values (an SDXL latent).
 - `TorchCPUNoise(seed, kernel="libm")` ("torch-cpu-arm"): the same stream with the Box-Muller of torch's ARM builds
   (Apple Silicon), whose C library log/sin/cos differ from x86-64 torch's by up to 2e-6 in ~38% of values. This
   mode matches such torch up to the C library's last bits (~1.5% of values differ by a few ulp against glibc).
@@ -63,9 +63,9 @@ def _checked_dtype(dtype: mx.Dtype) -> mx.Dtype:
 class MLXNoise:
     """MLX explicit-key noise: draw i uses the i-th key split off `mx.random.key(seed)`; no global state.
 
-    Each draw is made in float32 and rounded to the requested dtype (a float16 draw would quantise the uniforms
-    that feed the normal transform). Reproducible for a given seed, MLX version and device kind; not equal to
-    torch's values (use `TorchCPUNoise` for that).
+    Each draw is made in float32 and rounded to the requested dtype, so a float16 draw is the float32 draw
+    rounded (drawing in float16 would quantise the uniforms that feed the normal transform). Reproducible for a
+    given seed, MLX version and device kind; not equal to torch's values (use `TorchCPUNoise` for that).
 
     Args:
         seed: any integer in [-2**63, 2**64); negatives wrap as in torch.
@@ -128,6 +128,7 @@ class PerImageNoise:
         if not sources:
             raise ValueError("PerImageNoise needs at least one source")
         self.sources = list(sources)
+        self._lock = threading.Lock()  # one batch draw takes the same draw index from every source
 
     def normal(self, shape: Sequence[int], dtype: mx.Dtype = mx.float32) -> mx.array:
         shape = _checked_shape(shape)
@@ -138,7 +139,9 @@ class PerImageNoise:
                 f"noise of shape {shape} asked from {len(self.sources)} per-image sources; the first dimension "
                 f"must be the batch size {len(self.sources)}"
             )
-        return mx.concatenate([source.normal((1, *shape[1:]), dtype) for source in self.sources], axis=0)
+        with self._lock:
+            draws = [source.normal((1, *shape[1:]), dtype) for source in self.sources]
+        return mx.concatenate(draws, axis=0)
 
 
 def make_noise(mode: str, seed: int, batch_size: int = 1, per_image: bool = False) -> NoiseSource:

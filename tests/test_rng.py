@@ -17,6 +17,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from mlx_sd.rng import MLXNoise, NoiseSource, PerImageNoise, TorchCPUNoise, make_noise
+from mlx_sd.torch_randn import _fma
 
 SEEDS = [0, 1, 42, 2**32 - 1, 2**63 + 2**40 + 12345, -7]
 SHAPES = [
@@ -81,9 +82,10 @@ def test_exact_zero_uniform_gives_positive_zero():
     assert_bit_identical(TorchCPUNoise(6931).normal((8192,)), ref)
 
 
-def test_empty_draw_consumes_nothing():
+def test_empty_and_0d_draws():
     ours, g = TorchCPUNoise(3), torch.Generator().manual_seed(3)
     assert_bit_identical(ours.normal((2, 0, 4)), torch.randn((2, 0, 4), generator=g))
+    assert_bit_identical(ours.normal(()), torch.randn((), generator=g))  # a 0-d draw is one element
     assert_bit_identical(ours.normal((5,)), torch.randn(5, generator=g))
 
 
@@ -100,6 +102,18 @@ def test_ten_million_values(dtype):
     mx_dtype, torch_dtype = DTYPES[dtype]
     ref = torch.randn((10_000_003,), generator=torch.Generator().manual_seed(12345), dtype=torch_dtype)
     assert_bit_identical(TorchCPUNoise(12345).normal((10_000_003,), mx_dtype), ref)
+
+
+def test_fma_emulation_rounds_once():
+    # The AVX2 kernel's FMAs round a * b + c once; float64 arithmetic rounds twice, which goes wrong when the float64
+    # sum lands exactly halfway between two float32 values. Here a * b = -+2**-24 +- 2**-54 and c = 1 + 2**-23:
+    # the exact sums lie 2**-54 off the float32 midpoints 1 + 2**-23 -+ 2**-24 and both round to 1 + 2**-23.
+    a, b, c = np.float32(2**-24 * (1 + 2**-15)), np.float32(1 - 2**-15), np.float32(1 + 2**-23)
+    for product_sign in (1, -1):
+        x = np.full(3, product_sign * a)
+        naive = (x.astype(np.float64) * b + c).astype(np.float32)
+        assert (naive != c).all()  # double rounding lands on the wrong neighbour
+        np.testing.assert_array_equal(_fma(x, b, c), np.full(3, c))
 
 
 _NO_AVX2_TORCH = r"""
