@@ -55,10 +55,10 @@ _STORAGE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # zip: "0", "1", ...; legacy
 class UnsafeCheckpointError(ConversionError):
     """The checkpoint's pickle names a global that could run code; nothing was executed."""
 
-    def __init__(self, path, global_name: str, detail: str = ""):
+    def __init__(self, path, global_name: str):
         self.global_name = global_name
         super().__init__(
-            f"{path}: refused to unpickle `{global_name}`{detail}. mlx-sd reads pickled checkpoints without "
+            f"{path}: refused to unpickle `{global_name}`. mlx-sd reads pickled checkpoints without "
             "running pickle code and accepts only what a state dict needs (torch's tensor rebuild functions, "
             "storage types, OrderedDict) and a few inert values; a file naming anything else could run code "
             "when loaded with torch.load. Nothing was executed. If you trust this file, load it with PyTorch "
@@ -114,7 +114,14 @@ def _rebuild_tensor(storage, storage_offset, size, stride) -> TensorRef:
     return storage.view(storage.dtype, storage_offset, size, stride)
 
 
+def _check_metadata(metadata):
+    """torch records a tensor's conj/neg view bits here; the values would need negating, so refuse them."""
+    if metadata:
+        raise ConversionError(f"a tensor carries view flags {str(metadata)[:60]} (a conj/neg view); not supported")
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    _check_metadata(metadata)
     return _rebuild_tensor(storage, storage_offset, size, stride)
 
 
@@ -122,6 +129,7 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     """torch >= 2.3 writes dtypes without a typed storage class (uint16, ...) as bytes plus a dtype."""
     if not isinstance(storage, _Storage) or not isinstance(dtype, _DTypeMarker):
         raise ConversionError("malformed _rebuild_tensor_v3 record in the pickle")
+    _check_metadata(metadata)
     return storage.view(dtype.dtype, storage_offset, size, stride)
 
 

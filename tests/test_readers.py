@@ -261,6 +261,14 @@ def test_non_tensor_entries_are_listed_not_mapped(tmp_path):
     assert checkpoint.skipped == {"step": "int 3", "nested": "dict of 1 entries holding 1 tensors", "note": "str 'hi'"}
 
 
+def test_negative_views_are_refused_not_misread(tmp_path):
+    """torch saves a neg-bit view as its positive storage plus a flag; reading the bytes alone gives -x."""
+    path = tmp_path / "neg.pt"
+    torch.save({"w": torch._neg_view(torch.arange(1.0, 4.0))}, path)
+    with pytest.raises(ConversionError, match="conj/neg view"):
+        open_checkpoint(path)
+
+
 # --- hand-written pickles ---------------------------------------------------------------------------------
 
 
