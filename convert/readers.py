@@ -59,18 +59,31 @@ class Checkpoint(Mapping):
             mapping.
         extras: the file's other top-level entries (key -> description), e.g. "global_step": "int 470000".
         metadata: the safetensors `__metadata__` strings ({} for pickles).
+        global_step: the top level's `global_step` (Lightning training checkpoints), else None.
     """
 
-    def __init__(self, path: Path, format: str, tensors: dict[str, TensorRef], verify: bool = True, **about):
+    def __init__(
+        self,
+        path: Path,
+        format: str,
+        tensors: dict[str, TensorRef],
+        *,
+        verify: bool = True,
+        nesting: tuple[str, ...] = (),
+        skipped: dict[str, str] | None = None,
+        extras: dict[str, str] | None = None,
+        metadata: dict[str, str] | None = None,
+        global_step: int | None = None,
+    ):
         self.path = path
         self.format = format
         self._tensors = tensors
         self._verify = verify
-        self.nesting: tuple[str, ...] = about.get("nesting", ())
-        self.skipped: dict[str, str] = about.get("skipped", {})
-        self.extras: dict[str, str] = about.get("extras", {})
-        self.metadata: dict[str, str] = about.get("metadata", {})
-        self.global_step: int | None = about.get("global_step")
+        self.nesting = nesting
+        self.skipped = skipped or {}
+        self.extras = extras or {}
+        self.metadata = metadata or {}
+        self.global_step = global_step
 
     def __len__(self) -> int:
         return len(self._tensors)
@@ -214,7 +227,7 @@ def _from_pickle(path: Path, format: str, top: object, verify: bool) -> Checkpoi
         path,
         format,
         tensors,
-        verify,
+        verify=verify,
         nesting=tuple(nesting),
         skipped=skipped,
         extras=extras,

@@ -56,6 +56,8 @@ class UnsafeCheckpointError(ConversionError):
     """The checkpoint's pickle names a global that could run code; nothing was executed."""
 
     def __init__(self, path, global_name: str):
+        if not global_name.isprintable() or len(global_name) > 200:  # STACK_GLOBAL names are arbitrary strings
+            global_name = ascii(global_name[:200])
         self.global_name = global_name
         super().__init__(
             f"{path}: refused to unpickle `{global_name}`. mlx-sd reads pickled checkpoints without "
