@@ -411,8 +411,7 @@ def _read_transformers_folder(folder: Path):
     config = _read_json(folder / "tokenizer_config.json")
     special = _read_json(folder / "special_tokens_map.json")
     added = _read_added_tokens(folder, config, len(vocab))
-    # special_tokens_map.json wins where the two disagree (SD2 folders: "!" there, "<|endoftext|>" in the config),
-    # as in transformers.
+    # special_tokens_map.json wins where the two disagree, as in transformers.
     pad = _content(special.get("pad_token")) or _content(config.get("pad_token")) or EOS_TOKEN
     ids = {**vocab, **{name: len(vocab) + i for i, name in enumerate(added)}}
     if pad not in ids:
