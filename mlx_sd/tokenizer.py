@@ -26,7 +26,6 @@ from __future__ import annotations
 import gzip
 import html
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
@@ -49,16 +48,17 @@ BUNDLED_VOCAB = "bpe_simple_vocab_16e6.txt.gz"  # MIT, (c) 2021 OpenAI: see asse
 NORMALIZATIONS = ("hf", "openai")
 CONFIG_FILE = "config.json"
 
-# How CLIP splits text into words before BPE (identical in transformers and OpenAI's code): contractions, letter
-# runs, single digits, runs of anything else; whitespace separates and is dropped.
-_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-# OpenAI's pattern is compiled IGNORECASE, under which the negated class [^\s\p{L}\p{N}] no longer matches U+0345
-# (combining ypogegrammeni, whose case fold is the letter iota) while [\p{L}] does not match it either: OpenAI's
-# tokenizer drops it. It is the only code point where that flag matters once the text is lowercased.
-_WORDS_OPENAI = _WORDS.replace(r"[^\s\p{L}", r"[^\s\p{L}\x{345}")
-# The special-token spellings each reference recognises inside a prompt.
+# How CLIP splits text into words before BPE: the special tokens, contractions, letter runs, single digits, runs
+# of anything else; whitespace separates and is dropped. The spellings of the special tokens differ per reference.
 _HF_SPECIALS = {BOS_TOKEN: BOS_ID, EOS_TOKEN: EOS_ID}
 _OPENAI_SPECIALS = {"<start_of_text>": BOS_ID, "<end_of_text>": EOS_ID}
+_LITERALS = r"'s|'t|'re|'ve|'m|'ll|'d"
+_HF_WORDS = r"<\|startoftext\|>|<\|endoftext\|>|" + _LITERALS + r"|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+# OpenAI compiles its pattern IGNORECASE. On lowercased text that matters twice: the literals also match "ſ" (U+017F,
+# whose case fold is "s"), and [^\s\p{L}\p{N}] excludes U+0345 (combining ypogegrammeni, case fold iota), which
+# [\p{L}] does not match either, so OpenAI's tokenizer drops it.
+_OPENAI_WORDS = "(?i:<start_of_text>|<end_of_text>|" + _LITERALS + r")|[\p{L}]+|[\p{N}]|[^\s\p{L}\x{345}\p{N}]+"
+_OPENAI_SPLIT = pre_tokenizers.Split(Regex(_OPENAI_WORDS), behavior="removed", invert=True)
 
 
 @dataclass(frozen=True)
@@ -145,10 +145,6 @@ class CLIPTokenizer:
         self._added: list[str] = []
         if added_tokens:
             self.add_tokens(added_tokens)
-        # Finds open_clip's special tokens with open_clip's own word pattern (see `_encode`).
-        self._special_finder = pre_tokenizers.Split(
-            Regex("|".join(_OPENAI_SPECIALS) + "|" + _WORDS_OPENAI), behavior="removed", invert=True
-        )
 
     # --- construction ---------------------------------------------------------------------------------------
 
@@ -237,12 +233,11 @@ class CLIPTokenizer:
             enc = self._backend.encode(text, add_special_tokens=False)
             return enc.ids, [a for a, _ in enc.offsets], text
         source = clean_openai(text)
-        # open_clip recognises its special tokens where its word pattern matches them, so find them with that
-        # pattern and encode the text between them (the BPE backend never sees them).
+        # Special tokens become their ids; the text between them goes through BPE (which never sees them).
         ids, starts, pos = [], [], 0
         specials = []
         if "_of_text>" in source:
-            specials = [s for s in self._special_finder.pre_tokenize_str(source) if s[0] in _OPENAI_SPECIALS]
+            specials = [s for s in _OPENAI_SPLIT.pre_tokenize_str(source) if s[0] in _OPENAI_SPECIALS]
         for piece, (a, b) in [*specials, ("", (len(source), len(source)))]:
             enc = self._backend.encode(source[pos:a], add_special_tokens=False)
             ids += enc.ids
@@ -321,14 +316,16 @@ def _backend(vocab: dict[str, int], merges: list[tuple[str, str]], normalization
         backend.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
         )
-        words = "|".join(map(re.escape, _HF_SPECIALS)) + "|" + _WORDS
+        split = pre_tokenizers.Split(Regex(_HF_WORDS), behavior="removed", invert=True)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _HF_SPECIALS])
     else:
-        # The text arrives cleaned by `clean_openai`; lowercasing again only matters for added token names.
+        # The text arrives cleaned by `clean_openai`; lowercasing again only matters for added token names. The
+        # byte-level step must not re-split words with GPT-2's case-sensitive regex (it would cut "'ſ").
         backend.normalizer = normalizers.Lowercase()
-        words = _WORDS_OPENAI
-    split = pre_tokenizers.Split(Regex(words), behavior="removed", invert=True)
-    backend.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        split = _OPENAI_SPLIT
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
     return backend
 
 

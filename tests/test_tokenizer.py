@@ -6,6 +6,7 @@ open_clip's own parse of the gz file (not from ours), with model_max_length=77 a
 
 import gzip
 import json
+import random
 import unicodedata
 
 import numpy as np
@@ -31,7 +32,7 @@ BATTERY = [
     # punctuation, contractions, brackets, symbols
     "Hello, world! What's up? It's 5 o'clock... (yes) [no] {maybe} <tag> #hash @user $100 50% a&b c*d e+f g=h",
     "~tilde `tick` ^caret |pipe| back\\slash semi;colon: 'single' \"double\" --- ___ ?!?! ...",
-    "I'll they've we're she'd I'm don't I'LL THEY'VE O'Neil 'sup",
+    "I'll they've we're she'd I'm don't I'LL THEY'VE O'Neil 'sup it'ſ ’ſ",
     # "!" must stay BPE token 256 (never the pad id 0)
     "wow!",
     "!!!",
@@ -109,11 +110,21 @@ def mismatches(ours, reference, texts):
 
 
 def code_point_words(assigned_only: bool) -> list[str]:
-    """Chunks of text with every code point in BLOCKS as its own word and inside one."""
+    """Chunks of text with every code point in BLOCKS as its own word, inside one and after an apostrophe."""
     chars = [chr(c) for lo, hi in BLOCKS for c in range(lo, hi)]
     if assigned_only:  # the word pattern's Unicode tables differ between regex engines for newer code points
         chars = [c for c in chars if unicodedata.category(c) != "Cn"]
-    return [" ".join(f"{c} x{c}y" for c in chars[i : i + 500]) for i in range(0, len(chars), 500)]
+    return [" ".join(f"{c} x{c}y '{c}" for c in chars[i : i + 500]) for i in range(0, len(chars), 500)]
+
+
+def random_prompts(count: int = 400) -> list[str]:
+    """Random jumbles of the characters and fragments where tokenizers disagree (a fuzz test with a fixed seed)."""
+    pool = list("aAzZ éÉe\u0301ñßİıſﬁ!?.,;:'\"’“”()[]{}<>|_-–—…&#@$%^*+=/\\~`0123456789٣½²\u00a0\t\n\r")
+    pool += list("\u3000\u200b\u200d\ufeff🐱👤🏽🇫🇷❤️ЖжΣσςع中日ｆＦ！\u0345")
+    pool += ["'s", "'LL", "&amp;", "&#39;", "Ã©", "â€™"]
+    pool += ["<|endoftext|>", "<|startoftext|>", "<end_of_text>", "<START_OF_TEXT>", "cat", "photo", "(red:1.3)"]
+    rng = random.Random(0)
+    return ["".join(rng.choice(pool) for _ in range(rng.randint(0, 30))) for _ in range(count)]
 
 
 # --- the bundled vocabulary -------------------------------------------------------------------------------------
@@ -139,13 +150,13 @@ def test_bundled_vocabulary_is_clip_and_parses_like_open_clip(open_clip_tokenize
 
 def test_hf_encode_matches_transformers(vocab_folder, transformers_tokenizer):
     for ours in (CLIPTokenizer.from_folder(vocab_folder), CLIPTokenizer.bundled(normalization="hf")):
-        texts = BATTERY + code_point_words(assigned_only=False)
+        texts = BATTERY + code_point_words(assigned_only=False) + random_prompts()
         assert not mismatches(ours.encode, lambda t: reference_words(transformers_tokenizer, t), texts)
 
 
 def test_openai_encode_matches_open_clip(vocab_folder, open_clip_tokenizer):
     for ours in (CLIPTokenizer.bundled(), CLIPTokenizer.from_folder(vocab_folder, normalization="openai")):
-        texts = BATTERY + code_point_words(assigned_only=True)
+        texts = BATTERY + code_point_words(assigned_only=True) + random_prompts()
         assert not mismatches(ours.encode, open_clip_tokenizer.encode, texts)
 
 
