@@ -9,7 +9,9 @@ Two normalisations exist in the wild and give different ids for the same prompt,
   diffusers pipelines feed their text encoders, so models converted from diffusers folders default to it.
 - "openai": OpenAI's original `simple_tokenizer.py`, as copied into open_clip: `ftfy.fix_text`, HTML-unescape twice,
   strip, whitespace runs -> one space, lowercase. The original SD2/SDXL code (open_clip) and AUTOMATIC1111's
-  OpenCLIP path use it, so models converted from original single files default to it.
+  OpenCLIP path use it, so models converted from original single files default to it. (transformers 4.x's Python
+  CLIPTokenizer, which the original SD1 code and AUTOMATIC1111 load for CLIP-L, cleans the same way when ftfy is
+  installed, minus the HTML unescape.)
 
 They differ on mojibake ("cafÃ©"), HTML entities ("&amp;"), curly quotes and full-width letters (ftfy rewrites
 them), and on which spelling of the special tokens a prompt may contain (`<|endoftext|>` for transformers,
