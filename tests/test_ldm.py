@@ -24,9 +24,6 @@ from mlx_sd_convert.families import family_config
 from mlx_sd_convert.keymap import ConversionError, to_mlx_layout
 from mlx_sd_convert.ldm import plan_single_file
 from mlx_sd_convert.ldm_detect import CERTAIN, EPSILON, HIGH, LOW, MEDIUM, OVERRIDE, V_PREDICTION, detect
-from mlx_sd_convert.ldm_unet import unet_config_from_shapes
-from mlx_sd_convert.ldm_vae import vae_config_from_shapes
-from mlx_sd_convert.openclip import openclip_config
 from oracles import assert_close, ldm_module, load_ours, nchw_to_nhwc, open_clip_module, randomize, token_batch
 
 FP32_TOL = 1e-4
@@ -358,7 +355,42 @@ def test_weights_equal_diffusers_from_single_file(kind, ema, tmp_path):
     assert converted["vae"][0] == vae_config(dict(theirs["vae"].config))
 
 
-# --- config inference at the published sizes (shapes only, on the meta device) ------------------------------
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_text_encoder_weights_equal_diffusers(kind, tmp_path):
+    """diffusers' single-file CLIP loader (what StableDiffusionPipeline.from_single_file runs), offline with a
+    local transformers config for the tiny tower; SD2's keeps all but the last block, as SD2 conditions on it."""
+    import json
+
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel
+
+    orig = original(kind)
+    if kind == "sd1":
+        config = orig.cond.transformer.config.to_dict()
+    else:
+        config = dict(
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=4 * TEXT_WIDTH,
+            num_hidden_layers=2,  # of the tower's 3 blocks
+            num_attention_heads=2,
+            hidden_act="gelu",
+            vocab_size=49408,
+            max_position_embeddings=77,
+        )
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "text_encoder" / "config.json").write_text(json.dumps(config))
+    checkpoint = {k: torch.from_numpy(v) for k, v in orig.state.items()}
+    theirs = create_diffusers_clip_model_from_ldm(
+        CLIPTextModel, checkpoint, subfolder="text_encoder", config=str(tmp_path), local_files_only=True
+    )
+    reference = {k: v.detach().numpy() for k, v in theirs.state_dict().items()}
+    _, converted = _convert(orig.state)
+    ours = converted["text_encoder"][1]
+    assert set(ours) == set(reference)
+    assert all(np.array_equal(v, reference[k]) for k, v in ours.items())
+
+
+# --- the published sizes: every tensor of a full-size file mapped strictly (shapes only, no memory) ----------
 
 FULL_UNETS = {
     # v1-inference.yaml and v2-inference(-v).yaml
@@ -367,10 +399,13 @@ FULL_UNETS = {
 }
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_full_size_configs_match_the_published_ones(family):
+def _full_size_file(family: str) -> dict[str, np.ndarray]:
+    """A full-size original checkpoint with EMA, built on the meta device; every tensor a zero-strided stand-in."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     openaimodel = ldm_module("modules.diffusionmodules.openaimodel")
     model = ldm_module("modules.diffusionmodules.model")
+    clip_model = open_clip_module("model")
     with torch.device("meta"):
         unet = openaimodel.UNetModel(
             image_size=32,
@@ -386,31 +421,50 @@ def test_full_size_configs_match_the_published_ones(family):
             **FULL_UNETS[family],
         )
         ddconfig = dict(TINY_VAE, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, resolution=256)
-        vae = Holder(encoder=model.Encoder(**ddconfig), decoder=model.Decoder(**ddconfig))
-    shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    heads = dict(num_heads=8) if family == "sd1" else dict(head_channels=64)
-    assert unet_config_from_shapes(shapes, **heads) == unet_config(family_config(family, "unet"))
-    vae_shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    vae_shapes.update({"quant_conv.weight": (8, 8, 1, 1), "post_quant_conv.weight": (4, 4, 1, 1)})
-    assert vae_config_from_shapes(vae_shapes) == vae_config(family_config(family, "vae"))
-
-
-def test_full_size_text_configs_match_the_published_ones():
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from mlx_sd_convert.ldm import _clip_config
-
-    published = family_config("sd1", "text_encoder")
-    with torch.device("meta"):
-        clip = CLIPTextModel(CLIPTextConfig(**published))
-        vit_h = open_clip_module("transformer").TextTransformer(
-            context_length=77, vocab_size=49408, width=1024, heads=16, layers=24, output_dim=1024
+        first_stage = Holder(
+            encoder=model.Encoder(**ddconfig),
+            decoder=model.Decoder(**ddconfig),
+            quant_conv=torch.nn.Conv2d(8, 8, 1),
+            post_quant_conv=torch.nn.Conv2d(4, 4, 1),
         )
-    shapes = {k: tuple(v.shape) for k, v in clip.state_dict().items()}
-    assert _clip_config(shapes) == clip_config(published, with_projection=False)
-    shapes = {k: tuple(v.shape) for k, v in vit_h.state_dict().items() if k != "text_projection"}
-    sd2 = clip_config(family_config("sd2", "text_encoder"), with_projection=False)
-    assert openclip_config(shapes, keep_layers=23) == sd2
+        if family == "sd1":
+            cond = Holder(transformer=CLIPTextModel(CLIPTextConfig(**family_config("sd1", "text_encoder"))))
+        else:  # OpenCLIP ViT-H/14 (open_clip's ViT-H-14.json text tower), image tower deleted as ldm does
+            text_cfg = dict(context_length=77, vocab_size=49408, width=1024, heads=16, layers=24)
+            vision_cfg = dict(layers=1, width=64, head_width=32, patch_size=8, image_size=16)
+            cond = Holder(model=clip_model.CLIP(embed_dim=1024, vision_cfg=vision_cfg, text_cfg=text_cfg))
+            del cond.model.visual
+        wrapper = Holder(diffusion_model=unet)
+        ldm = Holder(model=wrapper, first_stage_model=first_stage, cond_stage_model=cond)
+        ldm.model_ema = ldm_module("modules.ema").LitEma(wrapper)
+    shapes = {k: tuple(v.shape) for k, v in ldm.state_dict().items()}
+    shapes.update({name: (1000,) for name in SCHEDULE_BUFFERS})
+    state = {k: np.broadcast_to(np.float32(0), shape) for k, shape in shapes.items()}
+    return _with_text_model_prefix(state) if family == "sd1" else state
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_full_size_files_map_strictly_onto_the_published_configs(family):
+    plan = plan_single_file(_full_size_file(family))
+    assert (plan.detection.family.value, plan.detection.family.confidence) == (family, HIGH)
+    assert plan.detection.ema.value is True
+    published = {
+        "unet": unet_config(family_config(family, "unet")),
+        "vae": vae_config(family_config(family, "vae")),
+        "text_encoder": clip_config(family_config(family, "text_encoder"), with_projection=False),
+    }
+    for name, component in plan.components.items():
+        assert component.config == published[name], name
+        weights = component.convert()  # strict: every tensor mapped or dropped, every parameter filled
+        print(f"{family} {name}: {len(weights)} parameters, {sum(v.size for v in weights.values()):,} values")
+
+
+def test_sd2_text_tower_saved_without_its_last_block():
+    """A ViT-H tower saved with 23 blocks was already cut to what SD2 uses: keep all of them."""
+    state = {k: v for k, v in _full_size_file("sd2").items() if ".resblocks.23." not in k}
+    text = plan_single_file(state).components["text_encoder"]
+    assert text.config == clip_config(family_config("sd2", "text_encoder"), with_projection=False)
+    text.convert()
 
 
 # --- detection ----------------------------------------------------------------------------------------------
