@@ -30,6 +30,7 @@ from mlx_sd.models import CLIPTextConfig
 from .diffusers import CLIP_RULES
 from .keymap import ConversionError, Rule, apply_rules, rename
 from .ldm_detect import (
+    EMA_BOOKKEEPING,
     EMA_PREFIX,
     OVERRIDE,
     SDXL_MARKER,
@@ -222,7 +223,7 @@ def _unet(state, shapes, found: Detection) -> ComponentPlan:
 
 def _ema_keys(shapes: Mapping, keys: dict[str, str]) -> dict[str, str]:
     """Point every UNet parameter at its EMA copy (LitEma stores `diffusion_model.a.b` as `diffusion_modelab`)."""
-    ema = {k for k in shapes if k.startswith(EMA_PREFIX)} - {EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"}
+    ema = {k for k in shapes if k.startswith(EMA_PREFIX)} - EMA_BOOKKEEPING
     mapped = {ours: EMA_PREFIX + ("diffusion_model." + ours).replace(".", "") for ours in keys}
     missing = sorted(k for k, e in mapped.items() if e not in ema)
     extra = sorted(ema - set(mapped.values()))

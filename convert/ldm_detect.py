@@ -34,6 +34,7 @@ OVERRIDE, CERTAIN, HIGH, MEDIUM, LOW = "override", "certain", "high", "medium", 
 
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
+EMA_BOOKKEEPING = {EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"}  # LitEma buffers that are not weights
 VAE_PREFIX = "first_stage_model."
 # Text encoder layouts: OpenAI CLIP as transformers saves it (SD1), OpenCLIP (SD2), OpenCLIP saved by Stability's
 # newer `sgm` code (SD2-architecture files such as SD-Turbo), and SDXL's two-encoder conditioner.
@@ -147,7 +148,8 @@ def _text_layout(shapes: Mapping) -> Finding:
 def _family(unet: Mapping, text: Finding, override: str | None) -> Finding:
     votes: list[tuple[str, str]] = []  # (family, evidence)
     if text.value == "sdxl" or ("label_emb.0.0.weight" in unet and text.value == "openclip-sgm"):
-        return _overridden(override, Finding("sdxl", HIGH, text.evidence if text.value == "sdxl" else "SDXL refiner"))
+        refiner = "label_emb.* and OpenCLIP under conditioner.embedders.0: the SDXL refiner"
+        return _overridden(override, Finding("sdxl", HIGH, text.evidence if text.value == "sdxl" else refiner))
     if text.value == "clip":
         votes.append(("sd1", "OpenAI CLIP text encoder (cond_stage_model.transformer)"))
     elif text.value in ("openclip", "openclip-sgm"):
@@ -189,15 +191,12 @@ def _in_channels(unet: Mapping) -> Finding:
 
 
 def _ema(shapes: Mapping, use_ema: bool) -> Finding:
-    count = sum(1 for k in shapes if k.startswith(EMA_PREFIX) and k not in _EMA_BOOKKEEPING)
+    count = sum(1 for k in shapes if k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING)
     if not count:
         return Finding(False, CERTAIN, "no model_ema.* tensors: the file holds one set of UNet weights")
     if use_ema:
         return Finding(True, CERTAIN, f"{count} model_ema.* tensors; using them (use_ema=False for the raw weights)")
     return Finding(False, OVERRIDE, f"{count} model_ema.* tensors ignored (use_ema=False)")
-
-
-_EMA_BOOKKEEPING = {EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"}
 
 
 def _dtype(shapes: Mapping, dtypes: Mapping[str, str]) -> Finding:
