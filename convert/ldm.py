@@ -109,7 +109,8 @@ class ComponentPlan:
     def convert(self) -> dict[str, np.ndarray]:
         """Our parameter name -> array in MLX layout (source dtype); raises ConversionError on any mismatch."""
         shapes = parameter_shapes(build(self.config))
-        return apply_rules(f"{self.name} ({self.prefix}*)", self.source, self.rules, shapes, self.hint)
+        label = f"{self.name} ({self.prefix}*)" if self.prefix else self.name
+        return apply_rules(label, self.source, self.rules, shapes, self.hint)
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,19 @@ def _ema_keys(shapes: Mapping, keys: dict[str, str]) -> dict[str, str]:
 
 
 # --- VAE --------------------------------------------------------------------------------------------------
+
+
+def plan_vae_file(
+    state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> ComponentPlan:
+    """A separately published original-layout VAE (e.g. vae-ft-mse-840000), keys bare or under
+    `first_stage_model.`; for `--vae`. Every tensor must map (training `loss.*` tensors are dropped)."""
+    if shapes is None:
+        shapes = {k: tuple(np.shape(v)) for k, v in state.items()}
+    prefixed = all(k.startswith(VAE_PREFIX) for k in shapes)
+    keys = _strip(shapes, VAE_PREFIX) if prefixed else {k: k for k in shapes}
+    plan = _vae(state, shapes, keys, None)
+    return plan if prefixed else ComponentPlan("vae", "", plan.config, plan.source, plan.rules)
 
 
 def _vae(state, shapes, keys: dict[str, str], scale: float | None) -> ComponentPlan:

@@ -27,8 +27,8 @@ from ldm_fixtures import (
 
 from mlx_sd_convert.diffusers import clip_config, unet_config, vae_config
 from mlx_sd_convert.families import family_config
-from mlx_sd_convert.keymap import to_mlx_layout
-from mlx_sd_convert.ldm import plan_single_file
+from mlx_sd_convert.keymap import ConversionError, to_mlx_layout
+from mlx_sd_convert.ldm import plan_single_file, plan_vae_file
 from mlx_sd_convert.ldm_detect import HIGH, OVERRIDE
 
 CASES = [("sd1", False), ("sd1", True), ("sd2", False), ("sd2", True), ("inpaint", False)]
@@ -57,6 +57,20 @@ def test_no_ema_option_takes_the_raw_weights():
     check_unet(raw, *converted["unet"])
     with pytest.raises(AssertionError):  # and they differ from the EMA weights
         check_unet(orig, *converted["unet"])
+
+
+def test_separately_published_vae_file():
+    """--vae files (vae-ft-mse-840000 and the like) store the autoencoder without the first_stage_model. prefix."""
+    orig = original("sd1")
+    _, converted = convert_all(orig.state)
+    prefix = "first_stage_model."
+    bare = {k[len(prefix) :]: v for k, v in orig.state.items() if k.startswith(prefix)}
+    bare["loss.logvar"] = np.zeros((), np.float32)  # training state some VAE files carry
+    weights = plan_vae_file(bare).convert()
+    assert weights.keys() == converted["vae"][1].keys()
+    assert all(np.array_equal(v, converted["vae"][1][k]) for k, v in weights.items())
+    with pytest.raises(ConversionError, match=r"vae: .*match no rule \(stray\.weight\)"):
+        plan_vae_file({**bare, "stray.weight": np.zeros(3)}).convert()
 
 
 def test_text_encoder_without_text_model_prefix():
