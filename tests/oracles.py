@@ -32,6 +32,11 @@ def _bare_package(name: str):
     if name in sys.modules:
         return sys.modules[name]
     if str(_STUBS) not in sys.path:
+        # transformers caches whether torchvision is installed; ask before the stand-in is on the path, or it takes
+        # the stand-in for the real package and imports vision code from it (ldm's text encoders import transformers).
+        from transformers.utils import import_utils
+
+        import_utils.is_torchvision_available()
         sys.path.insert(0, str(_STUBS))  # the torchvision stand-in
     spec = importlib.util.find_spec(name)
     module = types.ModuleType(name)
@@ -44,6 +49,15 @@ def open_clip_module(submodule: str):
     """e.g. open_clip_module("transformer").TextTransformer, open_clip_module("tokenizer").SimpleTokenizer."""
     _bare_package("open_clip")
     return importlib.import_module(f"open_clip.{submodule}")
+
+
+def ldm_module(submodule: str):
+    """A module of the original CompVis/Stability code, e.g. ldm_module("modules.encoders.modules").
+
+    `ldm.models.*` needs pytorch_lightning: use the modules under `ldm.modules` only.
+    """
+    _bare_package("open_clip")  # ldm's encoders import open_clip at module level
+    return importlib.import_module(f"ldm.{submodule}")
 
 
 def k_diffusion_sampling():

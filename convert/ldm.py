@@ -1,0 +1,348 @@
+"""Original single-file checkpoints (CompVis/Stability `ldm` layout, SD 1.x and 2.x) -> mlx_sd components.
+
+A single file holds the whole LatentDiffusion module's state dict:
+
+    model.diffusion_model.*     UNet                     -> convert/ldm_unet.py
+    model_ema.*                 the UNet's EMA copy, names with the dots removed (LitEma)
+    first_stage_model.*         KL autoencoder           -> convert/ldm_vae.py
+    cond_stage_model.transformer.*   SD1: OpenAI CLIP-L as transformers saves it (with or without `text_model.`)
+    cond_stage_model.model.*         SD2: OpenCLIP ViT-H (`conditioner.embedders.0.model.*` in sgm-saved files)
+    betas, alphas_cumprod, ...  the training schedule (dropped: the scheduler config recomputes it)
+
+`plan_single_file` detects what the file is (convert/ldm_detect.py), infers each component's config from tensor
+shapes, and checks that every tensor in the file belongs to a component or is dropped for a stated reason. Each
+`ComponentPlan.convert()` then maps one component strictly (convert/keymap.py), reading each tensor once, so a
+caller can convert and write one component at a time. SDXL (`conditioner.embedders.*`) is detected but left
+to its own converter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mlx_sd.components import build, parameter_shapes
+from mlx_sd.models import CLIPTextConfig
+
+from .diffusers import CLIP_RULES
+from .keymap import ConversionError, Rule, apply_rules, rename
+from .ldm_detect import (
+    EMA_BOOKKEEPING,
+    EMA_PREFIX,
+    OVERRIDE,
+    SDXL_MARKER,
+    TEXT_PREFIXES,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    Detection,
+    detect,
+)
+from .ldm_unet import HEAD_CHANNELS, SD1_HEADS, unet_config_from_shapes, unet_rules, uses_linear_projection
+from .ldm_vae import SD_SCALING_FACTOR, vae_config_from_shapes, vae_rules
+from .openclip import OPENCLIP_HEAD_DIM, openclip_config, openclip_rules
+
+# ldm's DDPM.register_schedule buffers (and lvlb_weights, persistent in older CompVis code).
+_SCHEDULE_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "lvlb_weights",
+)
+TOP_LEVEL_DROPS = [
+    Rule("|".join(_SCHEDULE_BUFFERS), None, "the training noise schedule; the scheduler config recomputes it"),
+    Rule(r"logvar", None, "per-timestep loss weights (learn_logvar); training only"),
+    Rule(r"scale_factor", None, "the latent scaling factor (scale_by_std); read into the VAE config"),
+    Rule(r"model_ema\.(?:decay|num_updates)", None, "EMA bookkeeping, not weights"),
+    Rule(r"v_pred|ztsnr", None, "marker tensors for v-prediction / zero-terminal SNR; read by detection"),
+]
+_UNUSED_EMA = Rule(r"model_ema\..+", None, "the UNet's EMA copy, not selected (use_ema=False)")
+
+# OpenAI CLIP text towers use 64-channel heads (ViT-L/14: 768 = 12 x 64).
+CLIP_HEAD_DIM = 64
+# SD2's OpenCLIP ViT-H/14 has 24 blocks and SD2 conditions on the output of the 23rd (ldm's "penultimate").
+_VIT_H_WIDTH, _VIT_H_BLOCKS = 1024, 24
+
+
+class _View(Mapping):
+    """A lazy mapping: our key -> the file's tensor under another key (prefix stripped, or the EMA copy)."""
+
+    def __init__(self, state: Mapping[str, np.ndarray], keys: dict[str, str]):
+        self._state, self._keys = state, keys
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._state[self._keys[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def file_keys(self) -> list[str]:
+        return list(self._keys.values())
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """One component of a single file, ready to convert: its config, its tensors (keys relative to `prefix`)
+    and the key map."""
+
+    name: str  # "unet", "vae" or "text_encoder"
+    prefix: str  # where the tensors live in the file, for messages
+    config: object  # UNetConfig, VAEConfig or CLIPTextConfig
+    source: Mapping[str, np.ndarray] = field(repr=False)
+    rules: list[Rule] = field(repr=False)
+    hint: str = ""
+
+    def convert(self) -> dict[str, np.ndarray]:
+        """Our parameter name -> array in MLX layout (source dtype); raises ConversionError on any mismatch."""
+        shapes = parameter_shapes(build(self.config))
+        label = f"{self.name} ({self.prefix}*)" if self.prefix else self.name
+        return apply_rules(label, self.source, self.rules, shapes, self.hint)
+
+
+@dataclass(frozen=True)
+class SingleFilePlan:
+    detection: Detection
+    components: dict[str, ComponentPlan]  # only the components the file holds
+
+
+def plan_single_file(
+    state: Mapping[str, np.ndarray],
+    *,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    dtypes: Mapping[str, str] | None = None,
+    family: str | None = None,
+    prediction_type: str | None = None,
+    use_ema: bool = True,
+    metadata: Mapping[str, str] | None = None,
+    global_step: int | None = None,
+) -> SingleFilePlan:
+    """Detect, infer configs and split an original-layout SD1/SD2 state dict into its components.
+
+    Args:
+        state: the file's flat state dict, key -> tensor (lazy is fine; only the scale_factor scalar and the
+            SD2 detection statistic are read here).
+        shapes, dtypes: key -> shape / dtype name for every tensor, e.g. from the file header; taken from
+            `state` when None (which reads every tensor of a lazy mapping).
+        family: "sd1" or "sd2" to override detection.
+        prediction_type: override ("epsilon"/"eps", "v_prediction"/"v").
+        use_ema: build the UNet from the EMA copy when the file has one (False: the raw training weights).
+        metadata: safetensors metadata; global_step: the `.ckpt` training step, if the reader found one.
+    Returns:
+        the Detection and a ComponentPlan per component present (unet always; vae, text_encoder if present).
+    Raises:
+        ConversionError naming tensors that belong to no component, or an unsupported / inconsistent file.
+    """
+    if shapes is None:
+        shapes = {k: tuple(np.shape(v)) for k, v in state.items()}
+    if dtypes is None:
+        dtypes = {k: str(np.asarray(state[k]).dtype) for k in state}
+    found = detect(
+        state,
+        shapes,
+        dtypes,
+        family=family,
+        prediction_type=prediction_type,
+        use_ema=use_ema,
+        metadata=metadata,
+        global_step=global_step,
+    )
+    if found.family.value == "sdxl":
+        raise ConversionError(
+            f"this is an SDXL single file ({found.family.evidence}); SDXL conversion is not supported yet, "
+            "convert a diffusers SDXL folder instead"
+        )
+    text = _text_encoder(state, shapes, found)  # first: its layout names a wrong family most plainly
+    unet = _unet(state, shapes, found)
+    components = {"unet": unet}
+    # The UNet claims its own tensors and, when they are used, their EMA copies.
+    claimed = {UNET_PREFIX + k for k in unet.source} | set(unet.source.file_keys())
+    vae_keys = _strip(shapes, VAE_PREFIX)
+    if vae_keys:
+        scale = float(np.asarray(state["scale_factor"]).reshape(())) if "scale_factor" in shapes else None
+        components["vae"] = _vae(state, shapes, vae_keys, scale)
+        claimed |= set(vae_keys.values())
+    if text is not None:
+        components["text_encoder"] = text
+        claimed |= {text.prefix + k for k in text.source}
+    _check_everything_claimed(shapes, claimed, found)
+    return SingleFilePlan(found, components)
+
+
+def _strip(shapes: Mapping, prefix: str) -> dict[str, str]:
+    return {k[len(prefix) :]: k for k in shapes if k.startswith(prefix)}
+
+
+# --- UNet -------------------------------------------------------------------------------------------------
+
+
+def _unet(state, shapes, found: Detection) -> ComponentPlan:
+    keys = _strip(shapes, UNET_PREFIX)
+    if not keys:
+        ema_only = any(k.startswith(EMA_PREFIX) for k in shapes)
+        raise ConversionError(
+            "no model.diffusion_model.* tensors: "
+            + (
+                "the file has only the EMA copy (model_ema.*), whose dotless names cannot be mapped back"
+                if ema_only
+                else f"this is not an original-layout SD checkpoint ({_likely_cause(list(shapes))})"
+            )
+        )
+    relative = {k: shapes[v] for k, v in keys.items()}
+    family = found.family.value
+    heads = dict(num_heads=SD1_HEADS) if family == "sd1" else dict(head_channels=HEAD_CHANNELS)
+    config = unet_config_from_shapes(relative, **heads)
+    if found.ema.value:
+        keys = _ema_keys(shapes, keys)
+    # Shapes cannot show the head count, so a wrong family would convert silently into wrong attention: refuse
+    # the combination no published model has.
+    linear = uses_linear_projection(relative)
+    if linear is not None and linear != (family != "sd1"):
+        layout = "linear projections (SD2 layout)" if linear else "1x1-conv projections (SD1 layout)"
+        raise ConversionError(
+            f"unet: the UNet has {layout} but the family is {family} ({found.family}); "
+            + ("drop the family override" if found.family.confidence == OVERRIDE else "pass the right --family")
+        )
+    hint = ""
+    if "label_emb.0.0.weight" in relative:
+        hint = "label_emb.* is a class/image embedding (SD2 unCLIP?), which mlx-sd does not support."
+    return ComponentPlan("unet", UNET_PREFIX, config, _View(state, keys), unet_rules(config), hint)
+
+
+def _ema_keys(shapes: Mapping, keys: dict[str, str]) -> dict[str, str]:
+    """Point every UNet parameter at its EMA copy (LitEma stores `diffusion_model.a.b` as `diffusion_modelab`)."""
+    ema = {k for k in shapes if k.startswith(EMA_PREFIX)} - EMA_BOOKKEEPING
+    mapped = {ours: EMA_PREFIX + ("diffusion_model." + ours).replace(".", "") for ours in keys}
+    missing = sorted(k for k, e in mapped.items() if e not in ema)
+    extra = sorted(ema - set(mapped.values()))
+    if missing or extra:
+        raise ConversionError(
+            f"unet: the EMA copy does not match the UNet ({len(missing)} parameters without an EMA tensor, e.g. "
+            f"{missing[:3]}; {len(extra)} EMA tensors without a parameter, e.g. {extra[:3]}); "
+            "pass use_ema=False (--no-ema) to convert the raw weights"
+        )
+    return mapped
+
+
+# --- VAE --------------------------------------------------------------------------------------------------
+
+
+def plan_vae_file(
+    state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> ComponentPlan:
+    """A separately published original-layout VAE (e.g. vae-ft-mse-840000), keys bare or under
+    `first_stage_model.`; for `--vae`. Every tensor must map (training `loss.*` tensors are dropped)."""
+    if shapes is None:
+        shapes = {k: tuple(np.shape(v)) for k, v in state.items()}
+    prefixed = all(k.startswith(VAE_PREFIX) for k in shapes)
+    keys = _strip(shapes, VAE_PREFIX) if prefixed else {k: k for k in shapes}
+    plan = _vae(state, shapes, keys, None)
+    return plan if prefixed else ComponentPlan("vae", "", plan.config, plan.source, plan.rules)
+
+
+def _vae(state, shapes, keys: dict[str, str], scale: float | None) -> ComponentPlan:
+    relative = {k: shapes[v] for k, v in keys.items()}
+    config = vae_config_from_shapes(relative, SD_SCALING_FACTOR if scale is None else scale)
+    return ComponentPlan("vae", VAE_PREFIX, config, _View(state, keys), vae_rules(config))
+
+
+# --- text encoders ----------------------------------------------------------------------------------------
+
+_SD1_TEXT_DROPS = [
+    Rule(r"logit_scale", None, "CLIP's contrastive temperature; text conditioning does not use it"),
+    Rule(r"text_projection\.weight", None, "CLIP's projection head; SD1 conditions on the token states"),
+]
+_SD2_TEXT_DROPS = [
+    Rule(r"text_projection", None, "the pooled projection; SD2 conditions on token states (diffusers drops it too)"),
+]
+
+
+def _text_encoder(state, shapes, found: Detection) -> ComponentPlan | None:
+    layout, family = found.text_encoder.value, found.family.value
+    if layout is None:
+        return None
+    expected = {"sd1": ("clip",), "sd2": ("openclip", "openclip-sgm")}[family]
+    if layout not in expected:
+        raise ConversionError(
+            f"text encoder: family {family} expects {' or '.join(TEXT_PREFIXES[x] + '*' for x in expected)}, "
+            f"but the file has {found.text_encoder.evidence}; "
+            + ("drop the family override" if found.family.confidence == OVERRIDE else "pass the right --family")
+        )
+    prefix = TEXT_PREFIXES[layout]
+    keys = _strip(shapes, prefix)
+    relative = {k: shapes[v] for k, v in keys.items()}
+    if layout == "clip":
+        config, rules = _clip_config(relative), _SD1_TEXT_DROPS + CLIP_RULES
+    else:
+        blocks = 1 + max(int(k.split(".")[2]) for k in relative if k.startswith("transformer.resblocks."))
+        width = relative["token_embedding.weight"][1]
+        # Drop the last block, as ldm (layer="penultimate") and diffusers do, unless a ViT-H tower was already
+        # saved without it.
+        keep = blocks if (width, blocks) == (_VIT_H_WIDTH, _VIT_H_BLOCKS - 1) else blocks - 1
+        tower = {k: v for k, v in relative.items() if k != "text_projection"}
+        config = openclip_config(tower, keep_layers=keep, heads=width // OPENCLIP_HEAD_DIM)
+        rules = _SD2_TEXT_DROPS + openclip_rules(drop_layers=range(keep, blocks))
+    return ComponentPlan("text_encoder", prefix, config, _View(state, keys), rules)
+
+
+def _clip_config(shapes: Mapping[str, tuple[int, ...]]) -> CLIPTextConfig:
+    """OpenAI CLIP text tower (SD1) from its shapes; keys may or may not start with `text_model.`."""
+    shapes = {k.removeprefix("text_model."): v for k, v in shapes.items()}
+    try:
+        vocab, width = shapes["embeddings.token_embedding.weight"]
+        positions = shapes["embeddings.position_embedding.weight"][0]
+        inner = shapes["encoder.layers.0.mlp.fc1.weight"][0]
+    except KeyError as e:
+        raise ConversionError(f"text encoder: CLIP tensor {e} not found; the text encoder is incomplete") from None
+    layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
+    return CLIPTextConfig(
+        vocab_size=vocab,
+        max_position_embeddings=positions,
+        hidden_size=width,
+        intermediate_size=inner,
+        num_hidden_layers=layers,
+        num_attention_heads=width // CLIP_HEAD_DIM,
+        hidden_act="quick_gelu",  # OpenAI's CLIP
+        pooling="argmax",  # the original tokenizer's eos (49407) is the highest id
+    )
+
+
+# --- every tensor accounted for ---------------------------------------------------------------------------
+
+
+def _check_everything_claimed(shapes: Mapping, claimed: set[str], found: Detection) -> None:
+    drops = TOP_LEVEL_DROPS + ([] if found.ema.value else [_UNUSED_EMA])
+    stray = sorted(k for k in shapes if k not in claimed and rename(k, drops) is None)
+    if stray:
+        shown = ", ".join(stray[:8]) + (f" and {len(stray) - 8} more" if len(stray) > 8 else "")
+        raise ConversionError(f"{len(stray)} tensors belong to no SD component ({shown}); {_likely_cause(stray)}")
+
+
+_CAUSES = [
+    (r"control_model\.", "a ControlNet is stored in this file; convert the base model without it"),
+    (SDXL_MARKER.replace(".", r"\."), "SDXL conditioner tensors: this is an SDXL file"),
+    (r"(?:unet|vae|text_encoder)\.|down_blocks\.|mid_block\.", "diffusers-named tensors: convert the diffusers folder"),
+    (r"lora_|.*\.lora_", "LoRA tensors: this is a LoRA, not a full checkpoint"),
+    (r"cond_stage_model\.model\.visual\.", "an OpenCLIP image tower, which SD does not use"),
+    (r"embedding_manager\.", "textual-inversion training state; export the embedding instead"),
+]
+
+
+def _likely_cause(keys: list[str]) -> str:
+    for pattern, cause in _CAUSES:
+        if any(re.match(pattern, k) for k in keys):
+            return cause
+    return "the file may be damaged, or a model family mlx-sd does not convert"
