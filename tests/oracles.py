@@ -67,7 +67,7 @@ def k_diffusion_sampling():
 
 def open_clip_vocab_path() -> Path:
     """The real CLIP BPE vocabulary shipped inside open_clip_torch (MIT, OpenAI)."""
-    return Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    return Path(_bare_package("open_clip").__path__[0]) / "bpe_simple_vocab_16e6.txt.gz"
 
 
 # --- random weights ---------------------------------------------------------------------------------------
@@ -153,3 +153,34 @@ def token_batch(pad_id: int, lengths=(5, 77, 12), seed=0) -> np.ndarray:
         row = [49406, *words, 49407]
         rows.append(row + [pad_id] * (77 - len(row)))
     return np.array(rows, dtype=np.int64)
+
+
+# --- AUTOMATIC1111's prompt handling, written from its published description -------------------------------
+
+
+def a1111_windows(weighted_tokens, break_positions, comma, size=75, backtrack=20):
+    """A1111's long-prompt rule, written from its description.
+
+    weighted_tokens: [(token, weight)]; break_positions: indices into weighted_tokens before which a BREAK stood.
+    """
+    windows, current = [], []
+    for i in range(len(weighted_tokens) + 1):
+        for _ in range(break_positions.count(i)):
+            windows.append(current)
+            current = []
+        if i == len(weighted_tokens):
+            break
+        token = weighted_tokens[i]
+        if len(current) == size:
+            commas = [j for j, (t, _) in enumerate(current) if t == comma]
+            if token[0] != comma and commas and size - commas[-1] <= backtrack:
+                cut = commas[-1] + 1  # the phrase after the last comma moves on
+                windows.append(current[:cut])
+                current = current[cut:]
+            else:
+                windows.append(current)
+                current = []
+        current.append(token)
+    if current or not windows:
+        windows.append(current)
+    return windows

@@ -9,6 +9,7 @@ BREAK starts a new chunk") as plain index arithmetic, independently of mlx_sd's 
 import pytest
 
 from mlx_sd.prompts import Fragment, parse_emphasis, split_windows, window_ids, window_weights
+from oracles import a1111_windows
 
 A1111_EXAMPLES = [
     ("normal text", [("normal text", 1.0)]),
@@ -53,7 +54,7 @@ def test_break_splits_fragments():
 
 # --- windows -------------------------------------------------------------------------------------------------
 
-COMMA = 267
+COMMA = 267  # a made-up id for ","
 
 
 def fake_encode(text: str) -> list[int]:
@@ -62,34 +63,6 @@ def fake_encode(text: str) -> list[int]:
     for word in text.replace(",", " , ").split():
         ids.append(COMMA if word == "," else 1000 + (sum(map(ord, word)) % 40000))
     return ids
-
-
-def reference_windows(weighted_tokens, break_positions, size=75, backtrack=20):
-    """A1111's long-prompt rule, written from its description.
-
-    weighted_tokens: [(token, weight)]; break_positions: indices into weighted_tokens before which a BREAK stood.
-    """
-    windows, current = [], []
-    for i in range(len(weighted_tokens) + 1):
-        for _ in range(break_positions.count(i)):
-            windows.append(current)
-            current = []
-        if i == len(weighted_tokens):
-            break
-        token = weighted_tokens[i]
-        if len(current) == size:
-            commas = [j for j, (t, _) in enumerate(current) if t == COMMA]
-            if token[0] != COMMA and commas and size - commas[-1] <= backtrack:
-                cut = commas[-1] + 1  # the phrase after the last comma moves on
-                windows.append(current[:cut])
-                current = current[cut:]
-            else:
-                windows.append(current)
-                current = []
-        current.append(token)
-    if current or not windows:
-        windows.append(current)
-    return windows
 
 
 def flatten(prompt):
@@ -119,7 +92,7 @@ WINDOW_CASES = {
 def test_windows_match_reference(name):
     prompt = WINDOW_CASES[name]
     windows = split_windows(parse_emphasis(prompt), fake_encode, COMMA)
-    expected = reference_windows(*flatten(prompt))
+    expected = a1111_windows(*flatten(prompt), COMMA)
     assert [list(zip(w.tokens, w.weights)) for w in windows] == expected
     assert all(len(w.tokens) <= 75 for w in windows)
     # Nothing is lost: every token of the prompt appears, in order.
