@@ -85,6 +85,7 @@ def _compare(ours, ref, what, ref64=None):
     for i, (a, b) in enumerate(zip(ours, ref)):
         err = relative_error(a, b)
         if err > TOL and ref64 is not None:
+            ref64 = ref64() if callable(ref64) else ref64  # computed only when needed
             own, err64 = relative_error(b, ref64[i]), relative_error(a, ref64[i])
             assert err64 <= max(TOL, own), f"{what} step {i}: {err:.3g} from the reference, {err64:.3g} from its " \
                                            f"float64 run (which the float32 reference is {own:.3g} from)"  # fmt: skip
@@ -105,16 +106,19 @@ def _k_parity(name, prediction, steps, schedule_type=None, seed=0, **options):
     x_init = noise[0] * plan.init_noise_sigma
     ours = run_ours(plan, nhwc(x_init), ReplayNoise(noise[1:]))
     replay = {"iid": IIDReplay, "brownian": BrownianReplay, None: lambda _: None}[noise_kind]
-    refs = [
-        run_k_diffusion(function, prediction, schedule.alphas_cumprod, plan.sigmas, x_init, replay(arrays),
-                        randn_like=arrays if options.get("s_churn") else None, dtype=dtype, **ref_kwargs, **options)
-        for dtype, arrays in ((torch.float32, noise[1:]), (torch.float64, as_float64(noise[1:])))
-    ]  # fmt: skip
+
+    def reference(dtype, arrays):
+        out = run_k_diffusion(function, prediction, schedule.alphas_cumprod, plan.sigmas, x_init, replay(arrays),
+                              randn_like=arrays if options.get("s_churn") else None, dtype=dtype, **ref_kwargs,
+                              **options)  # fmt: skip
+        # k-diffusion's callback shows x after the next step's churn noise: with churn compare the results only
+        return out[-1:] if options.get("s_churn") else out
+
     what = f"{name} {prediction} {steps} steps {schedule_type or 'Automatic'} {options}"
-    if options.get("s_churn"):
-        # k-diffusion's callback shows x after the next step's churn noise: compare the results only
-        ours, refs = ours[-1:], [r[-1:] for r in refs]
-    return _compare(ours, refs[0], what, refs[1])
+    ours = ours[-1:] if options.get("s_churn") else ours
+    return _compare(
+        ours, reference(torch.float32, noise[1:]), what, lambda: reference(torch.float64, as_float64(noise[1:]))
+    )
 
 
 # k-diffusion 0.1.1's 2M/3M SDE raise UnboundLocalError for a single step (`h_last = h` before h is set); ours
@@ -173,20 +177,27 @@ def _d_parity(class_name, prediction, steps, config=None, strength=1.0, seed=0, 
     assert_close(np.array(plan.to_reference(ours_start, 0)).transpose(0, 3, 1, 2), start, TOL, f"{what} start")
     ours = run_ours(plan, ours_start, ReplayNoise(noise[1:]))
     ref = run_diffusers(scheduler, start, noise[1:], timesteps=timesteps, **(step_kwargs or {}))
-    # the same loop on float64 latents (the scheduler's scalars stay float32) measures its own rounding; Euler and
-    # Euler a cast latents to float32 inside `step`, so their float64 run is k-diffusion's identical function
-    if class_name in _K_DIFFUSION_TWINS and strength == 1.0:
-        ref64 = run_k_diffusion(_K_DIFFUSION_TWINS[class_name], prediction, schedule.alphas_cumprod, plan.sigmas,
-                                start.double().numpy(), None if "Ancestral" not in class_name else
-                                IIDReplay(as_float64(noise[1:])), dtype=torch.float64,
-                                timesteps=plan.timesteps)  # fmt: skip
-    else:
+
+    def reference64():
+        # the same loop on float64 latents (the scheduler's scalars stay float32) measures its own rounding; Euler
+        # and Euler a cast latents to float32 inside `step`, so their float64 run is k-diffusion's identical function
+        if class_name in _K_DIFFUSION_TWINS and strength == 1.0:
+            replay = IIDReplay(as_float64(noise[1:])) if "Ancestral" in class_name else None
+            return run_k_diffusion(
+                _K_DIFFUSION_TWINS[class_name],
+                prediction,
+                schedule.alphas_cumprod,
+                plan.sigmas,
+                start.double().numpy(),
+                replay,
+                dtype=torch.float64,
+                timesteps=plan.timesteps,
+            )
         scheduler = diffusers_scheduler(class_name, config, steps)
-        if strength < 1.0:
-            timesteps, _ = img2img_timesteps(scheduler, steps, strength)
-        ref64 = run_diffusers(scheduler, start.double(), as_float64(noise[1:]), timesteps=timesteps,
-                              **(step_kwargs or {}))  # fmt: skip
-    return _compare(ours, ref, what, ref64)
+        ts = img2img_timesteps(scheduler, steps, strength)[0] if strength < 1.0 else None
+        return run_diffusers(scheduler, start.double(), as_float64(noise[1:]), timesteps=ts, **(step_kwargs or {}))
+
+    return _compare(ours, ref, what, reference64)
 
 
 _K_DIFFUSION_TWINS = {

@@ -226,9 +226,9 @@ def _multistep(class_name, settings, schedule, steps, run, options):
     order = settings["solver_order"]
     if unipc:
         _require(class_name, settings, predict_x0=True, solver_p=None)
-        options = {"order": order, "variant": settings["solver_type"], **options,
+        options = {"order": order, "variant": settings["solver_type"],
                    "lower_order_final": settings["lower_order_final"],
-                   "disable_corrector": tuple(settings["disable_corrector"])}  # fmt: skip
+                   "disable_corrector": tuple(settings["disable_corrector"]), **options}  # fmt: skip
         return _plan(SAMPLERS["UniPC"], schedule, sigmas, ts, run, options, "vp", init, class_name, label)
     _require(class_name, settings, solver_order=2, use_lu_lambdas=False, variance_type=None,
              lambda_min_clipped=-math.inf)  # fmt: skip
