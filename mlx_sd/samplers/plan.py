@@ -1,0 +1,172 @@
+"""A sampling plan: a sampler, the noise levels it walks and everything else the pipeline needs to run it.
+
+Two ways to choose one (`plan_sampling(..., follow=...)`):
+- "a1111" (the default for A1111 names): the k-diffusion function A1111 runs, over A1111's sigmas for the chosen
+  "Schedule type" (Automatic = the sampler's own default), computed from the model's alphas_cumprod.
+- "diffusers": the diffusers scheduler for that name (e.g. "DPM++ 2M Karras" -> DPMSolverMultistepScheduler with
+  use_karras_sigmas=True), configured from the model's scheduler_config.json exactly as
+  `Scheduler.from_config(config)` would be, stepping as that scheduler steps (`as_diffusers.py`).
+Names without a k-diffusion function (DDIM, DDPM, PLMS, UniPC, LCM) always follow diffusers.
+
+img2img (`strength` < 1) follows diffusers' rule in both cases: the last int(steps * strength) steps run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from ..denoiser import Denoiser, ModelFn
+from ..schedules import SCHEDULE_TYPES, NoiseSchedule, ScheduleType, check_steps, img2img_steps
+from .as_diffusers import diffusers_plan
+from .registry import Sampler, resolve
+
+FOLLOW = ("a1111", "diffusers")
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """What to run: `plan.sample(model, x, rng)` yields the latent after every step.
+
+    Attributes:
+        sampler: the registry entry whose function runs.
+        schedule: the model's `NoiseSchedule` (for follow="diffusers", as the scheduler class configures it).
+        sigmas: the VE noise levels walked, decreasing; `steps` = len(sigmas) - 1 (after img2img truncation).
+        options: keyword options for the sampler function.
+        timesteps: exact {sigma: t} the reference feeds the model (diffusers); other sigmas use log-interpolation.
+        init_noise_sigma: txt2img starts from `noise * init_noise_sigma` (diffusers' quirks included: Euler with
+            "leading" spacing starts at sqrt(sigma_max^2 + 1); VP schedulers start from unit VP noise).
+        latent_space: "ve" or "vp": the space the reference holds its latents in (k-diffusion and diffusers'
+            Euler-style schedulers: VE; DDIM, PNDM, DPM-Solver, UniPC, LCM: VP). It decides what is decoded when
+            the last sigma is not 0 (diffusers' DDIM with set_alpha_to_one=False ends at alpha_bar[0]).
+        follows: which reference this plan reproduces, in words.
+        schedule_label: the schedule type or spacing, in words.
+    """
+
+    sampler: Sampler
+    schedule: NoiseSchedule
+    sigmas: tuple[float, ...]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    timesteps: Mapping[float, float] = field(default_factory=dict)
+    init_noise_sigma: float = 1.0
+    latent_space: str = "ve"
+    follows: str = ""
+    schedule_label: str = ""
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def denoiser(self, model: ModelFn) -> Denoiser:
+        return Denoiser(model, self.schedule, self.timesteps)
+
+    def sample(self, model: ModelFn, x: mx.array, rng=None) -> Iterator[mx.array]:
+        """Run the sampler: yields x (VE) after every step; `send()` replaces it (see `common`)."""
+        if self.sampler.stochastic and rng is None and self.options.get("eta", 1.0):
+            raise ValueError(f"sampler {self.sampler.name!r} is stochastic: pass a noise source (rng)")
+        return self.sampler.function(self.denoiser(model), x, self.sigmas, rng, **self.options)
+
+    def initial_latents(self, noise: mx.array) -> mx.array:
+        """txt2img: the starting latent from unit noise."""
+        return noise * self.init_noise_sigma
+
+    def noised_latents(self, x0: mx.array, noise: mx.array, level: int = 0) -> mx.array:
+        """img2img/inpainting: the clean latent `x0` noised to `sigmas[level]` (diffusers' `add_noise` at the start
+        step for level 0; after step i, level i + 1 is what inpainting pastes back)."""
+        return x0 + noise * self.sigmas[level]
+
+    def to_reference(self, x: mx.array, level: int) -> mx.array:
+        """The latent the reference holds at `sigmas[level]` (VP references: x / sqrt(1 + sigma^2))."""
+        if self.latent_space == "ve":
+            return x
+        return x * (1.0 / math.sqrt(1.0 + self.sigmas[level] ** 2))
+
+    def latents_to_decode(self, x: mx.array) -> mx.array:
+        """The final latent the VAE decodes, given the sampler's last yield."""
+        return self.to_reference(x, self.steps)
+
+    def describe(self) -> dict:
+        """For image metadata and logs."""
+        return {"sampler": self.sampler.name, "schedule": self.schedule_label, "follows": self.follows,
+                "steps": self.steps}  # fmt: skip
+
+
+def _check_options(sampler: Sampler, options: Mapping) -> None:
+    accepted = [
+        p.name
+        for p in inspect.signature(sampler.function).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"sampler {sampler.name!r} has no option {unknown}; its options: {accepted}")
+
+
+def a1111_plan(sampler: Sampler, stype: ScheduleType | None, schedule: NoiseSchedule, steps: int, strength: float,
+               options: Mapping) -> SamplingPlan:  # fmt: skip
+    """A k-diffusion sampler over A1111's sigmas (A1111 `KDiffusionSampler.get_sigmas`)."""
+    stype = stype or SCHEDULE_TYPES[sampler.default_schedule]
+    sigmas = stype.function(schedule, steps + 1 if sampler.discard_penultimate else steps)
+    if sampler.discard_penultimate:
+        sigmas = sigmas[:-2] + sigmas[-1:]
+    total = len(sigmas) - 1  # A1111's "DDIM" schedule type can give more levels than steps
+    sigmas = sigmas[total - img2img_steps(total, strength) :]
+    return SamplingPlan(
+        sampler, schedule, sigmas, {**sampler.options, **options}, init_noise_sigma=sigmas[0], latent_space="ve",
+        follows=sampler.follows, schedule_label=stype.label,
+    )  # fmt: skip
+
+
+def plan_sampling(
+    sampler: str,
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    schedule_type: str | None = None,
+    strength: float = 1.0,
+    follow: str | None = None,
+    scheduler_config: Mapping | None = None,
+    **options,
+) -> SamplingPlan:
+    """Choose what to run for a sampler name, a model's schedule and a step count.
+
+    Args:
+        sampler: an A1111 name or alias ("Euler a", "DPM++ 2M", "k_lms"), a legacy combined name
+            ("DPM++ 2M Karras"), or a diffusers scheduler class name ("EulerDiscreteScheduler", implies
+            follow="diffusers").
+        schedule: the model's `NoiseSchedule` (its `scheduler_config` configures follow="diffusers").
+        steps: the number of steps of the full schedule (>= 1).
+        schedule_type: A1111's "Schedule type" ("Karras", "Exponential", ...; None/"Automatic": the sampler's
+            default). With follow="diffusers", "Karras"/"Exponential" set use_karras_sigmas/use_exponential_sigmas.
+        strength: img2img strength in [0, 1]; the last int(steps * strength) steps run.
+        follow: "a1111" or "diffusers" (see the module docstring); None picks "diffusers" for diffusers class names
+            and for samplers without a k-diffusion function, else "a1111".
+        scheduler_config: with follow="diffusers", values overriding the model's scheduler_config
+            (e.g. {"timestep_spacing": "trailing"}).
+        **options: sampler options (eta, s_noise, ...; see the sampler function).
+
+    Raises:
+        ValueError: an unknown sampler or schedule type, steps < 1, strength outside [0, 1], a combination the
+            reference cannot run (e.g. a prediction type the diffusers scheduler rejects), an unknown option.
+    """
+    entry, stype, diffusers_class = resolve(sampler, schedule_type)
+    check_steps(steps)
+    if follow is not None and follow not in FOLLOW:
+        raise ValueError(f"follow must be one of {FOLLOW}, got {follow!r}")
+    if follow is None:
+        follow = "diffusers" if diffusers_class or entry.kdiffusion is None else "a1111"
+    if follow == "a1111" and diffusers_class:
+        raise ValueError(f"{sampler!r} is a diffusers scheduler; use follow='diffusers' or an A1111 sampler name")
+    if follow == "a1111" and scheduler_config:
+        raise ValueError("scheduler_config only applies with follow='diffusers'")
+    if follow == "a1111" and entry.kdiffusion is not None:
+        _check_options(entry, options)
+        return a1111_plan(entry, stype, schedule, steps, strength, options)
+    fields = diffusers_plan(entry, diffusers_class, stype, schedule, steps, strength, scheduler_config or {}, options)
+    _check_options(fields["sampler"], fields["options"])
+    return SamplingPlan(**fields)
