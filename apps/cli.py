@@ -12,9 +12,8 @@ import sys
 
 import mlx_sd  # first: loads OpenBLAS before mlx.core
 
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line without a traceback."""
+from . import generate
+from .errors import UserError
 
 
 def _version(args) -> None:
@@ -26,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     version = sub.add_parser("version", help="show the mlx-sd version and the backend it runs on")
     version.set_defaults(run=_version)
+    generate.add_parsers(sub)
     return parser
 
 

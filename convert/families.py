@@ -15,6 +15,7 @@ _SD_SCHEDULE = {
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "steps_offset": 1,
+    "clip_sample": False,
 }
 
 _VAE = {

@@ -71,20 +71,34 @@ class Denoiser:
         return out  # "sample": the model predicts x0 itself
 
 
-def classifier_free_guidance(model: ModelFn, guidance: float) -> ModelFn:
+def classifier_free_guidance(model: ModelFn, guidance: float, rescale: float = 0.0) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) folded into a model function.
 
     Args:
         model: evaluates a doubled batch `[x; x]` against `[unconditional; conditional]` conditioning (diffusers'
             order) and returns both outputs stacked on the batch axis.
         guidance: the guidance scale; 1.0 returns the conditional output.
+        rescale: diffusers' `guidance_rescale` (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps
+            are Flawed", eq. 15-16): blend in the guided output rescaled to the conditional output's std, which
+            keeps zero-terminal-SNR models from over-exposing. 0 disables it.
 
     Returns:
-        `guided(x, t) = uncond + guidance * (cond - uncond)`, a model function for `Denoiser`.
+        `guided(x, t) = uncond + guidance * (cond - uncond)` (rescaled if asked), a model function for `Denoiser`.
     """
 
     def guided(x: mx.array, t: float) -> mx.array:
         uncond, cond = mx.split(model(mx.concatenate([x, x], axis=0), t), 2, axis=0)
-        return uncond + guidance * (cond - uncond)
+        out = uncond + guidance * (cond - uncond)
+        if rescale:
+            axes = tuple(range(1, out.ndim))
+            out = rescale * out * (_std(cond, axes) / _std(out, axes)) + (1 - rescale) * out
+        return out
 
     return guided
+
+
+def _std(x: mx.array, axes: tuple[int, ...]) -> mx.array:
+    """torch.std (unbiased) over `axes`, keeping them, as diffusers' rescale_noise_cfg computes it."""
+    n = math.prod(x.shape[a] for a in axes)
+    mean = x.mean(axis=axes, keepdims=True)
+    return mx.sqrt(mx.square(x - mean).sum(axis=axes, keepdims=True) / (n - 1))

@@ -36,6 +36,7 @@ class ModelInfo:
     sha256: of the source checkpoint file (A1111's "Model hash" is its first 10 hex digits), "" if unknown.
     force_zeros_for_empty_prompt: SDXL base uses zero conditioning for an empty negative prompt (diffusers).
     requires_aesthetics_score: the SDXL refiner takes aesthetic scores in its micro-conditioning.
+    kind: "" for a standard model, "turbo" (SD-Turbo, SDXL-Turbo: few steps, no guidance) or "lcm" (LCM-distilled).
     """
 
     family: str
@@ -49,6 +50,7 @@ class ModelInfo:
     force_zeros_for_empty_prompt: bool = False
     requires_aesthetics_score: bool = False
     quantization: dict | None = None
+    kind: str = ""
     format_version: int = FORMAT_VERSION
 
     @property

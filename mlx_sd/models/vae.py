@@ -162,6 +162,11 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The dtype the weights are held in."""
+        return self.decoder.conv_in.weight.dtype
+
     def encode_moments(self, images: mx.array) -> mx.array:
         """(B, H, W, 3) images in [-1, 1] -> (B, H/8, W/8, 2 * latent_channels) mean and log-variance."""
         return self.quant_conv(self.encoder(images))

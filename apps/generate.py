@@ -1,0 +1,138 @@
+"""`mlx-sd generate` and `mlx-sd info`: images from the command line, and the parameters stored in a PNG."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from mlx_sd.infotext import parse_infotext, read_infotext, save_png
+from mlx_sd.params import GenerationRequest
+from mlx_sd.pipeline import Pipeline, Progress, Result
+from mlx_sd.rng import NOISE_MODES
+
+from .errors import UserError
+from .models import DEFAULT_MODEL, resolve_model
+
+DEFAULT_OUTPUT = "mlx-sd-{seed}.png"
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("generate", help="generate images from a prompt (txt2img, img2img, inpainting)")
+    p.add_argument("prompt", help="the prompt; A1111 emphasis syntax works: (word:1.3), [word], BREAK")
+    p.add_argument("--model", default=None, help=f"converted folder, checkpoint file, diffusers folder or hub id "
+                                                 f"(default: {DEFAULT_MODEL})")  # fmt: skip
+    p.add_argument("--negative-prompt", default="", help="what to steer away from")
+    p.add_argument("--width", type=int, help="multiple of 8 (default: the model's size)")
+    p.add_argument("--height", type=int, help="multiple of 8 (default: the model's size)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (CFG); <= 1 disables it")
+    p.add_argument("--sampler", help='e.g. "Euler a", "DPM++ 2M Karras" (see `mlx-sd samplers`)')
+    p.add_argument("--schedule-type", help='A1111 schedule type: "Karras", "Exponential", ...')
+    p.add_argument("--seed", type=int, help="random seed (default: random, printed and stored in the PNG)")
+    p.add_argument("--num-images", type=int, default=1, help="images to make, one batch after another")
+    p.add_argument("--batch-size", type=int, default=1, help="images per batch (more memory, faster per image)")
+    p.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer (A1111 numbering)")
+    p.add_argument("--init-image", type=Path, help="start from this image (img2img)")
+    p.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change the init image (0-1)")
+    p.add_argument("--resize-mode", default="resize", choices=["resize", "crop", "fill"],
+                   help="img2img: fit an init image of another size")  # fmt: skip
+    p.add_argument("--mask", type=Path, help="inpainting mask (white = repaint); needs --init-image")
+    p.add_argument("--mask-blur", type=float, default=4.0, help="inpainting: blur the mask edge (pixels)")
+    p.add_argument("--invert-mask", action="store_true", help="inpainting: repaint the black area instead")
+    p.add_argument("--only-masked", action="store_true", help="inpainting: work on a crop around the mask")
+    p.add_argument("--only-masked-padding", type=int, default=32, help="inpainting: padding of that crop (pixels)")
+    p.add_argument("--rng", default="torch-cpu", choices=NOISE_MODES,
+                   help="noise source: torch-cpu = same seed, same image as diffusers/torch on CPU")  # fmt: skip
+    p.add_argument("--low-memory", action="store_true", help="free the text encoders after encoding the prompt")
+    p.add_argument("--output", default=DEFAULT_OUTPUT,
+                   help="output PNG path; {seed} and {i} are filled in (default: %(default)s)")  # fmt: skip
+    p.set_defaults(run=run_generate)
+
+    info = sub.add_parser("info", help="print the generation parameters stored in a PNG")
+    info.add_argument("image", type=Path)
+    info.set_defaults(run=run_info)
+
+
+def _open_image(path: Path | None, what: str) -> Image.Image | None:
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{what} {path} is not a readable image ({e})") from None
+
+
+def _request(args) -> GenerationRequest:
+    num, batch = args.num_images, args.batch_size
+    if num < 1 or batch < 1:
+        raise UserError("--num-images and --batch-size must be at least 1")
+    if args.mask is not None and args.init_image is None:
+        raise UserError("--mask needs --init-image (the image to inpaint)")
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+        steps=args.steps, guidance=args.guidance, sampler=args.sampler, schedule_type=args.schedule_type,
+        seed=args.seed, rng=args.rng, batch_size=batch, batch_count=-(-num // batch), clip_skip=args.clip_skip,
+        init_image=_open_image(args.init_image, "--init-image"), strength=args.strength,
+        resize_mode=args.resize_mode, mask=_open_image(args.mask, "--mask"), mask_blur=args.mask_blur,
+        invert_mask=args.invert_mask, inpaint_full_res=args.only_masked,
+        inpaint_padding=args.only_masked_padding, paste_back=True, low_memory=args.low_memory,
+    )  # fmt: skip
+    try:
+        request.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return request
+
+
+def run_generate(args) -> None:
+    from tqdm import tqdm
+
+    request = _request(args)
+    pipeline = Pipeline(resolve_model(args.model))
+    bar = None
+    try:
+        for event in pipeline.stream(request):
+            if isinstance(event, Progress):
+                if bar is None or event.step == 1:
+                    if bar is not None:
+                        bar.close()
+                    label = f"batch {event.batch + 1}/{event.batches}" if event.batches > 1 else "sampling"
+                    bar = tqdm(total=event.total, desc=label, unit="step", file=sys.stderr)
+                bar.update(1)
+            elif isinstance(event, Result):
+                result = event
+    except ValueError as e:  # a parameter the model rejects (unknown sampler, bad size, ...)
+        raise UserError(str(e)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    images = result.images[: args.num_images]
+    for i, (image, text, seed) in enumerate(zip(images, result.infotexts, result.seeds)):
+        path = Path(args.output.format(seed=seed, i=i))
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(image, path, text)
+        print(f"{path}  (seed {seed})")
+
+
+def run_info(args) -> None:
+    try:
+        text = read_infotext(args.image)
+    except FileNotFoundError:
+        raise UserError(f"{args.image} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{args.image} is not a readable image ({e})") from None
+    if not text:
+        raise UserError(f"{args.image} carries no generation parameters (no 'parameters' PNG text chunk)")
+    prompt, negative, params = parse_infotext(text)
+    print(f"Prompt: {prompt}")
+    if negative:
+        print(f"Negative prompt: {negative}")
+    for key, value in params.items():
+        print(f"{key}: {value}")

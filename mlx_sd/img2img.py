@@ -1,0 +1,113 @@
+"""Starting from an image: img2img and inpainting inputs, prepared as diffusers' pipelines prepare them.
+
+img2img: the init image (resized to the working size with A1111's resize modes if needed) is VAE-encoded with
+sampling noise and noised to the first level of the truncated schedule (diffusers' `strength` rule).
+Inpainting: the mask (white = repaint; optionally inverted and blurred) is binarized at 0.5 as diffusers does. A
+9-channel inpainting UNet reads [latents, mask, masked-image latents]; a plain UNet repaints everything and the known
+region is pasted back into the latents after every step (diffusers' latent blending). "Only masked"
+(`inpaint_full_res`) crops around the mask, works at the requested size and pastes the result back (A1111).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from .images import CropRegion, mask_crop_region, paste_back, prepare_mask, resize, to_array
+
+LATENT_SCALE = 8  # pixels per latent
+
+
+@dataclass
+class InitState:
+    """Everything the sampling loop and the decoder need from the init image and mask.
+
+    image_latents: (B, h, w, 4) scaled latents of the init image (None for inpainting at strength 1 with a
+        9-channel UNet, which never looks at them).
+    mask: (B, h, w, 1) binarized latent mask, 1 = repaint (None for img2img).
+    masked_latents: (B, h, w, 4) latents of the image with the repaint region blacked out (9-channel UNets).
+    noise: the initial noise draw, kept for the known-region blending.
+    noise_start: start from the noised init latents (strength < 1 or img2img); else from pure noise.
+    """
+
+    original: Image.Image
+    region: CropRegion | None
+    pixel_mask: Image.Image | None
+    paste: bool
+    image_latents: mx.array | None = None
+    mask: mx.array | None = None
+    masked_latents: mx.array | None = None
+    noise: mx.array | None = None
+    noise_start: bool = True
+
+
+Encoder = Callable[[mx.array, object], mx.array]  # (images, noise source) -> scaled latents
+
+
+def prepare_inputs(request) -> tuple[InitState, mx.array, mx.array | None]:
+    """Resize/crop the init image and mask to the working size.
+
+    Returns the state (without latents), the (1, H, W, 3) image in [-1, 1] and the (1, H, W, 1) binary mask.
+    """
+    width, height = request.width, request.height
+    original = request.init_image.convert("RGB")
+    if request.mask is None:
+        image = resize(original, width, height, request.resize_mode)
+        return InitState(original, None, None, False), to_array(image), None
+
+    soft_mask = prepare_mask(request.mask, request.mask_blur, request.invert_mask)
+    if soft_mask.size != original.size:
+        soft_mask = soft_mask.resize(original.size, Image.LANCZOS)
+    region = None
+    if request.inpaint_full_res:
+        region = mask_crop_region(soft_mask, request.inpaint_padding, width, height)
+        image = original.crop(region.box()).resize((width, height), Image.LANCZOS)
+        mask = soft_mask.crop(region.box()).resize((width, height), Image.LANCZOS)
+    else:
+        image = resize(original, width, height, request.resize_mode)
+        mask = soft_mask if soft_mask.size == (width, height) else soft_mask.resize((width, height), Image.LANCZOS)
+    binary = (np.asarray(mask, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32)  # diffusers binarizes at 0.5
+    state = InitState(original, region, soft_mask, request.paste_back or request.inpaint_full_res)
+    return state, to_array(image), mx.array(binary)[None, :, :, None]
+
+
+def prepare_latents(request, plan, noise, encode: Encoder, unet_channels: int, latent_channels: int, dtype):
+    """The starting latent x (VE) and the init state, drawing noise in diffusers' order.
+
+    img2img:  encode(image) [VAE noise], initial noise, x = add_noise(image latents, noise, first level).
+    inpaint:  encode(image) if the UNet is 4-channel or strength < 1 [VAE noise], initial noise,
+              encode(masked image) [VAE noise] (always: diffusers' prepare_mask_latents), x as img2img or, at
+              strength 1, pure noise.
+    """
+    state, image, mask = prepare_inputs(request)
+    B = request.batch_size
+    image = mx.broadcast_to(image, (B, *image.shape[1:]))
+    h, w = request.height // LATENT_SCALE, request.width // LATENT_SCALE
+    inpaint = mask is not None
+    state.noise_start = not (inpaint and request.strength >= 1.0)
+    if not inpaint or unet_channels == 4 or state.noise_start:
+        state.image_latents = encode(image, noise)
+    draw = noise.normal((B, latent_channels, h, w)).transpose(0, 2, 3, 1)  # torch's NCHW draw order
+    state.noise = draw
+    if state.noise_start:
+        x = plan.noised_latents(state.image_latents, draw, 0)
+    else:
+        x = plan.initial_latents(draw)
+    if inpaint:
+        masked = image * (mask < 0.5)
+        state.masked_latents = encode(masked, noise)
+        # diffusers: F.interpolate(mask, size=(h, w)) with nearest sampling reads every 8th pixel.
+        state.mask = mx.broadcast_to(mask[:, ::LATENT_SCALE, ::LATENT_SCALE], (B, h, w, 1))
+    return x.astype(dtype), state
+
+
+def restore_output(state: InitState, image: Image.Image) -> Image.Image:
+    """Put an inpainted result back: into its crop region ("only masked"), composited over the original outside
+    the (blurred) mask when pasting back is asked for; img2img and plain inpainting results pass through."""
+    if not state.paste or state.pixel_mask is None:
+        return image
+    return paste_back(state.original, image, state.pixel_mask, state.region)

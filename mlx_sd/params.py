@@ -1,0 +1,165 @@
+"""What a generation is asked to do: one frozen dataclass, validated, with per-family defaults filled in.
+
+The field names are the ones users know from AUTOMATIC1111 and diffusers, identical as Python parameters, CLI flags
+(`--negative-prompt`) and JSON keys: prompt, negative_prompt, width, height, steps, guidance, sampler, seed,
+strength, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from PIL import Image
+
+from .images import RESIZE_MODES
+from .rng import NOISE_MODES
+
+# Sizes must be multiples of the VAE's 8x downsampling; below this the networks are meaningless.
+SIZE_MULTIPLE = 8
+MIN_SIZE = 64
+MAX_SIZE = 8192
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    sampler: str
+    schedule_type: str | None = None
+
+
+# A1111's defaults (20 steps of DPM++ 2M with its automatic Karras schedule, CFG 7) at each family's native size.
+FAMILY_DEFAULTS = {
+    "sd1": FamilyDefaults(512, 512, 20, 7.0, "DPM++ 2M"),
+    "sd2": FamilyDefaults(768, 768, 20, 7.0, "DPM++ 2M"),  # 512 for epsilon (2.x-base) models, see `defaults_for`
+    "sdxl": FamilyDefaults(1024, 1024, 20, 7.0, "DPM++ 2M"),
+    "sdxl-refiner": FamilyDefaults(1024, 1024, 20, 7.0, "DPM++ 2M"),
+}
+# Distilled models run in a few steps without classifier-free guidance.
+TURBO_DEFAULTS = {"steps": 1, "guidance": 0.0, "sampler": "Euler a"}
+LCM_DEFAULTS = {"steps": 4, "guidance": 1.0, "sampler": "LCM"}
+
+
+def defaults_for(family: str, prediction_type: str = "epsilon", kind: str = "") -> FamilyDefaults:
+    """Defaults for a model: its family's size and A1111's sampling defaults; turbo/LCM models differ."""
+    base = FAMILY_DEFAULTS[family]
+    if family == "sd2" and prediction_type == "epsilon":
+        base = replace(base, width=512, height=512)
+    if kind == "turbo":
+        base = replace(base, **TURBO_DEFAULTS)
+    elif kind == "lcm":
+        base = replace(base, **LCM_DEFAULTS)
+    return base
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Parameters of one generation. None means "the model's default" (filled in by `resolved`).
+
+    Text: prompt, negative_prompt (A1111 emphasis syntax and BREAK; long prompts are windowed, never truncated),
+        clip_skip (1 = last layer, A1111's numbering).
+    Size and sampling: width, height (multiples of 8), steps, guidance (classifier-free guidance scale; <= 1 runs
+        no unconditional pass), guidance_rescale (diffusers' rescale for zero-terminal-SNR models), sampler (any name
+        from `mlx_sd.samplers.list_samplers()`, incl. "DPM++ 2M Karras"), schedule_type ("Karras", ...),
+        follow ("a1111" or "diffusers": which reference the sampler reproduces), eta (stochastic samplers).
+    Randomness: seed (None: drawn at random and reported), rng ("torch-cpu": torch.randn's numbers, the same image
+        as diffusers for the same seed; "mlx": MLX keys), batch_size (images per UNet batch), batch_count (batches
+        run one after another); image i of the request uses seed + i.
+    img2img: init_image, strength (the last int(steps * strength) steps run), resize_mode for an init image of
+        another size ("resize", "crop", "fill").
+    Inpainting: mask (white = repaint), mask_blur (pixels), invert_mask, inpaint_full_res ("only masked": crop
+        around the mask, generate at width x height, paste back), inpaint_padding (pixels around the mask),
+        paste_back (composite the result over the original outside the mask).
+    SDXL micro-conditioning: original_size, crops_coords_top_left, target_size (height, width pairs; default: the
+        generation size, (0, 0)), aesthetic_score / negative_aesthetic_score (refiner).
+    Memory: tiled_vae (None: tile above 1024x1024 pixels), low_memory (free the text encoders after encoding).
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    guidance_rescale: float = 0.0
+    sampler: str | None = None
+    schedule_type: str | None = None
+    follow: str | None = None
+    eta: float | None = None
+    seed: int | None = None
+    rng: str = "torch-cpu"
+    batch_size: int = 1
+    batch_count: int = 1
+    clip_skip: int = 1
+    init_image: Image.Image | None = field(default=None, repr=False)
+    strength: float = 0.75
+    resize_mode: str = "resize"
+    mask: Image.Image | None = field(default=None, repr=False)
+    mask_blur: float = 0.0
+    invert_mask: bool = False
+    inpaint_full_res: bool = False
+    inpaint_padding: int = 32
+    paste_back: bool = False
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    tiled_vae: bool | None = None
+    low_memory: bool = False
+
+    @property
+    def mode(self) -> str:
+        """ "txt2img", "img2img" or "inpaint"."""
+        if self.mask is not None:
+            return "inpaint"
+        return "img2img" if self.init_image is not None else "txt2img"
+
+    @property
+    def num_images(self) -> int:
+        return self.batch_size * self.batch_count
+
+    def resolved(self, defaults: FamilyDefaults, seed: int) -> GenerationRequest:
+        """This request with every default filled in and `seed` fixed; validated."""
+        fill = {name: getattr(defaults, name) for name in ("width", "height", "steps", "guidance", "sampler")}
+        changes = {k: v for k, v in fill.items() if getattr(self, k) is None}
+        if self.sampler is None and self.schedule_type is None:
+            changes["schedule_type"] = defaults.schedule_type
+        if self.init_image is not None and self.width is None and self.height is None:
+            # img2img without a size keeps the init image's size, rounded down to a multiple of 8.
+            w, h = self.init_image.size
+            changes["width"], changes["height"] = w - w % SIZE_MULTIPLE, h - h % SIZE_MULTIPLE
+        request = replace(self, seed=seed, **changes)
+        request.validate()
+        return request
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and what is accepted."""
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE):
+                raise ValueError(
+                    f"{name}={value}: must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}"
+                )
+        checks = [
+            (self.steps is None or self.steps >= 1, f"steps={self.steps}: must be at least 1"),
+            (self.guidance is None or self.guidance >= 0, f"guidance={self.guidance}: must be >= 0"),
+            (0.0 <= self.strength <= 1.0, f"strength={self.strength}: must be between 0 and 1"),
+            (self.batch_size >= 1 and self.batch_count >= 1, "batch_size and batch_count must be at least 1"),
+            (self.clip_skip >= 1, f"clip_skip={self.clip_skip}: must be at least 1 (1 = last layer)"),
+            (self.rng in NOISE_MODES, f"rng={self.rng!r}: must be one of {NOISE_MODES}"),
+            (self.resize_mode in RESIZE_MODES, f"resize_mode={self.resize_mode!r}: must be one of {RESIZE_MODES}"),
+            (self.mask is None or self.init_image is not None, "a mask needs an init_image to inpaint"),
+            (self.mask_blur >= 0 and self.inpaint_padding >= 0, "mask_blur and inpaint_padding must be >= 0"),
+            (self.seed is None or -(2**63) <= self.seed < 2**64, f"seed={self.seed}: out of range"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly parameters (images left out)."""
+        skip = {"init_image", "mask"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}

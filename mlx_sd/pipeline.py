@@ -1,0 +1,340 @@
+"""Generation: prompt -> conditioning -> initial latents -> sampler loop -> VAE decode -> images with metadata.
+
+Three layers, as mlx-lm's generate_step -> stream_generate -> generate:
+    sampler generator (mlx_sd.samplers) -> `Pipeline.stream()` yielding typed `Progress` events and one `Result`
+    -> `Pipeline.generate()` returning the `Result`.
+The library prints nothing; apps render progress. Every step is evaluated before its event is yielded, so progress
+and cancellation act on real work. Random draws happen in diffusers' order (VAE sampling noise, initial noise,
+sampler noise), so with rng="torch-cpu" an image equals diffusers' image for `torch.Generator().manual_seed(seed)`.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+from PIL import Image
+
+from . import __version__
+from .conditioning import Conditioning
+from .denoiser import classifier_free_guidance
+from .images import latent_preview, to_pil
+from .img2img import prepare_latents, restore_output
+from .infotext import format_infotext
+from .model import StableDiffusion
+from .params import GenerationRequest, defaults_for
+from .rng import make_noise
+from .samplers import SamplingPlan, plan_sampling
+from .schedules import NoiseSchedule
+from .tiling import tiled_decode, tiled_encode
+
+TILE_ABOVE_PIXELS = 1024 * 1024  # tiled VAE by default above this many pixels: bounded decoder memory
+LCM_GUIDANCE_EMBED_SCALE = 1000.0  # diffusers' get_guidance_scale_embedding multiplies w by 1000
+
+
+class Cancelled(Exception):
+    """Raised by `Pipeline.stream` when its `Control` was cancelled; carries the images finished before."""
+
+    def __init__(self, images: list[Image.Image]):
+        super().__init__("generation cancelled")
+        self.images = images
+
+
+@dataclass
+class Control:
+    """Cooperative control of a running generation, safe to use from another thread.
+
+    cancel(): stop at the next step; `stream` raises `Cancelled`.
+    skip(): finish the current batch now (its partly denoised latents are decoded) and go on with the next.
+    """
+
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    _skip: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def skip(self) -> None:
+        self._skip.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+
+@dataclass
+class Progress:
+    """One evaluated sampler step.
+
+    step / total: steps done and to do in this batch; batch / batches: which batch of `batch_count`;
+    elapsed: seconds since the request started; latents: (B, h, w, 4) VE latents after this step.
+    """
+
+    step: int
+    total: int
+    batch: int
+    batches: int
+    elapsed: float
+    latents: mx.array
+    preview_kind: str = "sd"
+
+    @property
+    def fraction(self) -> float:
+        """Progress of the whole request in [0, 1]."""
+        return (self.batch + self.step / self.total) / self.batches
+
+    def preview(self) -> list[Image.Image]:
+        """Cheap previews (one pixel per latent) by a linear latent-to-RGB map; no VAE."""
+        return latent_preview(self.latents, self.preview_kind)
+
+
+@dataclass
+class Result:
+    """The images of a request, their infotexts (A1111 format, also in each PNG) and the parameters used."""
+
+    images: list[Image.Image]
+    infotexts: list[str]
+    request: GenerationRequest
+    seeds: list[int]
+    timings: dict[str, float]
+
+    def save(self, path_pattern: str | Path) -> list[Path]:
+        """Write PNGs with their infotext; `path_pattern` may contain {i} and {seed}."""
+        from .infotext import save_png
+
+        paths = []
+        for i, (image, text, seed) in enumerate(zip(self.images, self.infotexts, self.seeds)):
+            path = Path(str(path_pattern).format(i=i, seed=seed))
+            save_png(image, path, text)
+            paths.append(path)
+        return paths
+
+
+class Pipeline:
+    """Generates images with one loaded model. Thread-safe for use from one worker at a time.
+
+    Args:
+        model: a `StableDiffusion` or the path of a converted model folder.
+    """
+
+    def __init__(self, model: StableDiffusion | str | Path):
+        self.model = model if isinstance(model, StableDiffusion) else StableDiffusion(model)
+        # diffusers' SD pipelines force these two on load (outdated hub configs); so do we.
+        config = {**self.model.scheduler_config, "clip_sample": False, "steps_offset": 1}
+        self.schedule = NoiseSchedule.from_config(config)
+
+    @property
+    def defaults(self):
+        info = self.model.info
+        return defaults_for(info.family, info.prediction_type, info.kind)
+
+    # --- the streaming API ------------------------------------------------------------------------------------
+
+    def stream(self, request: GenerationRequest, control: Control | None = None) -> Iterator[Progress | Result]:
+        """Run a request: yields a `Progress` per evaluated step, then one `Result`.
+
+        Raises:
+            ValueError: invalid parameters (named), before any work.
+            Cancelled: `control.cancel()` was called.
+        """
+        seed = request.seed if request.seed is not None else secrets.randbits(32)
+        request = request.resolved(self.defaults, seed)
+        control = control or Control()
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        plan = self._plan(request)  # validates sampler, schedule and steps before any model runs
+
+        cond, uncond = self._encode_prompts(request)
+        timings["text"] = time.perf_counter() - start
+
+        images, seeds = [], []
+        for batch in range(request.batch_count):
+            first = seed + batch * request.batch_size
+            batch_seeds = [first + i for i in range(request.batch_size)]
+            noise = make_noise(request.rng, first, request.batch_size, per_image=True)
+            x, init = self._initial_latents(request, plan, noise)
+            model_fn = self._model_fn(request, cond, uncond, init, request.batch_size)
+            sampler = plan.sample(model_fn, x, noise)
+            control._skip.clear()
+            steps = plan.steps
+            for i in range(steps):
+                if control.cancelled:
+                    raise Cancelled(images)
+                if control._skip.is_set():
+                    break
+                x = next(sampler) if i == 0 else sampler.send(self._blend(init, plan, x, i) if init else None)
+                yield Progress(i + 1, steps, batch, request.batch_count, time.perf_counter() - start, x,
+                               "sdxl" if self.model.is_sdxl else "sd")  # fmt: skip
+            sampler.close()
+            latents = plan.latents_to_decode(x)
+            if init is not None and init.mask is not None and self.model.unet.config.in_channels == 4:
+                latents = init.mask * latents + (1 - init.mask) * init.image_latents  # the known region, exact
+            t_decode = time.perf_counter()
+            decoded = to_pil(self._decode(latents, request))
+            timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t_decode
+            if init is not None:
+                decoded = [restore_output(init, image) for image in decoded]
+            images += decoded
+            seeds += batch_seeds
+        timings["total"] = time.perf_counter() - start
+        texts = [self.infotext(request, s, plan) for s in seeds]
+        yield Result(images, texts, request, seeds, timings)
+
+    def generate(self, request: GenerationRequest | None = None, **params) -> Result:
+        """Run a request to completion: `generate(prompt="a cat", steps=20)` or `generate(GenerationRequest(...))`."""
+        request = request or GenerationRequest(**params)
+        result = None
+        for event in self.stream(request):
+            if isinstance(event, Result):
+                result = event
+        return result
+
+    # --- pieces -----------------------------------------------------------------------------------------------
+
+    def _plan(self, request: GenerationRequest) -> SamplingPlan:
+        options = {} if request.eta is None else {"eta": request.eta}
+        strength = request.strength if request.init_image is not None else 1.0
+        return plan_sampling(
+            request.sampler, self.schedule, request.steps, schedule_type=request.schedule_type,
+            strength=strength, follow=request.follow, **options,
+        )  # fmt: skip
+
+    def _encode_prompts(self, request: GenerationRequest) -> tuple[Conditioning, Conditioning | None]:
+        text = self.model.text_encoder()
+        prompts = [request.prompt] * request.batch_size
+        guided = self._guided(request)
+        negatives = [request.negative_prompt] * request.batch_size if guided else None
+        cond, uncond = text.encode(prompts, negatives, request.clip_skip)
+        if guided and self.model.info.force_zeros_for_empty_prompt and not request.negative_prompt:
+            # SDXL base (diffusers): an empty negative prompt means zero conditioning, not the encoded "".
+            uncond = Conditioning(
+                mx.zeros_like(uncond.context), None if uncond.pooled is None else mx.zeros_like(uncond.pooled)
+            )
+        mx.eval(cond.context, *(() if uncond is None else (uncond.context,)))
+        if request.low_memory:
+            self.model.release_text_encoders()
+        return cond, uncond
+
+    def _guided(self, request: GenerationRequest) -> bool:
+        """Classifier-free guidance runs only above 1, and never for LCM-distilled UNets (guidance is embedded)."""
+        return request.guidance > 1.0 and self.model.unet.config.time_cond_proj_dim is None
+
+    def _initial_latents(self, request, plan: SamplingPlan, noise):
+        """The starting VE latents (and the init state for img2img/inpainting), noise drawn in diffusers' order."""
+        unet, vae = self.model.unet, self.model.vae
+        if request.init_image is not None:
+            return prepare_latents(
+                request, plan, noise, self._encode_images, unet.config.in_channels, vae.config.latent_channels,
+                self.model.dtype,
+            )  # fmt: skip
+        shape = (request.batch_size, vae.config.latent_channels, request.height // 8, request.width // 8)
+        draw = noise.normal(shape).transpose(0, 2, 3, 1)  # torch's NCHW draw order
+        return plan.initial_latents(draw).astype(self.model.dtype), None
+
+    def _blend(self, init, plan: SamplingPlan, x: mx.array, step: int) -> mx.array | None:
+        """Inpainting with a 4-channel UNet: after each step, the known region is the init latents noised to the
+        current level (diffusers' latent blending)."""
+        if init.mask is None or self.model.unet.config.in_channels != 4:
+            return None
+        known = plan.noised_latents(init.image_latents, init.noise, step)
+        return init.mask * x + (1 - init.mask) * known
+
+    def _model_fn(self, request, cond: Conditioning, uncond: Conditioning | None, init, B: int):
+        unet = self.model.unet
+        dtype = self.model.dtype
+        guided = uncond is not None
+        context = mx.concatenate([uncond.context, cond.context]) if guided else cond.context
+        pooled, time_ids = None, None
+        if unet.config.addition_time_embed_dim is not None:
+            pooled = mx.concatenate([uncond.pooled, cond.pooled]) if guided else cond.pooled
+            time_ids = self._time_ids(request, guided, B)
+        extra = None
+        if init is not None and unet.config.in_channels == 9:
+            extra = mx.concatenate([init.mask, init.masked_latents], axis=-1)  # (B, h, w, 5)
+            extra = mx.concatenate([extra, extra]) if guided else extra
+        timestep_cond = None
+        if unet.config.time_cond_proj_dim is not None:
+            timestep_cond = guidance_embedding(request.guidance - 1.0, unet.config.time_cond_proj_dim, B)
+        context, pooled = context.astype(dtype), None if pooled is None else pooled.astype(dtype)
+
+        def model(x_in: mx.array, t: float) -> mx.array:
+            if extra is not None:
+                x_in = mx.concatenate([x_in, extra.astype(x_in.dtype)], axis=-1)
+            return unet(x_in.astype(dtype), mx.array(t), context, pooled, time_ids, timestep_cond)
+
+        if not guided:
+            return model
+        return classifier_free_guidance(model, request.guidance, request.guidance_rescale)
+
+    def _time_ids(self, request: GenerationRequest, guided: bool, B: int) -> mx.array:
+        """SDXL micro-conditioning: (original size, crop top-left, target size), or the refiner's aesthetic score."""
+        size = (request.height, request.width)
+        original = tuple(request.original_size or size)
+        target = tuple(request.target_size or size)
+        crop = tuple(request.crops_coords_top_left)
+        if self.model.info.requires_aesthetics_score:
+            positive = original + crop + (request.aesthetic_score,)
+            negative = original + crop + (request.negative_aesthetic_score,)
+        else:
+            positive = negative = original + crop + target
+        rows = [negative] * B + [positive] * B if guided else [positive] * B
+        return mx.array(rows, dtype=mx.float32)
+
+    def _encode_images(self, images: mx.array, noise) -> mx.array:
+        """VAE-encode (B, H, W, 3) images to scaled latents, sampling with the request's noise (diffusers order)."""
+        vae = self.model.vae
+        tiled = max(images.shape[1:3]) * min(images.shape[1:3]) > TILE_ABOVE_PIXELS
+        images = images.astype(vae.dtype)
+        dist = tiled_encode(vae, images) if tiled else vae.encode(images)
+        B, h, w, c = dist.mean.shape
+        sample = dist.sample(noise=noise.normal((B, c, h, w), dtype=dist.mean.dtype).transpose(0, 2, 3, 1))
+        return sample * vae.config.scaling_factor
+
+    def _decode(self, latents: mx.array, request: GenerationRequest) -> mx.array:
+        vae = self.model.vae
+        z = latents.astype(mx.float32) / vae.config.scaling_factor
+        tile = request.tiled_vae
+        if tile is None:
+            tile = request.width * request.height > TILE_ABOVE_PIXELS
+        images = tiled_decode(vae, z.astype(vae.dtype)) if tile else vae.decode(z.astype(vae.dtype))
+        mx.eval(images)
+        if vae.dtype != mx.float32 and not mx.all(mx.isfinite(images)).item():
+            # float16 VAEs (SDXL's above all) overflow; decode again in float32 and keep it there.
+            vae.set_dtype(mx.float32)
+            images = tiled_decode(vae, z) if tile else vae.decode(z)
+        return images
+
+    def infotext(self, request: GenerationRequest, seed: int, plan: SamplingPlan) -> str:
+        info = self.model.info
+        params = {
+            "Steps": request.steps,
+            "Sampler": plan.sampler.name,
+            "Schedule type": plan.schedule_label or None,
+            "CFG scale": request.guidance,
+            "Seed": seed,
+            "Size": f"{request.width}x{request.height}",
+            "Model hash": info.short_hash or None,
+            "Model": info.name,
+            "Denoising strength": request.strength if request.init_image is not None else None,
+            "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            "RNG": {"torch-cpu": "CPU", "mlx": "MLX"}.get(request.rng, request.rng),
+            "Version": f"mlx-sd {__version__}",
+        }
+        return format_infotext(request.prompt, request.negative_prompt, params)
+
+
+def guidance_embedding(w: float, dim: int, batch: int) -> mx.array:
+    """LCM's guidance-scale embedding (diffusers `get_guidance_scale_embedding`): sinusoidal in w * 1000."""
+    half = dim // 2
+    freqs = mx.exp(mx.arange(half, dtype=mx.float32) * -(math.log(10000.0) / (half - 1)))
+    angles = w * LCM_GUIDANCE_EMBED_SCALE * freqs
+    emb = mx.concatenate([mx.sin(angles), mx.cos(angles)])
+    if dim % 2:
+        emb = mx.concatenate([emb, mx.zeros((1,))])
+    return mx.broadcast_to(emb[None], (batch, dim))
