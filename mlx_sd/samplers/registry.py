@@ -105,9 +105,11 @@ def _lookup() -> dict[str, Sampler]:
 
 def _unknown(name: str) -> ValueError:
     names = [s.name for s in SAMPLERS.values()]
-    candidates = list(_lookup()) + [n.lower() for n in DIFFUSERS_CLASSES]
-    close = difflib.get_close_matches(name.lower(), candidates, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    spellings = [*names, *(a for s in SAMPLERS.values() for a in s.aliases), *DIFFUSERS_CLASSES]
+    spellings += [f"{n} {st.label}" for n in names for st in SCHEDULE_TYPES.values()]  # legacy combined names
+    by_lower = {s.lower(): s for s in spellings}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(by_lower[c]) for c in close)}?" if close else ""
     return ValueError(f"unknown sampler {name!r}{hint} Valid samplers: {', '.join(names)}")
 
 
