@@ -457,3 +457,15 @@ def test_send_replaces_the_latent_and_keeps_history():
     assert np.allclose(np.array(first), np.array(plain[0]))
     assert not np.allclose(np.array(replaced[1]), np.array(plain[1]))
     assert len(replaced) == len(plain) == manual.steps
+
+
+def test_cli_lists_the_samplers(capsys):
+    import json
+
+    from mlx_sd_apps.cli import main
+
+    assert main(["samplers", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in listing["samplers"]] == list(SAMPLERS)
+    assert {"name": "karras", "label": "Karras", "aliases": []} in listing["schedule_types"]
+    assert main(["samplers"]) == 0 and "DPM++ 2M SDE" in capsys.readouterr().out

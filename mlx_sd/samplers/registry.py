@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -93,6 +94,23 @@ SAMPLERS: dict[str, Sampler] = {
 def list_samplers() -> list[Sampler]:
     """Every sampler, in A1111's order."""
     return list(SAMPLERS.values())
+
+
+def sampler_table() -> list[dict]:
+    """The listing users see (CLI, HTTP): one plain dict per sampler."""
+    return [
+        {
+            "name": s.name,
+            "aliases": list(s.aliases),
+            "stochastic": s.stochastic,
+            "model_calls_per_step": s.model_calls,
+            "default_schedule": SCHEDULE_TYPES[s.default_schedule].label if s.kdiffusion else None,
+            "follows": s.follows,
+            "diffusers": s.diffusers,
+            "options": [p.name for p in inspect.signature(s.function).parameters.values() if p.kind is p.KEYWORD_ONLY],
+        }
+        for s in SAMPLERS.values()
+    ]
 
 
 def _lookup() -> dict[str, Sampler]:
