@@ -273,10 +273,12 @@ def test_ddim_eta_matches_diffusers():
                       eta=0.7)  # fmt: skip
 
 
-@pytest.mark.parametrize("class_name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-                                        "UniPCMultistepScheduler", "EulerAncestralDiscreteScheduler"])  # fmt: skip
+@pytest.mark.parametrize("class_name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDPMScheduler",
+                                        "UniPCMultistepScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler",
+                                        "LCMScheduler"])  # fmt: skip
 def test_zero_terminal_snr_matches_diffusers(class_name):
-    """Trailing spacing with rescaled betas: diffusers itself uses alpha_bar = 2^-24 (sigma 4096) at t = 999."""
+    """Trailing spacing with rescaled betas: sigma(999) is 4096 (diffusers' alpha_bar = 2^-24) or, for DDIM, DDPM and
+    LCM, which keep alpha_bar = 0, 2^32 standing in for infinity."""
     for steps in (1, 4, 10):
         _d_parity(class_name, "v_prediction", steps, {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True})
 
