@@ -471,3 +471,17 @@ def test_cli_lists_the_samplers(capsys):
     assert [s["name"] for s in listing["samplers"]] == list(SAMPLERS)
     assert {"name": "karras", "label": "Karras", "aliases": []} in listing["schedule_types"]
     assert main(["samplers"]) == 0 and "DPM++ 2M SDE" in capsys.readouterr().out
+
+
+def test_unipc_bh1_to_sigma_zero_where_diffusers_gives_nan():
+    """diffusers' UniPC "bh1" multiplies B(h) = -inf by 0 on its last step to sigma 0 and returns NaN; ours takes
+    the first-order step there (x = x0 estimate). Every earlier step matches."""
+    from sampling_refs import run_diffusers, run_ours
+
+    config = {**SD_CONFIG, "solver_type": "bh1"}
+    plan = plan_sampling("UniPCMultistepScheduler", NoiseSchedule.from_config(config), 6)
+    noise = draws(2)
+    ours = run_ours(plan, plan.initial_latents(nhwc(noise[0])), None)
+    ref = run_diffusers(diffusers_scheduler("UniPCMultistepScheduler", config, 6), torch.from_numpy(noise[0]), [])
+    assert np.isnan(ref[-1]).all() and np.isfinite(ours[-1]).all()
+    _compare(ours[:-1], ref[:-1], "UniPC bh1")
