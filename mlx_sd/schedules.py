@@ -25,9 +25,11 @@ import numpy as np
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-# diffusers' stand-in for alpha_bar = 0 at the last step of a zero-terminal-SNR schedule ("FP16 smallest
-# positive subnormal"): it keeps sigma_max finite (4096), which VE space needs.
+# VE space cannot hold alpha_bar = 0 (sigma = inf) at the last step of a zero-terminal-SNR schedule. diffusers'
+# Euler, DPM-Solver and UniPC use 2^-24 there ("FP16 smallest positive subnormal", sigma 4096); its DDIM, DDPM and
+# LCM keep the exact 0, which 2^-64 (sigma 2^32) stands in for to ~1e-10 (float32 handles the large latents).
 ZERO_SNR_ALPHA_BAR = 2.0**-24
+ZERO_SNR_EXACT_ALPHA_BAR = 2.0**-64
 
 # The schedulers published with each family (scheduler_config.json), for single-file checkpoints that ship none.
 FAMILY_SCHEDULER_CONFIGS: dict[str, dict] = {
@@ -147,6 +149,7 @@ class NoiseSchedule:
     trained_betas: tuple[float, ...] | None = None
     prediction_type: str = "epsilon"
     rescale_betas_zero_snr: bool = False
+    terminal_alpha_bar: float = ZERO_SNR_ALPHA_BAR  # alpha_bar(N - 1) when rescale_betas_zero_snr (see above)
     scheduler_config: Mapping = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -194,7 +197,7 @@ class NoiseSchedule:
     def alphas_cumprod(self) -> np.ndarray:
         alphas_cumprod = _cumprod_f32(np.float32(1) - self.betas)
         if self.rescale_betas_zero_snr:
-            alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
+            alphas_cumprod[-1] = self.terminal_alpha_bar
         return alphas_cumprod
 
     @cached_property

@@ -8,6 +8,9 @@ UNet) and the same noise; every intermediate latent must agree to 1e-5 of the re
 
 from __future__ import annotations
 
+import functools
+
+import mlx.core as mx
 import numpy as np
 import pytest
 import torch
@@ -270,10 +273,12 @@ def test_ddim_eta_matches_diffusers():
                       eta=0.7)  # fmt: skip
 
 
-@pytest.mark.parametrize("class_name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-                                        "UniPCMultistepScheduler", "EulerAncestralDiscreteScheduler"])  # fmt: skip
+@pytest.mark.parametrize("class_name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDPMScheduler",
+                                        "UniPCMultistepScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler",
+                                        "LCMScheduler"])  # fmt: skip
 def test_zero_terminal_snr_matches_diffusers(class_name):
-    """Trailing spacing with rescaled betas: diffusers itself uses alpha_bar = 2^-24 (sigma 4096) at t = 999."""
+    """Trailing spacing with rescaled betas: sigma(999) is 4096 (diffusers' alpha_bar = 2^-24) or, for DDIM, DDPM and
+    LCM, which keep alpha_bar = 0, 2^32 standing in for infinity."""
     for steps in (1, 4, 10):
         _d_parity(class_name, "v_prediction", steps, {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True})
 
@@ -285,3 +290,198 @@ def test_img2img_matches_diffusers(class_name, strength):
     for spacing in ("leading", "linspace"):
         for prediction in PREDICTIONS:
             _d_parity(class_name, prediction, 10, {"timestep_spacing": spacing}, strength=strength)
+
+
+# --- a tiny random-weight UNet as the model ------------------------------------------------------------------
+
+
+@functools.cache
+def _unet_pair():
+    """The diffusers UNet (torch, NCHW) and ours (NHWC) with the same random weights, as model functions."""
+    from test_models import load_ours, reference_unet
+
+    from mlx_sd_convert.diffusers import convert_weights, unet_config
+    from oracles import state_dict_numpy
+
+    ref = reference_unet("sd1", seed=1)
+    cfg = unet_config(dict(ref.config))
+    ours = load_ours(cfg, convert_weights("unet", cfg, state_dict_numpy(ref)))
+    g = torch.Generator().manual_seed(3)
+    context = torch.randn(1, 7, cfg.cross_attention_dim, generator=g)
+    ctx = mx.array(context.numpy())
+
+    def torch_unet(x, t):
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)[:1]
+        with torch.no_grad():
+            return ref(x.float(), t, encoder_hidden_states=context).sample.to(x.dtype)
+
+    def mlx_unet(x, t):
+        return ours(x, mx.array([t], dtype=mx.float32), ctx)
+
+    return torch_unet, mlx_unet
+
+
+UNET_SHAPE = (1, 4, 16, 16)
+UNET_CASES = [  # (sampler, follow, prediction, steps, scheduler_config)
+    ("DPM++ 2M Karras", "a1111", "epsilon", 4, {}),
+    ("Euler a", "a1111", "v_prediction", 3, {}),
+    ("DPM++ SDE", "a1111", "epsilon", 2, {}),
+    ("EulerDiscreteScheduler", "diffusers", "epsilon", 4, {"timestep_spacing": "leading"}),
+    ("DPMSolverMultistepScheduler", "diffusers", "epsilon", 4, {"use_karras_sigmas": True}),
+    ("DDIMScheduler", "diffusers", "v_prediction", 4, {}),
+    ("PNDMScheduler", "diffusers", "epsilon", 4, {}),
+    ("UniPCMultistepScheduler", "diffusers", "epsilon", 4, {}),
+    ("LCMScheduler", "diffusers", "epsilon", 3, {}),
+    ("KDPM2DiscreteScheduler", "diffusers", "v_prediction", 3, {"use_karras_sigmas": True}),
+    ("HeunDiscreteScheduler", "diffusers", "epsilon", 3, {"timestep_spacing": "linspace"}),
+]
+
+
+@pytest.fixture
+def one_torch_thread():
+    # a tiny UNet runs 30x slower on two contended threads than on one (measured on the 2-core CI machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name,follow,prediction,steps,extra", UNET_CASES, ids=[c[0] for c in UNET_CASES])
+def test_samplers_with_a_random_unet(name, follow, prediction, steps, extra, one_torch_thread):
+    """Layout-sensitive (NHWC vs NCHW) and with the timesteps fed to a real timestep embedding."""
+    from sampling_refs import run_diffusers, run_ours
+
+    torch_unet, mlx_unet = _unet_pair()
+    config = {**SD_CONFIG, "prediction_type": prediction, **extra}
+    schedule = NoiseSchedule.from_config(config)
+    plan = plan_sampling(name, schedule, steps)
+    noise = draws(2 * steps + 2, 5, UNET_SHAPE)
+    ours = run_ours(plan, plan.initial_latents(nhwc(noise[0])), ReplayNoise(noise[1:]), model=mlx_unet)
+    if follow == "a1111":
+        import sampling_refs
+
+        function, ref_kwargs, kind = K_DIFFUSION[plan.sampler.name]
+        replay = {"iid": IIDReplay, "brownian": BrownianReplay, None: lambda _: None}[kind](noise[1:])
+        saved, sampling_refs.torch_model = sampling_refs.torch_model, torch_unet
+        try:
+            ref = run_k_diffusion(function, prediction, schedule.alphas_cumprod, plan.sigmas,
+                                  noise[0] * plan.init_noise_sigma, replay, **ref_kwargs)  # fmt: skip
+        finally:
+            sampling_refs.torch_model = saved
+    else:
+        scheduler = diffusers_scheduler(name, config, steps)
+        start = torch.from_numpy(noise[0]) * scheduler.init_noise_sigma
+        ref = run_diffusers(scheduler, start, noise[1:], model=torch_unet)
+    err = _compare(ours, ref, f"UNet {name} {prediction} {steps} steps")
+    print(f"UNet {name} ({follow}) {prediction}, {steps} steps: worst step {err:.2e}")
+
+
+# --- names, options and bad input ----------------------------------------------------------------------------
+
+
+def test_names_resolve_as_a1111_and_diffusers_do():
+    schedule = NoiseSchedule.for_family("sd1")
+    legacy = plan_sampling("DPM++ 2M Karras", schedule, 10)
+    assert (legacy.sampler.name, legacy.schedule_label) == ("DPM++ 2M", "Karras")
+    assert plan_sampling("dpm++ 2m sde exponential", schedule, 10).schedule_label == "Exponential"
+    assert plan_sampling("k_euler_a", schedule, 10).sampler.name == "Euler a"
+    assert plan_sampling("DPM++ 2M", schedule, 10).schedule_label == "Karras"  # A1111's "Automatic"
+    assert plan_sampling("Euler", schedule, 10, schedule_type="SGMUniform").schedule_label == "SGM Uniform"
+    as_diffusers = plan_sampling("DPM++ 2M SDE Karras", schedule, 10, follow="diffusers")
+    assert as_diffusers.follows == "diffusers DPMSolverMultistepScheduler"
+    assert as_diffusers.sampler.name == "DPM++ 2M SDE" and as_diffusers.schedule_label == "Karras"
+    assert plan_sampling("DDIM", schedule, 10).follows == "diffusers DDIMScheduler"  # no k-diffusion function
+    assert plan_sampling("EulerDiscreteScheduler", schedule, 10).follows == "diffusers EulerDiscreteScheduler"
+    assert plan_sampling("PNDM", schedule, 10).sampler.name == "PLMS"
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (
+            dict(sampler="DPM++ 2M Karas"),
+            r"unknown sampler 'DPM\+\+ 2M Karas'; did you mean 'DPM\+\+ 2M Karras'.*Valid samplers: Euler a, ",
+        ),
+        (dict(sampler="Eulr a"), r"did you mean 'Euler a'"),
+        (dict(steps=0), r"steps must be a whole number >= 1, got 0"),
+        (dict(steps=2.5), r"steps must be a whole number >= 1"),
+        (dict(strength=1.5), r"strength must be in \[0, 1\], got 1.5"),
+        (dict(strength=-0.1), r"strength must be in \[0, 1\]"),
+        (dict(strength=0.05), r"runs int\(10 \* 0.05\) = 0 denoising steps; raise strength to at least 0.1"),
+        (dict(schedule_type="Karrass"), r"unknown schedule type 'Karrass'; choose one of \['Automatic', 'Uniform'"),
+        (dict(sampler="DPM++ 2M Karras", schedule_type="Exponential"), r"names schedule type 'Karras' but"),
+        (dict(sampler="Euler a", follow="diffusers", schedule_type="Karras"), r"has no counterpart in diffusers"),
+        (dict(sampler="DPM++ 2S a", follow="diffusers"), r"has no diffusers scheduler; use follow='a1111'"),
+        (dict(follow="comfy"), r"follow must be one of \('a1111', 'diffusers'\)"),
+        (dict(sampler="EulerDiscreteScheduler", follow="a1111"), r"is a diffusers scheduler"),
+        (dict(eta=0.5), r"sampler 'Euler' has no option \['eta'\]; its options: \['s_churn'"),
+        (dict(follow="diffusers", scheduler_config={"thresholding": True}), r"has no setting \['thresholding'\]"),
+        (dict(sampler="DDIM", scheduler_config={"thresholding": True}), r"thresholding=True is not supported"),
+        (dict(sampler="DDIM", steps=1001), r"steps \(1001\) cannot exceed the model's 1000 training steps"),
+        (dict(sampler="LCM", steps=51), r"LCM runs at most original_inference_steps=50 steps, got 51"),
+    ],
+)
+def test_bad_input_is_a_clear_error(kwargs, message):
+    kwargs = {"sampler": "Euler", "steps": 10, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        plan_sampling(kwargs.pop("sampler"), NoiseSchedule.for_family("sd1"), kwargs.pop("steps"), **kwargs)
+
+
+def test_prediction_types_the_reference_rejects():
+    sample = NoiseSchedule.for_family("sd1", prediction_type="sample")
+    with pytest.raises(ValueError, match=r"EulerAncestralDiscreteScheduler cannot run a model with prediction_type="):
+        plan_sampling("Euler a", sample, 10, follow="diffusers")
+    plan_sampling("Euler", sample, 10, follow="diffusers")  # diffusers' Euler takes x0 predictions
+    with pytest.raises(ValueError, match=r"prediction_type 'flow_prediction' is not supported"):
+        NoiseSchedule.for_family("sd1", prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match=r"unknown model family 'sd3'"):
+        NoiseSchedule.for_family("sd3")
+
+
+def test_stochastic_samplers_need_a_noise_source():
+    plan = plan_sampling("Euler a", NoiseSchedule.for_family("sd1"), 3)
+    with pytest.raises(ValueError, match=r"stochastic: pass a noise source"):
+        next(plan.sample(lambda x, t: x, mx.zeros((1, 4, 4, 4))))
+
+
+def test_send_replaces_the_latent_and_keeps_history():
+    """Inpainting: a value sent back replaces x for the next step (diffusers blends after every step)."""
+    schedule = NoiseSchedule.from_config(SD_CONFIG)
+    plan = plan_sampling("DPM++ 2M", schedule, 5)
+    from sampling_refs import mlx_model
+
+    x = plan.initial_latents(nhwc(draws(1)[0]))
+    plain = list(plan.sample(mlx_model, x))
+    gen = plan.sample(mlx_model, x)
+    first = next(gen)
+    replaced = [first, gen.send(first * 0.5)] + list(gen)
+    manual = plan_sampling("DPM++ 2M", schedule, 5)
+    assert np.allclose(np.array(first), np.array(plain[0]))
+    assert not np.allclose(np.array(replaced[1]), np.array(plain[1]))
+    assert len(replaced) == len(plain) == manual.steps
+
+
+def test_cli_lists_the_samplers(capsys):
+    import json
+
+    from mlx_sd_apps.cli import main
+
+    assert main(["samplers", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in listing["samplers"]] == list(SAMPLERS)
+    assert {"name": "karras", "label": "Karras", "aliases": []} in listing["schedule_types"]
+    assert main(["samplers"]) == 0 and "DPM++ 2M SDE" in capsys.readouterr().out
+
+
+def test_unipc_bh1_to_sigma_zero_where_diffusers_gives_nan():
+    """diffusers' UniPC "bh1" multiplies B(h) = -inf by 0 on its last step to sigma 0 and returns NaN; ours takes
+    the first-order step there (x = x0 estimate). Every earlier step matches."""
+    from sampling_refs import run_diffusers, run_ours
+
+    config = {**SD_CONFIG, "solver_type": "bh1"}
+    plan = plan_sampling("UniPCMultistepScheduler", NoiseSchedule.from_config(config), 6)
+    noise = draws(2)
+    ours = run_ours(plan, plan.initial_latents(nhwc(noise[0])), None)
+    ref = run_diffusers(diffusers_scheduler("UniPCMultistepScheduler", config, 6), torch.from_numpy(noise[0]), [])
+    assert np.isnan(ref[-1]).all() and np.isfinite(ours[-1]).all()
+    _compare(ours[:-1], ref[:-1], "UniPC bh1")

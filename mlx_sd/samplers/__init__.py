@@ -12,7 +12,7 @@ from .euler import euler, euler_ancestral, heun
 from .lcm import lcm
 from .lms import lms
 from .plan import FOLLOW, SamplingPlan, plan_sampling
-from .registry import DIFFUSERS_CLASSES, SAMPLERS, Sampler, list_samplers, resolve
+from .registry import DIFFUSERS_CLASSES, SAMPLERS, Sampler, list_samplers, resolve, sampler_table
 
 __all__ = [
     "DIFFUSERS_CLASSES",
@@ -41,6 +41,7 @@ __all__ = [
     "plan_sampling",
     "plms",
     "resolve",
+    "sampler_table",
     "to_d",
     "vp_rescale",
 ]

@@ -9,12 +9,14 @@ Only the settings that published Stable Diffusion configs use are supported; the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
 import numpy as np
 
 from ..schedules import (
+    ZERO_SNR_EXACT_ALPHA_BAR,
     NoiseSchedule,
     ScheduleType,
     diffusers_timesteps,
@@ -285,6 +287,8 @@ def diffusers_plan(entry: Sampler, class_name: str | None, stype: ScheduleType |
         implied[stype.diffusers_flag] = True
     settings = scheduler_settings(class_name, schedule.scheduler_config, {**implied, **overrides})
     schedule = NoiseSchedule.from_config(settings)  # the training schedule as this class builds it
+    if class_name in ("DDIMScheduler", "DDPMScheduler", "LCMScheduler"):  # exact alpha_bar = 0 at zero terminal SNR
+        schedule = dataclasses.replace(schedule, terminal_alpha_bar=ZERO_SNR_EXACT_ALPHA_BAR)
     if schedule.prediction_type == "sample" and class_name in _NO_SAMPLE_PREDICTION:
         raise ValueError(f"{class_name} cannot run a model with prediction_type='sample' (diffusers raises too); "
                          "choose Euler, Heun, LMS, DDIM, DDPM, DPM++ 2M, UniPC or LCM")  # fmt: skip

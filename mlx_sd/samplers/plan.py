@@ -77,7 +77,8 @@ class SamplingPlan:
 
     def noised_latents(self, x0: mx.array, noise: mx.array, level: int = 0) -> mx.array:
         """img2img/inpainting: the clean latent `x0` noised to `sigmas[level]` (diffusers' `add_noise` at the start
-        step for level 0; after step i, level i + 1 is what inpainting pastes back)."""
+        step for level 0; after step i < steps - 1, level i + 1 is what inpainting pastes back; after the last step
+        diffusers pastes `x0` itself)."""
         return x0 + noise * self.sigmas[level]
 
     def to_reference(self, x: mx.array, level: int) -> mx.array:

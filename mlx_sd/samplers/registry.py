@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -95,6 +96,23 @@ def list_samplers() -> list[Sampler]:
     return list(SAMPLERS.values())
 
 
+def sampler_table() -> list[dict]:
+    """The listing users see (CLI, HTTP): one plain dict per sampler."""
+    return [
+        {
+            "name": s.name,
+            "aliases": list(s.aliases),
+            "stochastic": s.stochastic,
+            "model_calls_per_step": s.model_calls,
+            "default_schedule": SCHEDULE_TYPES[s.default_schedule].label if s.kdiffusion else None,
+            "follows": s.follows,
+            "diffusers": s.diffusers,
+            "options": [p.name for p in inspect.signature(s.function).parameters.values() if p.kind is p.KEYWORD_ONLY],
+        }
+        for s in SAMPLERS.values()
+    ]
+
+
 def _lookup() -> dict[str, Sampler]:
     table = {}
     for s in SAMPLERS.values():
@@ -105,9 +123,11 @@ def _lookup() -> dict[str, Sampler]:
 
 def _unknown(name: str) -> ValueError:
     names = [s.name for s in SAMPLERS.values()]
-    candidates = list(_lookup()) + [n.lower() for n in DIFFUSERS_CLASSES]
-    close = difflib.get_close_matches(name.lower(), candidates, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    spellings = [*names, *(a for s in SAMPLERS.values() for a in s.aliases), *DIFFUSERS_CLASSES]
+    spellings += [f"{n} {st.label}" for n in names for st in SCHEDULE_TYPES.values()]  # legacy combined names
+    by_lower = {s.lower(): s for s in spellings}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(by_lower[c]) for c in close)}?" if close else ""
     return ValueError(f"unknown sampler {name!r}{hint} Valid samplers: {', '.join(names)}")
 
 
