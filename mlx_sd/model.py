@@ -95,9 +95,13 @@ class StableDiffusion:
         self.info = ModelInfo.read(self.folder)
         self.dtype = dtype or default_dtype()
         self.unet = load_component(self.folder / "unet", self.dtype)
-        self.vae = load_component(self.folder / "vae", vae_dtype)
+        self.vae = self.load_vae(vae_dtype)
         self.scheduler_config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
         self.text: PromptEncoder | None = self._load_text()
+
+    def load_vae(self, dtype: mx.Dtype = mx.float32):
+        """The VAE read from disk in `dtype` (a float16 VAE that overflowed is reloaded, not upcast)."""
+        return load_component(self.folder / "vae", dtype)
 
     @property
     def is_sdxl(self) -> bool:

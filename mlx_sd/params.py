@@ -14,9 +14,9 @@ from PIL import Image
 from .images import RESIZE_MODES
 from .rng import NOISE_MODES
 
-# Sizes must be multiples of the VAE's 8x downsampling; below this the networks are meaningless.
+# Sizes must be multiples of the VAE's 8x downsampling (one latent pixel at least).
 SIZE_MULTIPLE = 8
-MIN_SIZE = 64
+MIN_SIZE = 8
 MAX_SIZE = 8192
 
 

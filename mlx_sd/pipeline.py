@@ -306,7 +306,7 @@ class Pipeline:
         mx.eval(images)
         if vae.dtype != mx.float32 and not mx.all(mx.isfinite(images)).item():
             # float16 VAEs (SDXL's above all) overflow; decode again in float32 and keep it there.
-            vae.set_dtype(mx.float32)
+            vae = self.model.vae = self.model.load_vae(mx.float32)
             images = tiled_decode(vae, z) if tile else vae.decode(z)
         return images
 

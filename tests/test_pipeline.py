@@ -175,3 +175,50 @@ def test_guidance_rescale_and_clip_skip_match_diffusers(sd1):
         sampler="EulerDiscreteScheduler", seed=9,
     )  # fmt: skip
     check(result, expected, "guidance_rescale 0.7")
+
+
+def test_low_memory_releases_and_reloads_text_encoders(sd1):
+    _, ours = sd1
+    kwargs = dict(prompt="a boat", width=64, height=64, steps=2, seed=4)
+    first = ours.generate(low_memory=True, **kwargs)
+    assert ours.model.text is None
+    second = ours.generate(**kwargs)
+    assert ours.model.text is not None
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
+
+
+def test_float16_vae_overflow_retries_in_float32(sd1, monkeypatch):
+    import mlx.core as mx
+
+    _, ours = sd1
+    vae = ours.model.vae
+    reference = ours.generate(prompt="a boat", width=64, height=64, steps=2, seed=4).images[0]
+    vae.set_dtype(mx.float16)
+    real_decode = type(vae).decode
+    calls = []
+
+    def overflowing(self, z):
+        calls.append(self.dtype)
+        out = real_decode(self, z)
+        return out * mx.inf if self.dtype == mx.float16 else out  # what an SDXL VAE does in float16
+
+    monkeypatch.setattr(type(vae), "decode", overflowing)
+    image = ours.generate(prompt="a boat", width=64, height=64, steps=2, seed=4).images[0]
+    assert calls == [mx.float16, mx.float32] and ours.model.vae.dtype == mx.float32
+    assert np.array_equal(np.asarray(image), np.asarray(reference))
+
+
+def test_only_masked_inpainting_pastes_into_the_crop(sd1):
+    _, ours = sd1
+    original = Image.fromarray(np.random.default_rng(3).integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    mask = Image.new("L", (128, 96), 0)
+    mask.paste(255, (70, 40, 90, 60))
+    result = ours.generate(
+        prompt="x", init_image=original, mask=mask, inpaint_full_res=True, inpaint_padding=8, width=64, height=64,
+        steps=2, strength=1.0, seed=1,
+    )  # fmt: skip
+    out, before = np.asarray(result.images[0]), np.asarray(original)
+    assert out.shape == before.shape  # the original's size, not the working size
+    outside = np.asarray(mask) == 0
+    assert np.array_equal(out[outside], before[outside])
+    assert not np.array_equal(out[50, 80], before[50, 80])

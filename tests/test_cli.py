@@ -1,0 +1,83 @@
+"""The `mlx-sd` command, run as users run it (subprocess): generate, info, samplers, and one-line user errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from tiny_pipelines import mlx_folder, tiny_components
+
+from mlx_sd.infotext import parse_infotext, read_infotext
+
+CLI = [sys.executable, "-m", "mlx_sd_apps.cli"]
+
+
+def run(*args, cwd=None, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    return mlx_folder(tiny_components(tmp, "sd1"), tmp / "model", "sd1")
+
+
+def test_generate_writes_png_with_infotext_and_info_reads_it(model, tmp_path):
+    output = tmp_path / "img-{i}-{seed}.png"
+    out = run("generate", "a (red:1.2) boat", "--model", model, "--width", 64, "--height", 48, "--steps", 3,
+              "--seed", 5, "--num-images", 2, "--sampler", "Euler a", "--output", output)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    paths = sorted(tmp_path.glob("img-*.png"))
+    assert [p.name for p in paths] == ["img-0-5.png", "img-1-6.png"]
+    assert Image.open(paths[0]).size == (64, 48)
+    prompt, _, params = parse_infotext(read_infotext(paths[1]))
+    assert prompt == "a (red:1.2) boat" and params["Seed"] == "6" and params["Sampler"] == "Euler a"
+    info = run("info", paths[1])
+    assert info.returncode == 0 and "Seed: 6" in info.stdout and "Prompt: a (red:1.2) boat" in info.stdout
+
+
+def test_img2img_and_inpaint_from_cli(model, tmp_path):
+    Image.new("RGB", (80, 64), (120, 30, 30)).save(tmp_path / "init.png")
+    mask = Image.new("L", (80, 64), 0)
+    mask.paste(255, (20, 16, 60, 48))
+    mask.save(tmp_path / "mask.png")
+    out = run("generate", "x", "--model", model, "--init-image", tmp_path / "init.png", "--mask", tmp_path / "mask.png",
+              "--steps", 2, "--strength", 0.8, "--output", tmp_path / "out.png", "--seed", 1)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = Image.open(tmp_path / "out.png")
+    assert result.size == (80, 64)
+    assert result.getpixel((0, 0)) == (120, 30, 30)  # pasted back outside the mask
+
+
+def test_samplers_listing():
+    out = run("samplers", "--json")
+    assert out.returncode == 0
+    names = [s["name"] for s in json.loads(out.stdout)["samplers"]]
+    assert {"Euler a", "DPM++ 2M", "DDIM", "UniPC", "LCM"} <= set(names)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--width", "65"], "width=65"),
+        (["--sampler", "Euler aa"], "unknown sampler"),
+        (["--steps", "0"], "steps"),
+        (["--init-image", "missing.png"], "missing.png does not exist"),
+        (["--mask", "m.png"], "--mask needs --init-image"),
+    ],
+)
+def test_user_errors_are_one_line(model, args, message):
+    out = run("generate", "x", "--model", model, *args)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_info_on_an_image_without_parameters(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    out = run("info", tmp_path / "plain.png")
+    assert out.returncode == 2 and "no generation parameters" in out.stderr
+    assert Path(tmp_path / "plain.png").exists()
