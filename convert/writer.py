@@ -33,6 +33,7 @@ _FORMATS = {
     "bfloat16": ("BF16", np.dtype("<u2")),
     "float32": ("F32", np.dtype("<f4")),
     "uint32": ("U32", np.dtype("<u4")),
+    "int64": ("I64", np.dtype("<i8")),
 }
 _HEADER_ALIGNMENT = 8  # the safetensors library pads its header to 8 bytes so the data is aligned; so do we
 
@@ -40,7 +41,7 @@ _HEADER_ALIGNMENT = 8  # the safetensors library pads its header to 8 bytes so t
 @dataclass(frozen=True)
 class Entry:
     name: str
-    dtype: str  # a key of _FORMATS
+    dtype: str  # "float16", "bfloat16", "float32", "uint32" (quantized weights) or "int64"
     shape: tuple[int, ...]
 
     @property

@@ -28,7 +28,7 @@ from convert_fixtures import (
 from ldm_fixtures import FAMILY, check_text_model, check_unet_model, check_vae_model, original
 
 from mlx_sd.components import load_component
-from mlx_sd.model import ModelInfo
+from mlx_sd.model import ModelInfo, StableDiffusion
 from mlx_sd.tokenizer import CLIPTokenizer
 from mlx_sd_convert import ConversionError, convert
 from mlx_sd_convert.readers import open_checkpoint
@@ -96,6 +96,9 @@ def test_single_file_converts_and_matches_the_original_code(tmp_path, kind, ema,
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     tokenizer = CLIPTokenizer.from_folder(out / "tokenizer")
     assert tokenizer.normalization == "openai"
+    model = StableDiffusion(out, dtype=mx.float32)  # what the pipeline loads
+    assert model.info == info and model.is_inpaint == (kind == "inpaint")
+    assert model.text_encoder().encode(["a photo of a cat"])[0].context.shape == (1, 77, 128)
     if FAMILY[kind] == "sd2":  # the tiny SD2 file reads as 768-v (ComfyUI's statistic), low confidence
         assert (info.prediction_type, info.detection["prediction_type"]["confidence"]) == ("v_prediction", "low")
         assert (scheduler["_class_name"], scheduler["prediction_type"]) == ("DDIMScheduler", "v_prediction")
@@ -140,6 +143,27 @@ def test_bfloat16_output(tmp_path):
     reference = torch.from_numpy(orig.state["model.diffusion_model.input_blocks.0.0.weight"]).bfloat16()
     expected = reference.permute(0, 2, 3, 1).float().numpy()
     assert np.array_equal(np.array(unet.conv_in.weight.astype(mx.float32)), expected)
+
+
+def test_weights_files_are_read_alike_by_safetensors_and_mlx(tmp_path):
+    """The streaming writer's files: the safetensors library and mx.load read the same tensors."""
+    from safetensors import safe_open
+
+    src = save_single_file(tmp_path / "m.safetensors", original("sd1").state)
+    for options in ({"dtype": "float16", "quantize": 8}, {"dtype": "bfloat16"}):
+        out = tmp_path / "-".join(map(str, options.values()))
+        convert(src, out, **options)
+        for component in COMPONENTS:
+            path = out / component / "weights.safetensors"
+            ours = mx.load(str(path))
+            with safe_open(path, framework="pt") as f:
+                assert f.metadata() == {"format": "mlx"} and set(f.keys()) == set(ours)
+                for key in f.keys():
+                    theirs = f.get_tensor(key)
+                    mine = ours[key]
+                    if theirs.dtype == torch.bfloat16:
+                        theirs, mine = theirs.float(), mine.astype(mx.float32)
+                    assert np.array_equal(theirs.numpy(), np.array(mine)), key
 
 
 # --- diffusers folders ---------------------------------------------------------------------------------------
@@ -317,6 +341,8 @@ def test_quantized_conversion_rebuilds_on_load_and_its_measured_cost(tmp_path):
         assert errors["unet PSNR"] > min_psnr and errors["text PSNR"] > min_psnr
         sizes = [(tmp_path / d / "unet" / "weights.safetensors").stat().st_size for d in ("float", f"q{bits}")]
         assert sizes[1] < sizes[0]
+        model = StableDiffusion(tmp_path / f"q{bits}", dtype=mx.float16)  # scales and biases cast, ints kept
+        assert model.unet.down_blocks[0].attentions[0].proj_in.scales.dtype == mx.float16
 
 
 # --- robustness: bad inputs, full disks, interruptions -----------------------------------------------------------
@@ -503,6 +529,49 @@ def test_hub_id_converts_from_the_cache_offline(tmp_path, hub_cache, monkeypatch
     assert info.name == "someone/tiny-sd"
     assert info.source["hub"] == {"repo_id": "someone/tiny-sd", "revision": commit}
     check_diffusers_outputs(tiny_reference(), tmp_path / "out")
+
+
+def test_hub_downloads_only_what_the_conversion_reads():
+    """The allow-list for a published repo layout: configs, tokenizer, scheduler, one weights file per converted
+    component (safetensors over .bin, the variant when asked), nothing else (safety checker, root checkpoints)."""
+    from mlx_sd_convert.hub import needed_files, parse_hub_id
+
+    listing = ["model_index.json", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.ckpt", "README.md"]
+    for folder, stem in [
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+        ("safety_checker", "model"),
+    ]:
+        listing += [f"{folder}/config.json", f"{folder}/{stem}.safetensors", f"{folder}/{stem}.fp16.safetensors"]
+        listing += [f"{folder}/{'pytorch_model' if stem == 'model' else stem}.bin"]
+    listing += ["tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json"]
+    listing += ["scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json"]
+    plain = needed_files(listing, None)
+    assert sorted(plain) == sorted(
+        [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "tokenizer/special_tokens_map.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+        ]
+    )
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in needed_files(listing, "fp16")
+    assert needed_files(["config.json", "diffusion_pytorch_model.safetensors"], None) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]  # a VAE repo, for --vae
+    assert parse_hub_id("owner/name") == ("owner/name", None)
+    assert parse_hub_id("owner/name/sub/model.ckpt") == ("owner/name", "sub/model.ckpt")
+    assert parse_hub_id("models/sd15.safetensors") is None  # a missing local file, not a repo
+    assert parse_hub_id("/abs/path") is None and parse_hub_id("a/b/c.txt") is None
 
 
 # --- the command line -----------------------------------------------------------------------------------------
