@@ -260,6 +260,18 @@ def test_single_file_and_diffusers_folder_of_the_same_weights_convert_identicall
     assert pad == CLIPTokenizer.from_folder(tmp_path / "from-file" / "tokenizer").pad_token_id
 
 
+def test_sdxl_folders_are_recognised_and_refused_for_now(tmp_path):
+    folder = write_diffusers_folder(tmp_path / "xl", tiny_reference())
+    index = json.loads((folder / "model_index.json").read_text())
+    index |= {"text_encoder_2": ["transformers", "CLIPTextModel"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    shutil.copytree(folder / "text_encoder", folder / "text_encoder_2")
+    shutil.copytree(folder / "tokenizer", folder / "tokenizer_2")
+    with pytest.raises(ConversionError, match=r"this is an SDXL model \(text_encoder_2.*SD 1\.x and 2\.x so far"):
+        convert(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # --- --vae ---------------------------------------------------------------------------------------------------
 
 
@@ -582,6 +594,8 @@ def test_cli_convert(tmp_path, sd1_file):
     import sys
 
     cli = Path(sys.executable).parent / "mlx-sd"
+    html = tmp_path / "download.safetensors"
+    html.write_text("<!DOCTYPE html><html>Sign in</html>")
     run = lambda *args: subprocess.run([str(cli), "convert", *map(str, args)], capture_output=True, text=True)  # noqa: E731
     done = run(sd1_file, tmp_path / "out", "--quantize", "8", "--prediction-type", "eps")
     assert done.returncode == 0, done.stderr
@@ -593,6 +607,7 @@ def test_cli_convert(tmp_path, sd1_file):
         ((tmp_path / "missing.ckpt", tmp_path / "x"), "missing.ckpt: no such file or folder"),
         ((sd1_file, tmp_path / "out"), "already holds a different conversion"),
         ((sd1_file, tmp_path / "y", "--family", "sd2"), "drop the family override"),
+        ((html, tmp_path / "z"), "an HTML page, not weights"),
     ]:
         failed = run(*args)
         lines = [line for line in failed.stderr.splitlines() if line.strip() and "%" not in line]
