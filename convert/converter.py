@@ -73,9 +73,10 @@ def convert(
         src: a diffusers folder (model_index.json), an original single file (.safetensors, .ckpt, .pt, .pth), or
             a hub id ("owner/name", or "owner/name/file.safetensors" for one file of a repo).
         out: the model folder to write (created; an existing one is compared, see `overwrite`).
-        dtype: "float16", "bfloat16" or "float32" for every stored weight. Default: float16, or bfloat16 when
-            the source's UNet is stored in bfloat16 (float16 could overflow it). The VAE is stored in the same
-            dtype; the pipeline runs it in float32 by default.
+        dtype: "float16", "bfloat16" or "float32" for every stored weight. Default: the UNet and text encoders
+            in float16 (bfloat16 when the source's UNet is bfloat16, which float16 could overflow); the VAE in
+            float32 (the pipeline runs it in float32: SD VAEs overflow in float16), or float16 when the source
+            VAE is float16 already.
         quantize: 4 or 8: MLX affine quantization of the UNet's and text encoders' Linear layers (the selection
             and its exclusions: mlx_sd/quantization.py).
         vae: a separately published VAE replacing the source's: a diffusers VAE folder, a model folder (its
@@ -101,11 +102,11 @@ def convert(
     if vae is not None:
         model = model.with_vae(open_vae(str(vae), variant))
     _check_complete(model)
-    dtype = dtype or ("bfloat16" if model.detection.dtype.value == "bfloat16" else "float16")
+    dtypes = _dtypes(model, dtype)
     quantization = QuantizationConfig(bits=quantize) if quantize else None
-    jobs = [plan_write(name, plan, dtype, quantization) for name, plan in model.components.items()]
+    jobs = [plan_write(name, plan, dtypes[name], quantization) for name, plan in model.components.items()]
 
-    info = _manifest(model, dtype, quantization, _hash_sources(model, report))
+    info = _manifest(model, dtypes["unet"], quantization, _hash_sources(model, report))
     check_destination(out, overwrite, json.loads(info.to_json()))
     total = sum(job.nbytes for job in jobs)
     done = 0
@@ -126,6 +127,16 @@ def convert(
         (stage.path / MANIFEST).write_text(info.to_json())
     report(ConvertProgress("done", total, total, stage.result))
     return info
+
+
+def _dtypes(model: ModelPlan, dtype: str | None) -> dict[str, str]:
+    """The stored dtype per component folder (see `convert`'s `dtype`)."""
+    if dtype is not None:
+        return {name: dtype for name in model.components}
+    source = model.detection.dtype.value  # the UNet's
+    vae_source = model.vae.dtype if model.vae is not None else source
+    networks = "bfloat16" if source == "bfloat16" else "float16"
+    return {name: networks for name in model.components} | {"vae": "float16" if vae_source == "float16" else "float32"}
 
 
 def _check_options(dtype, quantize, family, prediction_type) -> None:

@@ -38,7 +38,7 @@ from .ldm_detect import (
     normalize_prediction_type,
     overridden,
 )
-from .plan import ModelPlan, SourceFiles, VAESource
+from .plan import ModelPlan, SourceFiles, VAESource, stored_dtype
 from .readers import Checkpoint, TensorInfo, open_checkpoint
 
 MODEL_INDEX = "model_index.json"
@@ -320,9 +320,8 @@ def _text_finding(text: dict) -> Finding:
 
 def _dtype_finding(weights, choice: WeightChoice) -> Finding:
     counts = Counter(weights.info(k).dtype for k in weights)
-    value = counts.most_common(1)[0][0] if counts else None
     spelled = ", ".join(f"{n} {d}" for d, n in counts.most_common())
-    return Finding(value, CERTAIN, f"unet/{choice.files[0]}: {spelled}")
+    return Finding(stored_dtype(weights), CERTAIN, f"unet/{choice.files[0]}: {spelled}")
 
 
 # --- a separately published VAE folder (--vae) ------------------------------------------------------------
@@ -340,4 +339,4 @@ def plan_vae_folder(folder: Path, variant: str | None = None) -> VAESource:
     plan = _component(folder, "vae", vae_config(config), weights)
     names = tuple(str((folder / n).relative_to(root)) for n in (CONFIG, *choice.files))
     finding = Finding(root.resolve().name, OVERRIDE, f"diffusers VAE folder {folder}")
-    return VAESource(root.resolve().name, plan, SourceFiles(root, names), finding)
+    return VAESource(root.resolve().name, plan, SourceFiles(root, names), finding, stored_dtype(weights))

@@ -6,6 +6,7 @@ time when the writer asks for them.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -63,6 +64,12 @@ class ModelPlan:
         return replace(self, components={**self.components, "vae": vae.plan}, vae=vae)
 
 
+def stored_dtype(header) -> str | None:
+    """The dtype most of a checkpoint's tensors are stored in (a mapping with `.info(key)`, e.g. `Checkpoint`)."""
+    counts = Counter(header.info(key).dtype for key in header)
+    return counts.most_common(1)[0][0] if counts else None
+
+
 @dataclass(frozen=True)
 class VAESource:
     """A separately published VAE (`--vae`): its plan, where it came from and what it is."""
@@ -71,3 +78,4 @@ class VAESource:
     plan: ComponentPlan
     files: SourceFiles
     finding: Finding
+    dtype: str | None  # how its weights are stored (most of them), e.g. "float32"

@@ -16,7 +16,7 @@ from .families import TEXT_TOWERS, scheduler_config
 from .keymap import ConversionError
 from .ldm import plan_single_file, plan_vae_file
 from .ldm_detect import OVERRIDE, Finding
-from .plan import ModelPlan, SourceFiles, VAESource
+from .plan import ModelPlan, SourceFiles, VAESource, stored_dtype
 from .readers import Checkpoint, open_checkpoint
 
 # The original SD code tokenizes with OpenAI's cleaning (ftfy, HTML unescape); see mlx_sd/tokenizer.py.
@@ -87,4 +87,4 @@ def plan_vae_single_file(path: Path) -> VAESource:
     shapes, _ = _header(checkpoint)
     plan = plan_vae_file(checkpoint, shapes)
     finding = Finding(path.name, OVERRIDE, f"original-layout VAE file {path.name}")
-    return VAESource(path.stem, plan, SourceFiles(path.parent, (path.name,)), finding)
+    return VAESource(path.stem, plan, SourceFiles(path.parent, (path.name,)), finding, stored_dtype(checkpoint))

@@ -461,6 +461,10 @@ def test_full_disk_and_interruption_leave_out_untouched(tmp_path, sd1_file, exis
 
 def test_converting_again_is_idempotent_and_overwriting_is_explicit(tmp_path, sd1_file, existing):
     out, before = existing
+    # the default dtypes: networks in float16, the VAE in float32 as the pipeline runs it
+    assert ModelInfo.read(out).dtype == "float16"
+    assert load_component(out / "unet").conv_in.weight.dtype == mx.float16
+    assert load_component(out / "vae").encoder.conv_in.weight.dtype == mx.float32
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     steps = []
     convert(sd1_file, out, progress=steps.append)
@@ -584,6 +588,19 @@ def test_hub_downloads_only_what_the_conversion_reads():
     assert parse_hub_id("owner/name/sub/model.ckpt") == ("owner/name", "sub/model.ckpt")
     assert parse_hub_id("models/sd15.safetensors") is None  # a missing local file, not a repo
     assert parse_hub_id("/abs/path") is None and parse_hub_id("a/b/c.txt") is None
+
+
+def test_model_cache_converts_once(tmp_path, sd1_file, monkeypatch):
+    """What `mlx-sd generate --model FILE` uses: one conversion per source, reused after."""
+    from mlx_sd_convert.cache import CACHE_ENV, converted
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    folder = converted(str(sd1_file))
+    assert folder.parent == tmp_path / "cache" and folder.name.startswith("model-")
+    mtime = (folder / "mlx_sd.json").stat().st_mtime_ns
+    assert converted(str(sd1_file)) == folder and (folder / "mlx_sd.json").stat().st_mtime_ns == mtime
+    save_single_file(sd1_file, original("sd1", seed=4).state)  # changed in place: a new conversion
+    assert converted(str(sd1_file)) != folder
 
 
 # --- the command line -----------------------------------------------------------------------------------------
