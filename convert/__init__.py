@@ -2,6 +2,7 @@
 
 import mlx_sd  # noqa: F401  (first: loads OpenBLAS before mlx.core)
 
+from .converter import ConvertProgress, convert
 from .keymap import ConversionError, Rule, apply_rules
 
-__all__ = ["ConversionError", "Rule", "apply_rules"]
+__all__ = ["ConversionError", "ConvertProgress", "Rule", "apply_rules", "convert"]

@@ -147,3 +147,25 @@ def family_config(family: str, component: str) -> dict:
         return copy.deepcopy(FAMILIES[family][component])
     except KeyError as e:
         raise KeyError(f"no {component!r} config for family {family!r}; families: {sorted(FAMILIES)}") from e
+
+
+# Each family's text towers as converted folders hold them: (encoder folder, tokenizer folder, pad id). SD1's CLIP-L
+# pads with eos (49407); OpenCLIP towers (SD2, SDXL's second) pad with id 0, as open_clip and the published
+# tokenizer folders (pad_token "!") do.
+TEXT_TOWERS: dict[str, tuple[tuple[str, str, int], ...]] = {
+    "sd1": (("text_encoder", "tokenizer", 49407),),
+    "sd2": (("text_encoder", "tokenizer", 0),),
+    "sdxl": (("text_encoder", "tokenizer", 49407), ("text_encoder_2", "tokenizer_2", 0)),
+}
+
+# A family's published scheduler assumes its published prediction type. Where a model of the family predicts the
+# other one, the config of the folder published for that combination is used instead: SD 2.x 512-base and
+# inpainting models (epsilon) ship PNDM, the same config as SD 1.5.
+_SCHEDULER_FOR = {("sd2", "epsilon"): "sd1"}
+
+
+def scheduler_config(family: str, prediction_type: str) -> dict:
+    """The diffusers scheduler config to publish with a `family` model that predicts `prediction_type`."""
+    config = family_config(_SCHEDULER_FOR.get((family, prediction_type), family), "scheduler")
+    config["prediction_type"] = prediction_type
+    return config

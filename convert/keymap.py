@@ -1,9 +1,11 @@
 """Declarative key maps: every source tensor renamed or dropped for a stated reason, every parameter filled.
 
 A map is a list of `Rule`s tried in order; the first whose pattern matches the *whole* source key wins. A rule
-either renames (re.sub template) or drops the tensor with the reason written beside it. `apply_rules` then
-checks the result against the model's own parameter shapes, and raises one `ConversionError` listing every
-key that was not matched, not filled, filled twice or of the wrong shape. Nothing is ever skipped silently.
+either renames (re.sub template) or drops the tensor with the reason written beside it. `map_keys` then
+checks the result against the model's own parameter shapes, from the source's shapes alone, and raises one
+`ConversionError` listing every key that was not matched, not filled, filled twice or of the wrong shape. Nothing
+is ever skipped silently. `read_mapped` reads one planned parameter, so a converter can stream a file tensor by
+tensor; `apply_rules` does both for a whole state dict.
 
 Layouts change here and only here: torch conv weights (O, I, kH, kW) become MLX's (O, kH, kW, I), and 1x1
 convolutions whose MLX counterpart is a Linear (SD1's `proj_in`/`proj_out`, the original VAE's attention)
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from mlx_sd.components import build, parameter_shapes
 
 # How many offending keys an error message lists before summarising.
 _SHOWN_KEYS = 8
@@ -65,30 +69,44 @@ def _summarise(keys: list[str]) -> str:
     return f"{shown}{more}"
 
 
-def apply_rules(
+@dataclass(frozen=True)
+class Mapped:
+    """Where one model parameter comes from: a source tensor, the rule that matched it, the part of a split."""
+
+    key: str  # the source key
+    rule: Rule
+    part: str  # the split suffix ("" when the rule does not split)
+    shape: tuple[int, ...]  # the parameter's shape (MLX layout)
+
+
+def _placeholder(shape: tuple[int, ...]) -> np.ndarray:
+    """A zero-strided stand-in of `shape`: planning runs the rules' layout changes on shapes alone, reading nothing."""
+    return np.broadcast_to(np.zeros((), np.float32), shape)
+
+
+def map_keys(
     component: str,
-    source: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
     rules: list[Rule],
     target_shapes: Mapping[str, tuple[int, ...]],
     hint: str = "",
-) -> dict[str, np.ndarray]:
-    """Map a source state dict onto a model's parameters, strictly.
+) -> dict[str, Mapped]:
+    """Plan a strict mapping from source tensor shapes alone; no tensor is read.
 
     Args:
         component: name used in error messages ("unet", "vae", ...).
-        source: source key -> array (a lazy mapping is fine; each value is read once).
-        rules: the component's key map.
+        shapes: source key -> shape (e.g. from a file header).
+        rules: the component's key map (splits must depend on the shape only, as layout changes do).
         target_shapes: the model's parameter name -> shape (MLX layout).
         hint: the likely cause to add to an error (e.g. "is this an SD2 checkpoint loaded as SD1?").
     Returns:
-        parameter name -> array in MLX layout, one entry per parameter.
+        parameter name -> `Mapped`, one entry per parameter; `read_mapped` then reads each when it is needed.
     Raises:
         ConversionError naming every unmatched, unexpected, missing, duplicated or mis-shaped key.
     """
-    out: dict[str, np.ndarray] = {}
-    origin: dict[str, str] = {}
+    out: dict[str, Mapped] = {}
     unmatched, unexpected, duplicated, misshaped = [], [], [], []
-    for key in source:
+    for key, shape in shapes.items():
         found = rename(key, rules)
         if found is None:
             unmatched.append(key)
@@ -96,21 +114,21 @@ def apply_rules(
         rule, name = found
         if name is None:
             continue
-        parts = rule.split(source[key]) if rule.split else {"": source[key]}
+        stand_in = _placeholder(tuple(shape))
+        parts = rule.split(stand_in) if rule.split else {"": stand_in}
         for suffix, value in parts.items():
             full = name + suffix
             if full not in target_shapes:
                 unexpected.append(f"{key} -> {full}")
                 continue
             if full in out:
-                duplicated.append(f"{origin[full]} and {key} -> {full}")
+                duplicated.append(f"{out[full].key} and {key} -> {full}")
                 continue
             value = to_mlx_layout(np.asarray(value), target_shapes[full])
             if tuple(value.shape) != tuple(target_shapes[full]):
                 misshaped.append(f"{key} {tuple(value.shape)} -> {full} {tuple(target_shapes[full])}")
                 continue
-            out[full] = value
-            origin[full] = key
+            out[full] = Mapped(key, rule, suffix, tuple(target_shapes[full]))
     missing = [k for k in target_shapes if k not in out]
 
     problems = []
@@ -129,3 +147,67 @@ def apply_rules(
     if problems:
         raise ConversionError(f"{component}: " + "; ".join(problems) + (f". {hint}" if hint else ""))
     return out
+
+
+def read_mapped(source: Mapping[str, np.ndarray], mapped: Mapped) -> np.ndarray:
+    """Read one planned parameter from `source`, in MLX layout and the source's dtype (a view where possible)."""
+    value = source[mapped.key]
+    if mapped.rule.split:
+        value = mapped.rule.split(value)[mapped.part]
+    return to_mlx_layout(np.asarray(value), mapped.shape)
+
+
+def apply_rules(
+    component: str,
+    source: Mapping[str, np.ndarray],
+    rules: list[Rule],
+    target_shapes: Mapping[str, tuple[int, ...]],
+    hint: str = "",
+) -> dict[str, np.ndarray]:
+    """Map a source state dict onto a model's parameters, strictly: `map_keys`, then `read_mapped` for each.
+
+    Args:
+        component: name used in error messages ("unet", "vae", ...).
+        source: source key -> array (a lazy mapping is fine).
+        rules, target_shapes, hint: as for `map_keys`.
+    Returns:
+        parameter name -> array in MLX layout, one entry per parameter.
+    Raises:
+        ConversionError naming every unmatched, unexpected, missing, duplicated or mis-shaped key.
+    """
+    shapes = {key: tuple(np.shape(source[key])) for key in source}
+    mapping = map_keys(component, shapes, rules, target_shapes, hint)
+    return {name: read_mapped(source, mapped) for name, mapped in mapping.items()}
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """One component ready to convert: its config, its source tensors (keys relative to `prefix`), the key map.
+
+    `keymap()` checks the whole mapping from shapes (`shapes`, or the source's values when None) without
+    reading a tensor; `read()` then reads one parameter, so a writer holds about one tensor at a time.
+    """
+
+    name: str  # "unet", "vae" or "text_encoder"
+    prefix: str  # where the tensors live in the file, for messages
+    config: object  # UNetConfig, VAEConfig or CLIPTextConfig
+    source: Mapping[str, np.ndarray] = field(repr=False)
+    rules: list[Rule] = field(repr=False)
+    hint: str = ""
+    shapes: Mapping[str, tuple[int, ...]] | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.prefix}*)" if self.prefix else self.name
+
+    def keymap(self) -> dict[str, Mapped]:
+        """Parameter name -> where it comes from; raises ConversionError on any mismatch."""
+        shapes = self.shapes if self.shapes is not None else {k: tuple(np.shape(v)) for k, v in self.source.items()}
+        return map_keys(self.label, shapes, self.rules, parameter_shapes(build(self.config)), self.hint)
+
+    def read(self, mapped: Mapped) -> np.ndarray:
+        return read_mapped(self.source, mapped)
+
+    def convert(self) -> dict[str, np.ndarray]:
+        """Our parameter name -> array in MLX layout (source dtype); raises ConversionError on any mismatch."""
+        return {name: self.read(mapped) for name, mapped in self.keymap().items()}

@@ -11,24 +11,23 @@ A single file holds the whole LatentDiffusion module's state dict:
 
 `plan_single_file` detects what the file is (convert/ldm_detect.py), infers each component's config from tensor
 shapes, and checks that every tensor in the file belongs to a component or is dropped for a stated reason. Each
-`ComponentPlan.convert()` then maps one component strictly (convert/keymap.py), reading each tensor once, so a
-caller can convert and write one component at a time. SDXL (`conditioner.embedders.*`) is detected but left
-to its own converter.
+`ComponentPlan.keymap()` then checks one component's mapping strictly from the header's shapes (convert/keymap.py)
+and `ComponentPlan.read()` reads one parameter at a time, so a writer streams the file tensor by tensor. SDXL
+(`conditioner.embedders.*`) is detected but left to its own converter.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from mlx_sd.components import build, parameter_shapes
 from mlx_sd.models import CLIPTextConfig
 
 from .diffusers import CLIP_RULES
-from .keymap import ConversionError, Rule, apply_rules, rename
+from .keymap import ComponentPlan, ConversionError, Rule, rename
 from .ldm_detect import (
     EMA_BOOKKEEPING,
     EMA_PREFIX,
@@ -78,8 +77,8 @@ _VIT_H_WIDTH, _VIT_H_BLOCKS = 1024, 24
 class _View(Mapping):
     """A lazy mapping: our key -> the file's tensor under another key (prefix stripped, or the EMA copy)."""
 
-    def __init__(self, state: Mapping[str, np.ndarray], keys: dict[str, str]):
-        self._state, self._keys = state, keys
+    def __init__(self, state: Mapping[str, np.ndarray], keys: dict[str, str], shapes: Mapping[str, tuple]):
+        self._state, self._keys, self._shapes = state, keys, shapes
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._state[self._keys[key]]
@@ -93,24 +92,13 @@ class _View(Mapping):
     def file_keys(self) -> list[str]:
         return list(self._keys.values())
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Our key -> shape, from the file's header (nothing read)."""
+        return {ours: tuple(self._shapes[theirs]) for ours, theirs in self._keys.items()}
 
-@dataclass(frozen=True)
-class ComponentPlan:
-    """One component of a single file, ready to convert: its config, its tensors (keys relative to `prefix`)
-    and the key map."""
 
-    name: str  # "unet", "vae" or "text_encoder"
-    prefix: str  # where the tensors live in the file, for messages
-    config: object  # UNetConfig, VAEConfig or CLIPTextConfig
-    source: Mapping[str, np.ndarray] = field(repr=False)
-    rules: list[Rule] = field(repr=False)
-    hint: str = ""
-
-    def convert(self) -> dict[str, np.ndarray]:
-        """Our parameter name -> array in MLX layout (source dtype); raises ConversionError on any mismatch."""
-        shapes = parameter_shapes(build(self.config))
-        label = f"{self.name} ({self.prefix}*)" if self.prefix else self.name
-        return apply_rules(label, self.source, self.rules, shapes, self.hint)
+def _plan(name: str, prefix: str, config, view: _View, rules: list[Rule], hint: str = "") -> ComponentPlan:
+    return ComponentPlan(name, prefix, config, view, rules, hint, shapes=view.shapes())
 
 
 @dataclass(frozen=True)
@@ -219,7 +207,7 @@ def _unet(state, shapes, found: Detection) -> ComponentPlan:
     hint = ""
     if "label_emb.0.0.weight" in relative:
         hint = "label_emb.* is a class/image embedding (SD2 unCLIP?), which mlx-sd does not support."
-    return ComponentPlan("unet", UNET_PREFIX, config, _View(state, keys), unet_rules(config), hint)
+    return _plan("unet", UNET_PREFIX, config, _View(state, keys, shapes), unet_rules(config), hint)
 
 
 def _ema_keys(shapes: Mapping, keys: dict[str, str]) -> dict[str, str]:
@@ -250,13 +238,13 @@ def plan_vae_file(
     prefixed = all(k.startswith(VAE_PREFIX) for k in shapes)
     keys = _strip(shapes, VAE_PREFIX) if prefixed else {k: k for k in shapes}
     plan = _vae(state, shapes, keys, None)
-    return plan if prefixed else ComponentPlan("vae", "", plan.config, plan.source, plan.rules)
+    return plan if prefixed else _plan("vae", "", plan.config, plan.source, plan.rules)
 
 
 def _vae(state, shapes, keys: dict[str, str], scale: float | None) -> ComponentPlan:
     relative = {k: shapes[v] for k, v in keys.items()}
     config = vae_config_from_shapes(relative, SD_SCALING_FACTOR if scale is None else scale)
-    return ComponentPlan("vae", VAE_PREFIX, config, _View(state, keys), vae_rules(config))
+    return _plan("vae", VAE_PREFIX, config, _View(state, keys, shapes), vae_rules(config))
 
 
 # --- text encoders ----------------------------------------------------------------------------------------
@@ -295,7 +283,7 @@ def _text_encoder(state, shapes, found: Detection) -> ComponentPlan | None:
         tower = {k: v for k, v in relative.items() if k != "text_projection"}
         config = openclip_config(tower, keep_layers=keep, heads=width // OPENCLIP_HEAD_DIM)
         rules = _SD2_TEXT_DROPS + openclip_rules(drop_layers=range(keep, blocks))
-    return ComponentPlan("text_encoder", prefix, config, _View(state, keys), rules)
+    return _plan("text_encoder", prefix, config, _View(state, keys, shapes), rules)
 
 
 def _clip_config(shapes: Mapping[str, tuple[int, ...]]) -> CLIPTextConfig:

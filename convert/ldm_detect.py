@@ -50,7 +50,7 @@ V_STAT_KEY = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 V_STAT_THRESHOLD = 0.09
 SD2_BASE_GLOBAL_STEP = 875000  # the original 512-base-ema.ckpt; diffusers' only epsilon signal for SD2
 # Context widths of the published text encoders: CLIP-L (SD1), OpenCLIP-H (SD2).
-_CONTEXT_FAMILY = {768: "sd1", 1024: "sd2"}
+CONTEXT_FAMILY = {768: "sd1", 1024: "sd2"}
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def _family(unet: Mapping, text: Finding, override: str | None) -> Finding:
     votes: list[tuple[str, str]] = []  # (family, evidence)
     if text.value == "sdxl" or ("label_emb.0.0.weight" in unet and text.value == "openclip-sgm"):
         refiner = "label_emb.* and OpenCLIP under conditioner.embedders.0: the SDXL refiner"
-        return _overridden(override, Finding("sdxl", HIGH, text.evidence if text.value == "sdxl" else refiner))
+        return overridden(override, Finding("sdxl", HIGH, text.evidence if text.value == "sdxl" else refiner))
     if text.value == "clip":
         votes.append(("sd1", "OpenAI CLIP text encoder (cond_stage_model.transformer)"))
     elif text.value in ("openclip", "openclip-sgm"):
@@ -158,8 +158,8 @@ def _family(unet: Mapping, text: Finding, override: str | None) -> Finding:
     if proj is not None:
         votes.append(("sd2", "linear proj_in") if len(proj) == 2 else ("sd1", "1x1-conv proj_in"))
     context = next((v[1] for k, v in unet.items() if k.endswith("attn2.to_k.weight")), None)
-    if context in _CONTEXT_FAMILY:
-        votes.append((_CONTEXT_FAMILY[context], f"cross-attention width {context}"))
+    if context in CONTEXT_FAMILY:
+        votes.append((CONTEXT_FAMILY[context], f"cross-attention width {context}"))
     if not votes:
         finding = Finding("sd1", LOW, "no evidence either way (no text encoder, no attention tensors)")
     else:
@@ -169,10 +169,11 @@ def _family(unet: Mapping, text: Finding, override: str | None) -> Finding:
             finding = Finding(votes[0][0], HIGH if len(votes) > 1 else MEDIUM, evidence)
         else:  # conflicting: trust the first vote (text encoder layout, then projection)
             finding = Finding(votes[0][0], LOW, f"conflicting evidence: {evidence}")
-    return _overridden(override, finding)
+    return overridden(override, finding)
 
 
-def _overridden(override: str | None, found: Finding) -> Finding:
+def overridden(override: str | None, found: Finding) -> Finding:
+    """The caller's family, noting what detection found; `found` itself when there is no override."""
     if override is None:
         return found
     if override not in FAMILIES:

@@ -1,7 +1,8 @@
 """Model components on disk: one folder each, `config.json` (our config dataclass) + `weights.safetensors`.
 
 Weights are stored in MLX layout and loaded strictly: a missing or unexpected key is an error, never a
-randomly initialised layer.
+randomly initialised layer. A quantized component records its settings under "quantization" in config.json;
+the loader rebuilds the quantized layers that `mlx_sd.quantization` selects before loading.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .models import (
     UNetConfig,
     VAEConfig,
 )
+from .quantization import QuantizationConfig, quantize_model
 
 # kind -> (config dataclass, module class)
 KINDS = {
@@ -31,6 +33,7 @@ KINDS = {
 }
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
+QUANTIZATION_KEY = "quantization"
 
 
 def config_from_dict(cls, data: dict):
@@ -58,26 +61,47 @@ def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
+def write_config(folder: str | Path, config, quantization: QuantizationConfig | None = None) -> None:
+    """Write a component's config.json: its kind, the config's fields and the quantization, if any."""
+    data = {"kind": kind_of(config), **asdict(config)}
+    if quantization is not None:
+        data[QUANTIZATION_KEY] = quantization.to_dict()
+    (Path(folder) / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
 def save_component(folder: str | Path, config, weights: dict[str, mx.array]) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"kind": kind_of(config), **asdict(config)}
-    (folder / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
+    write_config(folder, config)
     mx.save_safetensors(str(folder / WEIGHTS_FILE), weights)
 
 
-def load_config(folder: str | Path):
+def read_config(folder: str | Path):
+    """A component folder's config and its quantization (None when the weights are floating point)."""
     data = json.loads((Path(folder) / CONFIG_FILE).read_text())
     kind = data.pop("kind", None)
     if kind not in KINDS:
         raise ValueError(f"{folder}: config.json names no known component kind ({kind!r})")
-    return config_from_dict(KINDS[kind][0], data)
+    quantization = data.pop(QUANTIZATION_KEY, None)
+    if quantization is not None:
+        quantization = QuantizationConfig(**quantization)
+    return config_from_dict(KINDS[kind][0], data), quantization
+
+
+def load_config(folder: str | Path):
+    return read_config(folder)[0]
 
 
 def load_component(folder: str | Path, dtype: mx.Dtype | None = None) -> nn.Module:
-    """Load a component folder strictly; `dtype` casts floating-point weights (None keeps the stored dtype)."""
+    """Load a component folder strictly; `dtype` casts floating-point weights (None keeps the stored dtype).
+
+    Quantized layers keep their packed integer weights; their scales and biases take `dtype`.
+    """
     folder = Path(folder)
-    model = build(load_config(folder))
+    config, quantization = read_config(folder)
+    model = build(config)
+    if quantization is not None:
+        quantize_model(kind_of(config), model, quantization)
     weights = mx.load(str(folder / WEIGHTS_FILE))
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}

@@ -2,7 +2,8 @@
 
     model_folder/
       mlx_sd.json            manifest: family, prediction type, dtype, source file and sha256, converter version
-      unet/  vae/  text_encoder/  [text_encoder_2/]      config.json + weights.safetensors (MLX layout)
+      unet/  vae/  text_encoder/  [text_encoder_2/]      config.json + weights.safetensors (MLX layout;
+                                                          config.json records any quantization)
       tokenizer/  [tokenizer_2/]                          vocab.json + merges.txt + config.json
       scheduler/scheduler_config.json                     the diffusers scheduler config
 
@@ -33,7 +34,13 @@ class ModelInfo:
     family: "sd1", "sd2", "sdxl" or "sdxl-refiner" (decides conditioning and defaults).
     prediction_type: "epsilon" or "v_prediction" (also in the scheduler config; recorded with its evidence).
     name: a display name (the source file or repo name) for infotext and listings.
-    sha256: of the source checkpoint file (A1111's "Model hash" is its first 10 hex digits), "" if unknown.
+    sha256: of the source checkpoint file (A1111's "Model hash" is its first 10 hex digits), "" if unknown; for a
+        diffusers folder, of the `sha256sum` lines ("<hash>  <path>\n", sorted by path) of the files read.
+    source: what was converted: kind, format, the files read with their sha256, variant, hub repo and revision,
+        a separately published VAE ("vae").
+    detection: each finding (family, text_encoder, in_channels, ema, dtype, prediction_type, vae) as
+        {"value", "confidence", "evidence"}.
+    quantization: {"bits", "group_size", "mode"} when the UNet and text encoders are quantized, else None.
     force_zeros_for_empty_prompt: SDXL base uses zero conditioning for an empty negative prompt (diffusers).
     requires_aesthetics_score: the SDXL refiner takes aesthetic scores in its micro-conditioning.
     kind: "" for a standard model, "turbo" (SD-Turbo, SDXL-Turbo: few steps, no guidance) or "lcm" (LCM-distilled).

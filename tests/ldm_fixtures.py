@@ -237,9 +237,13 @@ def convert_all(state, **options):
 
 
 def check_unet(orig: Original, config, weights, seed=0) -> float:
-    ours = load_ours(config, weights)
+    return check_unet_model(orig, load_ours(config, weights), seed)
+
+
+def check_unet_model(orig: Original, ours, seed=0) -> float:
+    """Our loaded UNet against the original module on the same inputs."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, config.in_channels, 12, 8, generator=g)
+    x = torch.randn(2, ours.config.in_channels, 12, 8, generator=g)
     t = torch.tensor([999.0, 17.5])
     context = torch.randn(2, 7, TEXT_WIDTH, generator=g)
     with torch.no_grad():
@@ -249,9 +253,12 @@ def check_unet(orig: Original, config, weights, seed=0) -> float:
 
 
 def check_vae(orig: Original, config, weights) -> dict[str, float]:
+    return check_vae_model(orig, load_ours(config, weights))
+
+
+def check_vae_model(orig: Original, ours) -> dict[str, float]:
     """As ldm's AutoencoderKL: encode = Gaussian(quant_conv(encoder(x))), decode = decoder(post_quant_conv(z))."""
     Gaussian = ldm_module("modules.distributions.distributions").DiagonalGaussianDistribution
-    ours = load_ours(config, weights)
     g = torch.Generator().manual_seed(1)
     image = torch.rand(2, 3, 32, 24, generator=g) * 2 - 1
     z = torch.randn(2, 4, 8, 6, generator=g)
@@ -268,8 +275,11 @@ def check_vae(orig: Original, config, weights) -> dict[str, float]:
 
 
 def check_text(orig: Original, config, weights) -> float:
+    return check_text_model(orig, load_ours(config, weights))
+
+
+def check_text_model(orig: Original, ours) -> float:
     """What ldm's conditioning stage returns for token ids (after its tokenizer)."""
-    ours = load_ours(config, weights)
     pad = 0 if FAMILY[orig.kind] == "sd2" else 49407
     ids = token_batch(pad)
     with torch.no_grad():

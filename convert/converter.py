@@ -1,0 +1,263 @@
+"""`convert()`: a published Stable Diffusion checkpoint -> an mlx-sd model folder (layout: mlx_sd/model.py).
+
+1. Open the source, reading headers and configs only: an original single file (convert/single_file.py), a
+   diffusers folder (convert/diffusers_folder.py), or a hub id fetched into the hub cache (convert/hub.py).
+2. Swap in a separately published VAE if asked.
+3. Check every component's key map strictly, from shapes, before anything is written (convert/keymap.py).
+4. Hash the source files for the manifest.
+5. Write each component tensor by tensor into a temporary folder beside OUT, then rename it into place
+   (convert/writer.py, convert/output.py): OUT is complete or untouched, and converting again is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import mlx_sd
+from mlx_sd.model import MANIFEST, ModelInfo
+from mlx_sd.quantization import BITS, QuantizationConfig
+
+from .diffusers_folder import CONFIG, MODEL_INDEX, plan_diffusers_folder, plan_vae_folder
+from .families import TEXT_TOWERS
+from .hub import fetch, parse_hub_id
+from .keymap import ConversionError
+from .ldm_detect import FAMILIES, normalize_prediction_type
+from .output import check_destination, sha256_file, staged_output
+from .plan import ModelPlan, SourceFiles, VAESource
+from .single_file import plan_file, plan_vae_single_file
+from .writer import FLOAT_DTYPES, plan_write, write_component
+
+CONVERTER_VERSION = f"mlx-sd {mlx_sd.__version__}"
+# Families this converter writes. SDXL is detected and refused until its conditioning lands (issue 6): adding it
+# is a TEXT_TOWERS / scheduler entry (convert/families.py) and its single-file maps.
+SUPPORTED_FAMILIES = ("sd1", "sd2")
+
+
+@dataclass(frozen=True)
+class ConvertProgress:
+    """One step of a conversion, for progress bars.
+
+    stage: "hash" (reading the source files for the manifest's sha256), "write" (one tensor written), or "done"
+        (then `item` says what happened to OUT: "created", "replaced" or "unchanged").
+    done, total: bytes of the stage so far, and in all.
+    item: the file being hashed or the tensor just written ("unet: conv_in.weight").
+    """
+
+    stage: str
+    done: int
+    total: int
+    item: str
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    quantize: int | None = None,
+    vae: str | Path | None = None,
+    family: str | None = None,
+    prediction_type: str | None = None,
+    use_ema: bool = True,
+    variant: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[ConvertProgress], None] | None = None,
+) -> ModelInfo:
+    """Convert a checkpoint into an mlx-sd model folder.
+
+    Args:
+        src: a diffusers folder (model_index.json), an original single file (.safetensors, .ckpt, .pt, .pth), or
+            a hub id ("owner/name", or "owner/name/file.safetensors" for one file of a repo).
+        out: the model folder to write (created; an existing one is compared, see `overwrite`).
+        dtype: "float16", "bfloat16" or "float32" for every stored weight. Default: the UNet and text encoders
+            in float16 (bfloat16 when the source's UNet is bfloat16, which float16 could overflow); the VAE in
+            float32 (the pipeline runs it in float32: SD VAEs overflow in float16), or float16 when the source
+            VAE is float16 already.
+        quantize: 4 or 8: MLX affine quantization of the UNet's and text encoders' Linear layers (the selection
+            and its exclusions: mlx_sd/quantization.py).
+        vae: a separately published VAE replacing the source's: a diffusers VAE folder, a model folder (its
+            vae/), an original-layout VAE file, or a hub id.
+        family: "sd1" or "sd2" to override detection.
+        prediction_type: "epsilon"/"eps" or "v_prediction"/"v" to override detection.
+        use_ema: single files with EMA weights: convert the EMA copy (True) or the raw training weights.
+        variant: diffusers weights variant, e.g. "fp16" (default: plain files, else the only variant present).
+        overwrite: replace an existing mlx-sd model folder that differs (never a folder mlx-sd did not write).
+        progress: called with a `ConvertProgress` as files are hashed and tensors written.
+    Returns:
+        the manifest written to OUT/mlx_sd.json.
+    Raises:
+        ConversionError (one line naming the problem and the fix) for anything the user can act on: missing or
+        unreadable sources, unsafe pickles, unsupported or inconsistent models, a full disk, an existing OUT.
+        OUT is never left half-written, also on KeyboardInterrupt.
+    """
+    out = Path(out).expanduser()
+    _check_options(dtype, quantize, family, prediction_type)
+    check_destination(out, overwrite)
+    report = progress or (lambda step: None)
+    model = open_model(str(src), family=family, prediction_type=prediction_type, use_ema=use_ema, variant=variant)
+    if vae is not None:
+        model = model.with_vae(open_vae(str(vae), variant))
+    _check_complete(model)
+    dtypes = _dtypes(model, dtype)
+    quantization = QuantizationConfig(bits=quantize) if quantize else None
+    jobs = [plan_write(name, plan, dtypes[name], quantization) for name, plan in model.components.items()]
+
+    info = _manifest(model, dtypes["unet"], quantization, _hash_sources(model, report))
+    check_destination(out, overwrite, json.loads(info.to_json()))
+    total = sum(job.nbytes for job in jobs)
+    done = 0
+
+    def advance(nbytes: int, item: str) -> None:
+        nonlocal done
+        done += nbytes
+        report(ConvertProgress("write", done, total, item))
+
+    with staged_output(out, total, overwrite) as stage:
+        for job in jobs:
+            write_component(stage.path / job.folder, job, advance)
+        for name, tokenizer in model.tokenizers.items():
+            tokenizer.save(stage.path / name)
+        (stage.path / "scheduler").mkdir()
+        scheduler = json.dumps(model.scheduler, indent=2, sort_keys=True) + "\n"
+        (stage.path / "scheduler" / "scheduler_config.json").write_text(scheduler)
+        (stage.path / MANIFEST).write_text(info.to_json())
+    report(ConvertProgress("done", total, total, stage.result))
+    return info
+
+
+def _dtypes(model: ModelPlan, dtype: str | None) -> dict[str, str]:
+    """The stored dtype per component folder (see `convert`'s `dtype`)."""
+    if dtype is not None:
+        return {name: dtype for name in model.components}
+    source = model.detection.dtype.value  # the UNet's
+    vae_source = model.vae.dtype if model.vae is not None else source
+    networks = "bfloat16" if source == "bfloat16" else "float16"
+    return {name: networks for name in model.components} | {"vae": "float16" if vae_source == "float16" else "float32"}
+
+
+def _check_options(dtype, quantize, family, prediction_type) -> None:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ConversionError(f"dtype {dtype!r}: use one of {list(FLOAT_DTYPES)}")
+    if quantize is not None and quantize not in BITS:
+        raise ConversionError(f"quantize {quantize!r}: use one of {list(BITS)} (bits per weight)")
+    if family is not None and family not in FAMILIES:
+        raise ConversionError(f"family {family!r}: use one of {list(FAMILIES)}")
+    if prediction_type is not None:
+        try:
+            normalize_prediction_type(prediction_type)
+        except ValueError as error:
+            raise ConversionError(str(error)) from None
+
+
+# --- sources ----------------------------------------------------------------------------------------------
+
+
+def open_model(src: str, *, family=None, prediction_type=None, use_ema=True, variant=None) -> ModelPlan:
+    """Plan the conversion of a local file or folder, or of a hub id (fetched first)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return _open_local(path, family, prediction_type, use_ema, variant)
+    if parse_hub_id(src) is None:
+        raise ConversionError(f"{src}: no such file or folder")
+    local, facts = fetch(src, variant=variant)
+    model = _open_local(local, family, prediction_type, use_ema, variant)
+    name = model.name if "file" in facts else facts["repo_id"]
+    return replace(model, name=name, details={**model.details, "hub": facts})
+
+
+def _open_local(path: Path, family, prediction_type, use_ema, variant) -> ModelPlan:
+    if path.is_file():
+        if variant is not None:
+            raise ConversionError(f"{path} is a single file; variant= (--variant) applies to diffusers folders")
+        return plan_file(path, family=family, prediction_type=prediction_type, use_ema=use_ema)
+    if (path / MODEL_INDEX).is_file():
+        return plan_diffusers_folder(path, family=family, prediction_type=prediction_type, variant=variant)
+    if (path / MANIFEST).is_file():
+        raise ConversionError(f"{path} is already an mlx-sd model folder; use it as it is")
+    if (path / CONFIG).is_file():
+        raise ConversionError(
+            f"{path} holds one diffusers component (config.json), not a model folder (model_index.json); "
+            "a VAE folder goes to vae= (--vae)"
+        )
+    raise ConversionError(f"{path}: a folder without model_index.json; expected a diffusers folder or a checkpoint")
+
+
+def open_vae(src: str, variant: str | None = None) -> VAESource:
+    """A separately published VAE: an original-layout file, a diffusers VAE or model folder, or a hub id."""
+    path = Path(src).expanduser()
+    facts = None
+    if not path.exists():
+        if parse_hub_id(src) is None:
+            raise ConversionError(f"vae {src}: no such file or folder")
+        path, facts = fetch(src, variant=variant)
+    vae = plan_vae_single_file(path) if path.is_file() else plan_vae_folder(path, variant)
+    return replace(vae, name=src) if facts and "file" not in facts else vae
+
+
+def _check_complete(model: ModelPlan) -> None:
+    found = model.detection.family
+    if found.value not in SUPPORTED_FAMILIES:
+        raise ConversionError(
+            f"this is an {found.value.upper()} model ({found.evidence}); mlx-sd converts SD 1.x and 2.x so far"
+        )
+    if "vae" not in model.components:
+        raise ConversionError(
+            "the checkpoint has no VAE (first_stage_model.*); pass vae= (--vae) with a separately published VAE"
+        )
+    for encoder, tokenizer, _ in TEXT_TOWERS[found.value]:
+        if encoder not in model.components or tokenizer not in model.tokenizers:
+            raise ConversionError(f"{found.value} models need {encoder} and {tokenizer}; the source has no {encoder}")
+
+
+# --- the manifest -----------------------------------------------------------------------------------------
+
+
+def _hash_files(files: SourceFiles, advance: Callable[[int], None]) -> tuple[str, dict[str, str]]:
+    """sha256 of a single file; for folders, sha256 of `sha256sum`'s lines ("<hash>  <path>\\n") sorted by path."""
+    hashes = {name: sha256_file(files.root / name, advance) for name in sorted(files.names)}
+    if len(hashes) == 1:
+        return next(iter(hashes.values())), hashes
+    listing = "".join(f"{digest}  {name}\n" for name, digest in hashes.items())
+    return hashlib.sha256(listing.encode()).hexdigest(), hashes
+
+
+def _hash_sources(model: ModelPlan, report) -> dict:
+    groups = [model.files] + ([model.vae.files] if model.vae else [])
+    total = sum((g.root / n).stat().st_size for g in groups for n in g.names)
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        report(ConvertProgress("hash", done, total, model.name))
+
+    sha256, files = _hash_files(model.files, advance)
+    hashes = {"sha256": sha256, "files": files}
+    if model.vae is not None:
+        vae_sha256, vae_files = _hash_files(model.vae.files, advance)
+        hashes["vae"] = {"name": model.vae.name, "sha256": vae_sha256, "files": vae_files}
+    return hashes
+
+
+def _manifest(model: ModelPlan, dtype: str, quantization, hashes: dict) -> ModelInfo:
+    detection = {f.name: asdict(getattr(model.detection, f.name)) for f in fields(model.detection)}
+    if model.vae is not None:
+        detection["vae"] = asdict(model.vae.finding)
+    source = {"kind": model.kind, **model.details, "files": hashes["files"]}
+    if "vae" in hashes:
+        source["vae"] = hashes["vae"]
+    return ModelInfo(
+        family=model.family,
+        prediction_type=model.prediction_type,
+        name=model.name,
+        dtype=dtype,
+        sha256=hashes["sha256"],
+        source=source,
+        detection=detection,
+        converter_version=CONVERTER_VERSION,
+        quantization=None if quantization is None else quantization.to_dict(),
+    )

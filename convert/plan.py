@@ -1,0 +1,81 @@
+"""What a source holds, ready to write: the `ModelPlan` every source reader (single file, diffusers folder) returns.
+
+A plan reads nothing but headers and configs: each component is a `ComponentPlan` whose tensors are read one at a
+time when the writer asks for them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from mlx_sd.tokenizer import CLIPTokenizer
+
+from .keymap import ComponentPlan
+from .ldm_detect import Detection, Finding
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """The files a component (or the whole model) was read from, for the manifest's hash.
+
+    root: the folder names are given relative to (the file's folder for single files).
+    names: the files read, relative to `root` (configs, weights, tokenizer files).
+    """
+
+    root: Path
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """A whole model as found in a source.
+
+    name: a display name (file stem, folder or repo name).
+    kind: "single-file" or "diffusers".
+    detection: what the source is, with the evidence (single files: detected; folders: read from the configs).
+    components: component folder ("unet", "vae", "text_encoder") -> its plan.
+    tokenizers: tokenizer folder ("tokenizer") -> tokenizer.
+    scheduler: the diffusers scheduler config to publish with the model.
+    files: what the source was read from; `vae_files` when a separate VAE replaced the source's.
+    details: other facts for the manifest's `source` entry (format, variant, hub revision...).
+    """
+
+    name: str
+    kind: str
+    detection: Detection
+    components: dict[str, ComponentPlan]
+    tokenizers: dict[str, CLIPTokenizer]
+    scheduler: dict
+    files: SourceFiles
+    details: dict = field(default_factory=dict)
+    vae: VAESource | None = None
+
+    @property
+    def family(self) -> str:
+        return self.detection.family.value
+
+    @property
+    def prediction_type(self) -> str:
+        return self.detection.prediction_type.value
+
+    def with_vae(self, vae: VAESource) -> ModelPlan:
+        return replace(self, components={**self.components, "vae": vae.plan}, vae=vae)
+
+
+def stored_dtype(header) -> str | None:
+    """The dtype most of a checkpoint's tensors are stored in (a mapping with `.info(key)`, e.g. `Checkpoint`)."""
+    counts = Counter(header.info(key).dtype for key in header)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+@dataclass(frozen=True)
+class VAESource:
+    """A separately published VAE (`--vae`): its plan, where it came from and what it is."""
+
+    name: str
+    plan: ComponentPlan
+    files: SourceFiles
+    finding: Finding
+    dtype: str | None  # how its weights are stored (most of them), e.g. "float32"

@@ -1,0 +1,90 @@
+"""Original single-file checkpoints (`.safetensors`, `.ckpt`, `.pt`, `.pth`) -> a `ModelPlan`.
+
+The file is opened lazily and safely (convert/readers.py), detected and split into components by convert/ldm.py
+from its header alone. Single files carry no tokenizer or scheduler: the tokenizer is the bundled CLIP vocabulary
+with the original code's normalisation ("openai") and the family's pad id, and the scheduler is the family's
+published config for the detected prediction type (convert/families.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlx_sd.tokenizer import CLIPTokenizer
+
+from .families import TEXT_TOWERS, scheduler_config
+from .keymap import ConversionError
+from .ldm import plan_single_file, plan_vae_file
+from .ldm_detect import OVERRIDE, Finding
+from .plan import ModelPlan, SourceFiles, VAESource, stored_dtype
+from .readers import Checkpoint, open_checkpoint
+
+# The original SD code tokenizes with OpenAI's cleaning (ftfy, HTML unescape); see mlx_sd/tokenizer.py.
+SINGLE_FILE_NORMALIZATION = "openai"
+
+
+def _header(checkpoint: Checkpoint) -> tuple[dict, dict]:
+    infos = {key: checkpoint.info(key) for key in checkpoint}
+    return {k: i.shape for k, i in infos.items()}, {k: i.dtype for k, i in infos.items()}
+
+
+def plan_file(
+    path: Path, *, family: str | None = None, prediction_type: str | None = None, use_ema: bool = True
+) -> ModelPlan:
+    """Open an original-layout checkpoint and plan its conversion (nothing but the header is read).
+
+    Args:
+        path: the checkpoint file.
+        family, prediction_type: overrides of what detection finds.
+        use_ema: take the UNet's EMA weights when the file has them.
+    Returns:
+        the plan; `components` may lack "vae" when the file has none (the caller then needs a separate VAE).
+    Raises:
+        ConversionError (UnsafeCheckpointError for refused pickles) for anything that cannot be converted.
+    """
+    checkpoint = open_checkpoint(path)
+    shapes, dtypes = _header(checkpoint)
+    plan = plan_single_file(
+        checkpoint,
+        shapes=shapes,
+        dtypes=dtypes,
+        family=family,
+        prediction_type=prediction_type,
+        use_ema=use_ema,
+        metadata=checkpoint.metadata,
+        global_step=checkpoint.global_step,
+    )
+    found = plan.detection
+    if "text_encoder" not in plan.components:
+        raise ConversionError(
+            f"{path}: the file has no text encoder (cond_stage_model.*), only "
+            f"{', '.join(plan.components)}; convert the full checkpoint, not a UNet-only export"
+        )
+    tokenizers = {
+        tokenizer: CLIPTokenizer.bundled(pad_token_id=pad, normalization=SINGLE_FILE_NORMALIZATION)
+        for _, tokenizer, pad in TEXT_TOWERS[found.family.value]
+    }
+    details = {"format": checkpoint.format}
+    if checkpoint.nesting:
+        details["nesting"] = "/".join(checkpoint.nesting)
+    if checkpoint.global_step is not None:
+        details["global_step"] = checkpoint.global_step
+    return ModelPlan(
+        name=path.stem,
+        kind="single-file",
+        detection=found,
+        components=dict(plan.components),
+        tokenizers=tokenizers,
+        scheduler=scheduler_config(found.family.value, found.prediction_type.value),
+        files=SourceFiles(path.parent, (path.name,)),
+        details=details,
+    )
+
+
+def plan_vae_single_file(path: Path) -> VAESource:
+    """A separately published original-layout VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors)."""
+    checkpoint = open_checkpoint(path)
+    shapes, _ = _header(checkpoint)
+    plan = plan_vae_file(checkpoint, shapes)
+    finding = Finding(path.name, OVERRIDE, f"original-layout VAE file {path.name}")
+    return VAESource(path.stem, plan, SourceFiles(path.parent, (path.name,)), finding, stored_dtype(checkpoint))
