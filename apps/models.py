@@ -8,13 +8,17 @@ from mlx_sd.model import MANIFEST
 
 from .errors import UserError
 
-# The Stable Diffusion 1.5 weights as published by Runway, now kept at this id by the community after the original
+# The Stable Diffusion 1.5 weights as published by Runway, kept at this id by the community since the original
 # runwayml/stable-diffusion-v1-5 repository was removed (CreativeML OpenRAIL-M). SD 1.5 is the smallest widely used
-# model (2 GB in float16): it runs on every Apple Silicon Mac.
+# model (about 2 GB in float16), so it runs on every Apple Silicon Mac.
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+OFFLINE_HINT = (
+    "to use a checkpoint you already have, pass it directly (--model ~/Downloads/model.safetensors) "
+    "or convert it once (mlx-sd convert ~/Downloads/model.safetensors ~/models/my-model) and pass that folder"
+)
 
 
-def resolve_model(spec: str | None) -> Path:
+def resolve_model(spec: str | None, progress=None) -> Path:
     """The converted folder for `spec` (default: DEFAULT_MODEL), converting and caching it on first use."""
     spec = spec or DEFAULT_MODEL
     path = Path(spec).expanduser()
@@ -24,6 +28,7 @@ def resolve_model(spec: str | None) -> Path:
     from mlx_sd_convert.cache import converted
 
     try:
-        return converted(spec)
+        return converted(spec, progress=progress)
     except ConversionError as e:
-        raise UserError(str(e)) from None
+        hint = f"; {OFFLINE_HINT}" if not path.exists() else ""
+        raise UserError(f"{e}{hint}") from None

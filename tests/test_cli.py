@@ -81,3 +81,13 @@ def test_info_on_an_image_without_parameters(tmp_path):
     out = run("info", tmp_path / "plain.png")
     assert out.returncode == 2 and "no generation parameters" in out.stderr
     assert Path(tmp_path / "plain.png").exists()
+
+
+def test_default_model_offline_fails_fast_with_a_way_forward(tmp_path):
+    import time
+
+    start = time.monotonic()
+    out = run("generate", "a lighthouse", env={"HF_HUB_OFFLINE": "1", "MLX_SD_CACHE": str(tmp_path)})
+    assert out.returncode == 2 and time.monotonic() - start < 60
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in out.stderr and "mlx-sd convert" in out.stderr
+    assert "Traceback" not in out.stderr and not list(tmp_path.iterdir())  # nothing half-written in the cache
