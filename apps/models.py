@@ -12,6 +12,7 @@ from .errors import UserError
 # runwayml/stable-diffusion-v1-5 repository was removed (CreativeML OpenRAIL-M). SD 1.5 is the smallest widely used
 # model (about 2 GB in float16), so it runs on every Apple Silicon Mac.
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_MODEL_OPTIONS = {"variant": "fp16"}  # its fp16 files: half the download, the same float16 weights
 OFFLINE_HINT = (
     "to use a checkpoint you already have, pass it directly (--model ~/Downloads/model.safetensors) "
     "or convert it once (mlx-sd convert ~/Downloads/model.safetensors ~/models/my-model) and pass that folder"
@@ -20,6 +21,7 @@ OFFLINE_HINT = (
 
 def resolve_model(spec: str | None, progress=None) -> Path:
     """The converted folder for `spec` (default: DEFAULT_MODEL), converting and caching it on first use."""
+    options = DEFAULT_MODEL_OPTIONS if spec is None else {}
     spec = spec or DEFAULT_MODEL
     path = Path(spec).expanduser()
     if (path / MANIFEST).is_file():
@@ -28,7 +30,7 @@ def resolve_model(spec: str | None, progress=None) -> Path:
     from mlx_sd_convert.cache import converted
 
     try:
-        return converted(spec, progress=progress)
+        return converted(spec, progress=progress, **options)
     except ConversionError as e:
         hint = f"; {OFFLINE_HINT}" if not path.exists() else ""
         raise UserError(f"{e}{hint}") from None

@@ -28,8 +28,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mlx-sd" / "models"
 
 
-def cache_folder(spec: str) -> Path:
-    """Where `spec`'s conversion is cached (whether or not it exists yet)."""
+def cache_folder(spec: str, **options) -> Path:
+    """Where `spec`'s conversion with `options` (as for `convert`) is cached, whether or not it exists yet."""
     path = Path(spec).expanduser()
     if path.exists():
         files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
@@ -37,13 +37,16 @@ def cache_folder(spec: str) -> Path:
         name = path.stem if path.is_file() else path.resolve().name
     else:
         identity, name = spec, spec.replace("/", "--")
+    if options:
+        identity += "\n" + repr(sorted(options.items()))
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return cache_root() / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:80]}-{digest}"
 
 
-def converted(spec: str, progress: Callable[[ConvertProgress], None] | None = None) -> Path:
-    """The converted folder for `spec`, converting it on first use (raises ConversionError like `convert`)."""
-    folder = cache_folder(spec)
+def converted(spec: str, progress: Callable[[ConvertProgress], None] | None = None, **options) -> Path:
+    """The converted folder for `spec`, converting it on first use with `options` (keyword arguments of `convert`;
+    raises ConversionError like `convert`)."""
+    folder = cache_folder(spec, **options)
     if not (folder / MANIFEST).is_file():
-        convert(spec, folder, progress=progress)
+        convert(spec, folder, progress=progress, **options)
     return folder
