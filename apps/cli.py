@@ -12,7 +12,7 @@ import sys
 
 import mlx_sd  # first: loads OpenBLAS before mlx.core
 
-from . import generate
+from . import generate, server
 from .errors import UserError
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     version = sub.add_parser("version", help="show the mlx-sd version and the backend it runs on")
     version.set_defaults(run=_version)
     generate.add_parsers(sub)
+    server.add_parser(sub)
     return parser
 
 
