@@ -495,11 +495,11 @@ async def set_options(request: Request, options: dict[str, Any], state: State):
             raise invalid("sd_model_checkpoint", "must be a model title or name")
         entry = state.model(name, "sd_model_checkpoint")
         previous = state.engine.default_model
-        if entry is not previous:
+        if entry != previous:
             state.engine.default_model = entry  # requests queued from now on use it
             job = await run_to_completion(request, state, Job(entry, kind="load", source="options"))
             if job.status != "done":
-                if state.engine.default_model is entry:
+                if state.engine.default_model == entry:
                     state.engine.default_model = previous
                 raise job.error or ApiError(409, "the model switch was cancelled", code="cancelled")
     if clip_skip is not None:

@@ -213,7 +213,7 @@ def capabilities(state: State):
             "inpainting": entry.inpainting, "sha256": entry.info.sha256 or None,
             "defaults": {"width": d.width, "height": d.height, "steps": d.steps, "guidance": d.guidance,
                          "sampler": d.sampler},
-            "current": entry is engine.default_model, "loaded": engine.loaded is entry,
+            "current": entry == engine.default_model, "loaded": engine.loaded == entry,
         })  # fmt: skip
     return {
         "version": __version__, "backend": state.backend, "models": models,
