@@ -120,13 +120,16 @@ class BrowserGuard:
                f"--cors-allow-origins {origin} to allow them"  # fmt: skip
 
 
+# Module level: FastAPI resolves the (postponed) annotations below in this module's namespace.
+BEARER = HTTPBearer(auto_error=False, description="--api-key")
+BASIC = HTTPBasic(auto_error=False, description="--api-auth user:password")
+
+
 def _auth_dependency(state: ServerState):
-    bearer = HTTPBearer(auto_error=False, description="--api-key")
-    basic = HTTPBasic(auto_error=False, description="--api-auth user:password")
     config = state.config
 
-    def authenticate(token: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-                     credentials: Annotated[HTTPBasicCredentials | None, Depends(basic)]) -> None:  # fmt: skip
+    def authenticate(token: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+                     credentials: Annotated[HTTPBasicCredentials | None, Depends(BASIC)]) -> None:  # fmt: skip
         if config.api_key and token is not None:
             if compare_digest(token.credentials.encode(), config.api_key.encode()):
                 return

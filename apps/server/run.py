@@ -59,10 +59,11 @@ def serve(args) -> None:
         api_auth = parse_api_auth(args.api_auth)
     except ValueError as e:
         raise UserError(str(e)) from None
-    bounded = ("max_queue", "max_size", "max_steps", "max_images", "max_batch_size", "max_prompt_length", "max_body_mb")
-    for name, value in {n: getattr(args, n) for n in bounded}.items():
-        if value < (0 if name == "max_queue" else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    minimum = {"max_queue": 0, "max_size": 64, "max_steps": 1, "max_images": 1, "max_batch_size": 1,
+               "max_prompt_length": 1, "max_body_mb": 0.001}  # fmt: skip
+    for name, least in minimum.items():
+        if getattr(args, name) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     limits = Limits(
         max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps, max_images=args.max_images,
         max_batch_size=args.max_batch_size, max_prompt_chars=args.max_prompt_length,
