@@ -84,6 +84,38 @@ def test_img2img_and_inpainting(api):
         api.img2img(images=[init], mask_image=mask, prompt="x", width=64, height=64, steps=2, inpainting_fill=2)
 
 
+def test_img2img_fields_map_onto_the_library(server, models_dir):
+    """resize_mode, inpainting_mask_invert, mask_blur, "only masked" with its padding, denoising_strength: the
+    server's image equals the library's for the same settings, pixel for pixel."""
+    from mlx_sd.pipeline import Pipeline
+
+    rng = np.random.default_rng(4)
+    init = Image.fromarray(rng.integers(0, 256, (96, 64, 3), dtype=np.uint8))  # 64 wide, 96 high: resized
+    mask = Image.new("L", (64, 96), 255)
+    mask.paste(0, (8, 8, 40, 40))  # inverted below: repaint the black square
+    body = {"prompt": "mapped", "init_images": [_b64_png(init)], "mask": _b64_png(mask), "width": 64, "height": 64,
+            "steps": 4, "seed": 21, "denoising_strength": 0.75, "resize_mode": 1, "inpainting_mask_invert": 1,
+            "mask_blur": 2, "inpainting_fill": 1, "inpaint_full_res": True, "inpaint_full_res_padding": 8,
+            "sampler_name": "DPM++ 2M", "scheduler": "Karras"}  # fmt: skip
+    r = server.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    expected = Pipeline(models_dir / "tiny-a").generate(
+        prompt="mapped", init_image=init, mask=mask, width=64, height=64, steps=4, seed=21, strength=0.75,
+        resize_mode="crop", invert_mask=True, mask_blur=2.0, inpaint_full_res=True, inpaint_padding=8,
+        paste_back=True, guidance=7.0, sampler="DPM++ 2M", schedule_type="Karras",
+    )  # fmt: skip
+    assert got.size == expected.images[0].size == (64, 96)  # "only masked" pastes back into the original
+    np.testing.assert_array_equal(pixels(got), pixels(expected.images[0]))
+    assert json.loads(r.json()["info"])["infotexts"] == expected.infotexts
+
+
+def _b64_png(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
 def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server):
     base = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
     cases = {"enable_hr": True, "restore_faces": True, "subseed_strength": 0.5, "alwayson_scripts": {"ControlNet": {}},
@@ -93,7 +125,8 @@ def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server
         assert r.status_code == 422, (field, r.text)
         body = r.json()
         assert set(body) == {"error", "detail", "body", "errors"} and body["detail"].startswith(f"{field}:")
-    r = server.post("/sdapi/v1/img2img", json={**base, "init_images": [_b64_png()], "inpainting_fill": 3})
+    init = _b64_png(Image.new("RGB", (64, 64), (200, 100, 50)))
+    r = server.post("/sdapi/v1/img2img", json={**base, "init_images": [init], "inpainting_fill": 3})
     assert r.status_code == 422 and r.json()["detail"].startswith("inpainting_fill:")
 
     # Neutral values of unsupported features, hires settings without enable_hr, and unknown fields are accepted.
@@ -115,12 +148,6 @@ def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server
     assert r.status_code == 200 and r.json()["images"] == []
     r = server.post("/sdapi/v1/img2img", json={**base, "init_images": ["not base64!"]})
     assert r.status_code == 422 and r.json()["detail"].startswith("init_images[0]:")
-
-
-def _b64_png(size=(64, 64)) -> str:
-    out = io.BytesIO()
-    Image.new("RGB", size, (200, 100, 50)).save(out, "PNG")
-    return base64.b64encode(out.getvalue()).decode()
 
 
 def test_models_options_and_switching(api, server):

@@ -14,7 +14,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 
-EXAMPLES = 25  # per operation and generation mode
+EXAMPLES = 15  # per operation and generation mode
 LIMITS = ("--max-size", "64", "--max-steps", "2", "--max-images", "2", "--max-batch-size", "2", "--max-queue", "16",
           "--max-body-mb", "1", "--max-prompt-length", "200")  # fmt: skip
 

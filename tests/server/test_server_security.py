@@ -20,7 +20,7 @@ USERS = "alice:wonder,bob:builder"
 def guarded(models_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("guarded")
     with running_server(models_dir, tmp, "--api-key", KEY, "--api-auth", USERS, "--max-body-mb", "0.25",
-                        "--max-size", "64", "--max-steps", "2") as s:  # fmt: skip
+                        "--max-size", "64", "--max-steps", "2", "--max-prompt-length", "1000") as s:  # fmt: skip
         yield s
 
 
@@ -92,6 +92,15 @@ def test_request_strings_are_never_paths(guarded, models_dir):
         assert r.status_code == 404, name
         r = session.post(url + "/v1/jobs", json={"prompt": "x", "model": name}, timeout=10)
         assert r.status_code == 404, name
+
+
+def test_prompt_length_limit(guarded):
+    r = requests.post(guarded.url + "/sdapi/v1/txt2img", json={"prompt": "x" * 1001, "negative_prompt": "y"},
+                      auth=("alice", "wonder"), timeout=10)  # fmt: skip
+    assert r.status_code == 422 and r.json()["detail"].startswith("prompt:") and "1000" in r.json()["detail"]
+    r = requests.post(guarded.url + "/v1/jobs", json={"prompt": "x", "negative_prompt": "y" * 1001},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=10)  # fmt: skip
+    assert r.status_code == 422 and r.json()["error"]["param"] == "negative_prompt"
 
 
 def test_decompression_bombs_are_refused_before_decoding(guarded):
