@@ -107,7 +107,7 @@ class BrowserGuard:
     def _check(self, scope) -> str | None:
         headers = Headers(scope=scope)
         host = headers.get("host", "")
-        if self.allowed_hosts is not None:
+        if self.allowed_hosts is not None and host:  # browsers always send Host; a bare HTTP/1.0 client may not
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             if name.strip("[]") not in self.allowed_hosts:
                 return f"Host {host!r} is not this server; connect to 127.0.0.1 or localhost"
