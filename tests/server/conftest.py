@@ -1,11 +1,7 @@
 """Fixtures of the server tests: the tiny model folders (once per session) and a running server per module."""
 
 import pytest
-
-pytest.importorskip("fastapi", reason="the server's optional dependencies: pip install '.[serve]'")
-pytest.importorskip("uvicorn", reason="the server's optional dependencies: pip install '.[serve]'")
-
-from serving import build_models, running_server  # noqa: E402
+from serving import build_models, running_server
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +23,12 @@ START_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 30
 # Two models, so that switching between them is observable (different weights, different hashes).
 TINY_MODELS = {"tiny-a": (0, "a1" * 32), "tiny-b": (7, "b2" * 32)}
+
+
+def require_serve_extra() -> None:
+    """Skip the calling test module unless the server's optional dependencies are installed."""
+    for module in ("fastapi", "uvicorn", "multipart"):
+        pytest.importorskip(module, reason="the server's optional dependencies: pip install '.[serve]'")
 
 
 def build_models(tmp: Path) -> Path:

@@ -8,7 +8,9 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image
-from serving import wait_for
+from serving import require_serve_extra, wait_for
+
+require_serve_extra()
 
 webuiapi = pytest.importorskip("webuiapi")
 

@@ -8,7 +8,9 @@ cheap to serve.
 import collections
 
 import pytest
-from serving import running_server
+from serving import require_serve_extra, running_server
+
+require_serve_extra()
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402

@@ -12,9 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from PIL import Image
-from serving import running_server, wait_for
+from serving import require_serve_extra, running_server, wait_for
 
 from mlx_sd.infotext import parse_infotext
+
+require_serve_extra()
 
 CLIENTS = 30
 SMALL = {"width": 64, "height": 64, "steps": 2}

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from serving import wait_for
+from serving import require_serve_extra, wait_for
 
 from mlx_sd.infotext import parse_infotext
+
+require_serve_extra()
 
 openai = pytest.importorskip("openai")
 

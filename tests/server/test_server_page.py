@@ -3,6 +3,9 @@
 import shutil
 
 import pytest
+from serving import require_serve_extra
+
+require_serve_extra()
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from serving import require_serve_extra
 
-pytest.importorskip("fastapi")
+require_serve_extra()
 
 from mlx_sd_apps.server import codec  # noqa: E402
 from mlx_sd_apps.server.a1111 import a1111_parameters, fill_masked  # noqa: E402

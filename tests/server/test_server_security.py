@@ -8,9 +8,11 @@ import sys
 import pytest
 import requests
 from PIL import Image
-from serving import ROOT, running_server
+from serving import ROOT, require_serve_extra, running_server
 
 from mlx_sd_apps.cli import build_parser
+
+require_serve_extra()
 
 KEY = "s3cret-key"
 USERS = "alice:wonder,bob:builder"
