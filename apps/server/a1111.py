@@ -35,9 +35,8 @@ from . import codec
 from .engine import Job
 from .errors import ApiError, invalid
 from .state import ServerState, State, run_to_completion
-from .validation import check_request, sampler_takes
+from .validation import MAX_SEED, check_request, sampler_takes
 
-MAX_SEED = 2**63 - 1
 MAX_MASK_BLUR = 256  # pixels; a Gaussian blur beyond this is meaningless and slow
 MAX_PADDING = 8192
 MAX_CLIP_SKIP = 12

@@ -31,9 +31,7 @@ from . import codec
 from .engine import Job
 from .errors import ApiError
 from .state import ServerState, State
-from .validation import check_request
-
-MAX_SEED = 2**63 - 1
+from .validation import MAX_SEED, check_request
 
 
 class JobRequest(BaseModel):

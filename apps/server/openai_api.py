@@ -24,7 +24,7 @@ from .engine import Job
 from .errors import ApiError, invalid
 from .registry import ModelEntry
 from .state import ServerState, State, run_to_completion
-from .validation import check_request
+from .validation import MAX_SEED, check_request
 
 OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
 MAX_N = 10  # OpenAI's limit on images per request
@@ -55,7 +55,7 @@ class ImageGenerationRequest(BaseModel):
     guidance: float | None = Field(None, ge=0, le=100)
     sampler: str | None = None
     schedule_type: str | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
 
 class ImageData(BaseModel):
@@ -184,7 +184,7 @@ async def edits(
     guidance: Annotated[float | None, Form(ge=0, le=100, allow_inf_nan=False)] = None,
     sampler: Annotated[str | None, Form()] = None,
     schedule_type: Annotated[str | None, Form()] = None,
-    seed: Annotated[int | None, Form(ge=0, le=2**63 - 1)] = None,
+    seed: Annotated[int | None, Form(ge=0, le=MAX_SEED)] = None,
     strength: Annotated[float | None, Form(ge=0, le=1, allow_inf_nan=False)] = None,
 ):
     _refuse(stream, background)

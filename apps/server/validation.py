@@ -21,6 +21,7 @@ from .errors import ApiError, invalid
 from .registry import ModelEntry
 
 SEED_BITS = 32  # random seeds as A1111 draws them (< 2**32)
+MAX_SEED = 2**63 - 1  # what every API accepts: image i of a request uses seed + i, which stays below 2**64
 
 
 def sampler_takes(name: str, option: str) -> bool:

@@ -122,3 +122,23 @@ def test_registry_names_and_refusals(tmp_path):
         assert registry.find(key).name == "one", key
     for key in ("", "on", str(tmp_path / "one"), "../one", "broken", "two [x]"):
         assert registry.find(key) is None, key
+
+
+def test_browser_guard_rules():
+    from mlx_sd_apps.server.app import BrowserGuard
+    from mlx_sd_apps.server.config import LOOPBACK_HOSTS
+
+    def scope(host, origin=None):
+        headers = [(b"host", host.encode())] + ([(b"origin", origin.encode())] if origin else [])
+        return {"type": "http", "scheme": "http", "path": "/v1/jobs", "headers": headers}
+
+    guard = BrowserGuard(None, allowed_origins=("http://app.example:3000",), allowed_hosts=LOOPBACK_HOSTS)
+    local = "127.0.0.1:7860"
+    allowed = [scope(local), scope("localhost:7860"), scope("[::1]:7860"), scope("localhost"),
+               scope(local, "http://127.0.0.1:7860"), scope(local, "http://app.example:3000")]  # fmt: skip
+    refused = [scope("evil.example:7860"), scope("127.0.0.1.evil.example"), scope(local, "null"),
+               scope(local, "http://localhost:7860"), scope(local, "https://evil.example")]  # fmt: skip
+    assert [guard._check(s) for s in allowed] == [None] * len(allowed)
+    assert all(guard._check(s) for s in refused)
+    anywhere = BrowserGuard(None, allowed_origins=(), allowed_hosts=None)  # bound to a LAN address
+    assert anywhere._check(scope("192.168.1.5:7860")) is None and anywhere._check(scope("x", "http://y"))
