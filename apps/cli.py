@@ -12,7 +12,7 @@ import sys
 
 import mlx_sd  # first: loads OpenBLAS before mlx.core
 
-from . import convert, generate
+from . import convert, generate, server
 from .errors import UserError
 
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     version.set_defaults(run=_version)
     generate.add_parsers(sub)
     convert.add_parser(sub)
+    server.add_parser(sub)
     samplers = sub.add_parser("samplers", help="list the samplers and schedule types")
     samplers.add_argument("--json", action="store_true", help="machine-readable, with aliases and options")
     samplers.set_defaults(run=_samplers)

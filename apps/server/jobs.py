@@ -1,0 +1,222 @@
+"""The native API for embedding apps: queue a job, follow it (poll or server-sent events), fetch or cancel it.
+
+    POST /v1/jobs                   -> 202 {id, status, queue_position, ...}
+    GET  /v1/jobs/{id}              queued | running | done | failed | cancelled, progress, result
+    GET  /v1/jobs/{id}/events       text/event-stream: "status", "progress" (with a preview), then one of
+                                    "done" / "failed" / "cancelled" carrying the final job
+    POST /v1/jobs/{id}/cancel       a queued job leaves the queue; a running one stops at its next step
+    GET  /v1/jobs/{id}/images/{i}   the PNG (infotext in its `parameters` chunk), or ?format=jpeg|webp
+    GET  /v1/capabilities           models, samplers, schedule types, limits
+
+Field names are the library's (`GenerationRequest`); unknown fields are refused, so a typo is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlx_sd import __version__
+from mlx_sd.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, GenerationRequest
+from mlx_sd.rng import NOISE_MODES
+from mlx_sd.samplers import FOLLOW, list_samplers
+from mlx_sd.schedules import SCHEDULE_TYPES
+
+from . import codec
+from .engine import Job
+from .errors import ApiError
+from .state import ServerState, State
+from .validation import MAX_SEED, check_request
+
+
+class JobRequest(BaseModel):
+    """A generation, in the library's terms (see `mlx_sd.params.GenerationRequest`); null means the model's
+    default. Images are base64 (a data: URL prefix is accepted)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+
+    prompt: str
+    negative_prompt: str = ""
+    model: str | None = Field(None, description="a model id from /v1/capabilities; null: the current model")
+    width: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE)
+    height: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE)
+    steps: int | None = Field(None, ge=1)
+    guidance: float | None = Field(None, ge=0, le=100)
+    guidance_rescale: float = Field(0.0, ge=0, le=1)
+    sampler: str | None = None
+    schedule_type: str | None = None
+    follow: Literal[FOLLOW] | None = None
+    eta: float | None = Field(None, ge=0, le=10)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null: random (reported in the result)")
+    rng: Literal[NOISE_MODES] = "torch-cpu"
+    batch_size: int = Field(1, ge=1)
+    batch_count: int = Field(1, ge=1)
+    clip_skip: int = Field(1, ge=1, le=12)
+    init_image: str | None = None
+    strength: float = Field(0.75, ge=0, le=1)
+    resize_mode: Literal["resize", "crop", "fill"] = "resize"
+    mask: str | None = Field(None, description="white = repaint; needs init_image")
+    mask_blur: float = Field(0.0, ge=0, le=256)
+    invert_mask: bool = False
+    inpaint_full_res: bool = False
+    inpaint_padding: int = Field(32, ge=0, le=8192)
+    paste_back: bool = False
+    tiled_vae: bool | None = None
+    save: bool = Field(False, description="also write the PNGs to the server's --output-dir")
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: str
+    queue_position: int | None
+    url: str
+    events: str
+
+
+def _to_generation(req: JobRequest, max_pixels: int) -> GenerationRequest:
+    fields = req.model_dump(exclude={"model", "save", "init_image", "mask"})
+    if req.init_image is not None:
+        fields["init_image"] = codec.decode_image(req.init_image, "init_image", max_pixels).convert("RGB")
+    if req.mask is not None:
+        fields["mask"] = codec.decode_image(req.mask, "mask", max_pixels)
+    return GenerationRequest(**fields)
+
+
+def job_view(job: Job, state: ServerState, request: Request) -> dict:
+    """A job as the API shows it; finished images are linked, not inlined."""
+    error = None
+    if job.error is not None:
+        error = {"message": job.error.message, "type": job.error.type, "code": job.error.code,
+                 "status": job.error.status}  # fmt: skip
+    view = {
+        "id": job.id, "kind": job.kind, "status": job.status, "source": job.source, "model": job.model.name,
+        "queue_position": state.engine.position(job), "created": job.created, "started": job.started,
+        "finished": job.finished, "textinfo": job.textinfo, "progress": job.step.as_dict() if job.step else None,
+        "cancel_requested": job.control.cancelled and not job.terminal, "error": error, "warnings": job.warnings,
+        "result": None,
+    }  # fmt: skip
+    images = job.images
+    if images:
+        result = job.result
+        seeds = result.seeds if result else [job.request.seed + i for i in range(len(images))]
+        texts = (result.infotexts if result else []) + [None] * len(images)
+        view["result"] = {
+            "images": [{"index": i, "seed": seed, "infotext": text,
+                        "url": str(request.url_for("job_image", job_id=job.id, index=i))}
+                       for i, (seed, text) in enumerate(zip(seeds, texts))],
+            "parameters": (result.request if result else job.request).to_dict(),
+            "timings": result.timings if result else None,
+        }  # fmt: skip
+    return view
+
+
+def find_job(job_id: str, state: State) -> Job:
+    job = state.engine.get(job_id)
+    if job is None:
+        raise ApiError(404, f"job {job_id!r} not found (finished jobs are kept for a while, then forgotten)",
+                       param="job_id", code="job_not_found")  # fmt: skip
+    return job
+
+
+JobParam = Annotated[Job, Depends(find_job)]  # route parameter: the job named by {job_id}, or 404
+router = APIRouter(prefix="/v1", tags=["Jobs"])
+
+
+@router.post("/jobs", status_code=202, response_model=JobCreated)
+async def create_job(request: Request, response: Response, req: JobRequest, state: State):
+    model = state.model(req.model, "model")
+    if req.save and state.config.output_dir is None:
+        raise ApiError(422, "save: this server saves no files; start it with --output-dir DIR", param="save")
+    gen = await run_in_threadpool(_to_generation, req, state.config.limits.max_input_pixels)
+    gen = check_request(gen, model, state.config.limits)
+    job = state.engine.submit(Job(model, gen, source="native", save=req.save))
+    url = str(request.url_for("get_job", job_id=job.id))
+    response.headers["Location"] = url
+    return {"id": job.id, "status": job.status, "queue_position": state.engine.position(job), "url": url,
+            "events": str(request.url_for("job_events", job_id=job.id))}  # fmt: skip
+
+
+@router.get("/jobs")
+def list_jobs(request: Request, state: State):
+    return {"jobs": [job_view(j, state, request) for j in state.engine.jobs() if j.kind == "generate"]}
+
+
+@router.get("/jobs/{job_id}", name="get_job")
+def get_job(request: Request, job: JobParam, state: State):
+    return job_view(job, state, request)
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_job(request: Request, job: JobParam, state: State):
+    if job.status in ("done", "failed"):
+        raise ApiError(409, f"job {job.id} has already {'finished' if job.status == 'done' else 'failed'}",
+                       code="job_finished")  # fmt: skip
+    state.engine.cancel(job)
+    return job_view(job, state, request)
+
+
+@router.get("/jobs/{job_id}/images/{index}", name="job_image",
+            responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}})  # fmt: skip
+async def job_image(index: int, job: JobParam, format: Literal["png", "jpeg", "webp"] = "png"):
+    images = job.images
+    if not 0 <= index < len(images):
+        raise ApiError(404, f"job {job.id} has {len(images)} images; no index {index}", param="index")
+    text = job.result.infotexts[index] if job.result is not None else None
+    data = await run_in_threadpool(codec.encode, images[index], text, format)
+    return Response(data, media_type=codec.MEDIA_TYPES[codec.OUTPUT_FORMATS[format]])
+
+
+@router.get("/jobs/{job_id}/preview", responses={200: {"content": {"image/png": {}}}})
+def job_preview(job: JobParam):
+    if job.preview is None:
+        raise ApiError(404, f"job {job.id} has no preview yet", code="no_preview")
+    return Response(codec.encode(job.preview), media_type="image/png")
+
+
+@router.get("/jobs/{job_id}/events", name="job_events", response_class=EventSourceResponse)
+async def job_events(request: Request, job: JobParam, state: State,
+                     previews: bool = True) -> AsyncIterator[ServerSentEvent]:  # fmt: skip
+    last_status, last_step = None, None
+    async for _ in job.changes():
+        if job.terminal:
+            break
+        status = (job.status, state.engine.position(job), job.textinfo)
+        if status != last_status:
+            last_status = status
+            yield ServerSentEvent(event="status", data=job_view(job, state, request))
+        step = job.step
+        if step is not None and step is not last_step:
+            last_step = step
+            data = {"id": job.id, **step.as_dict()}
+            if previews and job.preview is not None:
+                data["preview"] = "data:image/png;base64," + codec.b64encode(codec.encode(job.preview))
+            yield ServerSentEvent(event="progress", data=data)
+    yield ServerSentEvent(event=job.status, data=job_view(job, state, request))
+
+
+@router.get("/capabilities")
+def capabilities(state: State):
+    engine = state.engine
+    models = []
+    for entry in state.registry.list():
+        d = entry.defaults
+        models.append({
+            "id": entry.name, "title": entry.title, "family": entry.info.family,
+            "prediction_type": entry.info.prediction_type, "kind": entry.info.kind or "standard",
+            "inpainting": entry.inpainting, "sha256": entry.info.sha256 or None,
+            "defaults": {"width": d.width, "height": d.height, "steps": d.steps, "guidance": d.guidance,
+                         "sampler": d.sampler},
+            "current": entry == engine.default_model, "loaded": engine.loaded == entry,
+        })  # fmt: skip
+    return {
+        "version": __version__, "backend": state.backend, "models": models,
+        "samplers": [{"name": s.name, "aliases": list(s.aliases)} for s in list_samplers()],
+        "schedule_types": ["Automatic"] + [s.label for s in SCHEDULE_TYPES.values()],
+        "rng": list(NOISE_MODES), "limits": state.config.limits.as_dict(), "auth": state.config.auth_required,
+        "apis": {"a1111": "/sdapi/v1", "openai": "/v1/images", "jobs": "/v1/jobs", "openapi": "/openapi.json"},
+    }  # fmt: skip

@@ -1,0 +1,108 @@
+"""The models a server offers: converted folders found in --models-dir, plus the one named by --model.
+
+Clients name a model by its id (the folder name), A1111's title ("name [hash]"), the short hash or the sha256.
+A name from a request is only ever looked up in this table: it never becomes a path.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlx_sd.model import MANIFEST, ModelInfo
+from mlx_sd.params import FamilyDefaults, defaults_for
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")  # A1111 clients often send the file name
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One converted model folder and its manifest."""
+
+    name: str
+    folder: Path
+    info: ModelInfo
+    in_channels: int = 4  # 9: an inpainting UNet (latents + mask + masked-image latents)
+
+    @property
+    def inpainting(self) -> bool:
+        return self.in_channels == 9
+
+    @property
+    def title(self) -> str:
+        """A1111's checkpoint title: "name [short hash]"."""
+        return f"{self.name} [{self.info.short_hash}]" if self.info.short_hash else self.name
+
+    @property
+    def defaults(self) -> FamilyDefaults:
+        return defaults_for(self.info.family, self.info.prediction_type, self.info.kind)
+
+    def keys(self) -> set[str]:
+        keys = {self.name, self.title}
+        if self.info.sha256:
+            keys |= {self.info.short_hash, self.info.sha256}
+        return keys
+
+
+class ModelRegistry:
+    """Thread-safe table of the models on offer, rescanned on demand (a folder added later is found)."""
+
+    def __init__(self, models_dir: Path | None = None, extra: list[Path] = ()):
+        self.models_dir = models_dir
+        self._extra = [Path(p) for p in extra]
+        self._lock = threading.Lock()
+        self._entries: dict[str, ModelEntry] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rescan --models-dir (one level deep) and re-read the manifests."""
+        folders = list(self._extra)
+        if self.models_dir is not None and self.models_dir.is_dir():
+            folders += sorted(p for p in self.models_dir.iterdir() if (p / MANIFEST).is_file())
+        entries = {}
+        for folder in folders:
+            try:
+                info = ModelInfo.read(folder)
+                in_channels = int(json.loads((folder / "unet" / "config.json").read_text())["in_channels"])
+            except (OSError, ValueError, TypeError, KeyError):
+                continue  # a half-written or foreign folder is not offered
+            name = folder.name
+            if name in entries and entries[name].folder.resolve() != folder.resolve():
+                name = f"{folder.parent.name}-{name}"  # two folders of one name: keep both reachable
+            entries[name] = ModelEntry(name, folder, info, in_channels)
+        with self._lock:
+            self._entries = entries
+
+    def list(self) -> list[ModelEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def find(self, key: str) -> ModelEntry | None:
+        """The model named `key` (id, title, hash or sha256; a checkpoint file suffix is ignored), or None."""
+        key = key.strip()
+        for attempt in range(2):
+            for entry in self.list():
+                if key in entry.keys():
+                    return entry
+            base = next((key[: -len(s)] for s in CHECKPOINT_SUFFIXES if key.endswith(s)), None)
+            for entry in self.list():
+                if base and base in entry.keys():
+                    return entry
+            if attempt == 0:
+                self.refresh()
+        return None
+
+    def entry_for(self, folder: Path) -> ModelEntry:
+        """The entry of a folder given on the command line (added if it is not in --models-dir)."""
+        folder = Path(folder)
+        for entry in self.list():
+            if entry.folder.resolve() == folder.resolve():
+                return entry
+        self._extra.append(folder)
+        self.refresh()
+        for entry in self.list():
+            if entry.folder.resolve() == folder.resolve():
+                return entry
+        raise ValueError(f"{folder} is not a readable mlx-sd model folder")

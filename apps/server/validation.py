@@ -1,0 +1,92 @@
+"""Checks shared by every API before a request takes a place in the queue, in the caller's field names.
+
+The library validates a `GenerationRequest` (sizes, ranges, sampler names); the server adds its configured limits
+and resolves what the worker would only find out later (an unknown sampler, img2img strength too small for the
+step count), so a bad request is answered at once with 422 and never waits in the queue.
+"""
+
+from __future__ import annotations
+
+import inspect
+import secrets
+from collections.abc import Mapping
+from dataclasses import replace
+
+from mlx_sd.params import GenerationRequest
+from mlx_sd.samplers import resolve
+from mlx_sd.schedules import img2img_steps, schedule_type
+
+from .config import Limits
+from .errors import ApiError, invalid
+from .registry import ModelEntry
+
+SEED_BITS = 32  # random seeds as A1111 draws them (< 2**32)
+MAX_SEED = 2**63 - 1  # what every API accepts: image i of a request uses seed + i, which stays below 2**64
+
+
+def sampler_takes(name: str, option: str) -> bool:
+    """Whether the sampler `name` has the keyword option `option` (e.g. eta); False for unknown names."""
+    try:
+        sampler = resolve(name)[0]
+    except ValueError:
+        return False
+    return option in inspect.signature(sampler.function).parameters
+
+
+def check_request(request: GenerationRequest, model: ModelEntry, limits: Limits,
+                  names: Mapping[str, str] = {}) -> GenerationRequest:  # fmt: skip
+    """Validate `request` for `model` within `limits`; returns it with a seed drawn if it had none.
+
+    Args:
+        names: the calling API's field name for each library field ({"guidance": "cfg_scale", ...}), used in
+            error messages.
+
+    Raises:
+        ApiError: 422 naming the field.
+    """
+
+    def name(field: str) -> str:
+        return names.get(field, field)
+
+    if request.seed is None:
+        request = replace(request, seed=secrets.randbits(SEED_BITS))
+    for field in ("prompt", "negative_prompt"):
+        if len(getattr(request, field)) > limits.max_prompt_chars:
+            raise invalid(name(field), f"longer than this server's limit of {limits.max_prompt_chars} characters")
+    if model.inpainting and request.mask is None:
+        raise invalid(name("mask"), f"model {model.name!r} is an inpainting model: send an init image and a mask")
+    try:
+        resolved = request.resolved(model.defaults, request.seed)
+    except ValueError as e:
+        raise ApiError(422, str(e), code="invalid_value") from None
+    bounds = [
+        ("width", resolved.width, limits.max_width),
+        ("height", resolved.height, limits.max_height),
+        ("steps", resolved.steps, limits.max_steps),
+        ("batch_size", resolved.batch_size, limits.max_batch_size),
+    ]
+    for field, value, most in bounds:
+        if value > most:
+            raise invalid(name(field), f"{value} is above this server's limit of {most}")
+    if resolved.num_images > limits.max_images:
+        raise invalid(
+            name("batch_count"), f"{resolved.num_images} images in one request; this server's limit is "
+            f"{limits.max_images} ({name('batch_size')} x {name('batch_count')})",
+        )  # fmt: skip
+    if resolved.schedule_type is not None:
+        try:
+            schedule_type(resolved.schedule_type)
+        except ValueError as e:
+            raise invalid(name("schedule_type"), str(e)) from None
+    try:
+        resolve(resolved.sampler, resolved.schedule_type)
+    except ValueError as e:
+        raise invalid(name("sampler"), str(e)) from None
+    if request.eta is not None and not sampler_takes(resolved.sampler, "eta"):
+        raise invalid(name("eta"), f"sampler {resolved.sampler!r} has no eta; leave it out")
+    if resolved.init_image is not None:
+        try:
+            img2img_steps(resolved.steps, resolved.strength)
+        except ValueError as e:
+            raise invalid(name("strength"), str(e)) from None
+    return request

@@ -1,0 +1,211 @@
+"""The A1111 API (`/sdapi/v1`) driven by the `webuiapi` client library, unmodified, against a listening server."""
+
+import base64
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+from serving import require_serve_extra, wait_for
+
+require_serve_extra()
+
+webuiapi = pytest.importorskip("webuiapi")
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_txt2img_as_the_library_generates_it_and_png_info_round_trips(api, models_dir):
+    result = api.txt2img(prompt="a red fox, (snow:1.2)", negative_prompt="blurry", width=64, height=64, steps=3,
+                         seed=1234, batch_size=2, cfg_scale=5, sampler_name="Euler a", scheduler="Karras")  # fmt: skip
+    assert [im.size for im in result.images] == [(64, 64), (64, 64)]
+    info = result.info
+    assert info["all_seeds"] == [1234, 1235] and info["seed"] == 1234
+    assert info["sampler_name"] == "Euler a" and info["steps"] == 3 and info["cfg_scale"] == 5
+    assert info["sd_model_hash"] == "a1a1a1a1a1" and info["extra_generation_params"] == {"Schedule type": "Karras"}
+    for image, text in zip(result.images, info["infotexts"]):
+        assert image.info["parameters"] == text  # the infotext travels in the PNG, as A1111 writes it
+
+    # The server passes A1111's fields through faithfully: the same generation through the library, pixel for pixel.
+    from mlx_sd.pipeline import Pipeline
+
+    expected = Pipeline(models_dir / "tiny-a").generate(
+        prompt="a red fox, (snow:1.2)", negative_prompt="blurry", width=64, height=64, steps=3, seed=1234,
+        batch_size=2, guidance=5.0, sampler="Euler a", schedule_type="Karras",
+    )  # fmt: skip
+    for got, want in zip(result.images, expected.images):
+        np.testing.assert_array_equal(pixels(got), pixels(want))
+    assert info["infotexts"] == expected.infotexts
+
+    parsed = api.png_info(result.images[1]).json
+    assert parsed["info"] == info["infotexts"][1]
+    params = parsed["parameters"]
+    assert params["Prompt"] == "a red fox, (snow:1.2)" and params["Negative prompt"] == "blurry"
+    assert (params["Seed"], params["Steps"], params["Sampler"], params["Schedule type"]) == ("1235", "3", "Euler a",
+                                                                                           "Karras")  # fmt: skip
+    assert (params["Size-1"], params["Size-2"], params["CFG scale"]) == ("64", "64", "5.0")
+
+
+def test_a1111_seed_convention_image_i_uses_seed_plus_i(api):
+    batch = api.txt2img(prompt="seeds", width=64, height=64, steps=2, seed=77, batch_size=1, n_iter=2)
+    second = api.txt2img(prompt="seeds", width=64, height=64, steps=2, seed=78)
+    assert batch.info["all_seeds"] == [77, 78]
+    np.testing.assert_array_equal(pixels(batch.images[1]), pixels(second.image))
+    random = api.txt2img(prompt="seeds", width=64, height=64, steps=2, seed=-1)
+    assert 0 <= random.info["seed"] < 2**32 and f"Seed: {random.info['seed']}," in random.info["infotexts"][0]
+
+
+def test_img2img_and_inpainting(api):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    result = api.img2img(images=[init], prompt="repaint", width=64, height=64, steps=4, denoising_strength=0.5,
+                         seed=3)  # fmt: skip
+    assert result.image.size == (64, 64)
+    assert "Denoising strength: 0.5" in result.info["infotexts"][0] and result.info["denoising_strength"] == 0.5
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    for fill in (0, 1):  # "fill" and "original" masked content
+        painted = api.img2img(images=[init], mask_image=mask, prompt="a hat", width=64, height=64, steps=4,
+                              denoising_strength=1.0, seed=5, mask_blur=0, inpainting_fill=fill,
+                              inpaint_full_res=False)  # fmt: skip
+        out, original = pixels(painted.image), pixels(init)
+        outside = np.asarray(mask) == 0
+        np.testing.assert_array_equal(out[outside], original[outside])  # pasted back outside the mask
+        assert np.abs(out[~outside] - original[~outside]).mean() > 10  # repainted inside
+
+    with pytest.raises(RuntimeError, match="422"):  # webuiapi's way of reporting an error status
+        api.img2img(images=[init], mask_image=mask, prompt="x", width=64, height=64, steps=2, inpainting_fill=2)
+
+
+def test_img2img_fields_map_onto_the_library(server, models_dir):
+    """resize_mode, inpainting_mask_invert, mask_blur, "only masked" with its padding, denoising_strength: the
+    server's image equals the library's for the same settings, pixel for pixel."""
+    from mlx_sd.pipeline import Pipeline
+
+    rng = np.random.default_rng(4)
+    init = Image.fromarray(rng.integers(0, 256, (96, 64, 3), dtype=np.uint8))  # 64 wide, 96 high: resized
+    mask = Image.new("L", (64, 96), 255)
+    mask.paste(0, (8, 8, 40, 40))  # inverted below: repaint the black square
+    body = {"prompt": "mapped", "init_images": [_b64_png(init)], "mask": _b64_png(mask), "width": 64, "height": 64,
+            "steps": 4, "seed": 21, "denoising_strength": 0.75, "resize_mode": 1, "inpainting_mask_invert": 1,
+            "mask_blur": 2, "inpainting_fill": 1, "inpaint_full_res": True, "inpaint_full_res_padding": 8,
+            "sampler_name": "DPM++ 2M", "scheduler": "Karras"}  # fmt: skip
+    r = server.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    expected = Pipeline(models_dir / "tiny-a").generate(
+        prompt="mapped", init_image=init, mask=mask, width=64, height=64, steps=4, seed=21, strength=0.75,
+        resize_mode="crop", invert_mask=True, mask_blur=2.0, inpaint_full_res=True, inpaint_padding=8,
+        paste_back=True, guidance=7.0, sampler="DPM++ 2M", schedule_type="Karras",
+    )  # fmt: skip
+    assert got.size == expected.images[0].size == (64, 96)  # "only masked" pastes back into the original
+    np.testing.assert_array_equal(pixels(got), pixels(expected.images[0]))
+    assert json.loads(r.json()["info"])["infotexts"] == expected.infotexts
+
+
+def _b64_png(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server):
+    base = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
+    cases = {"enable_hr": True, "restore_faces": True, "subseed_strength": 0.5, "alwayson_scripts": {"ControlNet": {}},
+             "styles": ["my style"], "s_churn": 1.0, "script_name": "X/Y/Z plot"}  # fmt: skip
+    for field, value in cases.items():
+        r = server.post("/sdapi/v1/txt2img", json={**base, field: value})
+        assert r.status_code == 422, (field, r.text)
+        body = r.json()
+        assert set(body) == {"error", "detail", "body", "errors"} and body["detail"].startswith(f"{field}:")
+    init = _b64_png(Image.new("RGB", (64, 64), (200, 100, 50)))
+    r = server.post("/sdapi/v1/img2img", json={**base, "init_images": [init], "inpainting_fill": 3})
+    assert r.status_code == 422 and r.json()["detail"].startswith("inpainting_fill:")
+
+    # Neutral values of unsupported features, hires settings without enable_hr, and unknown fields are accepted.
+    neutral = {"enable_hr": False, "restore_faces": False, "styles": [], "s_noise": 1, "hr_scale": 2,
+               "hr_upscaler": "Latent", "alwayson_scripts": {}, "script_args": [], "eta": 1.0,
+               "a_field_from_the_future": 1, "override_settings": {"sd_vae": "x.safetensors"}}  # fmt: skip
+    r = server.post("/sdapi/v1/txt2img", json={**base, **neutral})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["mlx_sd_ignored"] == ["a_field_from_the_future", "override_settings.sd_vae"]
+
+    r = server.post("/sdapi/v1/txt2img", json={**base, "sampler_name": "Euler b"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("sampler_name:") and "Euler a" in r.text
+    r = server.post("/sdapi/v1/txt2img", json={**base, "width": 100})
+    assert r.status_code == 422 and r.json()["detail"].startswith("width:")
+    r = server.post("/sdapi/v1/txt2img", json={**base, "width": 256})
+    assert r.status_code == 422 and "limit of 128" in r.json()["detail"]
+    r = server.post("/sdapi/v1/txt2img", json={**base, "send_images": False})
+    assert r.status_code == 200 and r.json()["images"] == []
+    r = server.post("/sdapi/v1/img2img", json={**base, "init_images": ["not base64!"]})
+    assert r.status_code == 422 and r.json()["detail"].startswith("init_images[0]:")
+
+
+def test_models_options_and_switching(api, server):
+    titles = [m["title"] for m in api.get_sd_models()]
+    assert titles == ["tiny-a [a1a1a1a1a1]", "tiny-b [b2b2b2b2b2]"]
+    assert api.util_get_current_model() == titles[0]
+    try:
+        api.util_set_model("tiny-b")
+        assert api.get_options()["sd_model_checkpoint"] == titles[1]
+        assert api.txt2img(prompt="b", width=64, height=64, steps=2).info["sd_model_hash"] == "b2b2b2b2b2"
+        # A per-request override runs that model and leaves the default alone (A1111's restore-afterwards).
+        override = api.txt2img(prompt="a", width=64, height=64, steps=2,
+                               override_settings={"sd_model_checkpoint": "tiny-a [a1a1a1a1a1]"})  # fmt: skip
+        assert override.info["sd_model_hash"] == "a1a1a1a1a1"
+        assert api.get_options()["sd_model_checkpoint"] == titles[1]
+    finally:
+        api.set_options({"sd_model_checkpoint": "tiny-a.safetensors"})  # file names as A1111 clients send them
+    assert api.get_options()["sd_model_checkpoint"] == titles[0]
+    r = server.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
+    assert r.status_code == 404 and "tiny-a" in r.json()["detail"]
+    r = server.post("/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": {"sd_model_checkpoint": "nope"}})
+    assert r.status_code == 404
+
+
+def test_listings(api):
+    samplers = {s["name"]: s for s in api.get_samplers()}
+    assert {"Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DDIM", "UniPC"} <= set(samplers)
+    assert "k_euler_a" in samplers["Euler a"]["aliases"]
+    schedulers = [s["name"] for s in api.get_schedulers()]
+    assert schedulers[:3] == ["automatic", "uniform", "karras"]
+    memory = api.get_memory()
+    assert memory["ram"]["total"] > 0 and "cuda" in memory
+    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+
+
+def test_progress_interrupt_and_skip(api, server):
+    """A long job reports progress with a preview; skip finishes the current batch; interrupt stops the job."""
+    outcome = {}
+
+    def run():
+        outcome["result"] = api.txt2img(prompt="long", width=64, height=64, steps=1000, n_iter=3, seed=11)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    progress = wait_for(lambda: (p := api.get_progress())["state"]["sampling_step"] >= 2 and p, what="progress")
+    assert progress["state"]["sampling_steps"] == 1000 and progress["state"]["job_count"] == 3
+    assert 0 < progress["progress"] < 0.5 and progress["eta_relative"] > 0
+    assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).size == (8, 8)  # one pixel per latent
+    assert progress["textinfo"].startswith("Step ")
+    api.skip()  # batch 1 is decoded as it is; batch 2 starts
+    wait_for(lambda: api.get_progress()["state"]["job_no"] == 1, what="the second batch")
+    api.interrupt()
+    thread.join(30)
+    assert not thread.is_alive()
+    result = outcome["result"]
+    assert len(result.images) == 1 and result.info["interrupted"] is True and result.info["all_seeds"] == [11]
+    idle = api.get_progress()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+    api.util_wait_for_ready(check_interval=0.1)  # the client's own idle check agrees
