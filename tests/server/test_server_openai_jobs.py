@@ -128,10 +128,10 @@ def test_native_job_with_event_stream(server):
 
 def test_native_cancel_frees_the_worker(server):
     long = server.post("/v1/jobs", json={"prompt": "long", "width": 64, "height": 64, "steps": 2000}).json()
-    queued = server.post("/v1/jobs", json={"prompt": "queued", "width": 64, "height": 64, "steps": 2}).json()
-    assert queued["queue_position"] == 1
     wait_for(lambda: (server.get(f"/v1/jobs/{long['id']}").json()["progress"] or {}).get("step", 0) >= 1,
              what="the long job to start")  # fmt: skip
+    queued = server.post("/v1/jobs", json={"prompt": "queued", "width": 64, "height": 64, "steps": 2}).json()
+    assert queued["queue_position"] == 1  # behind the running job
     view = server.post(f"/v1/jobs/{queued['id']}/cancel").json()
     assert view["status"] == "cancelled" and view["queue_position"] is None  # left the queue at once
     start = time.monotonic()

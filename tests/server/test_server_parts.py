@@ -90,7 +90,7 @@ def test_openai_mask_conventions():
 
 def test_sizes_and_auth_settings():
     assert parse_size("auto") == (None, None) and parse_size("1024x768") == (1024, 768)
-    for bad in ("1024", "x", "1024x-8", "100x100", "8x8", "99999999x64"):
+    for bad in ("1024", "x", "1024x-8", "100x100", "4x8", "99999999x64"):
         with pytest.raises(ApiError):
             parse_size(bad)
     assert parse_api_auth("a:b, c:d:e") == {"a": "b", "c": "d:e"}
