@@ -2,7 +2,8 @@
 
 import mlx_sd  # noqa: F401  (first: loads OpenBLAS before mlx.core)
 
+from .cache import converted, load_pipeline
 from .converter import ConvertProgress, convert
 from .keymap import ConversionError, Rule, apply_rules
 
-__all__ = ["ConversionError", "ConvertProgress", "Rule", "apply_rules", "convert"]
+__all__ = ["ConversionError", "ConvertProgress", "Rule", "apply_rules", "convert", "converted", "load_pipeline"]

@@ -50,3 +50,10 @@ def converted(spec: str, progress: Callable[[ConvertProgress], None] | None = No
     if not (folder / MANIFEST).is_file():
         convert(spec, folder, progress=progress, **options)
     return folder
+
+
+def load_pipeline(spec: str, progress: Callable[[ConvertProgress], None] | None = None, **options):
+    """A `mlx_sd.pipeline.Pipeline` for any source the converter accepts, converted once and cached."""
+    from mlx_sd.pipeline import Pipeline
+
+    return Pipeline(converted(spec, progress=progress, **options))

@@ -222,3 +222,20 @@ def test_only_masked_inpainting_pastes_into_the_crop(sd1):
     outside = np.asarray(mask) == 0
     assert np.array_equal(out[outside], before[outside])
     assert not np.array_equal(out[50, 80], before[50, 80])
+
+
+def test_load_pipeline_from_a_diffusers_folder(tmp_path, monkeypatch):
+    """Any source the converter accepts loads as a pipeline, converted once into the cache."""
+    from mlx_sd_convert import load_pipeline
+
+    monkeypatch.setenv("MLX_SD_CACHE", str(tmp_path / "cache"))
+    parts = tiny_components(tmp_path, "sd1", seed=8)
+    pipe = diffusers_pipe("StableDiffusionPipeline", parts, "EulerDiscreteScheduler")
+    pipe.save_pretrained(tmp_path / "diffusers")
+    ours = load_pipeline(str(tmp_path / "diffusers"))
+    assert ours.model.info.family == "sd1" and len(list((tmp_path / "cache").iterdir())) == 1
+    expected = pipe(PROMPT, width=64, height=64, num_inference_steps=3, generator=generators(2, 1),
+                    output_type="np").images  # fmt: skip
+    result = ours.generate(prompt=PROMPT, width=64, height=64, steps=3, sampler="EulerDiscreteScheduler", seed=2,
+                           guidance=7.5)  # fmt: skip
+    check(result, expected, "converted diffusers folder")
