@@ -102,18 +102,18 @@ class LoraLibrary:
 
     def __call__(self, name: str, targets: LoRATargets) -> LoRA:
         """Resolve a prompt's `<lora:name:...>`: the named LoRA mapped for `targets` (cached)."""
-        return self.load(self.find(name).path, targets, name)
+        return self.load(self.find(name).path, targets)
 
-    def load(self, path: str | Path, targets: LoRATargets, name: str | None = None) -> LoRA:
+    def load(self, path: str | Path, targets: LoRATargets) -> LoRA:
         """Read and map a LoRA file, or return the cached mapping (same file, size, mtime and model layout)."""
         path = Path(path)
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, name, _layout(targets))
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, _layout(targets))
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        lora = read_lora(path, targets, name)
+        lora = read_lora(path, targets)
         with self._lock:
             self._cache[key] = lora
             while len(self._cache) > self.cache_size:

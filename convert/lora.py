@@ -119,10 +119,7 @@ def map_lora(
             continue
         entry.keys[role] = key
 
-    family = _guess_family(state)
-    hint = ""
-    if family and family != targets.family:
-        hint = f"; this LoRA looks made for {family} models, the model is {targets.family}"
+    hint = _family_hint(state, targets)
     problems = []
     if other:
         problems.append(
@@ -280,19 +277,25 @@ def _layer(state, entry: _Entry, target: tuple[int, ...], config_alpha: float | 
     return LoRALayer(mx.array(np.ascontiguousarray(down)), mx.array(np.ascontiguousarray(up)), scale)
 
 
-def _guess_family(state: Mapping[str, np.ndarray]) -> str | None:
-    """The family a LoRA looks made for: from SDXL-only key prefixes and the cross-attention context width."""
+def _family_hint(state: Mapping[str, np.ndarray], targets: LoRATargets) -> str:
+    """ "; this LoRA is for <family> ..." when its text encoders or cross-attention width say it was made for
+    another model family than `targets`' (else "")."""
     keys = list(state)
-    if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in keys):
-        return "sdxl"
+    model = f"the model is {targets.family}"
+    if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in keys) and "text_encoder_2" not in targets.shapes:
+        return f"; this LoRA is for SDXL (it adapts a second text encoder), {model}"
+    if any(k.startswith("lora_te_") for k in keys) and "text_encoder_2" in targets.shapes:
+        return f"; this LoRA is for SD1/SD2 models (one text encoder, lora_te_ keys), {model}"
     widths = Counter()
     for key in keys:
         if re.search(r"attn2[._](processor[._])?to_[kv](\.lora_A\.weight|\.lora_down\.weight|_lora\.down\.weight|"
                      r"\.lora\.down\.weight)$", key):  # fmt: skip
-            widths[np.shape(state[key])[1]] += 1
-    if not widths:
-        return None
-    return _CONTEXT_WIDTHS.get(widths.most_common(1)[0][0])
+            widths[np.shape(state[key])[-1] if np.ndim(state[key]) == 2 else np.shape(state[key])[1]] += 1
+    ours = targets.unet_config.cross_attention_dim
+    if widths and (width := widths.most_common(1)[0][0]) != ours:
+        family = _CONTEXT_WIDTHS.get(width, "another family's")
+        return f"; this LoRA is for {family} models (cross-attention width {width}), {model} (width {ours})"
+    return ""
 
 
 def _summary(items: list[str]) -> str:
