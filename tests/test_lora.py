@@ -367,3 +367,29 @@ def test_prompt_tags_library_and_specs(sd1, tmp_path):
     ours = Pipeline(sd1.ours)
     with pytest.raises(ValueError, match="no LoRA folder"):
         ours.generate(prompt="<lora:x:1>", width=64, height=64, steps=1)
+
+
+def test_cli_lora_flags_prompt_syntax_and_embeddings(sd1, tmp_path):
+    from test_cli import run
+
+    from mlx_sd.infotext import parse_infotext, read_infotext
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    kohya_file(sd1, folder / "ink.safetensors", seed=1)
+    extra = kohya_file(sd1, tmp_path / "extra.safetensors", seed=2, text=False)
+    embeddings = tmp_path / "embeddings"
+    embeddings.mkdir()
+    save_kohya(embeddings / "mystyle.safetensors", {"emb_params": np.ones((2, 32), np.float32)})
+    out = run("generate", "a boat in mystyle <lora:ink:0.7>", "--model", sd1.tmp / "mlx", "--width", 64, "--height",
+              64, "--steps", 2, "--seed", 3, "--lora", f"{extra}:0.5", "--lora-dir", folder, "--embeddings-dir",
+              embeddings, "--output", tmp_path / "out.png")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    prompt, _, params = parse_infotext(read_infotext(tmp_path / "out.png"))
+    assert prompt == "a boat in mystyle <lora:ink:0.7> <lora:extra:0.5>"
+    assert params["Lora hashes"] == f"extra: {lora_hash(extra)[:12]}, ink: {lora_hash(folder / 'ink.safetensors')[:12]}"
+    assert params["TI hashes"].startswith("mystyle: ")
+    for args, message in (([f"{tmp_path}/missing.safetensors:0.5"], "does not exist"), ([], "'nope' not found")):
+        flags = [x for a in args for x in ("--lora", a)]
+        bad = run("generate", "x <lora:nope:1>", "--model", sd1.tmp / "mlx", "--steps", 1, "--lora-dir", folder, *flags)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
