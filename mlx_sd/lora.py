@@ -191,6 +191,7 @@ class LoRAState:
     def __init__(self):
         self._patched: dict[str, _Patched] = {}
         self._signature: tuple = ()
+        self._held: list[AppliedLoRA] = []
 
     @property
     def active(self) -> bool:
@@ -215,6 +216,7 @@ class LoRAState:
             if terms:
                 self._patched[component] = _patch(networks[component], terms)
         self._signature = signature
+        self._held = list(loras)  # keeps the ids in the signature from being reused by new objects
 
     def clear(self, networks: Mapping[str, nn.Module]) -> None:
         """Restore every patched layer (the exact original arrays and modules)."""

@@ -239,6 +239,9 @@ def test_pipeline_prompt_syntax_image_matches_diffusers_and_switches_without_rel
     assert text.startswith("a boat <lora:ink:0.8>\n")
     assert f'Lora hashes: "ink: {lora_hash(folder / "ink.safetensors")[:12]}"' in text
 
+    for _ in range(2):  # low-memory mode reloads clean text encoders: their LoRA deltas are applied again
+        low = ours.generate(prompt="a boat <lora:ink:0.8>", low_memory=True, **kwargs)
+        assert np.array_equal(np.asarray(low.images[0]), np.asarray(result.images[0]))
     other = ours.generate(prompt="a boat <lora:sketch:1>", **kwargs)  # switch: fused anew, no reload
     assert ours.model.unet is sd1.ours.unet and not np.array_equal(np.asarray(other.images[0]),
                                                                     np.asarray(result.images[0]))  # fmt: skip
