@@ -319,30 +319,28 @@ class LoRATag:
 def parse_lora_tags(prompt: str) -> tuple[str, list[LoRATag]]:
     """Remove A1111 extra-network tags from a prompt: ("a cat <lora:ink:0.8>") -> ("a cat ", [LoRATag("ink", 0.8)]).
 
+    As A1111 reads them: `<lora:name:te:unet>`, positional multipliers (one sets both), or named `te=`/`unet=`.
+
     Raises:
         ValueError for a malformed tag or another kind of extra network (`<hypernet:...>`), which mlx-sd cannot
         apply: silently dropping it would make a different image than the prompt asks for.
     """
     tags = []
     for match in _EXTRA_NETWORK.finditer(prompt):
-        kind, args = match.group(1), match.group(2).split(":")
+        kind, (name, *args) = match.group(1), match.group(2).split(":")
+        usage = "expected <lora:name>, <lora:name:weight>, <lora:name:te_weight:unet_weight> or te=/unet= weights"
         if kind not in LORA_KINDS:
             raise ValueError(f"{match.group(0)}: extra networks of kind {kind!r} are not supported (only <lora:...>)")
+        positional = [a for a in args if "=" not in a]
+        named = dict(a.split("=", 1) for a in args if "=" in a)
+        if not name.strip() or len(positional) > 2 or set(named) - {"te", "unet"}:
+            raise ValueError(f"{match.group(0)}: {usage}")
         try:
-            numbers = [float(a) for a in args[1:]]
+            te = float(named.get("te", positional[0] if positional else 1.0))
+            unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
         except ValueError:
-            raise ValueError(
-                f"{match.group(0)}: expected <lora:name>, <lora:name:weight> or <lora:name:te_weight:unet_weight>"
-            ) from None
-        name = args[0].strip()
-        if not name or len(numbers) > 2:
-            raise ValueError(
-                f"{match.group(0)}: expected <lora:name>, <lora:name:weight> or <lora:name:te_weight:unet_weight>"
-            )
-        if len(numbers) == 2:
-            tags.append(LoRATag(name, numbers[1], numbers[0]))
-        else:
-            tags.append(LoRATag(name, numbers[0] if numbers else 1.0))
+            raise ValueError(f"{match.group(0)}: {usage}") from None
+        tags.append(LoRATag(name.strip(), unet, None if te == unet else te))
     return _EXTRA_NETWORK.sub("", prompt), tags
 
 

@@ -350,7 +350,9 @@ def test_prompt_tags_library_and_specs(sd1, tmp_path):
     )  # fmt: skip
     tag = parse_lora_tags("<lora:c:0.5:0.25>")[1][0]
     assert (tag.weight, tag.text_weight) == (0.25, 0.5)  # A1111: te multiplier first, then unet
-    for bad in ("<hypernet:x:1>", "<lora:x:strong>", "<lora::1>"):
+    tag = parse_lora_tags("<lora:c:unet=0.3:te=0.6>")[1][0]
+    assert (tag.weight, tag.text_weight) == (0.3, 0.6)
+    for bad in ("<hypernet:x:1>", "<lora:x:strong>", "<lora::1>", "<lora:x:dyn=4>"):
         with pytest.raises(ValueError):
             parse_lora_tags(bad)
     assert parse_lora_spec("a/b.safetensors:0.7") == ("a/b.safetensors", 0.7)
