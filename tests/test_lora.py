@@ -398,3 +398,38 @@ def test_cli_lora_flags_prompt_syntax_and_embeddings(sd1, tmp_path):
         flags = [x for a in args for x in ("--lora", a)]
         bad = run("generate", "x <lora:nope:1>", "--model", sd1.tmp / "mlx", "--steps", 1, "--lora-dir", folder, *flags)
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_original_names_on_the_original_sd1_unet_as_a1111_applies_them(tmp_path):
+    """SD1 LoRAs in original naming have no diffusers loader; A1111 applies them to the original `ldm` UNet by its
+    module names (dots as underscores), W += weight * alpha / rank * up @ down. Same file, same result on ours."""
+    import copy
+    import dataclasses
+
+    from ldm_fixtures import check_unet_model, convert_all, original
+
+    from mlx_sd.components import parameter_shapes
+    from mlx_sd.lora import LoRATargets
+    from oracles import load_ours
+
+    orig = original("sd1")
+    config, weights = convert_all(orig.state)[1]["unet"]
+    ours = load_ours(config, weights)
+    unet = copy.deepcopy(orig.unet)
+    ldm_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2", "in_layers.2",
+                   "out_layers.3", "emb_layers.1", "skip_connection", "op", "conv", "input_blocks.0.0", "out.2",
+                   "time_embed.0"]  # fmt: skip
+    tensors = random_lora_tensors(unet, ldm_targets, 4, seed=14)
+    assert "output_blocks.2.1.conv" in tensors  # the upsampler of the stage without attention
+    weight = 0.7
+    with torch.no_grad():
+        for name, (down, up, alpha) in tensors.items():
+            module = unet.get_submodule(name)
+            delta = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)) * (alpha / down.shape[0])
+            module.weight += weight * torch.from_numpy(delta.reshape(module.weight.shape).astype(np.float32))
+    path = save_kohya(tmp_path / "a1111.safetensors", kohya_state(tensors, "lora_unet", dtype=np.float32))
+    shapes = {k[: -len(".weight")]: v for k, v in parameter_shapes(ours).items() if k.endswith(".weight")}
+    lora = read_lora(path, LoRATargets("sd1", config, {"unet": shapes}))
+    LoRAState().apply({"unet": ours}, [AppliedLoRA(lora, weight)])
+    error = check_unet_model(dataclasses.replace(orig, unet=unet), ours)
+    print(f"SD1 original-named LoRA vs A1111's rule on the ldm UNet: {error:.1e}")
