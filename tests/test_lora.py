@@ -420,6 +420,8 @@ def test_original_names_on_the_original_sd1_unet_as_a1111_applies_them(tmp_path)
                    "out_layers.3", "emb_layers.1", "skip_connection", "op", "conv", "input_blocks.0.0", "out.2",
                    "time_embed.0"]  # fmt: skip
     tensors = random_lora_tensors(unet, ldm_targets, 4, seed=14)
+    # Per-layer alphas that differ (kohya's conv_alpha vs network_alpha): each layer scales by its own alpha / rank.
+    tensors = {name: (down, up, float(1 + i % 7)) for i, (name, (down, up, _)) in enumerate(tensors.items())}
     assert "output_blocks.2.1.conv" in tensors  # the upsampler of the stage without attention
     weight = 0.7
     with torch.no_grad():
