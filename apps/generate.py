@@ -46,6 +46,33 @@ def add_parsers(sub) -> None:
     p.add_argument("--rng", default="torch-cpu", choices=NOISE_MODES,
                    help="noise source: torch-cpu = same seed, same image as diffusers/torch on CPU")  # fmt: skip
     p.add_argument("--low-memory", action="store_true", help="free the text encoders after encoding the prompt")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="apply a LoRA file (kohya/A1111 or diffusers/PEFT) with a weight (default 1); repeatable",
+    )
+    p.add_argument(
+        "--lora-dir",
+        type=Path,
+        metavar="DIR",
+        help="folder of LoRA files for <lora:name:weight> in the prompt (A1111 syntax)",
+    )
+    p.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="load a textual-inversion embedding; its file name (no extension) is the prompt word",
+    )
+    p.add_argument(
+        "--embeddings-dir",
+        type=Path,
+        metavar="DIR",
+        help="load every embedding in this folder that fits the model (A1111's embeddings folder)",
+    )
     p.add_argument("--output", default=DEFAULT_OUTPUT,
                    help="output PNG path; {seed} and {i} are filled in (default: %(default)s)")  # fmt: skip
     p.set_defaults(run=run_generate)
@@ -95,6 +122,7 @@ def run_generate(args) -> None:
 
     request = _request(args)
     pipeline = Pipeline(resolve_model(args.model))
+    _add_networks(pipeline, args)
     bar = None
     try:
         for event in pipeline.stream(request):
@@ -119,6 +147,37 @@ def run_generate(args) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
         save_png(image, path, text)
         print(f"{path}  (seed {seed})")
+
+
+def _add_networks(pipeline: Pipeline, args) -> None:
+    """--lora, --lora-dir, --embedding, --embeddings-dir: LoRAs and embeddings from files and folders."""
+    from mlx_sd_convert import ConversionError
+    from mlx_sd_convert.embeddings import read_embedding
+    from mlx_sd_convert.library import EmbeddingLibrary, LoraLibrary
+    from mlx_sd_convert.lora import parse_lora_spec, read_lora
+
+    try:
+        if args.lora_dir is not None:
+            if not args.lora_dir.is_dir():
+                raise UserError(f"--lora-dir {args.lora_dir} is not a folder")
+            pipeline.lora_resolver = LoraLibrary(args.lora_dir)
+        loras = []
+        for spec in args.lora:
+            path, weight = parse_lora_spec(spec)
+            if not Path(path).is_file():
+                raise UserError(f"--lora {path} does not exist (write FILE or FILE:WEIGHT)")
+            loras.append((read_lora(path, pipeline.lora_targets()), weight))
+        pipeline.set_loras(loras)
+        embeddings = [read_embedding(path) for path in args.embedding]
+        if args.embeddings_dir is not None:
+            loaded, skipped = EmbeddingLibrary(args.embeddings_dir).for_model(pipeline.model)
+            embeddings += [e for e in loaded if e.name not in {x.name for x in embeddings}]
+            if skipped:
+                print(f"embeddings skipped (made for another model): {', '.join(skipped)}", file=sys.stderr)
+        if embeddings:
+            pipeline.load_embeddings(embeddings)
+    except (ConversionError, ValueError) as e:
+        raise UserError(str(e)) from None
 
 
 def run_info(args) -> None:

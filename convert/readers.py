@@ -34,8 +34,9 @@ from .torch_pickle import ClassReference, UnsafeCheckpointError, load_torch_lega
 __all__ = ["Checkpoint", "ConversionError", "TensorInfo", "UnsafeCheckpointError", "open_checkpoint"]
 
 # Keys under which training code nests the state dict: PyTorch Lightning ("state_dict"), plain training
-# loops ("model"), DeepSpeed / DDP wrappers ("module"). Tried in this order while a level holds no tensors.
-NESTING_KEYS = ("state_dict", "model", "module")
+# loops ("model"), DeepSpeed / DDP wrappers ("module"), A1111 textual-inversion embeddings ("string_to_param").
+# Tried in this order while a level holds no tensors.
+NESTING_KEYS = ("state_dict", "model", "module", "string_to_param")
 _MAX_NESTING = 4
 _SAFETENSORS_DTYPES = {d.safetensors: d for d in DTYPES}
 

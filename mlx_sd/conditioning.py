@@ -42,6 +42,8 @@ class TextTower:
     encoder: CLIPTextModel
     # "final": final_layer_norm(hidden_states[-clip_skip]) (SD1/SD2); "penultimate": raw hidden_states[-clip_skip-1]
     layer: str = "final"
+    # The model folder's name for it ("text_encoder", "text_encoder_2"): what LoRA files and SDXL embeddings address.
+    name: str = "text_encoder"
 
     def window_states(self, ids: mx.array, clip_skip: int):
         """Encode (W, 77) window ids -> (W, 77, D) states and the (W, P) projected pooled embeddings (or None)."""

@@ -130,6 +130,7 @@ class StableDiffusion:
                         CLIPTokenizer.from_folder(self.folder / tok),
                         load_component(self.folder / enc, self.dtype),
                         layer,
+                        enc,
                     )
                 )
         if not towers:

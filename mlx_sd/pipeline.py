@@ -27,11 +27,13 @@ from .denoiser import classifier_free_guidance
 from .images import latent_preview, to_pil
 from .img2img import prepare_latents, restore_output
 from .infotext import format_infotext
+from .lora import AppliedLoRA, LoRA, LoRAState, lora_hashes, lora_networks, lora_targets, parse_lora_tags
 from .model import StableDiffusion
 from .params import GenerationRequest, defaults_for
 from .rng import make_noise
 from .samplers import SamplingPlan, plan_sampling
 from .schedules import NoiseSchedule
+from .textual_inversion import Embedding, add_embeddings, ti_hashes, used_embeddings
 from .tiling import tiled_decode, tiled_encode
 
 TILE_ABOVE_PIXELS = 1024 * 1024  # tiled VAE by default above this many pixels: bounded decoder memory
@@ -121,13 +123,64 @@ class Pipeline:
 
     Args:
         model: a `StableDiffusion` or the path of a converted model folder.
+        lora_resolver: resolves `<lora:name:weight>` in prompts: (name, `lora_targets(model)`) -> `LoRA`, e.g.
+            `mlx_sd_convert.library.LoraLibrary(folder)`; None: such prompts are refused.
     """
 
-    def __init__(self, model: StableDiffusion | str | Path):
+    def __init__(self, model: StableDiffusion | str | Path, lora_resolver=None):
         self.model = model if isinstance(model, StableDiffusion) else StableDiffusion(model)
         # diffusers' SD pipelines force these two on load (outdated hub configs); so do we.
         config = {**self.model.scheduler_config, "clip_sample": False, "steps_offset": 1}
         self.schedule = NoiseSchedule.from_config(config)
+        self.lora_resolver = lora_resolver
+        self.loras: list[AppliedLoRA] = []  # applied to every request, beside the prompt's <lora:...> tags
+        self.embeddings: list[Embedding] = []
+        self._lora_state = LoRAState()
+        self._embedded_in = None  # the PromptEncoder holding self.embeddings (reloaded encoders need them again)
+
+    # --- LoRAs and embeddings -----------------------------------------------------------------------------------
+
+    def set_loras(self, loras) -> None:
+        """LoRAs for every following request: [(lora, weight) or AppliedLoRA, ...]; [] removes them.
+
+        They are fused into the weights at the next request (quantized layers run them unfused), replacing the
+        previous set; the original weights are kept, so removing a LoRA restores the model exactly.
+        """
+        self.loras = [a if isinstance(a, AppliedLoRA) else AppliedLoRA(*a) for a in loras]
+        for applied in self.loras:
+            if not isinstance(applied.lora, LoRA):
+                raise TypeError(f"set_loras takes LoRA objects (mlx_sd_convert.lora.read_lora), got {applied.lora!r}")
+
+    def load_embeddings(self, embeddings: list[Embedding]) -> None:
+        """Add textual-inversion embeddings; their names then work in prompts. Raises ValueError if one does not fit
+        the model (nothing is added then)."""
+        add_embeddings(self.model.text_encoder(), self.model.info.family, embeddings)
+        self._embedded_in = self.model.text
+        self.embeddings += embeddings
+
+    def lora_targets(self):
+        """The layers of this model a LoRA may adapt (what `read_lora` maps a file onto)."""
+        return lora_targets(self.model)
+
+    def _activate(self, request: GenerationRequest) -> tuple[list[AppliedLoRA], list[Embedding]]:
+        """Make this request's LoRAs (set_loras + the prompts' tags) the active ones, embeddings in place.
+
+        Returns:
+            The LoRAs applied and the embeddings the prompts use (for the infotext).
+        """
+        applied = list(self.loras)
+        tags = parse_lora_tags(request.prompt)[1] + parse_lora_tags(request.negative_prompt)[1]
+        if tags and self.lora_resolver is None:
+            raise ValueError(f"<lora:{tags[0].name}:...> in the prompt: no LoRA folder is configured (--lora-dir)")
+        targets = lora_targets(self.model) if tags else None
+        applied += [AppliedLoRA(self.lora_resolver(t.name, targets), t.weight, t.text_weight, t.name) for t in tags]
+        text = self.model.text_encoder()
+        if self.embeddings and self._embedded_in is not text:
+            add_embeddings(text, self.model.info.family, self.embeddings)
+            self._embedded_in = text
+        self._lora_state.apply(lora_networks(self.model), applied)
+        prompts = [parse_lora_tags(p)[0] for p in (request.prompt, request.negative_prompt)]
+        return applied, used_embeddings(text, self.embeddings, prompts) if self.embeddings else []
 
     @property
     def defaults(self):
@@ -149,6 +202,7 @@ class Pipeline:
         start = time.perf_counter()
         timings: dict[str, float] = {}
         plan = self._plan(request)  # validates sampler, schedule and steps before any model runs
+        loras, embeddings = self._activate(request)
 
         cond, uncond = self._encode_prompts(request)
         timings["text"] = time.perf_counter() - start
@@ -183,7 +237,7 @@ class Pipeline:
             images += decoded
             seeds += batch_seeds
         timings["total"] = time.perf_counter() - start
-        texts = [self.infotext(request, s, plan) for s in seeds]
+        texts = [self.infotext(request, s, plan, loras, embeddings) for s in seeds]
         yield Result(images, texts, request, seeds, timings)
 
     def generate(self, request: GenerationRequest | None = None, **params) -> Result:
@@ -207,9 +261,9 @@ class Pipeline:
 
     def _encode_prompts(self, request: GenerationRequest) -> tuple[Conditioning, Conditioning | None]:
         text = self.model.text_encoder()
-        prompts = [request.prompt] * request.batch_size
+        prompts = [parse_lora_tags(request.prompt)[0]] * request.batch_size
         guided = self._guided(request)
-        negatives = [request.negative_prompt] * request.batch_size if guided else None
+        negatives = [parse_lora_tags(request.negative_prompt)[0]] * request.batch_size if guided else None
         cond, uncond = text.encode(prompts, negatives, request.clip_skip)
         if guided and self.model.info.force_zeros_for_empty_prompt and not request.negative_prompt:
             # SDXL base (diffusers): an empty negative prompt means zero conditioning, not the encoded "".
@@ -310,7 +364,9 @@ class Pipeline:
             images = tiled_decode(vae, z) if tile else vae.decode(z)
         return images
 
-    def infotext(self, request: GenerationRequest, seed: int, plan: SamplingPlan) -> str:
+    def infotext(self, request: GenerationRequest, seed: int, plan: SamplingPlan, loras=(), embeddings=()) -> str:
+        """A1111's infotext. LoRAs set from Python/CLI are written as `<lora:name:weight>` tags after the prompt (how
+        A1111 records every LoRA), with "Lora hashes"; embeddings named in the prompts give "TI hashes"."""
         info = self.model.info
         params = {
             "Steps": request.steps,
@@ -324,9 +380,13 @@ class Pipeline:
             "Denoising strength": request.strength if request.init_image is not None else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "RNG": {"torch-cpu": "CPU", "mlx": "MLX"}.get(request.rng, request.rng),
+            "Lora hashes": lora_hashes(loras),
+            "TI hashes": ti_hashes(embeddings),
             "Version": f"mlx-sd {__version__}",
         }
-        return format_infotext(request.prompt, request.negative_prompt, params)
+        tags = " ".join(a.tag() for a in loras if not a.mentioned)
+        prompt = f"{request.prompt} {tags}" if tags and request.prompt else request.prompt or tags
+        return format_infotext(prompt, request.negative_prompt, params)
 
 
 def guidance_embedding(w: float, dim: int, batch: int) -> mx.array:

@@ -145,6 +145,7 @@ class CLIPTokenizer:
         self._merges = [tuple(m) for m in merges]
         self._backend = _backend(self._vocab, self._merges, config.normalization)
         self._added: list[str] = []
+        self._expand: dict[int, list[int]] = {}  # multi-vector textual-inversion names: first id -> all ids
         if added_tokens:
             self.add_tokens(added_tokens)
 
@@ -231,6 +232,13 @@ class CLIPTokenizer:
 
     def _encode(self, text: str) -> tuple[list[int], list[int], str]:
         """(word ids, start of each id's text in `source`, source): source is the text the ids were made from."""
+        ids, starts, source = self._encode_words(text)
+        if self._expand and any(i in self._expand for i in ids):
+            pairs = [(j, start) for i, start in zip(ids, starts) for j in self._expand.get(i, (i,))]
+            ids, starts = [j for j, _ in pairs], [start for _, start in pairs]
+        return ids, starts, source
+
+    def _encode_words(self, text: str) -> tuple[list[int], list[int], str]:
         if self.config.normalization == "hf":
             enc = self._backend.encode(text, add_special_tokens=False)
             return enc.ids, [a for a, _ in enc.offsets], text
@@ -271,7 +279,28 @@ class CLIPTokenizer:
         self._added += names
         return [self._backend.token_to_id(n) for n in names]
 
+    def add_multi_vector_token(self, name: str, count: int) -> list[int]:
+        """Add a textual-inversion name that stands for `count` vectors, as diffusers' `load_textual_inversion` does.
+
+        The tokens added are `name`, `name_1`, ..., `name_{count-1}` (consecutive ids); `name` in a prompt then
+        encodes to all `count` ids in order (diffusers rewrites the prompt text to "name name_1 ..." instead: same
+        ids).
+
+        Returns:
+            The `count` new ids. Raises ValueError for a name already in the vocabulary.
+        """
+        if count < 1:
+            raise ValueError(f"{name!r}: an embedding needs at least one vector, got {count}")
+        ids = self.add_tokens([name] + [f"{name}_{i}" for i in range(1, count)])
+        if count > 1:
+            self._expand[ids[0]] = ids
+        return ids
+
     # --- facts ----------------------------------------------------------------------------------------------
+
+    def has_token(self, name: str) -> bool:
+        """Whether `name` is already a whole token (of the vocabulary or added): `add_tokens` would refuse it."""
+        return name in self._vocab or name in self._added
 
     @property
     def pad_token_id(self) -> int:
