@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / 2**20,
                    help="request body size limit, base64 images included (default: %(default)s)")  # fmt: skip
     p.add_argument("--output-dir", type=Path, help="allow `save_images`: PNGs are written here")
+    p.add_argument("--lora-dir", type=Path, help="folder of LoRA files for <lora:name:weight> in prompts")
+    p.add_argument("--embeddings-dir", type=Path,
+                   help="folder of textual-inversion embeddings loaded into every model they fit")  # fmt: skip
     p.add_argument("--cors-allow-origins", default="",
                    help="comma-separated browser origins allowed to call the API (default: only its own)")  # fmt: skip
     p.add_argument("--keep-jobs", type=int, default=defaults.keep_jobs, help="finished jobs kept for reading")

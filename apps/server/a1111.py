@@ -541,5 +541,18 @@ def prompt_styles():
 
 
 @router.get("/embeddings")
-def embeddings():
-    return {"loaded": {}, "skipped": {}}
+def embeddings(state: State):
+    """The embeddings of the loaded model (A1111's shape); empty without --embeddings-dir."""
+    return state.engine.embedding_listing
+
+
+@router.get("/loras")
+def loras(state: State):
+    """The LoRA files of --lora-dir with A1111's fields (name, alias, path, metadata); rescanned on every call."""
+    library = state.engine.loras
+    return [] if library is None else [entry.to_api() for entry in library.listing()]
+
+
+@router.post("/refresh-loras")
+def refresh_loras():
+    return None  # the listing is read from the folder on every call

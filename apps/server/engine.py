@@ -30,6 +30,7 @@ from PIL import Image
 from mlx_sd.infotext import save_png
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Cancelled, Control, Pipeline, Progress, Result
+from mlx_sd_convert.library import EmbeddingLibrary, LoraLibrary, embeddings_api
 
 from .errors import ApiError
 from .registry import ModelEntry
@@ -142,10 +143,12 @@ class Engine:
         keep_jobs: finished jobs kept (with their images) for later reads.
         output_dir: where jobs with `save=True` write their PNGs.
         preload: load the initial model as soon as the worker starts.
+        lora_dir: LoRA files that `<lora:name:weight>` in a prompt resolves from (None: the syntax is refused).
+        embeddings_dir: textual-inversion embeddings loaded into every model they fit.
     """
 
     def __init__(self, initial: ModelEntry, max_queue: int = 8, keep_jobs: int = 32, output_dir: Path | None = None,
-                 preload: bool = True):  # fmt: skip
+                 preload: bool = True, lora_dir: Path | None = None, embeddings_dir: Path | None = None):  # fmt: skip
         self.default_model = initial
         self.max_queue = max_queue
         self.keep_jobs = keep_jobs
@@ -160,6 +163,9 @@ class Engine:
         self.loaded: ModelEntry | None = None
         self._thread = threading.Thread(target=self._work, name="mlx-sd-worker", daemon=True)
         self._preload = preload
+        self.loras = LoraLibrary(lora_dir) if lora_dir is not None else None
+        self.embeddings = EmbeddingLibrary(embeddings_dir) if embeddings_dir is not None else None
+        self.embedding_listing: dict = {"loaded": {}, "skipped": {}}  # for GET /sdapi/v1/embeddings
 
     # --- used by request handlers ------------------------------------------------------------------------------
 
@@ -326,7 +332,11 @@ class Engine:
         self._pipeline, self.loaded = None, None
         gc.collect()  # free the previous model's arrays before the next one is read
         try:
-            self._pipeline = Pipeline(entry.folder)
+            self._pipeline = Pipeline(entry.folder, lora_resolver=self.loras)
+            if self.embeddings is not None:
+                loaded, skipped = self.embeddings.for_model(self._pipeline.model)
+                self._pipeline.load_embeddings(loaded)
+                self.embedding_listing = embeddings_api(loaded, skipped)
         except Exception as e:
             log.error("loading %s failed:\n%s", entry.folder, traceback.format_exc())
             raise ApiError(500, f"model {entry.name!r} could not be loaded: {e}", code="model_load_failed") from None

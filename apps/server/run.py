@@ -75,7 +75,11 @@ def serve(args) -> None:
                           keep_jobs=args.keep_jobs)  # fmt: skip
     registry = ModelRegistry(args.models_dir)
     initial = _initial_model(args, registry)
-    engine = Engine(initial, max_queue=limits.max_queue, keep_jobs=config.keep_jobs, output_dir=config.output_dir)
+    for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise UserError(f"{flag} {folder} is not a folder")
+    engine = Engine(initial, max_queue=limits.max_queue, keep_jobs=config.keep_jobs, output_dir=config.output_dir,
+                    lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)  # fmt: skip
     state = ServerState(engine, registry, config, backend=backend.describe())
     app = create_app(state)
 
