@@ -141,13 +141,21 @@ _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
 
 
+_UNET_FIXED = {
+    "conv_in.": "input_blocks.0.0.",
+    "time_embedding.linear_1.": "time_embed.0.",
+    "time_embedding.linear_2.": "time_embed.2.",
+    "add_embedding.linear_1.": "label_emb.0.0.",
+    "add_embedding.linear_2.": "label_emb.0.2.",
+    "conv_norm_out.": "out.0.",
+    "conv_out.": "out.2.",
+}
+
+
 def _unet_key(key: str, config) -> str:
     """diffusers UNet2DConditionModel key -> openaimodel.UNetModel key."""
     L = config.layers_per_block
-    fixed = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
-             "time_embedding.linear_2.": "time_embed.2.", "add_embedding.linear_1.": "label_emb.0.0.",
-             "add_embedding.linear_2.": "label_emb.0.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}  # fmt: skip
-    for ours, theirs in fixed.items():
+    for ours, theirs in _UNET_FIXED.items():
         if key.startswith(ours):
             return theirs + key[len(ours) :]
     parts = key.split(".")
