@@ -214,7 +214,7 @@ def _vae_key(key: str, n: int) -> str:
     return key  # conv_in, conv_out, norm_out, quant_conv, post_quant_conv
 
 
-def _openclip(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _openclip(state: dict[str, np.ndarray], concat=np.concatenate) -> dict[str, np.ndarray]:
     """transformers CLIPTextModelWithProjection keys -> open_clip's text tower (fused in_proj, (W, P) projection)."""
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
     out = {
@@ -222,14 +222,14 @@ def _openclip(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "positional_embedding": state.pop("embeddings.position_embedding.weight"),
         "ln_final.weight": state.pop("final_layer_norm.weight"),
         "ln_final.bias": state.pop("final_layer_norm.bias"),
-        "text_projection": np.ascontiguousarray(state.pop("text_projection.weight").T),
+        "text_projection": state.pop("text_projection.weight").T,
         "logit_scale": np.array(4.6052, np.float32),  # CLIP's contrastive temperature, stored in the real files
     }
     layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
     for i in range(layers):
         src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
         for suffix in ("weight", "bias"):
-            out[dst + f"attn.in_proj_{suffix}"] = np.concatenate(
+            out[dst + f"attn.in_proj_{suffix}"] = concat(
                 [state.pop(src + f"self_attn.{p}_proj.{suffix}") for p in "qkv"]
             )
             out[dst + f"attn.out_proj.{suffix}"] = state.pop(src + f"self_attn.out_proj.{suffix}")
@@ -246,22 +246,26 @@ def _numpy(module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
 
-def sgm_state(kind: str, parts: dict | None = None) -> dict[str, np.ndarray]:
-    """The original single-file state dict of the tiny model `kind` ("base" or "refiner")."""
+def sgm_state(kind: str, parts: dict | None = None, tensors=None, concat=np.concatenate) -> dict[str, np.ndarray]:
+    """The original single-file state dict of the tiny model `kind` ("base" or "refiner"), or of `parts`.
+
+    `tensors(module) -> {key: array}` reads a module (default: a numpy copy of its state dict); with `concat` it
+    lets `full_size_file` work on zero-strided stand-ins of meta-device modules.
+    """
     parts = parts or diffusers_parts(kind)
+    tensors = tensors or _numpy
     unet, vae = parts["unet"], parts["vae"]
-    state = {f"model.diffusion_model.{_unet_key(k, unet.config)}": v for k, v in _numpy(unet).items()}
+    state = {f"model.diffusion_model.{_unet_key(k, unet.config)}": v for k, v in tensors(unet).items()}
     n = len(vae.config.block_out_channels)
-    for key, value in _numpy(vae).items():
+    for key, value in tensors(vae).items():
         target = _vae_key(key, n)
         if ".mid.attn_1." in target and value.ndim == 2:
             value = value[:, :, None, None]  # the original attention projections are 1x1 convolutions
         state[f"first_stage_model.{target}"] = value
-    big_g = _openclip(_numpy(parts["text_encoder_2"]))
+    big_g = _openclip(tensors(parts["text_encoder_2"]), concat)
     if kind == "base":
-        clip = {
-            k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in _numpy(parts["text_encoder"]).items()
-        }
+        clip = tensors(parts["text_encoder"])
+        clip = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in clip.items()}
         # transformers 4.x (which wrote the published files) kept the int64 position_ids buffer.
         clip["text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
         state.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in clip.items()})
@@ -269,6 +273,36 @@ def sgm_state(kind: str, parts: dict | None = None) -> dict[str, np.ndarray]:
     else:
         state.update({f"conditioner.embedders.0.model.{k}": v for k, v in big_g.items()})
     return state
+
+
+def full_size_file(kind: str) -> dict[str, np.ndarray]:
+    """A full-size SDXL base or refiner 1.0 single file (the published configs, built on the meta device); every
+    tensor a zero-strided stand-in of its shape."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from mlx_sd_convert.families import family_config
+
+    family = "sdxl" if kind == "base" else "sdxl-refiner"
+    with torch.device("meta"):
+        parts = {
+            "unet": UNet2DConditionModel(**family_config(family, "unet")),
+            "vae": AutoencoderKL(**family_config(family, "vae")),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**family_config(family, "text_encoder_2"))),
+        }
+        if kind == "base":
+            parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**family_config(family, "text_encoder")))
+
+    def stand_in(shape):
+        return np.broadcast_to(np.float32(0), tuple(shape))
+
+    def shapes(module):
+        return {k: stand_in(v.shape) for k, v in module.state_dict().items()}
+
+    def concat(arrays):
+        return stand_in((sum(a.shape[0] for a in arrays), *arrays[0].shape[1:]))
+
+    return sgm_state(kind, parts, tensors=shapes, concat=concat)
 
 
 def write_single_file(path: Path, kind: str, parts: dict | None = None, metadata: dict | None = None) -> Path:

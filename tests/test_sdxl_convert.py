@@ -123,6 +123,32 @@ def test_models_from_single_files_generate_diffusers_images(converted):
     assert value >= MIN_PSNR
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_size_files_map_strictly_onto_the_published_configs(kind):
+    """Every tensor of a full-size sd_xl_base_1.0 / sd_xl_refiner_1.0 layout (meta-device stand-ins) maps, and the
+    configs inferred from shapes are the published diffusers configs."""
+    from sgm_fixtures import full_size_file
+
+    from mlx_sd_convert.diffusers import clip_config, unet_config, vae_config
+    from mlx_sd_convert.families import family_config
+
+    family = "sdxl" if kind == "base" else "sdxl-refiner"
+    plan = plan_single_file(full_size_file(kind))
+    assert plan.detection.family.value == family
+    published = {
+        "unet": unet_config(family_config(family, "unet")),
+        "vae": vae_config(family_config(family, "vae")),
+        "text_encoder_2": clip_config(family_config(family, "text_encoder_2"), with_projection=True),
+    }
+    if kind == "base":
+        published["text_encoder"] = clip_config(family_config(family, "text_encoder"), with_projection=False)
+    assert plan.components.keys() == published.keys()
+    for name, component in plan.components.items():
+        assert component.config == published[name], name
+        mapped = component.keymap()  # strict: every tensor mapped or dropped, every parameter filled
+        print(f"{family} {name}: {len(mapped)} parameters")
+
+
 # --- per component ----------------------------------------------------------------------------------------
 
 
