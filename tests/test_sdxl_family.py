@@ -225,3 +225,19 @@ def test_sd_turbo_defaults(tmp_path):
         512, 512, 1, 0.0, "Euler a")  # fmt: skip
     result = ours.generate(prompt=PROMPT, width=64, height=64, seed=1)
     assert "Steps: 1" in result.infotexts[0] and "CFG scale: 0.0" in result.infotexts[0]
+
+
+@pytest.mark.parametrize(
+    "family,prediction,kind,expected",
+    [
+        ("sdxl", "epsilon", "", (1024, 1024, 20, 7.0, "DPM++ 2M")),
+        ("sdxl-refiner", "epsilon", "", (1024, 1024, 20, 7.0, "DPM++ 2M")),
+        ("sdxl", "epsilon", "turbo", (512, 512, 1, 0.0, "Euler a")),
+        ("sd2", "epsilon", "turbo", (512, 512, 1, 0.0, "Euler a")),
+    ],
+)
+def test_family_defaults(family, prediction, kind, expected):
+    from mlx_sd.params import defaults_for
+
+    d = defaults_for(family, prediction, kind)
+    assert (d.width, d.height, d.steps, d.guidance, d.sampler) == expected
