@@ -9,7 +9,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "convert",
         help="convert a checkpoint (diffusers folder, .safetensors/.ckpt single file, hub id) to an MLX model folder",
-        description="Convert a Stable Diffusion 1.x/2.x checkpoint into an mlx-sd model folder. SRC: a diffusers "
+        description="Convert a Stable Diffusion 1.x/2.x/XL checkpoint into an mlx-sd model folder. SRC: a diffusers "
         "folder, an original single file (.safetensors, .ckpt, .pt, .pth), or a Hugging Face hub id "
         "(owner/name, or owner/name/file.safetensors). Pickles are read without running code.",
     )
@@ -24,8 +24,16 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--quantize", type=int, choices=(4, 8), help="quantize the UNet and text encoder Linear layers to 4 or 8 bits"
     )
-    p.add_argument("--vae", metavar="FILE_OR_FOLDER", help="a separately published VAE to use instead")
-    p.add_argument("--family", choices=("sd1", "sd2"), help="override the detected model family")
+    p.add_argument("--vae", metavar="FILE_OR_FOLDER",
+                   help="a separately published VAE to use instead (e.g. an fp16-safe SDXL VAE)")  # fmt: skip
+    p.add_argument(
+        "--family", choices=("sd1", "sd2", "sdxl", "sdxl-refiner"), help="override the detected model family"
+    )
+    p.add_argument(
+        "--kind",
+        choices=("standard", "turbo", "lcm"),
+        help="override the detected kind: turbo = SD-Turbo/SDXL-Turbo (1-4 steps, no guidance, 512x512)",
+    )
     p.add_argument(
         "--prediction-type",
         choices=("epsilon", "v_prediction", "eps", "v"),
@@ -68,6 +76,7 @@ def run_convert(args) -> None:
             vae=args.vae,
             family=args.family,
             prediction_type=args.prediction_type,
+            kind=args.kind,
             use_ema=not args.no_ema,
             variant=args.variant,
             overwrite=args.overwrite,

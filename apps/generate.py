@@ -73,6 +73,9 @@ def add_parsers(sub) -> None:
         metavar="DIR",
         help="load every embedding in this folder that fits the model (A1111's embeddings folder)",
     )
+    p.add_argument("--refiner", help="SDXL: a refiner model (converted folder, checkpoint, ...) for the last steps")
+    p.add_argument("--refiner-switch-at", type=float,
+                   help="with --refiner: the fraction of the steps the base model runs (default 0.8)")  # fmt: skip
     p.add_argument("--output", default=DEFAULT_OUTPUT,
                    help="output PNG path; {seed} and {i} are filled in (default: %(default)s)")  # fmt: skip
     p.set_defaults(run=run_generate)
@@ -109,6 +112,7 @@ def _request(args) -> GenerationRequest:
         resize_mode=args.resize_mode, mask=_open_image(args.mask, "--mask"), mask_blur=args.mask_blur,
         invert_mask=args.invert_mask, inpaint_full_res=args.only_masked,
         inpaint_padding=args.only_masked_padding, paste_back=True, low_memory=args.low_memory,
+        refiner_switch_at=args.refiner_switch_at,
     )  # fmt: skip
     try:
         request.validate()
@@ -121,7 +125,13 @@ def run_generate(args) -> None:
     from tqdm import tqdm
 
     request = _request(args)
-    pipeline = Pipeline(resolve_model(args.model))
+    if args.refiner_switch_at is not None and args.refiner is None:
+        raise UserError("--refiner-switch-at needs --refiner (the SDXL refiner model)")
+    refiner = resolve_model(args.refiner) if args.refiner else None
+    try:
+        pipeline = Pipeline(resolve_model(args.model), refiner=refiner)
+    except ValueError as e:  # a refiner that cannot take over this model's latents
+        raise UserError(str(e)) from None
     _add_networks(pipeline, args)
     bar = None
     try:

@@ -25,6 +25,7 @@ from .diffusers_folder import CONFIG, MODEL_INDEX, plan_diffusers_folder, plan_v
 from .families import TEXT_TOWERS
 from .hub import fetch, parse_hub_id
 from .keymap import ConversionError
+from .kind import KINDS
 from .ldm_detect import FAMILIES, normalize_prediction_type
 from .output import check_destination, sha256_file, staged_output
 from .plan import ModelPlan, SourceFiles, VAESource
@@ -32,9 +33,8 @@ from .single_file import plan_file, plan_vae_single_file
 from .writer import FLOAT_DTYPES, plan_write, write_component
 
 CONVERTER_VERSION = f"mlx-sd {mlx_sd.__version__}"
-# Families this converter writes. SDXL is detected and refused until its conditioning lands (issue 6): adding it
-# is a TEXT_TOWERS / scheduler entry (convert/families.py) and its single-file maps.
-SUPPORTED_FAMILIES = ("sd1", "sd2")
+# Families this converter writes: each has its text towers in convert/families.py TEXT_TOWERS.
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ def convert(
     vae: str | Path | None = None,
     family: str | None = None,
     prediction_type: str | None = None,
+    kind: str | None = None,
     use_ema: bool = True,
     variant: str | None = None,
     overwrite: bool = False,
@@ -80,9 +81,12 @@ def convert(
         quantize: 4 or 8: MLX affine quantization of the UNet's and text encoders' Linear layers (the selection
             and its exclusions: mlx_sd/quantization.py).
         vae: a separately published VAE replacing the source's: a diffusers VAE folder, a model folder (its
-            vae/), an original-layout VAE file, or a hub id.
-        family: "sd1" or "sd2" to override detection.
+            vae/), an original-layout VAE file (which keeps the model's latent scale), or a hub id. E.g. an
+            fp16-safe SDXL VAE (madebyollin/sdxl-vae-fp16-fix).
+        family: "sd1", "sd2", "sdxl" or "sdxl-refiner" to override detection.
         prediction_type: "epsilon"/"eps" or "v_prediction"/"v" to override detection.
+        kind: "standard", "turbo" or "lcm" to override detection (convert/kind.py: the rule, recorded in the
+            manifest); Turbo models default to 1 step without guidance at 512x512.
         use_ema: single files with EMA weights: convert the EMA copy (True) or the raw training weights.
         variant: diffusers weights variant, e.g. "fp16" (default: plain files, else the only variant present).
         overwrite: replace an existing mlx-sd model folder that differs (never a folder mlx-sd did not write).
@@ -95,10 +99,12 @@ def convert(
         OUT is never left half-written, also on KeyboardInterrupt.
     """
     out = Path(out).expanduser()
-    _check_options(dtype, quantize, family, prediction_type)
+    _check_options(dtype, quantize, family, prediction_type, kind)
     check_destination(out, overwrite)
     report = progress or (lambda step: None)
-    model = open_model(str(src), family=family, prediction_type=prediction_type, use_ema=use_ema, variant=variant)
+    model = open_model(
+        str(src), family=family, prediction_type=prediction_type, kind=kind, use_ema=use_ema, variant=variant
+    )
     if vae is not None:
         model = model.with_vae(open_vae(str(vae), variant))
     _check_complete(model)
@@ -139,13 +145,15 @@ def _dtypes(model: ModelPlan, dtype: str | None) -> dict[str, str]:
     return {name: networks for name in model.components} | {"vae": "float16" if vae_source == "float16" else "float32"}
 
 
-def _check_options(dtype, quantize, family, prediction_type) -> None:
+def _check_options(dtype, quantize, family, prediction_type, kind) -> None:
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise ConversionError(f"dtype {dtype!r}: use one of {list(FLOAT_DTYPES)}")
     if quantize is not None and quantize not in BITS:
         raise ConversionError(f"quantize {quantize!r}: use one of {list(BITS)} (bits per weight)")
     if family is not None and family not in FAMILIES:
         raise ConversionError(f"family {family!r}: use one of {list(FAMILIES)}")
+    if kind is not None and kind not in KINDS:
+        raise ConversionError(f"kind {kind!r}: use one of {list(KINDS)}")
     if prediction_type is not None:
         try:
             normalize_prediction_type(prediction_type)
@@ -156,26 +164,29 @@ def _check_options(dtype, quantize, family, prediction_type) -> None:
 # --- sources ----------------------------------------------------------------------------------------------
 
 
-def open_model(src: str, *, family=None, prediction_type=None, use_ema=True, variant=None) -> ModelPlan:
+def open_model(src: str, *, family=None, prediction_type=None, kind=None, use_ema=True, variant=None) -> ModelPlan:
     """Plan the conversion of a local file or folder, or of a hub id (fetched first)."""
     path = Path(src).expanduser()
     if path.exists():
-        return _open_local(path, family, prediction_type, use_ema, variant)
+        return _open_local(path, family, prediction_type, kind, use_ema, variant)
     if parse_hub_id(src) is None:
         raise ConversionError(f"{src}: no such file or folder")
     local, facts = fetch(src, variant=variant)
-    model = _open_local(local, family, prediction_type, use_ema, variant)
-    name = model.name if "file" in facts else facts["repo_id"]
-    return replace(model, name=name, details={**model.details, "hub": facts})
+    # A hub folder is named by its repo id (the snapshot folder is a commit hash), which is also kind evidence.
+    name = None if "file" in facts else facts["repo_id"]
+    model = _open_local(local, family, prediction_type, kind, use_ema, variant, name)
+    return replace(model, details={**model.details, "hub": facts})
 
 
-def _open_local(path: Path, family, prediction_type, use_ema, variant) -> ModelPlan:
+def _open_local(path: Path, family, prediction_type, kind, use_ema, variant, name=None) -> ModelPlan:
     if path.is_file():
         if variant is not None:
             raise ConversionError(f"{path} is a single file; variant= (--variant) applies to diffusers folders")
-        return plan_file(path, family=family, prediction_type=prediction_type, use_ema=use_ema)
+        return plan_file(path, family=family, prediction_type=prediction_type, use_ema=use_ema, kind=kind)
     if (path / MODEL_INDEX).is_file():
-        return plan_diffusers_folder(path, family=family, prediction_type=prediction_type, variant=variant)
+        return plan_diffusers_folder(
+            path, family=family, prediction_type=prediction_type, variant=variant, kind=kind, name=name
+        )
     if (path / MANIFEST).is_file():
         raise ConversionError(f"{path} is already an mlx-sd model folder; use it as it is")
     if (path / CONFIG).is_file():
@@ -202,7 +213,8 @@ def _check_complete(model: ModelPlan) -> None:
     found = model.detection.family
     if found.value not in SUPPORTED_FAMILIES:
         raise ConversionError(
-            f"this is an {found.value.upper()} model ({found.evidence}); mlx-sd converts SD 1.x and 2.x so far"
+            f"this is an {found.value.upper()} model ({found.evidence}); "
+            f"mlx-sd converts {', '.join(SUPPORTED_FAMILIES)}"
         )
     if "vae" not in model.components:
         raise ConversionError(
@@ -244,7 +256,8 @@ def _hash_sources(model: ModelPlan, report) -> dict:
 
 
 def _manifest(model: ModelPlan, dtype: str, quantization, hashes: dict) -> ModelInfo:
-    detection = {f.name: asdict(getattr(model.detection, f.name)) for f in fields(model.detection)}
+    found = model.detection
+    detection = {f.name: asdict(getattr(found, f.name)) for f in fields(found) if getattr(found, f.name) is not None}
     if model.vae is not None:
         detection["vae"] = asdict(model.vae.finding)
     source = {"kind": model.kind, **model.details, "files": hashes["files"]}
@@ -260,4 +273,11 @@ def _manifest(model: ModelPlan, dtype: str, quantization, hashes: dict) -> Model
         detection=detection,
         converter_version=CONVERTER_VERSION,
         quantization=None if quantization is None else quantization.to_dict(),
+        force_zeros_for_empty_prompt=_flag(found.force_zeros_for_empty_prompt),
+        requires_aesthetics_score=_flag(found.requires_aesthetics_score),
+        kind="" if found.kind is None or found.kind.value == "standard" else found.kind.value,
     )
+
+
+def _flag(finding) -> bool:
+    return bool(finding is not None and finding.value)

@@ -26,6 +26,7 @@ from mlx_sd.tokenizer import CLIPTokenizer
 from .diffusers import RULES, clip_config, unet_config, vae_config
 from .families import scheduler_config
 from .keymap import ComponentPlan, ConversionError
+from .kind import detect_kind
 from .ldm_detect import (
     CERTAIN,
     CONTEXT_FAMILY,
@@ -201,31 +202,43 @@ def _component(folder: Path, name: str, config, weights) -> ComponentPlan:
 
 
 def plan_diffusers_folder(
-    root: Path, *, family: str | None = None, prediction_type: str | None = None, variant: str | None = None
+    root: Path,
+    *,
+    family: str | None = None,
+    prediction_type: str | None = None,
+    variant: str | None = None,
+    kind: str | None = None,
+    name: str | None = None,
 ) -> ModelPlan:
     """Read a diffusers model folder's configs and open its weights lazily.
 
     Args:
         root: the folder holding model_index.json.
-        family: "sd1"/"sd2" to override what the configs say.
+        family: "sd1", "sd2", "sdxl" or "sdxl-refiner" to override what the configs say.
         prediction_type: override the scheduler config's prediction type.
         variant: weights variant, e.g. "fp16".
+        kind: "standard", "turbo" or "lcm" to override what convert/kind.py finds.
+        name: the model's name (default: the folder's), e.g. a hub repo id; also kind evidence.
     Returns:
-        the model's plan; SDXL folders come back with family "sdxl" for the caller to refuse or convert.
+        the model's plan.
     Raises:
         ConversionError for a missing component, unreadable config or weights, or an unsupported architecture.
     """
     index = _read_json(root / MODEL_INDEX)
     present = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]}
-    needed = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if c not in present]
+    # SD 1.x/2.x and SDXL base have text_encoder; the SDXL refiner has only text_encoder_2.
+    text = "text_encoder" if "text_encoder" in present or "text_encoder_2" not in present else "text_encoder_2"
+    tokenizer = text.replace("text_encoder", "tokenizer")
+    needed = [c for c in ("unet", "vae", text, tokenizer) if c not in present]
     if needed:
         raise ConversionError(
             f"{root / MODEL_INDEX} lists no {', '.join(needed)}: not a Stable Diffusion text-to-image folder "
             f"({index.get('_class_name', 'unknown pipeline')})"
         )
     files = [MODEL_INDEX]
+    model_name = name or root.resolve().name
     unet_cfg = _read_json(root / "unet" / CONFIG)
-    text_cfg = _read_json(root / "text_encoder" / CONFIG)
+    text_cfg = _read_json(root / text / CONFIG)
     found_family = overridden(family, _family(present, unet_cfg, text_cfg))
     components, choices = {}, {}
     for name in (c for c in CONVERTED if c in present):
@@ -259,16 +272,20 @@ def plan_diffusers_folder(
     scheduler = {**scheduler, "prediction_type": prediction.value}
     detection = Detection(
         family=found_family,
-        text_encoder=_text_finding(text_cfg),
+        text_encoder=_text_finding(text, text_cfg),
         in_channels=Finding(unet_cfg.get("in_channels", 4), CERTAIN, "unet/config.json in_channels"),
         ema=Finding(False, CERTAIN, "a diffusers folder holds one set of UNet weights"),
         dtype=_dtype_finding(components["unet"].source, choices["unet"]),
         prediction_type=prediction,
+        kind=detect_kind(
+            model_name, override=kind, scheduler=scheduler, time_cond_proj_dim=unet_cfg.get("time_cond_proj_dim")
+        ),
+        **_sdxl_flags(found_family.value, index, components),
     )
     used = sorted({c.variant for c in choices.values() if c.variant})
     details = {"format": "diffusers", "variant": ",".join(used) or None}
     return ModelPlan(
-        name=root.resolve().name,
+        name=model_name,
         kind="diffusers",
         detection=detection,
         components=components,
@@ -280,9 +297,12 @@ def plan_diffusers_folder(
 
 
 def _family(present: set[str], unet: dict, text: dict) -> Finding:
-    """SD1 or SD2 from the configs (as the single-file detection votes): cross-attention width, the text
-    encoder's activation (OpenAI CLIP: quick_gelu; OpenCLIP: gelu) and the UNet's projections."""
+    """SDXL (base or refiner) from its components; else SD1 or SD2 from the configs (as the single-file detection
+    votes): cross-attention width, the text encoder's activation (OpenAI CLIP: quick_gelu; OpenCLIP: gelu) and the
+    UNet's projections."""
     if "text_encoder_2" in present or unet.get("addition_embed_type") == "text_time":
+        if "text_encoder" not in present:
+            return Finding("sdxl-refiner", CERTAIN, "text_encoder_2 without text_encoder: an SDXL refiner folder")
         return Finding("sdxl", CERTAIN, "text_encoder_2 / the UNet's text-time embedding: an SDXL folder")
     votes = []
     width = unet.get("cross_attention_dim", 1280)
@@ -312,10 +332,51 @@ def _prediction_type(scheduler: dict | None, override: str | None) -> Finding:
         raise ConversionError(f"scheduler_config.json: prediction_type {value!r} is not supported") from None
 
 
-def _text_finding(text: dict) -> Finding:
+def _text_finding(folder: str, text: dict) -> Finding:
     arch = (text.get("architectures") or ["CLIPTextModel"])[0]
     layers, width = text.get("num_hidden_layers"), text.get("hidden_size")
-    return Finding("transformers", CERTAIN, f"text_encoder/config.json: {arch}, {layers} layers, width {width}")
+    return Finding("transformers", CERTAIN, f"{folder}/config.json: {arch}, {layers} layers, width {width}")
+
+
+# The diffusers SDXL pipelines' constructor defaults, which apply when model_index.json does not set the flag.
+_SDXL_FLAG_DEFAULTS = {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
+_TIME_IDS = {False: 6, True: 5}  # (original size, crop, target size) or (original size, crop, aesthetic score)
+
+
+def _sdxl_flags(family: str, index: dict, components: dict) -> dict[str, Finding]:
+    """SDXL's pipeline flags from model_index.json (else the diffusers defaults, or for the aesthetic score what
+    the UNet's added embedding is wide enough for), checked against the UNet."""
+    if not family.startswith("sdxl"):
+        return {}
+    unet, text = components["unet"].config, components.get("text_encoder_2")
+    flags = {}
+    for flag, default in _SDXL_FLAG_DEFAULTS.items():
+        if isinstance(index.get(flag), bool):
+            flags[flag] = Finding(index[flag], CERTAIN, f"{MODEL_INDEX} {flag}={str(index[flag]).lower()}")
+        else:
+            flags[flag] = Finding(default, HIGH, f"not in {MODEL_INDEX}; the diffusers SDXL pipelines' default")
+    if text is None or text.config.projection_dim is None or unet.addition_time_embed_dim is None:
+        raise ConversionError("an SDXL folder needs text_encoder_2 with a projection (CLIPTextModelWithProjection) "
+                              "and a UNet with addition_embed_type='text_time'")  # fmt: skip
+    pooled, width = text.config.projection_dim, unet.addition_time_embed_dim
+    numbers = (unet.projection_class_embeddings_input_dim - pooled) / width
+    if numbers not in _TIME_IDS.values():
+        raise ConversionError(
+            f"unet: projection_class_embeddings_input_dim={unet.projection_class_embeddings_input_dim} is neither "
+            f"{pooled} + 6 x {width} (SDXL base) nor {pooled} + 5 x {width} (refiner); the configs disagree"
+        )
+    aesthetic = numbers == _TIME_IDS[True]
+    found = flags["requires_aesthetics_score"]
+    if found.confidence != CERTAIN:
+        why = f"the UNet's added embedding takes {int(numbers)} micro-conditioning numbers"
+        flags["requires_aesthetics_score"] = Finding(aesthetic, HIGH, why)
+    elif found.value != aesthetic:
+        raise ConversionError(
+            f"{MODEL_INDEX} says requires_aesthetics_score={str(found.value).lower()} but the UNet's added embedding "
+            f"takes {int(numbers)} micro-conditioning numbers ({'5 with' if aesthetic else '6 without'} an aesthetic "
+            "score); the folder is inconsistent"
+        )
+    return flags
 
 
 def _dtype_finding(weights, choice: WeightChoice) -> Finding:

@@ -2,7 +2,8 @@
 
 Used for single-file checkpoints (which carry no configs), to cross-check what was inferred from tensor shapes, and
 by the full-size tests and benchmarks to build random-weight models of the real sizes. Values are copied from the
-`config.json` / `scheduler_config.json` files of the public diffusers folders (SD 1.5, SD 2.1, SDXL 1.0).
+`config.json` / `scheduler_config.json` files of the public diffusers folders (SD 1.5, SD 2.1, SDXL 1.0 base and
+refiner, SDXL-Turbo's scheduler).
 """
 
 from __future__ import annotations
@@ -139,6 +140,33 @@ FAMILIES: dict[str, dict] = {
         "default_size": 1024,
     },
 }
+# SDXL refiner 1.0: its own widths (384-channel stage 0, attention only in the two middle stages, 4 transformer
+# blocks each), conditioned on bigG alone (1280 context) and 5 micro-conditioning numbers (aesthetic score):
+# 2560 = 1280 pooled + 5 x 256.
+FAMILIES["sdxl-refiner"] = {
+    "unet": {
+        **FAMILIES["sdxl"]["unet"],
+        "block_out_channels": [384, 768, 1536, 1536],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": 4,
+        "attention_head_dim": [6, 12, 24, 24],
+        "cross_attention_dim": 1280,
+        "projection_class_embeddings_input_dim": 2560,
+    },
+    "vae": FAMILIES["sdxl"]["vae"],
+    "text_encoder_2": FAMILIES["sdxl"]["text_encoder_2"],
+    "scheduler": FAMILIES["sdxl"]["scheduler"],
+    "default_size": 1024,
+}
+# SD-Turbo and SDXL-Turbo were distilled for a few "trailing" steps of Euler ancestral (stabilityai/sdxl-turbo's
+# scheduler_config.json); single files carry no scheduler, so Turbo files get this one.
+TURBO_SCHEDULER = {
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    **_SD_SCHEDULE,
+    "timestep_spacing": "trailing",
+    "prediction_type": "epsilon",
+}
 
 
 def family_config(family: str, component: str) -> dict:
@@ -156,6 +184,7 @@ TEXT_TOWERS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "sd1": (("text_encoder", "tokenizer", 49407),),
     "sd2": (("text_encoder", "tokenizer", 0),),
     "sdxl": (("text_encoder", "tokenizer", 49407), ("text_encoder_2", "tokenizer_2", 0)),
+    "sdxl-refiner": (("text_encoder_2", "tokenizer_2", 0),),
 }
 
 # A family's published scheduler assumes its published prediction type. Where a model of the family predicts the
@@ -164,8 +193,12 @@ TEXT_TOWERS: dict[str, tuple[tuple[str, str, int], ...]] = {
 _SCHEDULER_FOR = {("sd2", "epsilon"): "sd1"}
 
 
-def scheduler_config(family: str, prediction_type: str) -> dict:
-    """The diffusers scheduler config to publish with a `family` model that predicts `prediction_type`."""
-    config = family_config(_SCHEDULER_FOR.get((family, prediction_type), family), "scheduler")
+def scheduler_config(family: str, prediction_type: str, kind: str = "standard") -> dict:
+    """The diffusers scheduler config to publish with a `family` model that predicts `prediction_type`
+    (`kind` "turbo": the Turbo scheduler, whatever the family)."""
+    if kind == "turbo":
+        config = copy.deepcopy(TURBO_SCHEDULER)
+    else:
+        config = family_config(_SCHEDULER_FOR.get((family, prediction_type), family), "scheduler")
     config["prediction_type"] = prediction_type
     return config

@@ -1,4 +1,4 @@
-"""Original single-file checkpoints (CompVis/Stability `ldm` layout, SD 1.x and 2.x) -> mlx_sd components.
+"""Original single-file checkpoints (CompVis/Stability `ldm` and `sgm` layouts, SD 1.x, 2.x, SDXL) -> mlx_sd components.
 
 A single file holds the whole LatentDiffusion module's state dict:
 
@@ -7,13 +7,13 @@ A single file holds the whole LatentDiffusion module's state dict:
     first_stage_model.*         KL autoencoder           -> convert/ldm_vae.py
     cond_stage_model.transformer.*   SD1: OpenAI CLIP-L as transformers saves it (with or without `text_model.`)
     cond_stage_model.model.*         SD2: OpenCLIP ViT-H (`conditioner.embedders.0.model.*` in sgm-saved files)
+    conditioner.embedders.*          SDXL base (CLIP-L + bigG) and refiner (bigG): convert/sgm.py
     betas, alphas_cumprod, ...  the training schedule (dropped: the scheduler config recomputes it)
 
 `plan_single_file` detects what the file is (convert/ldm_detect.py), infers each component's config from tensor
 shapes, and checks that every tensor in the file belongs to a component or is dropped for a stated reason. Each
 `ComponentPlan.keymap()` then checks one component's mapping strictly from the header's shapes (convert/keymap.py)
-and `ComponentPlan.read()` reads one parameter at a time, so a writer streams the file tensor by tensor. SDXL
-(`conditioner.embedders.*`) is detected but left to its own converter.
+and `ComponentPlan.read()` reads one parameter at a time, so a writer streams the file tensor by tensor.
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ from .ldm_detect import (
     UNET_PREFIX,
     VAE_PREFIX,
     Detection,
+    Finding,
     detect,
 )
 from .ldm_unet import HEAD_CHANNELS, SD1_HEADS, unet_config_from_shapes, unet_rules, uses_linear_projection
 from .ldm_vae import SD_SCALING_FACTOR, vae_config_from_shapes, vae_rules
 from .openclip import OPENCLIP_HEAD_DIM, openclip_config, openclip_rules
+from .sgm import BIG_G_PREFIX, CLIP_L_PREFIX, SDXL_SCALING_FACTOR, big_g_config, sdxl_unet_config
 
 # ldm's DDPM.register_schedule buffers (and lvlb_weights, persistent in older CompVis code).
 _SCHEDULE_BUFFERS = (
@@ -65,6 +67,7 @@ TOP_LEVEL_DROPS = [
     Rule(r"scale_factor", None, "the latent scaling factor (scale_by_std); read into the VAE config"),
     Rule(r"model_ema\.(?:decay|num_updates)", None, "EMA bookkeeping, not weights"),
     Rule(r"v_pred|ztsnr", None, "marker tensors for v-prediction / zero-terminal SNR; read by detection"),
+    Rule(r"denoiser\.sigmas", None, "the sgm denoiser's noise levels; the scheduler config recomputes them"),
 ]
 _UNUSED_EMA = Rule(r"model_ema\..+", None, "the UNet's EMA copy, not selected (use_ema=False)")
 
@@ -117,20 +120,22 @@ def plan_single_file(
     use_ema: bool = True,
     metadata: Mapping[str, str] | None = None,
     global_step: int | None = None,
+    kind: Finding | None = None,
 ) -> SingleFilePlan:
-    """Detect, infer configs and split an original-layout SD1/SD2 state dict into its components.
+    """Detect, infer configs and split an original-layout SD1/SD2/SDXL state dict into its components.
 
     Args:
         state: the file's flat state dict, key -> tensor (lazy is fine; only the scale_factor scalar and the
             SD2 detection statistic are read here).
         shapes, dtypes: key -> shape / dtype name for every tensor, e.g. from the file header; taken from
             `state` when None (which reads every tensor of a lazy mapping).
-        family: "sd1" or "sd2" to override detection.
+        family: "sd1", "sd2", "sdxl" or "sdxl-refiner" to override detection.
         prediction_type: override ("epsilon"/"eps", "v_prediction"/"v").
         use_ema: build the UNet from the EMA copy when the file has one (False: the raw training weights).
         metadata: safetensors metadata; global_step: the `.ckpt` training step, if the reader found one.
+        kind: what convert/kind.py found (decides SD-Turbo's prediction type), recorded in the Detection.
     Returns:
-        the Detection and a ComponentPlan per component present (unet always; vae, text_encoder if present).
+        the Detection and a ComponentPlan per component present (unet always; vae, text_encoder(s) if present).
     Raises:
         ConversionError naming tensors that belong to no component, or an unsupported / inconsistent file.
     """
@@ -147,24 +152,22 @@ def plan_single_file(
         use_ema=use_ema,
         metadata=metadata,
         global_step=global_step,
+        kind=kind,
     )
-    if found.family.value == "sdxl":
-        raise ConversionError(
-            f"this is an SDXL single file ({found.family.evidence}); SDXL conversion is not supported yet, "
-            "convert a diffusers SDXL folder instead"
-        )
-    text = _text_encoder(state, shapes, found)  # first: its layout names a wrong family most plainly
-    unet = _unet(state, shapes, found)
+    texts = _text_encoders(state, shapes, found)  # first: their layout names a wrong family most plainly
+    unet = _unet(state, shapes, found, texts)
     components = {"unet": unet}
     # The UNet claims its own tensors and, when they are used, their EMA copies.
     claimed = {UNET_PREFIX + k for k in unet.source} | set(unet.source.file_keys())
     vae_keys = _strip(shapes, VAE_PREFIX)
     if vae_keys:
         scale = float(np.asarray(state["scale_factor"]).reshape(())) if "scale_factor" in shapes else None
+        if scale is None and found.family.value.startswith("sdxl"):
+            scale = SDXL_SCALING_FACTOR
         components["vae"] = _vae(state, shapes, vae_keys, scale)
         claimed |= set(vae_keys.values())
-    if text is not None:
-        components["text_encoder"] = text
+    for name, text in texts.items():
+        components[name] = text
         claimed |= {text.prefix + k for k in text.source}
     _check_everything_claimed(shapes, claimed, found)
     return SingleFilePlan(found, components)
@@ -177,7 +180,7 @@ def _strip(shapes: Mapping, prefix: str) -> dict[str, str]:
 # --- UNet -------------------------------------------------------------------------------------------------
 
 
-def _unet(state, shapes, found: Detection) -> ComponentPlan:
+def _unet(state, shapes, found: Detection, texts: dict[str, ComponentPlan]) -> ComponentPlan:
     keys = _strip(shapes, UNET_PREFIX)
     if not keys:
         ema_only = any(k.startswith(EMA_PREFIX) for k in shapes)
@@ -193,6 +196,12 @@ def _unet(state, shapes, found: Detection) -> ComponentPlan:
     family = found.family.value
     heads = dict(num_heads=SD1_HEADS) if family == "sd1" else dict(head_channels=HEAD_CHANNELS)
     config = unet_config_from_shapes(relative, **heads)
+    if family.startswith("sdxl"):
+        if "text_encoder_2" not in texts:
+            raise ConversionError(
+                f"unet: an {family} UNet needs the pooled width of its bigG text tower, which the file does not hold"
+            )
+        config = sdxl_unet_config(config, family, texts["text_encoder_2"].config.projection_dim)
     if found.ema.value:
         keys = _ema_keys(shapes, keys)
     # Shapes cannot show the head count, so a wrong family would convert silently into wrong attention: refuse
@@ -205,7 +214,7 @@ def _unet(state, shapes, found: Detection) -> ComponentPlan:
             + ("drop the family override" if found.family.confidence == OVERRIDE else "pass the right --family")
         )
     hint = ""
-    if "label_emb.0.0.weight" in relative:
+    if "label_emb.0.0.weight" in relative and not family.startswith("sdxl"):
         hint = "label_emb.* is a class/image embedding (SD2 unCLIP?), which mlx-sd does not support."
     return _plan("unet", UNET_PREFIX, config, _View(state, keys, shapes), unet_rules(config), hint)
 
@@ -258,17 +267,21 @@ _SD2_TEXT_DROPS = [
 ]
 
 
-def _text_encoder(state, shapes, found: Detection) -> ComponentPlan | None:
+def _text_encoders(state, shapes, found: Detection) -> dict[str, ComponentPlan]:
+    """The file's text towers by component folder: text_encoder (SD1/SD2, SDXL's CLIP-L), text_encoder_2 (bigG)."""
     layout, family = found.text_encoder.value, found.family.value
     if layout is None:
-        return None
-    expected = {"sd1": ("clip",), "sd2": ("openclip", "openclip-sgm")}[family]
+        return {}
+    expected = {"sd1": ("clip",), "sd2": ("openclip", "openclip-sgm"), "sdxl": ("sdxl",),
+                "sdxl-refiner": ("openclip-sgm",)}[family]  # fmt: skip
     if layout not in expected:
         raise ConversionError(
             f"text encoder: family {family} expects {' or '.join(TEXT_PREFIXES[x] + '*' for x in expected)}, "
             f"but the file has {found.text_encoder.evidence}; "
             + ("drop the family override" if found.family.confidence == OVERRIDE else "pass the right --family")
         )
+    if family.startswith("sdxl"):
+        return _sdxl_text_encoders(state, shapes, family)
     prefix = TEXT_PREFIXES[layout]
     keys = _strip(shapes, prefix)
     relative = {k: shapes[v] for k, v in keys.items()}
@@ -283,7 +296,24 @@ def _text_encoder(state, shapes, found: Detection) -> ComponentPlan | None:
         tower = {k: v for k, v in relative.items() if k != "text_projection"}
         config = openclip_config(tower, keep_layers=keep, heads=width // OPENCLIP_HEAD_DIM)
         rules = _SD2_TEXT_DROPS + openclip_rules(drop_layers=range(keep, blocks))
-    return _plan("text_encoder", prefix, config, _View(state, keys, shapes), rules)
+    return {"text_encoder": _plan("text_encoder", prefix, config, _View(state, keys, shapes), rules)}
+
+
+def _sdxl_text_encoders(state, shapes, family: str) -> dict[str, ComponentPlan]:
+    """SDXL base: CLIP-L (text_encoder) and bigG (text_encoder_2); the refiner: bigG alone (convert/sgm.py)."""
+    plans = {}
+    if family == "sdxl":
+        keys = _strip(shapes, CLIP_L_PREFIX)
+        if not keys:
+            raise ConversionError(f"text encoder: no {CLIP_L_PREFIX}* tensors; the SDXL base file is incomplete")
+        config = _clip_config({k: shapes[v] for k, v in keys.items()})
+        plans["text_encoder"] = _plan("text_encoder", CLIP_L_PREFIX, config, _View(state, keys, shapes),
+                                      _SD1_TEXT_DROPS + CLIP_RULES)  # fmt: skip
+    prefix = BIG_G_PREFIX[family]
+    keys = _strip(shapes, prefix)
+    config = big_g_config(family, {k: shapes[v] for k, v in keys.items()})
+    plans["text_encoder_2"] = _plan("text_encoder_2", prefix, config, _View(state, keys, shapes), openclip_rules())
+    return plans
 
 
 def _clip_config(shapes: Mapping[str, tuple[int, ...]]) -> CLIPTextConfig:

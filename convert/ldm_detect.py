@@ -8,7 +8,8 @@ Prediction type, in order of trust:
 1. `prediction_type=` (the user's `--prediction-type`).
 2. A `v_pred` marker tensor (ComfyUI writes one when it saves a v-prediction model; `ztsnr` beside it means a
    zero-terminal-SNR schedule), or safetensors metadata `modelspec.prediction_type` (Stability's ModelSpec).
-3. The family: SD1.x and SDXL base models are epsilon models; SD2 inpainting models are epsilon models.
+3. The family: SD1.x and SDXL (base and refiner) models are epsilon models; SD2 inpainting models and SD-Turbo
+   (kind "turbo", convert/kind.py; Stability's sd_2_1.yaml: EpsScaling) are epsilon models.
 4. SD2 with 4 input channels: 512-base (epsilon) and 768-v (v) have the same tensors. diffusers treats the
    original `global_step` 875000 (512-base-ema.ckpt) as epsilon and everything else as v; ComfyUI
    (`supported_models.SD20.model_type`) calls it v when the population std of
@@ -20,14 +21,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 EPSILON, V_PREDICTION = "epsilon", "v_prediction"  # diffusers' scheduler names, as in convert/families.py
 PREDICTION_TYPES = (EPSILON, V_PREDICTION)
 _PREDICTION_ALIASES = {"eps": EPSILON, "epsilon": EPSILON, "v": V_PREDICTION, "v_prediction": V_PREDICTION}
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
 
 # Confidence levels, strongest first.
 OVERRIDE, CERTAIN, HIGH, MEDIUM, LOW = "override", "certain", "high", "medium", "low"
@@ -67,10 +68,12 @@ class Finding:
 
 @dataclass(frozen=True)
 class Detection:
-    """What a single-file checkpoint was found to be. `family`: sd1/sd2/sdxl; `text_encoder`: the layout
+    """What a checkpoint was found to be. `family`: sd1/sd2/sdxl/sdxl-refiner; `text_encoder`: the layout
     (clip, openclip, openclip-sgm, sdxl, or None); `in_channels`: 4, or 9 for inpainting; `ema`: whether the
     UNet weights come from the file's EMA copy; `dtype`: the UNet's stored float type; `prediction_type`:
-    epsilon or v_prediction."""
+    epsilon or v_prediction. `kind`: standard, turbo or lcm (convert/kind.py). SDXL only (None otherwise):
+    `force_zeros_for_empty_prompt` (zero negative conditioning for an empty negative prompt) and
+    `requires_aesthetics_score` (the refiner's micro-conditioning), as the diffusers pipelines read them."""
 
     family: Finding
     text_encoder: Finding
@@ -78,6 +81,9 @@ class Detection:
     ema: Finding
     dtype: Finding
     prediction_type: Finding
+    kind: Finding | None = None
+    force_zeros_for_empty_prompt: Finding | None = None
+    requires_aesthetics_score: Finding | None = None
 
     @property
     def inpainting(self) -> bool:
@@ -85,7 +91,7 @@ class Detection:
 
     def summary(self) -> str:
         """One line per finding, for the CLI and the manifest."""
-        names = ("family", "text_encoder", "in_channels", "ema", "dtype", "prediction_type")
+        names = [f.name for f in fields(self) if getattr(self, f.name) is not None]
         return "\n".join(f"{name}: {getattr(self, name)}" for name in names)
 
 
@@ -106,6 +112,7 @@ def detect(
     use_ema: bool = True,
     metadata: Mapping[str, str] | None = None,
     global_step: int | None = None,
+    kind: Finding | None = None,
 ) -> Detection:
     """Detect what an original-layout checkpoint holds.
 
@@ -117,6 +124,7 @@ def detect(
         use_ema: take the UNet from the EMA copy when the file has one.
         metadata: safetensors `__metadata__`, if any.
         global_step: the original training step stored beside the state dict in `.ckpt` files, if any.
+        kind: what convert/kind.py found (a Turbo SD 2.x file predicts epsilon), recorded in the Detection.
     Returns:
         a Detection; each Finding says how it was decided.
     """
@@ -124,7 +132,10 @@ def detect(
     text = _text_layout(shapes)
     fam = _family(unet_shapes, text, family)
     channels = _in_channels(unet_shapes)
-    prediction = _prediction_type(state, shapes, fam.value, channels.value, prediction_type, metadata, global_step)
+    prediction = _prediction_type(
+        state, shapes, fam.value, channels.value, prediction_type, metadata, global_step, kind
+    )
+    sdxl = sdxl_pipeline_flags(fam.value, "the SDXL base layout (two text towers)", "the refiner layout (bigG only)")
     return Detection(
         family=fam,
         text_encoder=text,
@@ -132,7 +143,24 @@ def detect(
         ema=_ema(shapes, use_ema),
         dtype=_dtype(shapes, dtypes),
         prediction_type=prediction,
+        kind=kind,
+        **sdxl,
     )
+
+
+def sdxl_pipeline_flags(family: str, base_evidence: str, refiner_evidence: str) -> dict[str, Finding]:
+    """The diffusers pipeline flags of an SDXL model without a model_index.json, as the published folders set
+    them: base (StableDiffusionXLPipeline) zeroes the negative conditioning of an empty negative prompt; the
+    refiner's model_index.json sets force_zeros_for_empty_prompt=false, requires_aesthetics_score=true."""
+    if family == "sdxl":
+        why = f"{base_evidence}: as stabilityai/stable-diffusion-xl-base-1.0's model_index.json"
+        return {"force_zeros_for_empty_prompt": Finding(True, HIGH, why),
+                "requires_aesthetics_score": Finding(False, HIGH, why)}  # fmt: skip
+    if family == "sdxl-refiner":
+        why = f"{refiner_evidence}: as stabilityai/stable-diffusion-xl-refiner-1.0's model_index.json"
+        return {"force_zeros_for_empty_prompt": Finding(False, HIGH, why),
+                "requires_aesthetics_score": Finding(True, HIGH, why)}  # fmt: skip
+    return {}
 
 
 def _text_layout(shapes: Mapping) -> Finding:
@@ -148,8 +176,10 @@ def _text_layout(shapes: Mapping) -> Finding:
 def _family(unet: Mapping, text: Finding, override: str | None) -> Finding:
     votes: list[tuple[str, str]] = []  # (family, evidence)
     if text.value == "sdxl" or ("label_emb.0.0.weight" in unet and text.value == "openclip-sgm"):
-        refiner = "label_emb.* and OpenCLIP under conditioner.embedders.0: the SDXL refiner"
-        return overridden(override, Finding("sdxl", HIGH, text.evidence if text.value == "sdxl" else refiner))
+        if text.value == "sdxl":
+            return overridden(override, Finding("sdxl", HIGH, text.evidence))
+        refiner = "label_emb.* and OpenCLIP under conditioner.embedders.0 alone: the SDXL refiner"
+        return overridden(override, Finding("sdxl-refiner", HIGH, refiner))
     if text.value == "clip":
         votes.append(("sd1", "OpenAI CLIP text encoder (cond_stage_model.transformer)"))
     elif text.value in ("openclip", "openclip-sgm"):
@@ -208,7 +238,7 @@ def _dtype(shapes: Mapping, dtypes: Mapping[str, str]) -> Finding:
     return Finding(value, CERTAIN, "UNet tensors: " + ", ".join(f"{n} {d}" for d, n in counts.most_common()))
 
 
-def _prediction_type(state, shapes, family, in_channels, override, metadata, global_step) -> Finding:
+def _prediction_type(state, shapes, family, in_channels, override, metadata, global_step, kind) -> Finding:
     if override is not None:
         return Finding(normalize_prediction_type(override), OVERRIDE, "set by the caller")
     if "v_pred" in shapes:
@@ -217,10 +247,13 @@ def _prediction_type(state, shapes, family, in_channels, override, metadata, glo
     spec = (metadata or {}).get("modelspec.prediction_type")
     if spec in _PREDICTION_ALIASES:
         return Finding(_PREDICTION_ALIASES[spec], HIGH, f"metadata modelspec.prediction_type={spec!r}")
-    if family in ("sd1", "sdxl"):
+    if family in ("sd1", "sdxl", "sdxl-refiner"):
         return Finding(EPSILON, HIGH, f"{family} models predict epsilon unless marked (no v_pred marker)")
     if in_channels == 9:
         return Finding(EPSILON, HIGH, "SD2 inpainting models predict epsilon")
+    if kind is not None and kind.value == "turbo":
+        return Finding(EPSILON, MEDIUM, "SD-Turbo predicts epsilon (Stability's sd_2_1.yaml: EpsScaling); kind turbo: "
+                                        f"{kind.evidence}")  # fmt: skip
     if global_step is not None:
         if global_step == SD2_BASE_GLOBAL_STEP:
             return Finding(EPSILON, MEDIUM, f"global_step {global_step}: the original SD2 512-base checkpoint")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mlx_sd.tokenizer import CLIPTokenizer
 
+from .families import family_config
 from .keymap import ComponentPlan
 from .ldm_detect import Detection, Finding
 
@@ -61,7 +62,16 @@ class ModelPlan:
         return self.detection.prediction_type.value
 
     def with_vae(self, vae: VAESource) -> ModelPlan:
-        return replace(self, components={**self.components, "vae": vae.plan}, vae=vae)
+        """This model with `vae` as its VAE. A VAE file carries no latent scale (it lives in the original yaml):
+        it takes this model's (SDXL: 0.13025, SD 1.x/2.x: 0.18215), which a VAE swap must not change."""
+        plan = vae.plan
+        if not vae.scale_known:
+            own = self.components.get("vae")
+            scale = (
+                own.config.scaling_factor if own is not None else family_config(self.family, "vae")["scaling_factor"]
+            )
+            plan = replace(plan, config=replace(plan.config, scaling_factor=scale))
+        return replace(self, components={**self.components, "vae": plan}, vae=replace(vae, plan=plan))
 
 
 def stored_dtype(header) -> str | None:
@@ -79,3 +89,4 @@ class VAESource:
     files: SourceFiles
     finding: Finding
     dtype: str | None  # how its weights are stored (most of them), e.g. "float32"
+    scale_known: bool = True  # False for files, whose latent scaling factor the model supplies (`with_vae`)

@@ -14,6 +14,7 @@ from mlx_sd.tokenizer import CLIPTokenizer
 
 from .families import TEXT_TOWERS, scheduler_config
 from .keymap import ConversionError
+from .kind import detect_kind
 from .ldm import plan_single_file, plan_vae_file
 from .ldm_detect import OVERRIDE, Finding
 from .plan import ModelPlan, SourceFiles, VAESource, stored_dtype
@@ -29,13 +30,18 @@ def _header(checkpoint: Checkpoint) -> tuple[dict, dict]:
 
 
 def plan_file(
-    path: Path, *, family: str | None = None, prediction_type: str | None = None, use_ema: bool = True
+    path: Path,
+    *,
+    family: str | None = None,
+    prediction_type: str | None = None,
+    use_ema: bool = True,
+    kind: str | None = None,
 ) -> ModelPlan:
     """Open an original-layout checkpoint and plan its conversion (nothing but the header is read).
 
     Args:
         path: the checkpoint file.
-        family, prediction_type: overrides of what detection finds.
+        family, prediction_type, kind: overrides of what detection finds (kind: convert/kind.py).
         use_ema: take the UNet's EMA weights when the file has them.
     Returns:
         the plan; `components` may lack "vae" when the file has none (the caller then needs a separate VAE).
@@ -44,6 +50,7 @@ def plan_file(
     """
     checkpoint = open_checkpoint(path)
     shapes, dtypes = _header(checkpoint)
+    found_kind = detect_kind(path.stem, override=kind, metadata=checkpoint.metadata, shapes=shapes)
     plan = plan_single_file(
         checkpoint,
         shapes=shapes,
@@ -53,11 +60,12 @@ def plan_file(
         use_ema=use_ema,
         metadata=checkpoint.metadata,
         global_step=checkpoint.global_step,
+        kind=found_kind,
     )
     found = plan.detection
-    if "text_encoder" not in plan.components:
+    if not {"text_encoder", "text_encoder_2"} & set(plan.components):
         raise ConversionError(
-            f"{path}: the file has no text encoder (cond_stage_model.*), only "
+            f"{path}: the file has no text encoder (cond_stage_model.* / conditioner.embedders.*), only "
             f"{', '.join(plan.components)}; convert the full checkpoint, not a UNet-only export"
         )
     tokenizers = {
@@ -75,7 +83,7 @@ def plan_file(
         detection=found,
         components=dict(plan.components),
         tokenizers=tokenizers,
-        scheduler=scheduler_config(found.family.value, found.prediction_type.value),
+        scheduler=scheduler_config(found.family.value, found.prediction_type.value, found_kind.value),
         files=SourceFiles(path.parent, (path.name,)),
         details=details,
     )
@@ -87,4 +95,6 @@ def plan_vae_single_file(path: Path) -> VAESource:
     shapes, _ = _header(checkpoint)
     plan = plan_vae_file(checkpoint, shapes)
     finding = Finding(path.name, OVERRIDE, f"original-layout VAE file {path.name}")
-    return VAESource(path.stem, plan, SourceFiles(path.parent, (path.name,)), finding, stored_dtype(checkpoint))
+    return VAESource(
+        path.stem, plan, SourceFiles(path.parent, (path.name,)), finding, stored_dtype(checkpoint), scale_known=False
+    )

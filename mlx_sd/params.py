@@ -37,8 +37,9 @@ FAMILY_DEFAULTS = {
     "sdxl": FamilyDefaults(1024, 1024, 20, 7.0, "DPM++ 2M"),
     "sdxl-refiner": FamilyDefaults(1024, 1024, 20, 7.0, "DPM++ 2M"),
 }
-# Distilled models run in a few steps without classifier-free guidance.
-TURBO_DEFAULTS = {"steps": 1, "guidance": 0.0, "sampler": "Euler a"}
+# Distilled models run in a few steps without classifier-free guidance. SD-Turbo and SDXL-Turbo were distilled at
+# 512x512 (Stability's turbo demo: "H": 512, "W": 512 for both) and for 1-4 steps of Euler ancestral.
+TURBO_DEFAULTS = {"steps": 1, "guidance": 0.0, "sampler": "Euler a", "width": 512, "height": 512}
 LCM_DEFAULTS = {"steps": 4, "guidance": 1.0, "sampler": "LCM"}
 
 
@@ -74,6 +75,8 @@ class GenerationRequest:
         paste_back (composite the result over the original outside the mask).
     SDXL micro-conditioning: original_size, crops_coords_top_left, target_size (height, width pairs; default: the
         generation size, (0, 0)), aesthetic_score / negative_aesthetic_score (refiner).
+    Refiner (a `Pipeline` holding a refiner model): refiner_switch_at, the fraction of the schedule after which the
+        refiner takes over (A1111's "Switch at"; diffusers' denoising_end/denoising_start; None: 0.8, 1: never).
     Memory: tiled_vae (None: tile above 1024x1024 pixels), low_memory (free the text encoders after encoding).
     """
 
@@ -107,6 +110,7 @@ class GenerationRequest:
     target_size: tuple[int, int] | None = None
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    refiner_switch_at: float | None = None
     tiled_vae: bool | None = None
     low_memory: bool = False
 
@@ -154,6 +158,10 @@ class GenerationRequest:
             (self.mask is None or self.init_image is not None, "a mask needs an init_image to inpaint"),
             (self.mask_blur >= 0 and self.inpaint_padding >= 0, "mask_blur and inpaint_padding must be >= 0"),
             (self.seed is None or -(2**63) <= self.seed < 2**64, f"seed={self.seed}: out of range"),
+            (
+                self.refiner_switch_at is None or 0.0 < self.refiner_switch_at <= 1.0,
+                f"refiner_switch_at={self.refiner_switch_at}: must be in (0, 1] (1 = never switch)",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,6 +30,7 @@ from .infotext import format_infotext
 from .lora import AppliedLoRA, LoRA, LoRAState, lora_hashes, lora_networks, lora_targets, parse_lora_tags
 from .model import StableDiffusion
 from .params import GenerationRequest, defaults_for
+from .refiner import DEFAULT_SWITCH_AT, check_refiner, handoff
 from .rng import make_noise
 from .samplers import SamplingPlan, plan_sampling
 from .schedules import NoiseSchedule
@@ -119,19 +120,29 @@ class Result:
 
 
 class Pipeline:
-    """Generates images with one loaded model. Thread-safe for use from one worker at a time.
+    """Generates images with one loaded model (and optionally a refiner). Thread-safe for use from one worker at a
+    time.
 
     Args:
         model: a `StableDiffusion` or the path of a converted model folder.
+        refiner: a model that takes over the last part of the schedule (SDXL's refiner; mlx_sd/refiner.py), used
+            from `request.refiner_switch_at` on (default 0.8), or None. LoRAs and embeddings apply to `model` only.
         lora_resolver: resolves `<lora:name:weight>` in prompts: (name, `lora_targets(model)`) -> `LoRA`, e.g.
             `mlx_sd_convert.library.LoraLibrary(folder)`; None: such prompts are refused.
     """
 
-    def __init__(self, model: StableDiffusion | str | Path, lora_resolver=None):
+    def __init__(
+        self,
+        model: StableDiffusion | str | Path,
+        refiner: StableDiffusion | str | Path | None = None,
+        lora_resolver=None,
+    ):
         self.model = model if isinstance(model, StableDiffusion) else StableDiffusion(model)
-        # diffusers' SD pipelines force these two on load (outdated hub configs); so do we.
-        config = {**self.model.scheduler_config, "clip_sample": False, "steps_offset": 1}
-        self.schedule = NoiseSchedule.from_config(config)
+        self.schedule = _schedule(self.model)
+        self.refiner = None
+        if refiner is not None:
+            self.refiner = refiner if isinstance(refiner, StableDiffusion) else StableDiffusion(refiner)
+            check_refiner(self.model, self.refiner, self.schedule, _schedule(self.refiner))
         self.lora_resolver = lora_resolver
         self.loras: list[AppliedLoRA] = []  # applied to every request, beside the prompt's <lora:...> tags
         self.embeddings: list[Embedding] = []
@@ -198,6 +209,8 @@ class Pipeline:
         """
         seed = request.seed if request.seed is not None else secrets.randbits(32)
         request = request.resolved(self.defaults, seed)
+        request = replace(request, refiner_switch_at=self._switch_at(request))
+        refining = request.refiner_switch_at is not None and request.refiner_switch_at < 1.0
         control = control or Control()
         start = time.perf_counter()
         timings: dict[str, float] = {}
@@ -205,6 +218,8 @@ class Pipeline:
         loras, embeddings = self._activate(request)
 
         cond, uncond = self._encode_prompts(request)
+        if refining:
+            refiner_cond, refiner_uncond = self._encode_prompts(request, self.refiner)
         timings["text"] = time.perf_counter() - start
 
         images, seeds = [], []
@@ -214,6 +229,11 @@ class Pipeline:
             noise = make_noise(request.rng, first, request.batch_size, per_image=True)
             x, init = self._initial_latents(request, plan, noise)
             model_fn = self._model_fn(request, cond, uncond, init, request.batch_size)
+            if refining:
+                refiner_fn = self._model_fn(
+                    request, refiner_cond, refiner_uncond, None, request.batch_size, self.refiner
+                )
+                model_fn = handoff(model_fn, refiner_fn, self.schedule, request.refiner_switch_at)
             sampler = plan.sample(model_fn, x, noise)
             control._skip.clear()
             steps = plan.steps
@@ -230,7 +250,8 @@ class Pipeline:
             if init is not None and init.mask is not None and self.model.unet.config.in_channels == 4:
                 latents = init.mask * latents + (1 - init.mask) * init.image_latents  # the known region, exact
             t_decode = time.perf_counter()
-            decoded = to_pil(self._decode(latents, request))
+            # The model that finished the image decodes it (diffusers' refiner pipeline, A1111).
+            decoded = to_pil(self._decode(latents, request, self.refiner if refining else self.model))
             timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t_decode
             if init is not None:
                 decoded = [restore_output(init, image) for image in decoded]
@@ -259,20 +280,34 @@ class Pipeline:
             strength=strength, follow=request.follow, **options,
         )  # fmt: skip
 
-    def _encode_prompts(self, request: GenerationRequest) -> tuple[Conditioning, Conditioning | None]:
-        text = self.model.text_encoder()
+    def _switch_at(self, request: GenerationRequest) -> float | None:
+        """The refiner's switch point (None without a refiner), validated before any work."""
+        if self.refiner is None:
+            if request.refiner_switch_at is not None:
+                raise ValueError("refiner_switch_at needs a refiner: Pipeline(model, refiner=refiner_model)")
+            return None
+        if request.mask is not None:
+            raise ValueError("inpainting with a refiner is not supported; inpaint with the base model, then refine "
+                             "the result with img2img")  # fmt: skip
+        return DEFAULT_SWITCH_AT if request.refiner_switch_at is None else request.refiner_switch_at
+
+    def _encode_prompts(
+        self, request: GenerationRequest, model: StableDiffusion | None = None
+    ) -> tuple[Conditioning, Conditioning | None]:
+        model = model or self.model
+        text = model.text_encoder()
         prompts = [parse_lora_tags(request.prompt)[0]] * request.batch_size
         guided = self._guided(request)
         negatives = [parse_lora_tags(request.negative_prompt)[0]] * request.batch_size if guided else None
         cond, uncond = text.encode(prompts, negatives, request.clip_skip)
-        if guided and self.model.info.force_zeros_for_empty_prompt and not request.negative_prompt:
+        if guided and model.info.force_zeros_for_empty_prompt and not request.negative_prompt:
             # SDXL base (diffusers): an empty negative prompt means zero conditioning, not the encoded "".
             uncond = Conditioning(
                 mx.zeros_like(uncond.context), None if uncond.pooled is None else mx.zeros_like(uncond.pooled)
             )
         mx.eval(cond.context, *(() if uncond is None else (uncond.context,)))
         if request.low_memory:
-            self.model.release_text_encoders()
+            model.release_text_encoders()
         return cond, uncond
 
     def _guided(self, request: GenerationRequest) -> bool:
@@ -299,15 +334,16 @@ class Pipeline:
         known = plan.noised_latents(init.image_latents, init.noise, step)
         return init.mask * x + (1 - init.mask) * known
 
-    def _model_fn(self, request, cond: Conditioning, uncond: Conditioning | None, init, B: int):
-        unet = self.model.unet
-        dtype = self.model.dtype
+    def _model_fn(self, request, cond: Conditioning, uncond: Conditioning | None, init, B: int, model=None):
+        model = model or self.model
+        unet = model.unet
+        dtype = model.dtype
         guided = uncond is not None
         context = mx.concatenate([uncond.context, cond.context]) if guided else cond.context
         pooled, time_ids = None, None
         if unet.config.addition_time_embed_dim is not None:
             pooled = mx.concatenate([uncond.pooled, cond.pooled]) if guided else cond.pooled
-            time_ids = self._time_ids(request, guided, B)
+            time_ids = self._time_ids(request, guided, B, model.info.requires_aesthetics_score)
         extra = None
         if init is not None and unet.config.in_channels == 9:
             extra = mx.concatenate([init.mask, init.masked_latents], axis=-1)  # (B, h, w, 5)
@@ -326,13 +362,13 @@ class Pipeline:
             return model
         return classifier_free_guidance(model, request.guidance, request.guidance_rescale)
 
-    def _time_ids(self, request: GenerationRequest, guided: bool, B: int) -> mx.array:
+    def _time_ids(self, request: GenerationRequest, guided: bool, B: int, aesthetic: bool) -> mx.array:
         """SDXL micro-conditioning: (original size, crop top-left, target size), or the refiner's aesthetic score."""
         size = (request.height, request.width)
         original = tuple(request.original_size or size)
         target = tuple(request.target_size or size)
         crop = tuple(request.crops_coords_top_left)
-        if self.model.info.requires_aesthetics_score:
+        if aesthetic:
             positive = original + crop + (request.aesthetic_score,)
             negative = original + crop + (request.negative_aesthetic_score,)
         else:
@@ -350,8 +386,8 @@ class Pipeline:
         sample = dist.sample(noise=noise.normal((B, c, h, w), dtype=dist.mean.dtype).transpose(0, 2, 3, 1))
         return sample * vae.config.scaling_factor
 
-    def _decode(self, latents: mx.array, request: GenerationRequest) -> mx.array:
-        vae = self.model.vae
+    def _decode(self, latents: mx.array, request: GenerationRequest, model: StableDiffusion) -> mx.array:
+        vae = model.vae
         z = latents.astype(mx.float32) / vae.config.scaling_factor
         tile = request.tiled_vae
         if tile is None:
@@ -360,7 +396,7 @@ class Pipeline:
         mx.eval(images)
         if vae.dtype != mx.float32 and not mx.all(mx.isfinite(images)).item():
             # float16 VAEs (SDXL's above all) overflow; decode again in float32 and keep it there.
-            vae = self.model.vae = self.model.load_vae(mx.float32)
+            vae = model.vae = model.load_vae(mx.float32)
             images = tiled_decode(vae, z) if tile else vae.decode(z)
         return images
 
@@ -368,6 +404,7 @@ class Pipeline:
         """A1111's infotext. LoRAs set from Python/CLI are written as `<lora:name:weight>` tags after the prompt (how
         A1111 records every LoRA), with "Lora hashes"; embeddings named in the prompts give "TI hashes"."""
         info = self.model.info
+        refining = self.refiner is not None and (request.refiner_switch_at or 1.0) < 1.0
         params = {
             "Steps": request.steps,
             "Sampler": plan.sampler.name,
@@ -379,6 +416,8 @@ class Pipeline:
             "Model": info.name,
             "Denoising strength": request.strength if request.init_image is not None else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            "Refiner": self.refiner.info.name if refining else None,
+            "Refiner switch at": request.refiner_switch_at if refining else None,
             "RNG": {"torch-cpu": "CPU", "mlx": "MLX"}.get(request.rng, request.rng),
             "Lora hashes": lora_hashes(loras),
             "TI hashes": ti_hashes(embeddings),
@@ -387,6 +426,11 @@ class Pipeline:
         tags = " ".join(a.tag() for a in loras if not a.mentioned)
         prompt = f"{request.prompt} {tags}" if tags and request.prompt else request.prompt or tags
         return format_infotext(prompt, request.negative_prompt, params)
+
+
+def _schedule(model: StableDiffusion) -> NoiseSchedule:
+    # diffusers' SD pipelines force these two on load (outdated hub configs); so do we.
+    return NoiseSchedule.from_config({**model.scheduler_config, "clip_sample": False, "steps_offset": 1})
 
 
 def guidance_embedding(w: float, dim: int, batch: int) -> mx.array:

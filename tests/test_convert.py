@@ -260,14 +260,16 @@ def test_single_file_and_diffusers_folder_of_the_same_weights_convert_identicall
     assert pad == CLIPTokenizer.from_folder(tmp_path / "from-file" / "tokenizer").pad_token_id
 
 
-def test_sdxl_folders_are_recognised_and_refused_for_now(tmp_path):
+def test_inconsistent_sdxl_folder_is_refused(tmp_path):
+    """An SD1 folder with a second (projection-less) text encoder added: recognised as SDXL, refused with the reason
+    (SDXL folders convert: tests/test_sdxl_convert.py)."""
     folder = write_diffusers_folder(tmp_path / "xl", tiny_reference())
     index = json.loads((folder / "model_index.json").read_text())
     index |= {"text_encoder_2": ["transformers", "CLIPTextModel"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}
     (folder / "model_index.json").write_text(json.dumps(index))
     shutil.copytree(folder / "text_encoder", folder / "text_encoder_2")
     shutil.copytree(folder / "tokenizer", folder / "tokenizer_2")
-    with pytest.raises(ConversionError, match=r"this is an SDXL model \(text_encoder_2.*SD 1\.x and 2\.x so far"):
+    with pytest.raises(ConversionError, match=r"an SDXL folder needs text_encoder_2 with a projection"):
         convert(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

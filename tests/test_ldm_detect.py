@@ -154,14 +154,15 @@ def test_foreign_tensors_are_named_with_a_cause():
         plan_single_file(diffusers_like)
 
 
-def test_sdxl_is_detected_and_refused_for_now():
+def test_sdxl_marker_without_the_sdxl_towers_is_refused():
+    """A file with SDXL's second conditioner tower but no CLIP-L: detected as SDXL, refused as incomplete."""
     state = {
         **original("sd2").state,
         "conditioner.embedders.1.model.positional_embedding": np.zeros((77, 128), np.float32),
     }
     found = _detect(state)
     assert found.family.value == "sdxl"
-    with pytest.raises(ConversionError, match="SDXL"):
+    with pytest.raises(ConversionError, match="SDXL base file is incomplete"):
         plan_single_file(state)
 
 
