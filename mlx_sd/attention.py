@@ -16,8 +16,6 @@ Models call `attention()` and never reshape heads themselves.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import mlx.core as mx
 import numpy as np
 
@@ -32,8 +30,6 @@ SCORE_BLOCK_BYTES = 4 * 2**20
 SHIFT_SAMPLE_KEYS = 64
 # Below this many scores (B * heads * N * M) the blocked path's set-up costs more than it saves.
 BLOCKED_MIN_SCORES = 2**18
-
-_pool: ThreadPoolExecutor | None = None
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, mask: mx.array | str | None = None) -> mx.array:
@@ -127,15 +123,8 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
                 o = _exact_rows(q1[i, r : r + n, :d], k1[i, :, :d], v1[i])
             out[b, r : r + n, h] = o[:, :d] / o[:, d:]
 
-    global _pool
-    if workers < 2 or len(tasks) < 2:
-        for t in tasks:
-            run(t)
-    else:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="mlx_sd_attention")
-        with backend.numpy_blas_single_threaded():
-            list(_pool.map(run, tasks))
+    with backend.numpy_blas_single_threaded():
+        backend.cpu_map(run, tasks)
     return mx.array(out.reshape(B, N, C))
 
 

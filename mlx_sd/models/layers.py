@@ -9,6 +9,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .. import backend
 from ..attention import attention
@@ -78,46 +79,71 @@ _geglu_cpu = mx.compile(lambda value, gate: value * _gelu_rational(gate), shapel
 
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x)."""
-    return _silu_cpu(x) if backend.rational_activations() else nn.silu(x)
+    return _silu_cpu(x) if backend.activations() == "cpu" else nn.silu(x)
 
 
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU, as torch's default."""
-    return _gelu_cpu(x) if backend.rational_activations() else nn.gelu(x)
+    return _gelu_cpu(x) if backend.activations() == "cpu" else nn.gelu(x)
 
 
 def quick_gelu(x: mx.array) -> mx.array:
     """x * sigmoid(1.702 x), the GELU approximation OpenAI's CLIP was trained with."""
-    return _quick_gelu_cpu(x) if backend.rational_activations() else x * mx.sigmoid(1.702 * x)
+    return _quick_gelu_cpu(x) if backend.activations() == "cpu" else x * mx.sigmoid(1.702 * x)
 
 
 def geglu(value: mx.array, gate: mx.array) -> mx.array:
     """value * gelu(gate), the GEGLU feed-forward's gating (Shazeer 2020)."""
-    return _geglu_cpu(value, gate) if backend.rational_activations() else value * nn.gelu(gate)
+    return _geglu_cpu(value, gate) if backend.activations() == "cpu" else value * nn.gelu(gate)
 
 
 # --- normalisation ----------------------------------------------------------------------------------------------
 
-
-def _normalize(x: mx.array, mean: mx.array, rstd: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-    return ((x.astype(mx.float32) - mean) * rstd).astype(x.dtype) * weight + bias
-
-
-# Normalisation, affine and (optionally) SiLU as one compiled elementwise pass; keyed by the SiLU flavour.
-_NORMALIZE = {
-    None: mx.compile(_normalize, shapeless=True),
-    "rational": mx.compile(lambda *a: _silu_rational(_normalize(*a)), shapeless=True),
-    "builtin": mx.compile(lambda *a: nn.silu(_normalize(*a)), shapeless=True),
+# torch's CPU GroupNorm folds the statistics and the affine into one scale and shift per channel,
+# y = x * (rstd * weight) + (bias - mean * rstd * weight); so do we, as one compiled pass over x.
+_affine = mx.compile(lambda x, scale, shift: x * scale + shift, shapeless=True)
+_affine_silu = {
+    "rational": mx.compile(lambda x, scale, shift: _silu_rational(x * scale + shift), shapeless=True),
+    "builtin": mx.compile(lambda x, scale, shift: nn.silu(x * scale + shift), shapeless=True),
 }
-_centred_square = mx.compile(lambda x, mean: mx.square(x.astype(mx.float32) - mean), shapeless=True)
+_centred_square = mx.compile(lambda x, mean: mx.square(x - mean), shapeless=True)
+# Per-channel sums run over row blocks of this many pixels first, then over the blocks: float32 sums of a million
+# values (a 512x512 VAE group) keep ~1e-7 relative accuracy this way instead of drifting with one long running sum.
+_SUM_BLOCK = 1024
+
+
+def _channel_sums(x: mx.array) -> mx.array:
+    """(B, P, C) -> (B, C) sums over P, in float32."""
+    B, P, C = x.shape
+    if P > _SUM_BLOCK and P % _SUM_BLOCK == 0:
+        return x.reshape(B, P // _SUM_BLOCK, _SUM_BLOCK, C).sum(axis=2).sum(axis=1)
+    return x.sum(axis=1)
+
+
+def _silu_numpy_inplace(y: mx.array) -> mx.array:
+    """y * sigmoid(y) into y's own buffer by numpy across cores; y must be fresh and referenced nowhere else."""
+    mx.eval(y)
+    backend.cpu_map_inplace(_silu_block, np.asarray(y).reshape(-1))
+    return y
+
+
+def _silu_block(x: np.ndarray) -> None:
+    for start in range(0, x.size, 2**14):  # cache-sized pieces: four passes, each finding the data in L1/L2
+        chunk = x[start : start + 2**14]
+        t = np.negative(chunk)
+        with np.errstate(over="ignore"):  # exp(-x) = inf for x < -88 gives x / inf = -0, as torch's silu
+            np.exp(t, out=t)
+        t += 1
+        np.divide(chunk, t, out=chunk)
 
 
 class GroupNorm(nn.Module):
     """torch.nn.GroupNorm over channels-last input, statistics in float32, optionally followed by SiLU.
 
     Two-pass variance (mean first, then the mean of squared deviations): the one-pass E[x^2] - E[x]^2 loses
-    ~4e-5 relative accuracy at full-size VAE resolutions, where groups hold millions of values. The normalisation,
-    affine and SiLU run as one compiled elementwise pass.
+    ~4e-5 relative accuracy at full-size VAE resolutions, where groups hold millions of values. Statistics are
+    reduced per channel (a contiguous column sum, ~5x faster in MLX than reducing a group's strided channels) and
+    then per group; normalisation and affine are one pass, SiLU a second one by numpy on CPU (see activations).
     """
 
     def __init__(self, num_groups: int, dims: int, eps: float = 1e-5):
@@ -129,14 +155,24 @@ class GroupNorm(nn.Module):
 
     def __call__(self, x: mx.array, silu: bool = False) -> mx.array:
         shape = x.shape
-        G = self.num_groups
-        groups = x.reshape(shape[0], -1, G, shape[-1] // G)  # (B, H*W, G, C/G), a view
-        mean = groups.astype(mx.float32).mean(axis=(1, 3), keepdims=True)  # (B, 1, G, 1)
-        var = _centred_square(groups, mean).mean(axis=(1, 3), keepdims=True)
-        rstd = mx.rsqrt(var + self.eps)
-        weight, bias = self.weight.reshape(G, -1), self.bias.reshape(G, -1)  # (G, C/G), broadcast over (B, H*W)
-        flavour = ("rational" if backend.rational_activations() else "builtin") if silu else None
-        return _NORMALIZE[flavour](groups, mean, rstd, weight, bias).reshape(shape)
+        B, C, G = shape[0], shape[-1], self.num_groups
+        flat = x.reshape(B, -1, C).astype(mx.float32)  # (B, P, C)
+        count = flat.shape[1] * (C // G)
+
+        def per_channel(group_values: mx.array) -> mx.array:  # (B, G) -> (B, 1, C)
+            return mx.repeat(group_values, C // G, axis=-1)[:, None, :]
+
+        mean = per_channel(_channel_sums(flat).reshape(B, G, -1).sum(axis=-1) / count)
+        var = _channel_sums(_centred_square(flat, mean)).reshape(B, G, -1).sum(axis=-1) / count
+        scale = per_channel(mx.rsqrt(var + self.eps)) * self.weight.astype(mx.float32)  # (B, 1, C)
+        shift = self.bias.astype(mx.float32) - mean * scale
+        if not silu:
+            return _affine(flat, scale, shift).astype(x.dtype).reshape(shape)
+        mode = backend.activations()
+        if mode == "cpu" and x.dtype == mx.float32:
+            return _silu_numpy_inplace(_affine(flat, scale, shift)).reshape(shape)
+        flavour = "rational" if mode == "cpu" else "builtin"
+        return _affine_silu[flavour](flat, scale, shift).astype(x.dtype).reshape(shape)
 
 
 class Attention(nn.Module):
