@@ -118,6 +118,7 @@ class MLXSide:
         del converted
         self.models[component] = load_component(f"{folder}-fp32")
         mx.eval(self.models[component].parameters())
+        mlx_sd.backend.release_cpu_memory()  # the conversion's transient copies, kept by the tuned malloc
         return {"rss_mb": rss_mb("VmRSS")}
 
     def forward(self, component: str, inputs: dict[str, np.ndarray]):

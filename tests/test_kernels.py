@@ -106,3 +106,15 @@ def test_group_norm_matches_torch(silu, dtype, tol):
     )
     expected = (F.silu(t) if silu else t).permute(0, 2, 3, 1).numpy()
     assert_close(got, expected, tol, "group norm")
+
+
+def test_conv_row_strips_match_torch(monkeypatch):
+    """Large 3x3 convolutions run in row strips (bounded unfold buffer); uneven strips included."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 23, 9, 16)).astype(np.float32)
+    conv = layers.Conv2d(16, 8, 3, padding=1)
+    monkeypatch.setattr(layers, "CONV_UNFOLD_BYTES", 2 * 5 * 9 * 16 * 9 * 4)  # 5-row strips: 5 strips, last of 3
+    got = conv(mx.array(x))
+    w = torch.from_numpy(np.array(conv.weight)).permute(0, 3, 1, 2)
+    ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), w, torch.from_numpy(np.array(conv.bias)), padding=1)
+    assert_close(got, ref.permute(0, 2, 3, 1).numpy(), 1e-6, "strip conv")
