@@ -11,6 +11,7 @@ their weights; the mlx side converts those same weights, so both compute the sam
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,13 @@ def attention_inputs(B: int, N: int, M: int, C: int, seed: int = 0) -> list[np.n
 # --- memory -----------------------------------------------------------------------------------------------------
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads: less sensitive than wall time to other programs' load
+    (though BLAS and OpenMP threads that spin while waiting count as busy)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def reset_peak_rss() -> None:
     """Reset the kernel's resident-set high-water mark (Linux: clear_refs 5), so each stage reports its own peak."""
     try:
@@ -103,20 +111,29 @@ class MLXSide:
     def __init__(self):
         self.models = {}
 
-    def setup(self, component: str, family: str, weights: str, folder: str) -> dict:
+    def setup(self, component: str, family: str, weights: str, folder: str, save: bool = True) -> dict:
+        from mlx.utils import tree_flatten
         from safetensors.numpy import load_file
 
-        from mlx_sd.components import load_component, save_component
+        from mlx_sd.components import build, load_component, save_component
         from mlx_sd_convert.diffusers import clip_config, convert_weights, unet_config, vae_config
 
         config = family_config(family, component)
         cfg = {"unet": unet_config, "vae": vae_config}.get(component)
         cfg = cfg(config) if cfg else clip_config(config, with_projection=False)
-        converted = convert_weights(component, cfg, load_file(weights))
-        for dtype, suffix in ((mx.float32, "fp32"), (mx.float16, "fp16")):
-            save_component(f"{folder}-{suffix}", cfg, {k: mx.array(v).astype(dtype) for k, v in converted.items()})
-        del converted
-        self.models[component] = load_component(f"{folder}-fp32")
+        model = build(cfg)  # random initialisation: what the mlx-only runs use
+        if Path(weights).exists():
+            converted = convert_weights(component, cfg, load_file(weights))
+            model.load_weights([(k, mx.array(v)) for k, v in converted.items()], strict=True)
+            del converted
+        mx.eval(model.parameters())
+        if save:  # component folders for the load-time probe; the model is then loaded from the float32 one
+            weights = dict(tree_flatten(model.parameters()))
+            save_component(f"{folder}-fp32", cfg, weights)
+            save_component(f"{folder}-fp16", cfg, {k: v.astype(mx.float16) for k, v in weights.items()})
+            del weights, model
+            model = load_component(f"{folder}-fp32")
+        self.models[component] = model
         mx.eval(self.models[component].parameters())
         mlx_sd.backend.release_cpu_memory()  # the conversion's transient copies, kept by the tuned malloc
         return {"rss_mb": rss_mb("VmRSS")}
@@ -135,13 +152,18 @@ class MLXSide:
     def run(self, component: str, inputs: dict[str, np.ndarray], save: str | None) -> dict:
         mx.reset_peak_memory()
         reset_peak_rss()
-        start = time.perf_counter()
+        cpu, start = cpu_seconds(), time.perf_counter()
         out = self.forward(component, inputs)
         mx.eval(out)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
         if save:
             np.save(save, np.array(out))
-        return {"seconds": seconds, "peak_rss_mb": rss_mb("VmHWM"), "mlx_peak_mb": mx.get_peak_memory() / 2**20}
+        return {
+            "seconds": seconds,
+            "cpu_s": cpu,
+            "peak_rss_mb": rss_mb("VmHWM"),
+            "mlx_peak_mb": mx.get_peak_memory() / 2**20,
+        }
 
     def attention(self, B: int, N: int, M: int, C: int, heads: int, kernel: str) -> dict:
         from mlx_sd import attention as attention_module
@@ -187,7 +209,7 @@ class TorchSide:
 
             return CLIPTextModel(CLIPTextConfig(**config)).eval()
 
-    def setup(self, component: str, family: str, weights: str, folder: str) -> dict:
+    def setup(self, component: str, family: str, weights: str, folder: str, save: bool = True) -> dict:
         from safetensors.torch import save_file
 
         self.torch.manual_seed(0)
@@ -218,12 +240,12 @@ class TorchSide:
 
     def run(self, component: str, inputs: dict[str, np.ndarray], save: str | None) -> dict:
         reset_peak_rss()
-        start = time.perf_counter()
+        cpu, start = cpu_seconds(), time.perf_counter()
         out = self.forward(component, inputs)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
         if save:
             np.save(save, out.contiguous().numpy())
-        return {"seconds": seconds, "peak_rss_mb": rss_mb("VmHWM")}
+        return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": rss_mb("VmHWM")}
 
     def attention(self, B: int, N: int, M: int, C: int, heads: int, kernel: str) -> dict:
         import torch.nn.functional as F

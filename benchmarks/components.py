@@ -89,7 +89,7 @@ def median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def bench_component(workers, component, family, latent, repeats, workdir, record) -> None:
+def bench_component(workers, component, family, latent, repeats, workdir, record, counter=None) -> None:
     """Warm-up with an output comparison, then interleaved timed repeats of one component at one size."""
     kw = {"component": component, "family": family, "latent": latent}
     saved = {name: str(workdir / f"{name}-{component}-{latent}.npy") for name in workers}
@@ -102,15 +102,19 @@ def bench_component(workers, component, family, latent, repeats, workdir, record
         entry[name] = {
             "seconds": [r["seconds"] for r in rows],
             "median_s": median(rows, "seconds"),
+            "cpu_s": [r["cpu_s"] for r in rows],
+            "median_cpu_s": median(rows, "cpu_s"),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
         }
         if "mlx_peak_mb" in rows[0]:
             entry[name]["mlx_peak_mb"] = max(r["mlx_peak_mb"] for r in rows)
     if "torch" in workers:
         entry["ratio_mlx_over_torch"] = entry["mlx"]["median_s"] / entry["torch"]["median_s"]
-        entry["flops"] = workers["torch"]("flops", component=component, family=family, latent=latent)["flops"]
-        entry["mlx"]["gflops"] = entry["flops"] / entry["mlx"]["median_s"] / 1e9
-        entry["torch"]["gflops"] = entry["flops"] / entry["torch"]["median_s"] / 1e9
+        entry["cpu_ratio_mlx_over_torch"] = entry["mlx"]["median_cpu_s"] / entry["torch"]["median_cpu_s"]
+    if counter is not None:
+        entry["flops"] = counter("flops", component=component, family=family, latent=latent)["flops"]
+        for name in workers:
+            entry[name]["gflops"] = entry["flops"] / entry[name]["median_s"] / 1e9
     record["results"].append(entry)
     _print_entry(entry)
 
@@ -118,10 +122,11 @@ def bench_component(workers, component, family, latent, repeats, workdir, record
 def _print_entry(e: dict) -> None:
     line = f"{e['family']:5s} {e['component']:13s} {e['pixels']:5d}px  mlx {e['mlx']['median_s']:7.2f} s"
     if "torch" in e:
-        line += (
-            f"  torch {e['torch']['median_s']:7.2f} s  ratio {e['ratio_mlx_over_torch']:.2f}"
-            f"  mlx {e['mlx']['gflops']:6.1f} GFLOP/s  rel err {e['rel_err']:.1e}"
-        )
+        line += f"  torch {e['torch']['median_s']:7.2f} s  ratio {e['ratio_mlx_over_torch']:.2f}"
+        line += f" (CPU time {e['cpu_ratio_mlx_over_torch']:.2f})"
+        line += f"  rel err {e['rel_err']:.1e}"
+    if "gflops" in e["mlx"]:
+        line += f"  mlx {e['mlx']['gflops']:6.1f} GFLOP/s"
     line += f"  peak RSS {e['mlx']['peak_rss_mb'] / 1024:.1f} GB (MLX peak {e['mlx']['mlx_peak_mb'] / 1024:.1f} GB)"
     print(line, flush=True)
 
@@ -138,29 +143,31 @@ mx.eval(model.parameters())
 t2 = time.time()
 print(json.dumps({"process_to_ready_s": t2 - start, "imports_s": t1 - t0, "load_s": t2 - t1}))
 """
+# (stored folder, dtype the model runs in): fp16 -> fp16 is a GPU load, fp16 -> fp32 a CPU one.
+LOAD_CASES = (("fp16", "fp16"), ("fp16", "fp32"), ("fp32", "fp32"))
 
 
 def bench_load(folder: Path, repeats: int, record: dict) -> None:
-    """Fresh process -> component loaded and evaluated, from the float16 and float32 folders (runs at stored dtype)."""
-    results = {"fp16": [], "fp32": []}
+    """Fresh process -> component loaded and evaluated, per (stored dtype, run dtype); interleaved repeats."""
+    results = {case: [] for case in LOAD_CASES}
     for r in range(repeats):
-        for dtype in ("fp16", "fp32") if r % 2 == 0 else ("fp32", "fp16"):
+        for stored, run in LOAD_CASES if r % 2 == 0 else LOAD_CASES[::-1]:
             start = time.time()
             out = subprocess.run(
-                [sys.executable, "-c", _LOAD_PROBE, f"{folder}-{dtype}", dtype, repr(start)],
+                [sys.executable, "-c", _LOAD_PROBE, f"{folder}-{stored}", run, repr(start)],
                 capture_output=True,
                 text=True,
                 check=True,
             )
-            results[dtype].append(json.loads(out.stdout))
-    for dtype, rows in results.items():
-        entry = {"component": "load", "folder": folder.name, "dtype": dtype, "runs": rows}
+            results[stored, run].append(json.loads(out.stdout))
+    for (stored, run), rows in results.items():
+        entry = {"component": "load", "folder": folder.name, "stored": stored, "dtype": run, "runs": rows}
         for key in ("process_to_ready_s", "imports_s", "load_s"):
             entry[key] = median(rows, key)
         record["results"].append(entry)
         print(
-            f"load {folder.name:18s} {dtype}: process start -> ready {entry['process_to_ready_s']:.2f} s "
-            f"(imports {entry['imports_s']:.2f} s, load {entry['load_s']:.2f} s)",
+            f"load {folder.name} {stored} folder -> {run} model: process start -> ready "
+            f"{entry['process_to_ready_s']:.2f} s (imports {entry['imports_s']:.2f} s, load {entry['load_s']:.2f} s)",
             flush=True,
         )
 
@@ -182,6 +189,12 @@ def scaling(record: dict) -> None:
                     {"family": family, "side": side, "from_px": lo["pixels"], "to_px": hi["pixels"], "exponent": k}
                 )
                 print(f"{family} {side}: step time grows as pixels^{k:.2f} from {lo['pixels']} to {hi['pixels']}")
+
+
+def _have_torch() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("torch", "diffusers", "transformers"))
 
 
 def machine() -> dict:
@@ -219,7 +232,7 @@ def main() -> None:
     p.add_argument("--sizes", default="512", help="comma-separated image sizes in pixels (UNet); VAE at the first")
     p.add_argument("--parts", default="text,unet,vae,load", help="comma-separated: text, unet, vae, load")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--mlx-only", action="store_true", help="skip the torch side (no torch or diffusers needed...")
+    p.add_argument("--mlx-only", action="store_true", help="time mlx-sd alone (torch still counts FLOPs when present)")
     p.add_argument("--out", default=None, help="JSON result file (default benchmarks/results/<date>-<host>.json)")
     args = p.parse_args()
     families, parts = args.family.split(","), args.parts.split(",")
@@ -229,6 +242,8 @@ def main() -> None:
     record["results"] = []
     print(json.dumps(record["machine"]), flush=True)
     workers = {"mlx": Worker("mlx")} | ({} if args.mlx_only else {"torch": Worker("torch")})
+    # FLOPs are counted by torch on meta-device models (no memory); in --mlx-only runs by a worker that times nothing.
+    counter = workers.get("torch") or (Worker("torch") if _have_torch() else None)
     sgemm = {name: [] for name in workers}
     try:
         with tempfile.TemporaryDirectory(prefix="mlx-sd-bench-") as tmp:
@@ -241,23 +256,27 @@ def main() -> None:
                     if model not in needed:
                         continue
                     weights, folder = str(workdir / f"{model}.safetensors"), str(workdir / f"{family}-{model}")
-                    for name in reversed(list(workers)):  # torch writes the weights the mlx side converts
-                        workers[name]("setup", component=model, family=family, weights=weights, folder=folder)
+                    # torch writes the weights the mlx side converts (mlx-only: the mlx side's own random init)
+                    for name in reversed(list(workers)):
+                        kw = {"weights": weights, "folder": folder, "save": "load" in parts and model == "unet"}
+                        workers[name]("setup", component=model, family=family, **kw)
                     Path(weights).unlink(missing_ok=True)
                 for part in [p for p in parts if p in PARTS]:
                     for component in PARTS[part]:
                         for size in sizes if component == "unet" else sizes[:1]:
                             for name, rows in interleaved(workers, 1, "sgemm").items():
                                 sgemm[name] += [r["gflops"] for r in rows]
-                            bench_component(workers, component, family, size // 8, args.repeats, workdir, record)
+                            bench_component(
+                                workers, component, family, size // 8, args.repeats, workdir, record, counter
+                            )
                 if "load" in parts:
                     bench_load(workdir / f"{family}-unet", args.repeats, record)
     finally:
-        for w in workers.values():
+        for w in {*workers.values(), *([counter] if counter else [])}:
             w.close()
     record["sgemm_gflops"] = {name: statistics.median(v) for name, v in sgemm.items() if v}
     for e in record["results"]:
-        if "flops" in e:
+        if "gflops" in e.get("mlx", {}):
             e["mlx"]["fraction_of_sgemm"] = e["mlx"]["gflops"] / record["sgemm_gflops"]["mlx"]
     print(f"sgemm (2048^3, medians over the run): {record['sgemm_gflops']}")
     scaling(record)
