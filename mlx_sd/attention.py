@@ -1,12 +1,35 @@
 """Scaled dot-product attention for every model, token-major in and out.
 
-The kernel is chosen here, once, per backend (see `backend.py`): MLX's fused attention serves Metal and CUDA and
-is the reference formulation on CPU. Models call `attention()` and never reshape heads themselves.
+Which kernel runs is decided per backend in `backend.attention_kernel()`:
+
+- "fused": MLX's `mx.fast.scaled_dot_product_attention` (Metal, CUDA, macOS CPU), over query blocks when the score
+  matrix would be large, so that 1024x1024 images and above stay within memory.
+- "blocked" (x86/Linux CPU, float32, no mask): MLX's CPU exp is scalar there (~15 ns per element; numpy's
+  vectorised exp ~1.5 ns), which made 4,096-token self-attention cost several seconds per layer. This path runs
+  each head's query blocks through numpy on one thread per core: `q k^T` into a score block that stays in the
+  cache, `exp` in place, `p v`, with the BLAS single-threaded inside each worker (many small multithreaded BLAS
+  calls stall on thread hand-offs). The row shift and the row sum ride along inside the two products (see
+  `_blocked`), so `exp` is the only elementwise pass over the scores.
+
+Models call `attention()` and never reshape heads themselves.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
+
+from . import backend
+
+# The fused path's score matrix is computed in query blocks of at most this many bytes (all heads together).
+FUSED_BLOCK_BYTES = 256 * 2**20
+# One blocked-path score block (rows x keys float32) per worker: small enough that the product, the exp and the second
+# product find it in the caches (L3 here), large enough for efficient BLAS calls (measured best of 0.25-16 MiB).
+SCORE_BLOCK_BYTES = 4 * 2**20
+# The blocked path's shift is the largest logit over this many evenly spaced keys (a lower bound of the row max).
+SHIFT_SAMPLE_KEYS = 64
+# Below this many scores (B * heads * N * M) the blocked path's set-up costs more than it saves.
+BLOCKED_MIN_SCORES = 2**18
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, mask: mx.array | str | None = None) -> mx.array:
@@ -22,9 +45,92 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, mask: mx.array 
     """
     B, N, C = q.shape
     M = k.shape[1]
-    d = C // heads
-    q = q.reshape(B, N, heads, d).transpose(0, 2, 1, 3)  # (B, h, N, d)
-    k = k.reshape(B, M, heads, d).transpose(0, 2, 1, 3)  # (B, h, M, d)
-    v = v.reshape(B, M, heads, d).transpose(0, 2, 1, 3)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=mask)
+    if mask is None and B * heads * N * M >= BLOCKED_MIN_SCORES and backend.attention_kernel(q.dtype) == "blocked":
+        return _blocked(q, k, v, heads)
+    return _fused(q, k, v, heads, mask)
+
+
+def _split_heads(x: mx.array, heads: int) -> mx.array:
+    B, N, C = x.shape
+    return x.reshape(B, N, heads, C // heads).transpose(0, 2, 1, 3)  # (B, h, N, d)
+
+
+def _fused(q: mx.array, k: mx.array, v: mx.array, heads: int, mask) -> mx.array:
+    """MLX's fused kernel, over query blocks when the scores would exceed FUSED_BLOCK_BYTES."""
+    B, N, C = q.shape
+    M = k.shape[1]
+    scale = (C // heads) ** -0.5
+    q, k, v = (_split_heads(x, heads) for x in (q, k, v))
+    rows = max(1, FUSED_BLOCK_BYTES // (B * heads * M * 4))
+    if rows >= N or mask is not None:  # masks are only used by the 77-token text towers
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    else:
+        blocks = []
+        for r in range(0, N, rows):
+            blocks.append(mx.fast.scaled_dot_product_attention(q[:, :, r : r + rows], k, v, scale=scale))
+            mx.eval(blocks[-1])  # bound memory: one block of scores alive at a time
+        out = mx.concatenate(blocks, axis=2)
     return out.transpose(0, 2, 1, 3).reshape(B, N, C)
+
+
+def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+    """CPU attention: numpy's BLAS and exp over per-head query blocks, one worker thread per core.
+
+    With a per-row shift m_i, softmax(s_i) v = (exp(s_i - m_i) v) / sum_j exp(s_ij - m_i) for any m_i. Appending
+    -m_i to each query and a 1 to each key makes the first product return s_ij - m_i directly; appending a column of
+    ones to v makes the second return the row sum in its last column. m_i is the largest logit over a strided sample
+    of keys: never above the true row max, so the largest weight is >= 1 and nothing underflows, and in practice
+    close to it, so the rounding of s_ij - m_i is that of the usual max-subtracted softmax. A row whose true max
+    exceeds m_i by more than float32 exp's range (~88) overflows; such blocks are detected and redone exactly.
+    """
+    B, N, C = q.shape
+    M = k.shape[1]
+    d = C // heads
+    bh = B * heads
+    qh = _split_heads(q * d**-0.5, heads).reshape(bh, N, d)
+    kh = _split_heads(k, heads).reshape(bh, M, d)
+    vh = _split_heads(v, heads).reshape(bh, M, d)
+    sample = kh[:, :: max(M // SHIFT_SAMPLE_KEYS, 1)]  # (bh, ~64, d)
+    shift = (qh @ sample.swapaxes(1, 2)).max(axis=-1, keepdims=True)  # (bh, N, 1)
+    ones = mx.ones((bh, M, 1), mx.float32)
+    q1 = mx.concatenate([qh, -shift], axis=-1)  # (bh, N, d + 1)
+    k1 = mx.concatenate([kh, ones], axis=-1)  # (bh, M, d + 1)
+    v1 = mx.concatenate([vh, ones], axis=-1)  # (bh, M, d + 1)
+    mx.eval(q1, k1, v1)
+    q1, k1, v1 = np.asarray(q1), np.asarray(k1), np.asarray(v1)
+    out = np.empty((B, N, heads, d), np.float32)  # written per head, already in token-major order
+
+    rows = max(1, min(N, SCORE_BLOCK_BYTES // (4 * M)))
+    workers = backend.cpu_threads()
+    # Enough tasks to keep every worker busy: whole heads, or row ranges when there are fewer heads than workers.
+    per_head = max(1, -(-2 * workers // bh))
+    bounds = np.linspace(0, N, per_head + 1).astype(int)
+    tasks = [(i, r0, r1) for i in range(bh) for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True) if r1 > r0]
+
+    def run(task):
+        i, r0, r1 = task
+        b, h = divmod(i, heads)
+        scores = np.empty((rows, M), np.float32)
+        kt = k1[i].T  # (d + 1, M), a view: BLAS reads it transposed
+        for r in range(r0, r1, rows):
+            n = min(rows, r1 - r)
+            s = scores[:n]
+            np.matmul(q1[i, r : r + n], kt, out=s)  # s_ij - m_i
+            with np.errstate(over="ignore"):  # overflow is checked below and the block redone exactly
+                np.exp(s, out=s)
+            o = s @ v1[i]  # (n, d + 1): weighted values and the row sums
+            if not np.isfinite(o).all():
+                o = _exact_rows(q1[i, r : r + n, :d], k1[i, :, :d], v1[i])
+            out[b, r : r + n, h] = o[:, :d] / o[:, d:]
+
+    with backend.numpy_blas_single_threaded():
+        backend.cpu_map(run, tasks)
+    return mx.array(out.reshape(B, N, C))
+
+
+def _exact_rows(q: np.ndarray, k: np.ndarray, v1: np.ndarray) -> np.ndarray:
+    """Rows whose sampled shift was too far below their max, with the exact row max."""
+    s = q @ k.T
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    return s @ v1

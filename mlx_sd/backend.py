@@ -1,21 +1,32 @@
-"""Per-backend decisions, in one place: which BLAS the CPU uses, which dtype models run in.
+"""Per-backend decisions, in one place: which BLAS the CPU uses, how CPU memory is allocated, which dtype models
+run in, which attention kernel runs.
 
 MLX's Linux CPU wheel links the reference BLAS (~6 GFLOP/s sgemm on a 2-core x86 machine). The system OpenBLAS,
 loaded with RTLD_GLOBAL *before* `mlx.core` is first imported, interposes `cblas_sgemm` and the LAPACK symbols
 libmlx binds lazily and runs ~30x faster. After `mlx.core` is loaded the binding is fixed, which is why
 `mlx_sd/__init__.py` imports this module before anything else. Set MLX_SD_OPENBLAS=0 to keep MLX's own BLAS.
 Nothing changes on macOS (Accelerate) or when MLX runs on a GPU.
+
+MLX's CPU allocator takes every buffer from malloc and frees it right after use, and glibc serves blocks above
+128 KiB-32 MiB with a fresh mmap: every large activation then costs one page fault per 4 KiB page as the kernel
+zeroes it (~2.5 ns per float32 element here, more than the arithmetic of a multiply). Keeping such blocks in
+malloc's heap for reuse (`_keep_freed_memory`) makes elementwise ops 3-5x faster; the price is that the process keeps
+its peak heap until `release_cpu_memory()` is called. Set MLX_SD_MALLOC=0 to leave malloc alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
+import threading
 import warnings
 
 OPENBLAS_ENV = "MLX_SD_OPENBLAS"
+MALLOC_ENV = "MLX_SD_MALLOC"
+THREADS_ENV = "MLX_SD_CPU_THREADS"
 # Where Debian/Ubuntu (libopenblas0-pthread) and Fedora put it, tried after the loader cache.
 _OPENBLAS_CANDIDATES = (
     "libopenblas.so.0",
@@ -30,7 +41,7 @@ blas = "mlx"  # which BLAS MLX's CPU backend calls: "openblas" once preloaded, "
 def _preload_openblas() -> str:
     if sys.platform == "darwin":
         return "accelerate"
-    if os.environ.get(OPENBLAS_ENV, "1").lower() in ("0", "false", "no", "off"):
+    if _off(OPENBLAS_ENV):
         return "mlx"
     if "mlx.core" in sys.modules:
         warnings.warn(
@@ -50,7 +61,35 @@ def _preload_openblas() -> str:
     return "mlx"
 
 
+def _off(env: str) -> bool:
+    return os.environ.get(env, "1").lower() in ("0", "false", "no", "off")
+
+
+_libc = None
+
+
+def _keep_freed_memory() -> bool:
+    """Serve large allocations from glibc's heap instead of fresh mmaps (see the module docstring)."""
+    global _libc
+    if not sys.platform.startswith("linux") or _off(MALLOC_ENV):
+        return False
+    try:
+        _libc = ctypes.CDLL("libc.so.6")
+        # mallopt parameters from <malloc.h>: M_TRIM_THRESHOLD = -1, M_MMAP_MAX = -4 (0: never mmap).
+        return bool(_libc.mallopt(-4, 0)) and bool(_libc.mallopt(-1, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
+
+
+def release_cpu_memory() -> None:
+    """Hand freed CPU memory back to the system (after a generation, in a long-running server)."""
+    mx.clear_cache()
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
 blas = _preload_openblas()
+malloc_tuned = _keep_freed_memory()
 
 import mlx.core as mx  # noqa: E402  (must follow the preload above)
 
@@ -68,6 +107,132 @@ def default_dtype() -> mx.Dtype:
     return mx.float16 if on_gpu() else mx.float32
 
 
+def cpu_threads() -> int:
+    """Threads for CPU work done outside MLX (numpy's exp in the blocked attention): the cores we may run on."""
+    if os.environ.get(THREADS_ENV):
+        return max(1, int(os.environ[THREADS_ENV]))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def attention_kernel(dtype: mx.Dtype) -> str:
+    """ "fused" (MLX's scaled_dot_product_attention) or "blocked" (numpy BLAS + exp per head; see attention.py).
+
+    MLX's fused kernel everywhere except float32 on a Linux CPU: there MLX's softmax runs a scalar exp (~15 ns per
+    element on x86, numpy's vectorised one ~1.5 ns), which made self-attention over 4,096 tokens dominate a UNet
+    step. The blocked path needs numpy's BLAS to run single-threaded inside its workers; where we cannot set that
+    (an unknown BLAS) it is used only when there is one core to run on.
+    """
+    if on_gpu() or dtype != mx.float32 or sys.platform == "darwin":
+        return "fused"
+    if cpu_threads() > 1 and _numpy_blas_threads() is None:
+        return "fused"
+    return "blocked"
+
+
+_NUMPY_BLAS_SYMBOLS = (  # (get, set) pairs of the OpenBLAS builds numpy wheels bundle
+    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),  # numpy >= 2
+    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),  # numpy 1.2x
+    ("openblas_get_num_threads", "openblas_set_num_threads"),
+)
+_numpy_blas: tuple | None | bool = False  # False: not looked up yet
+_numpy_blas_lock = threading.Lock()
+_numpy_blas_users = 0
+_numpy_blas_saved = 1
+
+
+def _numpy_blas_threads():
+    """(get, set) thread-count functions of the OpenBLAS numpy uses, or None (found via /proc/self/maps)."""
+    global _numpy_blas
+    if _numpy_blas is not False:
+        return _numpy_blas
+    _numpy_blas = None
+    try:
+        import numpy as np
+
+        root = os.path.dirname(os.path.dirname(np.__file__))  # site-packages: numpy.libs, scipy_openblas*
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line and root in line}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path)
+            for get, set_ in _NUMPY_BLAS_SYMBOLS:
+                if hasattr(lib, get) and hasattr(lib, set_):
+                    _numpy_blas = (getattr(lib, get), getattr(lib, set_))
+                    return _numpy_blas
+    except (OSError, ImportError):
+        pass
+    return _numpy_blas
+
+
+@contextlib.contextmanager
+def numpy_blas_single_threaded():
+    """numpy's BLAS on one thread while inside (re-entrant across threads; the first count is restored at exit)."""
+    global _numpy_blas_users, _numpy_blas_saved
+    fns = _numpy_blas_threads()
+    if fns is None:
+        yield
+        return
+    get, set_ = fns
+    with _numpy_blas_lock:
+        if _numpy_blas_users == 0:
+            _numpy_blas_saved = get()
+            set_(1)
+        _numpy_blas_users += 1
+    try:
+        yield
+    finally:
+        with _numpy_blas_lock:
+            _numpy_blas_users -= 1
+            if _numpy_blas_users == 0:
+                set_(_numpy_blas_saved)
+
+
+def activations() -> str:
+    """How SiLU and GELU are evaluated (models/layers.py): "builtin" uses MLX's own (GPUs, macOS: fast there);
+    "cpu" (Linux CPU) uses compiled rational forms, and numpy's vectorised exp across cores for the SiLU after a
+    GroupNorm, where MLX's scalar exp/erf cost 15-45 ns per element."""
+    return "builtin" if on_gpu() or sys.platform == "darwin" else "cpu"
+
+
+_pool = None
+
+
+def cpu_map_inplace(fn, x) -> None:
+    """Apply `fn` (which works in place and releases the GIL, as numpy ufuncs do) to `x` split across the cores."""
+    global _pool
+    workers = cpu_threads()
+    if workers < 2 or x.size < 2**16:
+        fn(x)
+        return
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(workers, thread_name_prefix="mlx_sd_cpu")
+    for f in [_pool.submit(fn, part) for part in _split(x, workers)]:
+        f.result()
+
+
+def cpu_map(fn, tasks) -> None:
+    """Run fn(task) for every task on the CPU worker threads (one per core)."""
+    global _pool
+    if cpu_threads() < 2 or len(tasks) < 2:
+        for t in tasks:
+            fn(t)
+        return
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(cpu_threads(), thread_name_prefix="mlx_sd_cpu")
+    list(_pool.map(fn, tasks))
+
+
+def _split(x, n: int) -> list:
+    bounds = [len(x) * i // n for i in range(n + 1)]
+    return [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def describe() -> dict:
     """What this process runs on, for benchmark records and `mlx-sd --version`."""
     return {
@@ -75,5 +240,9 @@ def describe() -> dict:
         "device": str(mx.default_device()),
         "metal": mx.metal.is_available(),
         "cpu_blas": blas,
+        "cpu_malloc_tuned": malloc_tuned,
+        "cpu_threads": cpu_threads(),
         "dtype": str(default_dtype()),
+        "attention": attention_kernel(default_dtype()),
+        "activations": activations(),
     }

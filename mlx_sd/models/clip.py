@@ -13,11 +13,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..attention import attention
+from .layers import gelu, quick_gelu
 
 ACTIVATIONS = {
     # OpenAI's CLIP was trained with x * sigmoid(1.702 x), an approximation of GELU; OpenCLIP uses exact GELU.
-    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
-    "gelu": nn.gelu,
+    "quick_gelu": quick_gelu,
+    "gelu": gelu,
 }
 
 

@@ -19,6 +19,7 @@ from .layers import (
     ResnetBlock2D,
     TimestepEmbedding,
     Upsample2D,
+    geglu,
     timestep_embedding,
 )
 
@@ -87,7 +88,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         value, gate = mx.split(self.proj(x), 2, axis=-1)
-        return value * nn.gelu(gate)
+        return geglu(value, gate)
 
 
 class FeedForward(nn.Module):
@@ -281,4 +282,4 @@ class UNet2DConditionModel(nn.Module):
             upsample_size = tuple(skips[-1].shape[1:3]) if skips else None
             h = block(h, temb, context, block_skips, upsample_size)
 
-        return self.conv_out(nn.silu(self.conv_norm_out(h)))
+        return self.conv_out(self.conv_norm_out(h, silu=True))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+from .layers import Attention, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 
 # diffusers clamps log-variance before exp(0.5 * logvar), so a broken encoder cannot overflow the std.
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -118,20 +118,20 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         chans, groups, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, chans[0], 3, padding=1)
         self.down_blocks = [
             EncoderBlock(chans[max(i - 1, 0)], chans[i], cfg.layers_per_block, groups, i < n - 1) for i in range(n)
         ]
         self.mid_block = MidBlock(chans[-1], groups)
         self.conv_norm_out = GroupNorm(groups, chans[-1], VAE_NORM_EPS)
-        self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(chans[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 class Decoder(nn.Module):
@@ -144,13 +144,13 @@ class Decoder(nn.Module):
             DecoderBlock(chans[max(i - 1, 0)], chans[i], cfg.layers_per_block + 1, groups, i < n - 1) for i in range(n)
         ]
         self.conv_norm_out = GroupNorm(groups, chans[-1], VAE_NORM_EPS)
-        self.conv_out = nn.Conv2d(chans[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(chans[-1], cfg.out_channels, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 class AutoencoderKL(nn.Module):

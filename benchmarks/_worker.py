@@ -1,0 +1,312 @@
+"""One side of a side-by-side benchmark: mlx-sd ("mlx") or diffusers/transformers on torch CPU ("torch").
+
+    python benchmarks/_worker.py mlx|torch       (started by benchmarks/components.py, not by hand)
+
+Reads one JSON command per line on stdin and answers one JSON line on stdout. Each side runs in its own process so
+that neither's thread pool (OpenBLAS for MLX, OpenMP for torch) spins on cores the other is timing; the driver asks
+them in turn (A, B, A, B, ...). The torch side builds random-weight models from the published configs and writes
+their weights; the mlx side converts those same weights, so both compute the same function on the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIDE = sys.argv[1] if __name__ == "__main__" else "mlx"
+if SIDE == "mlx":
+    # isort: off
+    import mlx_sd  # noqa: F401  (before mlx.core: OpenBLAS preload, malloc tuning)
+    import mlx.core as mx
+
+    # isort: on
+
+from mlx_sd_convert.families import family_config  # noqa: E402
+
+TEXT_TOKENS = 77
+
+
+# --- inputs shared by both sides (numpy, seeded, channels-last) ------------------------------------------------
+
+
+def unet_inputs(family: str, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A classifier-free-guidance batch: the same latents twice, text and empty-text conditioning."""
+    cfg = family_config(family, "unet")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, latent, latent, cfg.get("in_channels", 4)), dtype=np.float32)
+    inputs = {
+        "x": np.concatenate([x, x]),
+        "t": np.array([500.0, 500.0], dtype=np.float32),
+        "context": rng.standard_normal((2, TEXT_TOKENS, cfg["cross_attention_dim"]), dtype=np.float32),
+    }
+    if cfg.get("addition_embed_type") == "text_time":
+        pooled_dim = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        inputs["pooled"] = rng.standard_normal((2, pooled_dim), dtype=np.float32)
+        size = 8.0 * latent
+        inputs["time_ids"] = np.array([[size, size, 0, 0, size, size]] * 2, dtype=np.float32)
+    return inputs
+
+
+def vae_inputs(latent: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "latents": rng.standard_normal((1, latent, latent, 4), dtype=np.float32),
+        "image": rng.uniform(-1, 1, (1, 8 * latent, 8 * latent, 3)).astype(np.float32),
+    }
+
+
+def text_inputs(seed: int = 0) -> np.ndarray:
+    """Two token rows (prompt and negative prompt) as a tokenizer pads them."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in (20, 0):
+        row = [49406, *rng.integers(0, 49406, size=n).tolist(), 49407]
+        rows.append(row + [49407] * (TEXT_TOKENS - len(row)))
+    return np.array(rows, dtype=np.int64)
+
+
+def attention_inputs(B: int, N: int, M: int, C: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((B, n, C), dtype=np.float32) for n in (N, M, M)]
+
+
+# --- memory -----------------------------------------------------------------------------------------------------
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads: less sensitive than wall time to other programs' load
+    (though BLAS and OpenMP threads that spin while waiting count as busy)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's resident-set high-water mark (Linux: clear_refs 5), so each stage reports its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def rss_mb(field: str) -> float:
+    """VmHWM (peak) or VmRSS (current) from /proc/self/status, in MB; NaN where there is no procfs."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+# --- the two sides ----------------------------------------------------------------------------------------------
+
+
+class MLXSide:
+    def __init__(self):
+        self.models = {}
+
+    def setup(self, component: str, family: str, weights: str, folder: str, save: bool = True) -> dict:
+        from mlx.utils import tree_flatten
+        from safetensors.numpy import load_file
+
+        from mlx_sd.components import build, load_component, save_component
+        from mlx_sd_convert.diffusers import clip_config, convert_weights, unet_config, vae_config
+
+        config = family_config(family, component)
+        cfg = {"unet": unet_config, "vae": vae_config}.get(component)
+        cfg = cfg(config) if cfg else clip_config(config, with_projection=False)
+        model = build(cfg)  # random initialisation: what the mlx-only runs use
+        if Path(weights).exists():
+            converted = convert_weights(component, cfg, load_file(weights))
+            model.load_weights([(k, mx.array(v)) for k, v in converted.items()], strict=True)
+            del converted
+        mx.eval(model.parameters())
+        if save:  # component folders for the load-time probe; the model is then loaded from the float32 one
+            weights = dict(tree_flatten(model.parameters()))
+            save_component(f"{folder}-fp32", cfg, weights)
+            save_component(f"{folder}-fp16", cfg, {k: v.astype(mx.float16) for k, v in weights.items()})
+            del weights, model
+            model = load_component(f"{folder}-fp32")
+        self.models[component] = model
+        mx.eval(self.models[component].parameters())
+        mlx_sd.backend.release_cpu_memory()  # the conversion's transient copies, kept by the tuned malloc
+        return {"rss_mb": rss_mb("VmRSS")}
+
+    def forward(self, component: str, inputs: dict[str, np.ndarray]):
+        a = {k: mx.array(v) for k, v in inputs.items()}
+        if component == "unet":
+            unet = self.models["unet"]
+            return unet(a["x"], a["t"], a["context"], pooled=a.get("pooled"), time_ids=a.get("time_ids"))
+        if component == "vae_decode":
+            return self.models["vae"].decode(a["latents"])
+        if component == "vae_encode":
+            return self.models["vae"].encode_moments(a["image"])
+        return self.models["text_encoder"](a["ids"]).last_hidden_state
+
+    def run(self, component: str, inputs: dict[str, np.ndarray], save: str | None) -> dict:
+        mx.reset_peak_memory()
+        reset_peak_rss()
+        cpu, start = cpu_seconds(), time.perf_counter()
+        out = self.forward(component, inputs)
+        mx.eval(out)
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        if save:
+            np.save(save, np.array(out))
+        return {
+            "seconds": seconds,
+            "cpu_s": cpu,
+            "peak_rss_mb": rss_mb("VmHWM"),
+            "mlx_peak_mb": mx.get_peak_memory() / 2**20,
+        }
+
+    def attention(self, B: int, N: int, M: int, C: int, heads: int, kernel: str) -> dict:
+        from mlx_sd import attention as attention_module
+
+        q, k, v = (mx.array(x) for x in attention_inputs(B, N, M, C))
+        run = attention_module._blocked if kernel == "blocked" else attention_module._fused
+        start = time.perf_counter()
+        mx.eval(run(q, k, v, heads) if kernel == "blocked" else run(q, k, v, heads, None))
+        return {"seconds": time.perf_counter() - start}
+
+    def sgemm(self, n: int = 2048, reps: int = 5) -> dict:
+        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+        mx.eval(a @ b)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            mx.eval(a @ b)
+            times.append(time.perf_counter() - start)
+        return {"gflops": 2 * n**3 / float(np.median(times)) / 1e9}
+
+
+class TorchSide:
+    def __init__(self):
+        import torch
+
+        torch.set_grad_enabled(False)
+        self.torch = torch
+        self.models = {}
+
+    def _build(self, component: str, family: str, device: str = "cpu"):
+        torch = self.torch
+        config = family_config(family, component)
+        with torch.device(device):
+            if component == "unet":
+                from diffusers import UNet2DConditionModel
+
+                return UNet2DConditionModel(**config).eval()
+            if component == "vae":
+                from diffusers import AutoencoderKL
+
+                return AutoencoderKL(**config).eval()
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            return CLIPTextModel(CLIPTextConfig(**config)).eval()
+
+    def setup(self, component: str, family: str, weights: str, folder: str, save: bool = True) -> dict:
+        from safetensors.torch import save_file
+
+        self.torch.manual_seed(0)
+        model = self._build(component, family)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+        self.models[component] = model
+        return {"rss_mb": rss_mb("VmRSS")}
+
+    def _tensors(self, inputs):
+        t = {k: self.torch.from_numpy(v) for k, v in inputs.items()}
+        return {k: v.permute(0, 3, 1, 2).contiguous() if v.ndim == 4 else v for k, v in t.items()}
+
+    def forward(self, component: str, inputs: dict[str, np.ndarray], models: dict | None = None):
+        """One forward on numpy inputs (or, for counting, on ready meta tensors) -> channels-last output."""
+        models = models or self.models
+        t = inputs if models is not self.models else self._tensors(inputs)
+        if component == "unet":
+            added = {"text_embeds": t["pooled"], "time_ids": t["time_ids"]} if "pooled" in t else None
+            out = models["unet"](t["x"], t["t"], encoder_hidden_states=t["context"], added_cond_kwargs=added).sample
+        elif component == "vae_decode":
+            out = models["vae"].decode(t["latents"]).sample
+        elif component == "vae_encode":
+            vae = models["vae"]
+            out = vae.quant_conv(vae.encoder(t["image"]))
+        else:
+            return models["text_encoder"](t["ids"]).last_hidden_state
+        return out.permute(0, 2, 3, 1)
+
+    def run(self, component: str, inputs: dict[str, np.ndarray], save: str | None) -> dict:
+        reset_peak_rss()
+        cpu, start = cpu_seconds(), time.perf_counter()
+        out = self.forward(component, inputs)
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        if save:
+            np.save(save, out.contiguous().numpy())
+        return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": rss_mb("VmHWM")}
+
+    def attention(self, B: int, N: int, M: int, C: int, heads: int, kernel: str) -> dict:
+        import torch.nn.functional as F
+
+        q, k, v = (self.torch.from_numpy(x).reshape(B, -1, heads, C // heads) for x in attention_inputs(B, N, M, C))
+        start = time.perf_counter()
+        # diffusers' AttnProcessor2_0: heads split by a transposed view, sdpa, merged back contiguous
+        F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2).reshape(B, N, C)
+        return {"seconds": time.perf_counter() - start}
+
+    def sgemm(self, n: int = 2048, reps: int = 5) -> dict:
+        torch = self.torch
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return {"gflops": 2 * n**3 / float(np.median(times)) / 1e9, "threads": torch.get_num_threads()}
+
+    def flops(self, component: str, family: str, latent: int) -> dict:
+        """FLOPs of one forward (multiply-add = 2), counted by torch's FlopCounterMode on a meta-device model."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        torch = self.torch
+        model_key = "vae" if component.startswith("vae") else component
+        meta_models = {model_key: self._build(model_key, family, "meta")}
+        inputs = _inputs(component, family, latent)
+        meta = {k: v.to("meta") for k, v in self._tensors(inputs).items()}
+        with FlopCounterMode(display=False) as counter, torch.device("meta"):
+            self.forward(component, meta, meta_models)
+        return {"flops": counter.get_total_flops()}
+
+
+def _inputs(component: str, family: str, latent: int) -> dict[str, np.ndarray]:
+    if component == "unet":
+        return unet_inputs(family, latent)
+    if component == "vae_decode":
+        return {"latents": vae_inputs(latent)["latents"]}
+    if component == "vae_encode":
+        return {"image": vae_inputs(latent)["image"]}
+    return {"ids": text_inputs()}
+
+
+def main() -> None:
+    side = MLXSide() if SIDE == "mlx" else TorchSide()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd.pop("op")
+        try:
+            if op == "run":
+                inputs = _inputs(cmd["component"], cmd["family"], cmd.get("latent", 0))
+                reply = side.run(cmd["component"], inputs, cmd.get("save"))
+            else:
+                reply = getattr(side, op)(**cmd)
+            reply["ok"] = True
+        except Exception as e:  # report and keep serving: the driver decides what a failure means
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Speed and memory of each model component, mlx-sd and diffusers (torch CPU, float32) side by side in one run.
+
+    python benchmarks/components.py                              # SD1.5 at 512x512, 5 interleaved repeats
+    python benchmarks/components.py --family sd1,sd2 --sizes 256,512,768,1024 --repeats 3
+    python benchmarks/components.py --parts unet --sizes 512 --repeats 9 --out result.json
+
+Random-weight models of the published sizes (convert/families.py). The torch side builds each model and writes its
+weights; the mlx side converts them with mlx_sd_convert (as the parity tests do) and saves component folders in
+float32 and float16, which the load-time probe then reads in fresh processes. Each side runs in its own worker
+process (benchmarks/_worker.py) and the two are asked in turn (A, B, B, A, ...), so that load from other programs
+falls on both alike: report medians and the ratio, not single timings. The machine's sgemm rate is measured in the
+same rounds, and the UNet's achieved FLOP rate (FLOPs counted by torch's FlopCounterMode) is set against it.
+
+Parts: unet (one guided step: batch 2 at each size), vae (decode and encode, batch 1), text (batch 2, 77 tokens),
+load (fresh process -> component loaded and evaluated, fp16 and fp32 folders). Writes a JSON record of every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+COMPONENTS = {"unet": "unet", "vae_decode": "vae", "vae_encode": "vae", "text_encoder": "text_encoder"}
+PARTS = {"text": ["text_encoder"], "unet": ["unet"], "vae": ["vae_decode", "vae_encode"]}
+
+
+class Worker:
+    """A benchmark side in its own process, spoken to in JSON lines."""
+
+    def __init__(self, side: str):
+        self.side = side
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if side == "torch":
+            # The torch side imports mlx_sd_convert (for the configs), which imports mlx_sd. Its OpenBLAS preload
+            # would capture torch's own BLAS calls (torch's CPU attention runs ~10x slower then), and its malloc
+            # tuning is ours to measure, not torch's: keep both out of the reference process.
+            env.update({"MLX_SD_OPENBLAS": "0", "MLX_SD_MALLOC": "0"})
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "_worker.py"), side],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def __call__(self, op: str, **kw) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.side} worker died during {op} {kw} (out of memory?)")
+        reply = json.loads(line)
+        if not reply.pop("ok"):
+            raise RuntimeError(f"{self.side} worker: {op} {kw}: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def interleaved(workers: dict[str, Worker], repeats: int, op: str, **kw) -> dict[str, list[dict]]:
+    """`repeats` rounds of `op` on every worker, the order reversed every other round (A B, B A, ...)."""
+    results = {name: [] for name in workers}
+    names = list(workers)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            results[name].append(workers[name](op, **kw))
+    return results
+
+
+def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def bench_component(workers, component, family, latent, repeats, workdir, record, counter=None) -> None:
+    """Warm-up with an output comparison, then interleaved timed repeats of one component at one size."""
+    kw = {"component": component, "family": family, "latent": latent}
+    saved = {name: str(workdir / f"{name}-{component}-{latent}.npy") for name in workers}
+    for name, w in workers.items():
+        w("run", **kw, save=saved[name])
+    err = relative_error(np.load(saved["mlx"]), np.load(saved["torch"])) if "torch" in workers else None
+    runs = interleaved(workers, repeats, "run", **kw)
+    entry = {"component": component, "family": family, "latent": latent, "pixels": 8 * latent, "rel_err": err}
+    for name, rows in runs.items():
+        entry[name] = {
+            "seconds": [r["seconds"] for r in rows],
+            "median_s": median(rows, "seconds"),
+            "cpu_s": [r["cpu_s"] for r in rows],
+            "median_cpu_s": median(rows, "cpu_s"),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+        }
+        if "mlx_peak_mb" in rows[0]:
+            entry[name]["mlx_peak_mb"] = max(r["mlx_peak_mb"] for r in rows)
+    if "torch" in workers:
+        entry["ratio_mlx_over_torch"] = entry["mlx"]["median_s"] / entry["torch"]["median_s"]
+        entry["cpu_ratio_mlx_over_torch"] = entry["mlx"]["median_cpu_s"] / entry["torch"]["median_cpu_s"]
+    if counter is not None:
+        entry["flops"] = counter("flops", component=component, family=family, latent=latent)["flops"]
+        for name in workers:
+            entry[name]["gflops"] = entry["flops"] / entry[name]["median_s"] / 1e9
+    record["results"].append(entry)
+    _print_entry(entry)
+
+
+def _print_entry(e: dict) -> None:
+    line = f"{e['family']:5s} {e['component']:13s} {e['pixels']:5d}px  mlx {e['mlx']['median_s']:7.2f} s"
+    if "torch" in e:
+        line += f"  torch {e['torch']['median_s']:7.2f} s  ratio {e['ratio_mlx_over_torch']:.2f}"
+        line += f" (CPU time {e['cpu_ratio_mlx_over_torch']:.2f})"
+        line += f"  rel err {e['rel_err']:.1e}"
+    if "gflops" in e["mlx"]:
+        line += f"  mlx {e['mlx']['gflops']:6.1f} GFLOP/s"
+    line += f"  peak RSS {e['mlx']['peak_rss_mb'] / 1024:.1f} GB (MLX peak {e['mlx']['mlx_peak_mb'] / 1024:.1f} GB)"
+    print(line, flush=True)
+
+
+_LOAD_PROBE = r"""
+import sys, time, json
+start = float(sys.argv[3])
+t0 = time.time()
+import mlx_sd, mlx.core as mx
+from mlx_sd.components import load_component
+t1 = time.time()
+model = load_component(sys.argv[1], dtype={"fp32": mx.float32, "fp16": mx.float16}[sys.argv[2]])
+mx.eval(model.parameters())
+t2 = time.time()
+print(json.dumps({"process_to_ready_s": t2 - start, "imports_s": t1 - t0, "load_s": t2 - t1}))
+"""
+# (stored folder, dtype the model runs in): fp16 -> fp16 is a GPU load, fp16 -> fp32 a CPU one.
+LOAD_CASES = (("fp16", "fp16"), ("fp16", "fp32"), ("fp32", "fp32"))
+
+
+def bench_load(folder: Path, repeats: int, record: dict) -> None:
+    """Fresh process -> component loaded and evaluated, per (stored dtype, run dtype); interleaved repeats."""
+    results = {case: [] for case in LOAD_CASES}
+    for r in range(repeats):
+        for stored, run in LOAD_CASES if r % 2 == 0 else LOAD_CASES[::-1]:
+            start = time.time()
+            out = subprocess.run(
+                [sys.executable, "-c", _LOAD_PROBE, f"{folder}-{stored}", run, repr(start)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            results[stored, run].append(json.loads(out.stdout))
+    for (stored, run), rows in results.items():
+        entry = {"component": "load", "folder": folder.name, "stored": stored, "dtype": run, "runs": rows}
+        for key in ("process_to_ready_s", "imports_s", "load_s"):
+            entry[key] = median(rows, key)
+        record["results"].append(entry)
+        print(
+            f"load {folder.name} {stored} folder -> {run} model: process start -> ready "
+            f"{entry['process_to_ready_s']:.2f} s (imports {entry['imports_s']:.2f} s, load {entry['load_s']:.2f} s)",
+            flush=True,
+        )
+
+
+def scaling(record: dict) -> None:
+    """Step-time growth exponent between the smallest and largest UNet sizes: t ~ pixels^k."""
+    for family in sorted({e["family"] for e in record["results"] if e["component"] == "unet"}):
+        rows = sorted(
+            (e for e in record["results"] if e.get("component") == "unet" and e["family"] == family),
+            key=lambda e: e["pixels"],
+        )
+        if len(rows) < 2:
+            continue
+        lo, hi = rows[0], rows[-1]
+        for side in ("mlx", "torch"):
+            if side in lo:
+                k = np.log(hi[side]["median_s"] / lo[side]["median_s"]) / np.log((hi["pixels"] / lo["pixels"]) ** 2)
+                record.setdefault("scaling", []).append(
+                    {"family": family, "side": side, "from_px": lo["pixels"], "to_px": hi["pixels"], "exponent": k}
+                )
+                print(f"{family} {side}: step time grows as pixels^{k:.2f} from {lo['pixels']} to {hi['pixels']}")
+
+
+def _have_torch() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("torch", "diffusers", "transformers"))
+
+
+def machine() -> dict:
+    # isort: off
+    from mlx_sd import backend  # before mlx.core: OpenBLAS preload
+    import mlx.core as mx
+
+    # isort: on
+
+    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(), **backend.describe()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info["cores"] = os.cpu_count()
+    info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    try:
+        import diffusers
+        import torch
+
+        info.update(torch=torch.__version__, diffusers=diffusers.__version__)
+    except ImportError:
+        pass
+    info["mlx"] = mx.__version__
+    info["numpy"] = np.__version__
+    return info
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--family", default="sd1", help="comma-separated: sd1, sd2, sdxl")
+    p.add_argument("--sizes", default="512", help="comma-separated image sizes in pixels (UNet); VAE at the first")
+    p.add_argument("--parts", default="text,unet,vae,load", help="comma-separated: text, unet, vae, load")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--mlx-only", action="store_true", help="time mlx-sd alone (torch still counts FLOPs when present)")
+    p.add_argument("--out", default=None, help="JSON result file (default benchmarks/results/<date>-<host>.json)")
+    args = p.parse_args()
+    families, parts = args.family.split(","), args.parts.split(",")
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "args": vars(args)}
+    record["results"] = []
+    print(json.dumps(record["machine"]), flush=True)
+    workers = {"mlx": Worker("mlx")} | ({} if args.mlx_only else {"torch": Worker("torch")})
+    # FLOPs are counted by torch on meta-device models (no memory); in --mlx-only runs by a worker that times nothing.
+    counter = workers.get("torch") or (Worker("torch") if _have_torch() else None)
+    sgemm = {name: [] for name in workers}
+    try:
+        with tempfile.TemporaryDirectory(prefix="mlx-sd-bench-") as tmp:
+            workdir = Path(tmp)
+            for family in families:
+                needed = {COMPONENTS[c] for part in parts for c in PARTS.get(part, [])}
+                if "load" in parts:
+                    needed.add("unet")
+                for model in ("text_encoder", "unet", "vae"):
+                    if model not in needed:
+                        continue
+                    weights, folder = str(workdir / f"{model}.safetensors"), str(workdir / f"{family}-{model}")
+                    # torch writes the weights the mlx side converts (mlx-only: the mlx side's own random init)
+                    for name in reversed(list(workers)):
+                        kw = {"weights": weights, "folder": folder, "save": "load" in parts and model == "unet"}
+                        workers[name]("setup", component=model, family=family, **kw)
+                    Path(weights).unlink(missing_ok=True)
+                for part in [p for p in parts if p in PARTS]:
+                    for component in PARTS[part]:
+                        for size in sizes if component == "unet" else sizes[:1]:
+                            for name, rows in interleaved(workers, 1, "sgemm").items():
+                                sgemm[name] += [r["gflops"] for r in rows]
+                            bench_component(
+                                workers, component, family, size // 8, args.repeats, workdir, record, counter
+                            )
+                if "load" in parts:
+                    bench_load(workdir / f"{family}-unet", args.repeats, record)
+    finally:
+        for w in {*workers.values(), *([counter] if counter else [])}:
+            w.close()
+    record["sgemm_gflops"] = {name: statistics.median(v) for name, v in sgemm.items() if v}
+    for e in record["results"]:
+        if "gflops" in e.get("mlx", {}):
+            e["mlx"]["fraction_of_sgemm"] = e["mlx"]["gflops"] / record["sgemm_gflops"]["mlx"]
+    print(f"sgemm (2048^3, medians over the run): {record['sgemm_gflops']}")
+    scaling(record)
+    out = Path(args.out or HERE / "results" / f"{record['date'][:10]}-{platform.node()}-components.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

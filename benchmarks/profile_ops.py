@@ -1,0 +1,107 @@
+"""Where one mlx-sd UNet step or VAE decode spends its time, by operation type (random weights, no torch needed).
+
+    python benchmarks/profile_ops.py                    # SD1.5 UNet, guided step (batch 2) at 512x512
+    python benchmarks/profile_ops.py --family sd2 --size 768
+    python benchmarks/profile_ops.py --component vae --size 512
+
+Every Conv2d, Linear, LayerNorm, GroupNorm, attention and activation call is evaluated on its own and timed; the
+time of nested calls is subtracted from their parents ("self" time). Evaluating op by op removes MLX's overlap of
+graph building and computing, so the total is a little above an unprofiled step, which is printed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+# isort: off
+import mlx_sd  # noqa: F401  (before mlx.core: OpenBLAS preload)
+import mlx.core as mx
+import mlx.nn as nn
+
+# isort: on
+from mlx_sd.models import layers, unet, vae
+from mlx_sd_convert.diffusers import unet_config, vae_config
+from mlx_sd_convert.families import family_config
+
+
+class SelfTimer:
+    """Wraps callables so that each call is evaluated and its self time accumulated under a name."""
+
+    def __init__(self):
+        self.totals = collections.Counter()
+        self.calls = collections.Counter()
+        self._stack = [0.0]
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            mx.eval([a for a in args if isinstance(a, mx.array)])
+            self._stack.append(0.0)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            mx.eval(out)
+            elapsed = time.perf_counter() - start
+            children = self._stack.pop()
+            self.totals[name] += elapsed - children
+            self.calls[name] += 1
+            self._stack[-1] += elapsed
+            return out
+
+        return timed
+
+
+def instrument(timer: SelfTimer) -> None:
+    for cls in (nn.Conv2d, nn.Linear, nn.LayerNorm, layers.GroupNorm):
+        cls.__call__ = timer.wrap(cls.__name__, cls.__call__)
+    layers.attention = timer.wrap("attention", layers.attention)
+    unet.geglu = timer.wrap("geglu", unet.geglu)
+    layers.silu = timer.wrap("silu", layers.silu)
+    layers.upsample_nearest = timer.wrap("upsample", layers.upsample_nearest)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"])
+    p.add_argument("--component", default="unet", choices=["unet", "vae"])
+    p.add_argument("--size", type=int, default=512, help="image size in pixels")
+    args = p.parse_args()
+    latent = args.size // 8
+    key = mx.random.key(0)
+    if args.component == "unet":
+        config = family_config(args.family, "unet")
+        model = unet.UNet2DConditionModel(unet_config(config))
+        x = mx.random.normal((2, latent, latent, 4), key=key)
+        context = mx.random.normal((2, 77, config["cross_attention_dim"]), key=key)
+        extra = {}
+        if config.get("addition_embed_type") == "text_time":
+            extra = {"pooled": mx.zeros((2, 1280)), "time_ids": mx.full((2, 6), float(args.size))}
+
+        def run():
+            return model(x, mx.array([500.0, 500.0]), context, **extra)
+    else:
+        model = vae.AutoencoderKL(vae_config(family_config(args.family, "vae")))
+        z = mx.random.normal((1, latent, latent, 4), key=key)
+
+        def run():
+            return model.decode(z)
+
+    mx.eval(model.parameters())
+    mx.eval(run())  # warm-up: compiled kernels, allocator
+    start = time.perf_counter()
+    mx.eval(run())
+    print(f"{args.family} {args.component} {args.size}x{args.size}: unprofiled {time.perf_counter() - start:.2f} s")
+    timer = SelfTimer()
+    instrument(timer)
+    start = time.perf_counter()
+    mx.eval(run())
+    total = time.perf_counter() - start
+    print(f"profiled {total:.2f} s (self time per operation type)")
+    for name, seconds in timer.totals.most_common():
+        print(f"  {name:10s} {seconds:7.2f} s {100 * seconds / total:5.1f} %  {timer.calls[name]:4d} calls")
+    rest = total - sum(timer.totals.values())
+    print(f"  {'other':10s} {rest:7.2f} s {100 * rest / total:5.1f} %  (residual adds, concatenation, embeddings)")
+
+
+if __name__ == "__main__":
+    main()

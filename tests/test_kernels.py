@@ -1,0 +1,120 @@
+"""The fast CPU paths (blocked attention, rational activations, fused GroupNorm) against torch's kernels.
+
+Model-level parity (tests/test_models.py) runs them too; these tests pin each kernel down on its own, including the
+cases a model rarely reaches: the blocked attention's overflow fallback, query blocking, 1024x1024-sized shapes.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlx_sd import attention as attention_module
+from mlx_sd import backend
+from mlx_sd.attention import attention
+from mlx_sd.models import layers
+from oracles import assert_close, relative_error
+
+pytestmark = pytest.mark.skipif(backend.on_gpu(), reason="the CPU kernels are what is tested here")
+
+
+def _reference_attention(q, k, v, heads):
+    B, N, C = q.shape
+    t = [torch.from_numpy(x).reshape(B, -1, heads, C // heads).transpose(1, 2) for x in (q, k, v)]
+    return F.scaled_dot_product_attention(*t).transpose(1, 2).reshape(B, N, C).numpy()
+
+
+@pytest.mark.parametrize(
+    "B,N,M,C,heads",
+    [(2, 1024, 1024, 320, 8), (2, 1024, 77, 320, 8), (1, 1500, 1500, 512, 1), (2, 256, 256, 256, 4)],
+)
+def test_blocked_attention_matches_torch(B, N, M, C, heads):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((B, n, C), dtype=np.float32) for n in (N, M, M))
+    assert backend.attention_kernel(mx.float32) == "blocked"
+    got = attention(mx.array(q), mx.array(k), mx.array(v), heads)
+    assert_close(got, _reference_attention(q, k, v, heads), 2e-6, "blocked attention")
+
+
+def test_blocked_attention_query_blocks_and_overflow_fallback(monkeypatch):
+    """Tiny score blocks force many query blocks; logits far above the sampled shift force the exact fallback."""
+    rng = np.random.default_rng(1)
+    B, N, C, heads = 1, 600, 64, 2
+    q, k, v = (rng.standard_normal((B, N, C), dtype=np.float32) for _ in range(3))
+    # Queries and one key (index 7, between the strided samples) all near 6 * ones: that key's logits are
+    # ~36 * 32 / sqrt(32) = 204, about 190 above the sampled shift, far beyond float32 exp's range.
+    q = 6 + 0.1 * q
+    k[0, 7] = 6
+    monkeypatch.setattr(attention_module, "SCORE_BLOCK_BYTES", 128 * N * 4)  # 128-row blocks
+    fallbacks = []
+    exact = attention_module._exact_rows
+    monkeypatch.setattr(attention_module, "_exact_rows", lambda *a: fallbacks.append(1) or exact(*a))
+    got = attention(mx.array(q), mx.array(k), mx.array(v), heads)
+    assert fallbacks, "the overflow fallback was not exercised"
+    assert_close(got, _reference_attention(q, k, v, heads), 2e-6, "blocked attention with fallback")
+
+
+def test_fused_attention_blocks_match_unblocked(monkeypatch):
+    """The fused path's query blocking (used on GPUs at large sizes) changes nothing but memory."""
+    rng = np.random.default_rng(2)
+    q, k, v = (mx.array(rng.standard_normal((2, 300, 64), dtype=np.float32)) for _ in range(3))
+    whole = attention_module._fused(q, k, v, 2, None)
+    monkeypatch.setattr(attention_module, "FUSED_BLOCK_BYTES", 4 * 64 * 300 * 4)
+    assert relative_error(attention_module._fused(q, k, v, 2, None), whole) < 1e-6
+
+
+_GRID = np.concatenate([np.linspace(-12, 12, 200_001), np.geomspace(1e-8, 1e-2, 1001)]).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "ours,ref",
+    [
+        (layers.silu, F.silu),
+        (layers.gelu, F.gelu),
+        (layers.quick_gelu, lambda x: x * torch.sigmoid(1.702 * x)),
+        (lambda x: layers.geglu(x[::-1] * 0.5, x), lambda x: x.flip(0) * 0.5 * F.gelu(x)),
+    ],
+    ids=["silu", "gelu", "quick_gelu", "geglu"],
+)
+def test_activations_match_torch(ours, ref):
+    """Absolute error against torch's float32 kernels at float32 rounding level over [-12, 12] and tiny inputs."""
+    got = np.array(ours(mx.array(_GRID)))
+    expected = ref(torch.from_numpy(_GRID)).numpy()
+    scale = np.maximum(np.abs(_GRID), 1.0)  # ulps of the input's size: x * sigmoid(x) ~ x for large x
+    assert np.max(np.abs(got - expected) / scale) < 1e-6
+    tiny = np.abs(_GRID) < 1e-2  # relative accuracy where values are small
+    assert np.max(np.abs(got - expected)[tiny] / np.maximum(np.abs(expected[tiny]), 1e-30)) < 1e-5
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-6), (mx.float16, 2e-3)])
+def test_group_norm_matches_torch(silu, dtype, tol):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 12, 10, 64)) * 3 + 5).astype(np.float32)
+    norm = layers.GroupNorm(32, 64, eps=1e-6)
+    norm.weight = mx.array(rng.standard_normal(64).astype(np.float32)).astype(dtype)
+    norm.bias = mx.array(rng.standard_normal(64).astype(np.float32)).astype(dtype)
+    got = norm(mx.array(x).astype(dtype), silu=silu)
+    assert got.dtype == dtype
+    t = F.group_norm(
+        torch.from_numpy(x).permute(0, 3, 1, 2),
+        32,
+        torch.from_numpy(np.array(norm.weight.astype(mx.float32))),
+        torch.from_numpy(np.array(norm.bias.astype(mx.float32))),
+        eps=1e-6,
+    )
+    expected = (F.silu(t) if silu else t).permute(0, 2, 3, 1).numpy()
+    assert_close(got, expected, tol, "group norm")
+
+
+def test_conv_row_strips_match_torch(monkeypatch):
+    """Large 3x3 convolutions run in row strips (bounded unfold buffer); uneven strips included."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 23, 9, 16)).astype(np.float32)
+    conv = layers.Conv2d(16, 8, 3, padding=1)
+    monkeypatch.setattr(layers, "CONV_UNFOLD_BYTES", 2 * 5 * 9 * 16 * 9 * 4)  # 5-row strips: 5 strips, last of 3
+    got = conv(mx.array(x))
+    w = torch.from_numpy(np.array(conv.weight)).permute(0, 3, 1, 2)
+    ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), w, torch.from_numpy(np.array(conv.bias)), padding=1)
+    assert_close(got, ref.permute(0, 2, 3, 1).numpy(), 1e-6, "strip conv")
