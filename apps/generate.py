@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -45,7 +46,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--only-masked-padding", type=int, default=32, help="inpainting: padding of that crop (pixels)")
     p.add_argument("--rng", default="torch-cpu", choices=NOISE_MODES,
                    help="noise source: torch-cpu = same seed, same image as diffusers/torch on CPU")  # fmt: skip
-    p.add_argument("--low-memory", action="store_true", help="free the text encoders after encoding the prompt")
+    p.add_argument(
+        "--low-memory",
+        action=argparse.BooleanOptionalAction,
+        help="free the text encoders after encoding and decode in tiles (default: on with <= 16 GiB)",
+    )
+    p.add_argument(
+        "--tiled-vae",
+        action=argparse.BooleanOptionalAction,
+        help="decode in 512-pixel tiles (default: above 1024x1024, or 512x512 in low-memory mode)",
+    )
     p.add_argument(
         "--lora",
         action="append",
@@ -112,6 +122,7 @@ def _request(args) -> GenerationRequest:
         resize_mode=args.resize_mode, mask=_open_image(args.mask, "--mask"), mask_blur=args.mask_blur,
         invert_mask=args.invert_mask, inpaint_full_res=args.only_masked,
         inpaint_padding=args.only_masked_padding, paste_back=True, low_memory=args.low_memory,
+        tiled_vae=args.tiled_vae,
         refiner_switch_at=args.refiner_switch_at,
     )  # fmt: skip
     try:

@@ -107,6 +107,28 @@ def default_dtype() -> mx.Dtype:
     return mx.float16 if on_gpu() else mx.float32
 
 
+# At most this much memory on the device (a 16 GB Mac) and generation runs in low-memory mode unless asked otherwise.
+SMALL_MEMORY_BYTES = 16 * 2**30
+
+
+def device_memory() -> int | None:
+    """Bytes of memory the default device can use: Metal's unified memory, the machine's RAM on CPU, None on CUDA."""
+    if mx.metal.is_available() and on_gpu():
+        return int(mx.metal.device_info()["memory_size"])
+    if on_gpu():
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def small_memory() -> bool:
+    """True on devices with at most 16 GiB: the pipeline then frees stages it no longer needs by default."""
+    memory = device_memory()
+    return memory is not None and memory <= SMALL_MEMORY_BYTES
+
+
 def cpu_threads() -> int:
     """Threads for CPU work done outside MLX (numpy's exp in the blocked attention): the cores we may run on."""
     if os.environ.get(THREADS_ENV):

@@ -77,7 +77,8 @@ class GenerationRequest:
         generation size, (0, 0)), aesthetic_score / negative_aesthetic_score (refiner).
     Refiner (a `Pipeline` holding a refiner model): refiner_switch_at, the fraction of the schedule after which the
         refiner takes over (A1111's "Switch at"; diffusers' denoising_end/denoising_start; None: 0.8, 1: never).
-    Memory: tiled_vae (None: tile above 1024x1024 pixels), low_memory (free the text encoders after encoding).
+    Memory: tiled_vae (None: tile above 1024x1024 pixels, in low-memory mode above 512x512), low_memory (free the
+        text encoders after encoding and decode in tiles; None: on for devices with <= 16 GiB, e.g. a 16 GB Mac).
     """
 
     prompt: str
@@ -112,7 +113,7 @@ class GenerationRequest:
     negative_aesthetic_score: float = 2.5
     refiner_switch_at: float | None = None
     tiled_vae: bool | None = None
-    low_memory: bool = False
+    low_memory: bool | None = None
 
     @property
     def mode(self) -> str:

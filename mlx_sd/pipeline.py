@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 from PIL import Image
 
-from . import __version__
+from . import __version__, backend
 from .conditioning import Conditioning
 from .denoiser import classifier_free_guidance
 from .images import latent_preview, to_pil
@@ -38,6 +38,8 @@ from .textual_inversion import Embedding, add_embeddings, ti_hashes, used_embedd
 from .tiling import tiled_decode, tiled_encode
 
 TILE_ABOVE_PIXELS = 1024 * 1024  # tiled VAE by default above this many pixels: bounded decoder memory
+# In low-memory mode from one tile up: SDXL's 1024x1024 decode takes 5.5 GiB whole, 1.4 GiB tiled (float32).
+LOW_MEMORY_TILE_ABOVE_PIXELS = 512 * 512
 LCM_GUIDANCE_EMBED_SCALE = 1000.0  # diffusers' get_guidance_scale_embedding multiplies w by 1000
 
 
@@ -306,7 +308,7 @@ class Pipeline:
                 mx.zeros_like(uncond.context), None if uncond.pooled is None else mx.zeros_like(uncond.pooled)
             )
         mx.eval(cond.context, *(() if uncond is None else (uncond.context,)))
-        if request.low_memory:
+        if _low_memory(request):
             model.release_text_encoders()
         return cond, uncond
 
@@ -391,7 +393,8 @@ class Pipeline:
         z = latents.astype(mx.float32) / vae.config.scaling_factor
         tile = request.tiled_vae
         if tile is None:
-            tile = request.width * request.height > TILE_ABOVE_PIXELS
+            limit = LOW_MEMORY_TILE_ABOVE_PIXELS if _low_memory(request) else TILE_ABOVE_PIXELS
+            tile = request.width * request.height > limit
         images = tiled_decode(vae, z.astype(vae.dtype)) if tile else vae.decode(z.astype(vae.dtype))
         mx.eval(images)
         if vae.dtype != mx.float32 and not mx.all(mx.isfinite(images)).item():
@@ -426,6 +429,10 @@ class Pipeline:
         tags = " ".join(a.tag() for a in loras if not a.mentioned)
         prompt = f"{request.prompt} {tags}" if tags and request.prompt else request.prompt or tags
         return format_infotext(prompt, request.negative_prompt, params)
+
+
+def _low_memory(request: GenerationRequest) -> bool:
+    return backend.small_memory() if request.low_memory is None else request.low_memory
 
 
 def _schedule(model: StableDiffusion) -> NoiseSchedule:

@@ -80,11 +80,13 @@ def tiny_reference(seed: int = 0, unet: tuple = (), text: tuple = ()) -> Referen
 @functools.cache
 def _tokenizer_folder(pad_token: str) -> Path:
     """A transformers CLIPTokenizer folder made from the CLIP vocabulary (as diffusers folders carry it)."""
+    import atexit
     import tempfile
 
     from transformers import CLIPTokenizer as HFTokenizer
 
     root = Path(tempfile.mkdtemp(prefix="mlx-sd-tokenizer-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # cached for the session, removed at its end
     CLIPTokenizer.bundled().save(root / "vocab")
     (root / "vocab" / "config.json").unlink()  # leave vocab.json + merges.txt, as transformers reads them
     tokenizer = HFTokenizer.from_pretrained(root / "vocab", pad_token=pad_token, model_max_length=77)

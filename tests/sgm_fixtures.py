@@ -113,10 +113,10 @@ def _hf_tokenizer(pad_token: str):
 
     from transformers import CLIPTokenizer as HFTokenizer
 
-    folder = Path(tempfile.mkdtemp(prefix="mlx-sd-sgm-tok-"))
-    CLIPTokenizer.bundled(normalization="hf").save(folder)
-    (folder / "config.json").unlink()
-    return HFTokenizer.from_pretrained(str(folder), pad_token=pad_token, model_max_length=77)
+    with tempfile.TemporaryDirectory(prefix="mlx-sd-sgm-tok-") as tmp:  # read into memory, then removed
+        CLIPTokenizer.bundled(normalization="hf").save(tmp)
+        (Path(tmp) / "config.json").unlink()
+        return HFTokenizer.from_pretrained(tmp, pad_token=pad_token, model_max_length=77)
 
 
 def diffusers_pipeline(kind: str, parts: dict | None = None):

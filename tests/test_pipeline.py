@@ -182,9 +182,27 @@ def test_low_memory_releases_and_reloads_text_encoders(sd1):
     kwargs = dict(prompt="a boat", width=64, height=64, steps=2, seed=4)
     first = ours.generate(low_memory=True, **kwargs)
     assert ours.model.text is None
-    second = ours.generate(**kwargs)
+    second = ours.generate(low_memory=False, **kwargs)
     assert ours.model.text is not None
     assert np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_low_memory_by_default_on_small_devices(sd1, monkeypatch, small):
+    """low_memory=None: on for devices with <= 16 GiB (text encoders freed; VAE tiled above 512x512), off otherwise."""
+    import mlx_sd.pipeline as pipeline_module
+    from mlx_sd import backend
+
+    _, ours = sd1
+    monkeypatch.setattr(backend, "small_memory", lambda: small)
+    tiled = []
+    real = pipeline_module.tiled_decode
+    monkeypatch.setattr(pipeline_module, "tiled_decode", lambda vae, z: tiled.append(z.shape) or real(vae, z))
+    ours.generate(prompt="a boat", width=64, height=64, steps=1, seed=4)
+    assert (ours.model.text is None) == small and not tiled
+    ours.generate(prompt="a boat", width=520, height=512, steps=1, seed=4, guidance=1.0)
+    assert bool(tiled) == small
+    ours.generate(prompt="a boat", width=64, height=64, steps=1, seed=4, low_memory=False)  # leave encoders loaded
 
 
 def test_float16_vae_overflow_retries_in_float32(sd1, monkeypatch):

@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from sgm_fixtures import diffusers_parts, diffusers_pipeline, write_diffusers_folder
-from test_pipeline import MIN_PSNR, as_array, generators, saved_config
+from test_pipeline import check, generators, saved_config
 from tiny_pipelines import mlx_folder, tiny_components
 
 from mlx_sd.model import StableDiffusion
 from mlx_sd.pipeline import Pipeline
 from mlx_sd_convert import convert
-from oracles import psnr
 
 PROMPT = "a red fox in the snow, watercolor"
 NEGATIVE = "blurry, low quality"
@@ -44,12 +43,6 @@ def reference(kind, scheduler="EulerDiscreteScheduler", img2img=False):
     pipe.scheduler = getattr(diffusers, scheduler).from_config(saved_config(diffusers_parts(kind)["scheduler"]))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def compare(result, expected, what):
-    value = psnr(as_array(result.images), expected, data_range=1.0)
-    print(f"{what}: PSNR {value:.1f} dB")
-    assert value >= MIN_PSNR, f"{what}: {value:.1f} dB"
 
 
 def init_image(w=64, h=64, seed=4):
@@ -80,7 +73,7 @@ def test_refiner_img2img_with_aesthetic_scores_matches_diffusers(models, negativ
         prompt=PROMPT, negative_prompt=negative, init_image=init_image(), sampler="EulerDiscreteScheduler",
         aesthetic_score=7.5, negative_aesthetic_score=1.5, **kwargs,
     )  # fmt: skip
-    compare(result, expected, f"refiner img2img negative={negative!r}")
+    check(result, expected, f"refiner img2img negative={negative!r}")
 
 
 @pytest.mark.parametrize(
@@ -102,7 +95,7 @@ def test_base_to_refiner_handoff_matches_diffusers(models, scheduler, switch_at)
         prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=80, steps=steps, guidance=guidance, seed=seed,
         sampler=scheduler, refiner_switch_at=switch_at,
     )  # fmt: skip
-    compare(result, expected, f"hand-off {scheduler} at {switch_at}")
+    check(result, expected, f"hand-off {scheduler} at {switch_at}")
     assert "Refiner: refiner" in result.infotexts[0] and f"Refiner switch at: {switch_at}" in result.infotexts[0]
 
 
@@ -121,7 +114,7 @@ def test_img2img_handoff_matches_diffusers(models):
         prompt=PROMPT, init_image=init_image(64, 64, 7), strength=0.7, steps=8, guidance=4.0, seed=5,
         sampler="EulerDiscreteScheduler", refiner_switch_at=0.75,
     )  # fmt: skip
-    compare(result, expected, "img2img hand-off at 0.75")
+    check(result, expected, "img2img hand-off at 0.75")
 
 
 def test_refiner_requests_are_checked(models, tmp_path):
@@ -181,7 +174,7 @@ def test_sdxl_inpaint_matches_diffusers(inpaint_models, channels, strength):
         prompt=PROMPT, negative_prompt=NEGATIVE, init_image=image, mask=mask, strength=strength, steps=6,
         guidance=5.0, width=64, height=64, sampler="EulerDiscreteScheduler", seed=3,
     )  # fmt: skip
-    compare(result, expected, f"sdxl inpaint {channels}-channel strength {strength}")
+    check(result, expected, f"sdxl inpaint {channels}-channel strength {strength}")
 
 
 # --- Turbo --------------------------------------------------------------------------------------------------
@@ -213,7 +206,7 @@ def test_sdxl_turbo_defaults_match_diffusers(tmp_path):
         PROMPT, num_inference_steps=1, guidance_scale=0.0, width=64, height=64, generator=generators(12, 1),
         output_type="np",
     )  # fmt: skip
-    compare(result, expected.images, "sdxl-turbo defaults")
+    check(result, expected.images, "sdxl-turbo defaults")
 
 
 def test_sd_turbo_defaults(tmp_path):

@@ -8,11 +8,10 @@ scores.
 import numpy as np
 import pytest
 from PIL import Image
-from test_pipeline import MIN_PSNR, as_array, generators, saved_config
+from test_pipeline import check, generators, saved_config
 from tiny_pipelines import mlx_folder, tiny_components
 
 from mlx_sd.pipeline import Pipeline
-from oracles import psnr
 
 PROMPT = "a red fox in the snow, watercolor"
 
@@ -36,12 +35,6 @@ def xl_pipe(cls, parts, scheduler, **kwargs):
     return pipe
 
 
-def compare(result, expected, what):
-    value = psnr(as_array(result.images), expected, data_range=1.0)
-    print(f"{what}: PSNR {value:.1f} dB")
-    assert value >= MIN_PSNR, f"{what}: {value:.1f} dB"
-
-
 @pytest.mark.parametrize("negative", ["", "ugly, blurry"])
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
 def test_sdxl_txt2img_matches_diffusers(sdxl, negative, scheduler):
@@ -56,7 +49,7 @@ def test_sdxl_txt2img_matches_diffusers(sdxl, negative, scheduler):
         prompt=PROMPT, negative_prompt=negative, sampler=scheduler, original_size=(128, 96),
         crops_coords_top_left=(8, 4), **kwargs,
     )  # fmt: skip
-    compare(result, expected, f"sdxl {scheduler} negative={negative!r}")
+    check(result, expected, f"sdxl {scheduler} negative={negative!r}")
 
 
 def test_sdxl_img2img_matches_diffusers(sdxl):
@@ -70,4 +63,4 @@ def test_sdxl_img2img_matches_diffusers(sdxl):
     result = ours.generate(
         prompt=PROMPT, init_image=init, strength=0.6, steps=6, guidance=4.0, sampler="EulerDiscreteScheduler", seed=5
     )
-    compare(result, expected, "sdxl img2img")
+    check(result, expected, "sdxl img2img")
