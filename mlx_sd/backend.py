@@ -129,6 +129,16 @@ def small_memory() -> bool:
     return memory is not None and memory <= SMALL_MEMORY_BYTES
 
 
+_cpu_streams: list = []
+
+
+def cpu_streams() -> list:
+    """One MLX CPU stream per core (created once), for independent work such as casting weights at load."""
+    if not _cpu_streams:
+        _cpu_streams.extend(mx.new_stream(mx.cpu) for _ in range(cpu_threads()))
+    return _cpu_streams
+
+
 def cpu_threads() -> int:
     """Threads for CPU work done outside MLX (numpy's exp in the blocked attention): the cores we may run on."""
     if os.environ.get(THREADS_ENV):

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import backend
 from .models import (
     AutoencoderKL,
     CLIPTextConfig,
@@ -104,7 +105,24 @@ def load_component(folder: str | Path, dtype: mx.Dtype | None = None) -> nn.Modu
         quantize_model(kind_of(config), model, quantization)
     weights = mx.load(str(folder / WEIGHTS_FILE))
     if dtype is not None:
-        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+        weights = _cast(weights, dtype)
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     return model
+
+
+def _cast(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Floating-point weights cast to `dtype` (lazily). On CPU the casts are spread over one stream per core: most of
+    a cast's time is page faults on the fresh memory, which run in parallel (SD1.5 UNet float16 -> float32 on 2
+    cores: 2.9 s -> 1.6 s)."""
+    streams = backend.cpu_streams() if not backend.on_gpu() else [mx.default_stream(mx.default_device())]
+    load = [0] * len(streams)
+    out = {}
+    for k, v in sorted(weights.items(), key=lambda kv: -kv[1].size):  # largest first onto the least loaded stream
+        if not mx.issubdtype(v.dtype, mx.floating) or v.dtype == dtype:
+            out[k] = v
+            continue
+        i = load.index(min(load))
+        load[i] += v.size
+        out[k] = v.astype(dtype, stream=streams[i])
+    return out

@@ -1,10 +1,10 @@
-"""Peak memory of a full-size SDXL generation at 1024x1024 (random weights), and the memory plan for a 16 GB Mac.
+"""Peak memory of a full-size generation (random weights): SDXL at 1024x1024, SD 1.5 / 2.1 at 512x512; memory plans.
 
-    python benchmarks/sdxl_memory.py                          # 1 step, float32 (what this CPU runs)
-    python benchmarks/sdxl_memory.py --steps 2 --folder DIR   # keep the ~7 GB random model in DIR for reruns
-    python benchmarks/sdxl_memory.py --vae                    # also: the VAE decode at 1024, whole and tiled
+    python benchmarks/memory.py --vae                         # SDXL base, 1024x1024, 1 step, float32 (this CPU)
+    python benchmarks/memory.py --family sd1 --vae            # SD 1.5 at 512x512
+    python benchmarks/memory.py --steps 2 --folder DIR        # keep the random model (~7 GB for SDXL) for reruns
 
-A random-weight SDXL base 1.0 model (the published configs, convert/families.py) is written as an mlx-sd model
+A random-weight model of the published configs (convert/families.py; SDXL: base 1.0) is written as an mlx-sd model
 folder: weights in float16 as `mlx-sd convert` stores them, the VAE in float32. Each measurement runs in a fresh
 interpreter that loads the folder with `StableDiffusion(folder, dtype=...)` and generates through `Pipeline` with
 classifier-free guidance (batch 2 through the UNet), Euler, low_memory=True (text encoders freed after encoding).
@@ -50,12 +50,13 @@ def hwm():
             return int(line.split()[1]) * 1024
 
 folder, dtype, steps, low_memory = sys.argv[1], getattr(mx, sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+size = int(sys.argv[5])
 start = time.perf_counter()
 pipeline = Pipeline(StableDiffusion(folder, dtype=dtype))
 out = {"load_s": time.perf_counter() - start, "after_load_active": mx.get_active_memory()}
 mx.reset_peak_memory()
 request = GenerationRequest(prompt="a lighthouse on a cliff at dusk, oil painting", negative_prompt="blurry",
-                            width=1024, height=1024, steps=steps, guidance=5.0, sampler="Euler", seed=0,
+                            width=size, height=size, steps=steps, guidance=5.0, sampler="Euler", seed=0,
                             low_memory=low_memory)
 marks = [time.perf_counter()]
 for event in pipeline.stream(request):
@@ -83,7 +84,7 @@ from mlx_sd.components import load_component
 from mlx_sd.tiling import tiled_decode
 vae = load_component(sys.argv[1], mx.float32)
 mx.eval(vae.parameters())
-z = mx.random.normal((1, 128, 128, 4), key=mx.random.key(0))
+z = mx.random.normal((1, int(sys.argv[2]) // 8, int(sys.argv[2]) // 8, 4), key=mx.random.key(0))
 mx.eval(z)
 out = {}
 for name, decode in (("whole", vae.decode), ("tiled", lambda z: tiled_decode(vae, z))):
@@ -95,27 +96,32 @@ print(json.dumps(out))
 """
 
 
-def published_configs() -> dict:
-    """Our configs of the published SDXL base 1.0 components."""
+SIZES = {"sd1": 512, "sd2": 512, "sdxl": 1024}  # SD 2.1-base's size for sd2
+
+
+def published_configs(family: str) -> dict:
+    """Our configs of the published components of `family` (SDXL: base 1.0)."""
     from mlx_sd_convert.diffusers import clip_config, unet_config, vae_config
     from mlx_sd_convert.families import family_config
 
-    return {
-        "unet": unet_config(family_config("sdxl", "unet")),
-        "vae": vae_config(family_config("sdxl", "vae")),
-        "text_encoder": clip_config(family_config("sdxl", "text_encoder"), with_projection=False),
-        "text_encoder_2": clip_config(family_config("sdxl", "text_encoder_2"), with_projection=True),
+    configs = {
+        "unet": unet_config(family_config(family, "unet")),
+        "vae": vae_config(family_config(family, "vae")),
+        "text_encoder": clip_config(family_config(family, "text_encoder"), with_projection=False),
     }
+    if family == "sdxl":
+        configs["text_encoder_2"] = clip_config(family_config(family, "text_encoder_2"), with_projection=True)
+    return configs
 
 
-def write_random_model(folder: Path) -> None:
-    """A full-size SDXL base model folder with random weights (float16; the VAE float32, as the converter writes)."""
+def write_random_model(folder: Path, family: str) -> None:
+    """A full-size model folder with random weights (float16; the VAE float32, as the converter writes)."""
     from mlx_sd.components import build, save_component
     from mlx_sd.model import MANIFEST, ModelInfo
     from mlx_sd.tokenizer import CLIPTokenizer
     from mlx_sd_convert.families import family_config
 
-    for name, config in published_configs().items():
+    for name, config in published_configs(family).items():
         dtype = mx.float32 if name == "vae" else mx.float16
         shapes = {k: v.shape for k, v in tree_flatten(build(config).parameters())}  # lazy init: nothing allocated
         keys = mx.random.split(mx.random.key(len(name)), len(shapes))
@@ -127,12 +133,13 @@ def write_random_model(folder: Path) -> None:
         save_component(folder / name, config, weights)
         del weights
         mx.clear_cache()
-    CLIPTokenizer.bundled(pad_token_id=49407).save(folder / "tokenizer")
-    CLIPTokenizer.bundled(pad_token_id=0).save(folder / "tokenizer_2")
+    CLIPTokenizer.bundled(pad_token_id=0 if family == "sd2" else 49407).save(folder / "tokenizer")
+    if family == "sdxl":
+        CLIPTokenizer.bundled(pad_token_id=0).save(folder / "tokenizer_2")
     (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(family_config("sdxl", "scheduler")))
-    info = ModelInfo(family="sdxl", prediction_type="epsilon", name="sdxl-random", dtype="float16",
-                     force_zeros_for_empty_prompt=True)  # fmt: skip
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(family_config(family, "scheduler")))
+    info = ModelInfo(family=family, prediction_type="epsilon", name=f"{family}-random", dtype="float16",
+                     force_zeros_for_empty_prompt=family == "sdxl")  # fmt: skip
     (folder / MANIFEST).write_text(info.to_json())
 
 
@@ -145,7 +152,8 @@ def quantize_unet(folder: Path, out: Path, bits: int) -> None:
 
     shutil.copytree(folder, out, ignore=shutil.ignore_patterns(WEIGHTS_FILE), dirs_exist_ok=True)
     for name in ("vae", "text_encoder", "text_encoder_2"):
-        shutil.copy(folder / name / WEIGHTS_FILE, out / name / WEIGHTS_FILE)
+        if (folder / name).is_dir():
+            shutil.copy(folder / name / WEIGHTS_FILE, out / name / WEIGHTS_FILE)
     unet = load_component(folder / "unet")  # float16, read lazily
     quantization = QuantizationConfig(bits=bits)
     quantize_model("unet", unet, quantization)  # nn.quantize: the selected Linear layers, from their weights
@@ -156,14 +164,14 @@ def quantize_unet(folder: Path, out: Path, bits: int) -> None:
     mx.save_safetensors(str(out / "unet" / WEIGHTS_FILE), weights)
 
 
-def weight_bytes() -> dict[str, dict[str, float]]:
+def weight_bytes(family: str) -> dict[str, dict[str, float]]:
     """Bytes of each component's weights in float32, float16 and (UNet, text encoders) 8-bit quantized."""
     from mlx_sd.components import build, kind_of
     from mlx_sd.quantization import QuantizationConfig, quantized_layers
 
     q8 = QuantizationConfig(bits=8)
     out = {}
-    for name, config in published_configs().items():
+    for name, config in published_configs(family).items():
         model = build(config)
         params = dict(tree_flatten(model.parameters()))
         total = sum(v.size for v in params.values())
@@ -184,7 +192,7 @@ def run(code: str, *args: str) -> dict:
 
 
 def plan(weights: dict, measured: dict, vae: dict | None) -> list[tuple[str, float]]:
-    """Peak memory (bytes) of a 1024x1024 generation for each plan, from exact weight sizes and the measured
+    """Peak memory (bytes) of a generation for each plan, from exact weight sizes and the measured
     activations. The UNet stays resident while the VAE decodes, so a plan's peak is its resident weights plus the
     larger of the UNet step's activations (halved in float16) and the decode's (VAE weights and activations, float32
     as the pipeline runs the VAE)."""
@@ -192,7 +200,7 @@ def plan(weights: dict, measured: dict, vae: dict | None) -> list[tuple[str, flo
     unet_acts = measured["text_and_step1_peak"] - resident
     decode = measured["rest_and_decode_peak"] - resident
     tiled = decode - vae["whole"] + vae["tiled"] if vae else None
-    text32 = weights["text_encoder"]["float32"] + weights["text_encoder_2"]["float32"]
+    text32 = sum(w["float32"] for name, w in weights.items() if name.startswith("text_encoder"))
     u32, u16, u8 = (weights["unet"][k] for k in ("float32", "float16", "q8"))
     rows = [
         ("float32, text encoders kept", u32 + text32 + max(unet_acts, decode)),
@@ -212,29 +220,32 @@ def plan(weights: dict, measured: dict, vae: dict | None) -> list[tuple[str, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="sdxl", choices=sorted(SIZES))
+    parser.add_argument("--size", type=int, help="image size in pixels (default: 1024 for SDXL, else 512)")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--dtype", default="float32", help="compute dtype (float32 on CPU; float16 on a Mac)")
     parser.add_argument("--folder", type=Path, help="keep / reuse the random model folder here")
-    parser.add_argument("--vae", action="store_true", help="also measure the VAE decode at 1024, whole and tiled")
+    parser.add_argument("--vae", action="store_true", help="also measure the VAE decode alone, whole and tiled")
     parser.add_argument("--unet-bits", type=int, choices=(8,), help="run with the 8-bit UNet (needs ~6 GB, not ~14)")
     options = parser.parse_args()
+    family, px = options.family, options.size or SIZES[options.family]
 
-    with tempfile.TemporaryDirectory(prefix="mlx-sd-sdxl-") as tmp:
-        folder = options.folder or Path(tmp) / "sdxl-random"
+    with tempfile.TemporaryDirectory(prefix="mlx-sd-memory-") as tmp:
+        folder = options.folder or Path(tmp) / f"{family}-random"
         if not (folder / "mlx_sd.json").is_file():
             start = time.perf_counter()
-            write_random_model(folder)
+            write_random_model(folder, family)
             size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-            print(f"wrote a random SDXL base folder: {size / GIB:.2f} GiB in {time.perf_counter() - start:.0f} s")
+            print(f"wrote a random {family} folder: {size / GIB:.2f} GiB in {time.perf_counter() - start:.0f} s")
         if options.unet_bits:
             quantized = folder.with_name(f"{folder.name}-q{options.unet_bits}")
             if not (quantized / "mlx_sd.json").is_file():
                 quantize_unet(folder, quantized, options.unet_bits)
             folder = quantized
-        measured = run(_CHILD, folder, options.dtype, options.steps, 1)
-        vae = run(_VAE_CHILD, folder / "vae") if options.vae else None
+        measured = run(_CHILD, folder, options.dtype, options.steps, 1, px)
+        vae = run(_VAE_CHILD, folder / "vae", px) if options.vae else None
 
-    weights = weight_bytes()
+    weights = weight_bytes(family)
     print(json.dumps({"measured": measured, "vae_decode_activation_peak": vae}, indent=2))
     print("\nweights (GiB):  " + ", ".join(
         f"{n} {w['float32'] / GIB:.2f} fp32 / {w['float16'] / GIB:.2f} fp16" for n, w in weights.items()))  # fmt: skip
@@ -242,7 +253,7 @@ def main() -> None:
     print(f"UNet 8-bit: {unet['q8'] / GIB:.2f} GiB ({unet['quantized_share']:.0%} of its parameters quantized)")
     unet_kind = f"{options.unet_bits}-bit UNet" if options.unet_bits else "float16-stored UNet"
     print(
-        f"\nmeasured ({options.dtype} compute, {unet_kind}, {options.steps} step(s), 1024x1024, guidance, low_memory):"
+        f"\nmeasured ({options.dtype} compute, {unet_kind}, {options.steps} step(s), {px}x{px}, guidance, low_memory):"
     )
     resident = measured["weights_resident_at_step1"]
     print(f"  weights resident during the UNet steps:      {resident / GIB:.2f} GiB (text encoders released)")
@@ -254,9 +265,9 @@ def main() -> None:
     print(f"  time: text {timings['text']:.0f} s, UNet steps {steps} s, decode {timings['decode']:.0f} s")
     if vae:
         print(
-            f"  VAE decode activations at 1024: whole {vae['whole'] / GIB:.2f} GiB, tiled {vae['tiled'] / GIB:.2f} GiB"
+            f"  VAE decode activations at {px}: whole {vae['whole'] / GIB:.2f} GiB, tiled {vae['tiled'] / GIB:.2f} GiB"
         )
-    print("\npeak of a 1024x1024 generation by plan (GiB; activations from this run, float16 ones halved):")
+    print(f"\npeak of a {px}x{px} generation by plan (GiB; activations from this run, float16 ones halved):")
     for label, value in plan(weights, measured, vae):
         print(f"  {label:48s} {value / GIB:6.2f}")
 
