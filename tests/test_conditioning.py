@@ -79,10 +79,12 @@ def test_sdxl_towers_match_diffusers():
         assert_close(got.pooled, o2.text_embeds, TOL, f"sdxl pooled {text!r}")
 
 
-def a1111_reference(ref, tokenizer, prompt, pad, windows_to=None):
+def a1111_reference(ref, tokenizer, prompt, pad, windows_to=None, hidden=None, pooled=None):
     """AUTOMATIC1111's long-prompt and "Original" emphasis rules, from their description: split into 75-token
     windows (comma backtrack 20), encode each as bos+tokens+eos+padding, multiply each token's state by its weight,
-    rescale the window to its original mean, concatenate; pad with empty-prompt windows to `windows_to`."""
+    rescale the window to its original mean, concatenate; pad with empty-prompt windows to `windows_to`.
+    `hidden`: read hidden_states[hidden] instead of the last (normed) state (SDXL's penultimate layer); `pooled`: a
+    list that receives the first window's projected pooled output (A1111's SDXL pooled embedding)."""
     weighted, breaks = [], []
     for frag in parse_emphasis(prompt):
         if frag.is_break:
@@ -97,7 +99,10 @@ def a1111_reference(ref, tokenizer, prompt, pad, windows_to=None):
         ids += [pad] * (77 - len(ids))
         mults = torch.tensor([1.0] + [w for _, w in window] + [1.0] * (76 - len(window)))
         with torch.no_grad():
-            z = ref(torch.tensor([ids])).last_hidden_state[0]
+            out = ref(torch.tensor([ids]), output_hidden_states=hidden is not None)
+            z = (out.last_hidden_state if hidden is None else out.hidden_states[hidden])[0]
+            if pooled is not None and not pooled:
+                pooled.append(out.text_embeds)
         original_mean = z.mean()
         z = z * mults[:, None]
         zs.append(z * (original_mean / z.mean()))
@@ -115,6 +120,26 @@ def test_long_weighted_prompt_matches_a1111_rules():
     assert_close(cond.context, expected, TOL, "long weighted prompt")
     # The short negative prompt is padded with empty-prompt windows to the same length.
     assert_close(uncond.context, a1111_reference(ref, tower.tokenizer, negative, EOS_ID, windows), TOL, "negative")
+
+
+def test_sdxl_long_weighted_prompt_matches_a1111_rules():
+    """SDXL: A1111 applies windows and emphasis to each encoder on its own (its penultimate states), concatenates
+    them, and takes the pooled embedding from tower 2's first window."""
+    ref1, tower1 = tiny_tower(1, "quick_gelu", False, EOS_ID, "penultimate")
+    ref2, tower2 = tiny_tower(2, "gelu", True, 0, "penultimate")
+    prompt = ", ".join(f"a (misty:1.2) [dark] forest number {i}, ((lanterns))" for i in range(16))
+    cond, _ = PromptEncoder([tower1, tower2]).encode([prompt])
+    pooled = []
+    expected = torch.cat(
+        [
+            a1111_reference(ref1, tower1.tokenizer, prompt, EOS_ID, hidden=-2),
+            a1111_reference(ref2, tower2.tokenizer, prompt, 0, hidden=-2, pooled=pooled),
+        ],
+        dim=-1,
+    )
+    assert expected.shape[1] >= 3 * 77 and cond.context.shape[1] == expected.shape[1]
+    assert_close(cond.context, expected, TOL, "sdxl long weighted prompt")
+    assert_close(cond.pooled, pooled[0], TOL, "sdxl pooled of the first window")
 
 
 def test_break_and_sd2_padding():
