@@ -27,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from mlx_sd import backend
 from mlx_sd.infotext import save_png
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Cancelled, Control, Pipeline, Progress, Result
@@ -298,7 +299,10 @@ class Engine:
                 self._running = None
                 self._durations.append(time.time() - job.started)
                 self._finish_locked(job, status)
+                idle = not self._queue
             job.notify()
+            if idle:  # hand the activations' memory back while nothing waits (MLX's cache, the tuned malloc heap)
+                backend.release_cpu_memory()
 
     def _execute(self, job: Job) -> str:
         """Run one job on this (the worker) thread; returns its final status. Never raises."""
