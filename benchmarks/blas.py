@@ -42,8 +42,8 @@ def measure(openblas: bool) -> dict:
 if __name__ == "__main__":
     base, fast = measure(False), measure(True)
     for r in (base, fast):
-        print(f"{r['blas']:>9}: sgemm {r['sgemm_gflops']:7.1f} GFLOP/s, conv 3x3 {r['conv3x3_gflops']:7.1f} GFLOP/s")
-    if fast["blas"] == "openblas":
+        print(f"{r['blas']:>20}: sgemm {r['sgemm_gflops']:7.1f} GFLOP/s, conv 3x3 {r['conv3x3_gflops']:7.1f} GFLOP/s")
+    if fast["blas"].startswith("openblas"):
         print(
             f"speed-up: sgemm {fast['sgemm_gflops'] / base['sgemm_gflops']:.0f}x, "
             f"conv {fast['conv3x3_gflops'] / base['conv3x3_gflops']:.0f}x"

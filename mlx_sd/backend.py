@@ -5,7 +5,10 @@ MLX's Linux CPU wheel links the reference BLAS (~6 GFLOP/s sgemm on a 2-core x86
 loaded with RTLD_GLOBAL *before* `mlx.core` is first imported, interposes `cblas_sgemm` and the LAPACK symbols
 libmlx binds lazily and runs ~30x faster. After `mlx.core` is loaded the binding is fixed, which is why
 `mlx_sd/__init__.py` imports this module before anything else. Set MLX_SD_OPENBLAS=0 to keep MLX's own BLAS.
-Nothing changes on macOS (Accelerate) or when MLX runs on a GPU.
+Nothing changes on macOS (Accelerate) or when MLX runs on a GPU. A distribution's OpenBLAS picks its kernels by CPU
+model and falls back to its oldest x86-64 kernels ("Prescott", SSE3) on models newer than itself: Debian 12's 0.3.21
+on a 5th-generation Xeon ran sgemm at 43 GFLOP/s instead of 300. Such a load is redone with the newest kernel family
+the CPU's flags allow (`_reload_with_known_core`); OPENBLAS_CORETYPE set by the user is left alone.
 
 MLX's CPU allocator takes every buffer from malloc and frees it right after use, and glibc serves blocks above
 128 KiB-32 MiB with a fresh mmap: every large activation then costs one page fault per 4 KiB page as the kernel
@@ -35,7 +38,7 @@ _OPENBLAS_CANDIDATES = (
     "/usr/lib64/libopenblas.so.0",
 )
 
-blas = "mlx"  # which BLAS MLX's CPU backend calls: "openblas" once preloaded, "accelerate" on macOS
+blas = "mlx"  # which BLAS MLX's CPU backend calls: "openblas (<kernel family>)" once preloaded, "accelerate" on macOS
 
 
 def _preload_openblas() -> str:
@@ -54,11 +57,61 @@ def _preload_openblas() -> str:
     names = [ctypes.util.find_library("openblas"), *_OPENBLAS_CANDIDATES]
     for name in filter(None, names):
         try:
-            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-            return "openblas"
+            lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
+        return f"openblas ({_reload_with_known_core(lib, name)})"
     return "mlx"
+
+
+# OpenBLAS kernel families without AVX2/FMA; "Prescott" is also where DYNAMIC_ARCH builds land on unknown CPU models.
+_PRE_AVX2_CORES = {"Prescott", "Core2", "Penryn", "Dunnington", "Nehalem", "Atom", "Sandybridge"}
+_AVX512_FLAGS = {"avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"}
+
+
+def _reload_with_known_core(lib: ctypes.CDLL, name: str) -> str:
+    """The kernel family OpenBLAS chose, after reloading it with a better one where it fell back below the CPU."""
+    core = _corename(lib)
+    best = _best_core(_cpu_flags())
+    if core not in _PRE_AVX2_CORES or best is None or "OPENBLAS_CORETYPE" in os.environ:
+        return core
+    import _ctypes
+
+    _ctypes.dlclose(lib._handle)  # nothing else holds it yet, so the next load runs OpenBLAS's set-up again
+    os.environ["OPENBLAS_CORETYPE"] = best  # read once, by that set-up; numpy's own OpenBLAS must not see it
+    try:
+        lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    finally:
+        del os.environ["OPENBLAS_CORETYPE"]
+    return _corename(lib)
+
+
+def _corename(lib: ctypes.CDLL) -> str:
+    try:
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        return lib.openblas_get_corename().decode()
+    except AttributeError:  # not a DYNAMIC_ARCH build: its kernels were chosen when it was compiled
+        return "unknown"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _best_core(flags: set[str]) -> str | None:
+    """The OpenBLAS kernel family (OPENBLAS_CORETYPE) for an x86-64 CPU with these /proc/cpuinfo flags."""
+    if _AVX512_FLAGS <= flags:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= flags:
+        return "Haswell"
+    return None
 
 
 def _off(env: str) -> bool:

@@ -118,3 +118,16 @@ def test_conv_row_strips_match_torch(monkeypatch):
     w = torch.from_numpy(np.array(conv.weight)).permute(0, 3, 1, 2)
     ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), w, torch.from_numpy(np.array(conv.bias)), padding=1)
     assert_close(got, ref.permute(0, 2, 3, 1).numpy(), 1e-6, "strip conv")
+
+
+def test_openblas_kernel_family_matches_the_cpu():
+    """A system OpenBLAS older than the CPU falls back to SSE3 kernels ("Prescott", 6x slower sgemm): mlx_sd
+    reloads it with the kernel family the CPU's flags allow (backend._reload_with_known_core)."""
+    assert backend._best_core({"avx2", "fma", *backend._AVX512_FLAGS}) == "SkylakeX"
+    assert backend._best_core({"avx2", "fma", "avx512f"}) == "Haswell"  # AVX-512 without BW/VL: no SkylakeX kernels
+    assert backend._best_core({"sse4_2"}) is None
+    if not backend.blas.startswith("openblas ("):
+        pytest.skip(f"MLX uses {backend.blas} here, not the system OpenBLAS")
+    core = backend.blas.removeprefix("openblas (").removesuffix(")")
+    if backend._best_core(backend._cpu_flags()) is not None:
+        assert core not in backend._PRE_AVX2_CORES, f"OpenBLAS runs its {core} kernels on an AVX2 CPU"
