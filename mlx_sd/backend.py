@@ -192,6 +192,16 @@ def cpu_streams() -> list:
     return _cpu_streams
 
 
+def row_block_streams() -> list:
+    """CPU streams to spread row-wise elementwise work over (LayerNorm, GEGLU), or [] where that does not pay.
+
+    MLX runs each CPU operation on one thread (only its BLAS calls use every core); a GPU runs them in parallel.
+    """
+    if on_gpu() or cpu_threads() < 2:
+        return []
+    return cpu_streams()
+
+
 def cpu_threads() -> int:
     """Threads for CPU work done outside MLX (numpy's exp in the blocked attention): the cores we may run on."""
     if os.environ.get(THREADS_ENV):

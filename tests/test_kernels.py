@@ -108,6 +108,47 @@ def test_group_norm_matches_torch(silu, dtype, tol):
     assert_close(got, expected, tol, "group norm")
 
 
+@pytest.mark.parametrize("streams", [2, 3])
+def test_row_blocks_across_streams_match_torch(monkeypatch, streams):
+    """LayerNorm and the GEGLU feed-forward computed in row blocks on several CPU streams (uneven blocks included),
+    against torch; the threshold is lowered so that a small input is split."""
+    from mlx_sd.models.unet import FeedForward
+
+    monkeypatch.setattr(layers, "ROW_BLOCK_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(backend, "row_block_streams", lambda: [mx.new_stream(mx.cpu) for _ in range(streams)])
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 77, 64)).astype(np.float32)  # 154 rows: blocks of 77 or 51/51/52
+    norm = layers.LayerNorm(64)
+    norm.update({k: mx.array(rng.standard_normal(64).astype(np.float32)) for k in ("weight", "bias")})
+    ff = FeedForward(64)
+    ff.update(
+        {
+            "net": [
+                {
+                    "proj": {
+                        "weight": mx.array(0.2 * rng.standard_normal((512, 64), dtype=np.float32)),
+                        "bias": mx.array(rng.standard_normal(512, dtype=np.float32)),
+                    }
+                },
+                {},
+                {
+                    "weight": mx.array(0.1 * rng.standard_normal((64, 256), dtype=np.float32)),
+                    "bias": mx.array(rng.standard_normal(64, dtype=np.float32)),
+                },
+            ]
+        }
+    )
+    t = torch.from_numpy(x)
+    ln = F.layer_norm(t, (64,), *(torch.from_numpy(np.array(norm[k])) for k in ("weight", "bias")))
+    assert_close(norm(mx.array(x)), ln.numpy(), 1e-6, "row-block layer norm")
+    p = {k: torch.from_numpy(np.array(v)) for k, v in ff.net[0].proj.items()}
+    value, gate = F.linear(t, p["weight"], p["bias"]).chunk(2, dim=-1)
+    out = F.linear(
+        value * F.gelu(gate), torch.from_numpy(np.array(ff.net[2].weight)), torch.from_numpy(np.array(ff.net[2].bias))
+    )
+    assert_close(ff(mx.array(x)), out.numpy(), 2e-6, "row-block GEGLU feed-forward")
+
+
 def test_conv_row_strips_match_torch(monkeypatch):
     """Large 3x3 convolutions run in row strips (bounded unfold buffer); uneven strips included."""
     rng = np.random.default_rng(4)

@@ -16,10 +16,12 @@ from .layers import (
     Attention,
     Downsample2D,
     GroupNorm,
+    LayerNorm,
     ResnetBlock2D,
     TimestepEmbedding,
     Upsample2D,
     geglu,
+    rowwise,
     timestep_embedding,
 )
 
@@ -66,11 +68,11 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, context_dim: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads, dim // heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, heads, dim // heads, context_dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
@@ -87,8 +89,12 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner)
 
     def __call__(self, x: mx.array) -> mx.array:
-        value, gate = mx.split(self.proj(x), 2, axis=-1)
-        return geglu(value, gate)
+        return rowwise(_gated, self.proj(x))
+
+
+def _gated(h: mx.array) -> mx.array:
+    value, gate = mx.split(h, 2, axis=-1)
+    return geglu(value, gate)
 
 
 class FeedForward(nn.Module):
