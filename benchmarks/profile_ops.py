@@ -3,16 +3,21 @@
     python benchmarks/profile_ops.py                    # SD1.5 UNet, guided step (batch 2) at 512x512
     python benchmarks/profile_ops.py --family sd2 --size 768
     python benchmarks/profile_ops.py --component vae --size 512
+    python benchmarks/profile_ops.py --torch            # the same UNet step in diffusers, by torch's profiler
 
 Every Conv2d, Linear, LayerNorm, GroupNorm, attention and activation call is evaluated on its own and timed; the
 time of nested calls is subtracted from their parents ("self" time). Evaluating op by op removes MLX's overlap of
-graph building and computing, so the total is a little above an unprofiled step, which is printed first.
+graph building and computing, so the total is a little above an unprofiled step, which is printed first. With
+--torch, diffusers' UNet of the same configuration runs under torch.profiler instead, grouped by aten operation
+(self CPU time), in a process without mlx_sd's OpenBLAS preload and malloc tuning, as benchmarks/components.py runs it.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
+import sys
 import time
 
 # isort: off
@@ -52,7 +57,8 @@ class SelfTimer:
 
 
 def instrument(timer: SelfTimer) -> None:
-    for cls in (nn.Conv2d, nn.Linear, nn.LayerNorm, layers.GroupNorm):
+    # mlx-sd's subclasses too: the strip convolutions and row-block LayerNorms bypass their parents' __call__.
+    for cls in (nn.Conv2d, layers.Conv2d, nn.Linear, nn.LayerNorm, layers.LayerNorm, layers.GroupNorm):
         cls.__call__ = timer.wrap(cls.__name__, cls.__call__)
     layers.attention = timer.wrap("attention", layers.attention)
     unet.geglu = timer.wrap("geglu", unet.geglu)
@@ -65,8 +71,12 @@ def main() -> None:
     p.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"])
     p.add_argument("--component", default="unet", choices=["unet", "vae"])
     p.add_argument("--size", type=int, default=512, help="image size in pixels")
+    p.add_argument("--torch", action="store_true", help="profile diffusers' UNet with torch.profiler instead")
     args = p.parse_args()
     latent = args.size // 8
+    if args.torch:
+        profile_torch(args.family, args.component, latent)
+        return
     key = mx.random.key(0)
     if args.component == "unet":
         config = family_config(args.family, "unet")
@@ -101,6 +111,50 @@ def main() -> None:
         print(f"  {name:10s} {seconds:7.2f} s {100 * seconds / total:5.1f} %  {timer.calls[name]:4d} calls")
     rest = total - sum(timer.totals.values())
     print(f"  {'other':10s} {rest:7.2f} s {100 * rest / total:5.1f} %  (residual adds, concatenation, embeddings)")
+
+
+def profile_torch(family: str, component: str, latent: int) -> None:
+    if os.environ.get("MLX_SD_OPENBLAS") != "0" or os.environ.get("MLX_SD_MALLOC") != "0":
+        # mlx_sd (imported above) preloaded OpenBLAS, which would capture torch's BLAS calls: start afresh without it.
+        env = {**os.environ, "MLX_SD_OPENBLAS": "0", "MLX_SD_MALLOC": "0"}
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_grad_enabled(False)
+    torch.manual_seed(0)
+    config = family_config(family, component)
+    if component == "unet":
+        model = UNet2DConditionModel(**config).eval()
+        x = torch.randn(2, config["in_channels"], latent, latent)
+        context = torch.randn(2, 77, config["cross_attention_dim"])
+        extra = {}
+        if config.get("addition_embed_type") == "text_time":
+            size = float(latent * 8)
+            extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(2, 1280), "time_ids": torch.full((2, 6), size)}}
+
+        def run():
+            return model(x, torch.tensor([500.0, 500.0]), context, **extra)
+    else:
+        model = AutoencoderKL(**config).eval()
+        z = torch.randn(1, config["latent_channels"], latent, latent)
+
+        def run():
+            return model.decode(z)
+
+    run()  # warm-up
+    start = time.perf_counter()
+    run()
+    print(f"{family} diffusers {component} {latent * 8}x{latent * 8}: unprofiled {time.perf_counter() - start:.2f} s")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    print(f"profiled {total:.2f} s (self CPU time per aten operation)")
+    for e in events[:12]:
+        seconds = e.self_cpu_time_total / 1e6
+        print(f"  {e.key:48s} {seconds:7.2f} s {100 * seconds / total:5.1f} %  {e.count:4d} calls")
 
 
 if __name__ == "__main__":
