@@ -3,12 +3,12 @@
     python benchmarks/profile_ops.py                    # SD1.5 UNet, guided step (batch 2) at 512x512
     python benchmarks/profile_ops.py --family sd2 --size 768
     python benchmarks/profile_ops.py --component vae --size 512
-    python benchmarks/profile_ops.py --torch            # the same UNet step in diffusers, by torch's profiler
+    python benchmarks/profile_ops.py --torch            # the same step in diffusers, by torch's profiler
 
 Every Conv2d, Linear, LayerNorm, GroupNorm, attention and activation call is evaluated on its own and timed; the
 time of nested calls is subtracted from their parents ("self" time). Evaluating op by op removes MLX's overlap of
 graph building and computing, so the total is a little above an unprofiled step, which is printed first. With
---torch, diffusers' UNet of the same configuration runs under torch.profiler instead, grouped by aten operation
+--torch, diffusers' UNet or VAE of the same configuration runs under torch.profiler instead, grouped by aten operation
 (self CPU time), in a process without mlx_sd's OpenBLAS preload and malloc tuning, as benchmarks/components.py runs it.
 """
 
@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"])
     p.add_argument("--component", default="unet", choices=["unet", "vae"])
     p.add_argument("--size", type=int, default=512, help="image size in pixels")
-    p.add_argument("--torch", action="store_true", help="profile diffusers' UNet with torch.profiler instead")
+    p.add_argument("--torch", action="store_true", help="profile diffusers' model with torch.profiler instead")
     args = p.parse_args()
     latent = args.size // 8
     if args.torch:
