@@ -82,50 +82,61 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     of keys: never above the true row max, so the largest weight is >= 1 and nothing underflows, and in practice
     close to it, so the rounding of s_ij - m_i is that of the usual max-subtracted softmax. A row whose true max
     exceeds m_i by more than float32 exp's range (~88) overflows; such blocks are detected and redone exactly.
+
+    Heads are read in place from the (B, N, C) inputs (strided views that BLAS takes as they are) and written in
+    place into a (B, N, C) output; the shift and the extended q/k/v are made per block inside the workers, so that
+    nothing but the products runs outside them (the set-up in MLX had cost more than a cross-attention's products).
     """
     B, N, C = q.shape
     M = k.shape[1]
     d = C // heads
-    bh = B * heads
-    qh = _split_heads(q * d**-0.5, heads).reshape(bh, N, d)
-    kh = _split_heads(k, heads).reshape(bh, M, d)
-    vh = _split_heads(v, heads).reshape(bh, M, d)
-    sample = kh[:, :: max(M // SHIFT_SAMPLE_KEYS, 1)]  # (bh, ~64, d)
-    shift = (qh @ sample.swapaxes(1, 2)).max(axis=-1, keepdims=True)  # (bh, N, 1)
-    ones = mx.ones((bh, M, 1), mx.float32)
-    q1 = mx.concatenate([qh, -shift], axis=-1)  # (bh, N, d + 1)
-    k1 = mx.concatenate([kh, ones], axis=-1)  # (bh, M, d + 1)
-    v1 = mx.concatenate([vh, ones], axis=-1)  # (bh, M, d + 1)
-    mx.eval(q1, k1, v1)
-    q1, k1, v1 = np.asarray(q1), np.asarray(k1), np.asarray(v1)
-    out = np.empty((B, N, heads, d), np.float32)  # written per head, already in token-major order
+    scale = d**-0.5
+    mx.eval(q, k, v)
+    qn, kn, vn = (np.asarray(x) for x in (q, k, v))  # float32 (backend.attention_kernel), zero-copy views
+    out = np.empty((B, N, C), np.float32)
 
     rows = max(1, min(N, SCORE_BLOCK_BYTES // (4 * M)))
     workers = backend.cpu_threads()
     # Enough tasks to keep every worker busy: whole heads, or row ranges when there are fewer heads than workers.
-    per_head = max(1, -(-2 * workers // bh))
+    per_head = max(1, -(-2 * workers // (B * heads)))
     bounds = np.linspace(0, N, per_head + 1).astype(int)
-    tasks = [(i, r0, r1) for i in range(bh) for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True) if r1 > r0]
+    spans = [(r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True) if r1 > r0]
+    tasks = [(b, h, r0, r1) for b in range(B) for h in range(heads) for r0, r1 in spans]
+    stride = max(M // SHIFT_SAMPLE_KEYS, 1)
 
     def run(task):
-        i, r0, r1 = task
-        b, h = divmod(i, heads)
+        b, h, r0, r1 = task
+        cols = slice(h * d, (h + 1) * d)
+        k1 = _with_ones(kn[b, :, cols])  # (M, d + 1)
+        v1 = _with_ones(vn[b, :, cols])
+        kt = k1.T  # (d + 1, M), a view: BLAS reads it transposed
+        sample = kn[b, ::stride, cols].T  # (d, ~64)
         scores = np.empty((rows, M), np.float32)
-        kt = k1[i].T  # (d + 1, M), a view: BLAS reads it transposed
+        q1 = np.empty((rows, d + 1), np.float32)
         for r in range(r0, r1, rows):
             n = min(rows, r1 - r)
-            s = scores[:n]
-            np.matmul(q1[i, r : r + n], kt, out=s)  # s_ij - m_i
+            s, qb = scores[:n], q1[:n]
+            np.multiply(qn[b, r : r + n, cols], scale, out=qb[:, :d])
+            np.negative((qb[:, :d] @ sample).max(axis=-1), out=qb[:, d])  # -m_i
+            np.matmul(qb, kt, out=s)  # s_ij - m_i
             with np.errstate(over="ignore"):  # overflow is checked below and the block redone exactly
                 np.exp(s, out=s)
-            o = s @ v1[i]  # (n, d + 1): weighted values and the row sums
+            o = s @ v1  # (n, d + 1): weighted values and the row sums
             if not np.isfinite(o).all():
-                o = _exact_rows(q1[i, r : r + n, :d], k1[i, :, :d], v1[i])
-            out[b, r : r + n, h] = o[:, :d] / o[:, d:]
+                o = _exact_rows(qb[:, :d], k1[:, :d], v1)
+            out[b, r : r + n, cols] = o[:, :d] / o[:, d:]
 
     with backend.numpy_blas_single_threaded():
         backend.cpu_map(run, tasks)
-    return mx.array(out.reshape(B, N, C))
+    return mx.array(out)
+
+
+def _with_ones(x: np.ndarray) -> np.ndarray:
+    """(M, d) -> (M, d + 1) with a last column of ones."""
+    out = np.empty((x.shape[0], x.shape[1] + 1), np.float32)
+    out[:, :-1] = x
+    out[:, -1] = 1
+    return out
 
 
 def _exact_rows(q: np.ndarray, k: np.ndarray, v1: np.ndarray) -> np.ndarray:
