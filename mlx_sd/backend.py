@@ -284,6 +284,12 @@ def numpy_blas_single_threaded():
                 set_(_numpy_blas_saved)
 
 
+def conv_taps() -> bool:
+    """Whether large 3x3 convolutions run as nine per-tap products (models/layers.py) instead of MLX's conv: on CPU,
+    where MLX unfolds the input into a 9x buffer with one thread; GPUs convolve without one."""
+    return not on_gpu()
+
+
 def activations() -> str:
     """How SiLU and GELU are evaluated (models/layers.py): "builtin" uses MLX's own (GPUs, macOS: fast there);
     "cpu" (Linux CPU) uses compiled rational forms, and numpy's vectorised exp across cores for the SiLU after a

@@ -161,6 +161,24 @@ def test_conv_row_strips_match_torch(monkeypatch):
     assert_close(got, ref.permute(0, 2, 3, 1).numpy(), 1e-6, "strip conv")
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_taps_match_torch(monkeypatch, bias):
+    """On CPU, 3x3 convolutions run as nine per-tap products over the padded input's rows (layers.conv3x3_taps):
+    batch 2 (taps reading across the padding between images), a non-square image, and few output channels."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 7, 11, 16)).astype(np.float32)
+    monkeypatch.setattr(layers, "TAPS_MIN_PIXELS", 1)
+    monkeypatch.setattr(layers, "TAPS_MIN_CHANNELS", 1)
+    monkeypatch.setattr(backend, "conv_taps", lambda: True)
+    for out_channels in (24, 3):
+        conv = layers.Conv2d(16, out_channels, 3, padding=1, bias=bias)
+        got = conv(mx.array(x))
+        w = torch.from_numpy(np.array(conv.weight)).permute(0, 3, 1, 2)
+        b = torch.from_numpy(np.array(conv.bias)) if bias else None
+        ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), w, b, padding=1)
+        assert_close(got, ref.permute(0, 2, 3, 1).numpy(), 1e-6, f"tap conv to {out_channels} channels")
+
+
 def test_openblas_kernel_family_matches_the_cpu():
     """A system OpenBLAS older than the CPU falls back to SSE3 kernels ("Prescott", 6x slower sgemm): mlx_sd
     reloads it with the kernel family the CPU's flags allow (backend._reload_with_known_core)."""

@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from .layers import (
     Attention,
+    Conv2d,
     Downsample2D,
     GroupNorm,
     LayerNorm,
@@ -207,7 +208,7 @@ class UNet2DConditionModel(nn.Module):
         cfg = self.config = config
         chans = cfg.block_out_channels
         n = len(chans)
-        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, chans[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chans[0], cfg.time_embed_dim, cfg.time_cond_proj_dim)
         if cfg.addition_time_embed_dim is not None:
             self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
@@ -236,7 +237,7 @@ class UNet2DConditionModel(nn.Module):
             prev_ch = chans[stage]
 
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, chans[0], cfg.norm_eps)
-        self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(chans[0], cfg.out_channels, 3, padding=1)
 
     def __call__(
         self,
