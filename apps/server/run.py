@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -28,8 +29,10 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: Engine):
         super().__init__(config)
         self.engine = engine
+        self.stop_signal: int | None = None
 
     def handle_exit(self, sig, frame) -> None:
+        self.stop_signal = sig
         self.engine.stop()
         super().handle_exit(sig, frame)
 
@@ -93,8 +96,13 @@ def serve(args) -> None:
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)  # fmt: skip
     engine.start()
+    server = _Server(uv, engine)
     try:
-        _Server(uv, engine).run()
+        server.run()
     finally:
         engine.stop()
         engine.join()
+    if server.stop_signal == signal.SIGINT:
+        # uvicorn re-raises SIGINT at the end of its coroutine, where asyncio's own SIGINT handler may only cancel a
+        # task that is already finishing, and run() then returns normally: exit as interrupted (130) either way.
+        raise KeyboardInterrupt
