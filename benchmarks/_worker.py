@@ -75,6 +75,13 @@ def attention_inputs(B: int, N: int, M: int, C: int, seed: int = 0) -> list[np.n
     return [rng.standard_normal((B, n, C), dtype=np.float32) for n in (N, M, M)]
 
 
+def conv_inputs(B: int, H: int, W: int, C: int, O: int, seed: int = 0) -> list[np.ndarray]:
+    """A channels-last activation, an (O, 3, 3, C) weight and a bias (MLX's layouts)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, H, W, C), dtype=np.float32)
+    return [x, rng.standard_normal((O, 3, 3, C), dtype=np.float32) / (3 * C**0.5), np.zeros(O, np.float32)]
+
+
 # --- memory -----------------------------------------------------------------------------------------------------
 
 
@@ -174,6 +181,15 @@ class MLXSide:
         mx.eval(run(q, k, v, heads) if kernel == "blocked" else run(q, k, v, heads, None))
         return {"seconds": time.perf_counter() - start}
 
+    def conv(self, B: int, H: int, W: int, C: int, O: int, kernel: str) -> dict:
+        from mlx_sd.models import layers
+
+        x, w, b = (mx.array(a) for a in conv_inputs(B, H, W, C, O))
+        mx.eval(x, w, b)
+        start = time.perf_counter()
+        mx.eval(layers.conv3x3_taps(x, w, b) if kernel == "taps" else mx.conv2d(x, w, padding=1) + b)
+        return {"seconds": time.perf_counter() - start}
+
     def sgemm(self, n: int = 2048, reps: int = 5) -> dict:
         a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
         mx.eval(a @ b)
@@ -254,6 +270,16 @@ class TorchSide:
         start = time.perf_counter()
         # diffusers' AttnProcessor2_0: heads split by a transposed view, sdpa, merged back contiguous
         F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2).reshape(B, N, C)
+        return {"seconds": time.perf_counter() - start}
+
+    def conv(self, B: int, H: int, W: int, C: int, O: int, kernel: str) -> dict:
+        import torch.nn.functional as F
+
+        x, w, b = conv_inputs(B, H, W, C, O)
+        x = self.torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # diffusers' NCHW
+        w, b = self.torch.from_numpy(w).permute(0, 3, 1, 2).contiguous(), self.torch.from_numpy(b)
+        start = time.perf_counter()
+        F.conv2d(x, w, b, padding=1)
         return {"seconds": time.perf_counter() - start}
 
     def sgemm(self, n: int = 2048, reps: int = 5) -> dict:
