@@ -69,12 +69,15 @@ def _quick_gelu_rational(x: mx.array) -> mx.array:
     return (x32 * _sigmoid(1.702 * x32)).astype(x.dtype)
 
 
-# shapeless: one compiled kernel serves every activation shape, so new image sizes do not recompile.
-_silu_cpu = mx.compile(_silu_rational, shapeless=True)
-_gelu_cpu = mx.compile(_gelu_rational, shapeless=True)
-_quick_gelu_cpu = mx.compile(_quick_gelu_rational, shapeless=True)
+# Traced per input shape (cheap; cached), not shapeless: the C++ kernels MLX generates and compiles do not depend on the
+# shape, so a new image size compiles nothing new, while shapeless tracing adds a broadcast per operand, which counts
+# against MLX's fusion depth: the GEGLU then splits into 7 kernels instead of 4 (7% slower, and 6 more g++ compiles on a
+# fresh machine; first SD1.5 step 16.8 -> 13.0 s there).
+_silu_cpu = mx.compile(_silu_rational)
+_gelu_cpu = mx.compile(_gelu_rational)
+_quick_gelu_cpu = mx.compile(_quick_gelu_rational)
 # Fused with the product: one pass over the (B, N, 4C) feed-forward activations instead of three.
-_geglu_cpu = mx.compile(lambda value, gate: value * _gelu_rational(gate), shapeless=True)
+_geglu_cpu = mx.compile(lambda value, gate: value * _gelu_rational(gate))
 
 
 # --- row blocks across CPU cores ----------------------------------------------------------------------------------
