@@ -10,9 +10,8 @@ in another, asked in turn (A, B, C, C, B, A, ...); prints medians and ratios to 
 from __future__ import annotations
 
 import argparse
-import statistics
 
-from components import Worker, interleaved
+from components import KernelSide, Worker, median_seconds
 
 # (name, B, N, M, C, heads)
 SHAPES = [
@@ -28,16 +27,6 @@ LARGE = [
 ]
 
 
-class _Kernel:
-    """Adapts a worker to `interleaved`: one named kernel of one side."""
-
-    def __init__(self, worker: Worker, kernel: str):
-        self.worker, self.kernel = worker, kernel
-
-    def __call__(self, op: str, **kw) -> dict:
-        return self.worker(op, **kw, kernel=self.kernel)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
@@ -45,13 +34,12 @@ def main() -> None:
     p.add_argument("--no-fused", action="store_true", help="skip MLX's fused kernel (slow on x86 CPUs)")
     args = p.parse_args()
     mlx, torch = Worker("mlx"), Worker("torch")
-    sides = {"blocked": _Kernel(mlx, "blocked"), "torch": _Kernel(torch, "torch")}
+    sides = {"blocked": KernelSide(mlx, "blocked"), "torch": KernelSide(torch, "torch")}
     if not args.no_fused:
-        sides["fused"] = _Kernel(mlx, "fused")
+        sides["fused"] = KernelSide(mlx, "fused")
     try:
         for name, B, N, M, C, heads in SHAPES + (LARGE if args.large else []):
-            runs = interleaved(sides, args.repeats, "attention", B=B, N=N, M=M, C=C, heads=heads)
-            med = {k: statistics.median(r["seconds"] for r in rows) for k, rows in runs.items()}
+            med = median_seconds(sides, args.repeats, "attention", B=B, N=N, M=M, C=C, heads=heads)
             cols = "  ".join(f"{k} {v:7.3f} s ({v / med['torch']:.2f}x)" for k, v in med.items())
             print(f"{name:34s} {cols}", flush=True)
     finally:

@@ -81,6 +81,22 @@ def interleaved(workers: dict[str, Worker], repeats: int, op: str, **kw) -> dict
     return results
 
 
+class KernelSide:
+    """Adapts a worker to `interleaved`: one named kernel of one side (benchmarks/attention.py, convolutions.py)."""
+
+    def __init__(self, worker: Worker, kernel: str):
+        self.worker, self.kernel = worker, kernel
+
+    def __call__(self, op: str, **kw) -> dict:
+        return self.worker(op, **kw, kernel=self.kernel)
+
+
+def median_seconds(sides: dict, repeats: int, op: str, warmup: bool = False, **kw) -> dict[str, float]:
+    """Median seconds of `op` per side over interleaved repeats, after one discarded round if `warmup`."""
+    runs = interleaved(sides, repeats + warmup, op, **kw)
+    return {name: statistics.median(r["seconds"] for r in rows[warmup:]) for name, rows in runs.items()}
+
+
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(ours.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
 

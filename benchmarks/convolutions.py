@@ -11,10 +11,8 @@ medians, GFLOP/s and ratios to torch.
 from __future__ import annotations
 
 import argparse
-import statistics
 
-from attention import _Kernel
-from components import Worker, interleaved
+from components import KernelSide, Worker, median_seconds
 
 # (name, B, H, W, C in, C out)
 SHAPES = [
@@ -34,11 +32,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     mlx, torch = Worker("mlx"), Worker("torch")
-    sides = {"taps": _Kernel(mlx, "taps"), "unfold": _Kernel(mlx, "unfold"), "torch": _Kernel(torch, "torch")}
+    sides = {"taps": KernelSide(mlx, "taps"), "unfold": KernelSide(mlx, "unfold"), "torch": KernelSide(torch, "torch")}
     try:
         for name, B, H, W, C, O in SHAPES:
-            runs = interleaved(sides, args.repeats + 1, "conv", B=B, H=H, W=W, C=C, O=O)
-            med = {k: statistics.median(r["seconds"] for r in rows[1:]) for k, rows in runs.items()}  # 1st: warm-up
+            med = median_seconds(sides, args.repeats, "conv", warmup=True, B=B, H=H, W=W, C=C, O=O)
             gflop = 2 * B * H * W * 9 * C * O / 1e9
             cols = "  ".join(f"{k} {v:6.3f} s {gflop / v:4.0f} GF/s ({v / med['torch']:.2f}x)" for k, v in med.items())
             print(f"{name:26s} {cols}", flush=True)
