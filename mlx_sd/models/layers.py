@@ -16,12 +16,13 @@ from ..attention import attention
 
 # --- elementwise activations -----------------------------------------------------------------------------------
 #
-# MLX's CPU exp, erf and sigmoid step through their polynomials with a libm fma call per step: 15-45 ns per element
-# on x86, against ~2 ns in numpy or torch, which made GELU and SiLU cost seconds per UNet step. On CPU we use rational
-# forms built from multiply, add, divide and clamp only, which mx.compile fuses into one vectorised loop (5-10x
-# faster). Both were fitted for mlx-sd (near-minimax on the clamped range, coefficients rounded to float32) and agree
-# with the float64 functions to 4e-7 (erf) and 6e-7 (tanh) absolute, the accuracy of MLX's and torch's own float32
-# erf (5e-7); tests/test_layers.py checks them against torch. GPUs keep MLX's built-ins, which are fast there.
+# MLX's CPU exp, erf and sigmoid step through their polynomials with a libm fma call per step: 15-45 ns per element on
+# x86, against ~2 ns in numpy or torch, which made GELU and SiLU cost seconds per UNet step. On CPU we use rational
+# forms built from multiply, add, divide and clamp only, which mx.compile turns into vectorised loops (three kernels
+# per activation, see _rational_kernels): ~3.7 ns per element against MLX's 32 (SiLU) and 54 (GELU). Both were fitted
+# for mlx-sd (near-minimax on the clamped range, coefficients rounded to float32) and agree with the float64 functions
+# to 4e-7 (erf) and 6e-7 (tanh) absolute, the accuracy of MLX's and torch's own float32 erf (5e-7);
+# tests/test_kernels.py checks them against torch. GPUs keep MLX's built-ins, which are fast there.
 
 # erf(x) = x P(x^2) / Q(x^2) on |x| <= 4; beyond, erf rounds to +-1 in float32.
 _ERF_CLAMP = 4.0
@@ -33,51 +34,54 @@ _TANH_P = (1.0, -0.15890644, 0.031549331, 0.0077162161, 0.00019396561, 6.5160975
 _TANH_Q = (1.0, 0.17442687, -0.043641653, 0.023880256, 0.0015170234, 1.5605103e-05)
 
 
-def _horner(coefficients: tuple[float, ...], t: mx.array) -> mx.array:
-    out = coefficients[-1]
-    for c in coefficients[-2::-1]:
-        out = out * t + c
-    return out
+def _estrin(coefficients: tuple[float, ...], t: mx.array) -> mx.array:
+    """c0 + c1 t + c2 t^2 + ... in Estrin's scheme: pairs c_2i + c_2i+1 t, then pairs of those times t^2, t^4. Its
+    dependency chain is log-deep instead of Horner's linear one, which keeps a degree-7 rational within MLX's fusion
+    depth (11): one kernel."""
+    terms: list = list(coefficients)
+    power = t
+    while len(terms) > 1:
+        terms = [a + b * power for a, b in zip(terms[::2], terms[1::2], strict=False)] + terms[len(terms) & ~1 :]
+        power = power * power
+    return terms[0]
 
 
-def _odd_rational(x: mx.array, clamp: float, p: tuple[float, ...], q: tuple[float, ...]) -> mx.array:
-    x = mx.clip(x, -clamp, clamp)
-    t = x * x
-    return x * _horner(p, t) / _horner(q, t)
+def _odd_rational(y: mx.array, p: tuple[float, ...], q: tuple[float, ...]) -> mx.array:
+    t = y * y
+    return y * _estrin(p, t) / _estrin(q, t)
 
 
-def _erf(x: mx.array) -> mx.array:
-    return _odd_rational(x, _ERF_CLAMP, _ERF_P, _ERF_Q)
+def _rational_kernels(scale: float, clamp: float, p: tuple[float, ...], q: tuple[float, ...]):
+    """x -> f(scale * x) for the odd rational f = y P(y^2) / Q(y^2) on |y| <= clamp, as two compiled CPU kernels.
+
+    Split by hand because of how MLX's CPU JIT compiles a fused loop: its maximum/minimum (hence clip) test for NaN,
+    a branch that GCC if-converts in a short loop but not in a long one, and a loop with a branch runs scalar (~7 ns
+    per element instead of ~1.4). A chain deeper than its fusion depth is cut in two, and the second kernel then reads
+    the first's broadcast constants as stride-0 arrays and runs its strided, scalar loop. So the clamp is a kernel of
+    its own, and the polynomials (Estrin form) another: both vectorise.
+    """
+    clamped = mx.compile(lambda x: mx.clip(x.astype(mx.float32) * scale, -clamp, clamp))
+    rational = mx.compile(lambda y: _odd_rational(y, p, q))
+    return lambda x: rational(clamped(x))
 
 
-def _sigmoid(x: mx.array) -> mx.array:
-    return 0.5 + 0.5 * _odd_rational(0.5 * x, _TANH_CLAMP, _TANH_P, _TANH_Q)
+# Every kernel here is traced per input shape (cheap; cached), not shapeless: the C++ kernels MLX generates and compiles
+# do not depend on the shape, so a new image size compiles nothing new, while shapeless tracing adds a broadcast per
+# operand, which counts against the fusion depth.
+# erf(x / sqrt(2)) for GELU; tanh(x / 2) for sigmoid(x) = (1 + tanh(x / 2)) / 2 (SiLU); tanh(1.702 x / 2) for CLIP's
+# quick GELU. Float32 inside (the rational forms need its range and precision).
+_erf_scaled = _rational_kernels(0.7071067811865476, _ERF_CLAMP, _ERF_P, _ERF_Q)
+_tanh_half = _rational_kernels(0.5, _TANH_CLAMP, _TANH_P, _TANH_Q)
+_tanh_quick = _rational_kernels(0.851, _TANH_CLAMP, _TANH_P, _TANH_Q)
+# The last kernel: x (1 + r) / 2 with r = erf or tanh above, times the GEGLU's value; in the input's dtype.
+_gated = mx.compile(lambda x, r: (x.astype(mx.float32) * (0.5 + 0.5 * r)).astype(x.dtype))
+_gated_product = mx.compile(
+    lambda value, x, r: (value.astype(mx.float32) * (x.astype(mx.float32) * (0.5 + 0.5 * r))).astype(value.dtype)
+)
 
 
-def _silu_rational(x: mx.array) -> mx.array:
-    x32 = x.astype(mx.float32)  # the rational forms need float32's range and precision
-    return (x32 * _sigmoid(x32)).astype(x.dtype)
-
-
-def _gelu_rational(x: mx.array) -> mx.array:
-    x32 = x.astype(mx.float32)
-    return (x32 * (0.5 + 0.5 * _erf(x32 * 0.7071067811865476))).astype(x.dtype)
-
-
-def _quick_gelu_rational(x: mx.array) -> mx.array:
-    x32 = x.astype(mx.float32)
-    return (x32 * _sigmoid(1.702 * x32)).astype(x.dtype)
-
-
-# Traced per input shape (cheap; cached), not shapeless: the C++ kernels MLX generates and compiles do not depend on the
-# shape, so a new image size compiles nothing new, while shapeless tracing adds a broadcast per operand, which counts
-# against MLX's fusion depth: the GEGLU then splits into 7 kernels instead of 4 (7% slower, and 6 more g++ compiles on a
-# fresh machine; first SD1.5 step 16.8 -> 13.0 s there).
-_silu_cpu = mx.compile(_silu_rational)
-_gelu_cpu = mx.compile(_gelu_rational)
-_quick_gelu_cpu = mx.compile(_quick_gelu_rational)
-# Fused with the product: one pass over the (B, N, 4C) feed-forward activations instead of three.
-_geglu_cpu = mx.compile(lambda value, gate: value * _gelu_rational(gate))
+def _silu_cpu(x: mx.array) -> mx.array:
+    return _gated(x, _tanh_half(x))
 
 
 # --- row blocks across CPU cores ----------------------------------------------------------------------------------
@@ -112,17 +116,17 @@ def silu(x: mx.array) -> mx.array:
 
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU, as torch's default."""
-    return _gelu_cpu(x) if backend.activations() == "cpu" else nn.gelu(x)
+    return _gated(x, _erf_scaled(x)) if backend.activations() == "cpu" else nn.gelu(x)
 
 
 def quick_gelu(x: mx.array) -> mx.array:
     """x * sigmoid(1.702 x), the GELU approximation OpenAI's CLIP was trained with."""
-    return _quick_gelu_cpu(x) if backend.activations() == "cpu" else x * mx.sigmoid(1.702 * x)
+    return _gated(x, _tanh_quick(x)) if backend.activations() == "cpu" else x * mx.sigmoid(1.702 * x)
 
 
 def geglu(value: mx.array, gate: mx.array) -> mx.array:
     """value * gelu(gate), the GEGLU feed-forward's gating (Shazeer 2020)."""
-    return _geglu_cpu(value, gate) if backend.activations() == "cpu" else value * nn.gelu(gate)
+    return _gated_product(value, gate, _erf_scaled(gate)) if backend.activations() == "cpu" else value * nn.gelu(gate)
 
 
 # --- normalisation ----------------------------------------------------------------------------------------------
@@ -130,10 +134,7 @@ def geglu(value: mx.array, gate: mx.array) -> mx.array:
 # torch's CPU GroupNorm folds the statistics and the affine into one scale and shift per channel,
 # y = x * (rstd * weight) + (bias - mean * rstd * weight); so do we, as one compiled pass over x.
 _affine = mx.compile(lambda x, scale, shift: x * scale + shift, shapeless=True)
-_affine_silu = {
-    "rational": mx.compile(lambda x, scale, shift: _silu_rational(x * scale + shift), shapeless=True),
-    "builtin": mx.compile(lambda x, scale, shift: nn.silu(x * scale + shift), shapeless=True),
-}
+_affine_silu = mx.compile(lambda x, scale, shift: nn.silu(x * scale + shift), shapeless=True)
 _centred_square = mx.compile(lambda x, mean: mx.square(x - mean), shapeless=True)
 # Per-channel sums run over row blocks of this many pixels first, then over the blocks: float32 sums of a million
 # values (a 512x512 VAE group) keep ~1e-7 relative accuracy this way instead of drifting with one long running sum.
@@ -206,8 +207,9 @@ class GroupNorm(nn.Module):
         mode = backend.activations()
         if mode == "cpu" and x.dtype == mx.float32:
             return _silu_numpy_inplace(_affine(flat, scale, shift)).reshape(shape)
-        flavour = "rational" if mode == "cpu" else "builtin"
-        return _affine_silu[flavour](flat, scale, shift).astype(x.dtype).reshape(shape)
+        if mode == "cpu":
+            return _silu_cpu(_affine(flat, scale, shift)).astype(x.dtype).reshape(shape)
+        return _affine_silu(flat, scale, shift).astype(x.dtype).reshape(shape)
 
 
 # MLX's CPU convolution unfolds its input (im2col) into a (B*H*W, 9*C) buffer: 94 MB for one 3x3 conv of a SD UNet's
