@@ -156,9 +156,15 @@ def _silu_numpy_inplace(y: mx.array) -> mx.array:
     return y
 
 
+# Elements per piece: four passes over each, finding it in L2 (256 KB and its temporary). Smaller pieces mean more
+# numpy calls, and with one worker per core each call may wait for Python's GIL: on 2 cores 2**14 ran at 2.1-2.8 ns
+# per element, 2**16 at 0.9-1.0.
+_SILU_PIECE = 2**16
+
+
 def _silu_block(x: np.ndarray) -> None:
-    for start in range(0, x.size, 2**14):  # cache-sized pieces: four passes, each finding the data in L1/L2
-        chunk = x[start : start + 2**14]
+    for start in range(0, x.size, _SILU_PIECE):
+        chunk = x[start : start + _SILU_PIECE]
         t = np.negative(chunk)
         with np.errstate(over="ignore"):  # exp(-x) = inf for x < -88 gives x / inf = -0, as torch's silu
             np.exp(t, out=t)
