@@ -2,18 +2,23 @@
 
 OpenAI's model names (dall-e-2, dall-e-3, gpt-image-*) run the server's current model; any other name must be one of
 this server's models. Parameters OpenAI has and mlx-sd cannot honour are refused only where they would change the
-result (stream=true, background="transparent"); quality, style, moderation and user are accepted and change nothing.
+result (background="transparent"); quality, style, moderation and user are accepted and change nothing. With
+stream=true the response is OpenAI's event stream: `partial_images` (0-3) previews while sampling, then one
+completed event per image.
 mlx-sd's own parameters ride along (the SDK's `extra_body`): negative_prompt, steps, guidance, sampler,
 schedule_type, seed, and for edits strength. Unknown fields are listed in the `X-MLX-SD-Ignored` response header.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,6 +33,7 @@ from .validation import MAX_SEED, check_request
 
 OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
 MAX_N = 10  # OpenAI's limit on images per request
+MAX_PARTIAL_IMAGES = 3  # OpenAI's range for partial_images: 0-3
 NAMES = {"batch_count": "n", "width": "size", "height": "size", "init_image": "image"}
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -48,7 +54,7 @@ class ImageGenerationRequest(BaseModel):
     moderation: str | None = None
     user: str | None = None
     stream: bool | None = False
-    partial_images: int | None = None
+    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES)
     # mlx-sd's own parameters
     negative_prompt: str | None = None
     steps: int | None = Field(None, ge=1)
@@ -92,9 +98,7 @@ def _model(state: ServerState, name: str | None) -> ModelEntry:
     return state.model(name, "model")
 
 
-def _refuse(stream: bool | None, background: str | None) -> None:
-    if stream:
-        raise invalid("stream", "streaming is not supported here; use POST /v1/jobs and its event stream")
+def _refuse(background: str | None) -> None:
     if background == "transparent":
         raise invalid("background", "transparent backgrounds are not supported; use 'opaque' or 'auto'")
 
@@ -121,12 +125,67 @@ async def _respond(request: Request, response: Response, state: ServerState, job
             "size": f"{r.width}x{r.height}", "background": "opaque"}  # fmt: skip
 
 
+# OpenAI's completed events carry token counts (for its GPT image models); there are no tokens here.
+_NO_USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+             "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}  # fmt: skip
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _partial(preview: Image.Image, size: tuple[int, int], output_format: str, compression: int | None) -> str:
+    # The preview has one pixel per latent (a linear latent-to-RGB map, no VAE): scaled to the image's size so that a
+    # client can show it where the final image will be.
+    return codec.b64encode(codec.encode(preview.resize(size, Image.BILINEAR), None, output_format, compression))
+
+
+def _stream(state: ServerState, job: Job, kind: str, output_format: str, compression: int | None,
+            partial_images: int) -> StreamingResponse:  # fmt: skip
+    """OpenAI's image event stream: `{kind}.partial_image` events at evenly spaced points of the sampling (the
+    latest preview), then one `{kind}.completed` event per image, in order; a failure is an `error` event, which the
+    SDKs raise. A client that hangs up cancels its job."""
+    state.engine.submit(job)  # a full queue is refused here, before the stream starts
+    resolved = job.request.resolved(job.model.defaults, job.request.seed)  # "auto" sizes filled in
+    size = (resolved.width, resolved.height)
+    fields = {"background": "opaque", "output_format": output_format, "quality": "auto", "size": f"{size[0]}x{size[1]}"}
+
+    def event(name: str, **data) -> bytes:
+        return _sse(f"{kind}.{name}", {"type": f"{kind}.{name}", "created_at": int(time.time()), **data, **fields})
+
+    async def events() -> AsyncIterator[bytes]:
+        sent = 0
+        try:
+            async for _ in job.changes():
+                step, preview = job.step, job.preview
+                due = step is not None and step.fraction >= (sent + 1) / (partial_images + 1)
+                if sent < partial_images and due and preview is not None and not job.terminal:
+                    b64 = await run_in_threadpool(_partial, preview, size, output_format, compression)
+                    yield event("partial_image", b64_json=b64, partial_image_index=sent)
+                    sent += 1
+            if job.status != "done":
+                e = job.error or ApiError(409, "the generation was cancelled", code="cancelled")
+                error = {"message": e.message, "type": e.type, "code": e.code, "param": e.param}
+                yield _sse("error", {"type": "error", "error": error})
+                return
+            for image, text in zip(job.result.images, job.result.infotexts, strict=True):
+                raw = await run_in_threadpool(codec.encode, image, text, output_format, compression)
+                yield event("completed", b64_json=codec.b64encode(raw), usage=_NO_USAGE)
+        finally:
+            if not job.terminal:  # the client hung up (or the server is stopping): nobody will read the result
+                state.engine.cancel(job)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 router = APIRouter(prefix="/v1", tags=["OpenAI Images"])
+# With stream=true the 200 answer is OpenAI's event stream instead of the JSON body.
+STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
-@router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
+@router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True, responses=STREAMED)
 async def generations(request: Request, response: Response, req: ImageGenerationRequest, state: State):
-    _refuse(req.stream, req.background)
+    _refuse(req.background)
     model = _model(state, req.model)
     width, height = parse_size(req.size)
     gen = GenerationRequest(
@@ -136,6 +195,9 @@ async def generations(request: Request, response: Response, req: ImageGeneration
     )  # fmt: skip
     gen = check_request(gen, model, state.config.limits, NAMES)
     job = Job(model, gen, source="openai")
+    if req.stream:
+        return _stream(state, job, "image_generation", req.output_format or "png", req.output_compression,
+                       req.partial_images or 0)  # fmt: skip
     return await _respond(request, response, state, job, req.response_format, req.output_format or "png",
                           req.output_compression, sorted(req.model_extra or {}))  # fmt: skip
 
@@ -160,7 +222,7 @@ async def _read_upload(upload: UploadFile, field: str, max_pixels: int) -> Image
     return await run_in_threadpool(codec.open_image, raw, field, max_pixels)
 
 
-@router.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True)
+@router.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True, responses=STREAMED)
 async def edits(
     request: Request,
     response: Response,
@@ -177,6 +239,7 @@ async def edits(
     output_compression: Annotated[int | None, Form(ge=0, le=100)] = None,
     background: Annotated[Literal["auto", "opaque", "transparent"] | None, Form()] = None,
     stream: Annotated[bool | None, Form()] = False,
+    partial_images: Annotated[int | None, Form(ge=0, le=MAX_PARTIAL_IMAGES)] = None,
     quality: Annotated[str | None, Form()] = None,
     user: Annotated[str | None, Form()] = None,
     negative_prompt: Annotated[str | None, Form()] = None,
@@ -187,7 +250,7 @@ async def edits(
     seed: Annotated[int | None, Form(ge=0, le=MAX_SEED)] = None,
     strength: Annotated[float | None, Form(ge=0, le=1, allow_inf_nan=False)] = None,
 ):
-    _refuse(stream, background)
+    _refuse(background)
     uploads = (image or []) + (image_array or [])
     if len(uploads) != 1:
         raise invalid("image", f"send exactly one image ({len(uploads)} given)")
@@ -208,6 +271,8 @@ async def edits(
     )  # fmt: skip
     gen = check_request(gen, entry, state.config.limits, NAMES)
     job = Job(entry, gen, source="openai")
+    if stream:
+        return _stream(state, job, "image_edit", output_format or "png", output_compression, partial_images or 0)
     return await _respond(request, response, state, job, response_format, output_format or "png",
                           output_compression, [])  # fmt: skip
 

@@ -80,13 +80,45 @@ def test_openai_errors_and_models(client):
         client.images.generate(prompt="x", size="65x64")
     with pytest.raises(openai.NotFoundError, match="tiny-a"):
         client.images.generate(prompt="x", model="no-such-model")
-    with pytest.raises(openai.UnprocessableEntityError, match="stream"):
-        client.images.generate(prompt="x", size="64x64", extra_body={"stream": True})
+    with pytest.raises(openai.UnprocessableEntityError, match="partial_images"):
+        client.images.generate(prompt="x", size="64x64", stream=True, partial_images=4)
     with pytest.raises(openai.UnprocessableEntityError, match="mask"):
         client.images.edit(image=("a.png", png(Image.new("RGB", (64, 64))), "image/png"),
                            mask=("m.png", png(Image.new("RGBA", (32, 32))), "image/png"), prompt="x")  # fmt: skip
     with pytest.raises(openai.UnprocessableEntityError, match="image"):
         client.images.edit(image=("a.png", io.BytesIO(b"not an image"), "image/png"), prompt="x")
+
+
+def test_openai_stream(client, server):
+    """stream=true through the SDK: typed partial-image events, then one completed event per image, the same
+    images as without streaming."""
+    params = {"prompt": "a stream", "size": "64x72", "n": 2, "extra_body": {"steps": 12, "seed": 4}}
+    plain = client.images.generate(**params)
+    events = list(client.images.generate(**params, stream=True, partial_images=2))
+    partials = [e for e in events if e.type == "image_generation.partial_image"]
+    completed = [e for e in events if e.type == "image_generation.completed"]
+    assert events == partials + completed and len(completed) == 2
+    # OpenAI: fewer partial images than asked for when the image is done sooner
+    assert 1 <= len(partials) <= 2 and [e.partial_image_index for e in partials] == list(range(len(partials)))
+    assert all(e.size == "64x72" and e.output_format == "png" and e.background == "opaque" for e in events)
+    assert decode(partials[0].b64_json).size == (64, 72)  # the latent preview, scaled to the image's size
+    for event, data in zip(completed, plain.data, strict=True):
+        np.testing.assert_array_equal(np.asarray(decode(event.b64_json)), np.asarray(decode(data.b64_json)))
+    assert completed[0].usage.total_tokens == 0
+
+    init = Image.fromarray(np.random.default_rng(6).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    edits = list(client.images.edit(image=("in.png", png(init), "image/png"), prompt="edit", stream=True,
+                                    partial_images=0, output_format="jpeg", extra_body={"steps": 3}))  # fmt: skip
+    assert [e.type for e in edits] == ["image_edit.completed"]
+    assert decode(edits[0].b64_json).format == "JPEG" and edits[0].size == "64x64"
+
+    # Interrupted mid-stream (A1111's interrupt stops the running job): the SDK raises the stream's error event.
+    stream = client.images.generate(prompt="long", size="64x64", stream=True, partial_images=3,
+                                    extra_body={"steps": 400})  # fmt: skip
+    with pytest.raises(openai.APIError, match="cancelled"):
+        for event in stream:
+            assert event.type == "image_generation.partial_image"
+            server.post("/sdapi/v1/interrupt")
 
 
 def read_events(response: requests.Response):
