@@ -142,14 +142,20 @@ class Pipeline:
         self.model = model if isinstance(model, StableDiffusion) else StableDiffusion(model)
         self.schedule = _schedule(self.model)
         self.refiner = None
-        if refiner is not None:
-            self.refiner = refiner if isinstance(refiner, StableDiffusion) else StableDiffusion(refiner)
-            check_refiner(self.model, self.refiner, self.schedule, _schedule(self.refiner))
+        self.set_refiner(refiner)
         self.lora_resolver = lora_resolver
         self.loras: list[AppliedLoRA] = []  # applied to every request, beside the prompt's <lora:...> tags
         self.embeddings: list[Embedding] = []
         self._lora_state = LoRAState()
         self._embedded_in = None  # the PromptEncoder holding self.embeddings (reloaded encoders need them again)
+
+    def set_refiner(self, refiner: StableDiffusion | str | Path | None) -> None:
+        """Use `refiner` (a model or a converted folder) for the following requests, or none. Raises ValueError,
+        keeping the current one, when it cannot take over this model's latents (mlx_sd.refiner.check_refiner)."""
+        if refiner is not None:
+            refiner = refiner if isinstance(refiner, StableDiffusion) else StableDiffusion(refiner)
+            check_refiner(self.model, refiner, self.schedule, _schedule(refiner))
+        self.refiner = refiner
 
     # --- LoRAs and embeddings -----------------------------------------------------------------------------------
 

@@ -129,10 +129,16 @@ def test_refiner_requests_are_checked(models, tmp_path):
     sd1 = StableDiffusion(mlx_folder(tiny_components(tmp_path, "sd1"), tmp_path / "sd1", "sd1"))
     with pytest.raises(ValueError, match="cannot refine.*latent spaces differ"):
         Pipeline(base, refiner=sd1)
+    with pytest.raises(ValueError, match="cannot refine"):
+        both.set_refiner(sd1)
+    assert both.refiner is refiner  # a refused refiner leaves the current one in place
     # switch_at 1: the base runs every step; the refiner never does, the base decodes.
     never = both.generate(prompt=PROMPT, width=64, height=64, steps=3, seed=2, refiner_switch_at=1.0)
     alone = Pipeline(base).generate(prompt=PROMPT, width=64, height=64, steps=3, seed=2)
     assert np.array_equal(np.asarray(never.images[0]), np.asarray(alone.images[0]))
+    both.set_refiner(None)  # detached: requests run the base alone
+    detached = both.generate(prompt=PROMPT, width=64, height=64, steps=3, seed=2)
+    assert np.array_equal(np.asarray(detached.images[0]), np.asarray(alone.images[0]))
     assert "Refiner" not in never.infotexts[0]
 
 

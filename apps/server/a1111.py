@@ -64,7 +64,6 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "script_name": (("",), "scripts are not supported"),
     "script_args": (([],), "scripts are not supported"),
     "alwayson_scripts": (({},), "extensions (ControlNet, ADetailer, ...) are not supported"),
-    "refiner_checkpoint": (("", "None"), "switching to a refiner model is not implemented"),
     "infotext": (("",), "send the parameters as fields"),
     "initial_noise_multiplier": ((1,), "the initial noise multiplier is not implemented"),
     "latent_mask": (("",), "a separate latent mask is not supported"),
@@ -120,7 +119,7 @@ class ProcessingRequest(_Model):
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool | None = True
     refiner_checkpoint: str | None = None
-    refiner_switch_at: float | None = None
+    refiner_switch_at: float | None = Field(None, gt=0, le=1, description="with refiner_checkpoint; default 0.8")
     disable_extra_networks: bool | None = False
     firstpass_image: str | None = None
     comments: dict[str, Any] | None = None
@@ -234,7 +233,8 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
 
 
 def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
-    """The library request, the model and the list of ignored fields for an A1111 request. Raises ApiError."""
+    """The library request, the model, the refiner (or None) and the list of ignored fields for an A1111 request.
+    Raises ApiError."""
     _refuse_unsupported(req)
     ignored = sorted(req.model_extra or {})
     overrides = req.override_settings or {}
@@ -259,8 +259,13 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
     )  # fmt: skip
     if img2img:
         fields.update(_img2img_fields(req, state.config.limits.max_input_pixels))
+    refiner = None
+    if req.refiner_checkpoint not in (None, "", "None"):  # A1111's "None" in its refiner menu
+        refiner = state.model(req.refiner_checkpoint, "refiner_checkpoint")
+        # A1111's UI sends its "Switch at" (default 0.8); without one the library's default, 0.8, applies.
+        fields["refiner_switch_at"] = req.refiner_switch_at
     request = check_request(GenerationRequest(**fields), model, state.config.limits, NAMES)
-    return request, model, ignored
+    return request, model, refiner, ignored
 
 
 def _clip_skip(value, param: str) -> int:
@@ -382,9 +387,9 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 
 
 async def _generate(request: Request, req: ProcessingRequest, state: ServerState, img2img: bool) -> dict:
-    gen, model, ignored = await run_in_threadpool(to_generation, req, state, img2img)
+    gen, model, refiner, ignored = await run_in_threadpool(to_generation, req, state, img2img)
     source = "sdapi-img2img" if img2img else "sdapi-txt2img"
-    job = Job(model, gen, source=source, save=bool(req.save_images))
+    job = Job(model, gen, refiner=refiner, source=source, save=bool(req.save_images))
     if (req.override_settings or {}).get("sd_model_checkpoint") and req.override_settings_restore_afterwards is False:
         state.engine.default_model = model
     await run_to_completion(request, state, job)

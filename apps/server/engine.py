@@ -76,6 +76,7 @@ class Job:
 
     model: ModelEntry
     request: GenerationRequest | None = None
+    refiner: ModelEntry | None = None  # SDXL's refiner, taking over from `request.refiner_switch_at`
     kind: str = "generate"
     source: str = "native"
     save: bool = False
@@ -162,6 +163,7 @@ class Engine:
         self._durations: deque[float] = deque(maxlen=RECENT_DURATIONS)
         self._pipeline: Pipeline | None = None
         self.loaded: ModelEntry | None = None
+        self.refiner: ModelEntry | None = None  # the refiner attached to the loaded pipeline
         self._thread = threading.Thread(target=self._work, name="mlx-sd-worker", daemon=True)
         self._preload = preload
         self.loras = LoraLibrary(lora_dir) if lora_dir is not None else None
@@ -329,11 +331,35 @@ class Engine:
 
     def _ensure_loaded(self, job: Job) -> None:
         entry = job.model
-        if self._pipeline is not None and self.loaded is not None and self.loaded.folder == entry.folder:
+        if self._pipeline is None or self.loaded is None or self.loaded.folder != entry.folder:
+            self._load(job, entry)
+        if job.kind == "generate" and job.refiner != self.refiner:
+            self._load_refiner(job)
+
+    def _load_refiner(self, job: Job) -> None:
+        """Attach the job's refiner to the loaded pipeline (or detach it); one refiner is kept at a time."""
+        self._pipeline.set_refiner(None)
+        self.refiner = None
+        gc.collect()
+        if job.refiner is None:
             return
+        job.textinfo = f"Loading refiner {job.refiner.name}"
+        job.notify()
+        try:
+            self._pipeline.set_refiner(job.refiner.folder)
+        except ValueError as e:  # not a refiner for this model: the library says why
+            raise ApiError(422, f"refiner {job.refiner.name!r}: {e}", param="refiner", code="invalid_value") from None
+        except Exception as e:
+            log.error("loading %s failed:\n%s", job.refiner.folder, traceback.format_exc())
+            raise ApiError(500, f"refiner {job.refiner.name!r} could not be loaded: {e}",
+                           code="model_load_failed") from None  # fmt: skip
+        self.refiner = job.refiner
+        job.textinfo = None
+
+    def _load(self, job: Job, entry: ModelEntry) -> None:
         job.textinfo = f"Loading model {entry.name}"
         job.notify()
-        self._pipeline, self.loaded = None, None
+        self._pipeline, self.loaded, self.refiner = None, None, None
         gc.collect()  # free the previous model's arrays before the next one is read
         try:
             self._pipeline = Pipeline(entry.folder, lora_resolver=self.loras)

@@ -29,7 +29,7 @@ from mlx_sd.schedules import SCHEDULE_TYPES
 
 from . import codec
 from .engine import Job
-from .errors import ApiError
+from .errors import ApiError, invalid
 from .state import ServerState, State
 from .validation import MAX_SEED, check_request
 
@@ -43,6 +43,8 @@ class JobRequest(BaseModel):
     prompt: str
     negative_prompt: str = ""
     model: str | None = Field(None, description="a model id from /v1/capabilities; null: the current model")
+    refiner: str | None = Field(None, description="a refiner's model id (SDXL), taking over from refiner_switch_at")
+    refiner_switch_at: float | None = Field(None, gt=0, le=1, description="with a refiner; null: 0.8")
     width: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE)
     height: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE)
     steps: int | None = Field(None, ge=1)
@@ -79,7 +81,7 @@ class JobCreated(BaseModel):
 
 
 def _to_generation(req: JobRequest, max_pixels: int) -> GenerationRequest:
-    fields = req.model_dump(exclude={"model", "save", "init_image", "mask"})
+    fields = req.model_dump(exclude={"model", "refiner", "save", "init_image", "mask"})
     if req.init_image is not None:
         fields["init_image"] = codec.decode_image(req.init_image, "init_image", max_pixels).convert("RGB")
     if req.mask is not None:
@@ -95,6 +97,7 @@ def job_view(job: Job, state: ServerState, request: Request) -> dict:
                  "status": job.error.status}  # fmt: skip
     view = {
         "id": job.id, "kind": job.kind, "status": job.status, "source": job.source, "model": job.model.name,
+        "refiner": job.refiner.name if job.refiner else None,
         "queue_position": state.engine.position(job), "created": job.created, "started": job.started,
         "finished": job.finished, "textinfo": job.textinfo, "progress": job.step.as_dict() if job.step else None,
         "cancel_requested": job.control.cancelled and not job.terminal, "error": error, "warnings": job.warnings,
@@ -130,11 +133,14 @@ router = APIRouter(prefix="/v1", tags=["Jobs"])
 @router.post("/jobs", status_code=202, response_model=JobCreated)
 async def create_job(request: Request, response: Response, req: JobRequest, state: State):
     model = state.model(req.model, "model")
+    refiner = state.model(req.refiner, "refiner") if req.refiner else None
+    if req.refiner_switch_at is not None and refiner is None:
+        raise invalid("refiner_switch_at", "needs a refiner: name one in `refiner`")
     if req.save and state.config.output_dir is None:
         raise ApiError(422, "save: this server saves no files; start it with --output-dir DIR", param="save")
     gen = await run_in_threadpool(_to_generation, req, state.config.limits.max_input_pixels)
     gen = check_request(gen, model, state.config.limits)
-    job = state.engine.submit(Job(model, gen, source="native", save=req.save))
+    job = state.engine.submit(Job(model, gen, refiner=refiner, source="native", save=req.save))
     url = str(request.url_for("get_job", job_id=job.id))
     response.headers["Location"] = url
     return {"id": job.id, "status": job.status, "queue_position": state.engine.position(job), "url": url,
