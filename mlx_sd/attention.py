@@ -9,7 +9,8 @@ Which kernel runs is decided per backend in `backend.attention_kernel()`:
   each head's query blocks through numpy on one thread per core: `q k^T` into a score block that stays in the
   cache, `exp` in place, `p v`, with the BLAS single-threaded inside each worker (many small multithreaded BLAS
   calls stall on thread hand-offs). The row shift and the row sum ride along inside the two products (see
-  `_blocked`), so `exp` is the only elementwise pass over the scores.
+  `_blocked`), so `exp` is the only elementwise pass over the scores (as `exp2`, with log2(e) folded into the query
+  scale: numpy's `exp2` takes 0.39 ns per element here against `exp`'s 0.56).
 
 Models call `attention()` and never reshape heads themselves.
 """
@@ -28,6 +29,7 @@ FUSED_BLOCK_BYTES = 256 * 2**20
 SCORE_BLOCK_BYTES = 4 * 2**20
 # The blocked path's shift is the largest logit over this many evenly spaced keys (a lower bound of the row max).
 SHIFT_SAMPLE_KEYS = 64
+LOG2_E = 1.4426950408889634
 # Below this many scores (B * heads * N * M) the blocked path's set-up costs more than it saves.
 BLOCKED_MIN_SCORES = 2**18
 
@@ -90,7 +92,7 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     B, N, C = q.shape
     M = k.shape[1]
     d = C // heads
-    scale = d**-0.5
+    scale = d**-0.5 * LOG2_E  # scores in base-2 units: exp2(s log2 e) = exp(s)
     mx.eval(q, k, v)
     qn, kn, vn = (np.asarray(x) for x in (q, k, v))  # float32 (backend.attention_kernel), zero-copy views
     out = np.empty((B, N, C), np.float32)
@@ -120,7 +122,7 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
             np.negative((qb[:, :d] @ sample).max(axis=-1), out=qb[:, d])  # -m_i
             np.matmul(qb, kt, out=s)  # s_ij - m_i
             with np.errstate(over="ignore"):  # overflow is checked below and the block redone exactly
-                np.exp(s, out=s)
+                np.exp2(s, out=s)
             o = s @ v1  # (n, d + 1): weighted values and the row sums
             if not np.isfinite(o).all():
                 o = _exact_rows(qb[:, :d], k1[:, :d], v1)
@@ -143,5 +145,5 @@ def _exact_rows(q: np.ndarray, k: np.ndarray, v1: np.ndarray) -> np.ndarray:
     """Rows whose sampled shift was too far below their max, with the exact row max."""
     s = q @ k.T
     s -= s.max(axis=-1, keepdims=True)
-    np.exp(s, out=s)
+    np.exp2(s, out=s)
     return s @ v1
