@@ -26,7 +26,7 @@ from mlx_sd.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, GenerationRequest
 
 from . import codec
 from .engine import Job
-from .errors import ApiError, invalid
+from .errors import ApiError, error_body, invalid
 from .registry import ModelEntry
 from .state import ServerState, State, run_to_completion
 from .validation import MAX_SEED, check_request
@@ -140,7 +140,7 @@ def _partial(preview: Image.Image, size: tuple[int, int], output_format: str, co
     return codec.b64encode(codec.encode(preview.resize(size, Image.BILINEAR), None, output_format, compression))
 
 
-def _stream(state: ServerState, job: Job, kind: str, output_format: str, compression: int | None,
+def _stream(request: Request, state: ServerState, job: Job, kind: str, output_format: str, compression: int | None,
             partial_images: int) -> StreamingResponse:  # fmt: skip
     """OpenAI's image event stream: `{kind}.partial_image` events at evenly spaced points of the sampling (the
     latest preview), then one `{kind}.completed` event per image, in order; a failure is an `error` event, which the
@@ -165,8 +165,7 @@ def _stream(state: ServerState, job: Job, kind: str, output_format: str, compres
                     sent += 1
             if job.status != "done":
                 e = job.error or ApiError(409, "the generation was cancelled", code="cancelled")
-                error = {"message": e.message, "type": e.type, "code": e.code, "param": e.param}
-                yield _sse("error", {"type": "error", "error": error})
+                yield _sse("error", {"type": "error", **error_body(request.url.path, e)})
                 return
             for image, text in zip(job.result.images, job.result.infotexts, strict=True):
                 raw = await run_in_threadpool(codec.encode, image, text, output_format, compression)
@@ -196,7 +195,7 @@ async def generations(request: Request, response: Response, req: ImageGeneration
     gen = check_request(gen, model, state.config.limits, NAMES)
     job = Job(model, gen, source="openai")
     if req.stream:
-        return _stream(state, job, "image_generation", req.output_format or "png", req.output_compression,
+        return _stream(request, state, job, "image_generation", req.output_format or "png", req.output_compression,
                        req.partial_images or 0)  # fmt: skip
     return await _respond(request, response, state, job, req.response_format, req.output_format or "png",
                           req.output_compression, sorted(req.model_extra or {}))  # fmt: skip
@@ -272,7 +271,8 @@ async def edits(
     gen = check_request(gen, entry, state.config.limits, NAMES)
     job = Job(entry, gen, source="openai")
     if stream:
-        return _stream(state, job, "image_edit", output_format or "png", output_compression, partial_images or 0)
+        return _stream(request, state, job, "image_edit", output_format or "png", output_compression,
+                       partial_images or 0)  # fmt: skip
     return await _respond(request, response, state, job, response_format, output_format or "png",
                           output_compression, [])  # fmt: skip
 
