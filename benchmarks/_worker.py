@@ -182,12 +182,17 @@ class MLXSide:
         return {"seconds": time.perf_counter() - start}
 
     def conv(self, B: int, H: int, W: int, C: int, O: int, kernel: str) -> dict:
-        from mlx_sd.models import layers
+        from mlx_sd.models import layers, winograd
 
         x, w, b = (mx.array(a) for a in conv_inputs(B, H, W, C, O))
         mx.eval(x, w, b)
+        run = {
+            "winograd": winograd.conv3x3_winograd,
+            "taps": layers.conv3x3_taps,
+            "unfold": lambda x, w, b: mx.conv2d(x, w, padding=1) + b,
+        }[kernel]
         start = time.perf_counter()
-        mx.eval(layers.conv3x3_taps(x, w, b) if kernel == "taps" else mx.conv2d(x, w, padding=1) + b)
+        mx.eval(run(x, w, b))
         return {"seconds": time.perf_counter() - start}
 
     def sgemm(self, n: int = 2048, reps: int = 5) -> dict:

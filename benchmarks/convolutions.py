@@ -2,10 +2,10 @@
 
     python benchmarks/convolutions.py            # SD1.5 UNet (batch 2) and VAE decoder (batch 1) shapes at 512x512
 
-Times mlx-sd's CPU tap convolution (`layers.conv3x3_taps`: nine products over the padded input's rows) and MLX's own
-conv as is (it unfolds the input into a 9x buffer; mlx-sd's row strips for large unfolds are not applied here) in
-one worker process and torch (NCHW, as diffusers calls it) in another, asked in turn after a warm-up round; prints
-medians, GFLOP/s and ratios to torch.
+Times mlx-sd's CPU Winograd convolution (`winograd.conv3x3_winograd`, F(4x4, 3x3)), its tap convolution
+(`layers.conv3x3_taps`: nine products over the padded input's rows) and MLX's own conv as is (it unfolds the input
+into a 9x buffer; mlx-sd's row strips for large unfolds are not applied here) in one worker process and torch (NCHW,
+as diffusers calls it) in another, asked in turn after a warm-up round; prints medians, GFLOP/s and ratios to torch.
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     mlx, torch = Worker("mlx"), Worker("torch")
-    sides = {"taps": KernelSide(mlx, "taps"), "unfold": KernelSide(mlx, "unfold"), "torch": KernelSide(torch, "torch")}
+    sides = {
+        "winograd": KernelSide(mlx, "winograd"),
+        "taps": KernelSide(mlx, "taps"),
+        "unfold": KernelSide(mlx, "unfold"),
+        "torch": KernelSide(torch, "torch"),
+    }
     try:
         for name, B, H, W, C, O in SHAPES:
             med = median_seconds(sides, args.repeats, "conv", warmup=True, B=B, H=H, W=W, C=C, O=O)

@@ -30,6 +30,7 @@ import warnings
 OPENBLAS_ENV = "MLX_SD_OPENBLAS"
 MALLOC_ENV = "MLX_SD_MALLOC"
 THREADS_ENV = "MLX_SD_CPU_THREADS"
+WINOGRAD_ENV = "MLX_SD_WINOGRAD"
 # Where Debian/Ubuntu (libopenblas0-pthread) and Fedora put it, tried after the loader cache.
 _OPENBLAS_CANDIDATES = (
     "libopenblas.so.0",
@@ -284,10 +285,14 @@ def numpy_blas_single_threaded():
                 set_(_numpy_blas_saved)
 
 
-def conv_taps() -> bool:
-    """Whether large 3x3 convolutions run as nine per-tap products (models/layers.py) instead of MLX's conv: on CPU,
-    where MLX unfolds the input into a 9x buffer with one thread; GPUs convolve without one."""
-    return not on_gpu()
+def conv3x3_kernel(dtype: mx.Dtype) -> str:
+    """How large 3x3 convolutions run (models/layers.py): "mlx" (MLX's conv) on GPUs, which convolve directly; on
+    CPU, where MLX unfolds the input into a 9x buffer with one thread, "winograd" in float32 (F(4x4, 3x3): a quarter
+    of the products, ~7x a direct convolution's rounding error; MLX_SD_WINOGRAD=0 turns it off) and "taps" (nine
+    per-tap products) otherwise."""
+    if on_gpu():
+        return "mlx"
+    return "winograd" if dtype == mx.float32 and not _off(WINOGRAD_ENV) else "taps"
 
 
 def activations() -> str:
@@ -346,4 +351,5 @@ def describe() -> dict:
         "dtype": str(default_dtype()),
         "attention": attention_kernel(default_dtype()),
         "activations": activations(),
+        "conv3x3": conv3x3_kernel(default_dtype()),
     }

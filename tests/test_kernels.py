@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mlx_sd import attention as attention_module
 from mlx_sd import backend
 from mlx_sd.attention import attention
-from mlx_sd.models import layers
+from mlx_sd.models import layers, winograd
 from oracles import assert_close, relative_error
 
 pytestmark = pytest.mark.skipif(backend.on_gpu(), reason="the CPU kernels are what is tested here")
@@ -169,7 +169,7 @@ def test_conv_taps_match_torch(monkeypatch, bias):
     x = rng.standard_normal((2, 7, 11, 16)).astype(np.float32)
     monkeypatch.setattr(layers, "TAPS_MIN_PIXELS", 1)
     monkeypatch.setattr(layers, "TAPS_MIN_CHANNELS", 1)
-    monkeypatch.setattr(backend, "conv_taps", lambda: True)
+    monkeypatch.setattr(backend, "conv3x3_kernel", lambda dtype: "taps")
     for out_channels in (24, 3):
         conv = layers.Conv2d(16, out_channels, 3, padding=1, bias=bias)
         got = conv(mx.array(x))
@@ -177,6 +177,55 @@ def test_conv_taps_match_torch(monkeypatch, bias):
         b = torch.from_numpy(np.array(conv.bias)) if bias else None
         ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), w, b, padding=1)
         assert_close(got, ref.permute(0, 2, 3, 1).numpy(), 1e-6, f"tap conv to {out_channels} channels")
+
+
+def test_winograd_transforms_are_exact():
+    """F(4, 3) from its points: A^T [(G g) * (B^T d)] is the 3-tap correlation of d by g, exactly (in fractions)."""
+    from fractions import Fraction
+
+    bt, g, at = winograd.transforms()
+    assert all(v.denominator == 1 for row in bt for v in row)  # the input transform is exact in float32
+    rng = np.random.default_rng(6)
+    for _ in range(5):
+        d = [Fraction(int(v)) for v in rng.integers(-9, 9, 6)]
+        f = [Fraction(int(v)) for v in rng.integers(-9, 9, 3)]
+        gf = [sum(gi * fi for gi, fi in zip(row, f, strict=True)) for row in g]
+        bd = [sum(bi * di for bi, di in zip(row, d, strict=True)) for row in bt]
+        y = [sum(ai * u * v for ai, u, v in zip(row, gf, bd, strict=True)) for row in at]
+        assert y == [sum(f[k] * d[i + k] for k in range(3)) for i in range(4)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_winograd_matches_torch(monkeypatch, bias):
+    """On CPU in float32, 3x3 convolutions run as Winograd F(4x4, 3x3) (models/winograd.py): batch 2, sizes that are
+    not multiples of the 4-pixel tile, and strips of tile rows (uneven, the last shorter). Its rounding error is
+    ~7x a direct convolution's, so it is measured against float64 and bounded relative to torch's float32 error."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 13, 18, 96)).astype(np.float32)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
+    assert backend.conv3x3_kernel(mx.float32) == "winograd"
+    for block_bytes, out_channels in ((2**30, 80), (36 * 2 * 5 * 96 * 4 * 3, 64)):  # one strip; 3 + 1 tile rows
+        monkeypatch.setattr(winograd, "BLOCK_BYTES", block_bytes)
+        conv = layers.Conv2d(96, out_channels, 3, padding=1, bias=bias)
+        conv.weight = conv.weight * 3  # unit-variance outputs
+        got = np.array(conv(mx.array(x)))
+        w = torch.from_numpy(np.array(conv.weight)).permute(0, 3, 1, 2)
+        b = torch.from_numpy(np.array(conv.bias)) if bias else None
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+        exact = F.conv2d(xt.double(), w.double(), None if b is None else b.double(), padding=1)
+        direct = F.conv2d(xt, w, b, padding=1).permute(0, 2, 3, 1).numpy()
+        exact = exact.permute(0, 2, 3, 1).numpy()
+        ours_rms, torch_rms = (float(np.sqrt(np.mean((y - exact) ** 2) / np.mean(exact**2))) for y in (got, direct))
+        assert ours_rms < max(10 * torch_rms, 1e-6), (ours_rms, torch_rms)
+        err = assert_close(got, exact, 1e-5, f"winograd conv to {out_channels} channels")
+        print(f"winograd: max rel {err:.1e}, rms {ours_rms:.1e} (torch float32: {torch_rms:.1e})")
+
+
+def test_conv_kernel_choice(monkeypatch):
+    """Winograd only in float32 on CPU; MLX_SD_WINOGRAD=0 keeps the per-tap products."""
+    assert backend.conv3x3_kernel(mx.float16) == "taps"
+    monkeypatch.setenv("MLX_SD_WINOGRAD", "0")
+    assert backend.conv3x3_kernel(mx.float32) == "taps"
 
 
 def test_openblas_kernel_family_matches_the_cpu():

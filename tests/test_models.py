@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from mlx_sd import backend
 from mlx_sd.components import build
+from mlx_sd.models import layers, winograd
 from mlx_sd_convert.diffusers import clip_config, convert_weights, unet_config, vae_config
 from mlx_sd_convert.keymap import apply_rules
 from mlx_sd_convert.openclip import openclip_config, openclip_rules
@@ -146,6 +148,20 @@ def test_unet_matches_diffusers(name, size):
     expected, got = run_unet_pair(ref, ours, x, t, context, added, tcond)
     err = assert_close(got, expected, FP32_TOL, f"unet {name} {size}")
     print(f"unet {name} {size}: fp32 rel err {err:.2e}")
+
+
+def test_unet_and_vae_with_winograd_convolutions(monkeypatch):
+    """The tiny models' convolutions are below the CPU's Winograd thresholds; with them lowered, every 3x3 conv of a
+    UNet and a VAE runs as F(4x4, 3x3) (models/winograd.py) and both still match diffusers."""
+    if backend.conv3x3_kernel(mx.float32) != "winograd":
+        pytest.skip("Winograd convolutions run on CPU only")
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
+    calls = []
+    monkeypatch.setattr(layers, "conv3x3_winograd", lambda *args: calls.append(1) or winograd.conv3x3_winograd(*args))
+    test_unet_matches_diffusers("sd1", (12, 20))
+    test_vae_matches_diffusers((24, 40))
+    assert len(calls) > 20
 
 
 def test_unet_scalar_timestep_and_fp16():

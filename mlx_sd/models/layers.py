@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import backend
 from ..attention import attention
+from .winograd import conv3x3_winograd
 
 # --- elementwise activations -----------------------------------------------------------------------------------
 #
@@ -227,6 +228,12 @@ class GroupNorm(nn.Module):
 # small and MLX's single product (K = 9C instead of C) wins. Measured on 2 cores, per SD1.5 VAE decode: convolutions
 # 22.1 -> 17.7 s (1.25-1.35x at 256x256 and 512x512, level at 128x128); 64x64 UNet convs ~15% faster. Memory: the
 # padded input and output rows instead of the unfold (a 1024x1024 decode peaks 0.5 GB above the row strips below).
+# In float32 (the CPU's dtype) Winograd F(4x4, 3x3) (models/winograd.py) does a quarter of the taps' products and
+# runs 1.3-2x faster than them, at ~7x a direct convolution's rounding error; below WINOGRAD_MIN_PIXELS its filter
+# transform (4x the weight) costs more than it saves, and with fewer than WINOGRAD_MIN_CHANNELS input or output
+# channels (the VAE's 3-channel ends) its input transform does.
+WINOGRAD_MIN_PIXELS = 1024
+WINOGRAD_MIN_CHANNELS = 64
 TAPS_MIN_PIXELS = 8192
 TAPS_MIN_CHANNELS = 64
 # Elsewhere (GPUs; small CPU convs) MLX's conv runs, and above this many unfold bytes a 3x3 stride-1 conv runs over
@@ -251,15 +258,19 @@ def conv3x3_taps(x: mx.array, weight: mx.array, bias: mx.array | None = None) ->
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters) whose 3x3, stride-1, padding-1 convolutions run as nine products on CPU (see
-    conv3x3_taps) and in row strips elsewhere when large."""
+    """nn.Conv2d (same parameters) whose 3x3, stride-1, padding-1 convolutions run on CPU as Winograd F(4x4, 3x3)
+    (float32) or nine per-tap products (see conv3x3_taps), and in row strips elsewhere when large."""
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
         plain = self.weight.shape[1:3] != (3, 3) or self.stride != (1, 1) or self.padding != (1, 1)
         if plain or self.dilation not in (1, (1, 1)) or self.groups != 1:
             return super().__call__(x)
-        if backend.conv_taps() and B * H * W >= TAPS_MIN_PIXELS and C >= TAPS_MIN_CHANNELS:
+        kernel = backend.conv3x3_kernel(x.dtype)
+        channels = min(C, self.weight.shape[0])
+        if kernel == "winograd" and B * H * W >= WINOGRAD_MIN_PIXELS and channels >= WINOGRAD_MIN_CHANNELS:
+            return conv3x3_winograd(x, self.weight, self.get("bias"))
+        if kernel != "mlx" and B * H * W >= TAPS_MIN_PIXELS and C >= TAPS_MIN_CHANNELS:
             return conv3x3_taps(x, self.weight, self.get("bias"))
         unfold = B * H * W * C * 9 * x.dtype.size
         if unfold <= CONV_UNFOLD_BYTES:
