@@ -30,7 +30,7 @@ POINTS = (0, 1, -1, 2, Fraction(-1, 2))  # plus the point at infinity
 BLOCK_BYTES = 64 * 2**20  # 16-512 MB measured level in speed
 
 
-def _vandermonde(points, rows: int, cols: int) -> list[list[Fraction]]:
+def _vandermonde(points, cols: int) -> list[list[Fraction]]:
     """Evaluations of a polynomial with `cols` coefficients at the points and at infinity (its leading one)."""
     table = [[Fraction(p) ** k for k in range(cols)] for p in points]
     return table + [[Fraction(int(k == cols - 1)) for k in range(cols)]]
@@ -58,13 +58,13 @@ def transforms(m: int = TILE, points=POINTS) -> tuple[list, list, list]:
     divided by the same factor, so the input transform is exact in float32.
     """
     a = m + 2
-    bt = [list(col) for col in zip(*_inverse(_vandermonde(points, a, a)), strict=True)]
-    g = _vandermonde(points, a, 3)
+    bt = [list(col) for col in zip(*_inverse(_vandermonde(points, a)), strict=True)]
+    g = _vandermonde(points, 3)
     for i, row in enumerate(bt):
         scale = Fraction(math.lcm(*(v.denominator for v in row)), math.gcd(*(v.numerator for v in row)))
         bt[i] = [v * scale for v in row]
         g[i] = [v / scale for v in g[i]]
-    at = [list(col) for col in zip(*_vandermonde(points, a, m), strict=True)]
+    at = [list(col) for col in zip(*_vandermonde(points, m), strict=True)]
     return bt, g, at
 
 
@@ -112,7 +112,8 @@ def _strip(xp: mx.array, u: mx.array, bias: mx.array | None) -> mx.array:
     m, a = TILE, TILE + 2
     ty, tx, O = (hp - 2) // m, (wp - 2) // m, u.shape[1]
     input_t, _, output_t = _matrices(xp.dtype)
-    # (a, a, B, ty, tx, C): element (i, j) of every tile, gathered into one row of the input transform's operand.
+    # (a, a, B, ty, tx, C): element (i, j) of every tile, gathered into one row of the input transform's operand
+    # (as_strided reads a strip of a batch > 1, not contiguous, through a contiguous copy).
     tiles = mx.as_strided(xp, (a, a, B, ty, tx, C), (wp * C, C, hp * wp * C, m * wp * C, m * C, 1))
     v = (input_t @ mx.contiguous(tiles).reshape(a * a, -1)).reshape(a * a, -1, C)  # (36, tiles, C)
     products = (v @ u.swapaxes(1, 2)).reshape(a * a, -1)  # (36, tiles * O)
