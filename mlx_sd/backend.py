@@ -288,7 +288,7 @@ def numpy_blas_single_threaded():
 def conv3x3_kernel(dtype: mx.Dtype) -> str:
     """How large 3x3 convolutions run (models/layers.py): "mlx" (MLX's conv) on GPUs, which convolve directly; on
     CPU, where MLX unfolds the input into a 9x buffer with one thread, "winograd" in float32 (F(4x4, 3x3): a quarter
-    of the products, ~7x a direct convolution's rounding error; MLX_SD_WINOGRAD=0 turns it off) and "taps" (nine
+    of the products, 3-7x a direct convolution's rounding error; MLX_SD_WINOGRAD=0 turns it off) and "taps" (nine
     per-tap products) otherwise."""
     if on_gpu():
         return "mlx"

@@ -229,7 +229,7 @@ class GroupNorm(nn.Module):
 # 22.1 -> 17.7 s (1.25-1.35x at 256x256 and 512x512, level at 128x128); 64x64 UNet convs ~15% faster. Memory: the
 # padded input and output rows instead of the unfold (a 1024x1024 decode peaks 0.5 GB above the row strips below).
 # In float32 (the CPU's dtype) Winograd F(4x4, 3x3) (models/winograd.py) does a quarter of the taps' products and
-# runs 1.3-2x faster than them, at ~7x a direct convolution's rounding error; below WINOGRAD_MIN_PIXELS its filter
+# runs 1.3-2x faster than them, at 3-7x a direct convolution's rounding error; below WINOGRAD_MIN_PIXELS its filter
 # transform (4x the weight) costs more than it saves, and with fewer than WINOGRAD_MIN_CHANNELS input or output
 # channels (the VAE's 3-channel ends) its input transform does.
 WINOGRAD_MIN_PIXELS = 1024
