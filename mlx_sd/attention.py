@@ -27,8 +27,13 @@ FUSED_BLOCK_BYTES = 256 * 2**20
 # One blocked-path score block (rows x keys float32) per worker: small enough that the product, the exp and the second
 # product find it in the caches (L3 here), large enough for efficient BLAS calls (measured best of 0.25-16 MiB).
 SCORE_BLOCK_BYTES = 4 * 2**20
-# The blocked path's shift is the largest logit over this many evenly spaced keys (a lower bound of the row max).
-SHIFT_SAMPLE_KEYS = 64
+# The blocked path's shift is the largest logit over evenly spaced keys, one per SHIFT_KEY_SPACING but at least
+# SHIFT_MIN_KEYS and at most SHIFT_MAX_KEYS (a lower bound of the row max; fewer keys only make the rare exact redo
+# below likelier, never the rounding worse). The sample costs a product of its own: 77-token cross-attention spent
+# as long on a 77-key sample as on its scores.
+SHIFT_KEY_SPACING = 64
+SHIFT_MIN_KEYS = 8
+SHIFT_MAX_KEYS = 64
 LOG2_E = 1.4426950408889634
 # Below this many scores (B * heads * N * M) the blocked path's set-up costs more than it saves.
 BLOCKED_MIN_SCORES = 2**18
@@ -104,7 +109,7 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     bounds = np.linspace(0, N, per_head + 1).astype(int)
     spans = [(r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True) if r1 > r0]
     tasks = [(b, h, r0, r1) for b in range(B) for h in range(heads) for r0, r1 in spans]
-    stride = max(M // SHIFT_SAMPLE_KEYS, 1)
+    stride = max(M // min(SHIFT_MAX_KEYS, max(SHIFT_MIN_KEYS, M // SHIFT_KEY_SPACING)), 1)
 
     def run(task):
         b, h, r0, r1 = task
@@ -112,21 +117,22 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
         k1 = _with_ones(kn[b, :, cols])  # (M, d + 1)
         v1 = _with_ones(vn[b, :, cols])
         kt = k1.T  # (d + 1, M), a view: BLAS reads it transposed
-        sample = kn[b, ::stride, cols].T  # (d, ~64)
+        sample = np.ascontiguousarray(kn[b, ::stride, cols])  # (8-64, d)
         scores = np.empty((rows, M), np.float32)
         q1 = np.empty((rows, d + 1), np.float32)
         for r in range(r0, r1, rows):
             n = min(rows, r1 - r)
             s, qb = scores[:n], q1[:n]
             np.multiply(qn[b, r : r + n, cols], scale, out=qb[:, :d])
-            np.negative((qb[:, :d] @ sample).max(axis=-1), out=qb[:, d])  # -m_i
+            # -m_i; the sample's logits laid out (keys, rows), so that the max runs down columns (vectorised)
+            np.negative((sample @ qb[:, :d].T).max(axis=0), out=qb[:, d])
             np.matmul(qb, kt, out=s)  # s_ij - m_i
             with np.errstate(over="ignore"):  # overflow is checked below and the block redone exactly
                 np.exp2(s, out=s)
             o = s @ v1  # (n, d + 1): weighted values and the row sums
             if not np.isfinite(o).all():
                 o = _exact_rows(qb[:, :d], k1[:, :d], v1)
-            out[b, r : r + n, cols] = o[:, :d] / o[:, d:]
+            np.divide(o[:, :d], o[:, d:], out=out[b, r : r + n, cols])
 
     with backend.numpy_blas_single_threaded():
         backend.cpu_map(run, tasks)
