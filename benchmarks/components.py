@@ -8,8 +8,9 @@ Random-weight models of the published sizes (convert/families.py). The torch sid
 weights; the mlx side converts them with mlx_sd_convert (as the parity tests do) and saves component folders in
 float32 and float16, which the load-time probe then reads in fresh processes. Each side runs in its own worker
 process (benchmarks/_worker.py) and the two are asked in turn (A, B, B, A, ...), so that load from other programs
-falls on both alike: report medians and the ratio, not single timings. The machine's sgemm rate is measured in the
-same rounds, and the UNet's achieved FLOP rate (FLOPs counted by torch's FlopCounterMode) is set against it.
+falls on both alike: report medians and the ratio, not single timings, and the range of each round's own ratio.
+The machine's sgemm rate is measured in the same rounds, and the UNet's achieved FLOP rate (FLOPs counted by torch's
+FlopCounterMode) is set against it.
 
 Parts: unet (one guided step: batch 2 at each size), vae (decode and encode, batch 1), text (batch 2, 77 tokens),
 load (fresh process -> component loaded and evaluated, fp16 and fp32 folders). Writes a JSON record of every figure.
@@ -105,6 +106,13 @@ def median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
+def paired_ratios(ours: list[dict], ref: list[dict]) -> list[float]:
+    """mlx / torch seconds per round. The two runs of a round are back to back, so they share the machine's phase:
+    on a VM whose speed drifts by tens of percent within minutes, the spread of these ratios says how far the ratio of
+    medians can be trusted, which the medians alone hide."""
+    return [a["seconds"] / b["seconds"] for a, b in zip(ours, ref, strict=True)]
+
+
 def bench_component(workers, component, family, latent, repeats, workdir, record, counter=None) -> None:
     """Warm-up with an output comparison, then interleaved timed repeats of one component at one size."""
     kw = {"component": component, "family": family, "latent": latent}
@@ -126,6 +134,7 @@ def bench_component(workers, component, family, latent, repeats, workdir, record
             entry[name]["mlx_peak_mb"] = max(r["mlx_peak_mb"] for r in rows)
     if "torch" in workers:
         entry["ratio_mlx_over_torch"] = entry["mlx"]["median_s"] / entry["torch"]["median_s"]
+        entry["pair_ratios"] = paired_ratios(runs["mlx"], runs["torch"])
         entry["cpu_ratio_mlx_over_torch"] = entry["mlx"]["median_cpu_s"] / entry["torch"]["median_cpu_s"]
     if counter is not None:
         entry["flops"] = counter("flops", component=component, family=family, latent=latent)["flops"]
@@ -139,7 +148,8 @@ def _print_entry(e: dict) -> None:
     line = f"{e['family']:5s} {e['component']:13s} {e['pixels']:5d}px  mlx {e['mlx']['median_s']:7.2f} s"
     if "torch" in e:
         line += f"  torch {e['torch']['median_s']:7.2f} s  ratio {e['ratio_mlx_over_torch']:.2f}"
-        line += f" (CPU time {e['cpu_ratio_mlx_over_torch']:.2f})"
+        pairs = e["pair_ratios"]
+        line += f" (rounds {min(pairs):.2f}-{max(pairs):.2f}; CPU time {e['cpu_ratio_mlx_over_torch']:.2f})"
         line += f"  rel err {e['rel_err']:.1e}"
     if "gflops" in e["mlx"]:
         line += f"  mlx {e['mlx']['gflops']:6.1f} GFLOP/s"
