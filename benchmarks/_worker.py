@@ -21,7 +21,7 @@ import numpy as np
 SIDE = sys.argv[1] if __name__ == "__main__" else "mlx"
 if SIDE == "mlx":
     # isort: off
-    import mlx_sd  # noqa: F401  (before mlx.core: OpenBLAS preload, malloc tuning)
+    import mlx_sd  # noqa: F401  (before mlx.core: BLAS preload, malloc tuning)
     import mlx.core as mx
 
     # isort: on

@@ -44,10 +44,10 @@ class Worker:
         self.side = side
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if side == "torch":
-            # The torch side imports mlx_sd_convert (for the configs), which imports mlx_sd. Its OpenBLAS preload
+            # The torch side imports mlx_sd_convert (for the configs), which imports mlx_sd. Its BLAS preload
             # would capture torch's own BLAS calls (torch's CPU attention runs ~10x slower then), and its malloc
             # tuning is ours to measure, not torch's: keep both out of the reference process.
-            env.update({"MLX_SD_OPENBLAS": "0", "MLX_SD_MALLOC": "0"})
+            env.update({"MLX_SD_BLAS": "mlx", "MLX_SD_MALLOC": "0"})
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "_worker.py"), side],
             stdin=subprocess.PIPE,
@@ -225,7 +225,7 @@ def _have_torch() -> bool:
 
 def machine() -> dict:
     # isort: off
-    from mlx_sd import backend  # before mlx.core: OpenBLAS preload
+    from mlx_sd import backend  # before mlx.core: BLAS preload
     import mlx.core as mx
 
     # isort: on

@@ -9,7 +9,7 @@ Every Conv2d, Linear, LayerNorm, GroupNorm, attention and activation call is eva
 time of nested calls is subtracted from their parents ("self" time). Evaluating op by op removes MLX's overlap of
 graph building and computing, so the total is a little above an unprofiled step, which is printed first. With
 --torch, diffusers' UNet or VAE of the same configuration runs under torch.profiler instead, grouped by aten operation
-(self CPU time), in a process without mlx_sd's OpenBLAS preload and malloc tuning, as benchmarks/components.py runs it.
+(self CPU time), in a process without mlx_sd's BLAS preload and malloc tuning, as benchmarks/components.py runs it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import time
 
 # isort: off
-import mlx_sd  # noqa: F401  (before mlx.core: OpenBLAS preload)
+import mlx_sd  # noqa: F401  (before mlx.core: BLAS preload)
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -114,9 +114,9 @@ def main() -> None:
 
 
 def profile_torch(family: str, component: str, latent: int) -> None:
-    if os.environ.get("MLX_SD_OPENBLAS") != "0" or os.environ.get("MLX_SD_MALLOC") != "0":
-        # mlx_sd (imported above) preloaded OpenBLAS, which would capture torch's BLAS calls: start afresh without it.
-        env = {**os.environ, "MLX_SD_OPENBLAS": "0", "MLX_SD_MALLOC": "0"}
+    if os.environ.get("MLX_SD_BLAS") != "mlx" or os.environ.get("MLX_SD_MALLOC") != "0":
+        # mlx_sd (imported above) preloaded a BLAS, which would capture torch's BLAS calls: start afresh without it.
+        env = {**os.environ, "MLX_SD_BLAS": "mlx", "MLX_SD_MALLOC": "0"}
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 # isort: off
-import mlx_sd  # noqa: F401  (before mlx.core: OpenBLAS preload)
+import mlx_sd  # noqa: F401  (before mlx.core: BLAS preload)
 import mlx.core as mx
 from mlx_sd.rng import NOISE_MODES, make_noise
 

@@ -1,6 +1,7 @@
 """mlx-sd: Stable Diffusion in MLX.
 
-`backend` is imported first on purpose: on Linux it preloads the system OpenBLAS before mlx.core loads.
+`backend` is imported first on purpose: on Linux it preloads MKL or the system OpenBLAS before mlx.core
+loads (cpu_blas).
 """
 
 from . import backend  # noqa: F401  (must precede every mlx import)

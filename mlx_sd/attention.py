@@ -20,7 +20,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from . import backend
+from . import backend, cpu_blas
+from .cpu_blas import sgemm
 
 # The fused path's score matrix is computed in query blocks of at most this many bytes (all heads together).
 FUSED_BLOCK_BYTES = 256 * 2**20
@@ -125,16 +126,16 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
             s, qb = scores[:n], q1[:n]
             np.multiply(qn[b, r : r + n, cols], scale, out=qb[:, :d])
             # -m_i; the sample's logits laid out (keys, rows), so that the max runs down columns (vectorised)
-            np.negative((sample @ qb[:, :d].T).max(axis=0), out=qb[:, d])
-            np.matmul(qb, kt, out=s)  # s_ij - m_i
+            np.negative(sgemm(sample, qb[:, :d].T).max(axis=0), out=qb[:, d])
+            sgemm(qb, kt, out=s)  # s_ij - m_i
             with np.errstate(over="ignore"):  # overflow is checked below and the block redone exactly
                 np.exp2(s, out=s)
-            o = s @ v1  # (n, d + 1): weighted values and the row sums
+            o = sgemm(s, v1)  # (n, d + 1): weighted values and the row sums
             if not np.isfinite(o).all():
                 o = _exact_rows(qb[:, :d], k1[:, :d], v1)
             np.divide(o[:, :d], o[:, d:], out=out[b, r : r + n, cols])
 
-    with backend.numpy_blas_single_threaded():
+    with cpu_blas.numpy_blas_single_threaded():
         backend.cpu_map(run, tasks)
     return mx.array(out)
 
@@ -149,7 +150,7 @@ def _with_ones(x: np.ndarray) -> np.ndarray:
 
 def _exact_rows(q: np.ndarray, k: np.ndarray, v1: np.ndarray) -> np.ndarray:
     """Rows whose sampled shift was too far below their max, with the exact row max."""
-    s = q @ k.T
+    s = sgemm(q, k.T)
     s -= s.max(axis=-1, keepdims=True)
     np.exp2(s, out=s)
-    return s @ v1
+    return sgemm(s, v1)

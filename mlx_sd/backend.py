@@ -1,14 +1,8 @@
 """Per-backend decisions, in one place: which BLAS the CPU uses, how CPU memory is allocated, which dtype models
 run in, which attention kernel runs.
 
-MLX's Linux CPU wheel links the reference BLAS (~6 GFLOP/s sgemm on a 2-core x86 machine). The system OpenBLAS,
-loaded with RTLD_GLOBAL *before* `mlx.core` is first imported, interposes `cblas_sgemm` and the LAPACK symbols
-libmlx binds lazily and runs ~30x faster. After `mlx.core` is loaded the binding is fixed, which is why
-`mlx_sd/__init__.py` imports this module before anything else. Set MLX_SD_OPENBLAS=0 to keep MLX's own BLAS.
-Nothing changes on macOS (Accelerate) or when MLX runs on a GPU. A distribution's OpenBLAS picks its kernels by CPU
-model and falls back to its oldest x86-64 kernels ("Prescott", SSE3) on models newer than itself: Debian 12's 0.3.21
-on a 5th-generation Xeon ran sgemm at 43 GFLOP/s instead of 300. Such a load is redone with the newest kernel family
-the CPU's flags allow (`_reload_with_known_core`); OPENBLAS_CORETYPE set by the user is left alone.
+Which BLAS MLX's CPU backend calls is chosen in `cpu_blas` (MKL or the system OpenBLAS on Linux, loaded before
+`mlx.core`, which is why `mlx_sd/__init__.py` imports this module before anything else).
 
 MLX's CPU allocator takes every buffer from malloc and frees it right after use, and glibc serves blocks above
 128 KiB-32 MiB with a fresh mmap: every large activation then costs one page fault per 4 KiB page as the kernel
@@ -19,100 +13,15 @@ its peak heap until `release_cpu_memory()` is called. Set MLX_SD_MALLOC=0 to lea
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import ctypes.util
 import os
 import sys
-import threading
-import warnings
 
-OPENBLAS_ENV = "MLX_SD_OPENBLAS"
+from . import cpu_blas
+
 MALLOC_ENV = "MLX_SD_MALLOC"
 THREADS_ENV = "MLX_SD_CPU_THREADS"
 WINOGRAD_ENV = "MLX_SD_WINOGRAD"
-# Where Debian/Ubuntu (libopenblas0-pthread) and Fedora put it, tried after the loader cache.
-_OPENBLAS_CANDIDATES = (
-    "libopenblas.so.0",
-    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
-    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
-    "/usr/lib64/libopenblas.so.0",
-)
-
-blas = "mlx"  # which BLAS MLX's CPU backend calls: "openblas (<kernel family>)" once preloaded, "accelerate" on macOS
-
-
-def _preload_openblas() -> str:
-    if sys.platform == "darwin":
-        return "accelerate"
-    if _off(OPENBLAS_ENV):
-        return "mlx"
-    if "mlx.core" in sys.modules:
-        warnings.warn(
-            "mlx_sd was imported after mlx.core, so MLX keeps its slow reference BLAS on this CPU; "
-            "import mlx_sd first (or set MLX_SD_OPENBLAS=0 to silence this)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return "mlx"
-    names = [ctypes.util.find_library("openblas"), *_OPENBLAS_CANDIDATES]
-    for name in filter(None, names):
-        try:
-            lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-        except OSError:
-            continue
-        return f"openblas ({_reload_with_known_core(lib, name)})"
-    return "mlx"
-
-
-# OpenBLAS kernel families without AVX2/FMA; "Prescott" is also where DYNAMIC_ARCH builds land on unknown CPU models.
-_PRE_AVX2_CORES = {"Prescott", "Core2", "Penryn", "Dunnington", "Nehalem", "Atom", "Sandybridge"}
-_AVX512_FLAGS = {"avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"}
-
-
-def _reload_with_known_core(lib: ctypes.CDLL, name: str) -> str:
-    """The kernel family OpenBLAS chose, after reloading it with a better one where it fell back below the CPU."""
-    core = _corename(lib)
-    best = _best_core(_cpu_flags())
-    if core not in _PRE_AVX2_CORES or best is None or "OPENBLAS_CORETYPE" in os.environ:
-        return core
-    import _ctypes
-
-    _ctypes.dlclose(lib._handle)  # nothing else holds it yet, so the next load runs OpenBLAS's set-up again
-    os.environ["OPENBLAS_CORETYPE"] = best  # read once, by that set-up; numpy's own OpenBLAS must not see it
-    try:
-        lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-    finally:
-        del os.environ["OPENBLAS_CORETYPE"]
-    return _corename(lib)
-
-
-def _corename(lib: ctypes.CDLL) -> str:
-    try:
-        lib.openblas_get_corename.restype = ctypes.c_char_p
-        return lib.openblas_get_corename().decode()
-    except AttributeError:  # not a DYNAMIC_ARCH build: its kernels were chosen when it was compiled
-        return "unknown"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _best_core(flags: set[str]) -> str | None:
-    """The OpenBLAS kernel family (OPENBLAS_CORETYPE) for an x86-64 CPU with these /proc/cpuinfo flags."""
-    if _AVX512_FLAGS <= flags:
-        return "SkylakeX"
-    if {"avx2", "fma"} <= flags:
-        return "Haswell"
-    return None
 
 
 def _off(env: str) -> bool:
@@ -142,7 +51,7 @@ def release_cpu_memory() -> None:
         _libc.malloc_trim(0)
 
 
-blas = _preload_openblas()
+blas = cpu_blas.preload()  # which BLAS MLX's CPU backend calls
 malloc_tuned = _keep_freed_memory()
 
 import mlx.core as mx  # noqa: E402  (must follow the preload above)
@@ -214,75 +123,19 @@ def cpu_threads() -> int:
 
 
 def attention_kernel(dtype: mx.Dtype) -> str:
-    """ "fused" (MLX's scaled_dot_product_attention) or "blocked" (numpy BLAS + exp per head; see attention.py).
+    """ "fused" (MLX's scaled_dot_product_attention) or "blocked" (BLAS products + numpy's exp per head; see
+    attention.py).
 
     MLX's fused kernel everywhere except float32 on a Linux CPU: there MLX's softmax runs a scalar exp (~15 ns per
     element on x86, numpy's vectorised one ~1.5 ns), which made self-attention over 4,096 tokens dominate a UNet
-    step. The blocked path needs numpy's BLAS to run single-threaded inside its workers; where we cannot set that
-    (an unknown BLAS) it is used only when there is one core to run on.
+    step. The blocked path needs products that run on one thread inside its workers (`cpu_blas.sgemm`: MKL's, or
+    numpy's OpenBLAS held to one thread); where neither is at hand it is used only when there is one core to run on.
     """
     if on_gpu() or dtype != mx.float32 or sys.platform == "darwin":
         return "fused"
-    if cpu_threads() > 1 and _numpy_blas_threads() is None:
+    if cpu_threads() > 1 and not cpu_blas.has_single_threaded_sgemm():
         return "fused"
     return "blocked"
-
-
-_NUMPY_BLAS_SYMBOLS = (  # (get, set) pairs of the OpenBLAS builds numpy wheels bundle
-    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),  # numpy >= 2
-    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),  # numpy 1.2x
-    ("openblas_get_num_threads", "openblas_set_num_threads"),
-)
-_numpy_blas: tuple | None | bool = False  # False: not looked up yet
-_numpy_blas_lock = threading.Lock()
-_numpy_blas_users = 0
-_numpy_blas_saved = 1
-
-
-def _numpy_blas_threads():
-    """(get, set) thread-count functions of the OpenBLAS numpy uses, or None (found via /proc/self/maps)."""
-    global _numpy_blas
-    if _numpy_blas is not False:
-        return _numpy_blas
-    _numpy_blas = None
-    try:
-        import numpy as np
-
-        root = os.path.dirname(os.path.dirname(np.__file__))  # site-packages: numpy.libs, scipy_openblas*
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line and root in line}
-        for path in sorted(paths):
-            lib = ctypes.CDLL(path)
-            for get, set_ in _NUMPY_BLAS_SYMBOLS:
-                if hasattr(lib, get) and hasattr(lib, set_):
-                    _numpy_blas = (getattr(lib, get), getattr(lib, set_))
-                    return _numpy_blas
-    except (OSError, ImportError):
-        pass
-    return _numpy_blas
-
-
-@contextlib.contextmanager
-def numpy_blas_single_threaded():
-    """numpy's BLAS on one thread while inside (re-entrant across threads; the first count is restored at exit)."""
-    global _numpy_blas_users, _numpy_blas_saved
-    fns = _numpy_blas_threads()
-    if fns is None:
-        yield
-        return
-    get, set_ = fns
-    with _numpy_blas_lock:
-        if _numpy_blas_users == 0:
-            _numpy_blas_saved = get()
-            set_(1)
-        _numpy_blas_users += 1
-    try:
-        yield
-    finally:
-        with _numpy_blas_lock:
-            _numpy_blas_users -= 1
-            if _numpy_blas_users == 0:
-                set_(_numpy_blas_saved)
 
 
 def conv3x3_kernel(dtype: mx.Dtype) -> str:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mlx_sd import attention as attention_module
-from mlx_sd import backend
+from mlx_sd import backend, cpu_blas
 from mlx_sd.attention import attention
 from mlx_sd.models import layers, winograd
 from oracles import assert_close, relative_error
@@ -25,11 +25,21 @@ def _reference_attention(q, k, v, heads):
     return F.scaled_dot_product_attention(*t).transpose(1, 2).reshape(B, N, C).numpy()
 
 
+@pytest.fixture(params=["mkl", "numpy"])
+def sgemm_path(request, monkeypatch):
+    """The blocked attention's products through MKL (where mlx_sd loaded it) and through numpy's OpenBLAS."""
+    if request.param == "mkl" and cpu_blas._mkl is None:
+        pytest.skip(f"MKL is not loaded here (MLX's BLAS: {backend.blas})")
+    if request.param == "numpy":
+        monkeypatch.setattr(cpu_blas, "_mkl", None)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "B,N,M,C,heads",
     [(2, 1024, 1024, 320, 8), (2, 1024, 77, 320, 8), (1, 1500, 1500, 512, 1), (2, 256, 256, 256, 4)],
 )
-def test_blocked_attention_matches_torch(B, N, M, C, heads):
+def test_blocked_attention_matches_torch(B, N, M, C, heads, sgemm_path):
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((B, n, C), dtype=np.float32) for n in (N, M, M))
     assert backend.attention_kernel(mx.float32) == "blocked"
@@ -37,7 +47,7 @@ def test_blocked_attention_matches_torch(B, N, M, C, heads):
     assert_close(got, _reference_attention(q, k, v, heads), 2e-6, "blocked attention")
 
 
-def test_blocked_attention_query_blocks_and_overflow_fallback(monkeypatch):
+def test_blocked_attention_query_blocks_and_overflow_fallback(monkeypatch, sgemm_path):
     """Tiny score blocks force many query blocks; logits far above the sampled shift force the exact fallback."""
     rng = np.random.default_rng(1)
     B, N, C, heads = 1, 600, 64, 2
@@ -226,16 +236,3 @@ def test_conv_kernel_choice(monkeypatch):
     assert backend.conv3x3_kernel(mx.float16) == "taps"
     monkeypatch.setenv("MLX_SD_WINOGRAD", "0")
     assert backend.conv3x3_kernel(mx.float32) == "taps"
-
-
-def test_openblas_kernel_family_matches_the_cpu():
-    """A system OpenBLAS older than the CPU falls back to SSE3 kernels ("Prescott", 6x slower sgemm): mlx_sd
-    reloads it with the kernel family the CPU's flags allow (backend._reload_with_known_core)."""
-    assert backend._best_core({"avx2", "fma", *backend._AVX512_FLAGS}) == "SkylakeX"
-    assert backend._best_core({"avx2", "fma", "avx512f"}) == "Haswell"  # AVX-512 without BW/VL: no SkylakeX kernels
-    assert backend._best_core({"sse4_2"}) is None
-    if not backend.blas.startswith("openblas ("):
-        pytest.skip(f"MLX uses {backend.blas} here, not the system OpenBLAS")
-    core = backend.blas.removeprefix("openblas (").removesuffix(")")
-    if backend._best_core(backend._cpu_flags()) is not None:
-        assert core not in backend._PRE_AVX2_CORES, f"OpenBLAS runs its {core} kernels on an AVX2 CPU"

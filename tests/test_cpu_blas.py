@@ -1,0 +1,113 @@
+"""The CPU BLAS choice (mlx_sd/cpu_blas.py): each library MLX can be given, checked in a fresh process (the preload
+must precede mlx.core), and the single-threaded products the blocked attention calls, against numpy in float64."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mlx_sd import backend, cpu_blas
+
+pytestmark = pytest.mark.skipif(sys.platform == "darwin", reason="macOS: MLX calls Accelerate, nothing is preloaded")
+
+# In a fresh process: which BLAS MLX got, and an MLX product (through that BLAS) against float64.
+_PROBE = r"""
+import json, warnings
+warnings.simplefilter("ignore")
+import mlx_sd, mlx.core as mx, numpy as np
+from mlx_sd import backend
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((300, 200), np.float32), rng.standard_normal((200, 100), np.float32)
+got = np.array(mx.array(a) @ mx.array(b))
+ref = a.astype(np.float64) @ b.astype(np.float64)
+print(json.dumps({"blas": backend.blas, "err": float(np.abs(got - ref).max() / np.abs(ref).max())}))
+"""
+
+
+def _probe(choice: str) -> dict:
+    env = {**os.environ, cpu_blas.BLAS_ENV: choice}
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def _have_mkl() -> bool:
+    return _probe("mkl")["blas"].startswith("mkl (")
+
+
+def test_mlx_keeps_its_own_blas():
+    r = _probe("mlx")
+    assert r["blas"] == "mlx" and r["err"] < 1e-5
+
+
+def test_openblas_is_preloaded_with_the_cpus_kernel_family():
+    """A system OpenBLAS older than the CPU falls back to SSE3 kernels ("Prescott", 6x slower sgemm): mlx_sd
+    reloads it with the kernel family the CPU's flags allow (cpu_blas._reload_with_known_core)."""
+    assert cpu_blas._best_core({"avx2", "fma", *cpu_blas._AVX512_FLAGS}) == "SkylakeX"
+    assert cpu_blas._best_core({"avx2", "fma", "avx512f"}) == "Haswell"  # AVX-512 without BW/VL: no SkylakeX kernels
+    assert cpu_blas._best_core({"sse4_2"}) is None
+    r = _probe("openblas")
+    if not r["blas"].startswith("openblas ("):
+        pytest.skip(f"no system OpenBLAS here (MLX uses {r['blas']})")
+    assert r["err"] < 1e-5
+    core = r["blas"].removeprefix("openblas (").removesuffix(")")
+    if cpu_blas._best_core(cpu_blas._cpu_flags()) is not None:
+        assert core not in cpu_blas._PRE_AVX2_CORES, f"OpenBLAS runs its {core} kernels on an AVX2 CPU"
+
+
+def test_mkl_is_preloaded_when_installed():
+    r = _probe("mkl")
+    if not r["blas"].startswith("mkl ("):
+        pytest.skip(f"MKL is not installed (pip install 'mlx-sd[mkl]'); MLX uses {r['blas']}")
+    assert r["err"] < 1e-5
+    assert _probe("")["blas"] == r["blas"], "unset MLX_SD_BLAS should prefer an installed MKL"
+
+
+def test_unknown_choice_names_the_choices():
+    env = {**os.environ, cpu_blas.BLAS_ENV: "atlas"}
+    out = subprocess.run([sys.executable, "-c", "import mlx_sd"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "MLX_SD_BLAS='atlas': expected one of mkl, openblas, mlx" in out.stderr
+
+
+@pytest.mark.parametrize("path", ["mkl", "numpy"])
+@pytest.mark.parametrize(
+    "a_shape,b_shape,a_view,b_view",
+    [
+        ((256, 41), (41, 4096), "rows", "transposed"),  # the attention's q k^T, k read transposed in place
+        ((256, 4096), (4096, 41), "rows", "rows"),  # its p v
+        ((64, 40), (40, 256), "rows", "column slice transposed"),  # the shift sample's logits
+        ((40, 64), (64, 10), "transposed", "rows"),
+        ((1, 7), (7, 1), "rows", "rows"),
+    ],
+)
+def test_sgemm_views(monkeypatch, path, a_shape, b_shape, a_view, b_view):
+    if path == "mkl" and cpu_blas._mkl is None:
+        pytest.skip(f"MKL is not loaded here (MLX's BLAS: {backend.blas})")
+    if path == "numpy":
+        monkeypatch.setattr(cpu_blas, "_mkl", None)
+    rng = np.random.default_rng(0)
+
+    def view(shape, how):
+        if how == "rows":
+            return rng.standard_normal(shape, np.float32)
+        if how == "transposed":
+            return rng.standard_normal(shape[::-1], np.float32).T
+        return rng.standard_normal((shape[1], shape[0] + 1), np.float32)[:, : shape[0]].T
+
+    a = view(a_shape, a_view)
+    b = view(b_shape, b_view)
+    out = np.full((a.shape[0] + 3, b.shape[1]), np.nan, np.float32)
+    with cpu_blas.numpy_blas_single_threaded():
+        got = cpu_blas.sgemm(a, b, out=out[: a.shape[0]])
+        fresh = cpu_blas.sgemm(a, b)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    assert np.shares_memory(got, out)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_array_equal(fresh, got)
+    assert np.isnan(out[a.shape[0] :]).all(), "wrote outside the output view"
