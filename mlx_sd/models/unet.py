@@ -22,6 +22,7 @@ from .layers import (
     TimestepEmbedding,
     Upsample2D,
     geglu,
+    linear_plus,
     rowwise,
     timestep_embedding,
 )
@@ -77,9 +78,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn1(self.norm1(x), residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class GEGLU(nn.Module):
@@ -104,8 +105,9 @@ class FeedForward(nn.Module):
         # diffusers' ff.net = [GEGLU, Dropout, Linear]; index 1 has no parameters.
         self.net = [GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)]
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.net[2](self.net[0](x))
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        h = self.net[0](x)
+        return self.net[2](h) if residual is None else linear_plus(self.net[2], h, residual)
 
 
 class Transformer2DModel(nn.Module):
@@ -127,7 +129,7 @@ class Transformer2DModel(nn.Module):
         h = self.proj_in(self.norm(x).reshape(B, H * W, C))  # (B, H*W, C)
         for block in self.transformer_blocks:
             h = block(h, context)
-        return x + self.proj_out(h).reshape(B, H, W, C)
+        return linear_plus(self.proj_out, h, x)
 
 
 class DownBlock(nn.Module):

@@ -70,8 +70,7 @@ class VAEMidAttention(Attention):
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
-        h = super().__call__(self.group_norm(x).reshape(B, H * W, C))  # (B, H*W, C)
-        return x + h.reshape(B, H, W, C)
+        return super().__call__(self.group_norm(x).reshape(B, H * W, C), residual=x)  # tokens in, pixels out
 
 
 class MidBlock(nn.Module):
