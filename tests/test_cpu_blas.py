@@ -68,6 +68,18 @@ def test_mkl_is_preloaded_when_installed():
     assert _probe("")["blas"] == r["blas"], "unset MLX_SD_BLAS should prefer an installed MKL"
 
 
+def test_mkl_asked_for_but_missing_warns_with_the_fix():
+    """MKL is looked for under sys.prefix/lib (where the `mkl` wheel puts it) and on the loader's path."""
+    code = "import sys; sys.prefix = '/nonexistent'; import mlx_sd; print(mlx_sd.backend.blas)"
+    env = {**os.environ, cpu_blas.BLAS_ENV: "mkl"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.startswith("mkl ("):
+        pytest.skip("libmkl_rt is on the system loader's path here")
+    assert "MLX_SD_BLAS=mkl but MKL's libmkl_rt was not found: install it with pip install 'mlx-sd[mkl]'" in out.stderr
+    assert not out.stdout.startswith("mkl")
+
+
 def test_unknown_choice_names_the_choices():
     env = {**os.environ, cpu_blas.BLAS_ENV: "atlas"}
     out = subprocess.run([sys.executable, "-c", "import mlx_sd"], env=env, capture_output=True, text=True)
