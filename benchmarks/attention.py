@@ -1,6 +1,6 @@
 """Attention kernels at the shapes Stable Diffusion runs, side by side with torch's scaled_dot_product_attention.
 
-    python benchmarks/attention.py               # SD1.5/SD2.1 UNet and VAE shapes at 512x512, 5 repeats
+    python benchmarks/attention.py               # SD1.5/SD2.1/SDXL UNet and VAE shapes at 512x512, 5 repeats
     python benchmarks/attention.py --large       # adds 1024x1024 shapes (16,384 tokens)
 
 Times mlx-sd's "blocked" CPU path and MLX's "fused" kernel in one worker process and torch (as diffusers calls it)
@@ -19,6 +19,9 @@ SHAPES = [
     ("unet self 64x64, SD2 (5 x 64)", 2, 4096, 4096, 320, 5),
     ("unet cross 64x64 (77 tokens)", 2, 4096, 77, 320, 8),
     ("unet self 32x32, SD1 (8 x 80)", 2, 1024, 1024, 640, 8),
+    ("unet self 32x32, SDXL (10 x 64)", 2, 1024, 1024, 640, 10),
+    ("unet self 16x16, SD2/SDXL (20 x 64)", 2, 256, 256, 1280, 20),
+    ("unet cross 16x16, SDXL (20 x 64, 77 tokens)", 2, 256, 77, 1280, 20),
     ("vae mid 64x64 (1 x 512)", 1, 4096, 4096, 512, 1),
 ]
 LARGE = [

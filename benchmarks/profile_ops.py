@@ -61,6 +61,8 @@ def instrument(timer: SelfTimer) -> None:
     for cls in (nn.Conv2d, layers.Conv2d, nn.Linear, nn.LayerNorm, layers.LayerNorm, layers.GroupNorm):
         cls.__call__ = timer.wrap(cls.__name__, cls.__call__)
     layers.attention = timer.wrap("attention", layers.attention)
+    # the output projections seeded with their residual call addmm directly, not a Linear
+    layers.linear_plus = unet.linear_plus = timer.wrap("Linear", layers.linear_plus)
     unet.geglu = timer.wrap("geglu", unet.geglu)
     layers.silu = timer.wrap("silu", layers.silu)
     layers.upsample_nearest = timer.wrap("upsample", layers.upsample_nearest)

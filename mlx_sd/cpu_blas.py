@@ -109,6 +109,10 @@ def _load_mkl() -> str | None:
         lib.cblas_sgemm.restype = None
         int_, float_, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p  # (layout, transposes, m, n, k, alpha, ...)
         lib.cblas_sgemm.argtypes = [int_] * 6 + [float_, ptr, int_, ptr, int_, float_, ptr, int_]
+        # (..., alpha, a, lda, stride between a's, b, ldb, stride, beta, c, ldc, stride, batch size)
+        strided = [float_, ptr, int_, int_, ptr, int_, int_, float_, ptr, int_, int_, int_]
+        lib.cblas_sgemm_batch_strided.restype = None
+        lib.cblas_sgemm_batch_strided.argtypes = [int_] * 6 + strided
         version = ctypes.create_string_buffer(256)
         lib.MKL_Get_Version_String(version, len(version))
         _mkl = lib
@@ -202,6 +206,26 @@ def sgemm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nda
     try:
         _mkl.cblas_sgemm(_ROW_MAJOR, ta[0], tb[0], m, n, k, 1.0, a.ctypes.data, ta[1], b.ctypes.data, tb[1], 0.0,
                          out.ctypes.data, to[1])  # fmt: skip
+    finally:
+        _mkl.MKL_Set_Num_Threads_Local(previous)
+    return out
+
+
+def sgemm_batch(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[i] = a[i] @ b[i] for 3-D float32 stacks of strided views, one stride between matrices, on the calling
+    thread only: MKL's `cblas_sgemm_batch_strided` (one call; MKL rejects outputs that interleave) where MKL is
+    loaded, else numpy's matmul (its BLAS per matrix, looped in C)."""
+    ops = [_operand(x[0]) if len(x) else None for x in (a, b, out)]
+    if _mkl is None or None in ops or ops[2][0] != _NO_TRANS or 0 in a.shape or 0 in b.shape:
+        return np.matmul(a, b, out=out)
+    (ta, lda), (tb, ldb), (_, ldc) = ops
+    _, m, k = a.shape
+    n = b.shape[2]
+    previous = _mkl.MKL_Set_Num_Threads_Local(1)
+    try:
+        _mkl.cblas_sgemm_batch_strided(_ROW_MAJOR, ta, tb, m, n, k, 1.0, a.ctypes.data, lda, a.strides[0] // 4,
+                                       b.ctypes.data, ldb, b.strides[0] // 4, 0.0, out.ctypes.data, ldc,
+                                       out.strides[0] // 4, len(a))  # fmt: skip
     finally:
         _mkl.MKL_Set_Num_Threads_Local(previous)
     return out

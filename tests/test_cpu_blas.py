@@ -123,3 +123,25 @@ def test_sgemm_views(monkeypatch, path, a_shape, b_shape, a_view, b_view):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
     np.testing.assert_array_equal(fresh, got)
     assert np.isnan(out[a.shape[0] :]).all(), "wrote outside the output view"
+
+
+@pytest.mark.parametrize("path", ["mkl", "numpy"])
+def test_sgemm_batch_of_strided_heads(monkeypatch, path):
+    """Heads as the small-heads attention passes them: token-major (n, heads, e) arrays viewed as (heads, n, e)
+    stacks, transposed views, a sliced sample of rows; against float64."""
+    if path == "mkl" and cpu_blas._mkl is None:
+        pytest.skip(f"MKL is not loaded here (MLX's BLAS: {backend.blas})")
+    if path == "numpy":
+        monkeypatch.setattr(cpu_blas, "_mkl", None)
+    rng = np.random.default_rng(1)
+    heads, N, M, e = 5, 48, 30, 9
+    q = rng.standard_normal((N, heads, e), np.float32).transpose(1, 0, 2)  # (heads, N, e), interleaved rows
+    k = rng.standard_normal((M, heads, e), np.float32).transpose(1, 0, 2)
+    cases = [(q, k.transpose(0, 2, 1)), (k[:, ::7, :], q.transpose(0, 2, 1)), (q[:, :, :4], q[:, :4, :])]
+    with cpu_blas.numpy_blas_single_threaded():
+        for a, b in cases:
+            out = np.empty((heads, a.shape[1], b.shape[2]), np.float32)
+            got = cpu_blas.sgemm_batch(a, b, out)
+            ref = a.astype(np.float64) @ b.astype(np.float64)
+            assert got is out
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())

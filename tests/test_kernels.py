@@ -47,10 +47,12 @@ def test_blocked_attention_matches_torch(B, N, M, C, heads, sgemm_path):
     assert_close(got, _reference_attention(q, k, v, heads), 2e-6, "blocked attention")
 
 
-def test_blocked_attention_query_blocks_and_overflow_fallback(monkeypatch, sgemm_path):
-    """Tiny score blocks force many query blocks; logits far above the sampled shift force the exact fallback."""
+@pytest.mark.parametrize("N", [600, 400])
+def test_blocked_attention_query_blocks_and_overflow_fallback(monkeypatch, sgemm_path, N):
+    """Tiny score blocks force many query blocks; logits far above the sampled shift force the exact fallback. With
+    400 tokens (160,000 scores per head) the heads run together (`_small_heads`), with 600 in query blocks."""
     rng = np.random.default_rng(1)
-    B, N, C, heads = 1, 600, 64, 2
+    B, C, heads = 1, 64, 2
     q, k, v = (rng.standard_normal((B, N, C), dtype=np.float32) for _ in range(3))
     # Queries and one key (index 7, between the strided samples) all near 6 * ones: that key's logits are
     # ~36 * 32 / sqrt(32) = 204, about 190 above the sampled shift, far beyond float32 exp's range.
@@ -60,8 +62,12 @@ def test_blocked_attention_query_blocks_and_overflow_fallback(monkeypatch, sgemm
     fallbacks = []
     exact = attention_module._exact_rows
     monkeypatch.setattr(attention_module, "_exact_rows", lambda *a: fallbacks.append(1) or exact(*a))
+    small = []
+    small_heads = attention_module._small_heads
+    monkeypatch.setattr(attention_module, "_small_heads", lambda *a: small.append(1) or small_heads(*a))
     got = attention(mx.array(q), mx.array(k), mx.array(v), heads)
     assert fallbacks, "the overflow fallback was not exercised"
+    assert bool(small) == (N * N <= attention_module.SMALL_HEAD_SCORES)
     assert_close(got, _reference_attention(q, k, v, heads), 2e-6, "blocked attention with fallback")
 
 
