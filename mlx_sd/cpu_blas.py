@@ -195,19 +195,14 @@ def sgemm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nda
     """a @ b for 2-D float32 arrays (strided views taken as they are) on the calling thread only."""
     if out is None:
         out = np.empty((a.shape[0], b.shape[1]), np.float32)
-    if _mkl is None:
+    ops = _mkl_operands(a, b, out)
+    if ops is None:
         return np.matmul(a, b, out=out)
-    ta, tb, to = _operand(a), _operand(b), _operand(out)
-    if ta is None or tb is None or to is None or to[0] != _NO_TRANS or 0 in a.shape or 0 in b.shape:
-        return np.matmul(a, b, out=out)
-    m, k = a.shape
-    n = b.shape[1]
-    previous = _mkl.MKL_Set_Num_Threads_Local(1)  # this thread only; the others keep theirs
-    try:
-        _mkl.cblas_sgemm(_ROW_MAJOR, ta[0], tb[0], m, n, k, 1.0, a.ctypes.data, ta[1], b.ctypes.data, tb[1], 0.0,
-                         out.ctypes.data, to[1])  # fmt: skip
-    finally:
-        _mkl.MKL_Set_Num_Threads_Local(previous)
+    (ta, lda), (tb, ldb), (_, ldc) = ops
+    (m, k), n = a.shape, b.shape[1]
+    with _one_mkl_thread():
+        _mkl.cblas_sgemm(_ROW_MAJOR, ta, tb, m, n, k, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, 0.0,
+                         out.ctypes.data, ldc)  # fmt: skip
     return out
 
 
@@ -215,20 +210,33 @@ def sgemm_batch(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out[i] = a[i] @ b[i] for 3-D float32 stacks of strided views, one stride between matrices, on the calling
     thread only: MKL's `cblas_sgemm_batch_strided` (one call; MKL rejects outputs that interleave) where MKL is
     loaded, else numpy's matmul (its BLAS per matrix, looped in C)."""
-    ops = [_operand(x[0]) if len(x) else None for x in (a, b, out)]
-    if _mkl is None or None in ops or ops[2][0] != _NO_TRANS or 0 in a.shape or 0 in b.shape:
+    ops = _mkl_operands(a[0], b[0], out[0]) if len(a) else None
+    if ops is None:
         return np.matmul(a, b, out=out)
     (ta, lda), (tb, ldb), (_, ldc) = ops
-    _, m, k = a.shape
-    n = b.shape[2]
-    previous = _mkl.MKL_Set_Num_Threads_Local(1)
-    try:
+    (batch, m, k), n = a.shape, b.shape[2]
+    with _one_mkl_thread():
         _mkl.cblas_sgemm_batch_strided(_ROW_MAJOR, ta, tb, m, n, k, 1.0, a.ctypes.data, lda, a.strides[0] // 4,
                                        b.ctypes.data, ldb, b.strides[0] // 4, 0.0, out.ctypes.data, ldc,
-                                       out.strides[0] // 4, len(a))  # fmt: skip
+                                       out.strides[0] // 4, batch)  # fmt: skip
+    return out
+
+
+def _mkl_operands(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> list | None:
+    """(transpose flag, leading dimension) of a, b and out for MKL, or None where numpy must do the product."""
+    if _mkl is None or 0 in a.shape or 0 in b.shape:
+        return None
+    ops = [_operand(x) for x in (a, b, out)]
+    return None if None in ops or ops[2][0] != _NO_TRANS else ops
+
+
+@contextlib.contextmanager
+def _one_mkl_thread():
+    previous = _mkl.MKL_Set_Num_Threads_Local(1)  # this thread only; the others keep theirs
+    try:
+        yield
     finally:
         _mkl.MKL_Set_Num_Threads_Local(previous)
-    return out
 
 
 # --- numpy's own BLAS -------------------------------------------------------------------------------------------
