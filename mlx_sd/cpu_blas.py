@@ -53,7 +53,7 @@ _mkl = None  # the loaded libmkl_rt, once chosen
 
 
 def preload() -> str:
-    """Load the chosen BLAS for MLX; returns what MLX's CPU backend will call ("mkl (2026.0.1)",
+    """Load the chosen BLAS for MLX; returns what MLX's CPU backend will call ("mkl (2026.2)",
     "openblas (SkylakeX)", "accelerate" or "mlx")."""
     if sys.platform == "darwin":
         return "accelerate"
@@ -211,6 +211,8 @@ def sgemm_batch(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     thread only: MKL's `cblas_sgemm_batch_strided` (one call; MKL rejects outputs that interleave) where MKL is
     loaded, else numpy's matmul (its BLAS per matrix, looped in C)."""
     ops = _mkl_operands(a[0], b[0], out[0]) if len(a) else None
+    if ops is not None and out.strides[0] < 4 * ops[2][1] * out.shape[1]:
+        ops = None  # interleaved outputs: MKL would refuse the call (printing an error) and leave `out` unwritten
     if ops is None:
         return np.matmul(a, b, out=out)
     (ta, lda), (tb, ldb), (_, ldc) = ops

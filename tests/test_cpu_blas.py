@@ -145,3 +145,8 @@ def test_sgemm_batch_of_strided_heads(monkeypatch, path):
             ref = a.astype(np.float64) @ b.astype(np.float64)
             assert got is out
             np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+        # token-major output (heads interleaved row by row), which MKL's batched call does not accept
+        out = np.full((N, heads, M), np.nan, np.float32).transpose(1, 0, 2)
+        got = cpu_blas.sgemm_batch(q, k.transpose(0, 2, 1), out)
+        ref = q.astype(np.float64) @ k.transpose(0, 2, 1).astype(np.float64)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
