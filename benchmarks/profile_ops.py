@@ -26,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 # isort: on
+from mlx_sd import cpu_kernels
 from mlx_sd.models import layers, unet, vae
 from mlx_sd_convert.diffusers import unet_config, vae_config
 from mlx_sd_convert.families import family_config
@@ -64,6 +65,7 @@ def instrument(timer: SelfTimer) -> None:
     # the output projections seeded with their residual call addmm directly, not a Linear
     layers.linear_plus = unet.linear_plus = timer.wrap("Linear", layers.linear_plus)
     unet.geglu = timer.wrap("geglu", unet.geglu)
+    cpu_kernels.geglu = timer.wrap("geglu", cpu_kernels.geglu)
     layers.silu = timer.wrap("silu", layers.silu)
     layers.upsample_nearest = timer.wrap("upsample", layers.upsample_nearest)
 

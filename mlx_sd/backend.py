@@ -14,6 +14,8 @@ its peak heap until `release_cpu_memory()` is called. Set MLX_SD_MALLOC=0 to lea
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib.util
 import os
 import sys
 
@@ -22,6 +24,7 @@ from . import cpu_blas
 MALLOC_ENV = "MLX_SD_MALLOC"
 THREADS_ENV = "MLX_SD_CPU_THREADS"
 WINOGRAD_ENV = "MLX_SD_WINOGRAD"
+NUMBA_ENV = "MLX_SD_NUMBA"
 
 
 def _off(env: str) -> bool:
@@ -155,6 +158,20 @@ def activations() -> str:
     return "builtin" if on_gpu() or sys.platform == "darwin" else "cpu"
 
 
+def row_kernels(dtype: mx.Dtype) -> str:
+    """How LayerNorm and the GEGLU gate run: "numba" (cpu_kernels: one vectorised pass per row, rows across cores)
+    for float32 on a Linux CPU where numba is installed (MLX_SD_NUMBA=0 turns it off), else "mlx" (MLX's ops; on
+    CPU in row blocks across streams, `layers.rowwise`)."""
+    if on_gpu() or sys.platform == "darwin" or dtype != mx.float32 or _off(NUMBA_ENV):
+        return "mlx"
+    return "numba" if _numba_installed() else "mlx"
+
+
+@functools.cache
+def _numba_installed() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
 _pool = None
 
 
@@ -204,5 +221,6 @@ def describe() -> dict:
         "dtype": str(default_dtype()),
         "attention": attention_kernel(default_dtype()),
         "activations": activations(),
+        "row_kernels": row_kernels(default_dtype()),
         "conv3x3": conv3x3_kernel(default_dtype()),
     }

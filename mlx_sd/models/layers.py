@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import backend
+from .. import backend, cpu_kernels
 from ..attention import attention
 from .winograd import conv3x3_winograd
 
@@ -174,9 +174,11 @@ def _silu_block(x: np.ndarray) -> None:
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters) computed in row blocks across CPU cores (see rowwise)."""
+    """nn.LayerNorm (same parameters); on CPU by numba's kernel or in row blocks across cores (see rowwise)."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        if "weight" in self and "bias" in self and backend.row_kernels(x.dtype) == "numba":
+            return cpu_kernels.layer_norm(x, self.weight, self.bias, self.eps)
         return rowwise(super().__call__, x)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import backend, cpu_kernels
 from .layers import (
     Attention,
     Conv2d,
@@ -91,7 +92,10 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return rowwise(_gated, self.proj(x))
+        h = self.proj(x)
+        if backend.row_kernels(h.dtype) == "numba":
+            return cpu_kernels.geglu(h)
+        return rowwise(_gated, h)
 
 
 def _gated(h: mx.array) -> mx.array:
