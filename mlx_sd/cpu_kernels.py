@@ -30,9 +30,16 @@ _ERF_P = np.array((1.1283792, 0.18552221, 0.054201037, 0.003841643, 0.0003729375
                   np.float32)  # fmt: skip
 _ERF_Q = np.array((1.0, 0.49774817, 0.11395016, 0.015423552, 0.0012968917, 6.1367333e-05), np.float32)
 _SQRT_HALF = np.float32(0.7071067811865476)
+# tanh(x) = x P(x^2) / Q(x^2) on |x| <= 9 (models/layers.py), for SiLU.
+_TANH_CLAMP = np.float32(9.0)
+_TANH_P = np.array((1.0, -0.15890644, 0.031549331, 0.0077162161, 0.00019396561, 6.5160975e-07, -9.5282782e-10,
+                    1.453393e-12), np.float32)  # fmt: skip
+_TANH_Q = np.array((1.0, 0.17442687, -0.043641653, 0.023880256, 0.0015170234, 1.5605103e-05), np.float32)
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 # Below this many elements a kernel runs on the calling thread: a hand-off to the workers costs ~50 us.
 SPLIT_MIN_ELEMENTS = 2**16
+# GroupNorm's statistics read x in blocks of rows of about this size, twice each from L2 (see group_norm).
+GROUP_NORM_BLOCK_BYTES = 2**17
 
 
 @functools.cache
@@ -78,7 +85,57 @@ def _kernels():
                 den = (q[0] + q[1] * t) + (q[2] + q[3] * t) * t2 + (q[4] + q[5] * t) * t4
                 out[r, c] = h[r, c] * (g * (np.float32(0.5) + np.float32(0.5) * (y * num / den)))
 
-    return layer_norm, geglu
+    @numba.njit(inline="always", fastmath=_FASTMATH)
+    def silu(y):  # y sigmoid(y) = y (1 + tanh(y / 2)) / 2, tanh's rational form (models/layers.py)
+        p, q = _TANH_P, _TANH_Q
+        u = min(max(y * np.float32(0.5), -_TANH_CLAMP), _TANH_CLAMP)
+        t = u * u
+        t2 = t * t
+        t4 = t2 * t2
+        num = (p[0] + p[1] * t) + (p[2] + p[3] * t) * t2 + ((p[4] + p[5] * t) + (p[6] + p[7] * t) * t2) * t4
+        den = (q[0] + q[1] * t) + (q[2] + q[3] * t) * t2 + (q[4] + q[5] * t) * t4
+        return y * (np.float32(0.5) + np.float32(0.5) * (u * num / den))
+
+    @jit
+    def channel_moments(x, block, mean, m2):  # per-channel mean and sum of squared deviations over rows (float64)
+        rows, cols = x.shape
+        bmean = np.empty(cols, np.float32)
+        bsq = np.empty(cols, np.float32)
+        n = 0
+        for r0 in range(0, rows, block):  # a block of rows is read twice from the cache, once from memory
+            r1 = min(r0 + block, rows)
+            nb = r1 - r0
+            bmean[:] = 0
+            for r in range(r0, r1):
+                for c in range(cols):
+                    bmean[c] += x[r, c]
+            for c in range(cols):
+                bmean[c] /= np.float32(nb)
+            bsq[:] = 0
+            for r in range(r0, r1):
+                for c in range(cols):
+                    d = x[r, c] - bmean[c]
+                    bsq[c] += d * d
+            total = n + nb
+            for c in range(cols):  # Chan et al.'s update: merge the block's moments into the running ones
+                delta = np.float64(bmean[c]) - mean[c]
+                mean[c] += delta * nb / total
+                m2[c] += np.float64(bsq[c]) + delta * delta * n * nb / total
+            n = total
+
+    @jit
+    def affine(x, scale, shift, with_silu, out):  # x * scale + shift per channel, optionally then SiLU
+        rows, cols = x.shape
+        if with_silu:
+            for r in range(rows):
+                for c in range(cols):
+                    out[r, c] = silu(x[r, c] * scale[c] + shift[c])
+        else:
+            for r in range(rows):
+                for c in range(cols):
+                    out[r, c] = x[r, c] * scale[c] + shift[c]
+
+    return layer_norm, geglu, channel_moments, affine
 
 
 def _rows(x: mx.array) -> np.ndarray:
@@ -124,3 +181,44 @@ def geglu(h: mx.array) -> mx.array:
     y, out = _fresh((hn.shape[0], n))
     _over_rows(_kernels()[1], (hn,), out)
     return y.reshape(*h.shape[:-1], n)
+
+
+def group_norm(x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: float, silu: bool) -> mx.array:
+    """torch.nn.GroupNorm over a channels-last float32 x (B, ..., C), optionally followed by SiLU.
+
+    One read of x for the statistics: blocks of rows that fit in L2 are read twice from there (their mean, then their
+    squared deviations) and merged in float64 (Chan et al. 1979), per channel, then per group; as exact as two passes
+    over the whole of x, at the memory traffic of one. Then one pass writes x * scale + shift per channel (statistics
+    and affine folded, as torch's CPU kernel does), with the SiLU fused in. Both passes split rows across workers.
+    """
+    shape, B, C = x.shape, x.shape[0], x.shape[-1]
+    xn = _rows(x).reshape(B, -1, C)
+    P, per_group = xn.shape[1], C // groups
+    _, _, channel_moments, affine = _kernels()
+    blocks = backend.cpu_threads() if xn[0].size >= SPLIT_MIN_ELEMENTS else 1
+    bounds = [P * i // blocks for i in range(blocks + 1)]
+    tasks = [(b, lo, hi) for b in range(B) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+    means, m2s = np.zeros((len(tasks), C)), np.zeros((len(tasks), C))
+    block_rows = max(1, GROUP_NORM_BLOCK_BYTES // (4 * C))
+    backend.cpu_map(lambda i: channel_moments(xn[tasks[i][0], tasks[i][1] : tasks[i][2]], block_rows, means[i], m2s[i]),
+                    list(range(len(tasks))))  # fmt: skip
+    # Merge the tasks' and then the group's channels' moments (equal counts within a task and within a group).
+    counts = np.array([hi - lo for _, lo, hi in tasks], np.float64)[:, None]
+    mean, var = np.empty((B, groups)), np.empty((B, groups))
+    for b in range(B):
+        mine = [i for i, t in enumerate(tasks) if t[0] == b]
+        n = counts[mine]
+        channel_mean = (means[mine] * n).sum(axis=0) / n.sum()  # (C,)
+        channel_m2 = (m2s[mine] + n * (means[mine] - channel_mean) ** 2).sum(axis=0)
+        grouped_mean = channel_mean.reshape(groups, per_group)
+        mean[b] = grouped_mean.mean(axis=1)
+        m2 = channel_m2.reshape(groups, per_group).sum(axis=1) + P * ((grouped_mean - mean[b][:, None]) ** 2).sum(axis=1)
+        var[b] = m2 / (P * per_group)
+    mean_c, rstd_c = (np.repeat(v, per_group, axis=-1) for v in (mean, 1 / np.sqrt(var + eps)))  # (B, C)
+    w, b = (np.asarray(p.astype(mx.float32)).astype(np.float64) for p in (weight, bias))
+    scale = (rstd_c * w).astype(np.float32)
+    shift = (b - mean_c * rstd_c * w).astype(np.float32)
+    y, out = _fresh(xn.shape)
+    backend.cpu_map(lambda t: affine(xn[t[0], t[1] : t[2]], scale[t[0]], shift[t[0]], silu, out[t[0], t[1] : t[2]]),
+                    tasks)  # fmt: skip
+    return y.reshape(shape)

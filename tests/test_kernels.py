@@ -105,7 +105,11 @@ def test_activations_match_torch(ours, ref):
 
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-6), (mx.float16, 2e-3)])
-def test_group_norm_matches_torch(silu, dtype, tol):
+def test_group_norm_matches_torch(monkeypatch, row_kernels, silu, dtype, tol):
+    """Both CPU paths; numba's statistics in uneven row blocks (7 rows) over three workers' uneven row ranges."""
+    monkeypatch.setattr(cpu_kernels, "GROUP_NORM_BLOCK_BYTES", 4 * 64 * 7)
+    monkeypatch.setattr(cpu_kernels, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(backend, "cpu_threads", lambda: 3)
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((2, 12, 10, 64)) * 3 + 5).astype(np.float32)
     norm = layers.GroupNorm(32, 64, eps=1e-6)
@@ -122,6 +126,19 @@ def test_group_norm_matches_torch(silu, dtype, tol):
     )
     expected = (F.silu(t) if silu else t).permute(0, 2, 3, 1).numpy()
     assert_close(got, expected, tol, "group norm")
+
+
+def test_group_norm_large_groups_far_from_zero(row_kernels):
+    """A VAE-sized group (a million values per group) whose mean is 100x its spread: the variance must come from
+    deviations (a one-pass E[x^2] - E[x]^2 loses it), against torch in float64."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((1, 256, 256, 64)) + 100).astype(np.float32)  # groups of 2 channels: 131,072 values
+    norm = layers.GroupNorm(32, 64, eps=1e-6)
+    norm.update({k: mx.array(rng.standard_normal(64).astype(np.float32)) for k in ("weight", "bias")})
+    got = norm(mx.array(x), silu=True)
+    w, b = (torch.from_numpy(np.array(norm[k])).double() for k in ("weight", "bias"))
+    t = F.group_norm(torch.from_numpy(x).double().permute(0, 3, 1, 2), 32, w, b, eps=1e-6)
+    assert_close(got, F.silu(t).permute(0, 2, 3, 1).numpy(), 2e-5, "large-group norm")
 
 
 @pytest.fixture(params=["numba", "mlx"])
