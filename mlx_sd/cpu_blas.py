@@ -113,6 +113,10 @@ def _load_mkl() -> str | None:
         strided = [float_, ptr, int_, int_, ptr, int_, int_, float_, ptr, int_, int_, int_]
         lib.cblas_sgemm_batch_strided.restype = None
         lib.cblas_sgemm_batch_strided.argtypes = [int_] * 6 + strided
+        # (layout, then one array entry per group: transposes, m, n, k, alpha, a pointers, lda, b pointers, ldb, beta,
+        # c pointers, ldc; the group count, group sizes). MKL_INT is 32-bit (libmkl_rt's default LP64 interface).
+        lib.cblas_sgemm_batch.restype = None
+        lib.cblas_sgemm_batch.argtypes = [int_] + [ptr] * 13 + [int_, ptr]
         version = ctypes.create_string_buffer(256)
         lib.MKL_Get_Version_String(version, len(version))
         _mkl = lib
@@ -191,36 +195,50 @@ def has_single_threaded_sgemm() -> bool:
     return _mkl is not None or numpy_blas_threads() is not None
 
 
-def sgemm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """a @ b for 2-D float32 arrays (strided views taken as they are) on the calling thread only."""
+def sgemm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, alpha: float = 1.0) -> np.ndarray:
+    """alpha * a @ b for 2-D float32 arrays (strided views taken as they are) on the calling thread only."""
     if out is None:
         out = np.empty((a.shape[0], b.shape[1]), np.float32)
     ops = _mkl_operands(a, b, out)
     if ops is None:
-        return np.matmul(a, b, out=out)
+        return _scaled(np.matmul(a, b, out=out), alpha)
     (ta, lda), (tb, ldb), (_, ldc) = ops
     (m, k), n = a.shape, b.shape[1]
     with _one_mkl_thread():
-        _mkl.cblas_sgemm(_ROW_MAJOR, ta, tb, m, n, k, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, 0.0,
+        _mkl.cblas_sgemm(_ROW_MAJOR, ta, tb, m, n, k, alpha, a.ctypes.data, lda, b.ctypes.data, ldb, 0.0,
                          out.ctypes.data, ldc)  # fmt: skip
     return out
 
 
-def sgemm_batch(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out[i] = a[i] @ b[i] for 3-D float32 stacks of strided views, one stride between matrices, on the calling
-    thread only: MKL's `cblas_sgemm_batch_strided` (one call; MKL rejects outputs that interleave) where MKL is
-    loaded, else numpy's matmul (its BLAS per matrix, looped in C)."""
+def sgemm_batch(a: np.ndarray, b: np.ndarray, out: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """out[i] = alpha * a[i] @ b[i] for 3-D float32 stacks of strided views, one stride between matrices (inputs may
+    interleave: SD's heads side by side in a token-major array), on the calling thread only: MKL's
+    `cblas_sgemm_batch_strided` (one call; MKL rejects outputs that interleave) where MKL is loaded, else numpy's
+    matmul (its BLAS per matrix, looped in C)."""
     ops = _mkl_operands(a[0], b[0], out[0]) if len(a) else None
-    if ops is not None and out.strides[0] < 4 * ops[2][1] * out.shape[1]:
-        ops = None  # interleaved outputs: MKL would refuse the call (printing an error) and leave `out` unwritten
-    if ops is None:
-        return np.matmul(a, b, out=out)
+    if ops is None or any(x.strides[0] % 4 for x in (a, b, out)):
+        return _scaled(np.matmul(a, b, out=out), alpha)
     (ta, lda), (tb, ldb), (_, ldc) = ops
     (batch, m, k), n = a.shape, b.shape[2]
     with _one_mkl_thread():
-        _mkl.cblas_sgemm_batch_strided(_ROW_MAJOR, ta, tb, m, n, k, 1.0, a.ctypes.data, lda, a.strides[0] // 4,
-                                       b.ctypes.data, ldb, b.strides[0] // 4, 0.0, out.ctypes.data, ldc,
-                                       out.strides[0] // 4, batch)  # fmt: skip
+        if out.strides[0] >= 4 * ldc * m:
+            _mkl.cblas_sgemm_batch_strided(_ROW_MAJOR, ta, tb, m, n, k, alpha, a.ctypes.data, lda,
+                                           a.strides[0] // 4, b.ctypes.data, ldb, b.strides[0] // 4, 0.0,
+                                           out.ctypes.data, ldc, out.strides[0] // 4, batch)  # fmt: skip
+        else:  # interleaved outputs, which the strided call refuses (printing an error): one pointer per matrix
+            pointers = [x.ctypes.data + x.strides[0] * np.arange(batch, dtype=np.int64) for x in (a, b, out)]
+            ints = [np.array([v], np.int32) for v in (ta, tb, m, n, k, lda, ldb, ldc, batch)]
+            scalars = np.array([alpha, 0.0], np.float32)
+            _mkl.cblas_sgemm_batch(_ROW_MAJOR, *(x.ctypes.data for x in ints[:5]), scalars.ctypes.data,
+                                   pointers[0].ctypes.data, ints[5].ctypes.data, pointers[1].ctypes.data,
+                                   ints[6].ctypes.data, scalars.ctypes.data + 4, pointers[2].ctypes.data,
+                                   ints[7].ctypes.data, 1, ints[8].ctypes.data)  # fmt: skip
+    return out
+
+
+def _scaled(out: np.ndarray, alpha: float) -> np.ndarray:
+    if alpha != 1.0:
+        out *= np.float32(alpha)
     return out
 
 

@@ -145,8 +145,11 @@ def test_sgemm_batch_of_strided_heads(monkeypatch, path):
             ref = a.astype(np.float64) @ b.astype(np.float64)
             assert got is out
             np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-        # token-major output (heads interleaved row by row), which MKL's batched call does not accept
+        # token-major output (heads interleaved row by row), which MKL's strided batch refuses: its pointer batch
+        # runs it; with alpha, which numpy's path applies afterwards
         out = np.full((N, heads, M), np.nan, np.float32).transpose(1, 0, 2)
-        got = cpu_blas.sgemm_batch(q, k.transpose(0, 2, 1), out)
-        ref = q.astype(np.float64) @ k.transpose(0, 2, 1).astype(np.float64)
+        got = cpu_blas.sgemm_batch(q, k.transpose(0, 2, 1), out, alpha=0.25)
+        ref = 0.25 * q.astype(np.float64) @ k.transpose(0, 2, 1).astype(np.float64)
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+        got = cpu_blas.sgemm(q[1], k[1].T, alpha=-2.0)
+        np.testing.assert_allclose(got, -2 * ref[1] / 0.25, rtol=0, atol=1e-5 * np.abs(ref).max() * 8)

@@ -62,6 +62,8 @@ def test_blocked_attention_query_blocks_and_overflow_fallback(monkeypatch, sgemm
     fallbacks = []
     exact = attention_module._exact_rows
     monkeypatch.setattr(attention_module, "_exact_rows", lambda *a: fallbacks.append(1) or exact(*a))
+    exact_head = attention_module._exact_head
+    monkeypatch.setattr(attention_module, "_exact_head", lambda *a: fallbacks.append(1) or exact_head(*a))
     small = []
     small_heads = attention_module._small_heads
     monkeypatch.setattr(attention_module, "_small_heads", lambda *a: small.append(1) or small_heads(*a))
@@ -69,6 +71,24 @@ def test_blocked_attention_query_blocks_and_overflow_fallback(monkeypatch, sgemm
     assert fallbacks, "the overflow fallback was not exercised"
     assert bool(small) == (N * N <= attention_module.SMALL_HEAD_SCORES)
     assert_close(got, _reference_attention(q, k, v, heads), 2e-6, "blocked attention with fallback")
+
+
+def test_small_heads_underflow_fallback(monkeypatch, sgemm_path):
+    """Heads run without a shift (`_small_heads`): logits of about -200 in every row of one head underflow exp to 0
+    and must be redone with the exact row max."""
+    fallbacks = []
+    exact_head = attention_module._exact_head
+    monkeypatch.setattr(attention_module, "_exact_head", lambda *a: fallbacks.append(1) or exact_head(*a))
+    rng = np.random.default_rng(8)
+    B, N, C, heads = 2, 300, 64, 2  # 360,000 scores: the blocked path, heads of 90,000: `_small_heads`
+    q, k, v = (rng.standard_normal((B, N, C), dtype=np.float32) for _ in range(3))
+    q[:, :, :32] = -6 + 0.1 * q[:, :, :32]  # head 0: q near -6 * ones, k near 6 * ones: logits ~ -204
+    k[:, :, :32] = 6 + 0.1 * k[:, :, :32]
+    got = attention(mx.array(q), mx.array(k), mx.array(v), heads)
+    assert fallbacks, "the underflow fallback was not exercised"
+    exact = _reference_attention(*(x.astype(np.float64) for x in (q, k, v)), heads)
+    # logits of 200 carry float32 rounding of ~1e-5 into the weights, in torch's kernel as in ours
+    assert relative_error(got, exact) <= 2 * relative_error(_reference_attention(q, k, v, heads), exact)
 
 
 def test_fused_attention_blocks_match_unblocked(monkeypatch):
