@@ -8,10 +8,10 @@ Which kernel runs is decided per backend in `backend.attention_kernel()`:
   vectorised exp ~1.5 ns), which made 4,096-token self-attention cost several seconds per layer. This path runs
   each head's query blocks on one worker thread per core: `q k^T` into a score block that stays in the cache,
   numpy's `exp` in place, `p v`, with the BLAS (`cpu_blas.sgemm`: MKL's, else numpy's) single-threaded inside each
-  worker (many small multithreaded BLAS calls stall on thread hand-offs); small heads go in groups
-  (`_small_heads`). The row shift and the row sum ride along inside the two products (see `_blocked`), so `exp` is
-  the only elementwise pass over the scores (as `exp2`, with log2(e) folded into the query scale: numpy's `exp2`
-  takes 0.39 ns per element here against `exp`'s 0.56).
+  worker (many small multithreaded BLAS calls stall on thread hand-offs). The row shift and the row sum ride along
+  inside the two products (see `_blocked`), so `exp` is the only elementwise pass over the scores (as `exp2`, with
+  log2(e) folded into the query scale: numpy's `exp2` takes 0.39 ns per element here against `exp`'s 0.56). Small
+  heads go in groups, in place and without a shift (`_small_heads`).
 
 Models call `attention()` and never reshape heads themselves.
 """

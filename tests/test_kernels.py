@@ -5,6 +5,7 @@ cases a model rarely reaches: the blocked attention's overflow fallback, query b
 """
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -211,6 +212,24 @@ def test_row_blocks_match_torch(monkeypatch, row_kernels, blocks):
         value * F.gelu(gate), torch.from_numpy(np.array(ff.net[2].weight)), torch.from_numpy(np.array(ff.net[2].bias))
     )
     assert_close(ff(mx.array(x)), out.numpy(), 2e-6, "row-block GEGLU feed-forward")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_with_bias_and_residual_matches_torch(monkeypatch, row_kernels, bias):
+    """`layers.linear` and `layers.linear_plus` (the product, then bias and residual added in place by numba's
+    kernel, or MLX's addmm), with a residual shaped as pixels against token rows, in uneven row blocks."""
+    monkeypatch.setattr(cpu_kernels, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(backend, "cpu_threads", lambda: 3)
+    rng = np.random.default_rng(9)
+    layer = nn.Linear(48, 40, bias=bias)
+    layer.update({k: mx.array(rng.standard_normal(v.shape).astype(np.float32)) for k, v in layer.items()})
+    x = rng.standard_normal((2, 35, 48)).astype(np.float32)  # 70 rows: blocks of 23 / 23 / 24
+    residual = rng.standard_normal((2, 5, 7, 40)).astype(np.float32)
+    t = F.linear(torch.from_numpy(x), *(torch.from_numpy(np.array(layer[k])) for k in layer))
+    assert_close(layers.linear(layer, mx.array(x)), t.numpy(), 1e-6, "linear")
+    got = layers.linear_plus(layer, mx.array(x), mx.array(residual))
+    assert got.shape == residual.shape
+    assert_close(got, (t.reshape(residual.shape) + torch.from_numpy(residual)).numpy(), 1e-6, "linear_plus")
 
 
 def test_layer_norm_rows_far_from_zero_and_non_finite(row_kernels):

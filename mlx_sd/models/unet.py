@@ -23,6 +23,7 @@ from .layers import (
     TimestepEmbedding,
     Upsample2D,
     geglu,
+    linear,
     linear_plus,
     rowwise,
     timestep_embedding,
@@ -92,10 +93,11 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.proj(x)
-        if backend.row_kernels(h.dtype) == "numba":
-            return cpu_kernels.geglu(h)
-        return rowwise(_gated, h)
+        if backend.row_kernels(x.dtype) == "numba":
+            if type(self.proj) is nn.Linear:  # the bias is added inside the kernel (see cpu_kernels.geglu)
+                return cpu_kernels.geglu(x @ self.proj.weight.T, self.proj.bias if "bias" in self.proj else None)
+            return cpu_kernels.geglu(self.proj(x))  # quantized, or wrapped by a LoRA
+        return rowwise(_gated, self.proj(x))
 
 
 def _gated(h: mx.array) -> mx.array:
@@ -130,7 +132,7 @@ class Transformer2DModel(nn.Module):
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         B, H, W, C = x.shape
-        h = self.proj_in(self.norm(x).reshape(B, H * W, C))  # (B, H*W, C)
+        h = linear(self.proj_in, self.norm(x).reshape(B, H * W, C))  # (B, H*W, C)
         for block in self.transformer_blocks:
             h = block(h, context)
         return linear_plus(self.proj_out, h, x)
