@@ -66,6 +66,7 @@ def instrument(timer: SelfTimer) -> None:
     layers.linear_plus = unet.linear_plus = timer.wrap("Linear", layers.linear_plus)
     unet.geglu = timer.wrap("geglu", unet.geglu)
     cpu_kernels.geglu = timer.wrap("geglu", cpu_kernels.geglu)
+    cpu_kernels.product = timer.wrap("Linear", cpu_kernels.product)  # numba's path: products whose bias it adds
     layers.silu = timer.wrap("silu", layers.silu)
     layers.upsample_nearest = timer.wrap("upsample", layers.upsample_nearest)
 

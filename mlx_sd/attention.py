@@ -29,13 +29,6 @@ FUSED_BLOCK_BYTES = 256 * 2**20
 # One blocked-path score block (rows x keys float32) per worker: small enough that the product, the exp and the second
 # product find it in the caches (L3 here), large enough for efficient BLAS calls (measured best of 0.25-16 MiB).
 SCORE_BLOCK_BYTES = 4 * 2**20
-# The blocked path's shift is the largest logit over evenly spaced keys, one per SHIFT_KEY_SPACING but at least
-# SHIFT_MIN_KEYS and at most SHIFT_MAX_KEYS (a lower bound of the row max; fewer keys only make the rare exact redo
-# below likelier, never the rounding worse). The sample costs a product of its own: 77-token cross-attention spent
-# as long on a 77-key sample as on its scores.
-SHIFT_KEY_SPACING = 64
-SHIFT_MIN_KEYS = 8
-SHIFT_MAX_KEYS = 64
 LOG2_E = 1.4426950408889634
 # Below this many scores (B * heads * N * M) the blocked path's set-up costs more than it saves.
 BLOCKED_MIN_SCORES = 2**18
@@ -86,18 +79,19 @@ def _fused(q: mx.array, k: mx.array, v: mx.array, heads: int, mask) -> mx.array:
 
 
 def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
-    """CPU attention: numpy's BLAS and exp over per-head query blocks, one worker thread per core.
+    """CPU attention: BLAS products and numpy's exp2 over per-head query blocks, one worker thread per core.
 
-    With a per-row shift m_i, softmax(s_i) v = (exp(s_i - m_i) v) / sum_j exp(s_ij - m_i) for any m_i. Appending
-    -m_i to each query and a 1 to each key makes the first product return s_ij - m_i directly; appending a column of
-    ones to v makes the second return the row sum in its last column. m_i is the largest logit over a strided sample
-    of keys: never above the true row max, so the largest weight is >= 1 and nothing underflows, and in practice
-    close to it, so the rounding of s_ij - m_i is that of the usual max-subtracted softmax. A row whose true max
-    exceeds m_i by more than float32 exp's range (~88) overflows; such blocks are detected and redone exactly.
+    softmax(s_i) v = (exp(s_i) v) / sum_j exp(s_ij). Each block's logits come from one product that reads q and k in
+    place and applies the scale through BLAS's alpha; exp2 runs on them in place, unshifted; a column of ones
+    appended to v makes the second product return the row sums in its last column. Unshifted exp2 is exact in float32
+    for base-2 logits in (-126, 128), and SD's stay within +-40 (natural units, scaled); a block with a row sum
+    below 2^-60 (underflow) or anything non-finite (overflow, or NaN) is redone with the exact row max
+    (`_exact_head`). A shift by a sampled row max, as this kernel had before, cost 7-20% more (a product per block
+    for the sample, a copy of q with a shift column).
 
     Heads are read in place from the (B, N, C) inputs (strided views that BLAS takes as they are) and written in
-    place into a (B, N, C) output; the shift and the extended q/k/v are made per block inside the workers, so that
-    nothing but the products runs outside them (the set-up in MLX had cost more than a cross-attention's products).
+    place into a (B, N, C) output; v's ones column is made per task inside the workers, so that nothing but the
+    products runs outside them (the set-up in MLX had cost more than a cross-attention's products).
     """
     B, N, C = q.shape
     M = k.shape[1]
@@ -107,7 +101,6 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     qn, kn, vn = (np.asarray(x) for x in (q, k, v))  # float32 (backend.attention_kernel), zero-copy views
     if N * M <= SMALL_HEAD_SCORES:
         return mx.array(_small_heads(qn, kn, vn, heads, scale))
-    stride = max(M // min(SHIFT_MAX_KEYS, max(SHIFT_MIN_KEYS, M // SHIFT_KEY_SPACING)), 1)
     out = np.empty((B, N, C), np.float32)
 
     rows = max(1, min(N, SCORE_BLOCK_BYTES // (4 * M)))
@@ -121,25 +114,20 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     def run(task):
         b, h, r0, r1 = task
         cols = slice(h * d, (h + 1) * d)
-        k1 = _with_ones(kn[b, :, cols])  # (M, d + 1)
-        v1 = _with_ones(vn[b, :, cols])
-        kt = k1.T  # (d + 1, M), a view: BLAS reads it transposed
-        sample = np.ascontiguousarray(kn[b, ::stride, cols])  # (8-64, d)
+        k, v = kn[b, :, cols], vn[b, :, cols]  # (M, d) views
+        v1 = _with_ones(v)  # (M, d + 1)
         scores = np.empty((rows, M), np.float32)
-        q1 = np.empty((rows, d + 1), np.float32)
         for r in range(r0, r1, rows):
             n = min(rows, r1 - r)
-            s, qb = scores[:n], q1[:n]
-            np.multiply(qn[b, r : r + n, cols], scale, out=qb[:, :d])
-            # -m_i; the sample's logits laid out (keys, rows), so that the max runs down columns (vectorised)
-            np.negative(sgemm(sample, qb[:, :d].T).max(axis=0), out=qb[:, d])
-            sgemm(qb, kt, out=s)  # s_ij - m_i
+            s, q = scores[:n], qn[b, r : r + n, cols]
+            sgemm(q, k.T, out=s, alpha=scale)
             with np.errstate(over="ignore"):  # overflow is checked below and the block redone exactly
                 np.exp2(s, out=s)
             o = sgemm(s, v1)  # (n, d + 1): weighted values and the row sums
-            if not np.isfinite(o).all():
-                o = _exact_rows(qb[:, :d], k1[:, :d], v1)
-            np.divide(o[:, :d], o[:, d:], out=out[b, r : r + n, cols])
+            if o[:, d].min() >= _SMALLEST_ROW_SUM and np.isfinite(o).all():
+                np.divide(o[:, :d], o[:, d:], out=out[b, r : r + n, cols])
+            else:
+                out[b, r : r + n, cols] = _exact_head(q, k, v, scale)
 
     with cpu_blas.numpy_blas_single_threaded():
         backend.cpu_map(run, tasks)
@@ -207,11 +195,3 @@ def _with_ones(x: np.ndarray) -> np.ndarray:
     out[:, :-1] = x
     out[:, -1] = 1
     return out
-
-
-def _exact_rows(q: np.ndarray, k: np.ndarray, v1: np.ndarray) -> np.ndarray:
-    """Rows whose sampled shift was too far below their max, with the exact row max."""
-    s = sgemm(q, k.T)
-    s -= s.max(axis=-1, keepdims=True)
-    np.exp2(s, out=s)
-    return sgemm(s, v1)

@@ -211,12 +211,17 @@ def geglu(h: mx.array, bias: mx.array | None = None) -> mx.array:
     return y.reshape(*h.shape[:-1], n)
 
 
+def product(x: mx.array, weight: mx.array) -> mx.array:
+    """x @ weight.T over x's rows, (rows, out): a Linear's product without its bias."""
+    return x.reshape(-1, x.shape[-1]) @ weight.T
+
+
 def linear(layer, x: mx.array, residual: mx.array | None = None) -> mx.array:
     """layer(x) (+ residual) for a plain float32 nn.Linear: the product alone by MLX's BLAS, then bias and residual
     added in place by one kernel across the workers (the product's output is fresh), where MLX's addmm would copy
     the broadcast bias first (see geglu) and a residual take a pass of its own. `residual` may have another shape
     with as many elements (tokens against pixels); the result then has its shape."""
-    y = x.reshape(-1, x.shape[-1]) @ layer.weight.T
+    y = product(x, layer.weight)
     mx.eval(y)
     yn = np.asarray(y)
     if not (yn.flags.writeable and yn.flags.c_contiguous):

@@ -50,19 +50,17 @@ def test_blocked_attention_matches_torch(B, N, M, C, heads, sgemm_path):
 
 @pytest.mark.parametrize("N", [600, 400])
 def test_blocked_attention_query_blocks_and_overflow_fallback(monkeypatch, sgemm_path, N):
-    """Tiny score blocks force many query blocks; logits far above the sampled shift force the exact fallback. With
+    """Tiny score blocks force many query blocks; logits beyond float32 exp's range force the exact fallback. With
     400 tokens (160,000 scores per head) the heads run together (`_small_heads`), with 600 in query blocks."""
     rng = np.random.default_rng(1)
     B, C, heads = 1, 64, 2
     q, k, v = (rng.standard_normal((B, N, C), dtype=np.float32) for _ in range(3))
-    # Queries and one key (index 7, between the strided samples) all near 6 * ones: that key's logits are
-    # ~36 * 32 / sqrt(32) = 204, about 190 above the sampled shift, far beyond float32 exp's range.
+    # Queries and one key all near 6 * ones: that key's logits are ~36 * 32 / sqrt(32) = 204, far beyond float32
+    # exp's range (88), unshifted.
     q = 6 + 0.1 * q
     k[0, 7] = 6
     monkeypatch.setattr(attention_module, "SCORE_BLOCK_BYTES", 128 * N * 4)  # 128-row blocks
     fallbacks = []
-    exact = attention_module._exact_rows
-    monkeypatch.setattr(attention_module, "_exact_rows", lambda *a: fallbacks.append(1) or exact(*a))
     exact_head = attention_module._exact_head
     monkeypatch.setattr(attention_module, "_exact_head", lambda *a: fallbacks.append(1) or exact_head(*a))
     small = []
@@ -74,14 +72,16 @@ def test_blocked_attention_query_blocks_and_overflow_fallback(monkeypatch, sgemm
     assert_close(got, _reference_attention(q, k, v, heads), 2e-6, "blocked attention with fallback")
 
 
-def test_small_heads_underflow_fallback(monkeypatch, sgemm_path):
-    """Heads run without a shift (`_small_heads`): logits of about -200 in every row of one head underflow exp to 0
-    and must be redone with the exact row max."""
+@pytest.mark.parametrize("N", [300, 600])
+def test_attention_underflow_fallback(monkeypatch, sgemm_path, N):
+    """Logits of about -200 in every row of one head underflow the unshifted exp to 0 and must be redone with the
+    exact row max: heads of 300 tokens together (`_small_heads`), of 600 in 128-row query blocks."""
+    monkeypatch.setattr(attention_module, "SCORE_BLOCK_BYTES", 128 * N * 4)
     fallbacks = []
     exact_head = attention_module._exact_head
     monkeypatch.setattr(attention_module, "_exact_head", lambda *a: fallbacks.append(1) or exact_head(*a))
     rng = np.random.default_rng(8)
-    B, N, C, heads = 2, 300, 64, 2  # 360,000 scores: the blocked path, heads of 90,000: `_small_heads`
+    B, C, heads = 2, 64, 2  # at least 360,000 scores: the blocked path
     q, k, v = (rng.standard_normal((B, N, C), dtype=np.float32) for _ in range(3))
     q[:, :, :32] = -6 + 0.1 * q[:, :, :32]  # head 0: q near -6 * ones, k near 6 * ones: logits ~ -204
     k[:, :, :32] = 6 + 0.1 * k[:, :, :32]

@@ -95,7 +95,8 @@ class GEGLU(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if backend.row_kernels(x.dtype) == "numba":
             if type(self.proj) is nn.Linear:  # the bias is added inside the kernel (see cpu_kernels.geglu)
-                return cpu_kernels.geglu(x @ self.proj.weight.T, self.proj.bias if "bias" in self.proj else None)
+                h = cpu_kernels.product(x, self.proj.weight).reshape(*x.shape[:-1], -1)
+                return cpu_kernels.geglu(h, self.proj.bias if "bias" in self.proj else None)
             return cpu_kernels.geglu(self.proj(x))  # quantized, or wrapped by a LoRA
         return rowwise(_gated, self.proj(x))
 
