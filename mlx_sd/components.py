@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import backend
+from . import backend, cpu_kernels
 from .models import (
     AutoencoderKL,
     CLIPTextConfig,
@@ -100,6 +100,8 @@ def load_component(folder: str | Path, dtype: mx.Dtype | None = None) -> nn.Modu
     """
     folder = Path(folder)
     config, quantization = read_config(folder)
+    if backend.row_kernels(dtype or backend.default_dtype()) == "numba":
+        cpu_kernels.warm_up_in_background()  # numba's start-up overlaps the load instead of delaying the first step
     model = build(config)
     if quantization is not None:
         quantize_model(kind_of(config), model, quantization)

@@ -17,7 +17,7 @@ assumptions, so non-finite inputs propagate as in torch.
 
 from __future__ import annotations
 
-import functools
+import threading
 import types
 
 import mlx.core as mx
@@ -43,8 +43,46 @@ SPLIT_MIN_ELEMENTS = 2**16
 GROUP_NORM_BLOCK_BYTES = 2**17
 
 
-@functools.cache
-def _kernels():
+_build_lock = threading.Lock()
+
+
+def warm_up_in_background() -> None:
+    """Import numba and load the kernels (or compile them, on a first run) on a daemon thread, so that a model's
+    first step does not wait for it: ~0.7 s with the kernels cached, ~3 s without. Called when a model is loaded."""
+    global _warm_up
+    if _warm_up is None:
+        _warm_up = threading.Thread(target=_call_each_kernel, name="mlx_sd_numba_warm_up", daemon=True)
+        _warm_up.start()
+
+
+_warm_up = None
+
+
+def _call_each_kernel() -> None:
+    """Each kernel once on tiny arrays of the types the layers pass (C-contiguous float32), which loads it."""
+    k = _kernels()
+    x, v, out = np.ones((2, 8), np.float32), np.ones(8, np.float32), np.empty((2, 8), np.float32)
+    k.layer_norm(x, v, v, np.float32(1e-5), out)
+    k.geglu(np.ones((2, 16), np.float32), np.zeros(16, np.float32), out)
+    k.channel_moments(x, 1, np.zeros(8), np.zeros(8))
+    k.affine(x, v, v, True, out)
+    k.add_into(out, v, x)
+    k.add_bias_into(out, v)
+
+
+_built = None
+
+
+def _kernels() -> types.SimpleNamespace:
+    global _built
+    if _built is None:
+        with _build_lock:  # the warm-up thread and the first layer may ask at once
+            if _built is None:
+                _built = _build_kernels()
+    return _built
+
+
+def _build_kernels():
     import numba
 
     def jit(fn):
@@ -100,17 +138,6 @@ def _kernels():
             for c in range(cols):
                 y[r, c] += bias[c]
 
-    @numba.njit(inline="always", fastmath=_FASTMATH)
-    def silu(y):  # y sigmoid(y) = y (1 + tanh(y / 2)) / 2, tanh's rational form (models/layers.py)
-        p, q = _TANH_P, _TANH_Q
-        u = min(max(y * np.float32(0.5), -_TANH_CLAMP), _TANH_CLAMP)
-        t = u * u
-        t2 = t * t
-        t4 = t2 * t2
-        num = (p[0] + p[1] * t) + (p[2] + p[3] * t) * t2 + ((p[4] + p[5] * t) + (p[6] + p[7] * t) * t2) * t4
-        den = (q[0] + q[1] * t) + (q[2] + q[3] * t) * t2 + (q[4] + q[5] * t) * t4
-        return y * (np.float32(0.5) + np.float32(0.5) * (u * num / den))
-
     @jit
     def channel_moments(x, block, mean, m2):  # per-channel mean and sum of squared deviations over rows (float64)
         rows, cols = x.shape
@@ -141,10 +168,18 @@ def _kernels():
     @jit
     def affine(x, scale, shift, with_silu, out):  # x * scale + shift per channel, optionally then SiLU
         rows, cols = x.shape
-        if with_silu:
-            for r in range(rows):
+        p, q = _TANH_P, _TANH_Q
+        if with_silu:  # y sigmoid(y) = y (1 + tanh(y / 2)) / 2, tanh's rational form (models/layers.py), inline:
+            for r in range(rows):  # a jitted helper made the cached kernel recompile in every process
                 for c in range(cols):
-                    out[r, c] = silu(x[r, c] * scale[c] + shift[c])
+                    y = x[r, c] * scale[c] + shift[c]
+                    u = min(max(y * np.float32(0.5), -_TANH_CLAMP), _TANH_CLAMP)
+                    t = u * u
+                    t2 = t * t
+                    t4 = t2 * t2
+                    num = (p[0] + p[1] * t) + (p[2] + p[3] * t) * t2 + ((p[4] + p[5] * t) + (p[6] + p[7] * t) * t2) * t4
+                    den = (q[0] + q[1] * t) + (q[2] + q[3] * t) * t2 + (q[4] + q[5] * t) * t4
+                    out[r, c] = y * (np.float32(0.5) + np.float32(0.5) * (u * num / den))
         else:
             for r in range(rows):
                 for c in range(cols):

@@ -252,6 +252,30 @@ def test_layer_norm_rows_far_from_zero_and_non_finite(row_kernels):
     assert np.abs(got[[1, 3, 4, 5]] - expected[[1, 3, 4, 5]]).max() < 1e-5
 
 
+def test_cpu_kernels_compile_without_a_cache_location(monkeypatch):
+    """Where numba finds no writable cache location it refuses `cache=True`; the kernels then compile uncached."""
+    numba = pytest.importorskip("numba")
+    njit = numba.njit
+
+    def refusing(*args, **kwargs):
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", refusing)
+    monkeypatch.setattr(cpu_kernels, "_built", None)  # build afresh, uncached
+    x = np.random.default_rng(10).standard_normal((4, 16)).astype(np.float32)
+    w, b = np.ones(16, np.float32), np.zeros(16, np.float32)
+    got = cpu_kernels.layer_norm(mx.array(x), mx.array(w), mx.array(b), 1e-5)
+    assert_close(got, F.layer_norm(torch.from_numpy(x), (16,)).numpy(), 1e-6, "uncached layer norm")
+
+
+def test_cpu_kernels_warm_up_calls_each_kernel():
+    """The warm-up a model load starts in the background (components.load_component) runs every kernel once."""
+    pytest.importorskip("numba")
+    cpu_kernels._call_each_kernel()
+
+
 def test_row_kernels_choice(monkeypatch):
     """numba's kernels run for float32 on a Linux CPU where numba is installed, unless MLX_SD_NUMBA=0."""
     monkeypatch.delenv(backend.NUMBA_ENV, raising=False)

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..attention import attention
-from .layers import gelu, quick_gelu
+from .layers import LayerNorm, gelu, quick_gelu
 
 ACTIVATIONS = {
     # OpenAI's CLIP was trained with x * sigmoid(1.702 x), an approximation of GELU; OpenCLIP uses exact GELU.
@@ -84,9 +84,9 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 
     def __call__(self, x: mx.array, mask) -> mx.array:
@@ -117,7 +117,7 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.embeddings = CLIPEmbeddings(config)
         self.encoder = CLIPEncoder(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         if config.projection_dim is not None:
             self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
