@@ -1,17 +1,21 @@
-"""Row-wise CPU kernels compiled by numba: LayerNorm and the GEGLU gate, where MLX runs on a Linux CPU.
+"""CPU kernels compiled by numba, where MLX runs on a Linux CPU: LayerNorm, the GEGLU gate, GroupNorm (+ SiLU), and
+the bias (+ residual) of Linear layers.
 
 MLX computes each CPU elementwise operation on one thread, as a pass of its own: its LayerNorm is seven passes over
 the activation (two reductions, five broadcasts), ~3.5 ns per element on one core, and the GEGLU gate three compiled
 kernels; torch's fused, vectorised kernels take 0.2-0.5 ns. Here each row is one pass of one loop nest (the row,
 at most 10 KB, stays in L1 between its mean, its variance and its output), vectorised by LLVM, and row blocks run on
-the CPU worker threads (`backend.cpu_map`; numba releases the GIL). `backend.row_kernels()` decides where they run.
+the CPU worker threads (`backend.cpu_map`; numba releases the GIL). MLX's CPU addmm copies a Linear's broadcast bias
+into its output with a general strided copy on one thread (~1.3 ns per element), so on this path the product runs
+alone and a kernel adds the bias in place. `backend.row_kernels()` decides where all of this runs.
 
 MLX cannot adopt a numpy buffer on CPU (`mx.from_dlpack(copy=False)` refuses), so each output is an MLX array made
-by `mx.zeros` (one fill pass, on one thread) which the kernel then writes through its numpy view: the output is fresh
-and referenced nowhere else, as the in-place SiLU in models/layers.py relies on too.
+by `mx.zeros` (one fill pass, on one thread), or a product's fresh output, which the kernel then writes through its
+numpy view: such an array is referenced nowhere else, as the in-place SiLU in models/layers.py relies on too.
 
-Kernels are compiled on first use (~0.5 s each) and cached on disk next to this file (or in numba's user-wide cache
-where that is read-only); `fastmath` allows reassociation (vectorised sums), but not the "no NaN / no inf"
+Kernels compile on first use (~3.5 s for all) and are cached on disk next to this file (or in numba's user-wide
+cache where that is read-only); a later process still spends ~0.7 s starting numba, which `warm_up_in_background`
+moves off the first step. `fastmath` allows reassociation (vectorised sums), but not the "no NaN / no inf"
 assumptions, so non-finite inputs propagate as in torch.
 """
 
