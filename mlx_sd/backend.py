@@ -18,6 +18,7 @@ import functools
 import importlib.util
 import os
 import sys
+import warnings
 
 from . import cpu_blas
 
@@ -169,7 +170,20 @@ def row_kernels(dtype: mx.Dtype) -> str:
 
 @functools.cache
 def _numba_installed() -> bool:
-    return importlib.util.find_spec("numba") is not None
+    """numba is installed and imports (it refuses numpy versions newer than it knows, with an ImportError)."""
+    if importlib.util.find_spec("numba") is None:
+        return False
+    try:
+        import numba  # noqa: F401
+    except Exception as e:  # noqa: BLE001  (anything numba raises at import leaves MLX's ops to run)
+        warnings.warn(
+            f"numba is installed but does not import ({e}); LayerNorm, GEGLU and GroupNorm run on MLX's slower CPU "
+            f"ops. Fix: pip install -U numba (or set {NUMBA_ENV}=0 to silence this)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 _pool = None

@@ -4,6 +4,8 @@ Model-level parity (tests/test_models.py) runs them too; these tests pin each ke
 cases a model rarely reaches: the blocked attention's overflow fallback, query blocking, 1024x1024-sized shapes.
 """
 
+import builtins
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -274,6 +276,28 @@ def test_cpu_kernels_warm_up_calls_each_kernel():
     """The warm-up a model load starts in the background (components.load_component) runs every kernel once."""
     pytest.importorskip("numba")
     cpu_kernels._call_each_kernel()
+
+
+def test_numba_that_does_not_import_falls_back_with_a_warning(monkeypatch):
+    """numba installed but failing at import (as it does with a numpy newer than it supports): MLX's ops run, and a
+    warning names the fix."""
+    if backend.importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.delenv(backend.NUMBA_ENV, raising=False)
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name == "numba":
+            raise ImportError("Numba needs NumPy 2.4 or less")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    backend._numba_installed.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="pip install -U numba"):
+            assert backend.row_kernels(mx.float32) == "mlx"
+    finally:
+        backend._numba_installed.cache_clear()
 
 
 def test_row_kernels_choice(monkeypatch):
