@@ -8,10 +8,11 @@ Which kernel runs is decided per backend in `backend.attention_kernel()`:
   vectorised exp ~1.5 ns), which made 4,096-token self-attention cost several seconds per layer. This path runs
   each head's query blocks on one worker thread per core: `q k^T` into a score block that stays in the cache,
   numpy's `exp` in place, `p v`, with the BLAS (`cpu_blas.sgemm`: MKL's, else numpy's) single-threaded inside each
-  worker (many small multithreaded BLAS calls stall on thread hand-offs). The row shift and the row sum ride along
-  inside the two products (see `_blocked`), so `exp` is the only elementwise pass over the scores (as `exp2`, with
-  log2(e) folded into the query scale: numpy's `exp2` takes 0.39 ns per element here against `exp`'s 0.56). Small
-  heads go in groups, in place and without a shift (`_small_heads`).
+  worker (many small multithreaded BLAS calls stall on thread hand-offs). The scale rides along in the first
+  product (BLAS's alpha) and the row sum in the second (see `_blocked`), so `exp` is the only elementwise pass over
+  the scores (as `exp2`, with log2(e) folded into the scale: numpy's `exp2` takes 0.39 ns per element here against
+  `exp`'s 0.56), unshifted, with an exact redo where that under- or overflows. Small heads go in groups
+  (`_small_heads`).
 
 Models call `attention()` and never reshape heads themselves.
 """
@@ -141,9 +142,10 @@ def _small_heads(qn: np.ndarray, kn: np.ndarray, vn: np.ndarray, heads: int, sca
 
     Here nothing is copied: each worker task takes a group of heads (scores within a score block), reads their q and
     k in place from the token-major inputs for one batched product, scaled by BLAS (`alpha`), then exp2 in place, the
-    row sums, and per head `p v` written in place into the token-major output and divided by the row sums. Without a
-    shift: exp2 of the raw logits is exact in float32 for logits in (-126, 128) (base 2; SD's are within +-40), and a
-    head whose row sums fall outside [2^-60, inf), or whose output is not finite, is redone with the exact row max.
+    row sums, and `p v` for all its heads written into the token-major output by one batched product (MKL's pointer
+    batch: the heads interleave there) and divided by the row sums. Without a shift: exp2 of the raw logits is exact
+    in float32 for logits in (-126, 128) (base 2; SD's are within +-40), and a head group whose row sums fall outside
+    [2^-60, inf), or whose output is not finite, is redone with the exact row max.
     """
     B, N, C = qn.shape
     M = kn.shape[1]

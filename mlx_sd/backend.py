@@ -160,9 +160,9 @@ def activations() -> str:
 
 
 def row_kernels(dtype: mx.Dtype) -> str:
-    """How LayerNorm and the GEGLU gate run: "numba" (cpu_kernels: one vectorised pass per row, rows across cores)
-    for float32 on a Linux CPU where numba is installed (MLX_SD_NUMBA=0 turns it off), else "mlx" (MLX's ops; on
-    CPU in row blocks across streams, `layers.rowwise`)."""
+    """How LayerNorm, the GEGLU gate, GroupNorm and the Linear layers' biases run: "numba" (cpu_kernels: vectorised
+    passes, rows across cores) for float32 on a Linux CPU where numba is installed and imports (MLX_SD_NUMBA=0 turns
+    it off), else "mlx" (MLX's ops; on CPU, LayerNorm and GEGLU in row blocks across streams, `layers.rowwise`)."""
     if on_gpu() or sys.platform == "darwin" or dtype != mx.float32 or _off(NUMBA_ENV):
         return "mlx"
     return "numba" if _numba_installed() else "mlx"
