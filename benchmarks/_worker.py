@@ -117,6 +117,7 @@ def rss_mb(field: str) -> float:
 class MLXSide:
     def __init__(self):
         self.models = {}
+        self.text = None  # the TextContext of the context last seen, as the pipeline keeps one per request
 
     def setup(self, component: str, family: str, weights: str, folder: str, save: bool = True) -> dict:
         from mlx.utils import tree_flatten
@@ -148,8 +149,14 @@ class MLXSide:
     def forward(self, component: str, inputs: dict[str, np.ndarray]):
         a = {k: mx.array(v) for k, v in inputs.items()}
         if component == "unet":
+            from mlx_sd.models.layers import TextContext
+
+            # Repeats of a step are the steps of one request: the text's keys and values are computed at the first
+            # and kept (TextContext), as in a generation.
+            if self.text is None or not np.array_equal(np.array(self.text.array), inputs["context"]):
+                self.text = TextContext(a["context"])
             unet = self.models["unet"]
-            return unet(a["x"], a["t"], a["context"], pooled=a.get("pooled"), time_ids=a.get("time_ids"))
+            return unet(a["x"], a["t"], self.text, pooled=a.get("pooled"), time_ids=a.get("time_ids"))
         if component == "vae_decode":
             return self.models["vae"].decode(a["latents"])
         if component == "vae_encode":

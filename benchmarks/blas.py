@@ -64,7 +64,7 @@ if __name__ == "__main__":
     if mkl["blas"].startswith("mkl"):
         results.append(mkl)
     else:
-        print("MKL is not installed (pip install 'mlx-sd[mkl]'); measured MLX's BLAS and OpenBLAS")
+        print("MKL is not installed (pip install mkl); measured MLX's BLAS and OpenBLAS")
     for r in results:
         print(
             f"{r['blas']:>20}: sgemm {r['sgemm_gflops']:6.1f} GFLOP/s, conv 3x3 {r['conv3x3_gflops']:6.1f}, "

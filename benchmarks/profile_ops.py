@@ -87,7 +87,8 @@ def main() -> None:
         config = family_config(args.family, "unet")
         model = unet.UNet2DConditionModel(unet_config(config))
         x = mx.random.normal((2, latent, latent, 4), key=key)
-        context = mx.random.normal((2, 77, config["cross_attention_dim"]), key=key)
+        # as the pipeline passes it: the text's keys and values are computed at the first (warm-up) step and kept
+        context = layers.TextContext(mx.random.normal((2, 77, config["cross_attention_dim"]), key=key))
         extra = {}
         if config.get("addition_embed_type") == "text_time":
             extra = {"pooled": mx.zeros((2, 1280)), "time_ids": mx.full((2, 6), float(args.size))}

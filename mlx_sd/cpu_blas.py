@@ -6,10 +6,10 @@ lazily; after `mlx.core` is loaded the binding is fixed, which is why `mlx_sd/__
 calls `preload`) before anything else. MLX_SD_BLAS chooses: "mkl", "openblas", "mlx" (MLX's own), or unset for the
 best one installed:
 
-- Intel's MKL, when the `mkl` package is installed (`pip install 'mlx-sd[mkl]'`, x86-64 Linux). It runs the skinny
-  products of SD's attention (41 or 65 wide) ~1.4x and SD's Linear layers ~1.2x faster than OpenBLAS here. Its
-  threads are GNU OpenMP's, which stop spinning soon after a call: Intel's OpenMP spins for 200 ms, taking a core
-  from the numpy workers that run right after MLX's products.
+- Intel's MKL, from the `mkl` wheel (an install requirement on x86-64 Linux). It runs the skinny products of SD's
+  attention (41 or 65 wide) ~1.4x and SD's Linear layers ~1.2x faster than OpenBLAS here. Its threads are GNU
+  OpenMP's, which stop spinning soon after a call: Intel's OpenMP spins for 200 ms, taking a core from the numpy
+  workers that run right after MLX's products.
 - the system OpenBLAS (Debian/Ubuntu `libopenblas0-pthread`). A distribution's OpenBLAS picks its kernels by CPU
   model and falls back to its oldest x86-64 kernels ("Prescott", SSE3) on models newer than itself: Debian 12's
   0.3.21 on a 5th-generation Xeon ran sgemm at 43 GFLOP/s instead of 300. Such a load is redone with the newest
@@ -76,7 +76,7 @@ def preload() -> str:
             return found
         if choice == "mkl":
             warnings.warn(
-                f"{BLAS_ENV}=mkl but MKL's libmkl_rt was not found: install it with pip install 'mlx-sd[mkl]'; "
+                f"{BLAS_ENV}=mkl but MKL's libmkl_rt was not found: install it with pip install mkl; "
                 "using OpenBLAS meanwhile",
                 RuntimeWarning,
                 stacklevel=4,

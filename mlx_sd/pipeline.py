@@ -29,6 +29,7 @@ from .img2img import prepare_latents, restore_output
 from .infotext import format_infotext
 from .lora import AppliedLoRA, LoRA, LoRAState, lora_hashes, lora_networks, lora_targets, parse_lora_tags
 from .model import StableDiffusion
+from .models.layers import TextContext
 from .params import GenerationRequest, defaults_for
 from .refiner import DEFAULT_SWITCH_AT, check_refiner, handoff
 from .rng import make_noise
@@ -359,7 +360,9 @@ class Pipeline:
         timestep_cond = None
         if unet.config.time_cond_proj_dim is not None:
             timestep_cond = guidance_embedding(request.guidance - 1.0, unet.config.time_cond_proj_dim, B)
-        context, pooled = context.astype(dtype), None if pooled is None else pooled.astype(dtype)
+        # the text's keys and values in each cross-attention layer: computed at the first step, reused by the others
+        context = TextContext(context.astype(dtype))
+        pooled = None if pooled is None else pooled.astype(dtype)
 
         def model(x_in: mx.array, t: float) -> mx.array:
             if extra is not None:

@@ -63,7 +63,7 @@ def test_openblas_is_preloaded_with_the_cpus_kernel_family():
 def test_mkl_is_preloaded_when_installed():
     r = _probe("mkl")
     if not r["blas"].startswith("mkl ("):
-        pytest.skip(f"MKL is not installed (pip install 'mlx-sd[mkl]'); MLX uses {r['blas']}")
+        pytest.skip(f"MKL is not installed (pip install mkl); MLX uses {r['blas']}")
     assert r["err"] < 1e-5
     assert _probe("")["blas"] == r["blas"], "unset MLX_SD_BLAS should prefer an installed MKL"
 
@@ -76,7 +76,7 @@ def test_mkl_asked_for_but_missing_warns_with_the_fix():
     assert out.returncode == 0, out.stderr
     if out.stdout.startswith("mkl ("):
         pytest.skip("libmkl_rt is on the system loader's path here")
-    assert "MLX_SD_BLAS=mkl but MKL's libmkl_rt was not found: install it with pip install 'mlx-sd[mkl]'" in out.stderr
+    assert "MLX_SD_BLAS=mkl but MKL's libmkl_rt was not found: install it with pip install mkl" in out.stderr
     assert not out.stdout.startswith("mkl")
 
 

@@ -150,6 +150,29 @@ def test_unet_matches_diffusers(name, size):
     print(f"unet {name} {size}: fp32 rel err {err:.2e}")
 
 
+def test_unet_text_context_keeps_keys_and_values_across_steps():
+    """The pipeline hands the UNet a TextContext, computing each cross-attention layer's keys and values at the first
+    step only: two steps with one TextContext match diffusers (which recomputes them) and our raw-array path bit for
+    bit, and the second step finds every layer's keys and values kept."""
+    ref = reference_unet("sdxl")
+    cfg = unet_config(dict(ref.config))
+    ours = load_ours(cfg, convert_weights("unet", cfg, state_dict_numpy(ref)))
+    g = torch.Generator().manual_seed(4)
+    context = torch.randn(2, 7, cfg.cross_attention_dim, generator=g)
+    added = (torch.randn(2, 32, generator=g), torch.tensor([[512.0, 512, 0, 0, 512, 512]] * 2))
+    text = layers.TextContext(mx.array(context.numpy()))
+    cross = [m for name, m in ours.named_modules() if name.endswith("attn2")]
+    assert cross
+    for step, t in enumerate((torch.tensor([999.0, 999.0]), torch.tensor([501.5, 501.5]))):
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        expected, raw = run_unet_pair(ref, ours, x, t, context, added)
+        pooled, time_ids = (mx.array(a.numpy()) for a in added)
+        got = ours(nchw_to_nhwc(x), mx.array(t.numpy()), text, pooled=pooled, time_ids=time_ids)
+        assert_close(got, expected, FP32_TOL, f"unet with TextContext, step {step}")
+        assert np.array_equal(np.array(got), np.array(raw))
+        assert len(text._keys_values) == len(cross)
+
+
 def test_unet_and_vae_with_winograd_convolutions(monkeypatch):
     """The tiny models' convolutions are below the CPU's Winograd thresholds; with them lowered, every 3x3 conv of a
     UNet and a VAE runs as F(4x4, 3x3) (models/winograd.py) and both still match diffusers."""

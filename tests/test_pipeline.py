@@ -95,6 +95,16 @@ def test_txt2img_matches_diffusers(sd1, scheduler, width, height, batch):
     assert result.seeds == [seed + i for i in range(batch)]
 
 
+def test_requests_do_not_share_text_keys_and_values(sd1):
+    """Each request keeps its text's cross-attention keys and values for its own steps only (layers.TextContext): a
+    prompt gives the same image before and after another prompt's request."""
+    _, ours = sd1
+    run = lambda prompt: as_array(ours.generate(prompt=prompt, width=64, height=64, steps=2, seed=5).images)  # noqa: E731
+    first, other, again = run(PROMPT), run("a different prompt entirely"), run(PROMPT)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
 def test_img2img_matches_diffusers(sd1):
     parts, ours = sd1
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))

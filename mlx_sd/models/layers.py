@@ -291,6 +291,25 @@ class Conv2d(nn.Conv2d):
         return y + self.bias if "bias" in self else y
 
 
+class TextContext:
+    """One request's text conditioning, with each cross-attention layer's keys and values kept after their first
+    use. The context is the same at every sampling step, so `to_k(context)` and `to_v(context)` are too: computed
+    once per request instead of once per step (SDXL at 512x512: 140 products of 154 x 2048 tokens, ~0.4 s of each
+    guided step on a 2-core CPU). The pipeline makes one per request; modules do not change during a request (LoRAs
+    are fused or wrapped before it starts), which is what makes the keys of `id(layer)` safe.
+    """
+
+    def __init__(self, array: mx.array):
+        self.array = array
+        self._keys_values: dict[int, tuple[mx.array, mx.array]] = {}
+
+    def keys_values(self, layer: Attention) -> tuple[mx.array, mx.array]:
+        kv = self._keys_values.get(id(layer))
+        if kv is None:
+            kv = self._keys_values[id(layer)] = (layer.to_k(self.array), layer.to_v(self.array))
+        return kv
+
+
 class Attention(nn.Module):
     """Multi-head attention with diffusers' parameter names (`to_q`, `to_k`, `to_v`, `to_out.0`)."""
 
@@ -311,10 +330,16 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
         self.to_out = [nn.Linear(inner, query_dim)]  # diffusers' to_out.1 is a dropout
 
-    def __call__(self, x: mx.array, context: mx.array | None = None, residual: mx.array | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, context: mx.array | TextContext | None = None, residual: mx.array | None = None
+    ) -> mx.array:
         """Attention of x to context (x itself if None), plus `residual` if given."""
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        if isinstance(context, TextContext):
+            k, v = context.keys_values(self)
+        else:
+            context = x if context is None else context
+            k, v = self.to_k(context), self.to_v(context)
+        out = attention(self.to_q(x), k, v, self.heads)
         return self.to_out[0](out) if residual is None else linear_plus(self.to_out[0], out, residual)
 
 

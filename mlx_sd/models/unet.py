@@ -20,6 +20,7 @@ from .layers import (
     GroupNorm,
     LayerNorm,
     ResnetBlock2D,
+    TextContext,
     TimestepEmbedding,
     Upsample2D,
     geglu,
@@ -79,7 +80,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, context: mx.array | TextContext) -> mx.array:
         x = self.attn1(self.norm1(x), residual=x)
         x = self.attn2(self.norm2(x), context, residual=x)
         return self.ff(self.norm3(x), residual=x)
@@ -131,7 +132,7 @@ class Transformer2DModel(nn.Module):
         self.transformer_blocks = [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
         self.proj_out = nn.Linear(channels, channels)
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, context: mx.array | TextContext) -> mx.array:
         B, H, W, C = x.shape
         h = linear(self.proj_in, self.norm(x).reshape(B, H * W, C))  # (B, H*W, C)
         for block in self.transformer_blocks:
@@ -252,7 +253,7 @@ class UNet2DConditionModel(nn.Module):
         self,
         x: mx.array,
         t: mx.array,
-        context: mx.array,
+        context: mx.array | TextContext,
         pooled: mx.array | None = None,
         time_ids: mx.array | None = None,
         timestep_cond: mx.array | None = None,
@@ -262,7 +263,8 @@ class UNet2DConditionModel(nn.Module):
         Args:
             x: (B, H, W, in_channels) scaled latents (inpainting UNets: latents, mask, masked-image latents).
             t: (B,) or scalar timesteps, fractional allowed.
-            context: (B, N, cross_attention_dim) text conditioning.
+            context: (B, N, cross_attention_dim) text conditioning, or a `TextContext` holding it, which keeps each
+                cross-attention layer's keys and values for the following calls (the steps of one request).
             pooled: (B, P) pooled text embedding (SDXL only).
             time_ids: (B, 6) or (B, 5) micro-conditioning numbers (SDXL only).
             timestep_cond: (B, time_cond_proj_dim) guidance embedding (LCM-distilled UNets only).
