@@ -132,8 +132,14 @@ class MLXSide:
         model = build(cfg)  # random initialisation: what the mlx-only runs use
         if Path(weights).exists():
             converted = convert_weights(component, cfg, load_file(weights))
-            model.load_weights([(k, mx.array(v)) for k, v in converted.items()], strict=True)
-            del converted
+            # one tensor at a time from numpy into MLX, so that the two copies of a 10 GB SDXL UNet never coexist
+            pairs = []
+            while converted:
+                key, value = converted.popitem()
+                pairs.append((key, mx.array(value)))
+                del value
+            model.load_weights(pairs, strict=True)
+            del pairs
         mx.eval(model.parameters())
         if save:  # component folders for the load-time probe; the model is then loaded from the float32 one
             weights = dict(tree_flatten(model.parameters()))
@@ -144,6 +150,28 @@ class MLXSide:
         self.models[component] = model
         mx.eval(self.models[component].parameters())
         mlx_sd.backend.release_cpu_memory()  # the conversion's transient copies, kept by the tuned malloc
+        return {"rss_mb": rss_mb("VmRSS")}
+
+    def park(self, component: str, folder: str) -> dict:
+        """Drop the model, first saving it as a component folder that `unpark` loads (one model at a time)."""
+        from mlx.utils import tree_flatten
+
+        from mlx_sd.components import save_component
+
+        model = self.models.pop(component)
+        if not Path(folder).exists():
+            save_component(folder, model.config, dict(tree_flatten(model.parameters())))
+        # the TextContext is keyed by the layers' ids, which a reloaded model may reuse
+        del model
+        self.text = None
+        mlx_sd.backend.release_cpu_memory()
+        return {"rss_mb": rss_mb("VmRSS")}
+
+    def unpark(self, component: str, folder: str, family: str) -> dict:
+        from mlx_sd.components import load_component
+
+        self.models[component] = load_component(folder)
+        mx.eval(self.models[component].parameters())
         return {"rss_mb": rss_mb("VmRSS")}
 
     def forward(self, component: str, inputs: dict[str, np.ndarray]):
@@ -243,6 +271,27 @@ class TorchSide:
         self.torch.manual_seed(0)
         model = self._build(component, family)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+        self.models[component] = model
+        return {"rss_mb": rss_mb("VmRSS")}
+
+    def park(self, component: str, folder: str) -> dict:
+        """Drop the model, first saving its weights where `unpark` reads them (one model at a time)."""
+        import gc
+
+        from safetensors.torch import save_file
+
+        model = self.models.pop(component)
+        if not Path(f"{folder}.safetensors").exists():
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{folder}.safetensors")
+        del model
+        gc.collect()
+        return {"rss_mb": rss_mb("VmRSS")}
+
+    def unpark(self, component: str, folder: str, family: str) -> dict:
+        from safetensors.torch import load_file
+
+        model = self._build(component, family, "meta")  # no initialisation: the weights are assigned
+        model.load_state_dict(load_file(f"{folder}.safetensors"), assign=True)
         self.models[component] = model
         return {"rss_mb": rss_mb("VmRSS")}
 

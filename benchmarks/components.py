@@ -12,6 +12,11 @@ falls on both alike: report medians and the ratio, not single timings, and the r
 The machine's sgemm rate is measured in the same rounds, and the UNet's achieved FLOP rate (FLOPs counted by torch's
 FlopCounterMode) is set against it.
 
+SDXL side by side holds one side's model in memory at a time (`--one-at-a-time`, the default for SDXL): each turn
+loads the side's saved copy, runs an untimed step and the timed one, and drops it; two float32 SDXL UNets and their
+activations exceed 24 GB. Repeats of a UNet step are the steps of one request: the mlx side keeps the text's keys and
+values (layers.TextContext), as its pipeline does; torch's FLOP count still includes them.
+
 Parts: unet (one guided step: batch 2 at each size), vae (decode and encode, batch 1), text (batch 2, 77 tokens),
 load (fresh process -> component loaded and evaluated, fp16 and fp32 folders). Writes a JSON record of every figure.
 """
@@ -90,6 +95,31 @@ class KernelSide:
 
     def __call__(self, op: str, **kw) -> dict:
         return self.worker(op, **kw, kernel=self.kernel)
+
+
+class OneAtATime:
+    """Adapts a worker so that only the side being timed holds its model in memory: two float32 SDXL UNets (10.3 GB
+    each) and their activations exceed a 24 GB machine. Each turn loads the model from the side's own saved copy,
+    runs one untimed step (the fresh heap's page faults), the timed one, and drops the model again; the turns stay
+    interleaved, so both sides still share the machine's phases."""
+
+    def __init__(self, worker: Worker, folder: Path, family: str):
+        self.worker, self.folder, self.family = worker, folder, family
+
+    def park(self, model: str) -> None:
+        self.worker("park", component=model, folder=str(self.folder / f"{self.worker.side}-{model}"))
+
+    def __call__(self, op: str, **kw) -> dict:
+        if op != "run":
+            return self.worker(op, **kw)
+        model = COMPONENTS[kw["component"]]
+        self.worker(
+            "unpark", component=model, folder=str(self.folder / f"{self.worker.side}-{model}"), family=self.family
+        )
+        self.worker("run", **{**kw, "save": None})
+        reply = self.worker("run", **kw)
+        self.park(model)
+        return reply
 
 
 def median_seconds(sides: dict, repeats: int, op: str, warmup: bool = False, **kw) -> dict[str, float]:
@@ -259,6 +289,12 @@ def main() -> None:
     p.add_argument("--parts", default="text,unet,vae,load", help="comma-separated: text, unet, vae, load")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--mlx-only", action="store_true", help="time mlx-sd alone (torch still counts FLOPs when present)")
+    p.add_argument(
+        "--one-at-a-time",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="hold one side's model in memory at a time, loading it for each turn (default: for SDXL side by side)",
+    )
     p.add_argument("--out", default=None, help="JSON result file (default benchmarks/results/<date>-<host>.json)")
     args = p.parse_args()
     families, parts = args.family.split(","), args.parts.split(",")
@@ -275,6 +311,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="mlx-sd-bench-") as tmp:
             workdir = Path(tmp)
             for family in families:
+                swap = args.one_at_a_time
+                swap = family == "sdxl" and "torch" in workers if swap is None else swap and "torch" in workers
+                sides = {n: OneAtATime(w, workdir, family) for n, w in workers.items()} if swap else workers
                 needed = {COMPONENTS[c] for part in parts for c in PARTS.get(part, [])}
                 if "load" in parts:
                     needed.add("unet")
@@ -286,15 +325,15 @@ def main() -> None:
                     for name in reversed(list(workers)):
                         kw = {"weights": weights, "folder": folder, "save": "load" in parts and model == "unet"}
                         workers[name]("setup", component=model, family=family, **kw)
+                        if swap:
+                            sides[name].park(model)
                     Path(weights).unlink(missing_ok=True)
                 for part in [p for p in parts if p in PARTS]:
                     for component in PARTS[part]:
                         for size in sizes if component == "unet" else sizes[:1]:
                             for name, rows in interleaved(workers, 1, "sgemm").items():
                                 sgemm[name] += [r["gflops"] for r in rows]
-                            bench_component(
-                                workers, component, family, size // 8, args.repeats, workdir, record, counter
-                            )
+                            bench_component(sides, component, family, size // 8, args.repeats, workdir, record, counter)
                 if "load" in parts:
                     bench_load(workdir / f"{family}-unet", args.repeats, record)
     finally:

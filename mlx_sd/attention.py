@@ -140,12 +140,12 @@ def _small_heads(qn: np.ndarray, kn: np.ndarray, vn: np.ndarray, heads: int, sca
     per-head set-up (copies, Python calls) had cost more than the products: 20 heads of 256 tokens took 2.6x torch's
     time with `_blocked`'s set-up per head, 1.8x with it batched.
 
-    Here nothing is copied: each worker task takes a group of heads (scores within a score block), reads their q and
-    k in place from the token-major inputs for one batched product, scaled by BLAS (`alpha`), then exp2 in place, the
-    row sums, and `p v` for all its heads written into the token-major output by one batched product (MKL's pointer
-    batch: the heads interleave there) and divided by the row sums. Without a shift: exp2 of the raw logits is exact
-    in float32 for logits in (-126, 128) (base 2; SD's are within +-40), and a head group whose row sums fall outside
-    [2^-60, inf), or whose output is not finite, is redone with the exact row max.
+    Here q, k and v are not copied: each worker task takes a group of heads (scores within a score block), reads
+    their q and k in place from the token-major inputs for one batched product, scaled by BLAS (`alpha`), then exp2
+    in place, the row sums (a product with ones), and `p v` for all its heads by one batched product into a buffer,
+    divided by the row sums into the token-major output (where the heads interleave). Without a shift: exp2 of the
+    raw logits is exact in float32 for logits in (-126, 128) (base 2; SD's are within +-40), and a head group whose
+    row sums fall outside [2^-60, inf), or whose output is not finite, is redone with the exact row max.
     """
     B, N, C = qn.shape
     M = kn.shape[1]
