@@ -106,16 +106,17 @@ class OneAtATime:
     def __init__(self, worker: Worker, folder: Path, family: str):
         self.worker, self.folder, self.family = worker, folder, family
 
+    def _saved(self, model: str) -> str:
+        return str(self.folder / f"{self.worker.side}-{model}")
+
     def park(self, model: str) -> None:
-        self.worker("park", component=model, folder=str(self.folder / f"{self.worker.side}-{model}"))
+        self.worker("park", component=model, folder=self._saved(model))
 
     def __call__(self, op: str, **kw) -> dict:
         if op != "run":
             return self.worker(op, **kw)
         model = COMPONENTS[kw["component"]]
-        self.worker(
-            "unpark", component=model, folder=str(self.folder / f"{self.worker.side}-{model}"), family=self.family
-        )
+        self.worker("unpark", component=model, folder=self._saved(model), family=self.family)
         self.worker("run", **{**kw, "save": None})
         reply = self.worker("run", **kw)
         self.park(model)
