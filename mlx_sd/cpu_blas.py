@@ -8,8 +8,9 @@ best one installed:
 
 - Intel's MKL, from the `mkl` wheel (an install requirement on x86-64 Linux). It runs the skinny products of SD's
   attention (41 or 65 wide) ~1.4x and SD's Linear layers ~1.2x faster than OpenBLAS here. Its threads are GNU
-  OpenMP's, which stop spinning soon after a call: Intel's OpenMP spins for 200 ms, taking a core from the numpy
-  workers that run right after MLX's products.
+  OpenMP's, told not to spin after a call (`_load_gomp_without_spinning`): a spinning thread takes a core from the
+  numpy workers that run right after MLX's products (Intel's OpenMP, used where libgomp is missing, spins 200 ms
+  unless KMP_BLOCKTIME=0; GNU's ~7 ms unless GOMP_SPINCOUNT=0).
 - the system OpenBLAS (Debian/Ubuntu `libopenblas0-pthread`). A distribution's OpenBLAS picks its kernels by CPU
   model and falls back to its oldest x86-64 kernels ("Prescott", SSE3) on models newer than itself: Debian 12's
   0.3.21 on a 5th-generation Xeon ran sgemm at 43 GFLOP/s instead of 300. Such a load is redone with the newest
@@ -101,7 +102,7 @@ def _load_mkl() -> str | None:
         except OSError:
             continue
         try:
-            ctypes.CDLL("libgomp.so.1")
+            _load_gomp_without_spinning()
             lib.MKL_Set_Threading_Layer(_MKL_THREADING_GNU)  # before MKL's first call, or it is fixed
         except OSError:  # no GNU OpenMP runtime: Intel's (from the intel-openmp wheel), told not to spin
             os.environ.setdefault("KMP_BLOCKTIME", "0")
@@ -123,6 +124,26 @@ def _load_mkl() -> str | None:
         number = re.search(r"Version ([\d.]+)", version.value.decode(errors="replace"))
         return f"mkl ({number[1] if number else 'unknown'})"
     return None
+
+
+def _load_gomp_without_spinning() -> None:
+    """Load GNU OpenMP (libgomp) with its idle threads sleeping at once instead of spinning.
+
+    libgomp's threads spin 300,000 `pause`s after each parallel region, ~7 ms of a core on CPUs since Skylake (PAUSE
+    takes ~140 cycles there). MLX's products are followed by our attention and row kernels on both cores, which
+    that spinning thread halved: an SDXL 512x512 step took 15.0 / 16.2 / 15.7 s with it and 11.9 / 14.5 / 13.4 s
+    without, in alternating processes (SD1.5 level; waking a sleeping thread costs microseconds per product).
+    libgomp reads GOMP_SPINCOUNT when it loads, so it is set for this load only: child processes (the torch side of
+    the benchmarks) and a later torch, with a libgomp of its own, keep their defaults. A user's OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT wins; a libgomp already loaded by something else keeps the settings it loaded with."""
+    user_set = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+    if not user_set:
+        os.environ["GOMP_SPINCOUNT"] = "0"
+    try:
+        ctypes.CDLL("libgomp.so.1")
+    finally:
+        if not user_set:
+            del os.environ["GOMP_SPINCOUNT"]
 
 
 # OpenBLAS kernel families without AVX2/FMA; "Prescott" is also where DYNAMIC_ARCH builds land on unknown CPU models.

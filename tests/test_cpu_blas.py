@@ -68,6 +68,28 @@ def test_mkl_is_preloaded_when_installed():
     assert _probe("")["blas"] == r["blas"], "unset MLX_SD_BLAS should prefer an installed MKL"
 
 
+@pytest.mark.parametrize("user_env", [{}, {"GOMP_SPINCOUNT": "5000"}, {"OMP_WAIT_POLICY": "active"}])
+def test_mkl_openmp_threads_do_not_spin_unless_the_user_says(user_env):
+    """GNU OpenMP (libgomp) reports the spin count it loaded with under OMP_DISPLAY_ENV=verbose: 0 for MKL's threads
+    (a spinning thread took a core from the workers after each product), the user's where set; the variable is not
+    left in the environment for child processes."""
+    code = "import os, mlx_sd; print(mlx_sd.backend.blas, os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update({cpu_blas.BLAS_ENV: "mkl", "OMP_DISPLAY_ENV": "verbose", **user_env})
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    blas, left = out.stdout.split()[0], out.stdout.split()[-1]
+    if not blas.startswith("mkl") or "GOMP_SPINCOUNT = " not in out.stderr:
+        pytest.skip(f"MKL on GNU OpenMP is not available here (MLX uses {blas})")
+    spins = out.stderr.split("GOMP_SPINCOUNT = ")[1].split()[0].strip("'")
+    if not user_env:
+        assert spins == "0" and left == "None"
+    elif "GOMP_SPINCOUNT" in user_env:
+        assert spins == "5000" and left == "5000"
+    else:
+        assert spins != "0", "OMP_WAIT_POLICY=active was overridden"
+
+
 def test_mkl_asked_for_but_missing_warns_with_the_fix():
     """MKL is looked for under sys.prefix/lib (where the `mkl` wheel puts it) and on the loader's path."""
     code = "import sys; sys.prefix = '/nonexistent'; import mlx_sd; print(mlx_sd.backend.blas)"
