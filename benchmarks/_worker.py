@@ -11,6 +11,7 @@ their weights; the mlx side converts those same weights, so both compute the sam
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -248,6 +249,7 @@ class TorchSide:
         torch.set_grad_enabled(False)
         self.torch = torch
         self.models = {}
+        self.written = {}  # component -> the weights file `setup` wrote
 
     def _build(self, component: str, family: str, device: str = "cpu"):
         torch = self.torch
@@ -272,6 +274,7 @@ class TorchSide:
         model = self._build(component, family)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
         self.models[component] = model
+        self.written[component] = weights
         return {"rss_mb": rss_mb("VmRSS")}
 
     def park(self, component: str, folder: str) -> dict:
@@ -281,8 +284,12 @@ class TorchSide:
         from safetensors.torch import save_file
 
         model = self.models.pop(component)
-        if not Path(f"{folder}.safetensors").exists():
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{folder}.safetensors")
+        saved = Path(f"{folder}.safetensors")
+        if not saved.exists():
+            try:  # the model is unchanged since `setup` wrote it: a second name for that file, not a 10 GB rewrite
+                os.link(self.written[component], saved)
+            except (KeyError, OSError):
+                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(saved))
         del model
         gc.collect()
         return {"rss_mb": rss_mb("VmRSS")}
