@@ -162,9 +162,8 @@ class MLXSide:
         model = self.models.pop(component)
         if not Path(folder).exists():
             save_component(folder, model.config, dict(tree_flatten(model.parameters())))
-        # the TextContext is keyed by the layers' ids, which a reloaded model may reuse
         del model
-        self.text = None
+        self.text = None  # the TextContext is keyed by the layers' ids, which a reloaded model may reuse
         mlx_sd.backend.release_cpu_memory()
         return {"rss_mb": rss_mb("VmRSS")}
 

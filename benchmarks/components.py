@@ -312,8 +312,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="mlx-sd-bench-") as tmp:
             workdir = Path(tmp)
             for family in families:
-                swap = args.one_at_a_time
-                swap = family == "sdxl" and "torch" in workers if swap is None else swap and "torch" in workers
+                wanted = family == "sdxl" if args.one_at_a_time is None else args.one_at_a_time
+                swap = wanted and "torch" in workers  # only side by side holds two models
                 sides = {n: OneAtATime(w, workdir, family) for n, w in workers.items()} if swap else workers
                 needed = {COMPONENTS[c] for part in parts for c in PARTS.get(part, [])}
                 if "load" in parts:
