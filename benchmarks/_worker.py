@@ -1,11 +1,14 @@
-"""One side of a side-by-side benchmark: mlx-sd ("mlx") or diffusers/transformers on torch CPU ("torch").
+"""One side of a side-by-side benchmark: mlx-sd ("mlx") or diffusers/transformers on torch ("torch").
 
-    python benchmarks/_worker.py mlx|torch       (started by benchmarks/components.py, not by hand)
+    python benchmarks/_worker.py mlx|torch [cpu|gpu] [float32|float16]   (started by benchmarks/components.py)
 
 Reads one JSON command per line on stdin and answers one JSON line on stdout. Each side runs in its own process so
 that neither's thread pool (OpenBLAS for MLX, OpenMP for torch) spins on cores the other is timing; the driver asks
 them in turn (A, B, A, B, ...). The torch side builds random-weight models from the published configs and writes
 their weights; the mlx side converts those same weights, so both compute the same function on the same inputs.
+On a GPU ("gpu": MLX's CUDA or Metal backend, torch's CUDA) both run the UNet and the text encoder in the dtype asked
+for and the VAE in float32 (`run_dtype`), and time to the end of the device's work (mx.eval returns when the arrays
+are computed; torch.cuda.synchronize).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-SIDE = sys.argv[1] if __name__ == "__main__" else "mlx"
+_GIVEN = sys.argv[1:4] if __name__ == "__main__" else []
+SIDE, DEVICE, DTYPE = _GIVEN + ["mlx", "cpu", "float32"][len(_GIVEN) :]
 if SIDE == "mlx":
     # isort: off
     import mlx_sd  # noqa: F401  (before mlx.core: BLAS preload, malloc tuning)
@@ -30,6 +34,12 @@ if SIDE == "mlx":
 from mlx_sd_convert.families import family_config  # noqa: E402
 
 TEXT_TOKENS = 77
+
+
+def run_dtype(component: str, dtype: str) -> str:
+    """The dtype a component runs in on both sides: the one asked for, but the VAE in float32 (mlx-sd's default, as
+    diffusers upcasts SDXL's VAE: float16 overflows in its decoder)."""
+    return "float32" if component in ("vae", "vae_decode", "vae_encode") else dtype
 
 
 # --- inputs shared by both sides (numpy, seeded, channels-last) ------------------------------------------------
@@ -116,9 +126,16 @@ def rss_mb(field: str) -> float:
 
 
 class MLXSide:
-    def __init__(self):
+    def __init__(self, device: str = "cpu", dtype: str = "float32"):
+        if device == "gpu" and not mx.is_available(mx.gpu):
+            raise SystemExit("no MLX GPU here: on Linux pip install 'mlx[cuda]' (CUDA 12) or 'mlx-cuda-13'")
+        mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        self.dtype = dtype
         self.models = {}
-        self.text = None  # the TextContext of the context last seen, as the pipeline keeps one per request
+        self.text = None  # (context, its TextContext) last seen, as the pipeline keeps one per request
+
+    def _dtype(self, component: str) -> mx.Dtype:
+        return getattr(mx, run_dtype(component, self.dtype))
 
     def setup(self, component: str, family: str, weights: str, folder: str, save: bool = True) -> dict:
         from mlx.utils import tree_flatten
@@ -147,7 +164,9 @@ class MLXSide:
             save_component(f"{folder}-fp32", cfg, weights)
             save_component(f"{folder}-fp16", cfg, {k: v.astype(mx.float16) for k, v in weights.items()})
             del weights, model
-            model = load_component(f"{folder}-fp32")
+            model = load_component(f"{folder}-fp32", self._dtype(component))
+        else:
+            model.set_dtype(self._dtype(component))
         self.models[component] = model
         mx.eval(self.models[component].parameters())
         mlx_sd.backend.release_cpu_memory()  # the conversion's transient copies, kept by the tuned malloc
@@ -170,21 +189,22 @@ class MLXSide:
     def unpark(self, component: str, folder: str, family: str) -> dict:
         from mlx_sd.components import load_component
 
-        self.models[component] = load_component(folder)
+        self.models[component] = load_component(folder, self._dtype(component))
         mx.eval(self.models[component].parameters())
         return {"rss_mb": rss_mb("VmRSS")}
 
     def forward(self, component: str, inputs: dict[str, np.ndarray]):
-        a = {k: mx.array(v) for k, v in inputs.items()}
+        dtype = self._dtype(component)
+        a = {k: mx.array(v).astype(dtype) if v.dtype.kind == "f" else mx.array(v) for k, v in inputs.items()}
         if component == "unet":
             from mlx_sd.models.layers import TextContext
 
             # Repeats of a step are the steps of one request: the text's keys and values are computed at the first
             # and kept (TextContext), as in a generation.
-            if self.text is None or not np.array_equal(np.array(self.text.array), inputs["context"]):
-                self.text = TextContext(a["context"])
+            if self.text is None or not np.array_equal(self.text[0], inputs["context"]):
+                self.text = (inputs["context"], TextContext(a["context"]))
             unet = self.models["unet"]
-            return unet(a["x"], a["t"], self.text, pooled=a.get("pooled"), time_ids=a.get("time_ids"))
+            return unet(a["x"], a["t"], self.text[1], pooled=a.get("pooled"), time_ids=a.get("time_ids"))
         if component == "vae_decode":
             return self.models["vae"].decode(a["latents"])
         if component == "vae_encode":
@@ -199,7 +219,7 @@ class MLXSide:
         mx.eval(out)
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
         if save:
-            np.save(save, np.array(out))
+            np.save(save, np.array(out.astype(mx.float32)))
         return {
             "seconds": seconds,
             "cpu_s": cpu,
@@ -231,7 +251,9 @@ class MLXSide:
         return {"seconds": time.perf_counter() - start}
 
     def sgemm(self, n: int = 2048, reps: int = 5) -> dict:
-        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+        """The matrix-product rate in the run's dtype (n = 8192 on a GPU, which 2048 would not fill)."""
+        n = 8192 if mlx_sd.backend.on_gpu() else n
+        a, b = (mx.random.normal((n, n)).astype(getattr(mx, self.dtype)) for _ in range(2))
         mx.eval(a @ b)
         times = []
         for _ in range(reps):
@@ -242,13 +264,26 @@ class MLXSide:
 
 
 class TorchSide:
-    def __init__(self):
+    def __init__(self, device: str = "cpu", dtype: str = "float32"):
         import torch
+        from diffusers.utils import logging
 
+        if device == "gpu" and not torch.cuda.is_available():
+            raise SystemExit("torch sees no CUDA GPU here")
+        logging.set_verbosity_error()  # `.to(dtype)` warns about modules to keep in float32 (none in these models)
         torch.set_grad_enabled(False)
         self.torch = torch
+        self.device = "cuda" if device == "gpu" else "cpu"
+        self.dtype = dtype
         self.models = {}
         self.written = {}  # component -> the weights file `setup` wrote
+
+    def _placed(self, model, component: str):
+        return model.to(self.device, getattr(self.torch, run_dtype(component, self.dtype)))
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
 
     def _build(self, component: str, family: str, device: str = "cpu"):
         torch = self.torch
@@ -272,7 +307,7 @@ class TorchSide:
         self.torch.manual_seed(0)
         model = self._build(component, family)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-        self.models[component] = model
+        self.models[component] = self._placed(model, component)
         self.written[component] = weights
         return {"rss_mb": rss_mb("VmRSS")}
 
@@ -288,7 +323,7 @@ class TorchSide:
             try:  # the model is unchanged since `setup` wrote it: a second name for that file, not a 10 GB rewrite
                 os.link(self.written[component], saved)
             except (KeyError, OSError):
-                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(saved))
+                save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(saved))
         del model
         gc.collect()
         return {"rss_mb": rss_mb("VmRSS")}
@@ -298,17 +333,19 @@ class TorchSide:
 
         model = self._build(component, family, "meta")  # no initialisation: the weights are assigned
         model.load_state_dict(load_file(f"{folder}.safetensors"), assign=True)
-        self.models[component] = model
+        self.models[component] = self._placed(model, component)
         return {"rss_mb": rss_mb("VmRSS")}
 
-    def _tensors(self, inputs):
-        t = {k: self.torch.from_numpy(v) for k, v in inputs.items()}
+    def _tensors(self, inputs, component: str):
+        dtype = getattr(self.torch, run_dtype(component, self.dtype))
+        t = {k: self.torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
+        t = {k: v.to(dtype) if v.is_floating_point() else v for k, v in t.items()}
         return {k: v.permute(0, 3, 1, 2).contiguous() if v.ndim == 4 else v for k, v in t.items()}
 
     def forward(self, component: str, inputs: dict[str, np.ndarray], models: dict | None = None):
         """One forward on numpy inputs (or, for counting, on ready meta tensors) -> channels-last output."""
         models = models or self.models
-        t = inputs if models is not self.models else self._tensors(inputs)
+        t = inputs if models is not self.models else self._tensors(inputs, component)
         if component == "unet":
             added = {"text_embeds": t["pooled"], "time_ids": t["time_ids"]} if "pooled" in t else None
             out = models["unet"](t["x"], t["t"], encoder_hidden_states=t["context"], added_cond_kwargs=added).sample
@@ -322,13 +359,21 @@ class TorchSide:
         return out.permute(0, 2, 3, 1)
 
     def run(self, component: str, inputs: dict[str, np.ndarray], save: str | None) -> dict:
+        cuda = self.torch.cuda if self.device == "cuda" else None
+        if cuda:
+            cuda.reset_peak_memory_stats()
         reset_peak_rss()
+        self._sync()
         cpu, start = cpu_seconds(), time.perf_counter()
         out = self.forward(component, inputs)
+        self._sync()
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
         if save:
-            np.save(save, out.contiguous().numpy())
-        return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": rss_mb("VmHWM")}
+            np.save(save, out.float().cpu().contiguous().numpy())
+        reply = {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": rss_mb("VmHWM")}
+        if cuda:
+            reply["cuda_peak_mb"] = cuda.max_memory_allocated() / 2**20
+        return reply
 
     def attention(self, B: int, N: int, M: int, C: int, heads: int, kernel: str) -> dict:
         import torch.nn.functional as F
@@ -350,13 +395,17 @@ class TorchSide:
         return {"seconds": time.perf_counter() - start}
 
     def sgemm(self, n: int = 2048, reps: int = 5) -> dict:
+        """The matrix-product rate in the run's dtype (n = 8192 on a GPU, which 2048 would not fill)."""
         torch = self.torch
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        n = 8192 if self.device == "cuda" else n
+        a, b = (torch.randn(n, n, device=self.device, dtype=getattr(torch, self.dtype)) for _ in range(2))
         a @ b
         times = []
         for _ in range(reps):
+            self._sync()
             start = time.perf_counter()
             a @ b
+            self._sync()
             times.append(time.perf_counter() - start)
         return {"gflops": 2 * n**3 / float(np.median(times)) / 1e9, "threads": torch.get_num_threads()}
 
@@ -366,9 +415,10 @@ class TorchSide:
 
         torch = self.torch
         model_key = "vae" if component.startswith("vae") else component
-        meta_models = {model_key: self._build(model_key, family, "meta")}
+        dtype = getattr(torch, run_dtype(component, self.dtype))
+        meta_models = {model_key: self._build(model_key, family, "meta").to(dtype)}
         inputs = _inputs(component, family, latent)
-        meta = {k: v.to("meta") for k, v in self._tensors(inputs).items()}
+        meta = {k: v.to("meta") for k, v in self._tensors(inputs, component).items()}
         with FlopCounterMode(display=False) as counter, torch.device("meta"):
             self.forward(component, meta, meta_models)
         return {"flops": counter.get_total_flops()}
@@ -385,7 +435,7 @@ def _inputs(component: str, family: str, latent: int) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-    side = MLXSide() if SIDE == "mlx" else TorchSide()
+    side = (MLXSide if SIDE == "mlx" else TorchSide)(DEVICE, DTYPE)
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd.pop("op")

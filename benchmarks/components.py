@@ -1,8 +1,9 @@
-"""Speed and memory of each model component, mlx-sd and diffusers (torch CPU, float32) side by side in one run.
+"""Speed and memory of each model component, mlx-sd and diffusers (torch) side by side in one run.
 
-    python benchmarks/components.py                              # SD1.5 at 512x512, 5 interleaved repeats
+    python benchmarks/components.py                              # SD1.5 at 512x512 on the CPU, 5 interleaved repeats
     python benchmarks/components.py --family sd1,sd2 --sizes 256,512,768,1024 --repeats 3
     python benchmarks/components.py --parts unet --sizes 512 --repeats 9 --out result.json
+    python benchmarks/components.py --device gpu --family sd1,sdxl --repeats 20   # mlx[cuda] against torch CUDA
 
 Random-weight models of the published sizes (convert/families.py). The torch side builds each model and writes its
 weights; the mlx side converts them with mlx_sd_convert (as the parity tests do) and saves component folders in
@@ -19,6 +20,11 @@ values (layers.TextContext), as its pipeline does; torch's FLOP count still incl
 
 Parts: unet (one guided step: batch 2 at each size), vae (decode and encode, batch 1), text (batch 2, 77 tokens),
 load (fresh process -> component loaded and evaluated, fp16 and fp32 folders). Writes a JSON record of every figure.
+
+`--device gpu` runs MLX on its GPU (CUDA on Linux, Metal on a Mac) and torch on CUDA, UNet and text encoder in float16
+(`--dtype`), the VAE in float32 on both sides; the product rate is then float16's at 8192^3, and each side's device
+peak is reported (MLX's allocator, torch.cuda.max_memory_allocated). Both models fit in a GPU's memory, so SDXL runs
+side by side without `--one-at-a-time` there.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ PARTS = {"text": ["text_encoder"], "unet": ["unet"], "vae": ["vae_decode", "vae_
 class Worker:
     """A benchmark side in its own process, spoken to in JSON lines."""
 
-    def __init__(self, side: str):
+    def __init__(self, side: str, device: str = "cpu", dtype: str = "float32"):
         self.side = side
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if side == "torch":
@@ -54,7 +60,7 @@ class Worker:
             # tuning is ours to measure, not torch's: keep both out of the reference process.
             env.update({"MLX_SD_BLAS": "mlx", "MLX_SD_MALLOC": "0"})
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "_worker.py"), side],
+            [sys.executable, str(HERE / "_worker.py"), side, device, dtype],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -159,10 +165,9 @@ def bench_component(workers, component, family, latent, repeats, workdir, record
             "median_s": median(rows, "seconds"),
             "cpu_s": [r["cpu_s"] for r in rows],
             "median_cpu_s": median(rows, "cpu_s"),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
         }
-        if "mlx_peak_mb" in rows[0]:
-            entry[name]["mlx_peak_mb"] = max(r["mlx_peak_mb"] for r in rows)
+        for key in [k for k in rows[0] if k.endswith("_mb")]:  # peak RSS, MLX's allocator, torch's CUDA allocator
+            entry[name][key] = max(r[key] for r in rows)
     if "torch" in workers:
         entry["ratio_mlx_over_torch"] = entry["mlx"]["median_s"] / entry["torch"]["median_s"]
         entry["pair_ratios"] = paired_ratios(runs["mlx"], runs["torch"])
@@ -184,8 +189,10 @@ def _print_entry(e: dict) -> None:
         line += f"  rel err {e['rel_err']:.1e}"
     if "gflops" in e["mlx"]:
         line += f"  mlx {e['mlx']['gflops']:6.1f} GFLOP/s"
-    line += f"  peak RSS {e['mlx']['peak_rss_mb'] / 1024:.1f} GB (MLX peak {e['mlx']['mlx_peak_mb'] / 1024:.1f} GB)"
-    print(line, flush=True)
+    line += f"  peak RSS {e['mlx']['peak_rss_mb'] / 1024:.1f} GB (MLX peak {e['mlx']['mlx_peak_mb'] / 1024:.1f} GB"
+    if "cuda_peak_mb" in e.get("torch", {}):
+        line += f", torch CUDA peak {e['torch']['cuda_peak_mb'] / 1024:.1f} GB"
+    print(line + ")", flush=True)
 
 
 _LOAD_PROBE = r"""
@@ -248,13 +255,29 @@ def scaling(record: dict) -> None:
                 print(f"{family} {side}: step time grows as pixels^{k:.2f} from {lo['pixels']} to {hi['pixels']}")
 
 
+def summarise(record: dict, sgemm: dict[str, list[float]]) -> None:
+    """The product rate per side (median over the run so far) and each UNet's share of it."""
+    record["sgemm_gflops"] = {name: statistics.median(v) for name, v in sgemm.items() if v}
+    for e in record["results"]:
+        if "gflops" in e.get("mlx", {}) and "mlx" in record["sgemm_gflops"]:
+            e["mlx"]["fraction_of_sgemm"] = e["mlx"]["gflops"] / record["sgemm_gflops"]["mlx"]
+
+
+def write(record: dict, out: Path) -> None:
+    """Replace the result file whole; written after every measurement, so a run stopped early keeps what it has."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(out)
+
+
 def _have_torch() -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(m) for m in ("torch", "diffusers", "transformers"))
 
 
-def machine() -> dict:
+def machine(device: str) -> dict:
     # isort: off
     from mlx_sd import backend  # before mlx.core: BLAS preload
     import mlx.core as mx
@@ -276,8 +299,12 @@ def machine() -> dict:
         import torch
 
         info.update(torch=torch.__version__, diffusers=diffusers.__version__)
+        if device == "gpu" and torch.cuda.is_available():
+            info["torch_gpu"] = torch.cuda.get_device_name()
     except ImportError:
         pass
+    if device == "gpu" and mx.is_available(mx.gpu):
+        info["mlx_gpu"] = mx.device_info(mx.gpu)
     info["mlx"] = mx.__version__
     info["numpy"] = np.__version__
     return info
@@ -290,21 +317,27 @@ def main() -> None:
     p.add_argument("--parts", default="text,unet,vae,load", help="comma-separated: text, unet, vae, load")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--mlx-only", action="store_true", help="time mlx-sd alone (torch still counts FLOPs when present)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="gpu: MLX's GPU against torch CUDA")
+    p.add_argument("--dtype", choices=("float32", "float16"), help="UNet and text encoder (default: float16 on gpu)")
     p.add_argument(
         "--one-at-a-time",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="hold one side's model in memory at a time, loading it for each turn (default: for SDXL side by side)",
+        help="hold one side's model in memory at a time, loading it for each turn (default: SDXL side by side on cpu)",
     )
     p.add_argument("--out", default=None, help="JSON result file (default benchmarks/results/<date>-<host>.json)")
     args = p.parse_args()
     families, parts = args.family.split(","), args.parts.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
+    args.dtype = args.dtype or {"cpu": "float32", "gpu": "float16"}[args.device]
 
-    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "args": vars(args)}
+    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(args.device)}
+    record["args"] = vars(args)
     record["results"] = []
+    out = Path(args.out or HERE / "results" / f"{record['date'][:10]}-{platform.node()}-components.json")
     print(json.dumps(record["machine"]), flush=True)
-    workers = {"mlx": Worker("mlx")} | ({} if args.mlx_only else {"torch": Worker("torch")})
+    names = ["mlx"] + ([] if args.mlx_only else ["torch"])
+    workers = {name: Worker(name, args.device, args.dtype) for name in names}
     # FLOPs are counted by torch on meta-device models (no memory); in --mlx-only runs by a worker that times nothing.
     counter = workers.get("torch") or (Worker("torch") if _have_torch() else None)
     sgemm = {name: [] for name in workers}
@@ -312,7 +345,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="mlx-sd-bench-") as tmp:
             workdir = Path(tmp)
             for family in families:
-                wanted = family == "sdxl" if args.one_at_a_time is None else args.one_at_a_time
+                default = family == "sdxl" and args.device == "cpu"  # a GPU holds both SDXL UNets
+                wanted = default if args.one_at_a_time is None else args.one_at_a_time
                 swap = wanted and "torch" in workers  # only side by side holds two models
                 sides = {n: OneAtATime(w, workdir, family) for n, w in workers.items()} if swap else workers
                 needed = {COMPONENTS[c] for part in parts for c in PARTS.get(part, [])}
@@ -335,20 +369,19 @@ def main() -> None:
                             for name, rows in interleaved(workers, 1, "sgemm").items():
                                 sgemm[name] += [r["gflops"] for r in rows]
                             bench_component(sides, component, family, size // 8, args.repeats, workdir, record, counter)
+                            summarise(record, sgemm)
+                            write(record, out)
                 if "load" in parts:
                     bench_load(workdir / f"{family}-unet", args.repeats, record)
+                    write(record, out)
     finally:
         for w in {*workers.values(), *([counter] if counter else [])}:
             w.close()
-    record["sgemm_gflops"] = {name: statistics.median(v) for name, v in sgemm.items() if v}
-    for e in record["results"]:
-        if "gflops" in e.get("mlx", {}):
-            e["mlx"]["fraction_of_sgemm"] = e["mlx"]["gflops"] / record["sgemm_gflops"]["mlx"]
-    print(f"sgemm (2048^3, medians over the run): {record['sgemm_gflops']}")
+    summarise(record, sgemm)
+    n = 8192 if args.device == "gpu" else 2048
+    print(f"matrix product ({args.dtype}, {n}^3, medians over the run), GFLOP/s: {record['sgemm_gflops']}")
     scaling(record)
-    out = Path(args.out or HERE / "results" / f"{record['date'][:10]}-{platform.node()}-components.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    write(record, out)
     print(f"wrote {out}")
 
 
