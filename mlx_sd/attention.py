@@ -4,15 +4,16 @@ Which kernel runs is decided per backend in `backend.attention_kernel()`:
 
 - "fused": MLX's `mx.fast.scaled_dot_product_attention` (Metal, CUDA, macOS CPU), over query blocks when the score
   matrix would be large, so that 1024x1024 images and above stay within memory.
-- "blocked" (x86/Linux CPU, float32, no mask): MLX's CPU exp is scalar there (~15 ns per element; numpy's
-  vectorised exp ~1.5 ns), which made 4,096-token self-attention cost several seconds per layer. This path runs
-  each head's query blocks on one worker thread per core: `q k^T` into a score block that stays in the cache,
-  numpy's `exp` in place, `p v`, with the BLAS (`cpu_blas.sgemm`: MKL's, else numpy's) single-threaded inside each
-  worker (many small multithreaded BLAS calls stall on thread hand-offs). The scale rides along in the first
-  product (BLAS's alpha) and the row sum in the second (see `_blocked`), so `exp` is the only elementwise pass over
-  the scores (as `exp2`, with log2(e) folded into the scale: numpy's `exp2` takes 0.39 ns per element here against
-  `exp`'s 0.56), unshifted, with an exact redo where that under- or overflows. Small heads go in groups
-  (`_small_heads`).
+- "blocked" (x86/Linux CPU, float32; no mask, or the text towers' causal one): MLX's CPU exp is scalar there (~15 ns
+  per element; numpy's vectorised exp ~1.5 ns), which made 4,096-token self-attention cost several seconds per
+  layer. This path runs each head's query blocks on one worker thread per core: `q k^T` into a score block that
+  stays in the cache, numpy's `exp` in place, `p v`, with the BLAS (`cpu_blas.sgemm`: MKL's, else numpy's)
+  single-threaded inside each worker (many small multithreaded BLAS calls stall on thread hand-offs). The scale
+  rides along in the first product (BLAS's alpha) and the row sum in the second (see `_blocked`), so `exp` is the
+  only elementwise pass over the scores (as `exp2`, with log2(e) folded into the scale: numpy's `exp2` takes 0.39 ns
+  per element here against `exp`'s 0.56), unshifted, with an exact redo where that under- or overflows. Small heads
+  go in groups (`_small_heads`), which also take the CLIP text towers' causal mask (MLX's CPU kernel took 4.9 ms per
+  CLIP-L layer, 10 ms per OpenCLIP-G layer; these 1.6 and 2.2 ms).
 
 Models call `attention()` and never reshape heads themselves.
 """
@@ -31,8 +32,10 @@ FUSED_BLOCK_BYTES = 256 * 2**20
 # product find it in the caches (L3 here), large enough for efficient BLAS calls (measured best of 0.25-16 MiB).
 SCORE_BLOCK_BYTES = 4 * 2**20
 LOG2_E = 1.4426950408889634
-# Below this many scores (B * heads * N * M) the blocked path's set-up costs more than it saves.
-BLOCKED_MIN_SCORES = 2**18
+# Below this many scores (B * heads * N * M) the blocked path's set-up (~1.4 ms) costs more than it saves. Measured
+# against MLX's CPU kernel: 16,384 scores 1.38 vs 0.55 ms, 24,640 1.46 vs 1.14, 65,536 1.51 vs 2.00, 142,296 (CLIP-L,
+# causal) 2.0 vs 5.1, 163,840 1.55 vs 6.6.
+BLOCKED_MIN_SCORES = 2**16
 # Heads of at most this many scores (N * M) run as `_small_heads`, in groups with batched products. Measured: 2**20
 # (1024-token heads, 4096x77 cross-attention) made those slower than the query blocks of `_blocked`.
 SMALL_HEAD_SCORES = 2**18
@@ -51,8 +54,11 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, mask: mx.array 
     """
     B, N, C = q.shape
     M = k.shape[1]
-    if mask is None and B * heads * N * M >= BLOCKED_MIN_SCORES and backend.attention_kernel(q.dtype) == "blocked":
-        return _blocked(q, k, v, heads)
+    if B * heads * N * M >= BLOCKED_MIN_SCORES and backend.attention_kernel(q.dtype) == "blocked":
+        if mask is None:
+            return _blocked(q, k, v, heads)
+        if isinstance(mask, str) and mask == "causal" and N == M and N * M <= SMALL_HEAD_SCORES:
+            return _blocked(q, k, v, heads, causal=True)
     return _fused(q, k, v, heads, mask)
 
 
@@ -79,7 +85,7 @@ def _fused(q: mx.array, k: mx.array, v: mx.array, heads: int, mask) -> mx.array:
     return out.transpose(0, 2, 1, 3).reshape(B, N, C)
 
 
-def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool = False) -> mx.array:
     """CPU attention: BLAS products and numpy's exp2 over per-head query blocks, one worker thread per core.
 
     softmax(s_i) v = (exp(s_i) v) / sum_j exp(s_ij). Each block's logits come from one product that reads q and k in
@@ -93,6 +99,8 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     Heads are read in place from the (B, N, C) inputs (strided views that BLAS takes as they are) and written in
     place into a (B, N, C) output; v's ones column is made per task inside the workers, so that nothing but the
     products runs outside them (the set-up in MLX had cost more than a cross-attention's products).
+
+    `causal` (query i sees keys 0..i) is taken by the small heads alone: the text towers' 77 tokens.
     """
     B, N, C = q.shape
     M = k.shape[1]
@@ -101,7 +109,9 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     mx.eval(q, k, v)
     qn, kn, vn = (np.asarray(x) for x in (q, k, v))  # float32 (backend.attention_kernel), zero-copy views
     if N * M <= SMALL_HEAD_SCORES:
-        return mx.array(_small_heads(qn, kn, vn, heads, scale))
+        return mx.array(_small_heads(qn, kn, vn, heads, scale, causal))
+    if causal:
+        raise ValueError(f"causal attention over {N} x {M} tokens: only heads of <= {SMALL_HEAD_SCORES} scores take it")
     out = np.empty((B, N, C), np.float32)
 
     rows = max(1, min(N, SCORE_BLOCK_BYTES // (4 * M)))
@@ -135,7 +145,9 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     return mx.array(out)
 
 
-def _small_heads(qn: np.ndarray, kn: np.ndarray, vn: np.ndarray, heads: int, scale: float) -> np.ndarray:
+def _small_heads(
+    qn: np.ndarray, kn: np.ndarray, vn: np.ndarray, heads: int, scale: float, causal: bool = False
+) -> np.ndarray:
     """`_blocked`'s work for heads whose scores fit in one block (SDXL's and SD2's 20 heads at 256 tokens), where
     per-head set-up (copies, Python calls) had cost more than the products: 20 heads of 256 tokens took 2.6x torch's
     time with `_blocked`'s set-up per head, 1.8x with it batched.
@@ -145,12 +157,14 @@ def _small_heads(qn: np.ndarray, kn: np.ndarray, vn: np.ndarray, heads: int, sca
     in place, the row sums (a product with ones), and `p v` for all its heads by one batched product into a buffer,
     divided by the row sums into the token-major output (where the heads interleave). Without a shift: exp2 of the
     raw logits is exact in float32 for logits in (-126, 128) (base 2; SD's are within +-40), and a head group whose
-    row sums fall outside [2^-60, inf), or whose output is not finite, is redone with the exact row max.
+    row sums fall outside [2^-60, inf), or whose output is not finite, is redone with the exact row max. A causal
+    mask is added to the logits as -inf above the diagonal, which exp2 turns into weights of 0.
     """
     B, N, C = qn.shape
     M = kn.shape[1]
     d = C // heads
     out = np.empty((B, N, C), np.float32)
+    mask = np.triu(np.full((N, M), -np.inf, np.float32), 1) if causal else None
     groups = max(-(-heads * N * M * 4 // SCORE_BLOCK_BYTES), -(-2 * backend.cpu_threads() // B))
     bounds = [heads * i // min(heads, groups) for i in range(min(heads, groups) + 1)]
     tasks = [(b, h0, h1) for b in range(B) for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -159,6 +173,8 @@ def _small_heads(qn: np.ndarray, kn: np.ndarray, vn: np.ndarray, heads: int, sca
         b, h0, h1 = task
         q, k, v = (x[b].reshape(-1, heads, d)[:, h0:h1].transpose(1, 0, 2) for x in (qn, kn, vn))  # (g, n, d) views
         scores = sgemm_batch(q, k.transpose(0, 2, 1), np.empty((h1 - h0, N, M), np.float32), alpha=scale)
+        if mask is not None:
+            scores += mask
         with np.errstate(over="ignore"):  # overflow is checked below and the heads redone exactly
             np.exp2(scores, out=scores)
         # Row sums as a product with ones (0.12 ms for 10 x 256 x 256 scores, numpy's sum 0.35 ms); `p v` into a
@@ -173,7 +189,7 @@ def _small_heads(qn: np.ndarray, kn: np.ndarray, vn: np.ndarray, heads: int, sca
             and np.isfinite(out[b, :, h0 * d : h1 * d]).all()
         ):
             for i, h in enumerate(range(h0, h1)):
-                out[b, :, h * d : (h + 1) * d] = _exact_head(q[i], k[i], v[i], scale)
+                out[b, :, h * d : (h + 1) * d] = _exact_head(q[i], k[i], v[i], scale, mask)
 
     with cpu_blas.numpy_blas_single_threaded():
         backend.cpu_map(run, tasks)
@@ -185,9 +201,11 @@ def _small_heads(qn: np.ndarray, kn: np.ndarray, vn: np.ndarray, heads: int, sca
 _SMALLEST_ROW_SUM = 2.0**-60
 
 
-def _exact_head(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
-    """softmax(scale q k^T, base 2) v for one head, with the exact row max subtracted."""
+def _exact_head(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask: np.ndarray | None = None):
+    """softmax(scale q k^T + mask, base 2) v for one head, with the exact row max subtracted."""
     s = sgemm(q, k.T, alpha=scale)
+    if mask is not None:
+        s += mask
     s -= s.max(axis=-1, keepdims=True)
     np.exp2(s, out=s)
     return sgemm(s, v) / s.sum(axis=-1, keepdims=True)

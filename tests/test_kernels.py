@@ -94,6 +94,38 @@ def test_attention_underflow_fallback(monkeypatch, sgemm_path, N):
     assert relative_error(got, exact) <= 2 * relative_error(_reference_attention(q, k, v, heads), exact)
 
 
+@pytest.mark.parametrize("C,heads", [(768, 12), (1280, 20)])  # CLIP-L, OpenCLIP-G
+def test_causal_text_attention_takes_the_small_heads_and_matches_torch(monkeypatch, sgemm_path, C, heads):
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 77, C), dtype=np.float32) for _ in range(3))
+    small = []
+    small_heads = attention_module._small_heads
+    monkeypatch.setattr(attention_module, "_small_heads", lambda *a: small.append(1) or small_heads(*a))
+    got = attention(mx.array(q), mx.array(k), mx.array(v), heads, "causal")
+    assert small, "the causal text attention did not run on the blocked path"
+    t = [torch.from_numpy(x).reshape(2, 77, heads, C // heads).transpose(1, 2) for x in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*t, is_causal=True).transpose(1, 2).reshape(2, 77, C).numpy()
+    assert_close(got, ref, 2e-6, "causal attention")
+
+
+def test_causal_attention_overflow_fallback_keeps_the_mask(monkeypatch, sgemm_path):
+    """Key 7's logits (~204, unshifted beyond float32 exp's range) overflow for the queries that see it (7 and on);
+    the exact redo must still hide it from queries 0-6."""
+    rng = np.random.default_rng(4)
+    B, N, C, heads = 2, 77, 256, 8
+    q, k, v = (rng.standard_normal((B, N, C), dtype=np.float32) for _ in range(3))
+    q = 6 + 0.1 * q
+    k[:, 7] = 6
+    fallbacks = []
+    exact_head = attention_module._exact_head
+    monkeypatch.setattr(attention_module, "_exact_head", lambda *a: fallbacks.append(1) or exact_head(*a))
+    got = attention(mx.array(q), mx.array(k), mx.array(v), heads, "causal")
+    assert fallbacks, "the overflow fallback was not exercised"
+    t = [torch.from_numpy(x).reshape(B, N, heads, C // heads).transpose(1, 2) for x in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*t, is_causal=True).transpose(1, 2).reshape(B, N, C).numpy()
+    assert_close(got, ref, 2e-6, "causal attention with fallback")
+
+
 def test_fused_attention_blocks_match_unblocked(monkeypatch):
     """The fused path's query blocking (used on GPUs at large sizes) changes nothing but memory."""
     rng = np.random.default_rng(2)
