@@ -209,7 +209,7 @@ class MLXSide:
             return self.models["vae"].decode(a["latents"])
         if component == "vae_encode":
             return self.models["vae"].encode_moments(a["image"])
-        return self.models["text_encoder"](a["ids"]).last_hidden_state
+        return self.models[component](a["ids"]).last_hidden_state  # a text tower
 
     def run(self, component: str, inputs: dict[str, np.ndarray], save: str | None) -> dict:
         mx.reset_peak_memory()
@@ -355,7 +355,7 @@ class TorchSide:
             vae = models["vae"]
             out = vae.quant_conv(vae.encoder(t["image"]))
         else:
-            return models["text_encoder"](t["ids"]).last_hidden_state
+            return models[component](t["ids"]).last_hidden_state  # a text tower
         return out.permute(0, 2, 3, 1)
 
     def run(self, component: str, inputs: dict[str, np.ndarray], save: str | None) -> dict:

@@ -18,7 +18,8 @@ loads the side's saved copy, runs an untimed step and the timed one, and drops i
 activations exceed 24 GB. Repeats of a UNet step are the steps of one request: the mlx side keeps the text's keys and
 values (layers.TextContext), as its pipeline does; torch's FLOP count still includes them.
 
-Parts: unet (one guided step: batch 2 at each size), vae (decode and encode, batch 1), text (batch 2, 77 tokens),
+Parts: unet (one guided step: batch 2 at each size), vae (decode and encode, batch 1), text (each text tower: batch 2,
+77 tokens),
 load (fresh process -> component loaded and evaluated, fp16 and fp32 folders). Writes a JSON record of every figure.
 
 `--device gpu` runs MLX on its GPU (CUDA on Linux, Metal on a Mac) and torch on CUDA, UNet and text encoder in float16
@@ -44,8 +45,24 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-COMPONENTS = {"unet": "unet", "vae_decode": "vae", "vae_encode": "vae", "text_encoder": "text_encoder"}
+# what is timed -> the model it runs
+COMPONENTS = {
+    "unet": "unet",
+    "vae_decode": "vae",
+    "vae_encode": "vae",
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",
+}
 PARTS = {"text": ["text_encoder"], "unet": ["unet"], "vae": ["vae_decode", "vae_encode"]}
+
+
+def part_components(part: str, family: str) -> list[str]:
+    """What a part times for a family: "text" is each of the family's text towers (SDXL: CLIP-L and OpenCLIP-G)."""
+    if part == "text":
+        from mlx_sd_convert.families import TEXT_TOWERS
+
+        return [encoder for encoder, _, _ in TEXT_TOWERS[family]]
+    return PARTS[part]
 
 
 class Worker:
@@ -349,10 +366,10 @@ def main() -> None:
                 wanted = default if args.one_at_a_time is None else args.one_at_a_time
                 swap = wanted and "torch" in workers  # only side by side holds two models
                 sides = {n: OneAtATime(w, workdir, family) for n, w in workers.items()} if swap else workers
-                needed = {COMPONENTS[c] for part in parts for c in PARTS.get(part, [])}
+                needed = {COMPONENTS[c] for part in parts if part in PARTS for c in part_components(part, family)}
                 if "load" in parts:
                     needed.add("unet")
-                for model in ("text_encoder", "unet", "vae"):
+                for model in ("text_encoder", "text_encoder_2", "unet", "vae"):
                     if model not in needed:
                         continue
                     weights, folder = str(workdir / f"{model}.safetensors"), str(workdir / f"{family}-{model}")
@@ -364,7 +381,7 @@ def main() -> None:
                             sides[name].park(model)
                     Path(weights).unlink(missing_ok=True)
                 for part in [p for p in parts if p in PARTS]:
-                    for component in PARTS[part]:
+                    for component in part_components(part, family):
                         for size in sizes if component == "unet" else sizes[:1]:
                             for name, rows in interleaved(workers, 1, "sgemm").items():
                                 sgemm[name] += [r["gflops"] for r in rows]
