@@ -13,7 +13,7 @@ Which kernel runs is decided per backend in `backend.attention_kernel()`:
   only elementwise pass over the scores (as `exp2`, with log2(e) folded into the scale: numpy's `exp2` takes 0.39 ns
   per element here against `exp`'s 0.56), unshifted, with an exact redo where that under- or overflows. Small heads
   go in groups (`_small_heads`), which also take the CLIP text towers' causal mask (MLX's CPU kernel took 4.9 ms per
-  CLIP-L layer, 10 ms per OpenCLIP-G layer; these 1.6 and 2.2 ms).
+  CLIP-L layer, 9.5 ms per OpenCLIP-G layer; these 2.0 and 2.3 ms).
 
 Models call `attention()` and never reshape heads themselves.
 """
