@@ -12,10 +12,10 @@
 #
 # PYTHON_VERSION (default 3.12) is the GPU machine's Python, which need not be this one's.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 cmd=${1:?usage: offline_gpu.sh fetch DIR [MB] | run DIR [ARGS]}
-dir=${2:?usage: offline_gpu.sh fetch DIR [MB] | run DIR [ARGS]}
+dir=$(realpath -m "${2:?usage: offline_gpu.sh fetch DIR [MB] | run DIR [ARGS]}")
 shift 2
+cd "$(dirname "$0")/.."
 
 case $cmd in
 fetch)
