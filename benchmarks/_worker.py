@@ -6,9 +6,9 @@ Reads one JSON command per line on stdin and answers one JSON line on stdout. Ea
 that neither's thread pool (OpenBLAS for MLX, OpenMP for torch) spins on cores the other is timing; the driver asks
 them in turn (A, B, A, B, ...). The torch side builds random-weight models from the published configs and writes
 their weights; the mlx side converts those same weights, so both compute the same function on the same inputs.
-On a GPU ("gpu": MLX's CUDA or Metal backend, torch's CUDA) both run the UNet and the text encoder in the dtype asked
-for and the VAE in float32 (`run_dtype`), and time to the end of the device's work (mx.eval returns when the arrays
-are computed; torch.cuda.synchronize).
+On a GPU ("gpu": MLX's CUDA or Metal backend, torch's CUDA, or MPS on a Mac) both run the UNet and the text towers
+in the dtype asked for and the VAE in float32 (`run_dtype`), and time to the end of the device's work (mx.eval returns
+when the arrays are computed; torch.cuda / torch.mps.synchronize).
 """
 
 from __future__ import annotations
@@ -268,12 +268,14 @@ class TorchSide:
         import torch
         from diffusers.utils import logging
 
-        if device == "gpu" and not torch.cuda.is_available():
-            raise SystemExit("torch sees no CUDA GPU here")
+        self.device = "cpu"
+        if device == "gpu":
+            self.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else ""
+            if not self.device:
+                raise SystemExit("torch sees no GPU here (neither CUDA nor MPS)")
         logging.set_verbosity_error()  # `.to(dtype)` warns about modules to keep in float32 (none in these models)
         torch.set_grad_enabled(False)
         self.torch = torch
-        self.device = "cuda" if device == "gpu" else "cpu"
         self.dtype = dtype
         self.models = {}
         self.written = {}  # component -> the weights file `setup` wrote
@@ -282,8 +284,8 @@ class TorchSide:
         return model.to(self.device, getattr(self.torch, run_dtype(component, self.dtype)))
 
     def _sync(self) -> None:
-        if self.device == "cuda":
-            self.torch.cuda.synchronize()
+        if self.device != "cpu":
+            getattr(self.torch, self.device).synchronize()
 
     def _build(self, component: str, family: str, device: str = "cpu"):
         torch = self.torch
@@ -397,7 +399,7 @@ class TorchSide:
     def sgemm(self, n: int = 2048, reps: int = 5) -> dict:
         """The matrix-product rate in the run's dtype (n = 8192 on a GPU, which 2048 would not fill)."""
         torch = self.torch
-        n = 8192 if self.device == "cuda" else n
+        n = 8192 if self.device != "cpu" else n
         a, b = (torch.randn(n, n, device=self.device, dtype=getattr(torch, self.dtype)) for _ in range(2))
         a @ b
         times = []

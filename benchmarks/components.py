@@ -3,7 +3,7 @@
     python benchmarks/components.py                              # SD1.5 at 512x512 on the CPU, 5 interleaved repeats
     python benchmarks/components.py --family sd1,sd2 --sizes 256,512,768,1024 --repeats 3
     python benchmarks/components.py --parts unet --sizes 512 --repeats 9 --out result.json
-    python benchmarks/components.py --device gpu --family sd1,sdxl --repeats 20   # mlx[cuda] against torch CUDA
+    python benchmarks/components.py --device gpu --family sd1,sdxl --repeats 20   # against torch CUDA (Mac: MPS)
 
 Random-weight models of the published sizes (convert/families.py). The torch side builds each model and writes its
 weights; the mlx side converts them with mlx_sd_convert (as the parity tests do) and saves component folders in
@@ -22,10 +22,10 @@ Parts: unet (one guided step: batch 2 at each size), vae (decode and encode, bat
 77 tokens),
 load (fresh process -> component loaded and evaluated, fp16 and fp32 folders). Writes a JSON record of every figure.
 
-`--device gpu` runs MLX on its GPU (CUDA on Linux, Metal on a Mac) and torch on CUDA, UNet and text encoder in float16
-(`--dtype`), the VAE in float32 on both sides; the product rate is then float16's at 8192^3, and each side's device
-peak is reported (MLX's allocator, torch.cuda.max_memory_allocated). Both models fit in a GPU's memory, so SDXL runs
-side by side without `--one-at-a-time` there.
+`--device gpu` runs MLX on its GPU (CUDA on Linux, Metal on a Mac) and torch on CUDA (MPS on a Mac), UNet and text
+towers in float16 (`--dtype`), the VAE in float32 on both sides; the product rate is then float16's at 8192^3, and
+each side's device peak is reported (MLX's allocator; torch.cuda.max_memory_allocated, none on MPS). Both models fit
+in a GPU's memory, so SDXL runs side by side without `--one-at-a-time` there.
 """
 
 from __future__ import annotations
@@ -316,8 +316,8 @@ def machine(device: str) -> dict:
         import torch
 
         info.update(torch=torch.__version__, diffusers=diffusers.__version__)
-        if device == "gpu" and torch.cuda.is_available():
-            info["torch_gpu"] = torch.cuda.get_device_name()
+        if device == "gpu":
+            info["torch_gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "mps"
     except ImportError:
         pass
     if device == "gpu" and mx.is_available(mx.gpu):
@@ -334,7 +334,7 @@ def main() -> None:
     p.add_argument("--parts", default="text,unet,vae,load", help="comma-separated: text, unet, vae, load")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--mlx-only", action="store_true", help="time mlx-sd alone (torch still counts FLOPs when present)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="gpu: MLX's GPU against torch CUDA")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="gpu: MLX's GPU against torch CUDA or MPS")
     p.add_argument("--dtype", choices=("float32", "float16"), help="UNet and text encoder (default: float16 on gpu)")
     p.add_argument(
         "--one-at-a-time",
