@@ -22,10 +22,10 @@ from oracles import assert_close, relative_error
 pytestmark = pytest.mark.skipif(backend.on_gpu(), reason="the CPU kernels are what is tested here")
 
 
-def _reference_attention(q, k, v, heads):
+def _reference_attention(q, k, v, heads, causal=False):
     B, N, C = q.shape
     t = [torch.from_numpy(x).reshape(B, -1, heads, C // heads).transpose(1, 2) for x in (q, k, v)]
-    return F.scaled_dot_product_attention(*t).transpose(1, 2).reshape(B, N, C).numpy()
+    return F.scaled_dot_product_attention(*t, is_causal=causal).transpose(1, 2).reshape(B, N, C).numpy()
 
 
 @pytest.fixture(params=["mkl", "numpy"])
@@ -103,9 +103,7 @@ def test_causal_text_attention_takes_the_small_heads_and_matches_torch(monkeypat
     monkeypatch.setattr(attention_module, "_small_heads", lambda *a: small.append(1) or small_heads(*a))
     got = attention(mx.array(q), mx.array(k), mx.array(v), heads, "causal")
     assert small, "the causal text attention did not run on the blocked path"
-    t = [torch.from_numpy(x).reshape(2, 77, heads, C // heads).transpose(1, 2) for x in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*t, is_causal=True).transpose(1, 2).reshape(2, 77, C).numpy()
-    assert_close(got, ref, 2e-6, "causal attention")
+    assert_close(got, _reference_attention(q, k, v, heads, causal=True), 2e-6, "causal attention")
 
 
 def test_causal_attention_overflow_fallback_keeps_the_mask(monkeypatch, sgemm_path):
@@ -121,9 +119,7 @@ def test_causal_attention_overflow_fallback_keeps_the_mask(monkeypatch, sgemm_pa
     monkeypatch.setattr(attention_module, "_exact_head", lambda *a: fallbacks.append(1) or exact_head(*a))
     got = attention(mx.array(q), mx.array(k), mx.array(v), heads, "causal")
     assert fallbacks, "the overflow fallback was not exercised"
-    t = [torch.from_numpy(x).reshape(B, N, heads, C // heads).transpose(1, 2) for x in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*t, is_causal=True).transpose(1, 2).reshape(B, N, C).numpy()
-    assert_close(got, ref, 2e-6, "causal attention with fallback")
+    assert_close(got, _reference_attention(q, k, v, heads, causal=True), 2e-6, "causal attention with fallback")
 
 
 def test_fused_attention_blocks_match_unblocked(monkeypatch):
