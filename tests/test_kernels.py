@@ -28,6 +28,13 @@ def _reference_attention(q, k, v, heads, causal=False):
     return F.scaled_dot_product_attention(*t, is_causal=causal).transpose(1, 2).reshape(B, N, C).numpy()
 
 
+def _calls(monkeypatch, name: str) -> list:
+    """A list that gains an entry each time the attention module's function `name` is called (which still runs)."""
+    calls, original = [], getattr(attention_module, name)
+    monkeypatch.setattr(attention_module, name, lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
 @pytest.fixture(params=["mkl", "numpy"])
 def sgemm_path(request, monkeypatch):
     """The blocked attention's products through MKL (where mlx_sd loaded it) and through numpy's OpenBLAS."""
@@ -62,12 +69,8 @@ def test_blocked_attention_query_blocks_and_overflow_fallback(monkeypatch, sgemm
     q = 6 + 0.1 * q
     k[0, 7] = 6
     monkeypatch.setattr(attention_module, "SCORE_BLOCK_BYTES", 128 * N * 4)  # 128-row blocks
-    fallbacks = []
-    exact_head = attention_module._exact_head
-    monkeypatch.setattr(attention_module, "_exact_head", lambda *a: fallbacks.append(1) or exact_head(*a))
-    small = []
-    small_heads = attention_module._small_heads
-    monkeypatch.setattr(attention_module, "_small_heads", lambda *a: small.append(1) or small_heads(*a))
+    fallbacks = _calls(monkeypatch, "_exact_head")
+    small = _calls(monkeypatch, "_small_heads")
     got = attention(mx.array(q), mx.array(k), mx.array(v), heads)
     assert fallbacks, "the overflow fallback was not exercised"
     assert bool(small) == (N * N <= attention_module.SMALL_HEAD_SCORES)
@@ -79,9 +82,7 @@ def test_attention_underflow_fallback(monkeypatch, sgemm_path, N):
     """Logits of about -200 in every row of one head underflow the unshifted exp to 0 and must be redone with the
     exact row max: heads of 300 tokens together (`_small_heads`), of 600 in 128-row query blocks."""
     monkeypatch.setattr(attention_module, "SCORE_BLOCK_BYTES", 128 * N * 4)
-    fallbacks = []
-    exact_head = attention_module._exact_head
-    monkeypatch.setattr(attention_module, "_exact_head", lambda *a: fallbacks.append(1) or exact_head(*a))
+    fallbacks = _calls(monkeypatch, "_exact_head")
     rng = np.random.default_rng(8)
     B, C, heads = 2, 64, 2  # at least 360,000 scores: the blocked path
     q, k, v = (rng.standard_normal((B, N, C), dtype=np.float32) for _ in range(3))
@@ -98,9 +99,7 @@ def test_attention_underflow_fallback(monkeypatch, sgemm_path, N):
 def test_causal_text_attention_takes_the_small_heads_and_matches_torch(monkeypatch, sgemm_path, C, heads):
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((2, 77, C), dtype=np.float32) for _ in range(3))
-    small = []
-    small_heads = attention_module._small_heads
-    monkeypatch.setattr(attention_module, "_small_heads", lambda *a: small.append(1) or small_heads(*a))
+    small = _calls(monkeypatch, "_small_heads")
     got = attention(mx.array(q), mx.array(k), mx.array(v), heads, "causal")
     assert small, "the causal text attention did not run on the blocked path"
     assert_close(got, _reference_attention(q, k, v, heads, causal=True), 2e-6, "causal attention")
@@ -114,9 +113,7 @@ def test_causal_attention_overflow_fallback_keeps_the_mask(monkeypatch, sgemm_pa
     q, k, v = (rng.standard_normal((B, N, C), dtype=np.float32) for _ in range(3))
     q = 6 + 0.1 * q
     k[:, 7] = 6
-    fallbacks = []
-    exact_head = attention_module._exact_head
-    monkeypatch.setattr(attention_module, "_exact_head", lambda *a: fallbacks.append(1) or exact_head(*a))
+    fallbacks = _calls(monkeypatch, "_exact_head")
     got = attention(mx.array(q), mx.array(k), mx.array(v), heads, "causal")
     assert fallbacks, "the overflow fallback was not exercised"
     assert_close(got, _reference_attention(q, k, v, heads, causal=True), 2e-6, "causal attention with fallback")
