@@ -85,6 +85,10 @@ class MLXNoise:
             mx.eval(self._key)
         return mx.random.normal(shape, dtype=mx.float32, key=key).astype(dtype)
 
+    def reseeded(self, seed: int) -> MLXNoise:
+        """A new source of this kind seeded with `seed` (Brownian trees draw from many seeds)."""
+        return MLXNoise(seed)
+
 
 class TorchCPUNoise:
     """torch's CPU generator: draw i equals the i-th `torch.randn(shape, generator=g, dtype=dtype)` after
@@ -112,6 +116,10 @@ class TorchCPUNoise:
             values = self._generator.randn(int(np.prod(shape)), half_precision=dtype in _HALF_DTYPES)
         # torch rounds its float32 values to half precision to nearest-even, as astype does.
         return mx.array(values.reshape(shape)).astype(dtype)
+
+    def reseeded(self, seed: int) -> TorchCPUNoise:
+        """A new source of this kind seeded with `seed` (A1111's `randn_local(seed, shape)` for Brownian trees)."""
+        return TorchCPUNoise(seed, self._generator.kernel)
 
 
 class PerImageNoise:

@@ -9,7 +9,9 @@ Every sampler is a generator function with one signature:
 - `x`: the VE latent (x = x0 + sigma * eps) at `sigmas[0]`, (B, H, W, C);
 - `sigmas`: the n + 1 decreasing noise levels of n steps (the last is usually 0), Python floats;
 - `rng`: a noise source, anything with `.normal(shape, dtype) -> mx.array` returning successive standard
-  normal draws in torch's NCHW element order (see `mlx_sd.rng`); only stochastic samplers draw from it.
+  normal draws in torch's NCHW element order (see `mlx_sd.rng`); only stochastic samplers draw from it. The SDE
+  samplers also take a `brownian.BrownianNoise` (A1111's Brownian tree), whose noise depends on the step's
+  interval: they draw through `step_noise`.
 
 It yields x after every step: after step i, x is the VE latent at `sigmas[i + 1]`, evaluated; the last yield is
 the result. Multistep history lives in the generator's local variables. A consumer may send a replacement for the
@@ -39,6 +41,13 @@ def noise_like(rng, x: mx.array) -> mx.array:
         b, h, w, c = x.shape
         return rng.normal((b, c, h, w), dtype=x.dtype).transpose(0, 2, 3, 1)
     return rng.normal(tuple(x.shape), dtype=x.dtype)
+
+
+def step_noise(rng, x: mx.array, sigma: float, sigma_next: float) -> mx.array:
+    """Standard normal noise for the step sigma -> sigma_next: the normalised increment of a Brownian tree over that
+    interval when `rng` is one (`brownian.BrownianNoise`), else the source's next draw."""
+    increment = getattr(rng, "increment", None)
+    return noise_like(rng, x) if increment is None else increment(x, sigma, sigma_next)
 
 
 def to_d(x: mx.array, sigma: float, denoised: mx.array) -> mx.array:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 
-from .common import ancestral_step, emit, noise_like, to_d
+import numpy as np
+
+from .common import ancestral_step, emit, noise_like, step_noise, to_d
 
 
 def dpmpp_2m(denoiser, x, sigmas, rng=None, *, solver_type="midpoint", lower_order_final=False):
@@ -71,7 +73,9 @@ def dpmpp_2m_sde(
                 else:
                     x = x + 0.5 * decay * (1 / r) * (denoised - old_denoised)
             if eta:
-                x = x + noise_like(rng, x) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
+                x = x + step_noise(rng, x, sigma, sigma_next) * (
+                    sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
+                )
             h_last = h
         old_denoised = denoised
         x = yield from emit(x, old_denoised)
@@ -101,7 +105,8 @@ def dpmpp_3m_sde(denoiser, x, sigmas, rng=None, *, eta=1.0, s_noise=1.0):
             elif h_1 is not None:
                 x = x + phi_2 * ((denoised - denoised_1) / (h_1 / h))
             if eta:
-                x = x + noise_like(rng, x) * (sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
+                noise = step_noise(rng, x, sigma, sigma_next)
+                x = x + noise * (sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
             h_1, h_2 = h, h_1
         denoised_1, denoised_2 = denoised, denoised_1
         x = yield from emit(x, *(d for d in (denoised_1, denoised_2) if d is not None))
@@ -120,8 +125,21 @@ def brownian_pair(rng, x, sigma: float, sigma_mid: float, sigma_next: float):
     return z1, (math.sqrt(a) * z1 + math.sqrt(b) * z2) / math.sqrt(a + b)
 
 
+def tree_pair(tree, x, sigma: float, sigma_next: float, r: float):
+    """DPM++ SDE's two draws from a Brownian tree (`brownian.BrownianNoise`), over the intervals k-diffusion asks
+    for: sigma_fn(t) -> sigma_fn(t + r h) and sigma_fn(t) -> sigma_fn(t_next), with t = -log(sigma) in float32.
+    The tree rounds its points to 6 decimals, so an ulp matters: these are torch's float32 steps, each log and exp
+    computed in float64 and rounded once (as C libraries nearly always round)."""
+    f32 = np.float32
+    t, t_next = -f32(math.log(f32(sigma))), -f32(math.log(f32(sigma_next)))
+    s = t + (t_next - t) * f32(r)
+    start, mid, end = (float(f32(math.exp(-float(u)))) for u in (t, s, t_next))
+    return tree.increment(x, start, mid), tree.increment(x, start, end)
+
+
 def dpmpp_sde(denoiser, x, sigmas, rng=None, *, eta=1.0, s_noise=1.0, r=0.5):
-    """DPM-Solver++ (stochastic, second order, two model calls per step), with Brownian noise (`brownian_pair`)."""
+    """DPM-Solver++ (stochastic, second order, two model calls per step), with Brownian noise: from the tree when
+    `rng` is one (`tree_pair`), else two fresh draws correlated as the tree's (`brownian_pair`)."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma)
@@ -131,7 +149,11 @@ def dpmpp_sde(denoiser, x, sigmas, rng=None, *, eta=1.0, s_noise=1.0, r=0.5):
             h = math.log(sigma / sigma_next)
             sigma_mid = sigma * math.exp(-h * r)
             fac = 1 / (2 * r)
-            z_mid, z_next = brownian_pair(rng, x, sigma, sigma_mid, sigma_next) if eta else (None, None)
+            z_mid, z_next = None, None
+            if eta and hasattr(rng, "increment"):
+                z_mid, z_next = tree_pair(rng, x, sigma, sigma_next, r)
+            elif eta:
+                z_mid, z_next = brownian_pair(rng, x, sigma, sigma_mid, sigma_next)
             # step 1: to the midpoint
             sigma_down, sigma_up = ancestral_step(sigma, sigma_mid, eta)
             x_2 = (sigma_down / sigma) * x - math.expm1(math.log(sigma_down / sigma)) * denoised

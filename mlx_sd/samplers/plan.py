@@ -24,6 +24,7 @@ import mlx.core as mx
 from ..denoiser import Denoiser, ModelFn
 from ..schedules import SCHEDULE_TYPES, NoiseSchedule, ScheduleType, check_steps, img2img_steps
 from .as_diffusers import diffusers_plan
+from .brownian import brownian_noise
 from .registry import Sampler, resolve
 
 FOLLOW = ("a1111", "diffusers")
@@ -46,6 +47,8 @@ class SamplingPlan:
             the last sigma is not 0 (diffusers' DDIM with set_alpha_to_one=False ends at alpha_bar[0]).
         follows: which reference this plan reproduces, in words.
         schedule_label: the schedule type or spacing, in words.
+        noise_interval: (sigma_min, sigma_max) of A1111's Brownian tree for samplers that draw from one
+            (`Sampler.brownian`): the whole schedule's smallest nonzero and largest sigma, img2img included.
     """
 
     sampler: Sampler
@@ -57,6 +60,7 @@ class SamplingPlan:
     latent_space: str = "ve"
     follows: str = ""
     schedule_label: str = ""
+    noise_interval: tuple[float, float] | None = None
 
     @property
     def steps(self) -> int:
@@ -66,9 +70,15 @@ class SamplingPlan:
         return Denoiser(model, self.schedule, self.timesteps)
 
     def sample(self, model: ModelFn, x: mx.array, rng=None) -> Iterator[mx.array]:
-        """Run the sampler: yields x (VE) after every step; `send()` replaces it (see `common`)."""
+        """Run the sampler: yields x (VE) after every step; `send()` replaces it (see `common`).
+
+        With a `noise_interval`, noise comes from Brownian trees seeded by `rng`'s seeds (`brownian_noise`); a
+        source without seeds (a replay of given draws) keeps giving one draw per step.
+        """
         if self.sampler.stochastic and rng is None and self.options.get("eta", 1.0):
             raise ValueError(f"sampler {self.sampler.name!r} is stochastic: pass a noise source (rng)")
+        if self.noise_interval is not None and rng is not None:
+            rng = brownian_noise(rng, x.shape, *self.noise_interval) or rng
         return self.sampler.function(self.denoiser(model), x, self.sigmas, rng, **self.options)
 
     def initial_latents(self, noise: mx.array) -> mx.array:
@@ -115,11 +125,13 @@ def a1111_plan(sampler: Sampler, stype: ScheduleType | None, schedule: NoiseSche
     sigmas = stype.function(schedule, steps + 1 if sampler.discard_penultimate else steps)
     if sampler.discard_penultimate:
         sigmas = sigmas[:-2] + sigmas[-1:]
+    # A1111 spans its Brownian tree over the whole schedule, also when img2img runs only its end
+    interval = (min(s for s in sigmas if s > 0), max(sigmas)) if sampler.brownian else None
     total = len(sigmas) - 1  # A1111's "DDIM" schedule type can give more levels than steps
     sigmas = sigmas[total - img2img_steps(total, strength) :]
     return SamplingPlan(
         sampler, schedule, sigmas, {**sampler.options, **options}, init_noise_sigma=sigmas[0], latent_space="ve",
-        follows=sampler.follows, schedule_label=stype.label,
+        follows=sampler.follows, schedule_label=stype.label, noise_interval=interval,
     )  # fmt: skip
 
 

@@ -34,6 +34,8 @@ class Sampler:
         options: options this name fixes ("DPM++ 2M SDE Heun" = 2M SDE with solver_type="heun").
         diffusers: the diffusers scheduler class that runs this name with follow="diffusers".
         diffusers_config: scheduler_config values the name implies for that class.
+        brownian: A1111 draws its noise from a Brownian tree seeded per image (k-diffusion's
+            `BrownianTreeNoiseSampler`; mlx_sd/samplers/brownian.py), not one fresh draw per step.
     """
 
     name: str
@@ -47,6 +49,7 @@ class Sampler:
     options: Mapping = field(default_factory=dict)
     diffusers: str | None = None
     diffusers_config: Mapping = field(default_factory=dict)
+    brownian: bool = False
 
     @property
     def follows(self) -> str:
@@ -74,14 +77,15 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("DPM++ 2M", dpmpp_2m, ("k_dpmpp_2m", "dpmpp_2m"), False, 1, "sample_dpmpp_2m", "karras",
                 diffusers="DPMSolverMultistepScheduler"),
         Sampler("DPM++ SDE", dpmpp_sde, ("k_dpmpp_sde", "dpmpp_sde"), True, 2, "sample_dpmpp_sde", "karras",
-                diffusers="DPMSolverSDEScheduler"),
+                diffusers="DPMSolverSDEScheduler", brownian=True),
         Sampler("DPM++ 2M SDE", dpmpp_2m_sde, ("k_dpmpp_2m_sde", "dpmpp_2m_sde"), True, 1, "sample_dpmpp_2m_sde",
-                "exponential", diffusers="DPMSolverMultistepScheduler", diffusers_config=_SDE),
+                "exponential", diffusers="DPMSolverMultistepScheduler", diffusers_config=_SDE, brownian=True),
         Sampler("DPM++ 2M SDE Heun", dpmpp_2m_sde, ("k_dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun"), True, 1,
                 "sample_dpmpp_2m_sde", "exponential", options={"solver_type": "heun"},
-                diffusers="DPMSolverMultistepScheduler", diffusers_config={**_SDE, "solver_type": "heun"}),
+                diffusers="DPMSolverMultistepScheduler", diffusers_config={**_SDE, "solver_type": "heun"},
+                brownian=True),
         Sampler("DPM++ 3M SDE", dpmpp_3m_sde, ("k_dpmpp_3m_sde", "dpmpp_3m_sde"), True, 1, "sample_dpmpp_3m_sde",
-                "exponential", True),
+                "exponential", True, brownian=True),
         Sampler("DDIM", ddim, ("ddim",), False, 1, diffusers="DDIMScheduler"),
         Sampler("DDPM", ddpm, ("ddpm",), True, 1, diffusers="DDPMScheduler"),
         Sampler("PLMS", plms, ("PNDM", "plms", "pndm"), False, 1, diffusers="PNDMScheduler"),
