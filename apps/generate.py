@@ -12,6 +12,7 @@ from mlx_sd.infotext import parse_infotext, read_infotext, save_png
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Pipeline, Progress, Result
 from mlx_sd.rng import NOISE_MODES
+from mlx_sd.upscale import HIRES_UPSCALERS
 
 from .errors import UserError
 from .models import DEFAULT_MODEL, resolve_model
@@ -36,7 +37,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="images per batch (more memory, faster per image)")
     p.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer (A1111 numbering)")
     p.add_argument("--init-image", type=Path, help="start from this image (img2img)")
-    p.add_argument("--strength", type=float, default=0.75, help="img2img: how much to change the init image (0-1)")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="img2img: how much to change the init image (0-1); with --enable-hr: hires pass")  # fmt: skip
     p.add_argument("--resize-mode", default="resize", choices=["resize", "crop", "fill"],
                    help="img2img: fit an init image of another size")  # fmt: skip
     p.add_argument("--mask", type=Path, help="inpainting mask (white = repaint); needs --init-image")
@@ -83,6 +85,18 @@ def add_parsers(sub) -> None:
         metavar="DIR",
         help="load every embedding in this folder that fits the model (A1111's embeddings folder)",
     )
+    hires = p.add_argument_group("hires fix (A1111): generate, upscale, then img2img at the larger size")
+    hires.add_argument("--enable-hr", action="store_true", help="run the hires fix (txt2img only)")
+    hires.add_argument("--hr-scale", type=float, default=2.0, help="upscale factor (default: %(default)s)")
+    hires.add_argument("--hr-upscaler", default="Latent", choices=HIRES_UPSCALERS,
+                       help="latent interpolation or a resize of the decoded image (default: %(default)s)")  # fmt: skip
+    hires.add_argument("--hr-second-pass-steps", type=int, default=0, help="steps of the hires pass (0: --steps)")
+    hires.add_argument("--hr-resize-x", type=int, default=0, help="target width instead of --hr-scale")
+    hires.add_argument("--hr-resize-y", type=int, default=0, help="target height instead of --hr-scale")
+    hires.add_argument("--hr-sampler", help="sampler of the hires pass (default: --sampler)")
+    hires.add_argument("--hr-schedule-type", help="schedule type of the hires pass (default: --schedule-type)")
+    hires.add_argument("--hr-prompt", default="", help="prompt of the hires pass (default: the prompt)")
+    hires.add_argument("--hr-negative-prompt", default="", help="negative prompt of the hires pass")
     p.add_argument("--refiner", help="SDXL: a refiner model (converted folder, checkpoint, ...) for the last steps")
     p.add_argument("--refiner-switch-at", type=float,
                    help="with --refiner: the fraction of the steps the base model runs (default 0.8)")  # fmt: skip
@@ -124,6 +138,10 @@ def _request(args) -> GenerationRequest:
         inpaint_padding=args.only_masked_padding, paste_back=True, low_memory=args.low_memory,
         tiled_vae=args.tiled_vae,
         refiner_switch_at=args.refiner_switch_at,
+        enable_hr=args.enable_hr, hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler,
+        hr_second_pass_steps=args.hr_second_pass_steps, hr_resize_x=args.hr_resize_x, hr_resize_y=args.hr_resize_y,
+        hr_sampler=args.hr_sampler, hr_schedule_type=args.hr_schedule_type, hr_prompt=args.hr_prompt,
+        hr_negative_prompt=args.hr_negative_prompt,
     )  # fmt: skip
     try:
         request.validate()

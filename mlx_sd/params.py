@@ -13,6 +13,7 @@ from PIL import Image
 
 from .images import RESIZE_MODES
 from .rng import NOISE_MODES
+from .upscale import HIRES_UPSCALERS
 
 # Sizes must be multiples of the VAE's 8x downsampling (one latent pixel at least).
 SIZE_MULTIPLE = 8
@@ -75,6 +76,11 @@ class GenerationRequest:
         paste_back (composite the result over the original outside the mask).
     SDXL micro-conditioning: original_size, crops_coords_top_left, target_size (height, width pairs; default: the
         generation size, (0, 0)), aesthetic_score / negative_aesthetic_score (refiner).
+    Hires fix (A1111, txt2img): enable_hr generates at width x height, upscales by hr_scale (or to hr_resize_x x
+        hr_resize_y, cropping to keep the aspect) with hr_upscaler (the "Latent" modes or "None"/"Lanczos"/"Nearest"
+        on the decoded image; `mlx_sd.upscale`), then runs img2img at that size with denoising `strength`:
+        hr_second_pass_steps (0: `steps`) of a schedule of int(those steps / strength) steps, with hr_sampler /
+        hr_schedule_type and hr_prompt / hr_negative_prompt (empty or None: the first pass's). mlx_sd/hires.py.
     Refiner (a `Pipeline` holding a refiner model): refiner_switch_at, the fraction of the schedule after which the
         refiner takes over (A1111's "Switch at"; diffusers' denoising_end/denoising_start; None: 0.8, 1: never).
     Memory: tiled_vae (None: tile above 1024x1024 pixels, in low-memory mode above 512x512), low_memory (free the
@@ -112,6 +118,16 @@ class GenerationRequest:
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     refiner_switch_at: float | None = None
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler: str | None = None
+    hr_schedule_type: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
     tiled_vae: bool | None = None
     low_memory: bool | None = None
 
@@ -163,6 +179,7 @@ class GenerationRequest:
                 self.refiner_switch_at is None or 0.0 < self.refiner_switch_at <= 1.0,
                 f"refiner_switch_at={self.refiner_switch_at}: must be in (0, 1] (1 = never switch)",
             ),
+            *(hires_checks(self) if self.enable_hr else ()),
         ]
         for ok, message in checks:
             if not ok:
@@ -172,3 +189,18 @@ class GenerationRequest:
         """JSON-friendly parameters (images left out)."""
         skip = {"init_image", "mask"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+def hires_checks(request: GenerationRequest) -> list[tuple[bool, str]]:
+    """The hires fix's own rules, as (ok, message) pairs."""
+    r = request
+    return [
+        (r.init_image is None, "enable_hr (hires fix) is for txt2img: drop init_image, or upscale it with img2img"),
+        (0.0 < r.strength <= 1.0, f"strength={r.strength}: the hires pass needs a denoising strength in (0, 1]"),
+        (r.hr_scale > 0, f"hr_scale={r.hr_scale}: must be > 0"),
+        (r.hr_upscaler in HIRES_UPSCALERS,
+         f"hr_upscaler={r.hr_upscaler!r}: mlx-sd has {', '.join(HIRES_UPSCALERS)}; model upscalers (ESRGAN, "
+         "SwinIR, ...) are not available"),
+        (r.hr_second_pass_steps >= 0, f"hr_second_pass_steps={r.hr_second_pass_steps}: must be >= 0 (0 = steps)"),
+        (r.hr_resize_x >= 0 and r.hr_resize_y >= 0, "hr_resize_x and hr_resize_y must be >= 0 (0 = use hr_scale)"),
+    ]  # fmt: skip

@@ -24,6 +24,7 @@ from PIL import Image
 from . import __version__, backend
 from .conditioning import Conditioning
 from .denoiser import classifier_free_guidance
+from .hires import hires_infotext, hires_plan, hires_request, hires_target, upscale_first_pass
 from .images import latent_preview, to_pil
 from .img2img import prepare_latents, restore_output
 from .infotext import format_infotext
@@ -224,14 +225,35 @@ class Pipeline:
         start = time.perf_counter()
         timings: dict[str, float] = {}
         plan = self._plan(request)  # validates sampler, schedule and steps before any model runs
+        target = hires_target(request) if request.enable_hr else None
+        second = hires_request(request, target) if target else None
+        plan_2 = hires_plan(second, self.schedule) if second else None
+        total = plan.steps + (plan_2.steps if plan_2 else 0)
         loras, embeddings = self._activate(request)
 
         cond, uncond = self._encode_prompts(request)
         if refining:
             refiner_cond, refiner_uncond = self._encode_prompts(request, self.refiner)
+        if second:
+            same = (second.prompt, second.negative_prompt) == (request.prompt, request.negative_prompt)
+            cond_2, uncond_2 = (cond, uncond) if same else self._encode_prompts(second)
         timings["text"] = time.perf_counter() - start
-
         images, seeds = [], []
+
+        def denoise(plan: SamplingPlan, model_fn, x, noise, init, batch: int, done: int):
+            """Run `plan` on `batch`, yielding progress (steps `done` + i of `total`); returns the last x."""
+            sampler = plan.sample(model_fn, x, noise)
+            for i in range(plan.steps):
+                if control.cancelled:
+                    raise Cancelled(images)
+                if control._skip.is_set():
+                    break
+                x = next(sampler) if i == 0 else sampler.send(self._blend(init, plan, x, i) if init else None)
+                yield Progress(done + i + 1, total, batch, request.batch_count, time.perf_counter() - start, x,
+                               "sdxl" if self.model.is_sdxl else "sd")  # fmt: skip
+            sampler.close()
+            return x
+
         for batch in range(request.batch_count):
             first = seed + batch * request.batch_size
             batch_seeds = [first + i for i in range(request.batch_size)]
@@ -243,24 +265,29 @@ class Pipeline:
                     request, refiner_cond, refiner_uncond, None, request.batch_size, self.refiner
                 )
                 model_fn = handoff(model_fn, refiner_fn, self.schedule, request.refiner_switch_at)
-            sampler = plan.sample(model_fn, x, noise)
             control._skip.clear()
-            steps = plan.steps
-            for i in range(steps):
-                if control.cancelled:
-                    raise Cancelled(images)
-                if control._skip.is_set():
-                    break
-                x = next(sampler) if i == 0 else sampler.send(self._blend(init, plan, x, i) if init else None)
-                yield Progress(i + 1, steps, batch, request.batch_count, time.perf_counter() - start, x,
-                               "sdxl" if self.model.is_sdxl else "sd")  # fmt: skip
-            sampler.close()
+            x = yield from denoise(plan, model_fn, x, noise, init, batch, 0)
             latents = plan.latents_to_decode(x)
             if init is not None and init.mask is not None and self.model.unet.config.in_channels == 4:
                 latents = init.mask * latents + (1 - init.mask) * init.image_latents  # the known region, exact
+            finished = request
+            if second and not control._skip.is_set():
+                # image upscalers encode again, sampling from the first pass's source (A1111's VAE does not draw
+                # from the seeds' generators, which start the second pass)
+                latents = upscale_first_pass(
+                    latents, request, target, lambda z: self._decode(z, request, self.model),
+                    lambda images, source=noise: self._encode_images(images, source),
+                )  # fmt: skip
+                # A1111 draws the second pass's noise from fresh generators seeded with the images' seeds
+                noise = make_noise(request.rng, first, request.batch_size, per_image=True)
+                B, h, w, c = latents.shape
+                x = plan_2.noised_latents(latents, noise.normal((B, c, h, w)).transpose(0, 2, 3, 1), 0)
+                model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size)
+                x = yield from denoise(plan_2, model_fn, x.astype(self.model.dtype), noise, None, batch, plan.steps)
+                latents, finished = plan_2.latents_to_decode(x), second
             t_decode = time.perf_counter()
             # The model that finished the image decodes it (diffusers' refiner pipeline, A1111).
-            decoded = to_pil(self._decode(latents, request, self.refiner if refining else self.model))
+            decoded = to_pil(self._decode(latents, finished, self.refiner if refining else self.model))
             timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t_decode
             if init is not None:
                 decoded = [restore_output(init, image) for image in decoded]
@@ -298,6 +325,9 @@ class Pipeline:
         if request.mask is not None:
             raise ValueError("inpainting with a refiner is not supported; inpaint with the base model, then refine "
                              "the result with img2img")  # fmt: skip
+        if request.enable_hr:
+            raise ValueError("the hires fix with a refiner is not supported (A1111 refuses it too); drop enable_hr, "
+                             "or run the refiner on the upscaled result with img2img")  # fmt: skip
         return DEFAULT_SWITCH_AT if request.refiner_switch_at is None else request.refiner_switch_at
 
     def _encode_prompts(
@@ -426,8 +456,9 @@ class Pipeline:
             "Size": f"{request.width}x{request.height}",
             "Model hash": info.short_hash or None,
             "Model": info.name,
-            "Denoising strength": request.strength if request.init_image is not None else None,
+            "Denoising strength": request.strength if request.init_image is not None or request.enable_hr else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            **(hires_infotext(request) if request.enable_hr else {}),
             "Refiner": self.refiner.info.name if refining else None,
             "Refiner switch at": request.refiner_switch_at if refining else None,
             "RNG": {"torch-cpu": "CPU", "mlx": "MLX"}.get(request.rng, request.rng),

@@ -44,12 +44,13 @@ RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill"}  # "Just resize", "Crop and r
 FILL, ORIGINAL = 0, 1  # inpainting_fill ("Masked content") values mlx-sd implements
 # Names of the library's fields in this API, for error messages.
 NAMES = {"guidance": "cfg_scale", "sampler": "sampler_name", "schedule_type": "scheduler", "batch_count": "n_iter",
-         "strength": "denoising_strength", "init_image": "init_images", "mask": "mask"}  # fmt: skip
+         "strength": "denoising_strength", "init_image": "init_images", "mask": "mask",
+         "hr_sampler": "hr_sampler_name", "hr_schedule_type": "hr_scheduler"}  # fmt: skip
 
 # field: (values that change nothing, why any other value is refused). None is always accepted.
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
-    "enable_hr": ((False,), "hires fix is not implemented: generate, then upscale with img2img"),
-    "firstpass_image": (("",), "hires fix is not implemented"),
+    "firstpass_image": (("",), "a given first-pass image is not supported: send it to img2img"),
+    "hr_checkpoint_name": (("", "Use same checkpoint"), "another checkpoint for the hires pass is not supported"),
     "subseed_strength": ((0,), "variation seeds are not implemented"),
     "seed_resize_from_h": ((-1, 0), "seed resize is not implemented"),
     "seed_resize_from_w": ((-1, 0), "seed resize is not implemented"),
@@ -259,6 +260,8 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
     )  # fmt: skip
     if img2img:
         fields.update(_img2img_fields(req, state.config.limits.max_input_pixels))
+    elif req.enable_hr:
+        fields.update(_hires_fields(req))
     refiner = None
     if req.refiner_checkpoint not in (None, "", "None"):  # A1111's "None" in its refiner menu
         refiner = state.model(req.refiner_checkpoint, "refiner_checkpoint")
@@ -272,6 +275,20 @@ def _clip_skip(value, param: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLIP_SKIP:
         raise invalid(param, f"must be a whole number from 1 to {MAX_CLIP_SKIP}, got {value!r}")
     return value
+
+
+def _hires_fields(req: Txt2ImgRequest) -> dict:
+    """A1111's hires-fix fields; its UI sends "Use same sampler" / "Use same scheduler" for the first pass's."""
+    same = ("", "Use same sampler", "Use same scheduler")
+    return dict(
+        enable_hr=True, strength=0.75 if req.denoising_strength is None else req.denoising_strength,
+        hr_scale=2.0 if req.hr_scale is None else req.hr_scale, hr_upscaler=req.hr_upscaler or "Latent",
+        hr_second_pass_steps=req.hr_second_pass_steps or 0, hr_resize_x=req.hr_resize_x or 0,
+        hr_resize_y=req.hr_resize_y or 0,
+        hr_sampler=None if req.hr_sampler_name in (None, *same) else req.hr_sampler_name,
+        hr_schedule_type=None if req.hr_scheduler in (None, *same) else req.hr_scheduler,
+        hr_prompt=req.hr_prompt or "", hr_negative_prompt=req.hr_negative_prompt or "",
+    )  # fmt: skip
 
 
 def _img2img_fields(req: Img2ImgRequest, max_pixels: int) -> dict:
@@ -319,8 +336,8 @@ def _info(job: Job, seeds: list[int], infotexts: list[str], ignored: list[str]) 
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model.name, "sd_model_hash": model.info.short_hash or None,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": request.strength if request.init_image is not None else 0,
-        "extra_generation_params": {k: params[k] for k in ("Schedule type",) if k in params},
+        "denoising_strength": request.strength if request.init_image is not None or request.enable_hr else 0,
+        "extra_generation_params": {k: v for k, v in params.items() if k == "Schedule type" or k.startswith("Hires")},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
         "clip_skip": request.clip_skip, "is_using_inpainting_conditioning": model.inpainting,

@@ -68,6 +68,19 @@ class JobRequest(BaseModel):
     inpaint_full_res: bool = False
     inpaint_padding: int = Field(32, ge=0, le=8192)
     paste_back: bool = False
+    enable_hr: bool = Field(False, description="hires fix (txt2img): upscale the result, then img2img at that size "
+                            "with `strength`")  # fmt: skip
+    hr_scale: float = Field(2.0, gt=0, le=8)
+    hr_upscaler: str = Field("Latent", description='"Latent" (bilinear), "Latent (antialiased)", "Latent (bicubic)", '
+                             '"Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)", "None", '
+                             '"Lanczos", "Nearest"')  # fmt: skip
+    hr_second_pass_steps: int = Field(0, ge=0, description="0: steps")
+    hr_resize_x: int = Field(0, ge=0, le=MAX_SIZE, description="0: width x hr_scale")
+    hr_resize_y: int = Field(0, ge=0, le=MAX_SIZE, description="0: height x hr_scale")
+    hr_sampler: str | None = Field(None, description="null: sampler")
+    hr_schedule_type: str | None = Field(None, description="null: schedule_type")
+    hr_prompt: str = Field("", description="empty: prompt")
+    hr_negative_prompt: str = Field("", description="empty: negative_prompt")
     tiled_vae: bool | None = None
     save: bool = Field(False, description="also write the PNGs to the server's --output-dir")
 

@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import replace
 
+from mlx_sd.hires import hires_request, hires_target
 from mlx_sd.params import GenerationRequest
 from mlx_sd.samplers import resolve
 from mlx_sd.schedules import img2img_steps, schedule_type
@@ -50,7 +51,7 @@ def check_request(request: GenerationRequest, model: ModelEntry, limits: Limits,
 
     if request.seed is None:
         request = replace(request, seed=secrets.randbits(SEED_BITS))
-    for field in ("prompt", "negative_prompt"):
+    for field in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
         if len(getattr(request, field)) > limits.max_prompt_chars:
             raise invalid(name(field), f"longer than this server's limit of {limits.max_prompt_chars} characters")
     if model.inpainting and request.mask is None:
@@ -89,4 +90,24 @@ def check_request(request: GenerationRequest, model: ModelEntry, limits: Limits,
             img2img_steps(resolved.steps, resolved.strength)
         except ValueError as e:
             raise invalid(name("strength"), str(e)) from None
+    if resolved.enable_hr:
+        _check_hires(resolved, limits, name)
     return request
+
+
+def _check_hires(resolved: GenerationRequest, limits: Limits, name) -> None:
+    """The hires pass's size, steps and sampler, before any work."""
+    try:
+        second = hires_request(resolved, hires_target(resolved))
+    except ValueError as e:
+        raise invalid(name("hr_scale"), str(e)) from None
+    if second.width > limits.max_width or second.height > limits.max_height:
+        raise invalid(name("hr_scale"), f"the hires size {second.width}x{second.height} is above this server's "
+                      f"limit of {limits.max_width}x{limits.max_height}")  # fmt: skip
+    if second.steps > limits.max_steps:
+        raise invalid(name("hr_second_pass_steps"), f"{second.steps} is above this server's limit of "
+                      f"{limits.max_steps}")  # fmt: skip
+    try:
+        resolve(second.sampler, second.schedule_type)
+    except ValueError as e:
+        raise invalid(name("hr_sampler"), str(e)) from None

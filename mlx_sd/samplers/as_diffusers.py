@@ -274,8 +274,10 @@ _BUILDERS = {
 
 
 def diffusers_plan(entry: Sampler, class_name: str | None, stype: ScheduleType | None, schedule: NoiseSchedule,
-                   steps: int, strength: float, overrides: Mapping, options: Mapping) -> dict:  # fmt: skip
-    """The fields of a `SamplingPlan` that runs `entry` (or `class_name`) as diffusers does."""
+                   steps: int, strength: float, overrides: Mapping, options: Mapping,
+                   run_steps: int | None = None) -> dict:  # fmt: skip
+    """The fields of a `SamplingPlan` that runs `entry` (or `class_name`) as diffusers does (the last `run_steps`
+    steps, by default diffusers' int(steps * strength))."""
     implied = {} if class_name else dict(entry.diffusers_config)
     class_name = class_name or entry.diffusers
     if class_name is None:
@@ -294,4 +296,5 @@ def diffusers_plan(entry: Sampler, class_name: str | None, stype: ScheduleType |
                          "choose Euler, Heun, LMS, DDIM, DDPM, DPM++ 2M, UniPC or LCM")  # fmt: skip
     if steps > schedule.num_train_timesteps:
         raise ValueError(f"steps ({steps}) cannot exceed the model's {schedule.num_train_timesteps} training steps")
-    return _BUILDERS[class_name](class_name, settings, schedule, steps, img2img_steps(steps, strength), dict(options))
+    run = img2img_steps(steps, strength) if run_steps is None else run_steps
+    return _BUILDERS[class_name](class_name, settings, schedule, steps, run, dict(options))

@@ -119,7 +119,7 @@ def _check_options(sampler: Sampler, options: Mapping) -> None:
 
 
 def a1111_plan(sampler: Sampler, stype: ScheduleType | None, schedule: NoiseSchedule, steps: int, strength: float,
-               options: Mapping) -> SamplingPlan:  # fmt: skip
+               options: Mapping, run_steps: int | None = None) -> SamplingPlan:  # fmt: skip
     """A k-diffusion sampler over A1111's sigmas (A1111 `KDiffusionSampler.get_sigmas`)."""
     stype = stype or SCHEDULE_TYPES[sampler.default_schedule]
     sigmas = stype.function(schedule, steps + 1 if sampler.discard_penultimate else steps)
@@ -128,7 +128,7 @@ def a1111_plan(sampler: Sampler, stype: ScheduleType | None, schedule: NoiseSche
     # A1111 spans its Brownian tree over the whole schedule, also when img2img runs only its end
     interval = (min(s for s in sigmas if s > 0), max(sigmas)) if sampler.brownian else None
     total = len(sigmas) - 1  # A1111's "DDIM" schedule type can give more levels than steps
-    sigmas = sigmas[total - img2img_steps(total, strength) :]
+    sigmas = sigmas[total - (img2img_steps(total, strength) if run_steps is None else run_steps) :]
     return SamplingPlan(
         sampler, schedule, sigmas, {**sampler.options, **options}, init_noise_sigma=sigmas[0], latent_space="ve",
         follows=sampler.follows, schedule_label=stype.label, noise_interval=interval,
@@ -144,6 +144,7 @@ def plan_sampling(
     strength: float = 1.0,
     follow: str | None = None,
     scheduler_config: Mapping | None = None,
+    run_steps: int | None = None,
     **options,
 ) -> SamplingPlan:
     """Choose what to run for a sampler name, a model's schedule and a step count.
@@ -161,6 +162,8 @@ def plan_sampling(
             and for samplers without a k-diffusion function, else "a1111".
         scheduler_config: with follow="diffusers", values overriding the model's scheduler_config
             (e.g. {"timestep_spacing": "trailing"}).
+        run_steps: run only the last `run_steps` steps of the schedule, whatever `strength` says (A1111's hires
+            pass: a schedule of int(hires steps / strength) steps, of which the last hires steps run).
         **options: sampler options (eta, s_noise, ...; see the sampler function).
 
     Raises:
@@ -169,6 +172,8 @@ def plan_sampling(
     """
     entry, stype, diffusers_class = resolve(sampler, schedule_type)
     check_steps(steps)
+    if run_steps is not None and not (isinstance(run_steps, int) and 1 <= run_steps <= steps):
+        raise ValueError(f"run_steps={run_steps!r}: must be a whole number between 1 and steps ({steps})")
     if follow is not None and follow not in FOLLOW:
         raise ValueError(f"follow must be one of {FOLLOW}, got {follow!r}")
     if follow is None:
@@ -179,7 +184,9 @@ def plan_sampling(
         raise ValueError("scheduler_config only applies with follow='diffusers'")
     if follow == "a1111" and entry.kdiffusion is not None:
         _check_options(entry, options)
-        return a1111_plan(entry, stype, schedule, steps, strength, options)
-    fields = diffusers_plan(entry, diffusers_class, stype, schedule, steps, strength, scheduler_config or {}, options)
+        return a1111_plan(entry, stype, schedule, steps, strength, options, run_steps)
+    fields = diffusers_plan(
+        entry, diffusers_class, stype, schedule, steps, strength, scheduler_config or {}, options, run_steps
+    )
     _check_options(fields["sampler"], fields["options"])
     return SamplingPlan(**fields)

@@ -112,6 +112,34 @@ def test_img2img_fields_map_onto_the_library(server, models_dir):
     assert json.loads(r.json()["info"])["infotexts"] == expected.infotexts
 
 
+def test_hires_fields_map_onto_the_library(server, models_dir):
+    """enable_hr with A1111's hires fields (its UI's "Use same ..." values included): the server's image equals the
+    library's, pixel for pixel, at the hires size; sizes above the server's limit are refused by name."""
+    from mlx_sd.pipeline import Pipeline
+
+    body = {"prompt": "hires", "width": 64, "height": 48, "steps": 3, "seed": 8, "sampler_name": "Euler a",
+            "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent (nearest)", "hr_second_pass_steps": 2,
+            "denoising_strength": 0.5, "hr_sampler_name": "Use same sampler", "hr_scheduler": "Use same scheduler",
+            "hr_checkpoint_name": "Use same checkpoint", "hr_negative_prompt": "blurry"}  # fmt: skip
+    r = server.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    expected = Pipeline(models_dir / "tiny-a").generate(
+        prompt="hires", width=64, height=48, steps=3, seed=8, sampler="Euler a", guidance=7.0, enable_hr=True,
+        hr_scale=1.5, hr_upscaler="Latent (nearest)", hr_second_pass_steps=2, strength=0.5,
+        hr_negative_prompt="blurry",
+    )  # fmt: skip
+    assert got.size == expected.images[0].size == (96, 72)
+    np.testing.assert_array_equal(pixels(got), pixels(expected.images[0]))
+    info = json.loads(r.json()["info"])
+    assert info["infotexts"] == expected.infotexts and info["denoising_strength"] == 0.5
+    assert info["extra_generation_params"]["Hires upscaler"] == "Latent (nearest)"
+    r = server.post("/sdapi/v1/txt2img", json={**body, "hr_scale": 3})
+    assert r.status_code == 422 and r.json()["detail"].startswith("hr_scale:") and "limit" in r.text
+    r = server.post("/sdapi/v1/txt2img", json={**body, "hr_upscaler": "4x-UltraSharp"})
+    assert r.status_code == 422 and "model upscalers" in r.text
+
+
 def _b64_png(image: Image.Image) -> str:
     out = io.BytesIO()
     image.save(out, "PNG")
@@ -120,7 +148,8 @@ def _b64_png(image: Image.Image) -> str:
 
 def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server):
     base = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
-    cases = {"enable_hr": True, "restore_faces": True, "subseed_strength": 0.5, "alwayson_scripts": {"ControlNet": {}},
+    cases = {"hr_checkpoint_name": "other.safetensors", "restore_faces": True, "subseed_strength": 0.5,
+             "alwayson_scripts": {"ControlNet": {}},
              "styles": ["my style"], "s_churn": 1.0, "script_name": "X/Y/Z plot"}  # fmt: skip
     for field, value in cases.items():
         r = server.post("/sdapi/v1/txt2img", json={**base, field: value})
