@@ -33,6 +33,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--sampler", help='e.g. "Euler a", "DPM++ 2M Karras" (see `mlx-sd samplers`)')
     p.add_argument("--schedule-type", help='A1111 schedule type: "Karras", "Exponential", ...')
     p.add_argument("--seed", type=int, help="random seed (default: random, printed and stored in the PNG)")
+    p.add_argument("--subseed", type=int, help="variation seed (default: random when --subseed-strength is set)")
+    p.add_argument("--subseed-strength", type=float, default=0.0, help="blend towards the variation seed (0-1)")
+    p.add_argument("--seed-resize-from-w", type=int, default=0, help="draw the seed's noise as for this width")
+    p.add_argument("--seed-resize-from-h", type=int, default=0, help="draw the seed's noise as for this height")
     p.add_argument("--num-images", type=int, default=1, help="images to make, one batch after another")
     p.add_argument("--batch-size", type=int, default=1, help="images per batch (more memory, faster per image)")
     p.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer (A1111 numbering)")
@@ -131,7 +135,9 @@ def _request(args) -> GenerationRequest:
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         steps=args.steps, guidance=args.guidance, sampler=args.sampler, schedule_type=args.schedule_type,
-        seed=args.seed, rng=args.rng, batch_size=batch, batch_count=-(-num // batch), clip_skip=args.clip_skip,
+        seed=args.seed, subseed=args.subseed, subseed_strength=args.subseed_strength,
+        seed_resize_from_w=args.seed_resize_from_w, seed_resize_from_h=args.seed_resize_from_h, rng=args.rng,
+        batch_size=batch, batch_count=-(-num // batch), clip_skip=args.clip_skip,
         init_image=_open_image(args.init_image, "--init-image"), strength=args.strength,
         resize_mode=args.resize_mode, mask=_open_image(args.mask, "--mask"), mask_blur=args.mask_blur,
         invert_mask=args.invert_mask, inpaint_full_res=args.only_masked,

@@ -75,13 +75,15 @@ def prepare_inputs(request) -> tuple[InitState, mx.array, mx.array | None]:
     return state, to_array(image), mx.array(binary)[None, :, :, None]
 
 
-def prepare_latents(request, plan, noise, encode: Encoder, unet_channels: int, latent_channels: int, dtype):
+def prepare_latents(request, plan, noise, encode: Encoder, unet_channels: int, latent_channels: int, dtype,
+                    vary=None):  # fmt: skip
     """The starting latent x (VE) and the init state, drawing noise in diffusers' order.
 
     img2img:  encode(image) [VAE noise], initial noise, x = add_noise(image latents, noise, first level).
     inpaint:  encode(image) if the UNet is 4-channel or strength < 1 [VAE noise], initial noise,
               encode(masked image) [VAE noise] (always: diffusers' prepare_mask_latents), x as img2img or, at
               strength 1, pure noise.
+    `vary` (NCHW draw -> draw) applies variation seeds to the initial noise (mlx_sd/variation.py).
     """
     state, image, mask = prepare_inputs(request)
     B = request.batch_size
@@ -91,7 +93,8 @@ def prepare_latents(request, plan, noise, encode: Encoder, unet_channels: int, l
     state.noise_start = not (inpaint and request.strength >= 1.0)
     if not inpaint or unet_channels == 4 or state.noise_start:
         state.image_latents = encode(image, noise)
-    draw = noise.normal((B, latent_channels, h, w)).transpose(0, 2, 3, 1)  # torch's NCHW draw order
+    draw = noise.normal((B, latent_channels, h, w))
+    draw = (vary(draw) if vary else draw).transpose(0, 2, 3, 1)  # torch's NCHW draw order
     state.noise = draw
     if state.noise_start:
         x = plan.noised_latents(state.image_latents, draw, 0)

@@ -69,6 +69,10 @@ class GenerationRequest:
     Randomness: seed (None: drawn at random and reported), rng ("torch-cpu": torch.randn's numbers, the same image
         as diffusers for the same seed; "mlx": MLX keys), batch_size (images per UNet batch), batch_count (batches
         run one after another); image i of the request uses seed + i.
+    Variation (A1111): subseed_strength in [0, 1] blends each image's initial noise towards that of its variation
+        seed, subseed + i (subseed None: drawn at random and reported); seed_resize_from_w / _h (pixels, 0: off)
+        draw the seed's noise as for that size and paste its centre, to keep a composition at another size.
+        mlx_sd/variation.py.
     img2img: init_image, strength (the last int(steps * strength) steps run), resize_mode for an init image of
         another size ("resize", "crop", "fill").
     Inpainting: mask (white = repaint), mask_blur (pixels), invert_mask, inpaint_full_res ("only masked": crop
@@ -99,6 +103,10 @@ class GenerationRequest:
     follow: str | None = None
     eta: float | None = None
     seed: int | None = None
+    subseed: int | None = None
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
     rng: str = "torch-cpu"
     batch_size: int = 1
     batch_count: int = 1
@@ -175,6 +183,12 @@ class GenerationRequest:
             (self.mask is None or self.init_image is not None, "a mask needs an init_image to inpaint"),
             (self.mask_blur >= 0 and self.inpaint_padding >= 0, "mask_blur and inpaint_padding must be >= 0"),
             (self.seed is None or -(2**63) <= self.seed < 2**64, f"seed={self.seed}: out of range"),
+            (self.subseed is None or 0 <= self.subseed < 2**32, f"subseed={self.subseed}: must be in [0, 2**32)"),
+            (0.0 <= self.subseed_strength <= 1.0, f"subseed_strength={self.subseed_strength}: must be in [0, 1]"),
+            (
+                self.seed_resize_from_w >= 0 and self.seed_resize_from_h >= 0,
+                "seed_resize_from_w and seed_resize_from_h must be >= 0 (0 = no seed resize)",
+            ),
             (
                 self.refiner_switch_at is None or 0.0 < self.refiner_switch_at <= 1.0,
                 f"refiner_switch_at={self.refiner_switch_at}: must be in (0, 1] (1 = never switch)",

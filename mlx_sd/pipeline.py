@@ -38,6 +38,7 @@ from .samplers import SamplingPlan, plan_sampling
 from .schedules import NoiseSchedule
 from .textual_inversion import Embedding, add_embeddings, ti_hashes, used_embeddings
 from .tiling import tiled_decode, tiled_encode
+from .variation import vary_noise
 
 TILE_ABOVE_PIXELS = 1024 * 1024  # tiled VAE by default above this many pixels: bounded decoder memory
 # In low-memory mode from one tile up: SDXL's 1024x1024 decode takes 5.5 GiB whole, 1.4 GiB tiled (float32).
@@ -219,6 +220,8 @@ class Pipeline:
         """
         seed = request.seed if request.seed is not None else secrets.randbits(32)
         request = request.resolved(self.defaults, seed)
+        if request.subseed_strength and request.subseed is None:
+            request = replace(request, subseed=secrets.randbits(32))
         request = replace(request, refiner_switch_at=self._switch_at(request))
         refining = request.refiner_switch_at is not None and request.refiner_switch_at < 1.0
         control = control or Control()
@@ -258,7 +261,8 @@ class Pipeline:
             first = seed + batch * request.batch_size
             batch_seeds = [first + i for i in range(request.batch_size)]
             noise = make_noise(request.rng, first, request.batch_size, per_image=True)
-            x, init = self._initial_latents(request, plan, noise)
+            vary = self._variation(request, batch)
+            x, init = self._initial_latents(request, plan, noise, vary)
             model_fn = self._model_fn(request, cond, uncond, init, request.batch_size)
             if refining:
                 refiner_fn = self._model_fn(
@@ -281,7 +285,8 @@ class Pipeline:
                 # A1111 draws the second pass's noise from fresh generators seeded with the images' seeds
                 noise = make_noise(request.rng, first, request.batch_size, per_image=True)
                 B, h, w, c = latents.shape
-                x = plan_2.noised_latents(latents, noise.normal((B, c, h, w)).transpose(0, 2, 3, 1), 0)
+                draw = noise.normal((B, c, h, w))
+                x = plan_2.noised_latents(latents, (vary(draw) if vary else draw).transpose(0, 2, 3, 1), 0)
                 model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size)
                 x = yield from denoise(plan_2, model_fn, x.astype(self.model.dtype), noise, None, batch, plan.steps)
                 latents, finished = plan_2.latents_to_decode(x), second
@@ -353,17 +358,31 @@ class Pipeline:
         """Classifier-free guidance runs only above 1, and never for LCM-distilled UNets (guidance is embedded)."""
         return request.guidance > 1.0 and self.model.unet.config.time_cond_proj_dim is None
 
-    def _initial_latents(self, request, plan: SamplingPlan, noise):
+    def _initial_latents(self, request, plan: SamplingPlan, noise, vary=None):
         """The starting VE latents (and the init state for img2img/inpainting), noise drawn in diffusers' order."""
         unet, vae = self.model.unet, self.model.vae
         if request.init_image is not None:
             return prepare_latents(
                 request, plan, noise, self._encode_images, unet.config.in_channels, vae.config.latent_channels,
-                self.model.dtype,
+                self.model.dtype, vary,
             )  # fmt: skip
         shape = (request.batch_size, vae.config.latent_channels, request.height // 8, request.width // 8)
-        draw = noise.normal(shape).transpose(0, 2, 3, 1)  # torch's NCHW draw order
+        draw = noise.normal(shape)
+        draw = (vary(draw) if vary else draw).transpose(0, 2, 3, 1)  # torch's NCHW draw order
         return plan.initial_latents(draw).astype(self.model.dtype), None
+
+    @staticmethod
+    def _variation(request: GenerationRequest, batch: int):
+        """Variation seeds / seed resize for the initial noise of `batch` (a draw -> draw function), or None."""
+        resize = (request.seed_resize_from_h, request.seed_resize_from_w)
+        if not request.subseed_strength and not min(resize) > 0:
+            return None
+        first = batch * request.batch_size
+        seeds = [request.seed + first + i for i in range(request.batch_size)]
+        subseeds = (
+            [request.subseed + first + i for i in range(request.batch_size)] if request.subseed_strength else None
+        )
+        return lambda draw: vary_noise(draw, request.rng, seeds, subseeds, request.subseed_strength, resize)
 
     def _blend(self, init, plan: SamplingPlan, x: mx.array, step: int) -> mx.array | None:
         """Inpainting with a 4-channel UNet: after each step, the known region is the init latents noised to the
@@ -456,6 +475,11 @@ class Pipeline:
             "Size": f"{request.width}x{request.height}",
             "Model hash": info.short_hash or None,
             "Model": info.name,
+            "Variation seed": request.subseed + seed - request.seed if request.subseed_strength else None,
+            "Variation seed strength": request.subseed_strength or None,
+            "Seed resize from": f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
+            if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
+            else None,
             "Denoising strength": request.strength if request.init_image is not None or request.enable_hr else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             **(hires_infotext(request) if request.enable_hr else {}),

@@ -51,9 +51,6 @@ NAMES = {"guidance": "cfg_scale", "sampler": "sampler_name", "schedule_type": "s
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "firstpass_image": (("",), "a given first-pass image is not supported: send it to img2img"),
     "hr_checkpoint_name": (("", "Use same checkpoint"), "another checkpoint for the hires pass is not supported"),
-    "subseed_strength": ((0,), "variation seeds are not implemented"),
-    "seed_resize_from_h": ((-1, 0), "seed resize is not implemented"),
-    "seed_resize_from_w": ((-1, 0), "seed resize is not implemented"),
     "restore_faces": ((False,), "face restoration is not implemented"),
     "tiling": ((False,), "seamless tiling is not implemented"),
     "s_churn": ((0,), "sampler churn settings are not exposed"),
@@ -94,10 +91,10 @@ class ProcessingRequest(_Model):
     negative_prompt: str | None = ""
     styles: list[str] | None = None
     seed: int | None = Field(-1, ge=-1, le=MAX_SEED, description="-1: random")
-    subseed: int | None = -1
-    subseed_strength: float | None = 0
-    seed_resize_from_h: int | None = -1
-    seed_resize_from_w: int | None = -1
+    subseed: int | None = Field(-1, ge=-1, le=MAX_SEED, description="-1: random")
+    subseed_strength: float | None = Field(0, ge=0, le=1)
+    seed_resize_from_h: int | None = Field(-1, ge=-1, le=MAX_SIZE, description="-1 or 0: off")
+    seed_resize_from_w: int | None = Field(-1, ge=-1, le=MAX_SIZE, description="-1 or 0: off")
     seed_enable_extras: bool | None = True
     sampler_name: str | None = None
     scheduler: str | None = None
@@ -258,6 +255,12 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
         seed=None if req.seed in (None, -1) else req.seed, rng="torch-cpu",
         batch_size=req.batch_size or 1, batch_count=req.n_iter or 1, clip_skip=clip_skip,
     )  # fmt: skip
+    if req.seed_enable_extras is not False:  # A1111's "Extra" seed options; off, it ignores them
+        fields.update(
+            subseed=None if req.subseed in (None, -1) else req.subseed, subseed_strength=req.subseed_strength or 0.0,
+            seed_resize_from_h=max(req.seed_resize_from_h or 0, 0),
+            seed_resize_from_w=max(req.seed_resize_from_w or 0, 0),
+        )  # fmt: skip
     if img2img:
         fields.update(_img2img_fields(req, state.config.limits.max_input_pixels))
     elif req.enable_hr:
@@ -330,12 +333,15 @@ def _info(job: Job, seeds: list[int], infotexts: list[str], ignored: list[str]) 
     info = {
         "prompt": request.prompt, "all_prompts": [request.prompt] * n,
         "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * n,
-        "seed": request.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0,
+        "seed": request.seed, "all_seeds": seeds, "subseed": -1 if request.subseed is None else request.subseed,
+        "all_subseeds": [-1] * n if request.subseed is None else [request.subseed + i for i in range(n)],
+        "subseed_strength": request.subseed_strength,
         "width": width, "height": height, "sampler_name": params.get("Sampler", resolve(request.sampler)[0].name),
         "cfg_scale": request.guidance, "steps": request.steps, "batch_size": request.batch_size,
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model.name, "sd_model_hash": model.info.short_hash or None,
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": request.seed_resize_from_w or -1,
+        "seed_resize_from_h": request.seed_resize_from_h or -1,
         "denoising_strength": request.strength if request.init_image is not None or request.enable_hr else 0,
         "extra_generation_params": {k: v for k, v in params.items() if k == "Schedule type" or k.startswith("Hires")},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [],

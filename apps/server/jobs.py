@@ -55,6 +55,10 @@ class JobRequest(BaseModel):
     follow: Literal[FOLLOW] | None = None
     eta: float | None = Field(None, ge=0, le=10)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null: random (reported in the result)")
+    subseed: int | None = Field(None, ge=0, le=MAX_SEED, description="variation seed; null: random when used")
+    subseed_strength: float = Field(0.0, ge=0, le=1)
+    seed_resize_from_w: int = Field(0, ge=0, le=MAX_SIZE, description="0: off")
+    seed_resize_from_h: int = Field(0, ge=0, le=MAX_SIZE, description="0: off")
     rng: Literal[NOISE_MODES] = "torch-cpu"
     batch_size: int = Field(1, ge=1)
     batch_count: int = Field(1, ge=1)

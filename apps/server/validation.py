@@ -51,6 +51,8 @@ def check_request(request: GenerationRequest, model: ModelEntry, limits: Limits,
 
     if request.seed is None:
         request = replace(request, seed=secrets.randbits(SEED_BITS))
+    if request.subseed_strength and request.subseed is None:
+        request = replace(request, subseed=secrets.randbits(SEED_BITS))
     for field in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
         if len(getattr(request, field)) > limits.max_prompt_chars:
             raise invalid(name(field), f"longer than this server's limit of {limits.max_prompt_chars} characters")
