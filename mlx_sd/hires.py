@@ -80,10 +80,9 @@ def hires_request(request: GenerationRequest, target: HiresTarget) -> Generation
 def hires_plan(second: GenerationRequest, schedule: NoiseSchedule) -> SamplingPlan:
     """The second pass's sampling plan: the last `second.steps` steps of int(steps / strength) (A1111)."""
     total = int(second.steps / min(second.strength, MAX_STRENGTH))
-    options = {} if second.eta is None else {"eta": second.eta}
     return plan_sampling(
         second.sampler, schedule, total, schedule_type=second.schedule_type, follow=second.follow,
-        run_steps=second.steps, **options,
+        run_steps=second.steps, **second.sampler_options(),
     )  # fmt: skip
 
 

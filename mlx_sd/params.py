@@ -65,7 +65,9 @@ class GenerationRequest:
     Size and sampling: width, height (multiples of 8), steps, guidance (classifier-free guidance scale; <= 1 runs
         no unconditional pass), guidance_rescale (diffusers' rescale for zero-terminal-SNR models), sampler (any name
         from `mlx_sd.samplers.list_samplers()`, incl. "DPM++ 2M Karras"), schedule_type ("Karras", ...),
-        follow ("a1111" or "diffusers": which reference the sampler reproduces), eta (stochastic samplers).
+        follow ("a1111" or "diffusers": which reference the sampler reproduces), eta (stochastic samplers),
+        s_churn, s_tmin, s_tmax, s_noise (Karras' churn for Euler, Heun and DPM2; the noise multiplier of the
+        stochastic samplers; None: the sampler's default, 0, 0, inf, 1).
     Randomness: seed (None: drawn at random and reported), rng ("torch-cpu": torch.randn's numbers, the same image
         as diffusers for the same seed; "mlx": MLX keys), batch_size (images per UNet batch), batch_count (batches
         run one after another); image i of the request uses seed + i.
@@ -102,6 +104,10 @@ class GenerationRequest:
     schedule_type: str | None = None
     follow: str | None = None
     eta: float | None = None
+    s_churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
     seed: int | None = None
     subseed: int | None = None
     subseed_strength: float = 0.0
@@ -150,6 +156,11 @@ class GenerationRequest:
     def num_images(self) -> int:
         return self.batch_size * self.batch_count
 
+    def sampler_options(self) -> dict[str, float]:
+        """The sampler options this request sets (eta, s_churn, s_tmin, s_tmax, s_noise)."""
+        names = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
     def resolved(self, defaults: FamilyDefaults, seed: int) -> GenerationRequest:
         """This request with every default filled in and `seed` fixed; validated."""
         fill = {name: getattr(defaults, name) for name in ("width", "height", "steps", "guidance", "sampler")}
@@ -175,6 +186,7 @@ class GenerationRequest:
         checks = [
             (self.steps is None or self.steps >= 1, f"steps={self.steps}: must be at least 1"),
             (self.guidance is None or self.guidance >= 0, f"guidance={self.guidance}: must be >= 0"),
+            *((v is None or v >= 0, f"{k}={v}: must be >= 0") for k, v in self.sampler_options().items()),
             (0.0 <= self.strength <= 1.0, f"strength={self.strength}: must be between 0 and 1"),
             (self.batch_size >= 1 and self.batch_count >= 1, "batch_size and batch_count must be at least 1"),
             (self.clip_skip >= 1, f"clip_skip={self.clip_skip}: must be at least 1 (1 = last layer)"),

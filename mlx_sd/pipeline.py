@@ -314,7 +314,7 @@ class Pipeline:
     # --- pieces -----------------------------------------------------------------------------------------------
 
     def _plan(self, request: GenerationRequest) -> SamplingPlan:
-        options = {} if request.eta is None else {"eta": request.eta}
+        options = request.sampler_options()
         strength = request.strength if request.init_image is not None else 1.0
         return plan_sampling(
             request.sampler, self.schedule, request.steps, schedule_type=request.schedule_type,
@@ -482,6 +482,11 @@ class Pipeline:
             else None,
             "Denoising strength": request.strength if request.init_image is not None or request.enable_hr else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            # A1111 records the churn settings and noise multiplier that differ from the sampler's defaults
+            "Sigma churn": request.s_churn or None,
+            "Sigma tmin": request.s_tmin or None,
+            "Sigma tmax": request.s_tmax if request.s_tmax not in (None, math.inf) else None,
+            "Sigma noise": request.s_noise if request.s_noise not in (None, 1.0) else None,
             **(hires_infotext(request) if request.enable_hr else {}),
             "Refiner": self.refiner.info.name if refining else None,
             "Refiner switch at": request.refiner_switch_at if refining else None,

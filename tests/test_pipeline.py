@@ -267,3 +267,17 @@ def test_load_pipeline_from_a_diffusers_folder(tmp_path, monkeypatch):
     result = ours.generate(prompt=PROMPT, width=64, height=64, steps=3, sampler="EulerDiscreteScheduler", seed=2,
                            guidance=7.5)  # fmt: skip
     check(result, expected, "converted diffusers folder")
+
+
+def test_churn_and_noise_multiplier_reach_the_sampler(sd1):
+    """s_churn / s_tmin / s_tmax / s_noise go to samplers that take them (their parity: tests/test_samplers.py), are
+    recorded as A1111 records them, and are refused by name for a sampler without them."""
+    _, ours = sd1
+    base = dict(prompt=PROMPT, width=64, height=64, steps=3, seed=2, sampler="Euler")
+    plain = ours.generate(**base)
+    churned = ours.generate(**base, s_churn=1.0, s_tmax=20.0, s_noise=0.9)
+    assert not np.array_equal(as_array(plain.images), as_array(churned.images))
+    assert "Sigma churn: 1.0, Sigma tmax: 20.0, Sigma noise: 0.9" in churned.infotexts[0]
+    assert "Sigma" not in plain.infotexts[0]
+    with pytest.raises(ValueError, match="s_churn"):
+        ours.generate(**{**base, "sampler": "DPM++ 2M"}, s_churn=1.0)

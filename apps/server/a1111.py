@@ -53,10 +53,6 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "hr_checkpoint_name": (("", "Use same checkpoint"), "another checkpoint for the hires pass is not supported"),
     "restore_faces": ((False,), "face restoration is not implemented"),
     "tiling": ((False,), "seamless tiling is not implemented"),
-    "s_churn": ((0,), "sampler churn settings are not exposed"),
-    "s_tmin": ((0,), "sampler churn settings are not exposed"),
-    "s_tmax": ((0, math.inf), "sampler churn settings are not exposed"),
-    "s_noise": ((1,), "the sampler noise multiplier is not exposed"),
     "s_min_uncond": ((0,), "skipping the negative prompt at low sigmas is not implemented"),
     "styles": (([],), "saved prompt styles do not exist on this server: put their text in the prompt"),
     "script_name": (("",), "scripts are not supported"),
@@ -71,7 +67,9 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     ),  # fmt: skip
     "resize_mode": (tuple(RESIZE_MODES), "resize mode 3 (latent upscale) is not implemented"),
 }
-SUPPORTED_OVERRIDES = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
+# A1111's sampler settings: its samplers read these options (the request's s_churn, ... fields are not used)
+SIGMA_SETTINGS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}  # s_tmax 0 = no upper bound
+SUPPORTED_OVERRIDES = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", *SIGMA_SETTINGS)
 # A1111's `opts` names that GET /options reports; POST /options applies the supported ones.
 FIXED_OPTIONS = {"samples_format": "png", "randn_source": "CPU", "sd_vae": "Automatic", "eta_noise_seed_delta": 0}
 
@@ -110,10 +108,10 @@ class ProcessingRequest(_Model):
     do_not_save_grid: bool | None = False
     eta: float | None = Field(None, ge=0, le=10)
     s_min_uncond: float | None = None
-    s_churn: float | None = None
-    s_tmax: float | None = None
-    s_tmin: float | None = None
-    s_noise: float | None = None
+    s_churn: float | None = Field(None, ge=0, le=100)
+    s_tmax: float | None = Field(None, ge=0)
+    s_tmin: float | None = Field(None, ge=0)
+    s_noise: float | None = Field(None, ge=0, le=10)
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool | None = True
     refiner_checkpoint: str | None = None
@@ -252,6 +250,7 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
         guidance=7.0 if req.cfg_scale is None else req.cfg_scale, sampler=sampler,
         schedule_type=req.scheduler or None,
         eta=req.eta if req.eta is not None and sampler_takes(sampler, "eta") else None,  # A1111 ignores it otherwise
+        **_sigma_settings(sampler, overrides, state.options),
         seed=None if req.seed in (None, -1) else req.seed, rng="torch-cpu",
         batch_size=req.batch_size or 1, batch_count=req.n_iter or 1, clip_skip=clip_skip,
     )  # fmt: skip
@@ -272,6 +271,23 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
         fields["refiner_switch_at"] = req.refiner_switch_at
     request = check_request(GenerationRequest(**fields), model, state.config.limits, NAMES)
     return request, model, refiner, ignored
+
+
+def _sigma_settings(sampler: str, overrides: dict, options: dict) -> dict:
+    """A1111's churn settings and noise multiplier for samplers that take them (from override_settings, else the
+    server's options), left out at their defaults."""
+    out = {}
+    for name, default in SIGMA_SETTINGS.items():
+        value = _sigma_value(overrides.get(name, options[name]), f"override_settings.{name}")
+        if value != default and sampler_takes(sampler, name):
+            out[name] = math.inf if name == "s_tmax" and value == 0 else value
+    return out
+
+
+def _sigma_value(value, param: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise invalid(param, f"must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 def _clip_skip(value, param: str) -> int:
@@ -516,6 +532,7 @@ async def set_options(request: Request, options: dict[str, Any], state: State):
     clip_skip = None
     if "CLIP_stop_at_last_layers" in options:
         clip_skip = _clip_skip(options["CLIP_stop_at_last_layers"], "CLIP_stop_at_last_layers")
+    sigma = {k: _sigma_value(options[k], k) for k in SIGMA_SETTINGS if k in options}  # checked before any change
     if "sd_model_checkpoint" in options:
         name = options["sd_model_checkpoint"]
         if not isinstance(name, str):
@@ -531,6 +548,7 @@ async def set_options(request: Request, options: dict[str, Any], state: State):
                 raise job.error or ApiError(409, "the model switch was cancelled", code="cancelled")
     if clip_skip is not None:
         state.options["CLIP_stop_at_last_layers"] = clip_skip
+    state.options.update(sigma)
     return {"mlx_sd_ignored": ignored}
 
 

@@ -54,6 +54,10 @@ class JobRequest(BaseModel):
     schedule_type: str | None = None
     follow: Literal[FOLLOW] | None = None
     eta: float | None = Field(None, ge=0, le=10)
+    s_churn: float | None = Field(None, ge=0, le=100, description="Euler, Heun, DPM2: Karras' churn")
+    s_tmin: float | None = Field(None, ge=0)
+    s_tmax: float | None = Field(None, ge=0)
+    s_noise: float | None = Field(None, ge=0, le=10, description="noise multiplier of the stochastic samplers")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null: random (reported in the result)")
     subseed: int | None = Field(None, ge=0, le=MAX_SEED, description="variation seed; null: random when used")
     subseed_strength: float = Field(0.0, ge=0, le=1)

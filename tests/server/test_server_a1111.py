@@ -163,6 +163,29 @@ def test_variation_seed_fields_map_onto_the_library(server, models_dir):
     assert "Variation seed" not in json.loads(plain.json()["info"])["infotexts"][0]
 
 
+def test_sigma_settings_are_a1111_options(server, models_dir):
+    """A1111's samplers read s_churn, s_tmin, s_tmax and s_noise from its settings (override_settings or POST
+    /options), not from the request's fields, which change nothing there either."""
+    from mlx_sd.pipeline import Pipeline
+
+    body = {"prompt": "churn", "width": 64, "height": 64, "steps": 3, "seed": 5, "sampler_name": "Euler"}
+    library = Pipeline(models_dir / "tiny-a")
+    expected = library.generate(prompt="churn", width=64, height=64, steps=3, seed=5, sampler="Euler", guidance=7.0,
+                                s_churn=0.5, s_noise=0.8)  # fmt: skip
+    r = server.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"s_churn": 0.5, "s_noise": 0.8}})
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    np.testing.assert_array_equal(pixels(got), pixels(expected.images[0]))
+    plain = library.generate(prompt="churn", width=64, height=64, steps=3, seed=5, sampler="Euler", guidance=7.0)
+    r = server.post("/sdapi/v1/txt2img", json={**body, "s_churn": 0.5})  # a request field: no effect, as in A1111
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    np.testing.assert_array_equal(pixels(got), pixels(plain.images[0]))
+    assert server.post("/sdapi/v1/options", json={"s_noise": -1}).status_code == 422
+    assert server.post("/sdapi/v1/options", json={"s_noise": 0.7}).json()["mlx_sd_ignored"] == []
+    assert server.get("/sdapi/v1/options").json()["s_noise"] == 0.7
+    assert server.post("/sdapi/v1/options", json={"s_noise": 1.0}).status_code == 200
+
+
 def _b64_png(image: Image.Image) -> str:
     out = io.BytesIO()
     image.save(out, "PNG")
@@ -173,7 +196,7 @@ def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server
     base = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
     cases = {"hr_checkpoint_name": "other.safetensors", "restore_faces": True, "tiling": True,
              "alwayson_scripts": {"ControlNet": {}},
-             "styles": ["my style"], "s_churn": 1.0, "script_name": "X/Y/Z plot"}  # fmt: skip
+             "styles": ["my style"], "s_min_uncond": 1.0, "script_name": "X/Y/Z plot"}  # fmt: skip
     for field, value in cases.items():
         r = server.post("/sdapi/v1/txt2img", json={**base, field: value})
         assert r.status_code == 422, (field, r.text)
