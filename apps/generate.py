@@ -50,6 +50,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--invert-mask", action="store_true", help="inpainting: repaint the black area instead")
     p.add_argument("--only-masked", action="store_true", help="inpainting: work on a crop around the mask")
     p.add_argument("--only-masked-padding", type=int, default=32, help="inpainting: padding of that crop (pixels)")
+    p.add_argument("--tiling", action="store_true", help="make a seamlessly tiling image (A1111's Tiling)")
     p.add_argument("--rng", default="torch-cpu", choices=NOISE_MODES,
                    help="noise source: torch-cpu = same seed, same image as diffusers/torch on CPU")  # fmt: skip
     p.add_argument(
@@ -142,7 +143,7 @@ def _request(args) -> GenerationRequest:
         resize_mode=args.resize_mode, mask=_open_image(args.mask, "--mask"), mask_blur=args.mask_blur,
         invert_mask=args.invert_mask, inpaint_full_res=args.only_masked,
         inpaint_padding=args.only_masked_padding, paste_back=True, low_memory=args.low_memory,
-        tiled_vae=args.tiled_vae,
+        tiled_vae=args.tiled_vae, tiling=args.tiling,
         refiner_switch_at=args.refiner_switch_at,
         enable_hr=args.enable_hr, hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler,
         hr_second_pass_steps=args.hr_second_pass_steps, hr_resize_x=args.hr_resize_x, hr_resize_y=args.hr_resize_y,

@@ -89,6 +89,8 @@ class GenerationRequest:
         hr_schedule_type and hr_prompt / hr_negative_prompt (empty or None: the first pass's). mlx_sd/hires.py.
     Refiner (a `Pipeline` holding a refiner model): refiner_switch_at, the fraction of the schedule after which the
         refiner takes over (A1111's "Switch at"; diffusers' denoising_end/denoising_start; None: 0.8, 1: never).
+    Seamless: tiling (A1111's "Tiling"): every convolution of the UNet and the VAE pads circularly, so the image tiles
+        seamlessly (its VAE then runs whole, never in tiles).
     Memory: tiled_vae (None: tile above 1024x1024 pixels, in low-memory mode above 512x512), low_memory (free the
         text encoders after encoding and decode in tiles; None: on for devices with <= 16 GiB, e.g. a 16 GB Mac).
     """
@@ -142,6 +144,7 @@ class GenerationRequest:
     hr_schedule_type: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
+    tiling: bool = False
     tiled_vae: bool | None = None
     low_memory: bool | None = None
 
@@ -206,6 +209,10 @@ class GenerationRequest:
                 f"refiner_switch_at={self.refiner_switch_at}: must be in (0, 1] (1 = never switch)",
             ),
             *(hires_checks(self) if self.enable_hr else ()),
+            (
+                not (self.tiling and self.tiled_vae),
+                "tiling (seamless) needs the whole image in the VAE: drop tiled_vae",
+            ),
         ]
         for ok, message in checks:
             if not ok:

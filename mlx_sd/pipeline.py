@@ -30,7 +30,7 @@ from .img2img import prepare_latents, restore_output
 from .infotext import format_infotext
 from .lora import AppliedLoRA, LoRA, LoRAState, lora_hashes, lora_networks, lora_targets, parse_lora_tags
 from .model import StableDiffusion
-from .models.layers import TextContext
+from .models.layers import TextContext, set_circular
 from .params import GenerationRequest, defaults_for
 from .refiner import DEFAULT_SWITCH_AT, check_refiner, handoff
 from .rng import make_noise
@@ -233,6 +233,9 @@ class Pipeline:
         plan_2 = hires_plan(second, self.schedule) if second else None
         total = plan.steps + (plan_2.steps if plan_2 else 0)
         loras, embeddings = self._activate(request)
+        for model in (self.model, self.refiner) if self.refiner else (self.model,):
+            set_circular(model.unet, request.tiling)  # every request sets the padding mode it runs with
+            set_circular(model.vae, request.tiling)
 
         cond, uncond = self._encode_prompts(request)
         if refining:
@@ -280,7 +283,7 @@ class Pipeline:
                 # from the seeds' generators, which start the second pass)
                 latents = upscale_first_pass(
                     latents, request, target, lambda z: self._decode(z, request, self.model),
-                    lambda images, source=noise: self._encode_images(images, source),
+                    lambda images, source=noise: self._encode_images(images, source, request.tiling),
                 )  # fmt: skip
                 # A1111 draws the second pass's noise from fresh generators seeded with the images' seeds
                 noise = make_noise(request.rng, first, request.batch_size, per_image=True)
@@ -363,8 +366,8 @@ class Pipeline:
         unet, vae = self.model.unet, self.model.vae
         if request.init_image is not None:
             return prepare_latents(
-                request, plan, noise, self._encode_images, unet.config.in_channels, vae.config.latent_channels,
-                self.model.dtype, vary,
+                request, plan, noise, lambda images, source: self._encode_images(images, source, request.tiling),
+                unet.config.in_channels, vae.config.latent_channels, self.model.dtype, vary,
             )  # fmt: skip
         shape = (request.batch_size, vae.config.latent_channels, request.height // 8, request.width // 8)
         draw = noise.normal(shape)
@@ -436,10 +439,11 @@ class Pipeline:
         rows = [negative] * B + [positive] * B if guided else [positive] * B
         return mx.array(rows, dtype=mx.float32)
 
-    def _encode_images(self, images: mx.array, noise) -> mx.array:
-        """VAE-encode (B, H, W, 3) images to scaled latents, sampling with the request's noise (diffusers order)."""
+    def _encode_images(self, images: mx.array, noise, whole: bool = False) -> mx.array:
+        """VAE-encode (B, H, W, 3) images to scaled latents, sampling with the request's noise (diffusers order);
+        in tiles above TILE_ABOVE_PIXELS unless `whole` (seamless tiling: tiles would not wrap)."""
         vae = self.model.vae
-        tiled = max(images.shape[1:3]) * min(images.shape[1:3]) > TILE_ABOVE_PIXELS
+        tiled = not whole and max(images.shape[1:3]) * min(images.shape[1:3]) > TILE_ABOVE_PIXELS
         images = images.astype(vae.dtype)
         dist = tiled_encode(vae, images) if tiled else vae.encode(images)
         B, h, w, c = dist.mean.shape
@@ -449,8 +453,8 @@ class Pipeline:
     def _decode(self, latents: mx.array, request: GenerationRequest, model: StableDiffusion) -> mx.array:
         vae = model.vae
         z = latents.astype(mx.float32) / vae.config.scaling_factor
-        tile = request.tiled_vae
-        if tile is None:
+        tile = request.tiled_vae and not request.tiling
+        if tile is None and not request.tiling:
             limit = LOW_MEMORY_TILE_ABOVE_PIXELS if _low_memory(request) else TILE_ABOVE_PIXELS
             tile = request.width * request.height > limit
         images = tiled_decode(vae, z.astype(vae.dtype)) if tile else vae.decode(z.astype(vae.dtype))
@@ -458,6 +462,7 @@ class Pipeline:
         if vae.dtype != mx.float32 and not mx.all(mx.isfinite(images)).item():
             # float16 VAEs (SDXL's above all) overflow; decode again in float32 and keep it there.
             vae = model.vae = model.load_vae(mx.float32)
+            set_circular(vae, request.tiling)
             images = tiled_decode(vae, z) if tile else vae.decode(z)
         return images
 
@@ -482,6 +487,7 @@ class Pipeline:
             else None,
             "Denoising strength": request.strength if request.init_image is not None or request.enable_hr else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            "Tiling": True if request.tiling else None,
             # A1111 records the churn settings and noise multiplier that differ from the sampler's defaults
             "Sigma churn": request.s_churn or None,
             "Sigma tmin": request.s_tmin or None,

@@ -56,13 +56,13 @@ def test_img2img_and_inpaint_from_cli(model, tmp_path):
 def test_hires_fix_from_cli(model, tmp_path):
     out = run("generate", "x", "--model", model, "--width", 64, "--height", 48, "--steps", 2, "--seed", 3,
               "--enable-hr", "--hr-scale", 1.5, "--hr-upscaler", "Lanczos", "--hr-second-pass-steps", 2,
-              "--strength", 0.5, "--subseed", 4, "--subseed-strength", 0.2,
+              "--strength", 0.5, "--subseed", 4, "--subseed-strength", 0.2, "--tiling",
               "--output", tmp_path / "hr.png")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert Image.open(tmp_path / "hr.png").size == (96, 72)
     params = parse_infotext(read_infotext(tmp_path / "hr.png"))[2]
     assert params["Size"] == "64x48" and params["Hires upscaler"] == "Lanczos" and params["Hires steps"] == "2"
-    assert params["Variation seed"] == "4" and params["Variation seed strength"] == "0.2"
+    assert params["Variation seed"] == "4" and params["Variation seed strength"] == "0.2" and params["Tiling"] == "True"
     bad = run("generate", "x", "--model", model, "--enable-hr", "--init-image", tmp_path / "hr.png")
     assert bad.returncode != 0 and "txt2img" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -52,7 +52,6 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "firstpass_image": (("",), "a given first-pass image is not supported: send it to img2img"),
     "hr_checkpoint_name": (("", "Use same checkpoint"), "another checkpoint for the hires pass is not supported"),
     "restore_faces": ((False,), "face restoration is not implemented"),
-    "tiling": ((False,), "seamless tiling is not implemented"),
     "s_min_uncond": ((0,), "skipping the negative prompt at low sigmas is not implemented"),
     "styles": (([],), "saved prompt styles do not exist on this server: put their text in the prompt"),
     "script_name": (("",), "scripts are not supported"),
@@ -252,7 +251,7 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
         eta=req.eta if req.eta is not None and sampler_takes(sampler, "eta") else None,  # A1111 ignores it otherwise
         **_sigma_settings(sampler, overrides, state.options),
         seed=None if req.seed in (None, -1) else req.seed, rng="torch-cpu",
-        batch_size=req.batch_size or 1, batch_count=req.n_iter or 1, clip_skip=clip_skip,
+        batch_size=req.batch_size or 1, batch_count=req.n_iter or 1, clip_skip=clip_skip, tiling=bool(req.tiling),
     )  # fmt: skip
     if req.seed_enable_extras is not False:  # A1111's "Extra" seed options; off, it ignores them
         fields.update(

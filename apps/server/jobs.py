@@ -89,6 +89,7 @@ class JobRequest(BaseModel):
     hr_schedule_type: str | None = Field(None, description="null: schedule_type")
     hr_prompt: str = Field("", description="empty: prompt")
     hr_negative_prompt: str = Field("", description="empty: negative_prompt")
+    tiling: bool = Field(False, description="seamless: every convolution pads circularly (A1111's Tiling)")
     tiled_vae: bool | None = None
     save: bool = Field(False, description="also write the PNGs to the server's --output-dir")
 

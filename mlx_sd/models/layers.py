@@ -263,15 +263,48 @@ def conv3x3_taps(x: mx.array, weight: mx.array, bias: mx.array | None = None) ->
     return mx.contiguous(pixels)
 
 
+def circular_pad(x: mx.array, ph: int, pw: int) -> mx.array:
+    """torch's F.pad(mode="circular") of (B, H, W, C) by ph rows and pw columns on each side."""
+    if ph:
+        x = mx.concatenate([x[:, -ph:], x, x[:, :ph]], axis=1)
+    if pw:
+        x = mx.concatenate([x[:, :, -pw:], x, x[:, :, :pw]], axis=2)
+    return x
+
+
+def set_circular(model: nn.Module, circular: bool) -> None:
+    """Switch every convolution of `model` to circular padding (torch's padding_mode="circular") or back to zeros:
+    A1111's "Tiling", which makes images that tile seamlessly."""
+    for module in model.modules():
+        if isinstance(module, Conv2d):
+            module.circular = circular
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters) whose 3x3, stride-1, padding-1 convolutions run on CPU as Winograd F(4x4, 3x3)
-    (float32) or nine per-tap products (see conv3x3_taps), and in row strips elsewhere when large."""
+    (float32) or nine per-tap products (see conv3x3_taps), and in row strips elsewhere when large. With `circular`
+    set (`set_circular`) it pads circularly instead of with zeros."""
+
+    circular = False
 
     def __call__(self, x: mx.array) -> mx.array:
-        B, H, W, C = x.shape
+        if self.circular and self.padding != (0, 0):
+            return self._circular(x)
         plain = self.weight.shape[1:3] != (3, 3) or self.stride != (1, 1) or self.padding != (1, 1)
         if plain or self.dilation not in (1, (1, 1)) or self.groups != 1:
             return super().__call__(x)
+        return self._same3x3(x)
+
+    def _circular(self, x: mx.array) -> mx.array:
+        x = circular_pad(x, *self.padding)
+        if self.weight.shape[1:3] == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1):
+            # the zero-padded fast paths on the wrapped input: its inner outputs read only real (wrapped) pixels
+            return self._same3x3(x)[:, 1:-1, 1:-1]
+        y = mx.conv2d(x, self.weight, self.stride, 0, self.dilation, self.groups)
+        return y + self.bias if "bias" in self else y
+
+    def _same3x3(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
         kernel = backend.conv3x3_kernel(x.dtype)
         channels = min(C, self.weight.shape[0])
         if kernel == "winograd" and B * H * W >= WINOGRAD_MIN_PIXELS and channels >= WINOGRAD_MIN_CHANNELS:
@@ -386,7 +419,7 @@ class ResnetBlock2D(nn.Module):
         self.norm2 = GroupNorm(groups, out_channels, eps)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
         h = self.conv1(self.norm1(x, silu=True))
@@ -404,7 +437,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, asymmetric_pad: bool = False):
         super().__init__()
         self.asymmetric_pad = asymmetric_pad
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.asymmetric_pad:

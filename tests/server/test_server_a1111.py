@@ -141,8 +141,8 @@ def test_hires_fields_map_onto_the_library(server, models_dir):
 
 
 def test_variation_seed_fields_map_onto_the_library(server, models_dir):
-    """subseed, subseed_strength and seed resize (A1111's "Extra"): the library's image; seed_enable_extras=false
-    ignores them, as A1111 does."""
+    """subseed, subseed_strength and seed resize (A1111's "Extra"), and tiling: the library's image;
+    seed_enable_extras=false ignores the seed extras, as A1111 does."""
     from mlx_sd.pipeline import Pipeline
 
     body = {"prompt": "varied", "width": 64, "height": 64, "steps": 2, "seed": 12, "subseed": 77, "batch_size": 2,
@@ -158,6 +158,13 @@ def test_variation_seed_fields_map_onto_the_library(server, models_dir):
         np.testing.assert_array_equal(pixels(a), pixels(b))
     info = json.loads(r.json()["info"])
     assert info["all_subseeds"] == [77, 78] and info["subseed_strength"] == 0.3 and info["seed_resize_from_w"] == 48
+    tiled = server.post("/sdapi/v1/txt2img", json={**body, "tiling": True, "batch_size": 1})
+    seamless = Pipeline(models_dir / "tiny-a").generate(
+        prompt="varied", width=64, height=64, steps=2, seed=12, subseed=77, subseed_strength=0.3, tiling=True,
+        seed_resize_from_w=48, seed_resize_from_h=80, sampler="Euler", guidance=7.0,
+    )  # fmt: skip
+    got = Image.open(io.BytesIO(base64.b64decode(tiled.json()["images"][0])))
+    np.testing.assert_array_equal(pixels(got), pixels(seamless.images[0]))
     plain = server.post("/sdapi/v1/txt2img", json={**body, "seed_enable_extras": False})
     assert json.loads(plain.json()["info"])["subseed_strength"] == 0
     assert "Variation seed" not in json.loads(plain.json()["info"])["infotexts"][0]
@@ -194,7 +201,7 @@ def _b64_png(image: Image.Image) -> str:
 
 def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server):
     base = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
-    cases = {"hr_checkpoint_name": "other.safetensors", "restore_faces": True, "tiling": True,
+    cases = {"hr_checkpoint_name": "other.safetensors", "restore_faces": True, "infotext": "Steps: 20",
              "alwayson_scripts": {"ControlNet": {}},
              "styles": ["my style"], "s_min_uncond": 1.0, "script_name": "X/Y/Z plot"}  # fmt: skip
     for field, value in cases.items():
