@@ -71,7 +71,9 @@ class Denoiser:
         return out  # "sample": the model predicts x0 itself
 
 
-def classifier_free_guidance(model: ModelFn, guidance: float, rescale: float = 0.0) -> ModelFn:
+def classifier_free_guidance(
+    model: ModelFn, guidance: float, rescale: float = 0.0, cond_model: ModelFn | None = None, skip=None
+) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) folded into a model function.
 
     Args:
@@ -81,12 +83,21 @@ def classifier_free_guidance(model: ModelFn, guidance: float, rescale: float = 0
         rescale: diffusers' `guidance_rescale` (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps
             are Flawed", eq. 15-16): blend in the guided output rescaled to the conditional output's std, which
             keeps zero-terminal-SNR models from over-exposing. 0 disables it.
+        cond_model, skip: A1111's "Negative Guidance minimum sigma" (NGMS): every second call (the 2nd, 4th, ...)
+            for which `skip(t)` holds evaluates `cond_model` (the conditional pass alone) and returns its output,
+            unguided, at half the cost (A1111's CFGDenoiser with s_min_uncond).
 
     Returns:
         `guided(x, t) = uncond + guidance * (cond - uncond)` (rescaled if asked), a model function for `Denoiser`.
     """
 
+    calls = 0
+
     def guided(x: mx.array, t: float) -> mx.array:
+        nonlocal calls
+        calls += 1
+        if cond_model is not None and calls % 2 == 0 and skip(t):
+            return cond_model(x, t)
         uncond, cond = mx.split(model(mx.concatenate([x, x], axis=0), t), 2, axis=0)
         out = uncond + guidance * (cond - uncond)
         if rescale:

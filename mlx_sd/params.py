@@ -67,7 +67,8 @@ class GenerationRequest:
         from `mlx_sd.samplers.list_samplers()`, incl. "DPM++ 2M Karras"), schedule_type ("Karras", ...),
         follow ("a1111" or "diffusers": which reference the sampler reproduces), eta (stochastic samplers),
         s_churn, s_tmin, s_tmax, s_noise (Karras' churn for Euler, Heun and DPM2; the noise multiplier of the
-        stochastic samplers; None: the sampler's default, 0, 0, inf, 1).
+        stochastic samplers; None: the sampler's default, 0, 0, inf, 1), s_min_uncond (A1111's "Negative Guidance
+        minimum sigma": below this sigma every second model call skips the negative prompt's pass; 0: off).
     Randomness: seed (None: drawn at random and reported), rng ("torch-cpu": torch.randn's numbers, the same image
         as diffusers for the same seed; "mlx": MLX keys), batch_size (images per UNet batch), batch_count (batches
         run one after another); image i of the request uses seed + i.
@@ -110,6 +111,7 @@ class GenerationRequest:
     s_tmin: float | None = None
     s_tmax: float | None = None
     s_noise: float | None = None
+    s_min_uncond: float = 0.0
     seed: int | None = None
     subseed: int | None = None
     subseed_strength: float = 0.0
@@ -189,6 +191,7 @@ class GenerationRequest:
         checks = [
             (self.steps is None or self.steps >= 1, f"steps={self.steps}: must be at least 1"),
             (self.guidance is None or self.guidance >= 0, f"guidance={self.guidance}: must be >= 0"),
+            (self.s_min_uncond >= 0, f"s_min_uncond={self.s_min_uncond}: must be >= 0 (0 = off)"),
             *((v is None or v >= 0, f"{k}={v}: must be >= 0") for k, v in self.sampler_options().items()),
             (0.0 <= self.strength <= 1.0, f"strength={self.strength}: must be between 0 and 1"),
             (self.batch_size >= 1 and self.batch_count >= 1, "batch_size and batch_count must be at least 1"),

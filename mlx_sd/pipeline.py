@@ -415,6 +415,9 @@ class Pipeline:
         # the text's keys and values in each cross-attention layer: computed at the first step, reused by the others
         context = TextContext(context.astype(dtype))
         pooled = None if pooled is None else pooled.astype(dtype)
+        cond_only = None
+        if guided and request.s_min_uncond > 0:  # A1111's NGMS: some calls run the conditional half alone
+            cond_only = self._model_fn(request, cond, None, init, B, model)
 
         def model(x_in: mx.array, t: float) -> mx.array:
             if extra is not None:
@@ -423,7 +426,8 @@ class Pipeline:
 
         if not guided:
             return model
-        return classifier_free_guidance(model, request.guidance, request.guidance_rescale)
+        below = (lambda t: self.schedule.t_to_sigma(t) < request.s_min_uncond) if cond_only else None
+        return classifier_free_guidance(model, request.guidance, request.guidance_rescale, cond_only, below)
 
     def _time_ids(self, request: GenerationRequest, guided: bool, B: int, aesthetic: bool) -> mx.array:
         """SDXL micro-conditioning: (original size, crop top-left, target size), or the refiner's aesthetic score."""
@@ -488,6 +492,7 @@ class Pipeline:
             "Denoising strength": request.strength if request.init_image is not None or request.enable_hr else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "Tiling": True if request.tiling else None,
+            "NGMS": request.s_min_uncond or None,
             # A1111 records the churn settings and noise multiplier that differ from the sampler's defaults
             "Sigma churn": request.s_churn or None,
             "Sigma tmin": request.s_tmin or None,

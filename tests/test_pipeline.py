@@ -13,7 +13,7 @@ from tiny_pipelines import mlx_folder, tiny_components
 
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Cancelled, Control, Pipeline, Progress, Result
-from oracles import psnr
+from oracles import assert_close, psnr, relative_error
 
 MIN_PSNR = 40.0
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -281,3 +281,35 @@ def test_churn_and_noise_multiplier_reach_the_sampler(sd1):
     assert "Sigma" not in plain.infotexts[0]
     with pytest.raises(ValueError, match="s_churn"):
         ours.generate(**{**base, "sampler": "DPM++ 2M"}, s_churn=1.0)
+
+
+def test_negative_guidance_minimum_sigma_matches_diffusers_with_guidance_toggled(sd1):
+    """A1111's NGMS (s_min_uncond): below that sigma every second model call runs the conditional pass alone. The
+    reference is diffusers' pipeline whose step-end callback switches guidance off (and the embeddings to the
+    conditional half) for exactly those steps (Euler: one call per step). Final latents compared (images at 8 bits
+    cannot tell which steps skipped on a tiny model)."""
+    parts, ours = sd1
+    steps, threshold = 8, 3.0
+    pipe = diffusers_pipe("StableDiffusionPipeline", parts, "EulerDiscreteScheduler")
+    full = {}
+
+    def toggle(pipeline, i, t, kwargs):
+        embeds = full.setdefault("embeds", kwargs["prompt_embeds"])
+        skip = (i + 1) % 2 == 1 and float(pipeline.scheduler.sigmas[i + 1]) < threshold
+        pipeline._guidance_scale = 1.0 if skip else 7.0
+        return {"prompt_embeds": embeds.chunk(2)[1] if skip else embeds}
+
+    def final_latents(**options):
+        request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=steps,
+                                    guidance=7.0, sampler="EulerDiscreteScheduler", seed=6, **options)  # fmt: skip
+        events = list(ours.stream(request))
+        return np.array(events[-2].latents).transpose(0, 3, 1, 2), events[-1]
+
+    expected = pipe(PROMPT, negative_prompt=NEGATIVE, width=64, height=64, num_inference_steps=steps,
+                    guidance_scale=7.0, generator=generators(6, 1), output_type="latent", callback_on_step_end=toggle,
+                    callback_on_step_end_tensor_inputs=["prompt_embeds"]).images.numpy()  # fmt: skip
+    latents, result = final_latents(s_min_uncond=threshold)
+    assert_close(latents, expected, 1e-4, "NGMS final latents")
+    assert "NGMS: 3.0" in result.infotexts[0]
+    plain, _ = final_latents()
+    assert relative_error(plain, expected) > 1e-3  # the skipped passes matter at this tolerance

@@ -52,7 +52,6 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "firstpass_image": (("",), "a given first-pass image is not supported: send it to img2img"),
     "hr_checkpoint_name": (("", "Use same checkpoint"), "another checkpoint for the hires pass is not supported"),
     "restore_faces": ((False,), "face restoration is not implemented"),
-    "s_min_uncond": ((0,), "skipping the negative prompt at low sigmas is not implemented"),
     "styles": (([],), "saved prompt styles do not exist on this server: put their text in the prompt"),
     "script_name": (("",), "scripts are not supported"),
     "script_args": (([],), "scripts are not supported"),
@@ -106,7 +105,7 @@ class ProcessingRequest(_Model):
     do_not_save_samples: bool | None = False
     do_not_save_grid: bool | None = False
     eta: float | None = Field(None, ge=0, le=10)
-    s_min_uncond: float | None = None
+    s_min_uncond: float | None = Field(None, ge=0, description="NGMS: 0 or null = off")
     s_churn: float | None = Field(None, ge=0, le=100)
     s_tmax: float | None = Field(None, ge=0)
     s_tmin: float | None = Field(None, ge=0)
@@ -252,6 +251,7 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
         **_sigma_settings(sampler, overrides, state.options),
         seed=None if req.seed in (None, -1) else req.seed, rng="torch-cpu",
         batch_size=req.batch_size or 1, batch_count=req.n_iter or 1, clip_skip=clip_skip, tiling=bool(req.tiling),
+        s_min_uncond=req.s_min_uncond or 0.0,
     )  # fmt: skip
     if req.seed_enable_extras is not False:  # A1111's "Extra" seed options; off, it ignores them
         fields.update(

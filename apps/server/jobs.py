@@ -58,6 +58,7 @@ class JobRequest(BaseModel):
     s_tmin: float | None = Field(None, ge=0)
     s_tmax: float | None = Field(None, ge=0)
     s_noise: float | None = Field(None, ge=0, le=10, description="noise multiplier of the stochastic samplers")
+    s_min_uncond: float = Field(0.0, ge=0, description="A1111's NGMS: below this sigma every second call is unguided")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null: random (reported in the result)")
     subseed: int | None = Field(None, ge=0, le=MAX_SEED, description="variation seed; null: random when used")
     subseed_strength: float = Field(0.0, ge=0, le=1)

@@ -178,8 +178,9 @@ def test_sigma_settings_are_a1111_options(server, models_dir):
     body = {"prompt": "churn", "width": 64, "height": 64, "steps": 3, "seed": 5, "sampler_name": "Euler"}
     library = Pipeline(models_dir / "tiny-a")
     expected = library.generate(prompt="churn", width=64, height=64, steps=3, seed=5, sampler="Euler", guidance=7.0,
-                                s_churn=0.5, s_noise=0.8)  # fmt: skip
-    r = server.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"s_churn": 0.5, "s_noise": 0.8}})
+                                s_churn=0.5, s_noise=0.8, s_min_uncond=2.0)  # fmt: skip
+    r = server.post("/sdapi/v1/txt2img", json={**body, "s_min_uncond": 2.0,
+                                               "override_settings": {"s_churn": 0.5, "s_noise": 0.8}})  # fmt: skip
     assert r.status_code == 200, r.text
     got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     np.testing.assert_array_equal(pixels(got), pixels(expected.images[0]))
@@ -203,7 +204,7 @@ def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server
     base = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
     cases = {"hr_checkpoint_name": "other.safetensors", "restore_faces": True, "infotext": "Steps: 20",
              "alwayson_scripts": {"ControlNet": {}},
-             "styles": ["my style"], "s_min_uncond": 1.0, "script_name": "X/Y/Z plot"}  # fmt: skip
+             "styles": ["my style"], "script_name": "X/Y/Z plot"}  # fmt: skip
     for field, value in cases.items():
         r = server.post("/sdapi/v1/txt2img", json={**base, field: value})
         assert r.status_code == 422, (field, r.text)
