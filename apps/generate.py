@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mlx_sd.infotext import parse_infotext, read_infotext, save_png
+from mlx_sd.infotext import parse_infotext, read_infotext, request_fields, save_png
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Pipeline, Progress, Result
 from mlx_sd.rng import NOISE_MODES
@@ -22,7 +22,10 @@ DEFAULT_OUTPUT = "mlx-sd-{seed}.png"
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("generate", help="generate images from a prompt (txt2img, img2img, inpainting)")
-    p.add_argument("prompt", help="the prompt; A1111 emphasis syntax works: (word:1.3), [word], BREAK")
+    p.add_argument("prompt", nargs="?", help="the prompt; A1111 emphasis syntax works: (word:1.3), [word], BREAK")
+    p.add_argument("--params-from", type=Path, metavar="FILE",
+                   help="make an image again: the parameters recorded in a PNG (A1111's or mlx-sd's) or a text file "
+                        "holding an infotext; flags given override them")  # fmt: skip
     p.add_argument("--model", default=None, help=f"converted folder, checkpoint file, diffusers folder or hub id "
                                                  f"(default: {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
@@ -107,7 +110,7 @@ def add_parsers(sub) -> None:
                    help="with --refiner: the fraction of the steps the base model runs (default 0.8)")  # fmt: skip
     p.add_argument("--output", default=DEFAULT_OUTPUT,
                    help="output PNG path; {seed} and {i} are filled in (default: %(default)s)")  # fmt: skip
-    p.set_defaults(run=run_generate)
+    p.set_defaults(run=run_generate, parser=p)
 
     info = sub.add_parser("info", help="print the generation parameters stored in a PNG")
     info.add_argument("image", type=Path)
@@ -133,7 +136,7 @@ def _request(args) -> GenerationRequest:
         raise UserError("--num-images and --batch-size must be at least 1")
     if args.mask is not None and args.init_image is None:
         raise UserError("--mask needs --init-image (the image to inpaint)")
-    request = GenerationRequest(
+    fields = dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         steps=args.steps, guidance=args.guidance, sampler=args.sampler, schedule_type=args.schedule_type,
         seed=args.seed, subseed=args.subseed, subseed_strength=args.subseed_strength,
@@ -150,11 +153,36 @@ def _request(args) -> GenerationRequest:
         hr_sampler=args.hr_sampler, hr_schedule_type=args.hr_schedule_type, hr_prompt=args.hr_prompt,
         hr_negative_prompt=args.hr_negative_prompt,
     )  # fmt: skip
+    if args.params_from is not None:
+        fields.update(_recalled(args))
+    if fields["prompt"] is None:
+        raise UserError("give a prompt (or --params-from an image that records one)")
     try:
+        request = GenerationRequest(**fields)
         request.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
     return request
+
+
+def _recalled(args) -> dict:
+    """The infotext's parameters that no flag on the command line overrides."""
+    path = args.params_from
+    try:
+        text = path.read_text() if path.suffix.lower() == ".txt" else read_infotext(path)
+    except FileNotFoundError:
+        raise UserError(f"--params-from {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--params-from {path} is neither a PNG nor a text file ({e})") from None
+    if not text:
+        raise UserError(f"--params-from {path} records no generation parameters")
+    fields, not_applied = request_fields(text)
+    if not_applied:
+        print("not taken from the infotext: " + ", ".join(f"{k}: {v}" for k, v in not_applied.items()),
+              file=sys.stderr)  # fmt: skip
+    parser = args.parser
+    given = {k for k in fields if k in vars(args) and getattr(args, k) != parser.get_default(k)}
+    return {k: v for k, v in fields.items() if k not in given}
 
 
 def run_generate(args) -> None:

@@ -85,3 +85,56 @@ def read_infotext(source: str | Path | Image.Image) -> str | None:
         return source.info.get(PNG_KEY)
     with Image.open(source) as image:
         return image.info.get(PNG_KEY)
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, _, h = text.partition("x")
+    return int(w), int(h)
+
+
+# infotext key -> (GenerationRequest field(s), parse); "Size"-like values fill two fields
+_FIELDS = {
+    "Steps": ("steps", int), "Sampler": ("sampler", str), "Schedule type": ("schedule_type", str),
+    "CFG scale": ("guidance", float), "Seed": ("seed", int), "Size": (("width", "height"), _size),
+    "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int), "Eta": ("eta", float),
+    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
+    "Seed resize from": (("seed_resize_from_w", "seed_resize_from_h"), _size),
+    "Hires upscale": ("hr_scale", float), "Hires resize": (("hr_resize_x", "hr_resize_y"), _size),
+    "Hires steps": ("hr_second_pass_steps", int), "Hires upscaler": ("hr_upscaler", str),
+    "Hires sampler": ("hr_sampler", str), "Hires schedule type": ("hr_schedule_type", str),
+    "Hires prompt": ("hr_prompt", str), "Hires negative prompt": ("hr_negative_prompt", str),
+    "Tiling": ("tiling", lambda v: v.lower() == "true"), "NGMS": ("s_min_uncond", float),
+    "Sigma churn": ("s_churn", float), "Sigma tmin": ("s_tmin", float), "Sigma tmax": ("s_tmax", float),
+    "Sigma noise": ("s_noise", float), "Refiner switch at": ("refiner_switch_at", float),
+    "RNG": ("rng", {"CPU": "torch-cpu", "MLX": "mlx", "torch-cpu-arm": "torch-cpu-arm"}.__getitem__),
+}  # fmt: skip
+_HIRES_KEYS = ("Hires upscale", "Hires resize", "Hires upscaler")
+
+
+def request_fields(text: str) -> tuple[dict, dict[str, str]]:
+    """The generation parameters an infotext (A1111's or ours) records, as `GenerationRequest` fields, for making
+    the image again (A1111's "Send to txt2img").
+
+    Returns:
+        (fields, not_applied): keyword arguments for `GenerationRequest` (prompt, negative_prompt, steps, sampler,
+        seed, size, hires fix, variation seed, ...), and the recorded parameters they do not cover, with their values
+        (the model and its hash, LoRA hashes, A1111's GPU random source, its version, ...).
+    """
+    prompt, negative, params = parse_infotext(text)
+    fields: dict = {"prompt": prompt, "negative_prompt": negative}
+    not_applied = {}
+    for key, value in params.items():
+        names, parse = _FIELDS.get(key, (None, None))
+        try:
+            parsed = parse(value) if parse else None
+        except (ValueError, KeyError):
+            parsed = None
+        if parsed is None:
+            not_applied[key] = value
+        elif isinstance(names, tuple):
+            fields.update(zip(names, parsed))
+        else:
+            fields[names] = parsed
+    if "Denoising strength" in params and any(k in params for k in _HIRES_KEYS):
+        fields["enable_hr"] = True  # A1111's rule for pasting a txt2img infotext
+    return fields, not_applied

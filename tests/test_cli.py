@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from tiny_pipelines import mlx_folder, tiny_components
@@ -65,6 +66,25 @@ def test_hires_fix_from_cli(model, tmp_path):
     assert params["Variation seed"] == "4" and params["Variation seed strength"] == "0.2" and params["Tiling"] == "True"
     bad = run("generate", "x", "--model", model, "--enable-hr", "--init-image", tmp_path / "hr.png")
     assert bad.returncode != 0 and "txt2img" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_params_from_a_png_makes_it_again_and_flags_override(model, tmp_path):
+    out = run("generate", "a red boat", "--model", model, "--width", 64, "--height", 48, "--steps", 2, "--seed", 8,
+              "--sampler", "Euler a", "--output", tmp_path / "first.png")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    again = run(
+        "generate", "--model", model, "--params-from", tmp_path / "first.png", "--output", tmp_path / "again.png"
+    )
+    assert again.returncode == 0, again.stderr
+    first, second = Image.open(tmp_path / "first.png"), Image.open(tmp_path / "again.png")
+    assert np.array_equal(np.asarray(first), np.asarray(second))
+    assert read_infotext(tmp_path / "first.png") == read_infotext(tmp_path / "again.png")
+    other = run("generate", "--model", model, "--params-from", tmp_path / "first.png", "--seed", 9,
+                "--output", tmp_path / "other.png")  # fmt: skip
+    params = parse_infotext(read_infotext(tmp_path / "other.png"))[2]
+    assert other.returncode == 0 and params["Seed"] == "9" and params["Sampler"] == "Euler a"
+    missing = run("generate", "--model", model)
+    assert missing.returncode != 0 and "give a prompt" in missing.stderr
 
 
 def test_samplers_listing():

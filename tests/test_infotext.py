@@ -2,7 +2,8 @@
 
 from PIL import Image
 
-from mlx_sd.infotext import format_infotext, parse_infotext, read_infotext, save_png
+from mlx_sd.infotext import format_infotext, parse_infotext, read_infotext, request_fields, save_png
+from mlx_sd.params import GenerationRequest
 
 # The example in the docstring of A1111's parse_generation_parameters (its published format).
 A1111_EXAMPLE = (
@@ -56,3 +57,38 @@ def test_no_negative_and_no_params():
     assert parse_infotext("just a prompt") == ("just a prompt", "", {})
     text = format_infotext("p", "", {"Steps": 1, "Sampler": "Euler", "Seed": 1})
     assert text == "p\nSteps: 1, Sampler: Euler, Seed: 1"
+
+
+# An A1111 1.10 txt2img infotext with the hires fix, a variation seed, seed resize and a LoRA (fields as A1111 writes
+# them: `create_infotext` in modules/processing.py).
+A1111_HIRES = (
+    "a castle on a hill <lora:detail:0.6>\n"
+    "Negative prompt: lowres\n"
+    "Steps: 25, Sampler: DPM++ 2M SDE, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 512x768, "
+    "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Variation seed: 99, Variation seed strength: 0.25, "
+    "Seed resize from: 640x640, Denoising strength: 0.45, Clip skip: 2, RNG: CPU, NGMS: 0.5, Hires upscale: 1.5, "
+    'Hires steps: 10, Hires upscaler: Latent (nearest-exact), Lora hashes: "detail: 3f2a1b", Version: v1.10.1'
+)
+
+
+def test_request_fields_from_an_a1111_hires_infotext():
+    fields, not_applied = request_fields(A1111_HIRES)
+    assert fields == {
+        "prompt": "a castle on a hill <lora:detail:0.6>", "negative_prompt": "lowres", "steps": 25,
+        "sampler": "DPM++ 2M SDE", "schedule_type": "Karras", "guidance": 6.5, "seed": 1234, "width": 512,
+        "height": 768, "subseed": 99, "subseed_strength": 0.25, "seed_resize_from_w": 640, "seed_resize_from_h": 640,
+        "strength": 0.45, "clip_skip": 2, "rng": "torch-cpu", "s_min_uncond": 0.5, "hr_scale": 1.5,
+        "hr_second_pass_steps": 10, "hr_upscaler": "Latent (nearest-exact)", "enable_hr": True,
+    }  # fmt: skip
+    assert not_applied == {"Model hash": "6ce0161689", "Model": "v1-5-pruned-emaonly", "Lora hashes": "detail: 3f2a1b",
+                           "Version": "v1.10.1"}  # fmt: skip
+    GenerationRequest(**fields).validate()
+
+
+def test_request_fields_leave_out_what_they_cannot_reproduce():
+    """A1111's GPU random source, and values that do not parse, are reported instead of applied."""
+    fields, not_applied = request_fields("x\nSteps: many, Sampler: Euler, Seed: 3, RNG: NV, Size: 64x64")
+    assert fields == {"prompt": "x", "negative_prompt": "", "sampler": "Euler", "seed": 3, "width": 64, "height": 64}
+    assert not_applied == {"Steps": "many", "RNG": "NV"}
+    img2img, _ = request_fields("x\nSteps: 4, Sampler: Euler, Denoising strength: 0.3")
+    assert img2img["strength"] == 0.3 and "enable_hr" not in img2img

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlx_sd import __version__
 from mlx_sd.images import prepare_mask
-from mlx_sd.infotext import parse_infotext
+from mlx_sd.infotext import parse_infotext, request_fields
 from mlx_sd.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, GenerationRequest
 from mlx_sd.samplers import list_samplers, resolve
 from mlx_sd.schedules import SCHEDULE_TYPES
@@ -56,7 +56,6 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "script_name": (("",), "scripts are not supported"),
     "script_args": (([],), "scripts are not supported"),
     "alwayson_scripts": (({},), "extensions (ControlNet, ADetailer, ...) are not supported"),
-    "infotext": (("",), "send the parameters as fields"),
     "initial_noise_multiplier": ((1,), "the initial noise multiplier is not implemented"),
     "latent_mask": (("",), "a separate latent mask is not supported"),
     "inpainting_fill": (
@@ -229,6 +228,8 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
 def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
     """The library request, the model, the refiner (or None) and the list of ignored fields for an A1111 request.
     Raises ApiError."""
+    if req.infotext:
+        req = _with_infotext(req)
     _refuse_unsupported(req)
     ignored = sorted(req.model_extra or {})
     overrides = req.override_settings or {}
@@ -293,6 +294,25 @@ def _clip_skip(value, param: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLIP_SKIP:
         raise invalid(param, f"must be a whole number from 1 to {MAX_CLIP_SKIP}, got {value!r}")
     return value
+
+
+# recorded parameters A1111 applies as settings (override_settings) when it reads an infotext
+INFOTEXT_SETTINGS = {"clip_skip": "CLIP_stop_at_last_layers", **{k: k for k in SIGMA_SETTINGS}}
+
+
+def _with_infotext(req: ProcessingRequest) -> ProcessingRequest:
+    """A1111's `infotext` field: the parameters it records fill the fields the request leaves unset (A1111's
+    `apply_infotext`); recorded settings (clip skip, sigma settings) join override_settings unless set there."""
+    fields, _ = request_fields(req.infotext)
+    updates, overrides = {}, dict(req.override_settings or {})
+    for name, value in fields.items():
+        if name in INFOTEXT_SETTINGS:
+            overrides.setdefault(INFOTEXT_SETTINGS[name], value)
+            continue
+        api = NAMES.get(name, name)
+        if api in type(req).model_fields and api not in req.model_fields_set:
+            updates[api] = value
+    return req.model_copy(update={**updates, "override_settings": overrides, "infotext": None})
 
 
 def _hires_fields(req: Txt2ImgRequest) -> dict:

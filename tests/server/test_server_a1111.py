@@ -194,6 +194,26 @@ def test_sigma_settings_are_a1111_options(server, models_dir):
     assert server.post("/sdapi/v1/options", json={"s_noise": 1.0}).status_code == 200
 
 
+def test_infotext_field_fills_what_the_request_leaves_unset(server, models_dir):
+    """A1111's `infotext` field: the recorded parameters apply where the request sets nothing (here all but the
+    seed), clip skip as a setting; the image equals the library's for the merged parameters."""
+    from mlx_sd.pipeline import Pipeline
+
+    text = ("a tower\nNegative prompt: fog\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, "
+            "Seed: 3, Size: 64x48, Clip skip: 2, Denoising strength: 0.5, Hires upscale: 1.5, Hires steps: 2, "
+            "Hires upscaler: Latent, Model hash: 0123456789")  # fmt: skip
+    r = server.post("/sdapi/v1/txt2img", json={"infotext": text, "seed": 11})
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    expected = Pipeline(models_dir / "tiny-a").generate(
+        prompt="a tower", negative_prompt="fog", steps=3, sampler="DPM++ 2M", schedule_type="Karras", guidance=5.0,
+        seed=11, width=64, height=48, clip_skip=2, enable_hr=True, strength=0.5, hr_scale=1.5,
+        hr_second_pass_steps=2, hr_upscaler="Latent",
+    )  # fmt: skip
+    assert got.size == (96, 72)
+    np.testing.assert_array_equal(pixels(got), pixels(expected.images[0]))
+
+
 def _b64_png(image: Image.Image) -> str:
     out = io.BytesIO()
     image.save(out, "PNG")
@@ -202,7 +222,7 @@ def _b64_png(image: Image.Image) -> str:
 
 def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server):
     base = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
-    cases = {"hr_checkpoint_name": "other.safetensors", "restore_faces": True, "infotext": "Steps: 20",
+    cases = {"hr_checkpoint_name": "other.safetensors", "restore_faces": True, "firstpass_image": "abc",
              "alwayson_scripts": {"ControlNet": {}},
              "styles": ["my style"], "script_name": "X/Y/Z plot"}  # fmt: skip
     for field, value in cases.items():
