@@ -80,7 +80,8 @@ def prepare_latents(request, plan, noise, encode: Encoder, unet_channels: int, l
     """The starting latent x (VE) and the init state, drawing noise in diffusers' order.
 
     img2img:  encode(image) [VAE noise], initial noise, x = add_noise(image latents, noise, first level).
-    inpaint:  encode(image) if the UNet is 4-channel or strength < 1 [VAE noise], initial noise,
+    inpaint:  encode(image) if the UNet is 4-channel (or a 4-channel refiner will paste the known region back) or
+              strength < 1 [VAE noise], initial noise,
               encode(masked image) [VAE noise] (always: diffusers' prepare_mask_latents), x as img2img or, at
               strength 1, pure noise.
     `vary` (NCHW draw -> draw) applies variation seeds to the initial noise (mlx_sd/variation.py).

@@ -223,7 +223,7 @@ class Pipeline:
         if request.subseed_strength and request.subseed is None:
             request = replace(request, subseed=secrets.randbits(32))
         request = replace(request, refiner_switch_at=self._switch_at(request))
-        refining = request.refiner_switch_at is not None and request.refiner_switch_at < 1.0
+        refining = self._refining(request)
         control = control or Control()
         start = time.perf_counter()
         timings: dict[str, float] = {}
@@ -254,7 +254,7 @@ class Pipeline:
                     raise Cancelled(images)
                 if control._skip.is_set():
                     break
-                x = next(sampler) if i == 0 else sampler.send(self._blend(init, plan, x, i) if init else None)
+                x = next(sampler) if i == 0 else sampler.send(self._blend(init, plan, x, i, model_fn) if init else None)
                 yield Progress(done + i + 1, total, batch, request.batch_count, time.perf_counter() - start, x,
                                "sdxl" if self.model.is_sdxl else "sd")  # fmt: skip
             sampler.close()
@@ -275,7 +275,7 @@ class Pipeline:
             control._skip.clear()
             x = yield from denoise(plan, model_fn, x, noise, init, batch, 0)
             latents = plan.latents_to_decode(x)
-            if init is not None and init.mask is not None and self.model.unet.config.in_channels == 4:
+            if init is not None and init.mask is not None and self._pastes(model_fn):
                 latents = init.mask * latents + (1 - init.mask) * init.image_latents  # the known region, exact
             finished = request
             if second and not control._skip.is_set():
@@ -330,9 +330,6 @@ class Pipeline:
             if request.refiner_switch_at is not None:
                 raise ValueError("refiner_switch_at needs a refiner: Pipeline(model, refiner=refiner_model)")
             return None
-        if request.mask is not None:
-            raise ValueError("inpainting with a refiner is not supported; inpaint with the base model, then refine "
-                             "the result with img2img")  # fmt: skip
         if request.enable_hr:
             raise ValueError("the hires fix with a refiner is not supported (A1111 refuses it too); drop enable_hr, "
                              "or run the refiner on the upscaled result with img2img")  # fmt: skip
@@ -367,7 +364,8 @@ class Pipeline:
         if request.init_image is not None:
             return prepare_latents(
                 request, plan, noise, lambda images, source: self._encode_images(images, source, request.tiling),
-                unet.config.in_channels, vae.config.latent_channels, self.model.dtype, vary,
+                4 if self._refining(request) else unet.config.in_channels, vae.config.latent_channels,
+                self.model.dtype, vary,
             )  # fmt: skip
         shape = (request.batch_size, vae.config.latent_channels, request.height // 8, request.width // 8)
         draw = noise.normal(shape)
@@ -387,10 +385,19 @@ class Pipeline:
         )
         return lambda draw: vary_noise(draw, request.rng, seeds, subseeds, request.subseed_strength, resize)
 
-    def _blend(self, init, plan: SamplingPlan, x: mx.array, step: int) -> mx.array | None:
+    def _refining(self, request: GenerationRequest) -> bool:
+        """A refiner takes over part of this (resolved) request's schedule."""
+        return self.refiner is not None and request.refiner_switch_at is not None and request.refiner_switch_at < 1
+
+    def _pastes(self, model_fn) -> bool:
+        """Whether inpainting pastes the known region back: a 4-channel UNet ran the last step (the base, or a
+        refiner that took over from a 9-channel inpainting base)."""
+        return self.model.unet.config.in_channels == 4 or getattr(model_fn, "switched", False)
+
+    def _blend(self, init, plan: SamplingPlan, x: mx.array, step: int, model_fn) -> mx.array | None:
         """Inpainting with a 4-channel UNet: after each step, the known region is the init latents noised to the
         current level (diffusers' latent blending)."""
-        if init.mask is None or self.model.unet.config.in_channels != 4:
+        if init.mask is None or not self._pastes(model_fn):
             return None
         known = plan.noised_latents(init.image_latents, init.noise, step)
         return init.mask * x + (1 - init.mask) * known
@@ -474,7 +481,7 @@ class Pipeline:
         """A1111's infotext. LoRAs set from Python/CLI are written as `<lora:name:weight>` tags after the prompt (how
         A1111 records every LoRA), with "Lora hashes"; embeddings named in the prompts give "TI hashes"."""
         info = self.model.info
-        refining = self.refiner is not None and (request.refiner_switch_at or 1.0) < 1.0
+        refining = self._refining(request)
         params = {
             "Steps": request.steps,
             "Sampler": plan.sampler.name,

@@ -32,25 +32,32 @@ def switch_cutoff(schedule: NoiseSchedule, switch_at: float) -> int:
     return int(round(n - switch_at * n))
 
 
-def handoff(base: ModelFn, refiner: ModelFn, schedule: NoiseSchedule, switch_at: float) -> ModelFn:
-    """A model function that is `base` above the cutoff and `refiner` from the first timestep below it on.
+class Handoff:
+    """A model function that is `base` above the cutoff and `refiner` from the first timestep below it on;
+    `switched` tells whether the refiner has taken over (inpainting then pastes the known region back, the refiner
+    being a 4-channel UNet).
 
     Args:
         base, refiner: model functions `(x, t) -> output`, each closed over its own conditioning.
         schedule: the training schedule both models share (the timesteps' noise levels).
         switch_at: the fraction of the schedule (0, 1] the base runs; 1 never switches.
     """
-    cutoff = switch_cutoff(schedule, switch_at)
-    switched = False
 
-    def model(x, t: float):
-        nonlocal switched
-        if not switched:
-            nearest = int(np.argmin(np.abs(schedule.sigmas - schedule.t_to_sigma(t))))
-            switched = nearest < cutoff
-        return (refiner if switched else base)(x, t)
+    def __init__(self, base: ModelFn, refiner: ModelFn, schedule: NoiseSchedule, switch_at: float):
+        self.base, self.refiner, self.schedule = base, refiner, schedule
+        self.cutoff = switch_cutoff(schedule, switch_at)
+        self.switched = False
 
-    return model
+    def __call__(self, x, t: float):
+        if not self.switched:
+            nearest = int(np.argmin(np.abs(self.schedule.sigmas - self.schedule.t_to_sigma(t))))
+            self.switched = nearest < self.cutoff
+        return (self.refiner if self.switched else self.base)(x, t)
+
+
+def handoff(base: ModelFn, refiner: ModelFn, schedule: NoiseSchedule, switch_at: float) -> Handoff:
+    """`Handoff(base, refiner, schedule, switch_at)`."""
+    return Handoff(base, refiner, schedule, switch_at)
 
 
 def check_refiner(base, refiner, base_schedule: NoiseSchedule, refiner_schedule: NoiseSchedule) -> None:

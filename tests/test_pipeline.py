@@ -331,3 +331,18 @@ def test_an_infotext_makes_the_same_image_again(sd1):
     again = ours.generate(GenerationRequest(**fields))
     np.testing.assert_array_equal(as_array(again.images), as_array(original.images))
     assert again.infotexts == original.infotexts
+
+
+def test_nine_channel_inpainting_hands_off_to_a_four_channel_refiner(sd1, inpaint9):
+    """A 9-channel inpainting base with a 4-channel refiner: the base conditions on the mask, the refiner pastes the
+    known region back (diffusers' latent blending) once it takes over; switch_at 1 is the base alone."""
+    init = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    request = dict(prompt=PROMPT, init_image=init, mask=_mask(64, 64), strength=1.0, steps=4, seed=3,
+                   sampler="EulerDiscreteScheduler")  # fmt: skip
+    base, refiner = inpaint9[1].model, sd1[1].model
+    both = Pipeline(base, refiner=refiner)
+    never = both.generate(**request, refiner_switch_at=1.0)
+    alone = Pipeline(base).generate(**request)
+    assert np.array_equal(as_array(never.images), as_array(alone.images))
+    handed = both.generate(**request, refiner_switch_at=0.5)
+    assert not np.array_equal(as_array(handed.images), as_array(alone.images))
