@@ -14,6 +14,7 @@ import math
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from .refiner import DEFAULT_SWITCH_AT, check_refiner, handoff
 from .rng import make_noise
 from .samplers import SamplingPlan, plan_sampling
 from .schedules import NoiseSchedule
-from .textual_inversion import Embedding, add_embeddings, ti_hashes, used_embeddings
+from .textual_inversion import Embedding, add_embeddings, check_embedding, ti_hashes, used_embeddings
 from .tiling import tiled_decode, tiled_encode
 from .variation import vary_noise
 
@@ -131,7 +132,8 @@ class Pipeline:
     Args:
         model: a `StableDiffusion` or the path of a converted model folder.
         refiner: a model that takes over the last part of the schedule (SDXL's refiner; mlx_sd/refiner.py), used
-            from `request.refiner_switch_at` on (default 0.8), or None. LoRAs and embeddings apply to `model` only.
+            from `request.refiner_switch_at` on (default 0.8), or None. Embeddings apply to both (those that fit the
+            refiner), LoRAs to `model` only.
         lora_resolver: resolves `<lora:name:weight>` in prompts: (name, `lora_targets(model)`) -> `LoRA`, e.g.
             `mlx_sd_convert.library.LoraLibrary(folder)`; None: such prompts are refused.
     """
@@ -150,7 +152,8 @@ class Pipeline:
         self.loras: list[AppliedLoRA] = []  # applied to every request, beside the prompt's <lora:...> tags
         self.embeddings: list[Embedding] = []
         self._lora_state = LoRAState()
-        self._embedded_in = None  # the PromptEncoder holding self.embeddings (reloaded encoders need them again)
+        # the names of the embeddings each live PromptEncoder holds (a reloaded encoder or a refiner's needs them)
+        self._embedded: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def set_refiner(self, refiner: StableDiffusion | str | Path | None) -> None:
         """Use `refiner` (a model or a converted folder) for the following requests, or none. Raises ValueError,
@@ -176,9 +179,10 @@ class Pipeline:
     def load_embeddings(self, embeddings: list[Embedding]) -> None:
         """Add textual-inversion embeddings; their names then work in prompts. Raises ValueError if one does not fit
         the model (nothing is added then)."""
-        add_embeddings(self.model.text_encoder(), self.model.info.family, embeddings)
-        self._embedded_in = self.model.text
+        text = self._with_embeddings(self.model)
+        add_embeddings(text, self.model.info.family, embeddings)
         self.embeddings += embeddings
+        self._embedded[text] |= {e.name for e in embeddings}  # a refiner's encoder takes them at its next request
 
     def lora_targets(self):
         """The layers of this model a LoRA may adapt (what `read_lora` maps a file onto)."""
@@ -196,13 +200,24 @@ class Pipeline:
             raise ValueError(f"<lora:{tags[0].name}:...> in the prompt: no LoRA folder is configured (--lora-dir)")
         targets = lora_targets(self.model) if tags else None
         applied += [AppliedLoRA(self.lora_resolver(t.name, targets), t.weight, t.text_weight, t.name) for t in tags]
-        text = self.model.text_encoder()
-        if self.embeddings and self._embedded_in is not text:
-            add_embeddings(text, self.model.info.family, self.embeddings)
-            self._embedded_in = text
+        text = self._with_embeddings(self.model)
+        if self._refining(request):
+            self._with_embeddings(self.refiner)
         self._lora_state.apply(lora_networks(self.model), applied)
         prompts = [parse_lora_tags(p)[0] for p in (request.prompt, request.negative_prompt)]
         return applied, used_embeddings(text, self.embeddings, prompts) if self.embeddings else []
+
+    def _with_embeddings(self, model: StableDiffusion):
+        """`model`'s text encoder holding the loaded embeddings: added again to a reloaded encoder; a refiner takes
+        those that fit it (an SDXL embedding's clip_g vectors; A1111 loads them into its refiner too)."""
+        text = model.text_encoder()
+        held = self._embedded.setdefault(text, set())
+        family = model.info.family
+        missing = [e for e in self.embeddings if e.name not in held and check_embedding(e, family, text) is None]
+        if missing:
+            add_embeddings(text, family, missing)
+            held |= {e.name for e in missing}
+        return text
 
     @property
     def defaults(self):

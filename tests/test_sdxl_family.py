@@ -21,6 +21,7 @@ from tiny_pipelines import mlx_folder, tiny_components
 from mlx_sd.model import StableDiffusion
 from mlx_sd.pipeline import Pipeline
 from mlx_sd_convert import convert
+from oracles import assert_close
 
 PROMPT = "a red fox in the snow, watercolor"
 NEGATIVE = "blurry, low quality"
@@ -115,6 +116,47 @@ def test_img2img_handoff_matches_diffusers(models):
         sampler="EulerDiscreteScheduler", refiner_switch_at=0.75,
     )  # fmt: skip
     check(result, expected, "img2img hand-off at 0.75")
+
+
+def test_embeddings_reach_the_refiner_as_in_diffusers(models, tmp_path):
+    """An SDXL embedding (clip_l + clip_g) loaded once: the base takes both, the refiner its clip_g vectors (diffusers:
+    load_textual_inversion into each pipeline's encoders), and the hand-off image matches."""
+    import copy
+
+    import torch
+    from safetensors.numpy import save_file
+
+    from mlx_sd_convert.embeddings import read_embedding
+
+    base, refiner = models
+    rng = np.random.default_rng(9)
+    vectors = {"clip_l": rng.normal(0, 0.5, (2, 64)).astype(np.float32),
+               "clip_g": rng.normal(0, 0.5, (2, 128)).astype(np.float32)}  # fmt: skip
+    save_file(vectors, str(tmp_path / "foxemb.safetensors"))
+    prompt, generator = "a foxemb in the snow", generators(4, 1)
+    # copies: load_textual_inversion changes the tokenizers and encoders the other tests' pipelines share
+    pipes = {kind: copy.deepcopy(reference(kind)) for kind in ("base", "refiner")}
+    for pipe in pipes.values():
+        for key, suffix in (("clip_l", ""), ("clip_g", "_2")):
+            if getattr(pipe, f"text_encoder{suffix}", None) is not None:
+                pipe.load_textual_inversion(torch.from_numpy(vectors[key]), token="foxemb",
+                                            text_encoder=getattr(pipe, f"text_encoder{suffix}"),
+                                            tokenizer=getattr(pipe, f"tokenizer{suffix}"))  # fmt: skip
+    latents = pipes["base"](prompt, width=64, height=64, num_inference_steps=6, guidance_scale=5.0,
+                            denoising_end=0.7, generator=generator, output_type="latent").images  # fmt: skip
+    expected = pipes["refiner"](prompt, image=latents, num_inference_steps=6, guidance_scale=5.0,
+                                denoising_start=0.7, generator=generator, output_type="np").images  # fmt: skip
+    ours = Pipeline(base, refiner=refiner)
+    ours.load_embeddings([read_embedding(tmp_path / "foxemb.safetensors")])
+    result = ours.generate(prompt=prompt, width=64, height=64, steps=6, guidance=5.0, seed=4,
+                           sampler="EulerDiscreteScheduler", refiner_switch_at=0.7)  # fmt: skip
+    check(result, expected, "embedding through the hand-off")
+    assert "TI hashes: " in result.infotexts[0]
+    with torch.no_grad():  # the refiner's own encoding of the prompt, which 8-bit images barely show
+        embeds, _, pooled, _ = pipes["refiner"].encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    cond, _ = ours.refiner.text.encode([prompt])
+    assert_close(np.array(cond.context), embeds.numpy(), 1e-4, "refiner context with the embedding")
+    assert_close(np.array(cond.pooled), pooled.numpy(), 1e-4, "refiner pooled with the embedding")
 
 
 def _corner_mask():
