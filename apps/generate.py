@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from mlx_sd.images import INPAINTING_FILLS
 from mlx_sd.infotext import parse_infotext, read_infotext, request_fields, save_png
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Pipeline, Progress, Result
@@ -50,6 +51,10 @@ def add_parsers(sub) -> None:
                    help="img2img: fit an init image of another size")  # fmt: skip
     p.add_argument("--mask", type=Path, help="inpainting mask (white = repaint); needs --init-image")
     p.add_argument("--mask-blur", type=float, default=4.0, help="inpainting: blur the mask edge (pixels)")
+    p.add_argument("--inpainting-fill", default="original", choices=INPAINTING_FILLS,
+                   help="inpainting: what the area to repaint starts from (A1111's masked content)")  # fmt: skip
+    p.add_argument("--initial-noise-multiplier", type=float, default=1.0,
+                   help="img2img: scale the noise the image starts with (A1111's noise multiplier)")  # fmt: skip
     p.add_argument("--invert-mask", action="store_true", help="inpainting: repaint the black area instead")
     p.add_argument("--only-masked", action="store_true", help="inpainting: work on a crop around the mask")
     p.add_argument("--only-masked-padding", type=int, default=32, help="inpainting: padding of that crop (pixels)")
@@ -144,7 +149,8 @@ def _request(args) -> GenerationRequest:
         batch_size=batch, batch_count=-(-num // batch), clip_skip=args.clip_skip,
         init_image=_open_image(args.init_image, "--init-image"), strength=args.strength,
         resize_mode=args.resize_mode, mask=_open_image(args.mask, "--mask"), mask_blur=args.mask_blur,
-        invert_mask=args.invert_mask, inpaint_full_res=args.only_masked,
+        invert_mask=args.invert_mask, inpaint_full_res=args.only_masked, inpainting_fill=args.inpainting_fill,
+        initial_noise_multiplier=args.initial_noise_multiplier,
         inpaint_padding=args.only_masked_padding, paste_back=True, low_memory=args.low_memory,
         tiled_vae=args.tiled_vae, tiling=args.tiling,
         refiner_switch_at=args.refiner_switch_at,

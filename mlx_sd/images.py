@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 RESIZE_MODES = ("resize", "crop", "fill")  # A1111: "Just resize", "Crop and resize", "Resize and fill"
+# A1111's "Masked content": what the area to repaint starts from (mlx_sd/img2img.py)
+INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")
 
 
 def to_array(images: Image.Image | Sequence[Image.Image]) -> mx.array:
@@ -143,3 +145,23 @@ LATENT_RGB = {
 def latent_preview(latents: mx.array, kind: str = "sd") -> list[Image.Image]:
     """Scaled latents (B, h, w, 4) -> small RGB previews (h x w pixels), no VAE."""
     return to_pil(latents.astype(mx.float32) @ mx.array(LATENT_RGB[kind]))
+
+
+FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))  # (blur radius, repeats), coarse to fine
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "fill" masked content: the area to repaint takes ever finer blurs of the colours around it.
+
+    The kept pixels are blurred with premultiplied alpha (so the hole contributes nothing) and layered coarse to
+    fine; the last, unblurred layer restores the kept area exactly.
+    """
+    keep = ImageOps.invert(mask.convert("L"))
+    kept = Image.new("RGBa", image.size)
+    kept.paste(image.convert("RGBA").convert("RGBa"), mask=keep)
+    out = Image.new("RGBA", image.size)
+    for radius, repeats in FILL_PASSES:
+        layer = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            out.alpha_composite(layer)
+    return out.convert("RGB")

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from .images import CropRegion, mask_crop_region, paste_back, prepare_mask, resize, to_array
+from .images import CropRegion, fill_masked, mask_crop_region, paste_back, prepare_mask, resize, to_array
 
 LATENT_SCALE = 8  # pixels per latent
 
@@ -63,12 +63,14 @@ def prepare_inputs(request) -> tuple[InitState, mx.array, mx.array | None]:
     if soft_mask.size != original.size:
         soft_mask = soft_mask.resize(original.size, Image.LANCZOS)
     region = None
+    # "fill" paints the area to repaint with the colours around it; the paste-back keeps the original (A1111)
+    source = fill_masked(original, soft_mask) if request.inpainting_fill == "fill" else original
     if request.inpaint_full_res:
         region = mask_crop_region(soft_mask, request.inpaint_padding, width, height)
-        image = original.crop(region.box()).resize((width, height), Image.LANCZOS)
+        image = source.crop(region.box()).resize((width, height), Image.LANCZOS)
         mask = soft_mask.crop(region.box()).resize((width, height), Image.LANCZOS)
     else:
-        image = resize(original, width, height, request.resize_mode)
+        image = resize(source, width, height, request.resize_mode)
         mask = soft_mask if soft_mask.size == (width, height) else soft_mask.resize((width, height), Image.LANCZOS)
     binary = (np.asarray(mask, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32)  # diffusers binarizes at 0.5
     state = InitState(original, region, soft_mask, request.paste_back or request.inpaint_full_res)
@@ -97,16 +99,26 @@ def prepare_latents(request, plan, noise, encode: Encoder, unet_channels: int, l
     draw = noise.normal((B, latent_channels, h, w))
     draw = (vary(draw) if vary else draw).transpose(0, 2, 3, 1)  # torch's NCHW draw order
     state.noise = draw
+    if inpaint:
+        # diffusers: F.interpolate(mask, size=(h, w)) with nearest sampling reads every 8th pixel.
+        state.mask = mx.broadcast_to(mask[:, ::LATENT_SCALE, ::LATENT_SCALE], (B, h, w, 1))
     if state.noise_start:
-        x = plan.noised_latents(state.image_latents, draw, 0)
+        x = plan.noised_latents(_start_latents(request, state, draw), draw * request.initial_noise_multiplier, 0)
     else:
         x = plan.initial_latents(draw)
     if inpaint:
         masked = image * (mask < 0.5)
         state.masked_latents = encode(masked, noise)
-        # diffusers: F.interpolate(mask, size=(h, w)) with nearest sampling reads every 8th pixel.
-        state.mask = mx.broadcast_to(mask[:, ::LATENT_SCALE, ::LATENT_SCALE], (B, h, w, 1))
     return x.astype(dtype), state
+
+
+def _start_latents(request, state: InitState, draw: mx.array) -> mx.array:
+    """The latents img2img noises to its first level: the image's, with A1111's "latent noise" (the request's
+    initial noise) or "latent nothing" (zeros) in the area to repaint."""
+    if state.mask is None or request.inpainting_fill not in ("latent noise", "latent nothing"):
+        return state.image_latents
+    keep = state.image_latents * (1 - state.mask)
+    return keep + draw * state.mask if request.inpainting_fill == "latent noise" else keep
 
 
 def restore_output(state: InitState, image: Image.Image) -> Image.Image:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from PIL import Image
 
-from .images import RESIZE_MODES
+from .images import INPAINTING_FILLS, RESIZE_MODES
 from .rng import NOISE_MODES
 from .upscale import HIRES_UPSCALERS
 
@@ -77,10 +77,12 @@ class GenerationRequest:
         draw the seed's noise as for that size and paste its centre, to keep a composition at another size.
         mlx_sd/variation.py.
     img2img: init_image, strength (the last int(steps * strength) steps run), resize_mode for an init image of
-        another size ("resize", "crop", "fill").
+        another size ("resize", "crop", "fill"), initial_noise_multiplier (A1111's: scales the noise the image
+        starts with).
     Inpainting: mask (white = repaint), mask_blur (pixels), invert_mask, inpaint_full_res ("only masked": crop
         around the mask, generate at width x height, paste back), inpaint_padding (pixels around the mask),
-        paste_back (composite the result over the original outside the mask).
+        paste_back (composite the result over the original outside the mask), inpainting_fill (A1111's "Masked
+        content": "original", "fill" (blurred surrounding colours), "latent noise", "latent nothing").
     SDXL micro-conditioning: original_size, crops_coords_top_left, target_size (height, width pairs; default: the
         generation size, (0, 0)), aesthetic_score / negative_aesthetic_score (refiner).
     Hires fix (A1111, txt2img): enable_hr generates at width x height, upscales by hr_scale (or to hr_resize_x x
@@ -124,12 +126,14 @@ class GenerationRequest:
     init_image: Image.Image | None = field(default=None, repr=False)
     strength: float = 0.75
     resize_mode: str = "resize"
+    initial_noise_multiplier: float = 1.0
     mask: Image.Image | None = field(default=None, repr=False)
     mask_blur: float = 0.0
     invert_mask: bool = False
     inpaint_full_res: bool = False
     inpaint_padding: int = 32
     paste_back: bool = False
+    inpainting_fill: str = "original"
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
@@ -194,11 +198,19 @@ class GenerationRequest:
             (self.s_min_uncond >= 0, f"s_min_uncond={self.s_min_uncond}: must be >= 0 (0 = off)"),
             *((v is None or v >= 0, f"{k}={v}: must be >= 0") for k, v in self.sampler_options().items()),
             (0.0 <= self.strength <= 1.0, f"strength={self.strength}: must be between 0 and 1"),
+            (
+                self.initial_noise_multiplier >= 0,
+                f"initial_noise_multiplier={self.initial_noise_multiplier}: must be >= 0",
+            ),
             (self.batch_size >= 1 and self.batch_count >= 1, "batch_size and batch_count must be at least 1"),
             (self.clip_skip >= 1, f"clip_skip={self.clip_skip}: must be at least 1 (1 = last layer)"),
             (self.rng in NOISE_MODES, f"rng={self.rng!r}: must be one of {NOISE_MODES}"),
             (self.resize_mode in RESIZE_MODES, f"resize_mode={self.resize_mode!r}: must be one of {RESIZE_MODES}"),
             (self.mask is None or self.init_image is not None, "a mask needs an init_image to inpaint"),
+            (
+                self.inpainting_fill in INPAINTING_FILLS,
+                f"inpainting_fill={self.inpainting_fill!r}: must be one of {', '.join(INPAINTING_FILLS)}",
+            ),
             (self.mask_blur >= 0 and self.inpaint_padding >= 0, "mask_blur and inpaint_padding must be >= 0"),
             (self.seed is None or -(2**63) <= self.seed < 2**64, f"seed={self.seed}: out of range"),
             (self.subseed is None or 0 <= self.subseed < 2**32, f"subseed={self.subseed}: must be in [0, 2**32)"),

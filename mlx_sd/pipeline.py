@@ -512,6 +512,12 @@ class Pipeline:
             if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
             else None,
             "Denoising strength": request.strength if request.init_image is not None or request.enable_hr else None,
+            "Masked content": request.inpainting_fill
+            if request.mask is not None and request.inpainting_fill != "original"
+            else None,
+            "Noise multiplier": request.initial_noise_multiplier
+            if request.init_image is not None and request.initial_noise_multiplier != 1.0
+            else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "Tiling": True if request.tiling else None,
             "NGMS": request.s_min_uncond or None,

@@ -346,3 +346,40 @@ def test_nine_channel_inpainting_hands_off_to_a_four_channel_refiner(sd1, inpain
     assert np.array_equal(as_array(never.images), as_array(alone.images))
     handed = both.generate(**request, refiner_switch_at=0.5)
     assert not np.array_equal(as_array(handed.images), as_array(alone.images))
+
+
+@pytest.mark.parametrize("fill", ["latent noise", "latent nothing"])
+def test_latent_masked_content_matches_diffusers_started_from_it(sd1, fill):
+    """A1111's "latent noise" / "latent nothing" masked content: the area to repaint starts from the initial noise or
+    from zeros. Reference: diffusers' inpainting whose scheduler noises that latent (its add_noise wrapped)."""
+    parts, ours = sd1
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    pipe = diffusers_pipe("StableDiffusionInpaintPipeline", parts, "EulerDiscreteScheduler")
+    repaint = torch.from_numpy((np.asarray(_mask(64, 64)) >= 128).astype(np.float32)[::8, ::8])[None, None]
+    add_noise = pipe.scheduler.add_noise
+
+    def started(x0, noise, t):
+        x0 = x0 * (1 - repaint) + (noise * repaint if fill == "latent noise" else 0)
+        return add_noise(x0, noise, t)
+
+    pipe.scheduler.add_noise = started
+    expected = pipe(PROMPT, image=init, mask_image=_mask(64, 64), strength=0.7, num_inference_steps=6,
+                    guidance_scale=5.0, generator=generators(3, 1), output_type="np").images  # fmt: skip
+    result = ours.generate(prompt=PROMPT, init_image=init, mask=_mask(64, 64), strength=0.7, steps=6, guidance=5.0,
+                           sampler="EulerDiscreteScheduler", seed=3, inpainting_fill=fill)  # fmt: skip
+    check(result, expected, f"masked content {fill}")
+    assert f"Masked content: {fill}" in result.infotexts[0]
+
+
+def test_initial_noise_multiplier_matches_diffusers_with_scaled_noise(sd1):
+    parts, ours = sd1
+    init = Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    pipe = diffusers_pipe("StableDiffusionImg2ImgPipeline", parts, "EulerDiscreteScheduler")
+    add_noise = pipe.scheduler.add_noise
+    pipe.scheduler.add_noise = lambda x0, noise, t: add_noise(x0, noise * 0.8, t)
+    expected = pipe(PROMPT, image=init, strength=0.6, num_inference_steps=6, guidance_scale=5.0,
+                    generator=generators(2, 1), output_type="np").images  # fmt: skip
+    result = ours.generate(prompt=PROMPT, init_image=init, strength=0.6, steps=6, guidance=5.0, seed=2,
+                           sampler="EulerDiscreteScheduler", initial_noise_multiplier=0.8)  # fmt: skip
+    check(result, expected, "noise multiplier 0.8")
+    assert "Noise multiplier: 0.8" in result.infotexts[0]

@@ -21,11 +21,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlx_sd import __version__
-from mlx_sd.images import prepare_mask
 from mlx_sd.infotext import parse_infotext, request_fields
 from mlx_sd.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, GenerationRequest
 from mlx_sd.samplers import list_samplers, resolve
@@ -41,7 +40,7 @@ MAX_MASK_BLUR = 256  # pixels; a Gaussian blur beyond this is meaningless and sl
 MAX_PADDING = 8192
 MAX_CLIP_SKIP = 12
 RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill"}  # "Just resize", "Crop and resize", "Resize and fill"
-FILL, ORIGINAL = 0, 1  # inpainting_fill ("Masked content") values mlx-sd implements
+INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # A1111's "Masked content"
 # Names of the library's fields in this API, for error messages.
 NAMES = {"guidance": "cfg_scale", "sampler": "sampler_name", "schedule_type": "scheduler", "batch_count": "n_iter",
          "strength": "denoising_strength", "init_image": "init_images", "mask": "mask",
@@ -56,12 +55,7 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "script_name": (("",), "scripts are not supported"),
     "script_args": (([],), "scripts are not supported"),
     "alwayson_scripts": (({},), "extensions (ControlNet, ADetailer, ...) are not supported"),
-    "initial_noise_multiplier": ((1,), "the initial noise multiplier is not implemented"),
     "latent_mask": (("",), "a separate latent mask is not supported"),
-    "inpainting_fill": (
-        (FILL, ORIGINAL),
-        "masked content 2 (latent noise) and 3 (latent nothing) are not implemented; use 0 (fill) or 1 (original)",
-    ),  # fmt: skip
     "resize_mode": (tuple(RESIZE_MODES), "resize mode 3 (latent upscale) is not implemented"),
 }
 # A1111's sampler settings: its samplers read these options (the request's s_churn, ... fields are not used)
@@ -157,7 +151,7 @@ class Img2ImgRequest(ProcessingRequest):
     inpaint_full_res: bool | None = True
     inpaint_full_res_padding: int | None = Field(0, ge=0, le=MAX_PADDING)
     inpainting_mask_invert: int | None = Field(0, ge=0, le=1)
-    initial_noise_multiplier: float | None = None
+    initial_noise_multiplier: float | None = Field(None, ge=0, le=10, description="null: 1")
     latent_mask: str | None = None
     include_init_images: bool | None = False
 
@@ -203,26 +197,6 @@ def _binary_mask(image: Image.Image) -> Image.Image:
     if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
         return image.getchannel("A").point(lambda a: 255 if a > 128 else 0)
     return image.convert("L")
-
-
-FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))  # (blur radius, repeats), coarse to fine
-
-
-def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """A1111's "fill" masked content: the area to repaint takes ever finer blurs of the colours around it.
-
-    The kept pixels are blurred with premultiplied alpha (so the hole contributes nothing) and layered coarse to
-    fine; the last, unblurred layer restores the kept area exactly.
-    """
-    keep = ImageOps.invert(mask.convert("L"))
-    kept = Image.new("RGBa", image.size)
-    kept.paste(image.convert("RGBA").convert("RGBa"), mask=keep)
-    out = Image.new("RGBA", image.size)
-    for radius, repeats in FILL_PASSES:
-        layer = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
-        for _ in range(repeats):
-            out.alpha_composite(layer)
-    return out.convert("RGB")
 
 
 def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
@@ -336,7 +310,9 @@ def _img2img_fields(req: Img2ImgRequest, max_pixels: int) -> dict:
         raise invalid("init_images", f"{len(req.init_images)} images given; mlx-sd takes one init image per request")
     image = codec.decode_image(req.init_images[0], "init_images[0]", max_pixels)
     fields = dict(init_image=image.convert("RGB"), strength=0.75 if req.denoising_strength is None
-                  else req.denoising_strength, resize_mode=RESIZE_MODES[req.resize_mode or 0])  # fmt: skip
+                  else req.denoising_strength, resize_mode=RESIZE_MODES[req.resize_mode or 0],
+                  initial_noise_multiplier=1.0 if req.initial_noise_multiplier is None
+                  else req.initial_noise_multiplier)  # fmt: skip
     if not req.mask:
         return fields
     mask = _binary_mask(codec.decode_image(req.mask, "mask", max_pixels))
@@ -347,11 +323,9 @@ def _img2img_fields(req: Img2ImgRequest, max_pixels: int) -> dict:
     else:
         blur = req.mask_blur_x or 0
     invert = bool(req.inpainting_mask_invert)
-    if (req.inpainting_fill or 0) == FILL:
-        repaint = prepare_mask(mask.resize(image.size), blur, invert)
-        fields["init_image"] = fill_masked(fields["init_image"], repaint)
     fields.update(
         mask=mask, mask_blur=float(blur), invert_mask=invert, inpaint_full_res=bool(req.inpaint_full_res),
+        inpainting_fill=INPAINTING_FILL[req.inpainting_fill or 0],
         inpaint_padding=req.inpaint_full_res_padding or 0, paste_back=True,
     )  # fmt: skip
     return fields

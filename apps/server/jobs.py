@@ -77,6 +77,8 @@ class JobRequest(BaseModel):
     inpaint_full_res: bool = False
     inpaint_padding: int = Field(32, ge=0, le=8192)
     paste_back: bool = False
+    inpainting_fill: Literal["fill", "original", "latent noise", "latent nothing"] = "original"
+    initial_noise_multiplier: float = Field(1.0, ge=0, le=10)
     enable_hr: bool = Field(False, description="hires fix (txt2img): upscale the result, then img2img at that size "
                             "with `strength`")  # fmt: skip
     hr_scale: float = Field(2.0, gt=0, le=8)

@@ -73,7 +73,7 @@ def test_img2img_and_inpainting(api):
 
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
-    for fill in (0, 1):  # "fill" and "original" masked content
+    for fill in (0, 1, 2, 3):  # "fill", "original", "latent noise", "latent nothing" masked content
         painted = api.img2img(images=[init], mask_image=mask, prompt="a hat", width=64, height=64, steps=4,
                               denoising_strength=1.0, seed=5, mask_blur=0, inpainting_fill=fill,
                               inpaint_full_res=False)  # fmt: skip
@@ -83,7 +83,7 @@ def test_img2img_and_inpainting(api):
         assert np.abs(out[~outside] - original[~outside]).mean() > 10  # repainted inside
 
     with pytest.raises(RuntimeError, match="422"):  # webuiapi's way of reporting an error status
-        api.img2img(images=[init], mask_image=mask, prompt="x", width=64, height=64, steps=2, inpainting_fill=2)
+        api.img2img(images=[init], mask_image=mask, prompt="x", width=64, height=64, steps=2, resize_mode=3)
 
 
 def test_img2img_fields_map_onto_the_library(server, models_dir):
@@ -231,8 +231,8 @@ def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server
         body = r.json()
         assert set(body) == {"error", "detail", "body", "errors"} and body["detail"].startswith(f"{field}:")
     init = _b64_png(Image.new("RGB", (64, 64), (200, 100, 50)))
-    r = server.post("/sdapi/v1/img2img", json={**base, "init_images": [init], "inpainting_fill": 3})
-    assert r.status_code == 422 and r.json()["detail"].startswith("inpainting_fill:")
+    r = server.post("/sdapi/v1/img2img", json={**base, "init_images": [init], "resize_mode": 3})
+    assert r.status_code == 422 and r.json()["detail"].startswith("resize_mode:")
 
     # Neutral values of unsupported features, hires settings without enable_hr, and unknown fields are accepted.
     neutral = {"enable_hr": False, "restore_faces": False, "styles": [], "s_noise": 1, "hr_scale": 2,

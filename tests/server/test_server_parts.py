@@ -11,8 +11,9 @@ from serving import require_serve_extra
 
 require_serve_extra()
 
+from mlx_sd.images import fill_masked  # noqa: E402
 from mlx_sd_apps.server import codec  # noqa: E402
-from mlx_sd_apps.server.a1111 import a1111_parameters, fill_masked  # noqa: E402
+from mlx_sd_apps.server.a1111 import a1111_parameters  # noqa: E402
 from mlx_sd_apps.server.config import parse_api_auth  # noqa: E402
 from mlx_sd_apps.server.errors import ApiError, error_body  # noqa: E402
 from mlx_sd_apps.server.openai_api import edit_mask, parse_size  # noqa: E402
