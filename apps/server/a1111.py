@@ -29,6 +29,7 @@ from mlx_sd.infotext import parse_infotext, request_fields
 from mlx_sd.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, GenerationRequest
 from mlx_sd.samplers import list_samplers, resolve
 from mlx_sd.schedules import SCHEDULE_TYPES
+from mlx_sd.upscale import IMAGE_UPSCALERS, LATENT_UPSCALERS
 
 from . import codec
 from .engine import Job
@@ -571,7 +572,14 @@ def sd_vae():
 
 @router.get("/upscalers")
 def upscalers():
-    return []
+    """The image upscalers of the hires fix (A1111's model-free ones); model upscalers are not available."""
+    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+            for name in IMAGE_UPSCALERS]  # fmt: skip
+
+
+@router.get("/latent-upscale-modes")
+def latent_upscale_modes():
+    return [{"name": name} for name in LATENT_UPSCALERS]
 
 
 @router.get("/prompt-styles")

@@ -286,6 +286,8 @@ def test_listings(api):
     memory = api.get_memory()
     assert memory["ram"]["total"] > 0 and "cuda" in memory
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest"]
+    assert [m["name"] for m in api.get_latent_upscale_modes()][:2] == ["Latent", "Latent (antialiased)"]
 
 
 def test_progress_interrupt_and_skip(api, server):
