@@ -159,3 +159,11 @@ def window_weights(window: Window, length: int = WINDOW_TOKENS + 2) -> list[floa
     """Per-position weights matching `window_ids`: 1.0 for bos, eos and padding."""
     weights = [1.0, *window.weights]
     return weights + [1.0] * (length - len(weights))
+
+
+def apply_style(style: str, prompt: str) -> str:
+    """A1111's prompt style (`merge_prompts`): the style's text with "{prompt}" replaced by the prompt, or, without
+    that placeholder, appended to the prompt after a comma (either may be empty)."""
+    if "{prompt}" in style:
+        return style.replace("{prompt}", prompt)
+    return ", ".join(part for part in (prompt.strip(), style.strip()) if part)

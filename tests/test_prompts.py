@@ -8,7 +8,7 @@ BREAK starts a new chunk") as plain index arithmetic, independently of mlx_sd's 
 
 import pytest
 
-from mlx_sd.prompts import Fragment, parse_emphasis, split_windows, window_ids, window_weights
+from mlx_sd.prompts import Fragment, apply_style, parse_emphasis, split_windows, window_ids, window_weights
 from oracles import a1111_windows
 
 A1111_EXAMPLES = [
@@ -105,3 +105,10 @@ def test_window_ids_and_weights():
     assert len(ids) == 77 and ids[0] == 49406 and ids[3] == 49407 and set(ids[4:]) == {0}
     weights = window_weights(windows[0])
     assert weights[:4] == [1.0, 1.3, 1.3, 1.0] and len(weights) == 77
+
+
+def test_prompt_styles_merge_as_a1111():
+    """A1111's `merge_prompts`: "{prompt}" is replaced; otherwise the style follows the prompt after a comma."""
+    assert apply_style("photo of {prompt}, 35mm", "a dog") == "photo of a dog, 35mm"
+    assert apply_style("oil painting", "a dog ") == "a dog, oil painting"
+    assert apply_style("oil painting", "") == "oil painting" and apply_style("", "a dog") == "a dog"

@@ -52,6 +52,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-dir", type=Path, help="folder of LoRA files for <lora:name:weight> in prompts")
     p.add_argument("--embeddings-dir", type=Path,
                    help="folder of textual-inversion embeddings loaded into every model they fit")  # fmt: skip
+    p.add_argument("--styles", type=Path, metavar="CSV",
+                   help="A1111's styles.csv: prompt styles clients apply by name (`styles`)")  # fmt: skip
     p.add_argument("--cors-allow-origins", default="",
                    help="comma-separated browser origins allowed to call the API (default: only its own)")  # fmt: skip
     p.add_argument("--keep-jobs", type=int, default=defaults.keep_jobs, help="finished jobs kept for reading")

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlx_sd import __version__
 from mlx_sd.infotext import parse_infotext, request_fields
 from mlx_sd.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, GenerationRequest
+from mlx_sd.prompts import apply_style
 from mlx_sd.samplers import list_samplers, resolve
 from mlx_sd.schedules import SCHEDULE_TYPES
 from mlx_sd.upscale import IMAGE_UPSCALERS, LATENT_UPSCALERS
@@ -52,7 +53,6 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "firstpass_image": (("",), "a given first-pass image is not supported: send it to img2img"),
     "hr_checkpoint_name": (("", "Use same checkpoint"), "another checkpoint for the hires pass is not supported"),
     "restore_faces": ((False,), "face restoration is not implemented"),
-    "styles": (([],), "saved prompt styles do not exist on this server: put their text in the prompt"),
     "script_name": (("",), "scripts are not supported"),
     "script_args": (([],), "scripts are not supported"),
     "alwayson_scripts": (({},), "extensions (ControlNet, ADetailer, ...) are not supported"),
@@ -218,8 +218,9 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
     if req.save_images and state.config.output_dir is None:
         raise invalid("save_images", "this server saves no files; start it with --output-dir DIR to allow it")
     sampler = req.sampler_name or req.sampler_index or "Euler"
+    prompt, negative = _styled(req.prompt or "", req.negative_prompt or "", req.styles or [], state.config.styles)
     fields = dict(
-        prompt=req.prompt or "", negative_prompt=req.negative_prompt or "",
+        prompt=prompt, negative_prompt=negative,
         width=req.width or 512, height=req.height or 512, steps=req.steps or 50,
         guidance=7.0 if req.cfg_scale is None else req.cfg_scale, sampler=sampler,
         schedule_type=req.scheduler or None,
@@ -246,6 +247,16 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
         fields["refiner_switch_at"] = req.refiner_switch_at
     request = check_request(GenerationRequest(**fields), model, state.config.limits, NAMES)
     return request, model, refiner, ignored
+
+
+def _styled(prompt: str, negative: str, names: list[str], styles: dict) -> tuple[str, str]:
+    """The prompts with A1111's prompt styles applied in order (styles.csv given by `mlx-sd serve --styles`)."""
+    for name in names:
+        if name not in styles:
+            known = ", ".join(styles) or "none (start the server with --styles styles.csv)"
+            raise invalid("styles", f"unknown style {name!r}; this server's styles: {known}")
+        prompt, negative = apply_style(styles[name][0], prompt), apply_style(styles[name][1], negative)
+    return prompt, negative
 
 
 def _sigma_settings(sampler: str, overrides: dict, options: dict) -> dict:
@@ -583,8 +594,9 @@ def latent_upscale_modes():
 
 
 @router.get("/prompt-styles")
-def prompt_styles():
-    return []
+def prompt_styles(state: State):
+    return [{"name": name, "prompt": prompt, "negative_prompt": negative}
+            for name, (prompt, negative) in state.config.styles.items()]  # fmt: skip
 
 
 @router.get("/embeddings")

@@ -46,6 +46,7 @@ class ServerConfig:
     refused, so a web page elsewhere cannot drive a local server.
     output_dir: where `save_images: true` writes PNGs (names chosen by the server); None refuses such requests.
     keep_jobs: finished jobs (and their images) kept for GET /v1/jobs/{id}.
+    styles: A1111's prompt styles by name, (prompt, negative prompt) each (`read_styles`).
     """
 
     host: str = "127.0.0.1"
@@ -56,6 +57,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     output_dir: Path | None = None
     keep_jobs: int = 32
+    styles: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def auth_required(self) -> bool:
@@ -73,3 +75,19 @@ def parse_api_auth(text: str | None) -> dict[str, str]:
             raise ValueError(f"--api-auth: {pair!r} is not user:password")
         credentials[user] = password
     return credentials
+
+
+def read_styles(path: Path) -> dict[str, tuple[str, str]]:
+    """A1111's styles.csv (columns name, prompt, negative_prompt; its old "text" column is the prompt) -> {name:
+    (prompt, negative prompt)}. Raises ValueError naming the problem."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f, skipinitialspace=True))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"--styles {path}: cannot read it as A1111's styles.csv ({e})") from None
+    if rows and "name" not in rows[0]:
+        raise ValueError(f"--styles {path}: no 'name' column (A1111's header: name,prompt,negative_prompt)")
+    return {r["name"]: (r.get("prompt") or r.get("text") or "", r.get("negative_prompt") or "")
+            for r in rows if r.get("name")}  # fmt: skip

@@ -15,7 +15,7 @@ from mlx_sd.model import MANIFEST
 from ..errors import UserError
 from ..models import resolve_model
 from .app import create_app
-from .config import LOOPBACK_HOSTS, MIB, Limits, ServerConfig, parse_api_auth
+from .config import LOOPBACK_HOSTS, MIB, Limits, ServerConfig, parse_api_auth, read_styles
 from .engine import Engine
 from .registry import ModelEntry, ModelRegistry
 from .state import ServerState
@@ -60,6 +60,7 @@ def serve(args) -> None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     try:
         api_auth = parse_api_auth(args.api_auth)
+        styles = read_styles(args.styles) if args.styles is not None else {}
     except ValueError as e:
         raise UserError(str(e)) from None
     minimum = {"max_queue": 0, "max_size": 64, "max_steps": 1, "max_images": 1, "max_batch_size": 1,
@@ -75,7 +76,7 @@ def serve(args) -> None:
     origins = tuple(o.strip().rstrip("/") for o in args.cors_allow_origins.split(",") if o.strip())
     config = ServerConfig(host=args.host, port=args.port, limits=limits, api_key=args.api_key or None,
                           api_auth=api_auth, allowed_origins=origins, output_dir=args.output_dir,
-                          keep_jobs=args.keep_jobs)  # fmt: skip
+                          keep_jobs=args.keep_jobs, styles=styles)  # fmt: skip
     registry = ModelRegistry(args.models_dir)
     initial = _initial_model(args, registry)
     for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):

@@ -13,6 +13,9 @@ def models_dir(tmp_path_factory):
 def server(models_dir, tmp_path_factory):
     """The server most tests share: a short queue (2), sizes up to 128, long jobs allowed for cancellation."""
     tmp = tmp_path_factory.mktemp("server")
+    styles = tmp / "styles.csv"  # A1111's format
+    styles.write_text('name,prompt,negative_prompt\n"cinematic","cinematic still of {prompt}, film grain","cartoon"\n'
+                      '"sharp","sharp focus",""\n')  # fmt: skip
     with running_server(models_dir, tmp, "--max-queue", "2", "--max-size", "128", "--max-steps", "2000",
-                        "--output-dir", str(tmp / "out")) as s:  # fmt: skip
+                        "--output-dir", str(tmp / "out"), "--styles", str(styles)) as s:  # fmt: skip
         yield s

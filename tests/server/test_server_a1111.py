@@ -214,6 +214,26 @@ def test_infotext_field_fills_what_the_request_leaves_unset(server, models_dir):
     np.testing.assert_array_equal(pixels(got), pixels(expected.images[0]))
 
 
+def test_prompt_styles_apply_in_order(server, models_dir):
+    """A1111's styles (the server's --styles styles.csv): "{prompt}" is replaced, other styles are appended."""
+    from mlx_sd.pipeline import Pipeline
+
+    assert [s["name"] for s in server.get("/sdapi/v1/prompt-styles").json()] == ["cinematic", "sharp"]
+    body = {"prompt": "a cat", "negative_prompt": "blurry", "styles": ["cinematic", "sharp"], "width": 64,
+            "height": 64, "steps": 2, "seed": 4}  # fmt: skip
+    r = server.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    expected = Pipeline(models_dir / "tiny-a").generate(
+        prompt="cinematic still of a cat, film grain, sharp focus", negative_prompt="blurry, cartoon", width=64,
+        height=64, steps=2, seed=4, sampler="Euler", guidance=7.0,
+    )  # fmt: skip
+    assert json.loads(r.json()["info"])["infotexts"] == expected.infotexts
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    np.testing.assert_array_equal(pixels(got), pixels(expected.images[0]))
+    r = server.post("/sdapi/v1/txt2img", json={**body, "styles": ["noir"]})
+    assert r.status_code == 422 and "cinematic, sharp" in r.json()["detail"]
+
+
 def _b64_png(image: Image.Image) -> str:
     out = io.BytesIO()
     image.save(out, "PNG")

@@ -143,3 +143,18 @@ def test_browser_guard_rules():
     assert all(guard._check(s) for s in refused)
     anywhere = BrowserGuard(None, allowed_origins=(), allowed_hosts=None)  # bound to a LAN address
     assert anywhere._check(scope("192.168.1.5:7860")) is None and anywhere._check(scope("x", "http://y"))
+
+
+def test_styles_csv_as_a1111_writes_it(tmp_path):
+    from mlx_sd_apps.server.config import read_styles
+
+    path = tmp_path / "styles.csv"
+    path.write_text('name,prompt,negative_prompt\n"a, b","x {prompt}","y"\n"",ignored,\nold,,\n', encoding="utf-8")
+    assert read_styles(path) == {"a, b": ("x {prompt}", "y"), "old": ("", "")}
+    path.write_text("name,text\nlegacy,painted\n")  # A1111's old column name
+    assert read_styles(path) == {"legacy": ("painted", "")}
+    path.write_text("title,prompt\nx,y\n")
+    with pytest.raises(ValueError, match="no 'name' column"):
+        read_styles(path)
+    with pytest.raises(ValueError, match="cannot read"):
+        read_styles(tmp_path / "missing.csv")
