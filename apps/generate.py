@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mlx_sd.images import INPAINTING_FILLS
+from mlx_sd.images import INPAINTING_FILLS, RESIZE_MODES
 from mlx_sd.infotext import parse_infotext, read_infotext, request_fields, save_png
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Pipeline, Progress, Result
@@ -47,7 +47,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--init-image", type=Path, help="start from this image (img2img)")
     p.add_argument("--strength", type=float, default=0.75,
                    help="img2img: how much to change the init image (0-1); with --enable-hr: hires pass")  # fmt: skip
-    p.add_argument("--resize-mode", default="resize", choices=["resize", "crop", "fill"],
+    p.add_argument("--resize-mode", default="resize", choices=RESIZE_MODES,
                    help="img2img: fit an init image of another size")  # fmt: skip
     p.add_argument("--mask", type=Path, help="inpainting mask (white = repaint); needs --init-image")
     p.add_argument("--mask-blur", type=float, default=4.0, help="inpainting: blur the mask edge (pixels)")

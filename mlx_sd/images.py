@@ -13,7 +13,9 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-RESIZE_MODES = ("resize", "crop", "fill")  # A1111: "Just resize", "Crop and resize", "Resize and fill"
+# A1111: "Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)" (img2img.py: the image
+# is encoded at its own size and its latents interpolated)
+RESIZE_MODES = ("resize", "crop", "fill", "latent")
 # A1111's "Masked content": what the area to repaint starts from (mlx_sd/img2img.py)
 INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")
 
@@ -37,8 +39,8 @@ def resize(image: Image.Image, width: int, height: int, mode: str = "resize") ->
     resize: stretch to the target size. crop: scale to cover the target, then centre-crop. fill: scale to fit
     inside, centre, and fill the empty bands by stretching the image's outermost rows/columns.
     """
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"resize mode {mode!r} is not one of {RESIZE_MODES}")
+    if mode not in RESIZE_MODES[:3]:
+        raise ValueError(f"resize mode {mode!r} is not one of {RESIZE_MODES[:3]} (images)")
     image = image.convert("RGB")
     if mode == "resize" or image.size == (width, height):
         return image.resize((width, height), Image.LANCZOS)

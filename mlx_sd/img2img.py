@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .images import CropRegion, fill_masked, mask_crop_region, paste_back, prepare_mask, resize, to_array
+from .upscale import upscale_latents
 
 LATENT_SCALE = 8  # pixels per latent
 
@@ -56,7 +57,11 @@ def prepare_inputs(request) -> tuple[InitState, mx.array, mx.array | None]:
     width, height = request.width, request.height
     original = request.init_image.convert("RGB")
     if request.mask is None:
-        image = resize(original, width, height, request.resize_mode)
+        if request.resize_mode == "latent":  # encoded as it is (to a multiple of 8); prepare_latents resizes
+            w, h = original.size
+            image = original.crop((0, 0, w - w % LATENT_SCALE, h - h % LATENT_SCALE))
+        else:
+            image = resize(original, width, height, request.resize_mode)
         return InitState(original, None, None, False), to_array(image), None
 
     soft_mask = prepare_mask(request.mask, request.mask_blur, request.invert_mask)
@@ -96,6 +101,8 @@ def prepare_latents(request, plan, noise, encode: Encoder, unet_channels: int, l
     state.noise_start = not (inpaint and request.strength >= 1.0)
     if not inpaint or unet_channels == 4 or state.noise_start:
         state.image_latents = encode(image, noise)
+        if request.resize_mode == "latent" and not inpaint:  # A1111: bilinear, as torch's interpolate
+            state.image_latents = upscale_latents(state.image_latents, h, w, "Latent")
     draw = noise.normal((B, latent_channels, h, w))
     draw = (vary(draw) if vary else draw).transpose(0, 2, 3, 1)  # torch's NCHW draw order
     state.noise = draw

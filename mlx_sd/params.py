@@ -208,6 +208,10 @@ class GenerationRequest:
             (self.resize_mode in RESIZE_MODES, f"resize_mode={self.resize_mode!r}: must be one of {RESIZE_MODES}"),
             (self.mask is None or self.init_image is not None, "a mask needs an init_image to inpaint"),
             (
+                self.mask is None or self.resize_mode != "latent",
+                "resize_mode='latent' is for img2img without a mask; inpaint with 'resize', 'crop' or 'fill'",
+            ),
+            (
                 self.inpainting_fill in INPAINTING_FILLS,
                 f"inpainting_fill={self.inpainting_fill!r}: must be one of {', '.join(INPAINTING_FILLS)}",
             ),

@@ -383,3 +383,27 @@ def test_initial_noise_multiplier_matches_diffusers_with_scaled_noise(sd1):
                            sampler="EulerDiscreteScheduler", initial_noise_multiplier=0.8)  # fmt: skip
     check(result, expected, "noise multiplier 0.8")
     assert "Noise multiplier: 0.8" in result.infotexts[0]
+
+
+def test_latent_resize_mode_matches_diffusers_on_interpolated_latents(sd1):
+    """A1111's "Just resize (latent upscale)": the init image is encoded at its own size (its VAE sample drawn first)
+    and its latents resized bilinearly to the target; diffusers' img2img is given those latents."""
+    parts, ours = sd1
+    init = Image.fromarray(np.random.default_rng(6).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    generator = generators(9, 1)
+    vae = parts["vae"]
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.asarray(init, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        dist = vae.encode(pixels).latent_dist
+        latents = (
+            dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator[0])
+        ) * vae.config.scaling_factor
+        latents = torch.nn.functional.interpolate(latents, size=(8, 8), mode="bilinear", align_corners=False)
+    pipe = diffusers_pipe("StableDiffusionImg2ImgPipeline", parts, "EulerDiscreteScheduler")
+    expected = pipe(PROMPT, image=latents, strength=0.6, num_inference_steps=6, guidance_scale=5.0,
+                    generator=generator, output_type="np").images  # fmt: skip
+    result = ours.generate(prompt=PROMPT, init_image=init, resize_mode="latent", width=64, height=64, strength=0.6,
+                           steps=6, guidance=5.0, seed=9, sampler="EulerDiscreteScheduler")  # fmt: skip
+    check(result, expected, "latent resize mode")
+    with pytest.raises(ValueError, match="without a mask"):
+        ours.generate(prompt=PROMPT, init_image=init, mask=_mask(48, 40), resize_mode="latent", steps=2)

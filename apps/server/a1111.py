@@ -41,7 +41,8 @@ from .validation import MAX_SEED, check_request, sampler_takes
 MAX_MASK_BLUR = 256  # pixels; a Gaussian blur beyond this is meaningless and slow
 MAX_PADDING = 8192
 MAX_CLIP_SKIP = 12
-RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill"}  # "Just resize", "Crop and resize", "Resize and fill"
+# "Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"
+RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill", 3: "latent"}
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # A1111's "Masked content"
 # Names of the library's fields in this API, for error messages.
 NAMES = {"guidance": "cfg_scale", "sampler": "sampler_name", "schedule_type": "scheduler", "batch_count": "n_iter",
@@ -57,7 +58,6 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "script_args": (([],), "scripts are not supported"),
     "alwayson_scripts": (({},), "extensions (ControlNet, ADetailer, ...) are not supported"),
     "latent_mask": (("",), "a separate latent mask is not supported"),
-    "resize_mode": (tuple(RESIZE_MODES), "resize mode 3 (latent upscale) is not implemented"),
 }
 # A1111's sampler settings: its samplers read these options (the request's s_churn, ... fields are not used)
 SIGMA_SETTINGS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}  # s_tmax 0 = no upper bound

@@ -70,7 +70,7 @@ class JobRequest(BaseModel):
     clip_skip: int = Field(1, ge=1, le=12)
     init_image: str | None = None
     strength: float = Field(0.75, ge=0, le=1)
-    resize_mode: Literal["resize", "crop", "fill"] = "resize"
+    resize_mode: Literal["resize", "crop", "fill", "latent"] = "resize"
     mask: str | None = Field(None, description="white = repaint; needs init_image")
     mask_blur: float = Field(0.0, ge=0, le=256)
     invert_mask: bool = False

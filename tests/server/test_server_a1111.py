@@ -251,8 +251,8 @@ def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server
         body = r.json()
         assert set(body) == {"error", "detail", "body", "errors"} and body["detail"].startswith(f"{field}:")
     init = _b64_png(Image.new("RGB", (64, 64), (200, 100, 50)))
-    r = server.post("/sdapi/v1/img2img", json={**base, "init_images": [init], "resize_mode": 3})
-    assert r.status_code == 422 and r.json()["detail"].startswith("resize_mode:")
+    r = server.post("/sdapi/v1/img2img", json={**base, "init_images": [init], "latent_mask": "x"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("latent_mask:")
 
     # Neutral values of unsupported features, hires settings without enable_hr, and unknown fields are accepted.
     neutral = {"enable_hr": False, "restore_faces": False, "styles": [], "s_noise": 1, "hr_scale": 2,
