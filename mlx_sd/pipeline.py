@@ -248,7 +248,7 @@ class Pipeline:
         plan_2 = hires_plan(second, self.schedule) if second else None
         total = plan.steps + (plan_2.steps if plan_2 else 0)
         loras, embeddings = self._activate(request)
-        for model in (self.model, self.refiner) if self.refiner else (self.model,):
+        for model in (self.model, self.refiner) if refining else (self.model,):
             set_circular(model.unet, request.tiling)  # every request sets the padding mode it runs with
             set_circular(model.vae, request.tiling)
 
