@@ -106,7 +106,8 @@ _FIELDS = {
     "Tiling": ("tiling", lambda v: v.lower() == "true"), "NGMS": ("s_min_uncond", float),
     "Sigma churn": ("s_churn", float), "Sigma tmin": ("s_tmin", float), "Sigma tmax": ("s_tmax", float),
     "Sigma noise": ("s_noise", float), "Refiner switch at": ("refiner_switch_at", float),
-    "Masked content": ("inpainting_fill", str), "Noise multiplier": ("initial_noise_multiplier", float),
+    "Masked content": ("inpainting_fill", str), "ENSD": ("eta_noise_seed_delta", int),
+    "Noise multiplier": ("initial_noise_multiplier", float),
     "RNG": ("rng", {"CPU": "torch-cpu", "MLX": "mlx", "torch-cpu-arm": "torch-cpu-arm"}.__getitem__),
 }  # fmt: skip
 _HIRES_KEYS = ("Hires upscale", "Hires resize", "Hires upscaler")

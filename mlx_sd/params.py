@@ -71,7 +71,8 @@ class GenerationRequest:
         minimum sigma": below this sigma every second model call skips the negative prompt's pass; 0: off).
     Randomness: seed (None: drawn at random and reported), rng ("torch-cpu": torch.randn's numbers, the same image
         as diffusers for the same seed; "mlx": MLX keys), batch_size (images per UNet batch), batch_count (batches
-        run one after another); image i of the request uses seed + i.
+        run one after another); image i of the request uses seed + i; eta_noise_seed_delta (A1111's ENSD: after the
+        initial noise, image i's sampler noise comes from seed + i + delta; 0: off).
     Variation (A1111): subseed_strength in [0, 1] blends each image's initial noise towards that of its variation
         seed, subseed + i (subseed None: drawn at random and reported); seed_resize_from_w / _h (pixels, 0: off)
         draw the seed's noise as for that size and paste its centre, to keep a composition at another size.
@@ -120,6 +121,7 @@ class GenerationRequest:
     seed_resize_from_w: int = 0
     seed_resize_from_h: int = 0
     rng: str = "torch-cpu"
+    eta_noise_seed_delta: int = 0
     batch_size: int = 1
     batch_count: int = 1
     clip_skip: int = 1
@@ -218,6 +220,10 @@ class GenerationRequest:
             (self.mask_blur >= 0 and self.inpaint_padding >= 0, "mask_blur and inpaint_padding must be >= 0"),
             (self.seed is None or -(2**63) <= self.seed < 2**64, f"seed={self.seed}: out of range"),
             (self.subseed is None or 0 <= self.subseed < 2**32, f"subseed={self.subseed}: must be in [0, 2**32)"),
+            (
+                0 <= self.eta_noise_seed_delta < 2**32,
+                f"eta_noise_seed_delta={self.eta_noise_seed_delta}: must be in [0, 2**32)",
+            ),
             (0.0 <= self.subseed_strength <= 1.0, f"subseed_strength={self.subseed_strength}: must be in [0, 1]"),
             (
                 self.seed_resize_from_w >= 0 and self.seed_resize_from_h >= 0,

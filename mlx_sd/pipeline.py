@@ -281,6 +281,7 @@ class Pipeline:
             noise = make_noise(request.rng, first, request.batch_size, per_image=True)
             vary = self._variation(request, batch)
             x, init = self._initial_latents(request, plan, noise, vary)
+            noise = _sampler_noise(request, plan, noise, first)
             model_fn = self._model_fn(request, cond, uncond, init, request.batch_size)
             if refining:
                 refiner_fn = self._model_fn(
@@ -305,6 +306,7 @@ class Pipeline:
                 B, h, w, c = latents.shape
                 draw = noise.normal((B, c, h, w))
                 x = plan_2.noised_latents(latents, (vary(draw) if vary else draw).transpose(0, 2, 3, 1), 0)
+                noise = _sampler_noise(second, plan_2, noise, first)
                 model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size)
                 x = yield from denoise(plan_2, model_fn, x.astype(self.model.dtype), noise, None, batch, plan.steps)
                 latents, finished = plan_2.latents_to_decode(x), second
@@ -521,6 +523,10 @@ class Pipeline:
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "Tiling": True if request.tiling else None,
             "NGMS": request.s_min_uncond or None,
+            # A1111 records ENSD for its ancestral samplers (the ones drawing fresh noise every step)
+            "ENSD": request.eta_noise_seed_delta or None
+            if plan.sampler.stochastic and plan.sampler.kdiffusion and not plan.sampler.brownian and request.eta != 0
+            else None,
             # A1111 records the churn settings and noise multiplier that differ from the sampler's defaults
             "Sigma churn": request.s_churn or None,
             "Sigma tmin": request.s_tmin or None,
@@ -537,6 +543,15 @@ class Pipeline:
         tags = " ".join(a.tag() for a in loras if not a.mentioned)
         prompt = f"{request.prompt} {tags}" if tags and request.prompt else request.prompt or tags
         return format_infotext(prompt, request.negative_prompt, params)
+
+
+def _sampler_noise(request: GenerationRequest, plan: SamplingPlan, noise, first: int):
+    """The source the sampler draws from after the initial noise: A1111's eta noise seed delta (ENSD) reseeds image
+    i's generator with seed + i + delta (its `ImageRNG.first`). Brownian-tree samplers keep the images' seeds, as
+    A1111's trees do."""
+    if not request.eta_noise_seed_delta or plan.noise_interval is not None:
+        return noise
+    return make_noise(request.rng, first + request.eta_noise_seed_delta, request.batch_size, per_image=True)
 
 
 def _low_memory(request: GenerationRequest) -> bool:

@@ -407,3 +407,23 @@ def test_latent_resize_mode_matches_diffusers_on_interpolated_latents(sd1):
     check(result, expected, "latent resize mode")
     with pytest.raises(ValueError, match="without a mask"):
         ours.generate(prompt=PROMPT, init_image=init, mask=_mask(48, 40), resize_mode="latent", steps=2)
+
+
+def test_eta_noise_seed_delta_matches_diffusers_with_a_second_generator(sd1):
+    """A1111's ENSD: the initial noise comes from seed S, the ancestral sampler's noise from seed S + delta.
+    Reference: diffusers given the first draw of generator(S) as latents and generator(S + delta) to step with."""
+    parts, ours = sd1
+    seed, delta = 12, 31337
+    latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+    pipe = diffusers_pipe("StableDiffusionPipeline", parts, "EulerAncestralDiscreteScheduler")
+    expected = pipe(PROMPT, width=64, height=64, num_inference_steps=5, guidance_scale=6.0, latents=latents,
+                    generator=generators(seed + delta, 1), output_type="np").images  # fmt: skip
+    result = ours.generate(prompt=PROMPT, width=64, height=64, steps=5, guidance=6.0, seed=seed,
+                           sampler="EulerAncestralDiscreteScheduler", eta_noise_seed_delta=delta)  # fmt: skip
+    check(result, expected, "ENSD")
+    assert "ENSD: 31337" in result.infotexts[0]
+    tree = ours.generate(prompt=PROMPT, width=64, height=64, steps=3, seed=seed, sampler="DPM++ SDE",
+                         eta_noise_seed_delta=delta)  # fmt: skip
+    plain = ours.generate(prompt=PROMPT, width=64, height=64, steps=3, seed=seed, sampler="DPM++ SDE")
+    assert np.array_equal(as_array(tree.images), as_array(plain.images))  # trees keep the images' seeds
+    assert "ENSD" not in tree.infotexts[0]

@@ -61,9 +61,9 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
 }
 # A1111's sampler settings: its samplers read these options (the request's s_churn, ... fields are not used)
 SIGMA_SETTINGS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}  # s_tmax 0 = no upper bound
-SUPPORTED_OVERRIDES = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", *SIGMA_SETTINGS)
+SUPPORTED_OVERRIDES = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", *SIGMA_SETTINGS)
 # A1111's `opts` names that GET /options reports; POST /options applies the supported ones.
-FIXED_OPTIONS = {"samples_format": "png", "randn_source": "CPU", "sd_vae": "Automatic", "eta_noise_seed_delta": 0}
+FIXED_OPTIONS = {"samples_format": "png", "randn_source": "CPU", "sd_vae": "Automatic"}
 
 
 class _Model(BaseModel):
@@ -226,6 +226,8 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
         schedule_type=req.scheduler or None,
         eta=req.eta if req.eta is not None and sampler_takes(sampler, "eta") else None,  # A1111 ignores it otherwise
         **_sigma_settings(sampler, overrides, state.options),
+        eta_noise_seed_delta=_ensd(overrides.get("eta_noise_seed_delta", state.options["eta_noise_seed_delta"]),
+                                   "override_settings.eta_noise_seed_delta"),
         seed=None if req.seed in (None, -1) else req.seed, rng="torch-cpu",
         batch_size=req.batch_size or 1, batch_count=req.n_iter or 1, clip_skip=clip_skip, tiling=bool(req.tiling),
         s_min_uncond=req.s_min_uncond or 0.0,
@@ -270,6 +272,12 @@ def _sigma_settings(sampler: str, overrides: dict, options: dict) -> dict:
     return out
 
 
+def _ensd(value, param: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise invalid(param, f"must be a whole number from 0 to {MAX_SEED}, got {value!r}")
+    return value
+
+
 def _sigma_value(value, param: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         raise invalid(param, f"must be a number >= 0, got {value!r}")
@@ -283,7 +291,11 @@ def _clip_skip(value, param: str) -> int:
 
 
 # recorded parameters A1111 applies as settings (override_settings) when it reads an infotext
-INFOTEXT_SETTINGS = {"clip_skip": "CLIP_stop_at_last_layers", **{k: k for k in SIGMA_SETTINGS}}
+INFOTEXT_SETTINGS = {
+    "clip_skip": "CLIP_stop_at_last_layers",
+    "eta_noise_seed_delta": "eta_noise_seed_delta",
+    **{k: k for k in SIGMA_SETTINGS},
+}
 
 
 def _with_infotext(req: ProcessingRequest) -> ProcessingRequest:
@@ -538,6 +550,8 @@ async def set_options(request: Request, options: dict[str, Any], state: State):
     if "CLIP_stop_at_last_layers" in options:
         clip_skip = _clip_skip(options["CLIP_stop_at_last_layers"], "CLIP_stop_at_last_layers")
     sigma = {k: _sigma_value(options[k], k) for k in SIGMA_SETTINGS if k in options}  # checked before any change
+    if "eta_noise_seed_delta" in options:
+        sigma["eta_noise_seed_delta"] = _ensd(options["eta_noise_seed_delta"], "eta_noise_seed_delta")
     if "sd_model_checkpoint" in options:
         name = options["sd_model_checkpoint"]
         if not isinstance(name, str):

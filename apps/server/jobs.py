@@ -65,6 +65,7 @@ class JobRequest(BaseModel):
     seed_resize_from_w: int = Field(0, ge=0, le=MAX_SIZE, description="0: off")
     seed_resize_from_h: int = Field(0, ge=0, le=MAX_SIZE, description="0: off")
     rng: Literal[NOISE_MODES] = "torch-cpu"
+    eta_noise_seed_delta: int = Field(0, ge=0, le=MAX_SEED, description="A1111's ENSD: sampler noise from seed + delta")
     batch_size: int = Field(1, ge=1)
     batch_count: int = Field(1, ge=1)
     clip_skip: int = Field(1, ge=1, le=12)

@@ -25,7 +25,7 @@ class ServerState:
     # A1111 options this server applies (set by POST /options); its sampler settings at A1111's defaults
     options: dict = field(
         default_factory=lambda: {"CLIP_stop_at_last_layers": 1, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0,
-                                 "s_noise": 1.0}
+                                 "s_noise": 1.0, "eta_noise_seed_delta": 0}
     )  # fmt: skip
     backend: dict = field(default_factory=dict)  # what the worker runs on (mlx_sd.backend.describe())
 

@@ -234,6 +234,22 @@ def test_prompt_styles_apply_in_order(server, models_dir):
     assert r.status_code == 422 and "cinematic, sharp" in r.json()["detail"]
 
 
+def test_eta_noise_seed_delta_is_an_a1111_option(server, models_dir):
+    """ENSD from override_settings (or POST /options, or a pasted infotext's "ENSD"): the library's image."""
+    from mlx_sd.pipeline import Pipeline
+
+    body = {"prompt": "ensd", "width": 64, "height": 64, "steps": 3, "seed": 7, "sampler_name": "Euler a"}
+    expected = Pipeline(models_dir / "tiny-a").generate(
+        prompt="ensd", width=64, height=64, steps=3, seed=7, sampler="Euler a", guidance=7.0, eta_noise_seed_delta=31337
+    )
+    for extra in ({"override_settings": {"eta_noise_seed_delta": 31337}}, {"infotext": expected.infotexts[0]}):
+        r = server.post("/sdapi/v1/txt2img", json={**body, **extra})
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        np.testing.assert_array_equal(pixels(got), pixels(expected.images[0]))
+    assert server.post("/sdapi/v1/options", json={"eta_noise_seed_delta": -5}).status_code == 422
+
+
 def _b64_png(image: Image.Image) -> str:
     out = io.BytesIO()
     image.save(out, "PNG")
