@@ -17,6 +17,9 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from .samplers import FOLLOW, resolve
+from .schedules import schedule_type
+
 PNG_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
 # A1111's `re_param_code`: "Key: value" pairs, value either JSON-quoted or up to the next comma.
@@ -87,6 +90,16 @@ def read_infotext(source: str | Path | Image.Image) -> str | None:
         return image.info.get(PNG_KEY)
 
 
+def _known(lookup):
+    """A parser that keeps a name `lookup` accepts (and raises ValueError for the rest: reported, not applied)."""
+
+    def parse(text: str) -> str:
+        lookup(text)
+        return text
+
+    return parse
+
+
 def _size(text: str) -> tuple[int, int]:
     w, _, h = text.partition("x")
     return int(w), int(h)
@@ -94,19 +107,22 @@ def _size(text: str) -> tuple[int, int]:
 
 # infotext key -> (GenerationRequest field(s), parse); "Size"-like values fill two fields
 _FIELDS = {
-    "Steps": ("steps", int), "Sampler": ("sampler", str), "Schedule type": ("schedule_type", str),
+    "Steps": ("steps", int), "Sampler": ("sampler", _known(resolve)),
+    "Schedule type": ("schedule_type", _known(schedule_type)),
     "CFG scale": ("guidance", float), "Seed": ("seed", int), "Size": (("width", "height"), _size),
     "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int), "Eta": ("eta", float),
     "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
     "Seed resize from": (("seed_resize_from_w", "seed_resize_from_h"), _size),
     "Hires upscale": ("hr_scale", float), "Hires resize": (("hr_resize_x", "hr_resize_y"), _size),
     "Hires steps": ("hr_second_pass_steps", int), "Hires upscaler": ("hr_upscaler", str),
-    "Hires sampler": ("hr_sampler", str), "Hires schedule type": ("hr_schedule_type", str),
+    "Hires sampler": ("hr_sampler", _known(resolve)),
+    "Hires schedule type": ("hr_schedule_type", _known(schedule_type)),
     "Hires prompt": ("hr_prompt", str), "Hires negative prompt": ("hr_negative_prompt", str),
     "Tiling": ("tiling", lambda v: v.lower() == "true"), "NGMS": ("s_min_uncond", float),
     "Sigma churn": ("s_churn", float), "Sigma tmin": ("s_tmin", float), "Sigma tmax": ("s_tmax", float),
     "Sigma noise": ("s_noise", float), "Refiner switch at": ("refiner_switch_at", float),
     "Masked content": ("inpainting_fill", str), "ENSD": ("eta_noise_seed_delta", int),
+    "Eta DDIM": ("eta", float), "Follow": ("follow", _known(FOLLOW.index)),
     "Noise multiplier": ("initial_noise_multiplier", float),
     "RNG": ("rng", {"CPU": "torch-cpu", "MLX": "mlx", "torch-cpu-arm": "torch-cpu-arm"}.__getitem__),
 }  # fmt: skip
@@ -120,7 +136,8 @@ def request_fields(text: str) -> tuple[dict, dict[str, str]]:
     Returns:
         (fields, not_applied): keyword arguments for `GenerationRequest` (prompt, negative_prompt, steps, sampler,
         seed, size, hires fix, variation seed, ...), and the recorded parameters they do not cover, with their values
-        (the model and its hash, LoRA hashes, A1111's GPU random source, its version, ...).
+        (the model and its hash, LoRA hashes, A1111's GPU random source, its version, samplers and schedule types
+        mlx-sd does not have, ...).
     """
     prompt, negative, params = parse_infotext(text)
     fields: dict = {"prompt": prompt, "negative_prompt": negative}

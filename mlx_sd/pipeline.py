@@ -10,6 +10,7 @@ sampler noise), so with rng="torch-cpu" an image equals diffusers' image for `to
 
 from __future__ import annotations
 
+import inspect
 import math
 import secrets
 import threading
@@ -35,7 +36,7 @@ from .models.layers import TextContext, set_circular
 from .params import GenerationRequest, defaults_for
 from .refiner import DEFAULT_SWITCH_AT, check_refiner, handoff
 from .rng import make_noise
-from .samplers import SamplingPlan, plan_sampling
+from .samplers import SamplingPlan, plan_sampling, resolve
 from .schedules import NoiseSchedule
 from .textual_inversion import Embedding, add_embeddings, check_embedding, ti_hashes, used_embeddings
 from .tiling import tiled_decode, tiled_encode
@@ -502,12 +503,15 @@ class Pipeline:
         params = {
             "Steps": request.steps,
             "Sampler": plan.sampler.name,
-            "Schedule type": plan.schedule_label or None,
+            "Schedule type": _schedule_label(request, plan),
             "CFG scale": request.guidance,
             "Seed": seed,
             "Size": f"{request.width}x{request.height}",
             "Model hash": info.short_hash or None,
             "Model": info.name,
+            # what makes the image again beside A1111's fields: which reference the sampler follows, its eta
+            "Follow": "diffusers" if plan.follows.startswith("diffusers") and plan.sampler.kdiffusion else None,
+            ("Eta DDIM" if plan.sampler.name == "DDIM" else "Eta"): _eta(request, plan),
             "Variation seed": request.subseed + seed - request.seed if request.subseed_strength else None,
             "Variation seed strength": request.subseed_strength or None,
             "Seed resize from": f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
@@ -543,6 +547,23 @@ class Pipeline:
         tags = " ".join(a.tag() for a in loras if not a.mentioned)
         prompt = f"{request.prompt} {tags}" if tags and request.prompt else request.prompt or tags
         return format_infotext(prompt, request.negative_prompt, params)
+
+
+def _schedule_label(request: GenerationRequest, plan: SamplingPlan) -> str | None:
+    """A1111's "Schedule type": the plan's for A1111-style plans; for diffusers-style ones the schedule type asked
+    for, if any (their spacing comes from the model's scheduler config, and is no A1111 schedule type)."""
+    if not plan.follows.startswith("diffusers"):
+        return plan.schedule_label or None
+    stype = resolve(request.sampler, request.schedule_type)[1]
+    return stype.label if stype is not None else None
+
+
+def _eta(request: GenerationRequest, plan: SamplingPlan) -> float | None:
+    """The eta to record: A1111 writes it when it differs from the sampler's default (1 ancestral, 0 DDIM)."""
+    parameter = inspect.signature(plan.sampler.function).parameters.get("eta")
+    if request.eta is None or parameter is None or request.eta == parameter.default:
+        return None
+    return request.eta
 
 
 def _sampler_noise(request: GenerationRequest, plan: SamplingPlan, noise, first: int):

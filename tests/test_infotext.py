@@ -90,5 +90,7 @@ def test_request_fields_leave_out_what_they_cannot_reproduce():
     fields, not_applied = request_fields("x\nSteps: many, Sampler: Euler, Seed: 3, RNG: NV, Size: 64x64")
     assert fields == {"prompt": "x", "negative_prompt": "", "sampler": "Euler", "seed": 3, "width": 64, "height": 64}
     assert not_applied == {"Steps": "many", "RNG": "NV"}
+    fields, not_applied = request_fields("x\nSteps: 20, Sampler: Restart, Schedule type: Align Your Steps, Seed: 1")
+    assert "sampler" not in fields and not_applied == {"Sampler": "Restart", "Schedule type": "Align Your Steps"}
     img2img, _ = request_fields("x\nSteps: 4, Sampler: Euler, Denoising strength: 0.3")
     assert img2img["strength"] == 0.3 and "enable_hr" not in img2img

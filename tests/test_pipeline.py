@@ -315,17 +315,28 @@ def test_negative_guidance_minimum_sigma_matches_diffusers_with_guidance_toggled
     assert relative_error(plain, expected) > 1e-3  # the skipped passes matter at this tolerance
 
 
-def test_an_infotext_makes_the_same_image_again(sd1):
-    """A1111's "send to txt2img": the parameters an image records (mlx_sd.infotext.request_fields) reproduce it."""
+RECALLED = {
+    "everything": dict(
+        negative_prompt=NEGATIVE, width=64, height=48, steps=4, guidance=6.0, sampler="DPM++ 2M SDE",
+        schedule_type="Karras", seed=77, subseed=5, subseed_strength=0.3, seed_resize_from_w=56, seed_resize_from_h=40,
+        enable_hr=True, hr_scale=1.5, hr_upscaler="Latent (bicubic)", hr_second_pass_steps=2, strength=0.5,
+        tiling=True, s_min_uncond=4.0, s_noise=0.9, clip_skip=2, eta_noise_seed_delta=3,
+    ),
+    "diffusers class": dict(sampler="EulerAncestralDiscreteScheduler", eta=0.8, seed=3),
+    "as diffusers, Karras": dict(sampler="DPM++ 2M Karras", follow="diffusers", seed=4),
+    "DDIM eta": dict(sampler="DDIM", eta=0.5, seed=5),
+    "LCM": dict(sampler="LCM", seed=6),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(RECALLED))
+def test_an_infotext_makes_the_same_image_again(sd1, case):
+    """A1111's "send to txt2img": the parameters an image records (mlx_sd.infotext.request_fields) reproduce it, for
+    A1111-style and diffusers-style samplers alike."""
     from mlx_sd.infotext import request_fields
 
     _, ours = sd1
-    original = ours.generate(
-        prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=48, steps=4, guidance=6.0, sampler="DPM++ 2M SDE",
-        schedule_type="Karras", seed=77, subseed=5, subseed_strength=0.3, seed_resize_from_w=56, seed_resize_from_h=40,
-        enable_hr=True, hr_scale=1.5, hr_upscaler="Latent (bicubic)", hr_second_pass_steps=2, strength=0.5,
-        tiling=True, s_min_uncond=4.0, s_noise=0.9, clip_skip=2,
-    )  # fmt: skip
+    original = ours.generate(**{"prompt": PROMPT, "width": 64, "height": 64, "steps": 3, **RECALLED[case]})
     fields, not_applied = request_fields(original.infotexts[0])
     assert set(not_applied) <= {"Model", "Model hash", "Version"}
     again = ours.generate(GenerationRequest(**fields))
