@@ -21,3 +21,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    """A tiny random-weight SD 1.x model: (its diffusers components, our `Pipeline` on the converted folder), one per
+    test module. Modules that need another (other seeds, embeddings loaded) define their own `sd1`."""
+    from tiny_pipelines import mlx_folder, tiny_components
+
+    from mlx_sd.pipeline import Pipeline
+
+    tmp = tmp_path_factory.mktemp("sd1")
+    parts = tiny_components(tmp, "sd1")
+    return parts, Pipeline(mlx_folder(parts, tmp / "mlx", "sd1"))

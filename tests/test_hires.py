@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 from test_pipeline import MIN_PSNR, NEGATIVE, PROMPT, as_array, diffusers_pipe, generators
-from tiny_pipelines import mlx_folder, tiny_components
 
 from mlx_sd.hires import HiresTarget, hires_target
 from mlx_sd.params import GenerationRequest
@@ -22,13 +21,6 @@ from mlx_sd.pipeline import Pipeline, Progress, Result
 from oracles import psnr
 
 SEED, STEPS, GUIDANCE = 31, 5, 6.0
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sd1-hires")
-    parts = tiny_components(tmp, "sd1")
-    return parts, Pipeline(mlx_folder(parts, tmp / "mlx", "sd1"))
 
 
 def _reference(parts, size, target, upscaler, hr_steps, strength, batch=1):

@@ -21,13 +21,6 @@ NEGATIVE = "blurry, low quality"
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sd1")
-    parts = tiny_components(tmp, "sd1")
-    return parts, Pipeline(mlx_folder(parts, tmp / "mlx", "sd1"))
-
-
-@pytest.fixture(scope="module")
 def inpaint9(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sd1-inpaint")
     parts = tiny_components(tmp, "sd1", in_channels=9, seed=5)

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 from test_pipeline import MIN_PSNR, PROMPT, as_array, diffusers_pipe, generators
-from tiny_pipelines import mlx_folder, tiny_components
 
 from mlx_sd.models.layers import Conv2d, set_circular
 from oracles import assert_close, psnr
@@ -37,15 +36,6 @@ def test_circular_conv_equals_torch(B, H, W, cin, cout, k, stride, pad):
     ref.padding_mode = "zeros"
     expected = ref(torch.from_numpy(x)).detach().numpy().transpose(0, 2, 3, 1)
     assert_close(ours(mx.array(x.transpose(0, 2, 3, 1))), expected, 2e-5, "zero padding again")
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    from mlx_sd.pipeline import Pipeline
-
-    tmp = tmp_path_factory.mktemp("sd1-seamless")
-    parts = tiny_components(tmp, "sd1")
-    return parts, Pipeline(mlx_folder(parts, tmp / "mlx", "sd1"))
 
 
 def _circular(pipe):

@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 from test_pipeline import MIN_PSNR, PROMPT, as_array, diffusers_pipe
-from tiny_pipelines import mlx_folder, tiny_components
 
 from mlx_sd.params import GenerationRequest
-from mlx_sd.pipeline import Pipeline
 from mlx_sd.rng import make_noise
 from mlx_sd.variation import vary_noise
 from oracles import psnr
@@ -76,13 +74,6 @@ def test_parallel_draws_blend_linearly_with_a1111s_weights():
     draw = make_noise("torch-cpu", 5).normal((1, *shape))
     ours = np.array(vary_noise(draw, "torch-cpu", seeds, [5], 0.25))
     np.testing.assert_allclose(ours, a1111_first(shape, seeds, [5], 0.25, 0, 0), atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sd1-variation")
-    parts = tiny_components(tmp, "sd1")
-    return parts, Pipeline(mlx_folder(parts, tmp / "mlx", "sd1"))
 
 
 def test_pipeline_starts_from_a1111s_varied_noise(sd1):
