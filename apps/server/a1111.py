@@ -44,6 +44,8 @@ MAX_CLIP_SKIP = 12
 # "Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"
 RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill", 3: "latent"}
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # A1111's "Masked content"
+# library values -> this API's numeric codes, for the fields an infotext fills
+API_CODES = {"inpainting_fill": {v: k for k, v in INPAINTING_FILL.items()}}
 # Names of the library's fields in this API, for error messages.
 NAMES = {"guidance": "cfg_scale", "sampler": "sampler_name", "schedule_type": "scheduler", "batch_count": "n_iter",
          "strength": "denoising_strength", "init_image": "init_images", "mask": "mask",
@@ -309,7 +311,7 @@ def _with_infotext(req: ProcessingRequest) -> ProcessingRequest:
             continue
         api = NAMES.get(name, name)
         if api in type(req).model_fields and api not in req.model_fields_set:
-            updates[api] = value
+            updates[api] = API_CODES.get(api, {}).get(value, value)
     return req.model_copy(update={**updates, "override_settings": overrides, "infotext": None})
 
 

@@ -158,3 +158,12 @@ def test_styles_csv_as_a1111_writes_it(tmp_path):
         read_styles(path)
     with pytest.raises(ValueError, match="cannot read"):
         read_styles(tmp_path / "missing.csv")
+
+
+def test_an_infotext_fills_img2img_fields_in_the_apis_own_codes():
+    from mlx_sd_apps.server.a1111 import Img2ImgRequest, _with_infotext
+
+    text = "x\nSteps: 3, Sampler: Euler, Seed: 5, Masked content: latent noise, Noise multiplier: 0.9, Clip skip: 2"
+    req = _with_infotext(Img2ImgRequest(infotext=text, steps=4))
+    assert (req.inpainting_fill, req.initial_noise_multiplier, req.seed, req.steps) == (2, 0.9, 5, 4)
+    assert req.override_settings == {"CLIP_stop_at_last_layers": 2} and req.infotext is None
