@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .images import to_array
-from .params import GenerationRequest
+from .params import MAX_SIZE, MIN_SIZE, GenerationRequest
 from .samplers import SamplingPlan, plan_sampling
 from .schedules import NoiseSchedule
 from .upscale import is_latent_upscaler, upscale_image, upscale_latents
@@ -60,9 +60,9 @@ def hires_target(request: GenerationRequest) -> HiresTarget:
         to_x, to_y = (rx, rx * h // w) if w / h < rx / ry else (ry * w // h, ry)
         crop = ((to_y - ry) // LATENT_SCALE, (to_x - rx) // LATENT_SCALE)
     target = HiresTarget((to_y // LATENT_SCALE, to_x // LATENT_SCALE), crop)
-    if min(target.size) < LATENT_SCALE or max(target.size) > 8192:
-        raise ValueError(f"the hires size {target.size[1]}x{target.size[0]} is outside 8-8192 pixels; change "
-                         "hr_scale or hr_resize_x / hr_resize_y")  # fmt: skip
+    if min(target.size) < MIN_SIZE or max(target.size) > MAX_SIZE:
+        raise ValueError(f"the hires size {target.size[1]}x{target.size[0]} is outside {MIN_SIZE}-{MAX_SIZE} pixels; "
+                         "change hr_scale or hr_resize_x / hr_resize_y")  # fmt: skip
     return target
 
 
