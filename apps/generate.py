@@ -36,6 +36,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (CFG); <= 1 disables it")
     p.add_argument("--sampler", help='e.g. "Euler a", "DPM++ 2M Karras" (see `mlx-sd samplers`)')
     p.add_argument("--schedule-type", help='A1111 schedule type: "Karras", "Exponential", ...')
+    sampling = p.add_argument_group("sampler settings (A1111's; default: the sampler's own)")
+    sampling.add_argument("--eta", type=float, help="noise of the stochastic samplers (ancestral 1, DDIM 0)")
+    for name, meaning in (("s-churn", "Karras' churn (Euler, Heun, DPM2)"), ("s-tmin", "churn from this sigma"),
+                          ("s-tmax", "churn up to this sigma"), ("s-noise", "noise multiplier")):  # fmt: skip
+        sampling.add_argument(f"--{name}", type=float, help=meaning)
+    sampling.add_argument("--s-min-uncond", type=float, default=0.0,
+                          help="NGMS: below this sigma every second step runs without the negative prompt")  # fmt: skip
+    sampling.add_argument("--eta-noise-seed-delta", type=int, default=0,
+                          help="ENSD: the sampler's noise from seed + this (A1111's setting)")  # fmt: skip
     p.add_argument("--seed", type=int, help="random seed (default: random, printed and stored in the PNG)")
     p.add_argument("--subseed", type=int, help="variation seed (default: random when --subseed-strength is set)")
     p.add_argument("--subseed-strength", type=float, default=0.0, help="blend towards the variation seed (0-1)")
@@ -144,6 +153,8 @@ def _request(args) -> GenerationRequest:
     fields = dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         steps=args.steps, guidance=args.guidance, sampler=args.sampler, schedule_type=args.schedule_type,
+        eta=args.eta, s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax, s_noise=args.s_noise,
+        s_min_uncond=args.s_min_uncond, eta_noise_seed_delta=args.eta_noise_seed_delta,
         seed=args.seed, subseed=args.subseed, subseed_strength=args.subseed_strength,
         seed_resize_from_w=args.seed_resize_from_w, seed_resize_from_h=args.seed_resize_from_h, rng=args.rng,
         batch_size=batch, batch_count=-(-num // batch), clip_skip=args.clip_skip,

@@ -79,10 +79,11 @@ def test_params_from_a_png_makes_it_again_and_flags_override(model, tmp_path):
     first, second = Image.open(tmp_path / "first.png"), Image.open(tmp_path / "again.png")
     assert np.array_equal(np.asarray(first), np.asarray(second))
     assert read_infotext(tmp_path / "first.png") == read_infotext(tmp_path / "again.png")
-    other = run("generate", "--model", model, "--params-from", tmp_path / "first.png", "--seed", 9,
-                "--output", tmp_path / "other.png")  # fmt: skip
+    other = run("generate", "--model", model, "--params-from", tmp_path / "first.png", "--seed", 9, "--eta", 0.6,
+                "--eta-noise-seed-delta", 31337, "--output", tmp_path / "other.png")  # fmt: skip
     params = parse_infotext(read_infotext(tmp_path / "other.png"))[2]
     assert other.returncode == 0 and params["Seed"] == "9" and params["Sampler"] == "Euler a"
+    assert params["Eta"] == "0.6" and params["ENSD"] == "31337"
     missing = run("generate", "--model", model)
     assert missing.returncode != 0 and "give a prompt" in missing.stderr
 
