@@ -34,7 +34,7 @@ from .lora import AppliedLoRA, LoRA, LoRAState, lora_hashes, lora_networks, lora
 from .model import StableDiffusion
 from .models.layers import TextContext, set_circular
 from .params import GenerationRequest, defaults_for
-from .refiner import DEFAULT_SWITCH_AT, check_refiner, handoff
+from .refiner import DEFAULT_SWITCH_AT, Handoff, check_refiner
 from .rng import make_noise
 from .samplers import SamplingPlan, plan_sampling, resolve
 from .schedules import NoiseSchedule
@@ -288,7 +288,7 @@ class Pipeline:
                 refiner_fn = self._model_fn(
                     request, refiner_cond, refiner_uncond, None, request.batch_size, self.refiner
                 )
-                model_fn = handoff(model_fn, refiner_fn, self.schedule, request.refiner_switch_at)
+                model_fn = Handoff(model_fn, refiner_fn, self.schedule, request.refiner_switch_at)
             control._skip.clear()
             x = yield from denoise(plan, model_fn, x, noise, init, batch, 0)
             latents = plan.latents_to_decode(x)

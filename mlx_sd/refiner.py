@@ -55,11 +55,6 @@ class Handoff:
         return (self.refiner if self.switched else self.base)(x, t)
 
 
-def handoff(base: ModelFn, refiner: ModelFn, schedule: NoiseSchedule, switch_at: float) -> Handoff:
-    """`Handoff(base, refiner, schedule, switch_at)`."""
-    return Handoff(base, refiner, schedule, switch_at)
-
-
 def check_refiner(base, refiner, base_schedule: NoiseSchedule, refiner_schedule: NoiseSchedule) -> None:
     """Raise ValueError unless `refiner` can take over `base`'s latents mid-schedule: the same latent space (VAE
     channels and scaling factor), the same training noise schedule and prediction type, a 4-channel UNet.
