@@ -114,17 +114,19 @@ def unet_config_from_shapes(
     shapes: Mapping[str, tuple[int, ...]],
     head_channels: int | None = None,
     num_heads: int | tuple[int, ...] | None = None,
+    encoder_only: bool = False,
 ) -> UNetConfig:
     """Infer the UNet architecture from an original-layout UNet's tensor shapes (keys without prefix).
 
     Shapes fix every width and depth but not the attention head count, which the family decides: pass
-    `num_heads` (SD1: 8 at every stage) or `head_channels` (SD2/SDXL: 64 channels per head).
+    `num_heads` (SD1: 8 at every stage) or `head_channels` (SD2/SDXL: 64 channels per head). `encoder_only`: the
+    tensors are a ControlNet's (no output blocks; out_channels stays 4).
     """
     if (num_heads is None) == (head_channels is None):
         raise ValueError("pass exactly one of num_heads (SD1) or head_channels (SD2, SDXL)")
     conv_in = _need(shapes, "input_blocks.0.0.weight")  # (C0, in_channels, 3, 3)
     in_channels = conv_in[1]
-    out_channels = _need(shapes, "out.2.weight")[0]
+    out_channels = 4 if encoder_only else _need(shapes, "out.2.weight")[0]
     n_input = 1 + max(int(m.group(1)) for k in shapes if (m := _INPUT.match(k)))
     n_down = sum(1 for k in shapes if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
     n = n_down + 1

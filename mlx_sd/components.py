@@ -20,6 +20,8 @@ from .models import (
     AutoencoderKL,
     CLIPTextConfig,
     CLIPTextModel,
+    ControlNetConfig,
+    ControlNetModel,
     UNet2DConditionModel,
     UNetConfig,
     VAEConfig,
@@ -31,6 +33,7 @@ KINDS = {
     "unet": (UNetConfig, UNet2DConditionModel),
     "vae": (VAEConfig, AutoencoderKL),
     "clip_text": (CLIPTextConfig, CLIPTextModel),
+    "controlnet": (ControlNetConfig, ControlNetModel),
 }
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -48,7 +51,7 @@ def config_from_dict(cls, data: dict):
 
 def kind_of(config) -> str:
     for kind, (cls, _) in KINDS.items():
-        if isinstance(config, cls):
+        if type(config) is cls:  # exact: a ControlNetConfig is also a UNetConfig
             return kind
     raise TypeError(f"not a model config: {type(config).__name__}")
 

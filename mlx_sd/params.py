@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from PIL import Image
 
+from .controlnet import ControlNetUnit
 from .images import INPAINTING_FILLS, RESIZE_MODES
 from .rng import NOISE_MODES
 from .upscale import HIRES_UPSCALERS
@@ -95,6 +96,8 @@ class GenerationRequest:
         refiner takes over (A1111's "Switch at"; diffusers' denoising_end/denoising_start; None: 0.8, 1: never).
     Seamless: tiling (A1111's "Tiling"): every convolution of the UNet and the VAE pads circularly, so the image tiles
         seamlessly (its VAE then runs whole, never in tiles).
+    ControlNet: controlnet, `ControlNetUnit`s (a ControlNet, its control image, weight, guidance_start / _end,
+        control_mode, resize_mode); their residuals add up. mlx_sd/controlnet.py.
     Memory: tiled_vae (None: tile above 1024x1024 pixels, in low-memory mode above 512x512), low_memory (free the
         text encoders after encoding and decode in tiles; None: on for devices with <= 16 GiB, e.g. a 16 GB Mac).
     """
@@ -153,6 +156,7 @@ class GenerationRequest:
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
     tiling: bool = False
+    controlnet: tuple[ControlNetUnit, ...] = ()
     tiled_vae: bool | None = None
     low_memory: bool | None = None
 
@@ -242,11 +246,16 @@ class GenerationRequest:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for unit in self.controlnet:
+            if not isinstance(unit, ControlNetUnit):
+                raise ValueError(f"controlnet: expected ControlNetUnit entries, got {type(unit).__name__}")
+            unit.validate()
 
     def to_dict(self) -> dict:
-        """JSON-friendly parameters (images left out)."""
-        skip = {"init_image", "mask"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        """JSON-friendly parameters (images left out; ControlNet units as their settings and model name)."""
+        skip = {"init_image", "mask", "controlnet"}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        return data | {"controlnet": [unit.to_dict() for unit in self.controlnet]}
 
 
 def hires_checks(request: GenerationRequest) -> list[tuple[bool, str]]:

@@ -25,6 +25,7 @@ from PIL import Image
 
 from . import __version__, backend
 from .conditioning import Conditioning
+from .controlnet import ControlNet, Controls
 from .denoiser import classifier_free_guidance
 from .hires import hires_infotext, hires_plan, hires_request, hires_target, upscale_first_pass
 from .images import latent_preview, to_pil
@@ -137,6 +138,9 @@ class Pipeline:
             refiner), LoRAs to `model` only.
         lora_resolver: resolves `<lora:name:weight>` in prompts: (name, `lora_targets(model)`) -> `LoRA`, e.g.
             `mlx_sd_convert.library.LoraLibrary(folder)`; None: such prompts are refused.
+        controlnet_resolver: resolves a ControlNet unit's model given by name: name -> `ControlNet`, e.g.
+            `mlx_sd_convert.library.ControlNetLibrary(folder)`; None: units must hold loaded ControlNets.
+            ControlNets guide the base model only, never a refiner.
     """
 
     def __init__(
@@ -144,12 +148,14 @@ class Pipeline:
         model: StableDiffusion | str | Path,
         refiner: StableDiffusion | str | Path | None = None,
         lora_resolver=None,
+        controlnet_resolver=None,
     ):
         self.model = model if isinstance(model, StableDiffusion) else StableDiffusion(model)
         self.schedule = _schedule(self.model)
         self.refiner = None
         self.set_refiner(refiner)
         self.lora_resolver = lora_resolver
+        self.controlnet_resolver = controlnet_resolver
         self.loras: list[AppliedLoRA] = []  # applied to every request, beside the prompt's <lora:...> tags
         self.embeddings: list[Embedding] = []
         self._lora_state = LoRAState()
@@ -244,6 +250,7 @@ class Pipeline:
         start = time.perf_counter()
         timings: dict[str, float] = {}
         plan = self._plan(request)  # validates sampler, schedule and steps before any model runs
+        request = replace(request, controlnet=self._controlnets(request))
         target = hires_target(request) if request.enable_hr else None
         second = hires_request(request, target) if target else None
         plan_2 = hires_plan(second, self.schedule) if second else None
@@ -262,7 +269,7 @@ class Pipeline:
         timings["text"] = time.perf_counter() - start
         images, seeds = [], []
 
-        def denoise(plan: SamplingPlan, model_fn, x, noise, init, batch: int, done: int):
+        def denoise(plan: SamplingPlan, model_fn, x, noise, init, batch: int, done: int, controls=None):
             """Run `plan` on `batch`, yielding progress (steps `done` + i of `total`); returns the last x."""
             sampler = plan.sample(model_fn, x, noise)
             for i in range(plan.steps):
@@ -270,6 +277,8 @@ class Pipeline:
                     raise Cancelled(images)
                 if control._skip.is_set():
                     break
+                if controls is not None:
+                    controls.step = i  # the ControlNets' guidance window counts sampler steps
                 x = next(sampler) if i == 0 else sampler.send(self._blend(init, plan, x, i, model_fn) if init else None)
                 yield Progress(done + i + 1, total, batch, request.batch_count, time.perf_counter() - start, x,
                                "sdxl" if self.model.is_sdxl else "sd")  # fmt: skip
@@ -283,14 +292,15 @@ class Pipeline:
             vary = self._variation(request, batch)
             x, init = self._initial_latents(request, plan, noise, vary)
             noise = _sampler_noise(request, plan, noise, first)
-            model_fn = self._model_fn(request, cond, uncond, init, request.batch_size)
+            controls = self._controls(request, plan, init)
+            model_fn = self._model_fn(request, cond, uncond, init, request.batch_size, controls=controls)
             if refining:
                 refiner_fn = self._model_fn(
                     request, refiner_cond, refiner_uncond, None, request.batch_size, self.refiner
                 )
                 model_fn = Handoff(model_fn, refiner_fn, self.schedule, request.refiner_switch_at)
             control._skip.clear()
-            x = yield from denoise(plan, model_fn, x, noise, init, batch, 0)
+            x = yield from denoise(plan, model_fn, x, noise, init, batch, 0, controls)
             latents = plan.latents_to_decode(x)
             if init is not None and init.mask is not None and self._pastes(model_fn):
                 latents = init.mask * latents + (1 - init.mask) * init.image_latents  # the known region, exact
@@ -308,8 +318,11 @@ class Pipeline:
                 draw = noise.normal((B, c, h, w))
                 x = plan_2.noised_latents(latents, (vary(draw) if vary else draw).transpose(0, 2, 3, 1), 0)
                 noise = _sampler_noise(second, plan_2, noise, first)
-                model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size)
-                x = yield from denoise(plan_2, model_fn, x.astype(self.model.dtype), noise, None, batch, plan.steps)
+                controls = self._controls(second, plan_2, None)
+                model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size, controls=controls)
+                x = yield from denoise(
+                    plan_2, model_fn, x.astype(self.model.dtype), noise, None, batch, plan.steps, controls
+                )
                 latents, finished = plan_2.latents_to_decode(x), second
             t_decode = time.perf_counter()
             # The model that finished the image decodes it (diffusers' refiner pipeline, A1111).
@@ -420,7 +433,9 @@ class Pipeline:
         known = plan.noised_latents(init.image_latents, init.noise, step)
         return init.mask * x + (1 - init.mask) * known
 
-    def _model_fn(self, request, cond: Conditioning, uncond: Conditioning | None, init, B: int, model=None):
+    def _model_fn(
+        self, request, cond: Conditioning, uncond: Conditioning | None, init, B: int, model=None, controls=None
+    ):
         model = model or self.model
         unet = model.unet
         dtype = model.dtype
@@ -442,17 +457,49 @@ class Pipeline:
         pooled = None if pooled is None else pooled.astype(dtype)
         cond_only = None
         if guided and request.s_min_uncond > 0:  # A1111's NGMS: some calls run the conditional half alone
-            cond_only = self._model_fn(request, cond, None, init, B, model)
+            cond_only = self._model_fn(request, cond, None, init, B, model, controls)
+        inputs = (context, pooled, time_ids, timestep_cond)
+        cond_inputs = None
+        if controls is not None and guided and any(u.cond_only() for u in controls.units):
+            # units for the conditional half alone (A1111's "ControlNet is more important", diffusers' guess mode)
+            cond_pooled = None if pooled is None else pooled[B:]
+            cond_inputs = (TextContext(cond.context.astype(dtype)), cond_pooled, _half(time_ids), timestep_cond)
 
         def model(x_in: mx.array, t: float) -> mx.array:
-            if extra is not None:
+            x_in = x_in.astype(dtype)
+            residuals = controls(x_in, mx.array(t), inputs, cond_inputs) if controls is not None else None
+            if extra is not None:  # ControlNets see the 4 latent channels, the inpainting UNet all 9
                 x_in = mx.concatenate([x_in, extra.astype(x_in.dtype)], axis=-1)
-            return unet(x_in.astype(dtype), mx.array(t), context, pooled, time_ids, timestep_cond)
+            return unet(x_in, mx.array(t), context, pooled, time_ids, timestep_cond, residuals)
 
         if not guided:
             return model
         below = (lambda t: self.schedule.t_to_sigma(t) < request.s_min_uncond) if cond_only else None
         return classifier_free_guidance(model, request.guidance, request.guidance_rescale, cond_only, below)
+
+    def _controlnets(self, request: GenerationRequest) -> tuple:
+        """The request's ControlNet units with their models resolved and checked against this model."""
+        units = []
+        for unit in request.controlnet:
+            model = unit.model
+            if isinstance(model, str):
+                if self.controlnet_resolver is None:
+                    raise ValueError(f"ControlNet {model!r} given by name: no ControlNet folder is configured "
+                                     "(--controlnet-dir), or pass a loaded ControlNet")  # fmt: skip
+                model = self.controlnet_resolver(model)
+            if not isinstance(model, ControlNet):
+                raise ValueError(f"ControlNet unit model: expected a ControlNet or a name, got {type(model).__name__}")
+            model.check(self.model.unet.config)
+            units.append(replace(unit, model=model))
+        return tuple(units)
+
+    def _controls(self, request: GenerationRequest, plan: SamplingPlan, init) -> Controls | None:
+        """The request's ControlNet units at this pass's size and step count, or None."""
+        if not request.controlnet:
+            return None
+        crop = (init.original.size, init.region) if init is not None and init.region is not None else None
+        rule = "diffusers" if plan.follows.startswith("diffusers") else "a1111"
+        return Controls(list(request.controlnet), request.width, request.height, plan.steps, rule, crop)
 
     def _time_ids(self, request: GenerationRequest, guided: bool, B: int, aesthetic: bool) -> mx.array:
         """SDXL micro-conditioning: (original size, crop top-left, target size), or the refiner's aesthetic score."""
@@ -573,6 +620,11 @@ def _sampler_noise(request: GenerationRequest, plan: SamplingPlan, noise, first:
     if not request.eta_noise_seed_delta or plan.noise_interval is not None:
         return noise
     return make_noise(request.rng, first + request.eta_noise_seed_delta, request.batch_size, per_image=True)
+
+
+def _half(rows: mx.array | None) -> mx.array | None:
+    """The conditional (second) half of a guided batch's rows."""
+    return None if rows is None else rows[rows.shape[0] // 2 :]
 
 
 def _low_memory(request: GenerationRequest) -> bool:

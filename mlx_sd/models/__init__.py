@@ -1,6 +1,7 @@
 """MLX modules for every network in a Stable Diffusion checkpoint, channels-last, named as diffusers names them."""
 
 from .clip import CLIPOutput, CLIPTextConfig, CLIPTextModel
+from .controlnet import ControlNetConfig, ControlNetModel
 from .unet import UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL, LatentDistribution, VAEConfig
 
@@ -9,6 +10,8 @@ __all__ = [
     "CLIPOutput",
     "CLIPTextConfig",
     "CLIPTextModel",
+    "ControlNetConfig",
+    "ControlNetModel",
     "LatentDistribution",
     "UNet2DConditionModel",
     "UNetConfig",

@@ -218,21 +218,8 @@ class UNet2DConditionModel(nn.Module):
         cfg = self.config = config
         chans = cfg.block_out_channels
         n = len(chans)
-        self.conv_in = Conv2d(cfg.in_channels, chans[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(chans[0], cfg.time_embed_dim, cfg.time_cond_proj_dim)
-        if cfg.addition_time_embed_dim is not None:
-            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
-
-        self.down_blocks = []
-        skip_chs = [chans[0]]  # channels of every skip connection, in push order
-        for i in range(n):
-            in_ch = chans[max(i - 1, 0)]
-            last = i == n - 1
-            block = DownBlock(cfg, in_ch, chans[i], cfg.transformer_depth[i], cfg.num_heads[i], not last)
-            self.down_blocks.append(block)
-            skip_chs += [chans[i]] * cfg.layers_per_block + ([] if last else [chans[i]])
-
-        self.mid_block = MidBlock(cfg)
+        build_encoder(self, cfg)
+        skip_chs = skip_channels(cfg)
 
         self.up_blocks = []
         prev_ch = chans[-1]
@@ -257,6 +244,7 @@ class UNet2DConditionModel(nn.Module):
         pooled: mx.array | None = None,
         time_ids: mx.array | None = None,
         timestep_cond: mx.array | None = None,
+        residuals: tuple[list[mx.array], mx.array] | None = None,
     ) -> mx.array:
         """Predict the model output (eps or v) for noisy latents.
 
@@ -268,30 +256,17 @@ class UNet2DConditionModel(nn.Module):
             pooled: (B, P) pooled text embedding (SDXL only).
             time_ids: (B, 6) or (B, 5) micro-conditioning numbers (SDXL only).
             timestep_cond: (B, time_cond_proj_dim) guidance embedding (LCM-distilled UNets only).
+            residuals: a ControlNet's (down, middle) residuals: one per skip connection and one for the middle
+                block's output, added before the up path uses them (diffusers' down/mid_block_additional_residual).
         Returns:
             (B, H, W, out_channels).
         """
-        cfg = self.config
-        B = x.shape[0]
-        t = mx.broadcast_to(mx.array(t).reshape(-1), (B,))
-        temb_in = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = self.time_embedding(temb_in.astype(x.dtype), timestep_cond)
-        if "add_embedding" in self:
-            if pooled is None or time_ids is None:
-                raise ValueError("this UNet has an added text-time embedding (SDXL): pass pooled and time_ids")
-            time_emb = timestep_embedding(
-                time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
-            ).reshape(B, -1)
-            added = mx.concatenate([pooled, time_emb.astype(pooled.dtype)], axis=-1)
-            temb = temb + self.add_embedding(added.astype(x.dtype))
-
-        h = self.conv_in(x)
-        skips = [h]
-        for block in self.down_blocks:
-            h, block_skips = block(h, temb, context)
-            skips += block_skips
-
-        h = self.mid_block(h, temb, context)
+        temb = embed_time(self, x, t, pooled, time_ids, timestep_cond)
+        h, skips = encode(self, self.conv_in(x), temb, context)
+        if residuals is not None:  # a ControlNet's (mlx_sd/models/controlnet.py), added to every skip and the middle
+            down, middle = residuals
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down, strict=True)]
+            h = h + middle.astype(h.dtype)
 
         for block in self.up_blocks:
             k = len(block.resnets)
@@ -301,3 +276,59 @@ class UNet2DConditionModel(nn.Module):
             h = block(h, temb, context, block_skips, upsample_size)
 
         return self.conv_out(self.conv_norm_out(h, silu=True))
+
+
+# --- the encoder half, shared with the ControlNet (a trainable copy of it) ---------------------------------------
+
+
+def build_encoder(module: nn.Module, cfg: UNetConfig) -> None:
+    """Give `module` the UNet's input convolution, time (and SDXL text-time) embedding, down path and middle block,
+    under diffusers' names."""
+    chans = cfg.block_out_channels
+    n = len(chans)
+    module.conv_in = Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+    module.time_embedding = TimestepEmbedding(chans[0], cfg.time_embed_dim, cfg.time_cond_proj_dim)
+    if cfg.addition_time_embed_dim is not None:
+        module.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
+    module.down_blocks = [
+        DownBlock(cfg, chans[max(i - 1, 0)], chans[i], cfg.transformer_depth[i], cfg.num_heads[i], i < n - 1)
+        for i in range(n)
+    ]
+    module.mid_block = MidBlock(cfg)
+
+
+def skip_channels(cfg: UNetConfig) -> list[int]:
+    """The channels of every skip connection the down path pushes, in push order (conv_in's output first)."""
+    chans = cfg.block_out_channels
+    out = [chans[0]]
+    for i, ch in enumerate(chans):
+        out += [ch] * cfg.layers_per_block + ([ch] if i < len(chans) - 1 else [])
+    return out
+
+
+def embed_time(module: nn.Module, x: mx.array, t, pooled, time_ids, timestep_cond) -> mx.array:
+    """The (B, time_embed_dim) embedding of the timestep (+ LCM's guidance, + SDXL's pooled text and micro-
+    conditioning) that every resnet of `module` (built by `build_encoder`) receives."""
+    cfg = module.config
+    B = x.shape[0]
+    t = mx.broadcast_to(mx.array(t).reshape(-1), (B,))
+    temb_in = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    temb = module.time_embedding(temb_in.astype(x.dtype), timestep_cond)
+    if "add_embedding" in module:
+        if pooled is None or time_ids is None:
+            raise ValueError("this model has an added text-time embedding (SDXL): pass pooled and time_ids")
+        time_emb = timestep_embedding(
+            time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+        ).reshape(B, -1)
+        added = mx.concatenate([pooled, time_emb.astype(pooled.dtype)], axis=-1)
+        temb = temb + module.add_embedding(added.astype(x.dtype))
+    return temb
+
+
+def encode(module: nn.Module, h: mx.array, temb: mx.array, context) -> tuple[mx.array, list[mx.array]]:
+    """The down path and middle block of `module` from conv_in's output `h`: (middle output, skip connections)."""
+    skips = [h]
+    for block in module.down_blocks:
+        h, block_skips = block(h, temb, context)
+        skips += block_skips
+    return module.mid_block(h, temb, context), skips

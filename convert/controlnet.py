@@ -1,0 +1,256 @@
+"""Published ControlNets -> a loaded `mlx_sd.controlnet.ControlNet`, read at run time like a LoRA.
+
+Three layouts are in the field, all read strictly (every tensor mapped or dropped for a stated reason):
+
+- a diffusers folder (`config.json` + `diffusion_pytorch_model[.fp16].safetensors` or `.bin`), e.g.
+  lllyasviel/control_v11p_sd15_canny or diffusers/controlnet-canny-sdxl-1.0;
+- an original ("cldm") file, as A1111 users download them (control_v11p_sd15_canny.pth, control_sd15_canny.pth,
+  the fp16 .safetensors prunes): the UNet encoder in `ldm` names (`input_blocks.*`, `middle_block.*`, `time_embed.*`)
+  plus `input_hint_block.*` (the image embedding), `zero_convs.*` and `middle_block_out.*`, with or without a
+  `control_model.` prefix (ControlNet 1.0's files bundle the SD model they were trained with: only the tensors under
+  the prefix are read);
+- a diffusers-named single file (SDXL ControlNets are often shared so), whose config is read from its shapes.
+
+The architecture comes from shapes where no config.json exists: widths and depths from the tensors, the head count
+from the family (768-wide cross-attention: SD 1.x, 8 heads; otherwise 64 channels per head), as for checkpoints
+(convert/ldm_unet.py). Only ControlNet 1.1 "shuffle" averages its residuals (`global_pool_conditions`), which no shape
+shows: a file whose name says "shuffle" is taken for one, as A1111's extension does with its yaml files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_sd.components import parameter_shapes
+from mlx_sd.controlnet import ControlNet
+from mlx_sd.models import ControlNetConfig, ControlNetModel, UNetConfig
+
+from .diffusers import ConversionError, _check_settings, unet_config
+from .keymap import Rule, map_keys, read_mapped
+from .ldm_unet import HEAD_CHANNELS, SD1_HEADS, unet_config_from_shapes, unet_rules
+from .readers import open_checkpoint
+
+CONTROLNET_EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+SD1_CONTEXT = 768  # CLIP ViT-L/14's width: SD 1.x's cross-attention
+SDXL_TIME_EMBED = 256  # SDXL's addition_time_embed_dim (its yaml's adm embedding per micro-conditioning number)
+CONTROL_PREFIX = "control_model."
+_WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)
+_CONTROLNET_KEYS = {
+    "conditioning_channels",
+    "conditioning_embedding_out_channels",
+    "controlnet_conditioning_channel_order",
+    "global_pool_conditions",
+}
+
+
+def read_controlnet(path: str | Path, dtype: mx.Dtype | None = None, name: str | None = None) -> ControlNet:
+    """Read a ControlNet file or diffusers folder (module docstring) into a loaded `ControlNet`.
+
+    Args:
+        path: the folder or file.
+        dtype: the weights' dtype (default: the backend's, mlx_sd.backend.default_dtype()).
+        name: the display name (default: the file's stem or the folder's name).
+    Raises:
+        ConversionError naming what does not fit.
+    """
+    from mlx_sd.backend import default_dtype
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        config, state = _folder(path)
+        title, short = name or path.name, ""
+    elif path.is_file():
+        state = open_checkpoint(path)
+        if any(k.startswith(CONTROL_PREFIX) for k in state):
+            state = _Prefixed(state, CONTROL_PREFIX)
+        config = _single_file_config(path, _shapes(state))
+        title, short = name or path.stem, a1111_hash(path)
+    else:
+        raise ConversionError(f"{path}: no such ControlNet file or folder")
+    shapes = _shapes(state)
+    model = ControlNetModel(config)
+    keys = CONTROLNET_RULES if _diffusers_named(shapes) else ldm_rules(config)
+    plan = map_keys("controlnet", shapes, keys, parameter_shapes(model), _hint(path))
+    dtype = dtype or default_dtype()
+    # one tensor at a time: a 1.4 GB float32 .pth never sits in memory twice
+    model.load_weights([(k, mx.array(read_mapped(state, m)).astype(dtype)) for k, m in plan.items()], strict=True)
+    model.eval()
+    return ControlNet(model, title, short)
+
+
+def a1111_hash(path: Path) -> str:
+    """The 8-hex-digit hash A1111's ControlNet extension shows beside a model's name ("control_v11p_sd15_canny
+    [d14c016b]"): sha256 of the 64 KiB at offset 1 MiB (A1111's legacy model hash)."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+# --- diffusers ------------------------------------------------------------------------------------------------
+
+
+def controlnet_config(config: Mapping) -> ControlNetConfig:
+    """Translate a diffusers ControlNetModel config.json."""
+    config = dict(config)
+    extra = {k: config.pop(k) for k in _CONTROLNET_KEYS if k in config}
+    _check_settings("controlnet", extra, {"conditioning_channels": 3}, _CONTROLNET_KEYS)
+    order = extra.get("controlnet_conditioning_channel_order", "rgb")
+    if order not in ("rgb", "bgr"):
+        raise ConversionError(f"controlnet: controlnet_conditioning_channel_order={order!r} (rgb or bgr)")
+    down = config.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))
+    mirror = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+    # a ControlNet has no up path; the UNet translator checks the down path against its mirror image
+    unet = unet_config({**config, "up_block_types": [mirror.get(t, t) for t in reversed(down)]})
+    return ControlNetConfig(
+        **asdict(unet),
+        conditioning_embedding_out_channels=tuple(extra.get("conditioning_embedding_out_channels", (16, 32, 96, 256))),
+        global_pool_conditions=bool(extra.get("global_pool_conditions", False)),
+        conditioning_channel_order=order,
+    )
+
+
+CONTROLNET_RULES = [Rule(r"(.+)", r"\1")]  # our names are diffusers'
+
+
+def _folder(folder: Path) -> tuple[ControlNetConfig, Mapping]:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{folder}: no config.json; a diffusers ControlNet folder has config.json and weights")
+    data = json.loads(config_path.read_text())
+    if data.get("_class_name", "ControlNetModel") != "ControlNetModel":
+        raise ConversionError(f"{folder}: config.json describes a {data['_class_name']}, not a ControlNetModel")
+    weights = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise ConversionError(f"{folder}: none of {', '.join(_WEIGHT_FILES)} found")
+    return controlnet_config(data), open_checkpoint(weights)
+
+
+# --- single files -----------------------------------------------------------------------------------------------
+
+
+def _shapes(state) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(state.info(k).shape) for k in state}
+
+
+def _single_file_config(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> ControlNetConfig:
+    if "input_hint_block.0.weight" not in shapes and "controlnet_cond_embedding.conv_in.weight" not in shapes:
+        lora = any(".lora_" in k or "lora_unet" in k for k in shapes)
+        why = "a Control-LoRA or a LoRA" if lora else "no ControlNet"
+        raise ConversionError(f"{path.name}: {why} (no input_hint_block / controlnet_cond_embedding tensors)")
+    shuffle = "shuffle" in path.name.lower()
+    if _diffusers_named(shapes):
+        return _config_from_diffusers_shapes(shapes, shuffle)
+    unet = unet_config_from_shapes(shapes, encoder_only=True, **_heads(shapes, "input_blocks."))
+    if unet.projection_class_embeddings_input_dim is not None:
+        unet = UNetConfig(**{**asdict(unet), "addition_time_embed_dim": SDXL_TIME_EMBED})
+    hint = [shapes[f"input_hint_block.{i}.weight"] for i in range(0, 64, 2) if f"input_hint_block.{i}.weight" in shapes]
+    # convs 0, 2, ..., 2k: conv_in, (same, strided) per further stage, conv_out; a stage's width is its strided conv's
+    stages = [hint[0][0]] + [hint[i][0] for i in range(2, len(hint) - 1, 2)]
+    return ControlNetConfig(
+        **asdict(unet),
+        conditioning_channels=hint[0][1],
+        conditioning_embedding_out_channels=tuple(stages),
+        global_pool_conditions=shuffle,
+    )
+
+
+def ldm_rules(config: ControlNetConfig) -> list[Rule]:
+    """The original layout's key map: the UNet encoder's rules plus the ControlNet's own blocks."""
+    # a Sequential of convs and SiLUs: conv_in at 0, then (conv, strided conv) per further stage, conv_out
+    n_hint = 4 * len(config.conditioning_embedding_out_channels) - 2  # conv_out's index
+    rules = [
+        Rule(r"zero_convs\.(\d+)\.0\.(weight|bias)", r"controlnet_down_blocks.\1.\2"),
+        Rule(r"middle_block_out\.0\.(weight|bias)", r"controlnet_mid_block.\1"),
+        Rule(r"input_hint_block\.0\.(weight|bias)", r"controlnet_cond_embedding.conv_in.\1"),
+        Rule(rf"input_hint_block\.{n_hint}\.(weight|bias)", r"controlnet_cond_embedding.conv_out.\1"),
+        *(
+            Rule(rf"input_hint_block\.{2 * (j + 1)}\.(weight|bias)", rf"controlnet_cond_embedding.blocks.{j}.\1")
+            for j in range(n_hint // 2 - 1)
+        ),
+    ]
+    return rules + unet_rules(config)
+
+
+def _diffusers_named(shapes) -> bool:
+    return "controlnet_cond_embedding.conv_in.weight" in shapes
+
+
+def _heads(shapes: Mapping, blocks: str) -> dict:
+    """The family's head rule (module docstring), from the cross-attention's context width."""
+    context = next((v[1] for k, v in shapes.items() if k.startswith(blocks) and k.endswith("attn2.to_k.weight")), None)
+    return {"num_heads": SD1_HEADS} if context == SD1_CONTEXT else {"head_channels": HEAD_CHANNELS}
+
+
+def _config_from_diffusers_shapes(shapes: Mapping, shuffle: bool) -> ControlNetConfig:
+    """A diffusers-named ControlNet's config, from its shapes (a single file without config.json)."""
+
+    def count(pattern: str) -> int:
+        regex = re.compile(pattern)
+        found = {int(m.group(1)) for k in shapes if (m := regex.match(k))}
+        return 1 + max(found) if found else 0
+
+    n = count(r"down_blocks\.(\d+)\.")
+    layers = count(r"down_blocks\.0\.resnets\.(\d+)\.")
+    chans = tuple(shapes[f"down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(n))
+    depth = tuple(count(rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.") for i in range(n))
+    heads = _heads(shapes, "down_blocks.")
+    context = next(v[1] for k, v in shapes.items() if k.endswith("attn2.to_k.weight"))
+    added = shapes.get("add_embedding.linear_1.weight")
+    guidance = shapes.get("time_embedding.cond_proj.weight")
+    n_blocks = count(r"controlnet_cond_embedding\.blocks\.(\d+)\.")
+    embed = shapes["controlnet_cond_embedding.conv_in.weight"]
+    return ControlNetConfig(
+        in_channels=shapes["conv_in.weight"][1],
+        block_out_channels=chans,
+        layers_per_block=layers,
+        transformer_depth=depth,
+        num_heads=(heads["num_heads"],) * n if "num_heads" in heads else tuple(c // HEAD_CHANNELS for c in chans),
+        mid_transformer_depth=count(r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."),
+        cross_attention_dim=context,
+        addition_time_embed_dim=None if added is None else SDXL_TIME_EMBED,
+        projection_class_embeddings_input_dim=None if added is None else added[1],
+        time_cond_proj_dim=None if guidance is None else guidance[1],
+        conditioning_channels=embed[1],
+        conditioning_embedding_out_channels=(embed[0],)
+        + tuple(shapes[f"controlnet_cond_embedding.blocks.{j}.weight"][0] for j in range(1, n_blocks, 2)),
+        global_pool_conditions=shuffle,
+    )
+
+
+def _hint(path: Path) -> str:
+    return (
+        f"{path.name} does not fit a ControlNet of the architecture its shapes describe; is it a ControlNet "
+        "(not a T2I-Adapter, Control-LoRA or IP-Adapter)?"
+    )
+
+
+class _Prefixed(Mapping):
+    """The tensors of a checkpoint under `prefix`, without it; the others (a bundled SD model) are left out."""
+
+    def __init__(self, source, prefix: str):
+        self._source, self._prefix = source, prefix
+        self._keys = [k[len(prefix) :] for k in source if k.startswith(prefix)]
+
+    def __getitem__(self, key: str):
+        return self._source[self._prefix + key]
+
+    def info(self, key: str):
+        return self._source.info(self._prefix + key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)

@@ -1,0 +1,180 @@
+"""ControlNet units: which ControlNet, which control image, how strongly, when, and on which guidance half.
+
+A request carries `ControlNetUnit`s (A1111's ControlNet extension calls them units; diffusers' pipelines take the
+same settings as lists). The pipeline prepares them once per pass (`Controls`) and calls them inside its model
+function: every active unit runs its ControlNet on the UNet's input and the residuals of all units are summed
+(diffusers' MultiControlNetModel, A1111's units) before the UNet adds them to its skip connections.
+
+Settings, with the references they follow:
+- weight: the residuals' scale (diffusers' controlnet_conditioning_scale).
+- guidance_start, guidance_end: the fraction of the steps in which the unit acts. Step i of n (0-based) is outside
+  when i/n < start, or when (i+1)/n > end for diffusers-style samplers (diffusers' controlnet_keep) and i/n > end for
+  A1111-style ones (the extension's guidance_schedule_handler); every model call of a step counts as that step.
+- control_mode (residual i of n is scaled by s_i):
+    "balanced"     s_i = weight, both guidance halves (A1111's "Balanced", diffusers' default)
+    "prompt"       s_i = weight * 0.825^(12 - i), both halves (A1111's "My prompt is more important": soft injection)
+    "controlnet"   soft injection, conditional half only (A1111's "ControlNet is more important": cfg injection)
+    "guess"        s_i = weight * 10^(i/(n-1) - 1) (0.1 ... 1), conditional half only (diffusers' guess_mode)
+  The unconditional half of a conditional-only unit gets no residual. ControlNets that average their residuals
+  (`global_pool_conditions`, ControlNet 1.1 shuffle) apply to the conditional half only, in both references.
+- resize_mode: how the control image is fitted to the generation size ("resize", "crop", "fill": A1111's "Just
+  Resize", "Crop and Resize", "Resize and Fill", as mlx_sd.images.resize does them; diffusers resizes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from .images import RESIZE_MODES, resize
+from .models import ControlNetModel, UNetConfig
+from .models.unet import skip_channels
+
+CONTROL_MODES = ("balanced", "prompt", "controlnet", "guess")
+SOFT_INJECTION_BASE = 0.825  # A1111's soft injection: residual i of 13 scaled by 0.825^(12 - i)
+SOFT_INJECTION_LAST = 12
+_COND_ONLY = {"controlnet", "guess"}
+
+
+@dataclass(frozen=True, eq=False)
+class ControlNet:
+    """A loaded ControlNet (mlx_sd_convert.controlnet.read_controlnet reads one): its network, its name and A1111's
+    short hash of its file ("" for folders). `title` is how A1111 lists it: "control_v11p_sd15_canny [d14c016b]"."""
+
+    model: ControlNetModel
+    name: str
+    short_hash: str = ""
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} [{self.short_hash}]" if self.short_hash else self.name
+
+    def check(self, unet: UNetConfig) -> None:
+        """Raise ValueError unless this ControlNet's residuals fit `unet` (same family and widths)."""
+        cfg = self.model.config
+        mine = (skip_channels(cfg), cfg.cross_attention_dim, cfg.addition_time_embed_dim is not None)
+        theirs = (skip_channels(unet), unet.cross_attention_dim, unet.addition_time_embed_dim is not None)
+        if mine != theirs:
+            raise ValueError(
+                f"ControlNet {self.name} was made for another model family (cross-attention width "
+                f"{cfg.cross_attention_dim}, channels {cfg.block_out_channels}) than this model's "
+                f"({unet.cross_attention_dim}, {unet.block_out_channels}); use a ControlNet for this model's family"
+            )
+
+
+@dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet with its control image and settings (module docstring).
+
+    model: a loaded `ControlNet`, or its name for the pipeline's `controlnet_resolver` (a server's --controlnet-dir).
+    image: the control image (an edge map, depth map, pose skeleton, ...: already preprocessed), RGB.
+    """
+
+    model: ControlNet | str
+    image: Image.Image = field(repr=False)
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: str = "balanced"
+    resize_mode: str = "crop"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the setting and what is accepted."""
+        checks = [
+            (isinstance(self.image, Image.Image), "a ControlNet unit needs a control image (PIL image)"),
+            (self.weight >= 0, f"ControlNet weight={self.weight}: must be >= 0"),
+            (
+                0.0 <= self.guidance_start < self.guidance_end <= 1.0,
+                f"ControlNet guidance_start={self.guidance_start}, guidance_end={self.guidance_end}: need "
+                "0 <= start < end <= 1",
+            ),
+            (self.control_mode in CONTROL_MODES, f"control_mode={self.control_mode!r}: one of {CONTROL_MODES}"),
+            (
+                self.resize_mode in RESIZE_MODES[:3],
+                f"ControlNet resize_mode={self.resize_mode!r}: one of {RESIZE_MODES[:3]}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        """The settings and the model's title (the image left out)."""
+        model = self.model.title if isinstance(self.model, ControlNet) else self.model
+        names = ("weight", "guidance_start", "guidance_end", "control_mode", "resize_mode")
+        return {"model": model, **{k: getattr(self, k) for k in names}}
+
+    def cond_only(self) -> bool:
+        """Whether only the conditional half of classifier-free guidance gets this unit's residuals."""
+        model = self.model.model if isinstance(self.model, ControlNet) else None
+        return self.control_mode in _COND_ONLY or bool(model and model.config.global_pool_conditions)
+
+    def scales(self, n: int) -> list[float]:
+        """The scale of each of the n residuals (the middle block's last), by control_mode."""
+        pooled = isinstance(self.model, ControlNet) and self.model.model.config.global_pool_conditions
+        if self.control_mode in ("prompt", "controlnet"):
+            return [self.weight * SOFT_INJECTION_BASE ** float(SOFT_INJECTION_LAST - i) for i in range(n)]
+        if self.control_mode == "guess" and not pooled:  # diffusers: torch.logspace(-1, 0, n)
+            return [self.weight * 10.0 ** (-1.0 + i / (n - 1)) for i in range(n)]
+        return [self.weight] * n
+
+
+def control_image(image: Image.Image, width: int, height: int, mode: str, crop=None) -> mx.array:
+    """(1, height, width, 3) float32 in [0, 1]: the image fitted to the generation size (Lanczos, as diffusers'
+    image processor resizes). `crop`: (the init image's size, the "only masked" inpainting region in it): the control
+    image is fitted to the init image, and the region cut out and fitted, as the init image is (A1111)."""
+    if crop is not None:
+        (w, h), region = crop
+        image = resize(image, w, h, mode).crop(region.box())
+        mode = "resize"
+    fitted = resize(image, width, height, mode)
+    return mx.array(np.asarray(fitted, dtype=np.float32)[None] / 255.0)
+
+
+class Controls:
+    """A request's units at one size, ready for a model function: `controls(x, t, ...)` -> residuals or None.
+
+    The pipeline sets `step` (0-based) before each sampler step; `steps` and `rule` ("diffusers" or "a1111") decide
+    the guidance window (module docstring).
+    """
+
+    def __init__(self, units: list[ControlNetUnit], width: int, height: int, steps: int, rule: str, crop=None):
+        self.units = units
+        self.images = {id(u): control_image(u.image, width, height, u.resize_mode, crop) for u in units}
+        self.steps = steps
+        self.rule = rule
+        self.step = 0
+
+    def active(self, unit: ControlNetUnit) -> bool:
+        i, n = self.step, self.steps
+        late = (i + 1) / n > unit.guidance_end if self.rule == "diffusers" else i / n > unit.guidance_end
+        return not (i / n < unit.guidance_start or late) and unit.weight > 0
+
+    def __call__(self, x, t, inputs: tuple, cond_inputs: tuple | None) -> tuple[list[mx.array], mx.array] | None:
+        """The summed residuals of the active units for the UNet's batch `x` (4 latent channels).
+
+        Args:
+            inputs: (context, pooled, time_ids, timestep_cond) of the whole batch, as the UNet gets them.
+            cond_inputs: the same for the conditional half when `x` is a guided [uncond; cond] batch, else None.
+        """
+        total = None
+        for unit in self.units:
+            if not self.active(unit):
+                continue
+            model = unit.model.model
+            half = cond_inputs is not None and unit.cond_only()
+            xs = x[x.shape[0] // 2 :] if half else x
+            image = mx.broadcast_to(self.images[id(unit)], (xs.shape[0], *self.images[id(unit)].shape[1:]))
+            context, pooled, time_ids, timestep_cond = cond_inputs if half else inputs
+            down, middle = model(xs, t, context, image.astype(x.dtype), pooled, time_ids, timestep_cond)
+            outputs = [*down, middle]
+            if model.config.global_pool_conditions:
+                outputs = [r.mean(axis=(1, 2), keepdims=True) for r in outputs]
+            outputs = [r * s for r, s in zip(outputs, unit.scales(len(outputs)))]
+            if half:  # the unconditional half gets nothing
+                outputs = [mx.concatenate([mx.zeros_like(r), r]) for r in outputs]
+            total = outputs if total is None else [a + b for a, b in zip(total, outputs)]
+        return None if total is None else (total[:-1], total[-1])
