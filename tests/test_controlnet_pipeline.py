@@ -1,0 +1,182 @@
+"""ControlNet generation against diffusers' ControlNet pipelines (txt2img, img2img, inpainting, SDXL, several units,
+guess mode, guidance windows) and A1111's control modes, on tiny random-weight models."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_controlnet import tiny_controlnet
+from test_pipeline import PROMPT, as_array, diffusers_pipe, generators
+from test_sdxl_pipeline import sdxl, xl_pipe  # noqa: F401  (the SDXL fixture)
+
+from mlx_sd.controlnet import ControlNetUnit, Controls
+from mlx_sd_convert.controlnet import read_controlnet
+from oracles import psnr
+
+SCHEDULER = "EulerDiscreteScheduler"  # diffusers-style: the guidance window follows diffusers' rule
+# Images agree to 8-bit rounding (~59 dB); a guidance window off by one step at its end still gives ~40 dB.
+MIN_PSNR = 50.0
+
+
+def check(result, expected: np.ndarray, what: str) -> None:
+    value = psnr(as_array(result.images), expected, data_range=1.0)
+    assert value >= MIN_PSNR, f"{what}: PSNR {value:.1f} dB < {MIN_PSNR}"
+
+
+def control_image(seed: int, size=(64, 64)) -> Image.Image:
+    rough = np.random.default_rng(seed).integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(rough).resize(size, Image.NEAREST)
+
+
+@pytest.fixture(scope="module")
+def controlnets(tmp_path_factory):
+    """Two tiny SD 1.x ControlNets: (diffusers models, ours)."""
+    tmp = tmp_path_factory.mktemp("controlnets")
+    references, ours = [], []
+    for seed in (11, 12):
+        reference = tiny_controlnet("sd1", seed)
+        reference.save_pretrained(tmp / f"cn{seed}")
+        references.append(reference)
+        ours.append(read_controlnet(tmp / f"cn{seed}", mx.float32))
+    return references, ours
+
+
+def cn_pipe(cls, parts, controlnet, scheduler=SCHEDULER):
+    return diffusers_pipe(cls, {**parts, "controlnet": controlnet}, scheduler)
+
+
+WINDOWS = [  # weight, start, end, guess mode
+    (1.0, 0.0, 1.0, False),
+    (0.7, 0.2, 0.8, False),
+    (1.3, 0.0, 0.6, True),
+]
+
+
+@pytest.mark.parametrize("weight,start,end,guess", WINDOWS)
+def test_txt2img_matches_diffusers(sd1, controlnets, weight, start, end, guess):
+    parts, ours = sd1
+    (reference, _), (controlnet, _) = controlnets
+    image = control_image(1)
+    pipe = cn_pipe("StableDiffusionControlNetPipeline", parts, reference)
+    expected = pipe(PROMPT, image=image, width=64, height=64, num_inference_steps=5, guidance_scale=6.0,
+                    controlnet_conditioning_scale=weight, control_guidance_start=start, control_guidance_end=end,
+                    guess_mode=guess, generator=generators(7, 1), output_type="np").images  # fmt: skip
+    unit = ControlNetUnit(controlnet, image, weight, start, end, "guess" if guess else "balanced")
+    result = ours.generate(prompt=PROMPT, width=64, height=64, steps=5, guidance=6.0, seed=7, sampler=SCHEDULER,
+                           controlnet=(unit,))  # fmt: skip
+    check(result, expected, f"controlnet txt2img w={weight} [{start}, {end}] guess={guess}")
+    plain = ours.generate(prompt=PROMPT, width=64, height=64, steps=5, guidance=6.0, seed=7, sampler=SCHEDULER)
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(result.images[0]))  # the control acted
+
+
+def test_two_units_match_multicontrolnet(sd1, controlnets):
+    parts, ours = sd1
+    references, loaded = controlnets
+    images = [control_image(2), control_image(3)]
+    pipe = cn_pipe("StableDiffusionControlNetPipeline", parts, list(references))  # a MultiControlNetModel
+    expected = pipe(PROMPT, image=images, width=64, height=64, num_inference_steps=4, guidance_scale=5.0,
+                    controlnet_conditioning_scale=[0.8, 0.5], control_guidance_start=[0.0, 0.25],
+                    control_guidance_end=[1.0, 0.75], generator=generators(9, 2), num_images_per_prompt=2,
+                    output_type="np").images  # fmt: skip
+    units = (ControlNetUnit(loaded[0], images[0], 0.8), ControlNetUnit(loaded[1], images[1], 0.5, 0.25, 0.75))
+    result = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=5.0, seed=9, sampler=SCHEDULER,
+                           batch_size=2, controlnet=units)  # fmt: skip
+    check(result, expected, "two ControlNets, batch of 2")
+
+
+def test_img2img_and_inpainting_match_diffusers(sd1, controlnets):
+    parts, ours = sd1
+    (reference, _), (controlnet, _) = controlnets
+    init = Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    image = control_image(4)
+    unit = ControlNetUnit(controlnet, image, 0.9)
+    pipe = cn_pipe("StableDiffusionControlNetImg2ImgPipeline", parts, reference)
+    expected = pipe(PROMPT, image=init, control_image=image, strength=0.7, num_inference_steps=6, guidance_scale=5.0,
+                    controlnet_conditioning_scale=0.9, generator=generators(3, 1), output_type="np").images  # fmt: skip
+    result = ours.generate(prompt=PROMPT, init_image=init, strength=0.7, steps=6, guidance=5.0, seed=3,
+                           sampler=SCHEDULER, controlnet=(unit,))  # fmt: skip
+    check(result, expected, "controlnet img2img")
+
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 8, 48, 40))
+    pipe = cn_pipe("StableDiffusionControlNetInpaintPipeline", parts, reference)
+    expected = pipe(PROMPT, image=init, mask_image=mask, control_image=image, strength=1.0, num_inference_steps=5,
+                    guidance_scale=5.0, controlnet_conditioning_scale=0.9, generator=generators(6, 1),
+                    output_type="np").images  # fmt: skip
+    result = ours.generate(prompt=PROMPT, init_image=init, mask=mask, strength=1.0, steps=5, guidance=5.0, seed=6,
+                           sampler=SCHEDULER, controlnet=(unit,))  # fmt: skip
+    check(result, expected, "controlnet inpainting")
+
+
+def test_sdxl_matches_diffusers(sdxl, tmp_path):  # noqa: F811
+    parts, ours = sdxl
+    reference = tiny_controlnet("sdxl", 13)
+    reference.save_pretrained(tmp_path / "cn")
+    unit = ControlNetUnit(read_controlnet(tmp_path / "cn", mx.float32), control_image(6, (64, 96)), 0.8, 0.0, 0.8)
+    pipe = xl_pipe("StableDiffusionXLControlNetPipeline", {**parts, "controlnet": reference}, SCHEDULER)
+    expected = pipe(PROMPT, image=unit.image, width=64, height=96, num_inference_steps=5, guidance_scale=5.0,
+                    controlnet_conditioning_scale=0.8, control_guidance_end=0.8, generator=generators(8, 1),
+                    output_type="np").images  # fmt: skip
+    result = ours.generate(prompt=PROMPT, width=64, height=96, steps=5, guidance=5.0, seed=8, sampler=SCHEDULER,
+                           controlnet=(unit,))  # fmt: skip
+    check(result, expected, "SDXL controlnet")
+
+
+def a1111_modes(forward, weight: float, soft: bool, cfg: bool):
+    """A diffusers ControlNetModel's forward with A1111's control modes applied to its residuals, as the extension's
+    hook does: soft injection scales residual i by weight * 0.825 ** (12 - i); cfg injection multiplies by the batch's
+    cond_mark (0 for the unconditional rows, 1 for the conditional ones)."""
+
+    def modes(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, **kwargs):
+        down, mid = forward(sample, timestep, encoder_hidden_states, controlnet_cond, 1.0, **kwargs)
+        control = [*down, mid]
+        scales = [weight * (0.825 ** float(12 - i) if soft else 1.0) for i in range(13)]
+        control = [c * s for c, s in zip(control, scales)]
+        if cfg:
+            half = sample.shape[0] // 2
+            mark = torch.cat([torch.zeros(half), torch.ones(half)]).reshape(-1, 1, 1, 1)
+            control = [c * mark for c in control]
+        return control[:-1], control[-1]
+
+    return modes
+
+
+@pytest.mark.parametrize("mode,soft,cfg", [("prompt", True, False), ("controlnet", True, True)])
+def test_a1111_control_modes(sd1, controlnets, mode, soft, cfg, monkeypatch):
+    parts, ours = sd1
+    (reference, _), (controlnet, _) = controlnets
+    image = control_image(8)
+    pipe = cn_pipe("StableDiffusionControlNetPipeline", parts, reference)
+    monkeypatch.setattr(reference, "forward", a1111_modes(reference.forward, 0.9, soft, cfg))
+    expected = pipe(PROMPT, image=image, width=64, height=64, num_inference_steps=4, guidance_scale=6.0,
+                    generator=generators(2, 1), output_type="np").images  # fmt: skip
+    unit = ControlNetUnit(controlnet, image, 0.9, control_mode=mode)
+    result = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=6.0, seed=2, sampler=SCHEDULER,
+                           controlnet=(unit,))  # fmt: skip
+    check(result, expected, f"A1111 control mode {mode}")
+
+
+def test_guidance_window_rules():
+    unit = ControlNetUnit("x", Image.new("RGB", (8, 8)), guidance_start=0.2, guidance_end=0.7)
+    for rule, expected in [("diffusers", [2, 3, 4, 5, 6]), ("a1111", [2, 3, 4, 5, 6, 7])]:
+        controls = Controls([unit], 8, 8, 10, rule)
+        active = []
+        for step in range(10):
+            controls.step = step
+            if controls.active(unit):
+                active.append(step)
+        # diffusers keeps step i while (i + 1) / n <= end; A1111's extension while i / n <= end
+        assert active == expected, rule
+
+
+def test_refused_and_mismatched(sd1, sdxl, controlnets):  # noqa: F811
+    parts, ours = sd1
+    _, (controlnet, _) = controlnets
+    image = control_image(1)
+    with pytest.raises(ValueError, match="no ControlNet folder"):
+        ours.generate(prompt=PROMPT, width=64, height=64, steps=1, controlnet=(ControlNetUnit("canny", image),))
+    with pytest.raises(ValueError, match="another model family"):
+        sdxl[1].generate(prompt=PROMPT, width=64, height=64, steps=1, controlnet=(ControlNetUnit(controlnet, image),))
