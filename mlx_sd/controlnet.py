@@ -17,6 +17,8 @@ Settings, with the references they follow:
     "guess"        s_i = weight * 10^(i/(n-1) - 1) (0.1 ... 1), conditional half only (diffusers' guess_mode)
   The unconditional half of a conditional-only unit gets no residual. ControlNets that average their residuals
   (`global_pool_conditions`, ControlNet 1.1 shuffle) apply to the conditional half only, in both references.
+- module: the preprocessor that makes the control image from the given one ("none", "invert", "canny";
+  mlx_sd/preprocessors.py), with processor_res, threshold_a, threshold_b and pixel_perfect as in A1111's API.
 - resize_mode: how the control image is fitted to the generation size ("resize", "crop", "fill": A1111's "Just
   Resize", "Crop and Resize", "Resize and Fill", as mlx_sd.images.resize does them; diffusers resizes).
 """
@@ -32,11 +34,19 @@ from PIL import Image
 from .images import RESIZE_MODES, resize
 from .models import ControlNetModel, UNetConfig
 from .models.unet import skip_channels
+from .preprocessors import PREPROCESSORS, PROCESSOR_RES, pixel_perfect_res, preprocess
 
 CONTROL_MODES = ("balanced", "prompt", "controlnet", "guess")
 SOFT_INJECTION_BASE = 0.825  # A1111's soft injection: residual i of 13 scaled by 0.825^(12 - i)
 SOFT_INJECTION_LAST = 12
 _COND_ONLY = {"controlnet", "guess"}
+# A1111's extension names (its API accepts them, its infotext writes them)
+A1111_CONTROL_MODES = {
+    "balanced": "Balanced",
+    "prompt": "My prompt is more important",
+    "controlnet": "ControlNet is more important",
+}
+A1111_RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,7 +80,10 @@ class ControlNetUnit:
     """One ControlNet with its control image and settings (module docstring).
 
     model: a loaded `ControlNet`, or its name for the pipeline's `controlnet_resolver` (a server's --controlnet-dir).
-    image: the control image (an edge map, depth map, pose skeleton, ...: already preprocessed), RGB.
+    image: the control image (an edge map, depth map, pose skeleton, ...), RGB, or the photo `module` makes one of.
+    module, processor_res, threshold_a, threshold_b, pixel_perfect: the preprocessor (mlx_sd/preprocessors.py),
+        its resolution (short side; pixel_perfect: the one the resize mode implies, A1111's "Pixel Perfect") and
+        thresholds.
     """
 
     model: ControlNet | str
@@ -80,6 +93,11 @@ class ControlNetUnit:
     guidance_end: float = 1.0
     control_mode: str = "balanced"
     resize_mode: str = "crop"
+    module: str = "none"
+    processor_res: int = PROCESSOR_RES
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+    pixel_perfect: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the setting and what is accepted."""
@@ -96,6 +114,12 @@ class ControlNetUnit:
                 self.resize_mode in RESIZE_MODES[:3],
                 f"ControlNet resize_mode={self.resize_mode!r}: one of {RESIZE_MODES[:3]}",
             ),
+            (
+                self.module in PREPROCESSORS,
+                f"ControlNet module={self.module!r}: mlx-sd runs {', '.join(PREPROCESSORS)}; preprocess elsewhere "
+                "and pass the result with module 'none'",
+            ),
+            (self.processor_res >= 64, f"ControlNet processor_res={self.processor_res}: must be >= 64"),
         ]
         for ok, message in checks:
             if not ok:
@@ -104,8 +128,26 @@ class ControlNetUnit:
     def to_dict(self) -> dict:
         """The settings and the model's title (the image left out)."""
         model = self.model.title if isinstance(self.model, ControlNet) else self.model
-        names = ("weight", "guidance_start", "guidance_end", "control_mode", "resize_mode")
+        names = ("module", "weight", "guidance_start", "guidance_end", "control_mode", "resize_mode")
         return {"model": model, **{k: getattr(self, k) for k in names}}
+
+    def infotext(self) -> str:
+        """The unit as A1111's extension records it ("ControlNet 0" in the infotext)."""
+        model = self.model.title if isinstance(self.model, ControlNet) else self.model
+        fields = {
+            "Module": self.module,
+            "Model": model,
+            "Weight": self.weight,
+            "Resize Mode": A1111_RESIZE_MODES[self.resize_mode],
+            "Processor Res": self.processor_res if self.module != "none" else None,
+            "Threshold A": self.threshold_a,
+            "Threshold B": self.threshold_b,
+            "Guidance Start": self.guidance_start,
+            "Guidance End": self.guidance_end,
+            "Pixel Perfect": self.pixel_perfect,
+            "Control Mode": A1111_CONTROL_MODES.get(self.control_mode, "Guess Mode (diffusers)"),
+        }
+        return ", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)
 
     def cond_only(self) -> bool:
         """Whether only the conditional half of classifier-free guidance gets this unit's residuals."""
@@ -122,10 +164,14 @@ class ControlNetUnit:
         return [self.weight] * n
 
 
-def control_image(image: Image.Image, width: int, height: int, mode: str, crop=None) -> mx.array:
-    """(1, height, width, 3) float32 in [0, 1]: the image fitted to the generation size (Lanczos, as diffusers'
-    image processor resizes). `crop`: (the init image's size, the "only masked" inpainting region in it): the control
-    image is fitted to the init image, and the region cut out and fitted, as the init image is (A1111)."""
+def control_image(unit: ControlNetUnit, width: int, height: int, crop=None) -> mx.array:
+    """(1, height, width, 3) float32 in [0, 1]: the unit's image preprocessed and fitted to the generation size
+    (Lanczos, as diffusers' image processor resizes). `crop`: (the init image's size, the "only masked" inpainting
+    region in it): the control image is fitted to the init image, and the region cut out and fitted, as the init
+    image is (A1111)."""
+    mode = unit.resize_mode
+    res = pixel_perfect_res(unit.image.size, width, height, mode) if unit.pixel_perfect else unit.processor_res
+    image = preprocess(unit.image, unit.module, res, unit.threshold_a, unit.threshold_b)
     if crop is not None:
         (w, h), region = crop
         image = resize(image, w, h, mode).crop(region.box())
@@ -143,7 +189,7 @@ class Controls:
 
     def __init__(self, units: list[ControlNetUnit], width: int, height: int, steps: int, rule: str, crop=None):
         self.units = units
-        self.images = {id(u): control_image(u.image, width, height, u.resize_mode, crop) for u in units}
+        self.images = {id(u): control_image(u, width, height, crop) for u in units}
         self.steps = steps
         self.rule = rule
         self.step = 0

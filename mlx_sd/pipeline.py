@@ -584,6 +584,7 @@ class Pipeline:
             "Sigma tmax": request.s_tmax if request.s_tmax not in (None, math.inf) else None,
             "Sigma noise": request.s_noise if request.s_noise not in (None, 1.0) else None,
             **(hires_infotext(request) if request.enable_hr else {}),
+            **{f"ControlNet {i}": unit.infotext() for i, unit in enumerate(request.controlnet)},
             "Refiner": self.refiner.info.name if refining else None,
             "Refiner switch at": request.refiner_switch_at if refining else None,
             "RNG": {"torch-cpu": "CPU", "mlx": "MLX"}.get(request.rng, request.rng),

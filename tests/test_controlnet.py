@@ -173,3 +173,27 @@ def test_unit_settings_are_checked():
             ControlNetUnit("x", image, **bad).validate()
     scales = ControlNetUnit("x", image, weight=2.0, control_mode="guess").scales(13)
     np.testing.assert_allclose(scales, 2.0 * torch.logspace(-1, 0, 13).numpy(), rtol=1e-6)
+
+
+def test_preprocessors():
+    import cv2
+    from PIL import Image
+
+    from mlx_sd.preprocessors import pixel_perfect_res, preprocess
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)).resize((768, 512), Image.NEAREST)
+    # at the processor resolution already (short side 512, sides multiples of 64): OpenCV's Canny on the image
+    edges = np.asarray(preprocess(photo, "canny", 512, 50, 150))
+    expected = cv2.Canny(np.asarray(photo), 50, 150)
+    assert edges.shape == (512, 768, 3) and all(np.array_equal(edges[..., c], expected) for c in range(3))
+    assert set(np.unique(edges)) <= {0, 255} and edges.max() == 255
+    small = preprocess(photo.resize((300, 200)), "canny")  # short side scaled to 512 (A1111's default)
+    assert small.size == (768, 512)
+    assert np.array_equal(np.asarray(preprocess(photo, "invert")), 255 - np.asarray(photo))
+    assert preprocess(photo, "none") is not photo and np.array_equal(np.asarray(preprocess(photo, "none")), photo)
+    with pytest.raises(ValueError, match="module 'none'"):
+        preprocess(photo, "depth_midas")
+    # A1111's pixel perfect: the short side as the resize mode scales it (cover for crop/resize, fit for fill)
+    assert pixel_perfect_res((1024, 768), 512, 512, "crop") == 512
+    assert pixel_perfect_res((1024, 768), 512, 512, "fill") == 384

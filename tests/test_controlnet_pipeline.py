@@ -159,6 +159,29 @@ def test_a1111_control_modes(sd1, controlnets, mode, soft, cfg, monkeypatch):
     check(result, expected, f"A1111 control mode {mode}")
 
 
+def test_canny_module_and_infotext(sd1, controlnets):
+    from mlx_sd.infotext import parse_infotext
+    from mlx_sd.preprocessors import preprocess
+
+    parts, ours = sd1
+    (reference, _), (controlnet, _) = controlnets
+    photo = control_image(9, (96, 64)).resize((96, 64), Image.BILINEAR)
+    edges = preprocess(photo, "canny", 128, 20, 60)  # what the unit's module makes, at 192x128
+    pipe = cn_pipe("StableDiffusionControlNetPipeline", parts, reference)
+    expected = pipe(PROMPT, image=edges, width=96, height=64, num_inference_steps=4, guidance_scale=6.0,
+                    generator=generators(4, 1), output_type="np").images  # fmt: skip
+    unit = ControlNetUnit(controlnet, photo, resize_mode="resize", module="canny", processor_res=128, threshold_a=20,
+                          threshold_b=60)  # fmt: skip
+    result = ours.generate(prompt=PROMPT, width=96, height=64, steps=4, guidance=6.0, seed=4, sampler=SCHEDULER,
+                           controlnet=(unit,))  # fmt: skip
+    check(result, expected, "canny module")
+    params = parse_infotext(result.infotexts[0])[2]
+    assert params["ControlNet 0"] == (
+        "Module: canny, Model: cn11, Weight: 1.0, Resize Mode: Just Resize, Processor Res: 128, Threshold A: 20, "
+        "Threshold B: 60, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced"
+    )
+
+
 def test_guidance_window_rules():
     unit = ControlNetUnit("x", Image.new("RGB", (8, 8)), guidance_start=0.2, guidance_end=0.7)
     for rule, expected in [("diffusers", [2, 3, 4, 5, 6]), ("a1111", [2, 3, 4, 5, 6, 7])]:
