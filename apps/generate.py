@@ -15,6 +15,7 @@ from mlx_sd.pipeline import Pipeline, Progress, Result
 from mlx_sd.rng import NOISE_MODES
 from mlx_sd.upscale import HIRES_UPSCALERS
 
+from . import control_flags
 from .errors import UserError
 from .models import DEFAULT_MODEL, resolve_model
 
@@ -122,6 +123,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--refiner", help="SDXL: a refiner model (converted folder, checkpoint, ...) for the last steps")
     p.add_argument("--refiner-switch-at", type=float,
                    help="with --refiner: the fraction of the steps the base model runs (default 0.8)")  # fmt: skip
+    control_flags.add_arguments(p)
     p.add_argument("--output", default=DEFAULT_OUTPUT,
                    help="output PNG path; {seed} and {i} are filled in (default: %(default)s)")  # fmt: skip
     p.set_defaults(run=run_generate, parser=p)
@@ -168,7 +170,7 @@ def _request(args) -> GenerationRequest:
         enable_hr=args.enable_hr, hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler,
         hr_second_pass_steps=args.hr_second_pass_steps, hr_resize_x=args.hr_resize_x, hr_resize_y=args.hr_resize_y,
         hr_sampler=args.hr_sampler, hr_schedule_type=args.hr_schedule_type, hr_prompt=args.hr_prompt,
-        hr_negative_prompt=args.hr_negative_prompt,
+        hr_negative_prompt=args.hr_negative_prompt, controlnet=control_flags.units(args, _open_image, _controlnet),
     )  # fmt: skip
     if args.params_from is not None:
         fields.update(_recalled(args))
@@ -180,6 +182,17 @@ def _request(args) -> GenerationRequest:
     except ValueError as e:
         raise UserError(str(e)) from None
     return request
+
+
+def _controlnet(path: Path):
+    """--controlnet MODEL given as a file or diffusers folder, read."""
+    from mlx_sd_convert import ConversionError
+    from mlx_sd_convert.controlnet import read_controlnet
+
+    try:
+        return read_controlnet(path)
+    except ConversionError as e:
+        raise UserError(str(e)) from None
 
 
 def _recalled(args) -> dict:
@@ -241,12 +254,15 @@ def run_generate(args) -> None:
 
 
 def _add_networks(pipeline: Pipeline, args) -> None:
-    """--lora, --lora-dir, --embedding, --embeddings-dir: LoRAs and embeddings from files and folders."""
+    """--lora, --lora-dir, --embedding, --embeddings-dir, --controlnet-dir: LoRAs, embeddings and ControlNets from
+    files and folders."""
     from mlx_sd_convert import ConversionError
     from mlx_sd_convert.embeddings import read_embedding
-    from mlx_sd_convert.library import EmbeddingLibrary, LoraLibrary
+    from mlx_sd_convert.library import ControlNetLibrary, EmbeddingLibrary, LoraLibrary
     from mlx_sd_convert.lora import parse_lora_spec, read_lora
 
+    if args.controlnet_dir is not None:
+        pipeline.controlnet_resolver = ControlNetLibrary(args.controlnet_dir, pipeline.model.dtype)
     try:
         if args.lora_dir is not None:
             if not args.lora_dir.is_dir():

@@ -1,15 +1,19 @@
-"""Folders of LoRAs and embeddings (A1111's --lora-dir / --embeddings-dir): listing, name lookup, a LoRA cache.
+"""Folders of LoRAs, embeddings and ControlNets (A1111's --lora-dir / --embeddings-dir / ControlNet models folder):
+listing, name lookup, caches.
 
 `LoraLibrary(folder)` is the resolver a `Pipeline` takes for `<lora:name:weight>`: it finds the file by name (file
 name without extension) or alias (kohya's `ss_output_name` metadata), reads and maps it once per model layout and
 keeps the mapped LoRA in a small cache, so switching LoRAs between requests never re-reads a file. `listing()`
 gives what the HTTP API's `GET /sdapi/v1/loras` returns. `EmbeddingLibrary(folder)` reads every embedding of a
 folder and sorts them into those that fit a model and those skipped (`GET /sdapi/v1/embeddings`).
+`ControlNetLibrary(folder)` is a `Pipeline`'s ControlNet resolver: files and diffusers folders by name or by A1111's
+title ("name [hash]"), the last few read kept loaded.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -18,12 +22,15 @@ from pathlib import Path
 from mlx_sd.lora import LoRA, LoRATargets
 from mlx_sd.textual_inversion import Embedding, check_embedding
 
+from .controlnet import CONTROLNET_EXTENSIONS, a1111_hash, read_controlnet
 from .embeddings import EMBEDDING_EXTENSIONS, read_embedding
 from .keymap import ConversionError
 from .lora import LORA_EXTENSIONS, read_lora
 from .readers import open_checkpoint
 
 DEFAULT_CACHE = 8  # mapped LoRAs kept in memory (an SDXL LoRA is ~50-400 MB)
+CONTROLNET_CACHE = 2  # loaded ControlNets kept (SD 1.5: 1.4 GB in float32, SDXL: 5 GB)
+_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,10}\]$")  # "control_v11p_sd15_canny [d14c016b]"
 
 
 def _files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
@@ -164,3 +171,60 @@ def embeddings_api(loaded: list[Embedding], skipped: dict[str, Embedding] | list
 
     skipped = skipped.values() if isinstance(skipped, dict) else skipped
     return {"loaded": {e.name: info(e) for e in loaded}, "skipped": {e.name: info(e) for e in skipped}}
+
+
+class ControlNetLibrary:
+    """A folder of ControlNets (files and diffusers folders, searched recursively); callable as a `Pipeline`'s
+    ControlNet resolver.
+
+    Args:
+        folder: the ControlNet folder.
+        dtype: the weights' dtype (default: the backend's).
+        cache_size: ControlNets kept loaded.
+    """
+
+    def __init__(self, folder: str | Path, dtype=None, cache_size: int = CONTROLNET_CACHE):
+        self.folder = Path(folder).expanduser()
+        self.dtype = dtype
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def listing(self) -> dict[str, Path]:
+        """A1111 title ("name [hash]"; diffusers folders: the name) -> path, sorted by title (rescanned each call)."""
+        folders = [c.parent for c in self.folder.rglob("config.json") if '"ControlNetModel"' in c.read_text("utf-8")]
+        found = {folder.name: folder for folder in folders}
+        for path in _files(self.folder, CONTROLNET_EXTENSIONS):
+            if path.parent not in folders:  # a diffusers folder's weights are listed as the folder
+                found[f"{path.stem} [{a1111_hash(path)}]"] = path
+        return dict(sorted(found.items()))
+
+    def find(self, name: str) -> Path:
+        """The ControlNet titled or named `name`. Raises ConversionError naming the folder and what it holds."""
+        listing = self.listing()
+        if name in listing:
+            return listing[name]
+        bare = _TITLE_HASH.sub("", name)
+        found = [path for title, path in listing.items() if _TITLE_HASH.sub("", title) == bare]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ConversionError(f"ControlNet {name!r} is ambiguous in {self.folder}: {', '.join(map(str, found))}")
+        known = ", ".join(list(listing)[:20]) or "none"
+        raise ConversionError(f"ControlNet {name!r} not found in {self.folder} (available: {known})")
+
+    def __call__(self, name: str):
+        """The named ControlNet, loaded (cached by path, size and modification time)."""
+        path = self.find(name)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        controlnet = read_controlnet(path, self.dtype)
+        with self._lock:
+            self._cache[key] = controlnet
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return controlnet

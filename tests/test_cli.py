@@ -88,6 +88,43 @@ def test_params_from_a_png_makes_it_again_and_flags_override(model, tmp_path):
     assert missing.returncode != 0 and "give a prompt" in missing.stderr
 
 
+def test_controlnets_from_cli(model, tmp_path):
+    import mlx.core as mx
+    from test_controlnet import tiny_controlnet
+
+    from mlx_sd.controlnet import ControlNetUnit
+    from mlx_sd.pipeline import Pipeline
+    from mlx_sd_convert.controlnet import read_controlnet
+
+    tiny_controlnet("sd1", 11).save_pretrained(tmp_path / "lib" / "edges")
+    tiny_controlnet("sd1", 12).save_pretrained(tmp_path / "depth")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    out = run("generate", "x", "--model", model, "--width", 64, "--height", 48, "--steps", 3, "--seed", 2,
+              "--controlnet-dir", tmp_path / "lib", "--controlnet", "edges", tmp_path / "a.png",
+              "--controlnet", tmp_path / "depth", tmp_path / "b.png", "--control-weight", 0.6,
+              "--control-weight", 1.2, "--control-end", 0.7, "--control-mode", "prompt",
+              "--output", tmp_path / "cn.png")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    params = parse_infotext(read_infotext(tmp_path / "cn.png"))[2]
+    assert "Model: edges, Weight: 0.6" in params["ControlNet 0"] and "Guidance End: 0.7" in params["ControlNet 0"]
+    assert "Model: depth, Weight: 1.2" in params["ControlNet 1"]
+    assert "My prompt is more important" in params["ControlNet 1"]
+    units = [
+        ControlNetUnit(read_controlnet(tmp_path / f, mx.float32), Image.open(tmp_path / i), w, guidance_end=0.7,
+                       control_mode="prompt")
+        for f, i, w in (("lib/edges", "a.png", 0.6), ("depth", "b.png", 1.2))
+    ]  # fmt: skip
+    expected = Pipeline(model).generate(prompt="x", width=64, height=48, steps=3, seed=2, controlnet=tuple(units))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cn.png")), np.asarray(expected.images[0]))
+    bad = run("generate", "x", "--model", model, "--controlnet", tmp_path / "depth", tmp_path / "a.png",
+              "--control-weight", 1, "--control-weight", 2)  # fmt: skip
+    assert bad.returncode == 2 and "given 2 times for 1 ControlNets" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run("generate", "x", "--model", model, "--controlnet", "canny", tmp_path / "a.png")
+    assert bad.returncode == 2 and "--controlnet-dir" in bad.stderr
+
+
 def test_samplers_listing():
     out = run("samplers", "--json")
     assert out.returncode == 0

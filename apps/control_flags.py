@@ -1,0 +1,72 @@
+"""`mlx-sd generate`'s ControlNet flags: units from `--controlnet MODEL IMAGE`, settings given once or once per unit."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mlx_sd.controlnet import CONTROL_MODES, ControlNetUnit
+from mlx_sd.images import RESIZE_MODES
+from mlx_sd.preprocessors import PREPROCESSORS, PROCESSOR_RES
+
+from .errors import UserError
+
+# flag -> (unit field, type, default, help); each is given once (for every unit) or once per --controlnet
+SETTINGS = {
+    "--control-weight": ("weight", float, 1.0, "residual scale (default 1)"),
+    "--control-start": ("guidance_start", float, 0.0, "fraction of the steps before the unit acts (default 0)"),
+    "--control-end": ("guidance_end", float, 1.0, "fraction of the steps after which it stops (default 1)"),
+    "--control-mode": ("control_mode", str, "balanced", f"one of {', '.join(CONTROL_MODES)} (A1111's control "
+                       "modes: My prompt / ControlNet is more important; diffusers' guess mode)"),
+    "--control-module": ("module", str, "none", f"preprocessor: {', '.join(PREPROCESSORS)} (default none: the "
+                         "image is a control map already)"),
+    "--control-resize-mode": ("resize_mode", str, "crop", f"fit the image: {', '.join(RESIZE_MODES[:3])} "
+                              "(default crop, A1111's Crop and Resize)"),
+    "--control-processor-res": ("processor_res", int, PROCESSOR_RES, "preprocessor resolution (short side)"),
+    "--control-threshold-a": ("threshold_a", float, None, "preprocessor threshold A (canny: low, default 100)"),
+    "--control-threshold-b": ("threshold_b", float, None, "preprocessor threshold B (canny: high, default 200)"),
+}  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("ControlNet (repeat --controlnet for several units; settings once, or once per unit)")
+    group.add_argument("--controlnet", nargs=2, action="append", default=[], metavar=("MODEL", "IMAGE"),
+                       help="a ControlNet (file, diffusers folder, or a name in --controlnet-dir) and its control "
+                            "image")  # fmt: skip
+    group.add_argument("--controlnet-dir", type=Path, metavar="DIR", help="folder of ControlNets named by --controlnet")
+    for flag, (_, kind, _, meaning) in SETTINGS.items():
+        group.add_argument(flag, type=kind, action="append", default=[], help=meaning)
+    group.add_argument("--control-pixel-perfect", action="store_true",
+                       help="preprocessor resolution from the output size (A1111's Pixel Perfect)")  # fmt: skip
+
+
+def units(args, open_image, load) -> tuple[ControlNetUnit, ...]:
+    """The units the flags describe. `open_image(path, what)` opens an image; `load(path)` reads a ControlNet."""
+    n = len(args.controlnet)
+    settings = {}
+    for flag, (name, _, default, _) in SETTINGS.items():
+        given = getattr(args, flag[2:].replace("-", "_"))
+        if given and not n:
+            raise UserError(f"{flag} needs --controlnet MODEL IMAGE")
+        if len(given) not in (0, 1, n):
+            raise UserError(f"{flag} is given {len(given)} times for {n} ControlNets: give it once, or once per unit")
+        settings[name] = given * n if len(given) == 1 else given or [default] * n
+    if args.control_pixel_perfect and not n:
+        raise UserError("--control-pixel-perfect needs --controlnet MODEL IMAGE")
+    if args.controlnet_dir is not None and not args.controlnet_dir.is_dir():
+        raise UserError(f"--controlnet-dir {args.controlnet_dir} is not a folder")
+    out = []
+    for i, (model, image) in enumerate(args.controlnet):
+        path = Path(model).expanduser()
+        if not path.exists() and args.controlnet_dir is None:
+            raise UserError(f"--controlnet {model}: no such file or folder (or give --controlnet-dir to find names)")
+        unit = ControlNetUnit(
+            load(path) if path.exists() else model, open_image(Path(image), "--controlnet image"),
+            pixel_perfect=args.control_pixel_perfect, **{name: values[i] for name, values in settings.items()},
+        )  # fmt: skip
+        try:
+            unit.validate()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        out.append(unit)
+    return tuple(out)
