@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "image")  # fmt: skip
     group.add_argument("--controlnet-dir", type=Path, metavar="DIR", help="folder of ControlNets named by --controlnet")
     for flag, (_, kind, _, meaning) in SETTINGS.items():
-        group.add_argument(flag, type=kind, action="append", default=[], help=meaning)
+        metavar = {float: "X", int: "N"}.get(kind, "NAME")
+        group.add_argument(flag, type=kind, action="append", default=[], metavar=metavar, help=meaning)
     group.add_argument("--control-pixel-perfect", action="store_true",
                        help="preprocessor resolution from the output size (A1111's Pixel Perfect)")  # fmt: skip
 

@@ -79,6 +79,11 @@ def read_controlnet(path: str | Path, dtype: mx.Dtype | None = None, name: str |
         title, short = name or path.stem, a1111_hash(path)
     else:
         raise ConversionError(f"{path}: no such ControlNet file or folder")
+    if 0 in config.num_heads:
+        raise ConversionError(
+            f"{path.name}: widths {config.block_out_channels} take no 64-channel attention heads, so this is no "
+            "published SD 2.x/SDXL ControlNet; read it from a diffusers folder, whose config.json sets the heads"
+        )
     shapes = _shapes(state)
     model = ControlNetModel(config)
     keys = CONTROLNET_RULES if _diffusers_named(shapes) else ldm_rules(config)

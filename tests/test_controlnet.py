@@ -197,3 +197,26 @@ def test_preprocessors():
     # A1111's pixel perfect: the short side as the resize mode scales it (cover for crop/resize, fit for fill)
     assert pixel_perfect_res((1024, 768), 512, 512, "crop") == 512
     assert pixel_perfect_res((1024, 768), 512, 512, "fill") == 384
+
+
+def test_library_lists_finds_and_caches(tmp_path):
+    from mlx_sd_convert.library import ControlNetLibrary
+
+    folder = tmp_path / "ControlNet"
+    tiny_controlnet("sd1", **FAMILY_SHAPED["sd1"]).save_pretrained(folder / "edges")
+    state = _ldm_controlnet()
+    (folder / "sub").mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "sub" / "control_depth.safetensors")
+    (folder / "control_depth.yaml").write_text("model: {}\n")  # A1111 keeps yaml files beside: not ControlNets
+    library = ControlNetLibrary(folder, mx.float32)
+    title = f"control_depth [{a1111_hash(folder / 'sub' / 'control_depth.safetensors')}]"
+    assert list(library.listing()) == [title, "edges"]
+    assert library.find("control_depth") == library.find(title) == folder / "sub" / "control_depth.safetensors"
+    first = library("control_depth [00000000]")  # another file's hash in the title: found by name, as A1111 does
+    assert library(title) is first and library("edges").name == "edges"
+    with pytest.raises(ConversionError, match="not found.*available: control_depth"):
+        library("canny")
+    small = tmp_path / "tiny_sd2.safetensors"  # widths below one 64-channel head: no published family's
+    save_file({k: v.contiguous() for k, v in tiny_controlnet("sdxl").state_dict().items()}, small)
+    with pytest.raises(ConversionError, match="diffusers folder"):
+        read_controlnet(small)

@@ -50,6 +50,8 @@ def add_parser(sub) -> None:
                    help="request body size limit, base64 images included (default: %(default)s)")  # fmt: skip
     p.add_argument("--output-dir", type=Path, help="allow `save_images`: PNGs are written here")
     p.add_argument("--lora-dir", type=Path, help="folder of LoRA files for <lora:name:weight> in prompts")
+    p.add_argument("--controlnet-dir", type=Path,
+                   help="folder of ControlNets (files, diffusers folders) that requests name")  # fmt: skip
     p.add_argument("--embeddings-dir", type=Path,
                    help="folder of textual-inversion embeddings loaded into every model they fit")  # fmt: skip
     p.add_argument("--styles", type=Path, metavar="CSV",

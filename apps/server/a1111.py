@@ -33,6 +33,7 @@ from mlx_sd.schedules import SCHEDULE_TYPES
 from mlx_sd.upscale import IMAGE_UPSCALERS, LATENT_UPSCALERS
 
 from . import codec
+from .controlnet_api import a1111_units, scripts_listing, split_scripts
 from .engine import Job
 from .errors import ApiError, invalid
 from .state import ServerState, State, run_to_completion
@@ -58,7 +59,7 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "restore_faces": ((False,), "face restoration is not implemented"),
     "script_name": (("",), "scripts are not supported"),
     "script_args": (([],), "scripts are not supported"),
-    "alwayson_scripts": (({},), "extensions (ControlNet, ADetailer, ...) are not supported"),
+    "alwayson_scripts": (({},), "extensions other than ControlNet (ADetailer, ...) are not supported"),
     "latent_mask": (("",), "a separate latent mask is not supported"),
 }
 # A1111's sampler settings: its samplers read these options (the request's s_churn, ... fields are not used)
@@ -207,6 +208,8 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
     Raises ApiError."""
     if req.infotext:
         req = _with_infotext(req)
+    controlnet, others = split_scripts(req.alwayson_scripts)
+    req = req.model_copy(update={"alwayson_scripts": others})
     _refuse_unsupported(req)
     ignored = sorted(req.model_extra or {})
     overrides = req.override_settings or {}
@@ -244,6 +247,8 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
         fields.update(_img2img_fields(req, state.config.limits.max_input_pixels))
     elif req.enable_hr:
         fields.update(_hires_fields(req))
+    max_pixels = state.config.limits.max_input_pixels
+    fields["controlnet"] = a1111_units(controlnet, state, max_pixels, fields.get("init_image"))
     refiner = None
     if req.refiner_checkpoint not in (None, "", "None"):  # A1111's "None" in its refiner menu
         refiner = state.model(req.refiner_checkpoint, "refiner_checkpoint")
@@ -378,7 +383,8 @@ def _info(job: Job, seeds: list[int], infotexts: list[str], ignored: list[str]) 
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": request.seed_resize_from_w or -1,
         "seed_resize_from_h": request.seed_resize_from_h or -1,
         "denoising_strength": request.strength if request.init_image is not None or request.enable_hr else 0,
-        "extra_generation_params": {k: v for k, v in params.items() if k == "Schedule type" or k.startswith("Hires")},
+        "extra_generation_params": {k: v for k, v in params.items()
+                                    if k == "Schedule type" or k.startswith(("Hires", "ControlNet"))},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
         "clip_skip": request.clip_skip, "is_using_inpainting_conditioning": model.inpainting,
@@ -588,8 +594,9 @@ def memory():
 
 # Lists A1111 clients read at start-up; mlx-sd has none of these things.
 @router.get("/scripts")
-def scripts():
-    return {"txt2img": [], "img2img": []}
+def scripts(state: State):
+    listing = scripts_listing(state)
+    return {"txt2img": listing, "img2img": listing}
 
 
 @router.get("/sd-vae")

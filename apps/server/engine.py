@@ -31,7 +31,7 @@ from mlx_sd import backend
 from mlx_sd.infotext import save_png
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Cancelled, Control, Pipeline, Progress, Result
-from mlx_sd_convert.library import EmbeddingLibrary, LoraLibrary, embeddings_api
+from mlx_sd_convert.library import ControlNetLibrary, EmbeddingLibrary, LoraLibrary, embeddings_api
 
 from .errors import ApiError
 from .registry import ModelEntry
@@ -147,10 +147,12 @@ class Engine:
         preload: load the initial model as soon as the worker starts.
         lora_dir: LoRA files that `<lora:name:weight>` in a prompt resolves from (None: the syntax is refused).
         embeddings_dir: textual-inversion embeddings loaded into every model they fit.
+        controlnet_dir: ControlNets that requests name (None: ControlNet units are refused).
     """
 
     def __init__(self, initial: ModelEntry, max_queue: int = 8, keep_jobs: int = 32, output_dir: Path | None = None,
-                 preload: bool = True, lora_dir: Path | None = None, embeddings_dir: Path | None = None):  # fmt: skip
+                 preload: bool = True, lora_dir: Path | None = None, embeddings_dir: Path | None = None,
+                 controlnet_dir: Path | None = None):  # fmt: skip
         self.default_model = initial
         self.max_queue = max_queue
         self.keep_jobs = keep_jobs
@@ -169,6 +171,7 @@ class Engine:
         self.loras = LoraLibrary(lora_dir) if lora_dir is not None else None
         self.embeddings = EmbeddingLibrary(embeddings_dir) if embeddings_dir is not None else None
         self.embedding_listing: dict = {"loaded": {}, "skipped": {}}  # for GET /sdapi/v1/embeddings
+        self.controlnets = ControlNetLibrary(controlnet_dir) if controlnet_dir is not None else None
 
     # --- used by request handlers ------------------------------------------------------------------------------
 
@@ -362,7 +365,7 @@ class Engine:
         self._pipeline, self.loaded, self.refiner = None, None, None
         gc.collect()  # free the previous model's arrays before the next one is read
         try:
-            self._pipeline = Pipeline(entry.folder, lora_resolver=self.loras)
+            self._pipeline = Pipeline(entry.folder, lora_resolver=self.loras, controlnet_resolver=self.controlnets)
             if self.embeddings is not None:
                 loaded, skipped = self.embeddings.for_model(self._pipeline.model)
                 self._pipeline.load_embeddings(loaded)

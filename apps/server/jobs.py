@@ -28,6 +28,7 @@ from mlx_sd.samplers import FOLLOW, list_samplers
 from mlx_sd.schedules import SCHEDULE_TYPES
 
 from . import codec
+from .controlnet_api import UnitRequest, native_units
 from .engine import Job
 from .errors import ApiError, invalid
 from .state import ServerState, State
@@ -95,6 +96,7 @@ class JobRequest(BaseModel):
     hr_negative_prompt: str = Field("", description="empty: negative_prompt")
     tiling: bool = Field(False, description="seamless: every convolution pads circularly (A1111's Tiling)")
     tiled_vae: bool | None = None
+    controlnet: list[UnitRequest] = Field([], description="ControlNet units; their residuals add up")
     save: bool = Field(False, description="also write the PNGs to the server's --output-dir")
 
 
@@ -106,8 +108,10 @@ class JobCreated(BaseModel):
     events: str
 
 
-def _to_generation(req: JobRequest, max_pixels: int) -> GenerationRequest:
-    fields = req.model_dump(exclude={"model", "refiner", "save", "init_image", "mask"})
+def _to_generation(req: JobRequest, state: ServerState) -> GenerationRequest:
+    max_pixels = state.config.limits.max_input_pixels
+    fields = req.model_dump(exclude={"model", "refiner", "save", "init_image", "mask", "controlnet"})
+    fields["controlnet"] = native_units(req.controlnet, state, max_pixels)
     if req.init_image is not None:
         fields["init_image"] = codec.decode_image(req.init_image, "init_image", max_pixels).convert("RGB")
     if req.mask is not None:
@@ -164,7 +168,7 @@ async def create_job(request: Request, response: Response, req: JobRequest, stat
         raise invalid("refiner_switch_at", "needs a refiner: name one in `refiner`")
     if req.save and state.config.output_dir is None:
         raise ApiError(422, "save: this server saves no files; start it with --output-dir DIR", param="save")
-    gen = await run_in_threadpool(_to_generation, req, state.config.limits.max_input_pixels)
+    gen = await run_in_threadpool(_to_generation, req, state)
     gen = check_request(gen, model, state.config.limits)
     job = state.engine.submit(Job(model, gen, refiner=refiner, source="native", save=req.save))
     url = str(request.url_for("get_job", job_id=job.id))

@@ -79,11 +79,14 @@ def serve(args) -> None:
                           keep_jobs=args.keep_jobs, styles=styles)  # fmt: skip
     registry = ModelRegistry(args.models_dir)
     initial = _initial_model(args, registry)
-    for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
+    folders = (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir),
+               ("--controlnet-dir", args.controlnet_dir))  # fmt: skip
+    for flag, folder in folders:
         if folder is not None and not Path(folder).is_dir():
             raise UserError(f"{flag} {folder} is not a folder")
     engine = Engine(initial, max_queue=limits.max_queue, keep_jobs=config.keep_jobs, output_dir=config.output_dir,
-                    lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)  # fmt: skip
+                    lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                    controlnet_dir=args.controlnet_dir)  # fmt: skip
     state = ServerState(engine, registry, config, backend=backend.describe())
     app = create_app(state)
 

@@ -259,7 +259,7 @@ def _b64_png(image: Image.Image) -> str:
 def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server):
     base = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
     cases = {"hr_checkpoint_name": "other.safetensors", "restore_faces": True, "firstpass_image": "abc",
-             "alwayson_scripts": {"ControlNet": {}},
+             "alwayson_scripts": {"ADetailer": {"args": [True]}},
              "styles": ["my style"], "script_name": "X/Y/Z plot"}  # fmt: skip
     for field, value in cases.items():
         r = server.post("/sdapi/v1/txt2img", json={**base, field: value})

@@ -1,0 +1,223 @@
+"""ControlNet through the server: the native API's units, A1111's ControlNet extension API (units in
+`alwayson_scripts`, and the extension's own routes), both resolved against `--controlnet-dir` before a job is queued.
+
+    GET  /controlnet/version        {"version": 2}
+    GET  /controlnet/model_list     {"model_list": ["control_v11p_sd15_canny [d14c016b]", ...]}
+    GET  /controlnet/module_list    {"module_list": ["none", "invert", "canny"], "module_detail": {...}}
+    POST /controlnet/detect         the preprocessor's images for input images (base64 PNGs)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlx_sd.controlnet import A1111_CONTROL_MODES, A1111_RESIZE_MODES, CONTROL_MODES, ControlNetUnit
+from mlx_sd.params import MAX_SIZE
+from mlx_sd.preprocessors import CANNY_DEFAULTS, PREPROCESSORS, PROCESSOR_RES, preprocess
+from mlx_sd_convert import ConversionError
+
+from . import codec
+from .errors import invalid
+from .state import ServerState, State
+
+SCRIPT = "controlnet"  # A1111 matches alwayson script names case-insensitively ("ControlNet" from webuiapi)
+MAX_WEIGHT = 10.0
+# the extension's numeric codes and UI names, beside the library's
+RESIZE = {0: "resize", 1: "crop", 2: "fill", **{v: k for k, v in A1111_RESIZE_MODES.items()}}
+CONTROL = {0: "balanced", 1: "prompt", 2: "controlnet", **{v: k for k, v in A1111_CONTROL_MODES.items()}}
+MODULES = {"invert (from white bg & black line)": "invert", **{m: m for m in PREPROCESSORS}}
+UNSET = -1  # the extension's "default" for processor_res and thresholds
+
+
+class UnitRequest(BaseModel):
+    """One ControlNet unit of the native API (mlx_sd.controlnet.ControlNetUnit's fields)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+
+    model: str = Field(description="a ControlNet of --controlnet-dir (GET /controlnet/model_list)")
+    image: str = Field(description="the control image (or the photo `module` preprocesses), base64")
+    weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
+    guidance_start: float = Field(0.0, ge=0, le=1)
+    guidance_end: float = Field(1.0, ge=0, le=1)
+    control_mode: Literal[CONTROL_MODES] = "balanced"
+    resize_mode: Literal["resize", "crop", "fill"] = "crop"
+    module: Literal[PREPROCESSORS] = "none"
+    processor_res: int = Field(PROCESSOR_RES, ge=64, le=MAX_SIZE)
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+    pixel_perfect: bool = False
+
+
+def check_model(name: str, state: ServerState, param: str) -> str:
+    """`name` if --controlnet-dir holds it; 422 naming `param` otherwise."""
+    library = state.engine.controlnets
+    if library is None:
+        raise invalid(param, "this server has no ControlNets: start it with --controlnet-dir DIR")
+    try:
+        library.find(name)
+    except ConversionError as e:
+        raise invalid(param, str(e)) from None
+    return name
+
+
+def native_units(units: list[UnitRequest], state: ServerState, max_pixels: int) -> tuple[ControlNetUnit, ...]:
+    out = []
+    for i, unit in enumerate(units):
+        fields = unit.model_dump()
+        fields["model"] = check_model(unit.model, state, f"controlnet[{i}].model")
+        fields["image"] = codec.decode_image(unit.image, f"controlnet[{i}].image", max_pixels).convert("RGB")
+        out.append(_unit(fields, f"controlnet[{i}]"))
+    return tuple(out)
+
+
+def split_scripts(scripts: dict | None) -> tuple[list, dict]:
+    """(the ControlNet extension's unit arguments, the other alwayson scripts)."""
+    scripts = dict(scripts or {})
+    key = next((k for k in scripts if k.lower() == SCRIPT), None)
+    if key is None:
+        return [], scripts
+    entry = scripts.pop(key)
+    args = entry.get("args") if isinstance(entry, dict) else None
+    if not isinstance(args, list):
+        raise invalid(f"alwayson_scripts.{key}", 'expected {"args": [unit, ...]}')
+    return args, scripts
+
+
+def a1111_units(args: list, state: ServerState, max_pixels: int, init_image=None) -> tuple[ControlNetUnit, ...]:
+    """The enabled units of the extension's `args`, as its API reads them (names or numeric codes, -1 for
+    defaults; in img2img a unit without an image controls with the init image)."""
+    out = []
+    for i, arg in enumerate(args):
+        where = f"alwayson_scripts.controlnet.args[{i}]"
+        if not isinstance(arg, dict):
+            raise invalid(where, "expected a ControlNet unit object")
+        if not arg.get("enabled", True) or arg.get("model") in (None, "", "None"):
+            continue
+        out.append(_a1111_unit(arg, state, max_pixels, init_image, where))
+    return tuple(out)
+
+
+def _a1111_unit(arg: dict, state: ServerState, max_pixels: int, init_image, where: str) -> ControlNetUnit:
+    image = arg.get("image", arg.get("input_image"))
+    if isinstance(image, dict):
+        if image.get("mask"):
+            raise invalid(f"{where}.image.mask", "ControlNet masks (inpaint preprocessors) are not supported")
+        image = image.get("image")
+    if arg.get("mask"):
+        raise invalid(f"{where}.mask", "ControlNet masks (inpaint preprocessors) are not supported")
+    if image:
+        image = codec.decode_image(image, f"{where}.image", max_pixels).convert("RGB")
+    elif init_image is not None:
+        image = init_image  # the extension's img2img rule
+    else:
+        raise invalid(f"{where}.image", "required: the control image (base64)")
+    if arg.get("hr_option", "Both") != "Both":
+        raise invalid(f"{where}.hr_option", "units apply to both passes of the hires fix; send 'Both'")
+    res, low, high = (arg.get(k, UNSET) for k in ("processor_res", "threshold_a", "threshold_b"))
+    fields = {
+        "model": check_model(str(arg["model"]), state, f"{where}.model"),
+        "image": image,
+        "module": _choice(MODULES, arg.get("module", "none"), f"{where}.module"),
+        "weight": _number(arg.get("weight", 1.0), f"{where}.weight"),
+        "resize_mode": _choice(RESIZE, arg.get("resize_mode", "Crop and Resize"), f"{where}.resize_mode"),
+        "control_mode": _choice(CONTROL, arg.get("control_mode", "Balanced"), f"{where}.control_mode"),
+        "guidance_start": _number(arg.get("guidance_start", 0.0), f"{where}.guidance_start"),
+        "guidance_end": _number(arg.get("guidance_end", 1.0), f"{where}.guidance_end"),
+        "processor_res": PROCESSOR_RES if res in (None, UNSET) else int(_number(res, f"{where}.processor_res")),
+        "threshold_a": None if low in (None, UNSET) else _number(low, f"{where}.threshold_a"),
+        "threshold_b": None if high in (None, UNSET) else _number(high, f"{where}.threshold_b"),
+        "pixel_perfect": bool(arg.get("pixel_perfect", False)),
+    }
+    return _unit(fields, where)
+
+
+def _unit(fields: dict, where: str) -> ControlNetUnit:
+    unit = ControlNetUnit(**fields)
+    try:
+        unit.validate()
+    except ValueError as e:
+        raise invalid(where, str(e)) from None
+    return unit
+
+
+def _choice(table: dict, value, param: str):
+    if isinstance(value, bool) or value not in table:
+        names = ", ".join(repr(k) for k in table)
+        raise invalid(param, f"{value!r} is not one of {names}")
+    return table[value]
+
+
+def _number(value, param: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise invalid(param, f"must be a number, got {value!r}")
+    return float(value)
+
+
+# --- the extension's routes ------------------------------------------------------------------------------------
+
+router = APIRouter(prefix="/controlnet", tags=["ControlNet (A1111 extension)"])
+
+
+@router.get("/version")
+def version():
+    return {"version": 2}
+
+
+@router.get("/model_list")
+def model_list(state: State, update: bool = True):
+    library = state.engine.controlnets
+    return {"model_list": list(library.listing()) if library is not None else []}
+
+
+@router.get("/module_list")
+def module_list(alias_names: bool = False):
+    canny = [
+        {"name": "Preprocessor Resolution", "value": PROCESSOR_RES, "min": 64, "max": 2048},
+        {"name": "Canny Low Threshold", "value": CANNY_DEFAULTS[0], "min": 1, "max": 255},
+        {"name": "Canny High Threshold", "value": CANNY_DEFAULTS[1], "min": 1, "max": 255},
+    ]
+    sliders = {"canny": canny}
+    detail = {m: {"model_free": True, "sliders": sliders.get(m, [])} for m in PREPROCESSORS}
+    return {"module_list": list(PREPROCESSORS), "module_detail": detail}
+
+
+class DetectRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list)
+    controlnet_processor_res: int = PROCESSOR_RES
+    controlnet_threshold_a: float = UNSET
+    controlnet_threshold_b: float = UNSET
+
+
+@router.post("/detect")
+async def detect(req: DetectRequest, state: State):
+    module = _choice(MODULES, req.controlnet_module, "controlnet_module")
+    res = PROCESSOR_RES if req.controlnet_processor_res == UNSET else req.controlnet_processor_res
+    if not 64 <= res <= MAX_SIZE:
+        raise invalid("controlnet_processor_res", f"must be between 64 and {MAX_SIZE}")
+    low, high = (None if t == UNSET else t for t in (req.controlnet_threshold_a, req.controlnet_threshold_b))
+    max_pixels = state.config.limits.max_input_pixels
+
+    def run() -> list[str]:
+        out = []
+        for i, data in enumerate(req.controlnet_input_images):
+            image = codec.decode_image(data, f"controlnet_input_images[{i}]", max_pixels)
+            try:
+                detected = preprocess(image, module, res, low, high)
+            except ValueError as e:  # canny without OpenCV installed
+                raise invalid("controlnet_module", str(e)) from None
+            out.append(codec.b64encode(codec.encode(detected)))
+        return out
+
+    return {"images": await run_in_threadpool(run), "info": "Success"}
+
+
+def scripts_listing(state: ServerState) -> list[str]:
+    """The alwayson scripts GET /sdapi/v1/scripts reports: "controlnet" when ControlNets are configured."""
+    return [SCRIPT] if state.engine.controlnets is not None else []

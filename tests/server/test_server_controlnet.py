@@ -1,0 +1,140 @@
+"""ControlNet through the server: A1111's ControlNet extension API (webuiapi's ControlNetUnit, the extension's routes)
+and the native API, against the library's own generation with the same units."""
+
+import base64
+import io
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+from serving import require_serve_extra, running_server
+from test_controlnet import tiny_controlnet
+
+from mlx_sd.controlnet import ControlNetUnit
+from mlx_sd.pipeline import Pipeline
+from mlx_sd_convert.controlnet import read_controlnet
+
+require_serve_extra()
+webuiapi = pytest.importorskip("webuiapi")
+
+
+@pytest.fixture(scope="module")
+def served(models_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("controlnet-server")
+    folder = tmp / "controlnets"
+    tiny_controlnet("sd1", 11).save_pretrained(folder / "edges")
+    tiny_controlnet("sd1", 12).save_pretrained(folder / "lines")
+    with running_server(models_dir, tmp, "--model", "tiny-a", "--controlnet-dir", str(folder)) as server:
+        yield server, folder
+
+
+def photo(seed: int, size=(64, 64)) -> Image.Image:
+    rough = np.random.default_rng(seed).integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(rough).resize(size, Image.NEAREST)
+
+
+def b64(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def decoded(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+
+
+def test_extension_routes(served):
+    server, folder = served
+    assert server.get("/controlnet/model_list").json() == {"model_list": ["edges", "lines"]}
+    assert server.get("/controlnet/module_list").json()["module_list"] == ["none", "invert", "canny"]
+    assert server.get("/controlnet/version").json() == {"version": 2}
+    assert server.get("/sdapi/v1/scripts").json()["txt2img"] == ["controlnet"]
+    body = {"controlnet_module": "canny", "controlnet_input_images": [b64(photo(1, (128, 64)))],
+            "controlnet_processor_res": 64}  # fmt: skip
+    detected = server.post("/controlnet/detect", json=body)
+    assert detected.status_code == 200, detected.text
+    edges = decoded(detected.json()["images"][0])
+    assert edges.shape == (64, 128, 3) and set(np.unique(edges)) == {0, 255}
+    bad = server.post("/controlnet/detect", json={"controlnet_module": "openpose", "controlnet_input_images": []})
+    assert bad.status_code == 422 and "controlnet_module" in bad.text
+
+
+def test_webuiapi_units_generate_as_the_library_does(served, models_dir):
+    server, folder = served
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    lines = "lines"
+    units = [
+        webuiapi.ControlNetUnit(image=photo(2), model="edges", weight=0.8, resize_mode="Just Resize",
+                                control_mode=1, guidance_end=0.75),
+        webuiapi.ControlNetUnit(image=photo(3), module="invert", model=lines, weight=1.2, resize_mode="Crop and Resize",
+                                control_mode=2),
+    ]  # fmt: skip
+    result = api.txt2img(prompt="a house", width=64, height=64, steps=4, seed=5, sampler_name="Euler",
+                         controlnet_units=units)  # fmt: skip
+    params = result.info["extra_generation_params"]
+    assert "Model: edges, Weight: 0.8" in params["ControlNet 0"]
+    assert f"Module: invert, Model: {lines}" in params["ControlNet 1"]
+    assert "Control Mode: ControlNet is more important" in params["ControlNet 1"]
+
+    library = [read_controlnet(folder / "edges", mx.float32), read_controlnet(folder / "lines", mx.float32)]
+    expected = Pipeline(models_dir / "tiny-a").generate(
+        prompt="a house", width=64, height=64, steps=4, seed=5, sampler="Euler", guidance=7.0, controlnet=(
+            ControlNetUnit(library[0], photo(2), 0.8, guidance_end=0.75, control_mode="prompt", resize_mode="resize"),
+            ControlNetUnit(library[1], photo(3), 1.2, control_mode="controlnet", module="invert"),
+        ),
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(result.image.convert("RGB")), np.asarray(expected.images[0]))
+    # (not through webuiapi: its txt2img adds the units to its shared default `alwayson_scripts` dict)
+    plain = server.post("/sdapi/v1/txt2img", json={"prompt": "a house", "width": 64, "height": 64, "steps": 4,
+                                                   "seed": 5, "sampler_name": "Euler"})  # fmt: skip
+    assert not np.array_equal(decoded(plain.json()["images"][0]), np.asarray(result.image.convert("RGB")))
+
+
+def test_img2img_unit_without_image_uses_the_init_image_and_native_jobs(served):
+    server, _ = served
+    init = photo(4)
+    body = {"prompt": "x", "width": 64, "height": 64, "steps": 3, "seed": 9, "init_images": [b64(init)],
+            "denoising_strength": 0.8, "sampler_name": "Euler"}  # fmt: skip
+    with_image = server.post("/sdapi/v1/img2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [
+        {"model": "edges", "image": b64(init)}]}}})  # fmt: skip
+    without = server.post("/sdapi/v1/img2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [
+        {"model": "edges"}, {"model": "None"}, {"model": "edges", "enabled": False}]}}})  # fmt: skip
+    assert with_image.status_code == 200 and without.status_code == 200, without.text
+    assert with_image.json()["images"] == without.json()["images"]
+
+    job = server.post("/v1/jobs", json={"prompt": "x", "width": 64, "height": 64, "steps": 3, "seed": 9,
+                                        "init_image": b64(init), "strength": 0.8, "sampler": "Euler",
+                                        "controlnet": [{"model": "edges", "image": b64(init)}]})  # fmt: skip
+    assert job.status_code == 202, job.text
+    done = server.get(f"/v1/jobs/{job.json()['id']}/events", timeout=120)
+    final = json.loads(done.text.strip().split("data: ")[-1])
+    assert final["status"] == "done", final
+    png = server.get(f"/v1/jobs/{job.json()['id']}/images/0").content
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")),
+                          decoded(with_image.json()["images"][0]))  # fmt: skip
+
+
+def test_errors_name_the_field(served, server):
+    served_server, _ = served
+    base = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
+    unit = {"model": "edges", "image": b64(photo(5))}
+    cases = [
+        ({"model": "sketch"}, "args[0].model", "not found"),
+        ({"module": "depth_midas"}, "args[0].module", "not one of"),
+        ({"hr_option": "Low res only"}, "args[0].hr_option", "Both"),
+        ({"mask": b64(photo(6))}, "args[0].mask", "not supported"),
+        ({"guidance_start": 0.9, "guidance_end": 0.2}, "args[0]", "start < end"),
+        ({"image": ""}, "args[0].image", "required"),
+    ]
+    for change, where, message in cases:
+        body = {**base, "alwayson_scripts": {"controlnet": {"args": [{**unit, **change}]}}}
+        r = served_server.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 422 and r.json()["detail"].startswith(f"alwayson_scripts.controlnet.{where}"), r.text
+        assert message in r.json()["detail"]
+    r = served_server.post("/v1/jobs", json={**base, "controlnet": [{**unit, "model": "sketch"}]})
+    assert r.status_code == 422 and "controlnet[0].model" in r.text
+    # a server without --controlnet-dir says how to get one
+    r = server.post("/sdapi/v1/txt2img", json={**base, "alwayson_scripts": {"ControlNet": {"args": [unit]}}})
+    assert r.status_code == 422 and "--controlnet-dir" in r.json()["detail"]
