@@ -111,6 +111,31 @@ def test_img2img_and_inpainting_match_diffusers(sd1, controlnets):
     check(result, expected, "controlnet inpainting")
 
 
+def test_hires_fix_controls_both_passes(sd1, controlnets):
+    """A1111 applies a unit to both passes of the hires fix, its image fitted to each size. Reference: diffusers'
+    ControlNet txt2img (latents), torch's interpolate, diffusers' ControlNet img2img over int(steps / strength) steps
+    of which the last hires steps run (tests/test_hires.py composes the plain hires fix the same way)."""
+    parts, ours = sd1
+    (reference, _), (controlnet, _) = controlnets
+    image = control_image(10, (80, 80))
+    txt2img = cn_pipe("StableDiffusionControlNetPipeline", parts, reference)
+    latents = txt2img(PROMPT, image=image, width=64, height=64, num_inference_steps=4, guidance_scale=6.0,
+                      controlnet_conditioning_scale=0.8, generator=generators(12, 1),
+                      output_type="latent").images  # fmt: skip
+    up = torch.nn.functional.interpolate(latents, size=(10, 10), mode="bilinear", align_corners=False)
+    hr_steps, strength = 3, 0.6
+    total = int(hr_steps / strength)
+    img2img = cn_pipe("StableDiffusionControlNetImg2ImgPipeline", parts, reference)
+    expected = img2img(PROMPT, image=up, control_image=image, strength=(hr_steps + 0.5) / total, width=80, height=80,
+                       num_inference_steps=total, guidance_scale=6.0, controlnet_conditioning_scale=0.8,
+                       generator=generators(12, 1), output_type="np").images  # fmt: skip
+    unit = ControlNetUnit(controlnet, image, 0.8, resize_mode="resize")
+    result = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=6.0, seed=12, sampler=SCHEDULER,
+                           enable_hr=True, hr_scale=1.25, hr_second_pass_steps=hr_steps, strength=strength,
+                           controlnet=(unit,))  # fmt: skip
+    check(result, expected, "hires fix with a ControlNet")
+
+
 def test_sdxl_matches_diffusers(sdxl, tmp_path):  # noqa: F811
     parts, ours = sdxl
     reference = tiny_controlnet("sdxl", 13)
