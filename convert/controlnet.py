@@ -37,6 +37,10 @@ from .keymap import Rule, map_keys, read_mapped
 from .ldm_unet import HEAD_CHANNELS, SD1_HEADS, unet_config_from_shapes, unet_rules
 from .readers import open_checkpoint
 
+# what `mlx-sd convert` says when given one
+USE_AS_IT_IS = (
+    "a ControlNet, used as it is: mlx-sd generate --controlnet PATH IMAGE (or --controlnet-dir); nothing to convert"
+)
 CONTROLNET_EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 SD1_CONTEXT = 768  # CLIP ViT-L/14's width: SD 1.x's cross-attention
 SDXL_TIME_EMBED = 256  # SDXL's addition_time_embed_dim (its yaml's adm embedding per micro-conditioning number)

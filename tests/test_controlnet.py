@@ -20,6 +20,7 @@ from mlx_sd_convert.keymap import ConversionError
 from oracles import assert_close, ldm_module, nchw_to_nhwc, randomize
 
 TOL = 1e-4
+FP16_TOL = 2e-2
 EMBED = (8, 8, 16, 16)  # the control image embedding's widths: 3 halvings, latent size from 8x pixels
 
 
@@ -45,7 +46,7 @@ def inputs(kind: str, batch: int = 2, size: int = 8, seed: int = 0, context_widt
     return x, t, context, image, added
 
 
-def check_model(reference, ours, kind: str, what: str) -> None:
+def check_model(reference, ours, kind: str, what: str, tol: float = TOL) -> None:
     x, t, context, image, added = inputs(kind, context_width=reference.config.cross_attention_dim)
     with torch.no_grad():
         down, mid = reference(x, t, context, image, conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False)
@@ -57,8 +58,8 @@ def check_model(reference, ours, kind: str, what: str) -> None:
     )
     assert len(our_down) == len(down)
     for i, (a, b) in enumerate(zip(our_down, down)):
-        assert_close(a, b.permute(0, 2, 3, 1), TOL, f"{what}: down residual {i}")
-    assert_close(our_mid, mid.permute(0, 2, 3, 1), TOL, f"{what}: middle residual")
+        assert_close(a, b.permute(0, 2, 3, 1), tol, f"{what}: down residual {i}")
+    assert_close(our_mid, mid.permute(0, 2, 3, 1), tol, f"{what}: middle residual")
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
@@ -68,26 +69,30 @@ def test_diffusers_folder_matches_diffusers(tmp_path, kind):
     ours = read_controlnet(tmp_path / "cn", mx.float32)
     assert ours.name == "cn" and ours.title == "cn"
     check_model(reference, ours.model, kind, f"{kind} diffusers folder")
+    half = read_controlnet(tmp_path / "cn", mx.float16)  # as on a GPU
+    check_model(reference, half.model, kind, f"{kind} float16", FP16_TOL)
 
 
 # shapes the family head rule reads right: SD 1.x (768-wide context) 8 heads, others 64 channels per head
 # and SDXL's 256-wide embedding of each micro-conditioning number
 FAMILY_SHAPED = {
     "sd1": dict(cross_attention_dim=768, attention_head_dim=8),
+    "sd2": dict(block_out_channels=(64, 128), attention_head_dim=[1, 2], cross_attention_dim=1024,
+                use_linear_projection=True),
     "sdxl": dict(block_out_channels=(64, 128), attention_head_dim=[1, 2], addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=16 + 6 * 256),
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
 def test_diffusers_named_single_file_reads_its_config_from_shapes(tmp_path, kind):
-    reference = tiny_controlnet(kind, **FAMILY_SHAPED[kind])
+    reference = tiny_controlnet("sd1" if kind == "sd2" else kind, **FAMILY_SHAPED[kind])
     path = tmp_path / "controlnet_tiny.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
     ours = read_controlnet(path, mx.float32)
     assert ours.title == f"controlnet_tiny [{a1111_hash(path)}]"
     assert ours.model.config.conditioning_embedding_out_channels == EMBED
-    check_model(reference, ours.model, kind, "diffusers-named file")
+    check_model(reference, ours.model, "sd1" if kind == "sd2" else kind, f"{kind} diffusers-named file")
 
 
 def _ldm_controlnet(seed: int = 3) -> dict[str, torch.Tensor]:
@@ -220,3 +225,14 @@ def test_library_lists_finds_and_caches(tmp_path):
     save_file({k: v.contiguous() for k, v in tiny_controlnet("sdxl").state_dict().items()}, small)
     with pytest.raises(ConversionError, match="diffusers folder"):
         read_controlnet(small)
+
+
+def test_convert_says_a_controlnet_needs_no_conversion(tmp_path):
+    from mlx_sd_convert.converter import convert
+
+    save_file({k: v.contiguous() for k, v in _ldm_controlnet().items()}, tmp_path / "control_v11p_sd15_x.safetensors")
+    tiny_controlnet("sd1").save_pretrained(tmp_path / "folder")
+    for source in ("control_v11p_sd15_x.safetensors", "folder"):
+        with pytest.raises(ConversionError, match="a ControlNet, used as it is: mlx-sd generate --controlnet"):
+            convert(tmp_path / source, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
