@@ -62,9 +62,9 @@ def check_model(reference, ours, kind: str, what: str, tol: float = TOL) -> None
     assert_close(our_mid, mid.permute(0, 2, 3, 1), tol, f"{what}: middle residual")
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
-def test_diffusers_folder_matches_diffusers(tmp_path, kind):
-    reference = tiny_controlnet(kind)
+@pytest.mark.parametrize("kind,order", [("sd1", "rgb"), ("sdxl", "rgb"), ("sd1", "bgr")])
+def test_diffusers_folder_matches_diffusers(tmp_path, kind, order):
+    reference = tiny_controlnet(kind, controlnet_conditioning_channel_order=order)
     reference.save_pretrained(tmp_path / "cn")
     ours = read_controlnet(tmp_path / "cn", mx.float32)
     assert ours.name == "cn" and ours.title == "cn"

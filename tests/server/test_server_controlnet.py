@@ -71,8 +71,9 @@ def test_webuiapi_units_generate_as_the_library_does(served, models_dir):
         webuiapi.ControlNetUnit(image=photo(3), module="invert", model=lines, weight=1.2, resize_mode="Crop and Resize",
                                 control_mode=2),
     ]  # fmt: skip
+    # a dict of our own: webuiapi adds the units to `alwayson_scripts`, by default a dict shared by every later call
     result = api.txt2img(prompt="a house", width=64, height=64, steps=4, seed=5, sampler_name="Euler",
-                         controlnet_units=units)  # fmt: skip
+                         controlnet_units=units, alwayson_scripts={})  # fmt: skip
     params = result.info["extra_generation_params"]
     assert "Model: edges, Weight: 0.8" in params["ControlNet 0"]
     assert f"Module: invert, Model: {lines}" in params["ControlNet 1"]
@@ -86,7 +87,6 @@ def test_webuiapi_units_generate_as_the_library_does(served, models_dir):
         ),
     )  # fmt: skip
     np.testing.assert_array_equal(np.asarray(result.image.convert("RGB")), np.asarray(expected.images[0]))
-    # (not through webuiapi: its txt2img adds the units to its shared default `alwayson_scripts` dict)
     plain = server.post("/sdapi/v1/txt2img", json={"prompt": "a house", "width": 64, "height": 64, "steps": 4,
                                                    "seed": 5, "sampler_name": "Euler"})  # fmt: skip
     assert not np.array_equal(decoded(plain.json()["images"][0]), np.asarray(result.image.convert("RGB")))
