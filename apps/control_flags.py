@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlx_sd.controlnet import CONTROL_MODES, ControlNetUnit
+from mlx_sd.controlnet import CONTROL_MODES, MODULES, ControlNetUnit
 from mlx_sd.images import RESIZE_MODES
-from mlx_sd.preprocessors import PREPROCESSORS, PROCESSOR_RES
+from mlx_sd.preprocessors import PROCESSOR_RES
 
 from .errors import UserError
 
@@ -18,8 +18,8 @@ SETTINGS = {
     "--control-end": ("guidance_end", float, 1.0, "fraction of the steps after which it stops (default 1)"),
     "--control-mode": ("control_mode", str, "balanced", f"one of {', '.join(CONTROL_MODES)} (A1111's control "
                        "modes: My prompt / ControlNet is more important; diffusers' guess mode)"),
-    "--control-module": ("module", str, "none", f"preprocessor: {', '.join(PREPROCESSORS)} (default none: the "
-                         "image is a control map already)"),
+    "--control-module": ("module", str, "none", f"preprocessor: {', '.join(MODULES)} (default none: the image is "
+                         "a control map already; inpaint: the init image and mask, for inpainting ControlNets)"),
     "--control-resize-mode": ("resize_mode", str, "crop", f"fit the image: {', '.join(RESIZE_MODES[:3])} "
                               "(default crop, A1111's Crop and Resize)"),
     "--control-processor-res": ("processor_res", int, PROCESSOR_RES, "preprocessor resolution (short side)"),

@@ -18,7 +18,9 @@ Settings, with the references they follow:
   The unconditional half of a conditional-only unit gets no residual. ControlNets that average their residuals
   (`global_pool_conditions`, ControlNet 1.1 shuffle) apply to the conditional half only, in both references.
 - module: the preprocessor that makes the control image from the given one ("none", "invert", "canny";
-  mlx_sd/preprocessors.py), with processor_res, threshold_a, threshold_b and pixel_perfect as in A1111's API.
+  mlx_sd/preprocessors.py), with processor_res, threshold_a, threshold_b and pixel_perfect as in A1111's API; or
+  "inpaint" for inpainting ControlNets (control_v11p_sd15_inpaint): the request's init image with the area to repaint
+  at -1 (diffusers' make_inpaint_condition, A1111's "inpaint_global_harmonious"), the unit's own image unused.
 - resize_mode: how the control image is fitted to the generation size ("resize", "crop", "fill": A1111's "Just
   Resize", "Crop and Resize", "Resize and Fill", as mlx_sd.images.resize does them; diffusers resizes).
 """
@@ -37,6 +39,8 @@ from .models.unet import skip_channels
 from .preprocessors import PREPROCESSORS, PROCESSOR_RES, pixel_perfect_res, preprocess
 
 CONTROL_MODES = ("balanced", "prompt", "controlnet", "guess")
+INPAINT = "inpaint"  # the module that reads the request's init image and mask
+MODULES = (*PREPROCESSORS, INPAINT)
 SOFT_INJECTION_BASE = 0.825  # A1111's soft injection: residual i of 13 scaled by 0.825^(12 - i)
 SOFT_INJECTION_LAST = 12
 _COND_ONLY = {"controlnet", "guess"}
@@ -47,6 +51,7 @@ A1111_CONTROL_MODES = {
     "controlnet": "ControlNet is more important",
 }
 A1111_RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
+A1111_MODULES = {INPAINT: "inpaint_global_harmonious"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,7 +92,7 @@ class ControlNetUnit:
     """
 
     model: ControlNet | str
-    image: Image.Image = field(repr=False)
+    image: Image.Image | None = field(default=None, repr=False)
     weight: float = 1.0
     guidance_start: float = 0.0
     guidance_end: float = 1.0
@@ -102,7 +107,10 @@ class ControlNetUnit:
     def validate(self) -> None:
         """Raise ValueError naming the setting and what is accepted."""
         checks = [
-            (isinstance(self.image, Image.Image), "a ControlNet unit needs a control image (PIL image)"),
+            (
+                isinstance(self.image, Image.Image) or self.module == INPAINT,
+                "a ControlNet unit needs a control image (PIL image)",
+            ),
             (self.weight >= 0, f"ControlNet weight={self.weight}: must be >= 0"),
             (
                 0.0 <= self.guidance_start < self.guidance_end <= 1.0,
@@ -115,8 +123,8 @@ class ControlNetUnit:
                 f"ControlNet resize_mode={self.resize_mode!r}: one of {RESIZE_MODES[:3]}",
             ),
             (
-                self.module in PREPROCESSORS,
-                f"ControlNet module={self.module!r}: mlx-sd runs {', '.join(PREPROCESSORS)}; preprocess elsewhere "
+                self.module in MODULES,
+                f"ControlNet module={self.module!r}: mlx-sd runs {', '.join(MODULES)}; preprocess elsewhere "
                 "and pass the result with module 'none'",
             ),
             (self.processor_res >= 64, f"ControlNet processor_res={self.processor_res}: must be >= 64"),
@@ -135,11 +143,11 @@ class ControlNetUnit:
         """The unit as A1111's extension records it ("ControlNet 0" in the infotext)."""
         model = self.model.title if isinstance(self.model, ControlNet) else self.model
         fields = {
-            "Module": self.module,
+            "Module": A1111_MODULES.get(self.module, self.module),
             "Model": model,
             "Weight": self.weight,
             "Resize Mode": A1111_RESIZE_MODES[self.resize_mode],
-            "Processor Res": self.processor_res if self.module != "none" else None,
+            "Processor Res": self.processor_res if self.module in PREPROCESSORS[1:] else None,
             "Threshold A": self.threshold_a,
             "Threshold B": self.threshold_b,
             "Guidance Start": self.guidance_start,
@@ -164,11 +172,17 @@ class ControlNetUnit:
         return [self.weight] * n
 
 
-def control_image(unit: ControlNetUnit, width: int, height: int, crop=None) -> mx.array:
+def control_image(unit: ControlNetUnit, width: int, height: int, crop=None, inpaint=None) -> mx.array:
     """(1, height, width, 3) float32 in [0, 1]: the unit's image preprocessed and fitted to the generation size
     (Lanczos, as diffusers' image processor resizes). `crop`: (the init image's size, the "only masked" inpainting
     region in it): the control image is fitted to the init image, and the region cut out and fitted, as the init
-    image is (A1111)."""
+    image is (A1111). `inpaint`: the request's (1, H, W, 3) init image in [-1, 1] and (1, H, W, 1) binary mask at
+    the generation size, for the "inpaint" module."""
+    if unit.module == INPAINT:
+        if inpaint is None:
+            raise ValueError("ControlNet module 'inpaint' needs an inpainting request (init_image and mask)")
+        image, mask = inpaint
+        return (image + 1) / 2 * (1 - mask) - mask  # the area to repaint at -1
     mode = unit.resize_mode
     res = pixel_perfect_res(unit.image.size, width, height, mode) if unit.pixel_perfect else unit.processor_res
     image = preprocess(unit.image, unit.module, res, unit.threshold_a, unit.threshold_b)
@@ -187,9 +201,11 @@ class Controls:
     the guidance window (module docstring).
     """
 
-    def __init__(self, units: list[ControlNetUnit], width: int, height: int, steps: int, rule: str, crop=None):
+    def __init__(
+        self, units: list[ControlNetUnit], width: int, height: int, steps: int, rule: str, crop=None, inpaint=None
+    ):
         self.units = units
-        self.images = {id(u): control_image(u, width, height, crop) for u in units}
+        self.images = {id(u): control_image(u, width, height, crop, inpaint) for u in units}
         self.steps = steps
         self.rule = rule
         self.step = 0

@@ -25,11 +25,11 @@ from PIL import Image
 
 from . import __version__, backend
 from .conditioning import Conditioning
-from .controlnet import ControlNet, Controls
+from .controlnet import INPAINT, ControlNet, Controls
 from .denoiser import classifier_free_guidance
 from .hires import hires_infotext, hires_plan, hires_request, hires_target, upscale_first_pass
 from .images import latent_preview, to_pil
-from .img2img import prepare_latents, restore_output
+from .img2img import prepare_inputs, prepare_latents, restore_output
 from .infotext import format_infotext
 from .lora import AppliedLoRA, LoRA, LoRAState, lora_hashes, lora_networks, lora_targets, parse_lora_tags
 from .model import StableDiffusion
@@ -499,7 +499,10 @@ class Pipeline:
             return None
         crop = (init.original.size, init.region) if init is not None and init.region is not None else None
         rule = "diffusers" if plan.follows.startswith("diffusers") else "a1111"
-        return Controls(list(request.controlnet), request.width, request.height, plan.steps, rule, crop)
+        inpaint = None
+        if request.mask is not None and any(u.module == INPAINT for u in request.controlnet):
+            inpaint = prepare_inputs(request)[1:]  # the init image and binary mask as the sampler sees them
+        return Controls(list(request.controlnet), request.width, request.height, plan.steps, rule, crop, inpaint)
 
     def _time_ids(self, request: GenerationRequest, guided: bool, B: int, aesthetic: bool) -> mx.array:
         """SDXL micro-conditioning: (original size, crop top-left, target size), or the refiner's aesthetic score."""

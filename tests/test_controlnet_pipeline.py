@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from test_controlnet import tiny_controlnet
 from test_pipeline import PROMPT, as_array, diffusers_pipe, generators
+from test_pipeline import inpaint9 as inpaint9  # noqa: F401  (the 9-channel fixture)
 from test_sdxl_pipeline import sdxl, xl_pipe  # noqa: F401  (the SDXL fixture)
 
 from mlx_sd.controlnet import ControlNetUnit, Controls
@@ -109,6 +110,34 @@ def test_img2img_and_inpainting_match_diffusers(sd1, controlnets):
     result = ours.generate(prompt=PROMPT, init_image=init, mask=mask, strength=1.0, steps=5, guidance=5.0, seed=6,
                            sampler=SCHEDULER, controlnet=(unit,))  # fmt: skip
     check(result, expected, "controlnet inpainting")
+
+
+def make_inpaint_condition(image: Image.Image, mask: Image.Image) -> torch.Tensor:
+    """diffusers' recipe for inpainting ControlNets (its ControlNet docs): the area to repaint at -1."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    pixels[np.asarray(mask.convert("L"), dtype=np.float32) / 255.0 > 0.5] = -1.0
+    return torch.from_numpy(pixels[None].transpose(0, 3, 1, 2).copy())
+
+
+@pytest.mark.parametrize("which", ["sd1", "inpaint9"])
+def test_inpaint_module_matches_diffusers_make_inpaint_condition(sd1, inpaint9, controlnets, which):
+    parts, ours = sd1 if which == "sd1" else inpaint9
+    (reference, _), (controlnet, _) = controlnets
+    init = Image.fromarray(np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (8, 24, 40, 56))
+    pipe = cn_pipe("StableDiffusionControlNetInpaintPipeline", parts, reference)
+    # (the scale given: this pipeline's default is 0.5, not the others' 1.0)
+    expected = pipe(PROMPT, image=init, mask_image=mask, control_image=make_inpaint_condition(init, mask),
+                    strength=1.0, num_inference_steps=4, guidance_scale=5.0, controlnet_conditioning_scale=1.0,
+                    generator=generators(5, 1), output_type="np").images  # fmt: skip
+    unit = ControlNetUnit(controlnet, module="inpaint")
+    result = ours.generate(prompt=PROMPT, init_image=init, mask=mask, strength=1.0, steps=4, guidance=5.0, seed=5,
+                           sampler=SCHEDULER, controlnet=(unit,))  # fmt: skip
+    check(result, expected, f"inpaint module, {which}")
+    assert "Module: inpaint_global_harmonious" in result.infotexts[0]
+    with pytest.raises(ValueError, match="needs an inpainting request"):
+        ours.generate(prompt=PROMPT, width=64, height=64, steps=1, controlnet=(unit,))
 
 
 def test_hires_fix_controls_both_passes(sd1, controlnets):

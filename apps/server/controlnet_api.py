@@ -15,7 +15,14 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlx_sd.controlnet import A1111_CONTROL_MODES, A1111_RESIZE_MODES, CONTROL_MODES, ControlNetUnit
+from mlx_sd.controlnet import (
+    A1111_CONTROL_MODES,
+    A1111_MODULES,
+    A1111_RESIZE_MODES,
+    CONTROL_MODES,
+    MODULES,
+    ControlNetUnit,
+)
 from mlx_sd.params import MAX_SIZE
 from mlx_sd.preprocessors import CANNY_DEFAULTS, PREPROCESSORS, PROCESSOR_RES, preprocess
 from mlx_sd_convert import ConversionError
@@ -29,7 +36,8 @@ MAX_WEIGHT = 10.0
 # the extension's numeric codes and UI names, beside the library's
 RESIZE = {0: "resize", 1: "crop", 2: "fill", **{v: k for k, v in A1111_RESIZE_MODES.items()}}
 CONTROL = {0: "balanced", 1: "prompt", 2: "controlnet", **{v: k for k, v in A1111_CONTROL_MODES.items()}}
-MODULES = {"invert (from white bg & black line)": "invert", **{m: m for m in PREPROCESSORS}}
+A1111_NAMES = {"invert (from white bg & black line)": "invert", **{m: m for m in MODULES},
+               **{v: k for k, v in A1111_MODULES.items()}}  # fmt: skip
 UNSET = -1  # the extension's "default" for processor_res and thresholds
 
 
@@ -39,13 +47,14 @@ class UnitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
 
     model: str = Field(description="a ControlNet of --controlnet-dir (GET /controlnet/model_list)")
-    image: str = Field(description="the control image (or the photo `module` preprocesses), base64")
+    image: str | None = Field(None, description="the control image (or the photo `module` preprocesses), base64; "
+                              "unused by module 'inpaint' (the request's init image and mask)")  # fmt: skip
     weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     guidance_start: float = Field(0.0, ge=0, le=1)
     guidance_end: float = Field(1.0, ge=0, le=1)
     control_mode: Literal[CONTROL_MODES] = "balanced"
     resize_mode: Literal["resize", "crop", "fill"] = "crop"
-    module: Literal[PREPROCESSORS] = "none"
+    module: Literal[MODULES] = "none"
     processor_res: int = Field(PROCESSOR_RES, ge=64, le=MAX_SIZE)
     threshold_a: float | None = None
     threshold_b: float | None = None
@@ -69,7 +78,8 @@ def native_units(units: list[UnitRequest], state: ServerState, max_pixels: int) 
     for i, unit in enumerate(units):
         fields = unit.model_dump()
         fields["model"] = check_model(unit.model, state, f"controlnet[{i}].model")
-        fields["image"] = codec.decode_image(unit.image, f"controlnet[{i}].image", max_pixels).convert("RGB")
+        if unit.image is not None:
+            fields["image"] = codec.decode_image(unit.image, f"controlnet[{i}].image", max_pixels).convert("RGB")
         out.append(_unit(fields, f"controlnet[{i}]"))
     return tuple(out)
 
@@ -121,7 +131,7 @@ def _a1111_unit(arg: dict, state: ServerState, max_pixels: int, init_image, wher
     fields = {
         "model": check_model(str(arg["model"]), state, f"{where}.model"),
         "image": image,
-        "module": _choice(MODULES, arg.get("module", "none"), f"{where}.module"),
+        "module": _choice(A1111_NAMES, arg.get("module", "none"), f"{where}.module"),
         "weight": _number(arg.get("weight", 1.0), f"{where}.weight"),
         "resize_mode": _choice(RESIZE, arg.get("resize_mode", "Crop and Resize"), f"{where}.resize_mode"),
         "control_mode": _choice(CONTROL, arg.get("control_mode", "Balanced"), f"{where}.control_mode"),
@@ -197,7 +207,8 @@ class DetectRequest(BaseModel):
 
 @router.post("/detect")
 async def detect(req: DetectRequest, state: State):
-    module = _choice(MODULES, req.controlnet_module, "controlnet_module")
+    module = _choice({k: v for k, v in A1111_NAMES.items() if v in PREPROCESSORS}, req.controlnet_module,
+                     "controlnet_module")  # fmt: skip
     res = PROCESSOR_RES if req.controlnet_processor_res == UNSET else req.controlnet_processor_res
     if not 64 <= res <= MAX_SIZE:
         raise invalid("controlnet_processor_res", f"must be between 64 and {MAX_SIZE}")

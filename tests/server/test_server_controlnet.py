@@ -92,8 +92,8 @@ def test_webuiapi_units_generate_as_the_library_does(served, models_dir):
     assert not np.array_equal(decoded(plain.json()["images"][0]), np.asarray(result.image.convert("RGB")))
 
 
-def test_img2img_unit_without_image_uses_the_init_image_and_native_jobs(served):
-    server, _ = served
+def test_img2img_unit_without_image_uses_the_init_image_and_native_jobs(served, models_dir):
+    server, folder = served
     init = photo(4)
     body = {"prompt": "x", "width": 64, "height": 64, "steps": 3, "seed": 9, "init_images": [b64(init)],
             "denoising_strength": 0.8, "sampler_name": "Euler"}  # fmt: skip
@@ -103,6 +103,22 @@ def test_img2img_unit_without_image_uses_the_init_image_and_native_jobs(served):
         {"model": "edges"}, {"model": "None"}, {"model": "edges", "enabled": False}]}}})  # fmt: skip
     assert with_image.status_code == 200 and without.status_code == 200, without.text
     assert with_image.json()["images"] == without.json()["images"]
+
+    # an inpainting ControlNet's module reads the request's init image and mask (A1111's name for it)
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (8, 8, 40, 48))
+    unit = {"model": "edges", "module": "inpaint_global_harmonious"}
+    inpaint = {**body, "mask": b64(mask), "mask_blur": 0, "inpaint_full_res": False, "inpainting_fill": 1,
+               "alwayson_scripts": {"controlnet": {"args": [unit]}}}  # fmt: skip
+    r = server.post("/sdapi/v1/img2img", json=inpaint)
+    assert r.status_code == 200, r.text
+    expected = Pipeline(models_dir / "tiny-a").generate(
+        prompt="x", width=64, height=64, steps=3, seed=9, init_image=init, strength=0.8, sampler="Euler",
+        guidance=7.0, mask=mask, paste_back=True,
+        controlnet=(ControlNetUnit(read_controlnet(folder / "edges", mx.float32), module="inpaint"),),
+    )  # fmt: skip
+    assert np.array_equal(decoded(r.json()["images"][0]), np.asarray(expected.images[0]))
+    assert "Module: inpaint_global_harmonious" in json.loads(r.json()["info"])["infotexts"][0]
 
     job = server.post("/v1/jobs", json={"prompt": "x", "width": 64, "height": 64, "steps": 3, "seed": 9,
                                         "init_image": b64(init), "strength": 0.8, "sampler": "Euler",
