@@ -22,6 +22,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlx_sd import __version__
+from mlx_sd.controlnet import MODULES
 from mlx_sd.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, GenerationRequest
 from mlx_sd.rng import NOISE_MODES
 from mlx_sd.samplers import FOLLOW, list_samplers
@@ -254,5 +255,7 @@ def capabilities(state: State):
         "samplers": [{"name": s.name, "aliases": list(s.aliases)} for s in list_samplers()],
         "schedule_types": ["Automatic"] + [s.label for s in SCHEDULE_TYPES.values()],
         "rng": list(NOISE_MODES), "limits": state.config.limits.as_dict(), "auth": state.config.auth_required,
+        "controlnets": list(engine.controlnets.listing()) if engine.controlnets is not None else [],
+        "controlnet_modules": list(MODULES),
         "apis": {"a1111": "/sdapi/v1", "openai": "/v1/images", "jobs": "/v1/jobs", "openapi": "/openapi.json"},
     }  # fmt: skip

@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 from serving import require_serve_extra, running_server
 from test_controlnet import tiny_controlnet
+from test_server_page import CHROMEDRIVER, CHROMIUM, By, WebDriverWait, fill
+from test_server_page import browser as browser  # noqa: F401  (the headless Chromium fixture)
 
 from mlx_sd.controlnet import ControlNetUnit
 from mlx_sd.pipeline import Pipeline
@@ -154,3 +156,20 @@ def test_errors_name_the_field(served, server):
     # a server without --controlnet-dir says how to get one
     r = server.post("/sdapi/v1/txt2img", json={**base, "alwayson_scripts": {"ControlNet": {"args": [unit]}}})
     assert r.status_code == 422 and "--controlnet-dir" in r.json()["detail"]
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromedriver")
+def test_page_sends_a_controlnet_unit(browser, served, tmp_path):
+    server, _ = served
+    photo(8).save(tmp_path / "edges.png")
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 30, poll_frequency=0.02)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#controlnet option"))
+    browser.find_element(By.CSS_SELECTOR, "#controlnet-box summary").click()
+    assert [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#controlnet option")] == ["none", "edges", "lines"]
+    fill(browser, prompt="a lighthouse", width=64, height=64, steps=3, seed=2, control_weight=0.7)
+    browser.find_element(By.CSS_SELECTOR, "#controlnet option[value='edges']").click()
+    browser.find_element(By.ID, "control-image").send_keys(str(tmp_path / "edges.png"))
+    browser.find_element(By.ID, "generate").click()
+    card = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card"))[0]
+    assert 'ControlNet 0: "Module: none, Model: edges, Weight: 0.7' in card.find_element(By.TAG_NAME, "pre").text
