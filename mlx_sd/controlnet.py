@@ -36,7 +36,7 @@ from PIL import Image
 from .images import RESIZE_MODES, resize
 from .models import ControlNetModel, UNetConfig
 from .models.unet import skip_channels
-from .preprocessors import PREPROCESSORS, PROCESSOR_RES, pixel_perfect_res, preprocess
+from .preprocessors import AT_RESOLUTION, PREPROCESSORS, PROCESSOR_RES, pixel_perfect_res, preprocess
 
 CONTROL_MODES = ("balanced", "prompt", "controlnet", "guess")
 INPAINT = "inpaint"  # the module that reads the request's init image and mask
@@ -147,7 +147,7 @@ class ControlNetUnit:
             "Model": model,
             "Weight": self.weight,
             "Resize Mode": A1111_RESIZE_MODES[self.resize_mode],
-            "Processor Res": self.processor_res if self.module in PREPROCESSORS[1:] else None,
+            "Processor Res": self.processor_res if self.module in AT_RESOLUTION else None,
             "Threshold A": self.threshold_a,
             "Threshold B": self.threshold_b,
             "Guidance Start": self.guidance_start,

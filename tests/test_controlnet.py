@@ -199,6 +199,24 @@ def test_preprocessors():
     assert preprocess(photo, "none") is not photo and np.array_equal(np.asarray(preprocess(photo, "none")), photo)
     with pytest.raises(ValueError, match="module 'none'"):
         preprocess(photo, "depth_midas")
+    # A1111's model-free preprocessors (its processor.py, transcribed) on an image already at the resolution
+    x = np.asarray(photo).astype(np.float32)
+    intensity = np.min(cv2.GaussianBlur(x, (0, 0), 6.0) - x, axis=2).clip(0, 255)
+    intensity /= max(16, np.median(intensity[intensity > 8]))
+    lineart = (intensity * 127).clip(0, 255).astype(np.uint8)
+    g1, g2 = cv2.GaussianBlur(x, (0, 0), 0.5), cv2.GaussianBlur(x, (0, 0), 5.0)
+    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+    xdog = np.zeros(dog.shape, np.uint8)
+    xdog[2 * (255 - dog) > 20] = 255
+    threshold = np.zeros(dog.shape, np.uint8)
+    threshold[np.min(np.asarray(photo), axis=2) > 100] = 255
+    for module, a, expected in (("lineart_standard", None, lineart), ("scribble_xdog", 20, xdog),
+                                ("threshold", 100, threshold)):  # fmt: skip
+        got = np.asarray(preprocess(photo, module, 512, a))
+        assert all(np.array_equal(got[..., c], expected) for c in range(3)), module
+    tile = preprocess(photo, "tile_resample", threshold_a=2.0)
+    assert np.array_equal(np.asarray(tile), cv2.resize(np.asarray(photo), (384, 256), interpolation=cv2.INTER_AREA))
+    assert preprocess(photo, "tile_resample", threshold_a=1.05).size == photo.size  # rates below 1.1: unchanged
     # A1111's pixel perfect: the short side as the resize mode scales it (cover for crop/resize, fit for fill)
     assert pixel_perfect_res((1024, 768), 512, 512, "crop") == 512
     assert pixel_perfect_res((1024, 768), 512, 512, "fill") == 384

@@ -37,6 +37,7 @@ MAX_WEIGHT = 10.0
 RESIZE = {0: "resize", 1: "crop", 2: "fill", **{v: k for k, v in A1111_RESIZE_MODES.items()}}
 CONTROL = {0: "balanced", 1: "prompt", 2: "controlnet", **{v: k for k, v in A1111_CONTROL_MODES.items()}}
 A1111_NAMES = {"invert (from white bg & black line)": "invert", **{m: m for m in MODULES},
+               "lineart_standard (from white bg & black line)": "lineart_standard",
                **{v: k for k, v in A1111_MODULES.items()}}  # fmt: skip
 UNSET = -1  # the extension's "default" for processor_res and thresholds
 
