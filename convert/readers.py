@@ -219,6 +219,12 @@ def _from_pickle(path: Path, format: str, top: object, verify: bool) -> Checkpoi
         nesting.append(inner)
         state = state[inner]
     tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, TensorRef)}
+    groups = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, dict)}
+    if not tensors and groups and len(groups) == len(state):
+        # state dicts of parts, e.g. an IP-Adapter's {"image_proj": {...}, "ip_adapter": {...}}: keyed as the
+        # .safetensors files of the same model are ("image_proj.proj.weight")
+        tensors = {f"{g}.{k}": v for g, part in groups.items() for k, v in part.items() if isinstance(v, TensorRef)}
+        state = {}
     if not tensors:
         keys = ", ".join(repr(k)[:40] for k in list(top)[:12])
         raise ConversionError(f"{path}: no tensors found (top-level keys: {keys}); this is not a model state dict")

@@ -98,6 +98,8 @@ class GenerationRequest:
         seamlessly (its VAE then runs whole, never in tiles).
     ControlNet: controlnet, `ControlNetUnit`s (a ControlNet, its control image, weight, guidance_start / _end,
         control_mode, resize_mode); their residuals add up. mlx_sd/controlnet.py.
+    IP-Adapter (a `Pipeline` holding one): ip_adapter_image, the image prompt; ip_adapter_scale, the weight of its
+        attention (diffusers' set_ip_adapter_scale; 0 leaves it out). mlx_sd/ip_adapter.py.
     Memory: tiled_vae (None: tile above 1024x1024 pixels, in low-memory mode above 512x512), low_memory (free the
         text encoders after encoding and decode in tiles; None: on for devices with <= 16 GiB, e.g. a 16 GB Mac).
     """
@@ -157,6 +159,8 @@ class GenerationRequest:
     hr_negative_prompt: str = ""
     tiling: bool = False
     controlnet: tuple[ControlNetUnit, ...] = ()
+    ip_adapter_image: Image.Image | None = field(default=None, repr=False)
+    ip_adapter_scale: float = 1.0
     tiled_vae: bool | None = None
     low_memory: bool | None = None
 
@@ -209,6 +213,7 @@ class GenerationRequest:
                 f"initial_noise_multiplier={self.initial_noise_multiplier}: must be >= 0",
             ),
             (self.batch_size >= 1 and self.batch_count >= 1, "batch_size and batch_count must be at least 1"),
+            (self.ip_adapter_scale >= 0, f"ip_adapter_scale={self.ip_adapter_scale}: must be >= 0"),
             (self.clip_skip >= 1, f"clip_skip={self.clip_skip}: must be at least 1 (1 = last layer)"),
             (self.rng in NOISE_MODES, f"rng={self.rng!r}: must be one of {NOISE_MODES}"),
             (self.resize_mode in RESIZE_MODES, f"resize_mode={self.resize_mode!r}: must be one of {RESIZE_MODES}"),
@@ -253,7 +258,7 @@ class GenerationRequest:
 
     def to_dict(self) -> dict:
         """JSON-friendly parameters (images left out; ControlNet units as their settings and model name)."""
-        skip = {"init_image", "mask", "controlnet"}
+        skip = {"init_image", "mask", "controlnet", "ip_adapter_image"}
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         return data | {"controlnet": [unit.to_dict() for unit in self.controlnet]}
 

@@ -138,6 +138,8 @@ class Pipeline:
             refiner), LoRAs to `model` only.
         lora_resolver: resolves `<lora:name:weight>` in prompts: (name, `lora_targets(model)`) -> `LoRA`, e.g.
             `mlx_sd_convert.library.LoraLibrary(folder)`; None: such prompts are refused.
+        ip_adapter: an `mlx_sd.ip_adapter.IPAdapter` for requests with an `ip_adapter_image` (base model only), or
+            None; `set_ip_adapter` changes it.
         controlnet_resolver: resolves a ControlNet unit's model given by name: name -> `ControlNet`, e.g.
             `mlx_sd_convert.library.ControlNetLibrary(folder)`; None: units must hold loaded ControlNets.
             ControlNets guide the base model only, never a refiner.
@@ -149,6 +151,7 @@ class Pipeline:
         refiner: StableDiffusion | str | Path | None = None,
         lora_resolver=None,
         controlnet_resolver=None,
+        ip_adapter=None,
     ):
         self.model = model if isinstance(model, StableDiffusion) else StableDiffusion(model)
         self.schedule = _schedule(self.model)
@@ -156,6 +159,8 @@ class Pipeline:
         self.set_refiner(refiner)
         self.lora_resolver = lora_resolver
         self.controlnet_resolver = controlnet_resolver
+        self.ip_adapter = None
+        self.set_ip_adapter(ip_adapter)
         self.loras: list[AppliedLoRA] = []  # applied to every request, beside the prompt's <lora:...> tags
         self.embeddings: list[Embedding] = []
         self._lora_state = LoRAState()
@@ -169,6 +174,13 @@ class Pipeline:
             refiner = refiner if isinstance(refiner, StableDiffusion) else StableDiffusion(refiner)
             check_refiner(self.model, refiner, self.schedule, _schedule(refiner))
         self.refiner = refiner
+
+    def set_ip_adapter(self, adapter) -> None:
+        """Use `adapter` (an `IPAdapter`) for requests with an `ip_adapter_image`, or none. Raises ValueError, keeping
+        the current one, when it was made for another model family."""
+        if adapter is not None:
+            adapter.check(self.model.unet)
+        self.ip_adapter = adapter
 
     # --- LoRAs and embeddings -----------------------------------------------------------------------------------
 
@@ -266,6 +278,7 @@ class Pipeline:
         if second:
             same = (second.prompt, second.negative_prompt) == (request.prompt, request.negative_prompt)
             cond_2, uncond_2 = (cond, uncond) if same else self._encode_prompts(second)
+        image_embeds = self._image_prompt(request)
         timings["text"] = time.perf_counter() - start
         images, seeds = [], []
 
@@ -293,7 +306,8 @@ class Pipeline:
             x, init = self._initial_latents(request, plan, noise, vary)
             noise = _sampler_noise(request, plan, noise, first)
             controls = self._controls(request, plan, init)
-            model_fn = self._model_fn(request, cond, uncond, init, request.batch_size, controls=controls)
+            model_fn = self._model_fn(request, cond, uncond, init, request.batch_size, controls=controls,
+                                      image_embeds=image_embeds)  # fmt: skip
             if refining:
                 refiner_fn = self._model_fn(
                     request, refiner_cond, refiner_uncond, None, request.batch_size, self.refiner
@@ -319,7 +333,8 @@ class Pipeline:
                 x = plan_2.noised_latents(latents, (vary(draw) if vary else draw).transpose(0, 2, 3, 1), 0)
                 noise = _sampler_noise(second, plan_2, noise, first)
                 controls = self._controls(second, plan_2, None)
-                model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size, controls=controls)
+                model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size, controls=controls,
+                                          image_embeds=image_embeds)  # fmt: skip
                 x = yield from denoise(
                     plan_2, model_fn, x.astype(self.model.dtype), noise, None, batch, plan.steps, controls
                 )
@@ -434,8 +449,9 @@ class Pipeline:
         return init.mask * x + (1 - init.mask) * known
 
     def _model_fn(
-        self, request, cond: Conditioning, uncond: Conditioning | None, init, B: int, model=None, controls=None
-    ):
+        self, request, cond: Conditioning, uncond: Conditioning | None, init, B: int, model=None, controls=None,
+        image_embeds=None,
+    ):  # fmt: skip
         model = model or self.model
         unet = model.unet
         dtype = model.dtype
@@ -453,11 +469,14 @@ class Pipeline:
         if unet.config.time_cond_proj_dim is not None:
             timestep_cond = guidance_embedding(request.guidance - 1.0, unet.config.time_cond_proj_dim, B)
         # the text's keys and values in each cross-attention layer: computed at the first step, reused by the others
-        context = TextContext(context.astype(dtype))
+        image = None
+        if image_embeds is not None:  # the IP-Adapter's image tokens for this batch
+            image = self.ip_adapter.context(image_embeds, unet, B, guided, request.ip_adapter_scale, dtype)
+        context = TextContext(context.astype(dtype), image)
         pooled = None if pooled is None else pooled.astype(dtype)
         cond_only = None
         if guided and request.s_min_uncond > 0:  # A1111's NGMS: some calls run the conditional half alone
-            cond_only = self._model_fn(request, cond, None, init, B, model, controls)
+            cond_only = self._model_fn(request, cond, None, init, B, model, controls, image_embeds)
         inputs = (context, pooled, time_ids, timestep_cond)
         cond_inputs = None
         if controls is not None and guided and any(u.cond_only() for u in controls.units):
@@ -476,6 +495,18 @@ class Pipeline:
             return model
         below = (lambda t: self.schedule.t_to_sigma(t) < request.s_min_uncond) if cond_only else None
         return classifier_free_guidance(model, request.guidance, request.guidance_rescale, cond_only, below)
+
+    def _image_prompt(self, request: GenerationRequest) -> mx.array | None:
+        """The IP-Adapter's embedding of the request's image prompt (once per request), or None."""
+        if request.ip_adapter_image is None:
+            return None
+        if self.ip_adapter is None:
+            raise ValueError("ip_adapter_image needs an IP-Adapter: Pipeline(model, ip_adapter=...) or --ip-adapter")
+        if request.ip_adapter_scale == 0:
+            return None
+        embeds = self.ip_adapter.embed(request.ip_adapter_image)
+        mx.eval(embeds)
+        return embeds
 
     def _controlnets(self, request: GenerationRequest) -> tuple:
         """The request's ControlNet units with their models resolved and checked against this model."""
@@ -588,6 +619,7 @@ class Pipeline:
             "Sigma noise": request.s_noise if request.s_noise not in (None, 1.0) else None,
             **(hires_infotext(request) if request.enable_hr else {}),
             **{f"ControlNet {i}": unit.infotext() for i, unit in enumerate(request.controlnet)},
+            **(_ip_adapter_infotext(self.ip_adapter, request) if request.ip_adapter_image is not None else {}),
             "Refiner": self.refiner.info.name if refining else None,
             "Refiner switch at": request.refiner_switch_at if refining else None,
             "RNG": {"torch-cpu": "CPU", "mlx": "MLX"}.get(request.rng, request.rng),
@@ -607,6 +639,11 @@ def _schedule_label(request: GenerationRequest, plan: SamplingPlan) -> str | Non
         return plan.schedule_label or None
     stype = resolve(request.sampler, request.schedule_type)[1]
     return stype.label if stype is not None else None
+
+
+def _ip_adapter_infotext(adapter, request: GenerationRequest) -> dict:
+    """The image prompt's adapter and weight (the image itself is not recorded, as A1111 records none)."""
+    return {"IP-Adapter": adapter.title, "IP-Adapter weight": request.ip_adapter_scale}
 
 
 def _eta(request: GenerationRequest, plan: SamplingPlan) -> float | None:

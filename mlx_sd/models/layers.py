@@ -332,8 +332,11 @@ class TextContext:
     are fused or wrapped before it starts), which is what makes the keys of `id(layer)` safe.
     """
 
-    def __init__(self, array: mx.array):
+    def __init__(self, array: mx.array, image=None):
         self.array = array
+        # an IP-Adapter's image tokens (mlx_sd.ip_adapter.ImageContext): `image.keys_values(layer)` -> (k, v, scale)
+        # for the cross-attention layers it adapts, None for the others
+        self.image = image
         self._keys_values: dict[int, tuple[mx.array, mx.array]] = {}
 
     def keys_values(self, layer: Attention) -> tuple[mx.array, mx.array]:
@@ -366,13 +369,20 @@ class Attention(nn.Module):
     def __call__(
         self, x: mx.array, context: mx.array | TextContext | None = None, residual: mx.array | None = None
     ) -> mx.array:
-        """Attention of x to context (x itself if None), plus `residual` if given."""
+        """Attention of x to context (x itself if None), plus `residual` if given. A `TextContext` holding an
+        IP-Adapter's image tokens adds scale * attention(q, image keys, image values) before the output projection."""
+        image = None
         if isinstance(context, TextContext):
             k, v = context.keys_values(self)
+            image = context.image.keys_values(self) if context.image is not None else None
         else:
             context = x if context is None else context
             k, v = self.to_k(context), self.to_v(context)
-        out = attention(self.to_q(x), k, v, self.heads)
+        q = self.to_q(x)
+        out = attention(q, k, v, self.heads)
+        if image is not None:
+            k_image, v_image, scale = image
+            out = out + scale * attention(q, k_image, v_image, self.heads)
         return self.to_out[0](out) if residual is None else linear_plus(self.to_out[0], out, residual)
 
 

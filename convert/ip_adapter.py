@@ -1,0 +1,114 @@
+"""Published IP-Adapters and their CLIP image encoders -> a loaded `mlx_sd.ip_adapter.IPAdapter`, read at run time.
+
+An IP-Adapter file (h94/IP-Adapter's `ip-adapter_sd15.safetensors`, `ip-adapter_sdxl_vit-h.safetensors`, or the
+`.bin` pickles) holds `image_proj.*` (the projection of the image embedding to tokens) and `ip_adapter.{1,3,5,...}.
+to_k_ip/to_v_ip.weight`, one pair per cross-attention layer of the UNet, numbered as diffusers orders its attention
+processors. The image encoder is a transformers CLIPVisionModelWithProjection folder (config.json + model.safetensors,
+the repository's `models/image_encoder` or `sdxl_models/image_encoder`). The architecture is read from the shapes and
+the encoder's config; both are mapped strictly. IP-Adapter Plus, FaceID and other variants with a Resampler or face
+embeddings are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_sd.components import parameter_shapes
+from mlx_sd.ip_adapter import IPAdapter, IPAdapterModel
+from mlx_sd.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from .controlnet import a1111_hash
+from .diffusers import _check_settings
+from .keymap import ConversionError, Rule, map_keys, read_mapped
+from .readers import open_checkpoint
+
+_LAYER = re.compile(r"ip_adapter\.(\d+)\.to_k_ip\.weight")
+_ENCODER_FILES = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors")
+_ENCODER_SETTINGS = {
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
+    "projection_dim", "hidden_act", "layer_norm_eps", "num_channels",
+}  # fmt: skip
+_ENCODER_INFORMATIONAL = {"attention_dropout", "dropout", "initializer_factor", "initializer_range", "model_type",
+                          "architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path"}  # fmt: skip
+ENCODER_RULES = [
+    Rule(r"(?:vision_model\.)?embeddings\.position_ids", None, "int64 position buffer, not a parameter"),
+    Rule(r"vision_model\.(.+)", r"\1"),
+    Rule(r"(visual_projection\.weight)", r"\1"),
+]
+
+
+def read_ip_adapter(path: str | Path, image_encoder: str | Path, dtype: mx.Dtype | None = None) -> IPAdapter:
+    """Read an IP-Adapter file and its image encoder folder (module docstring).
+
+    Raises:
+        ConversionError naming what does not fit, or the variant that is not supported.
+    """
+    from mlx_sd.backend import default_dtype
+
+    dtype = dtype or default_dtype()
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such IP-Adapter file")
+    state = open_checkpoint(path)
+    shapes = {k: tuple(state.info(k).shape) for k in state}
+    model = IPAdapterModel(**_architecture(path, shapes))
+    layers = sorted(int(m.group(1)) for k in shapes if (m := _LAYER.fullmatch(k)))
+    rules = [
+        Rule(r"image_proj\.(proj|norm)\.(weight|bias)", r"image_proj.\1.\2"),
+        *(Rule(rf"ip_adapter\.{n}\.(to_[kv]_ip)\.weight", rf"layers.{i}.\1.weight") for i, n in enumerate(layers)),
+    ]
+    _load(model, state, map_keys("ip_adapter", shapes, rules, parameter_shapes(model)), dtype)
+    return IPAdapter(model, read_image_encoder(image_encoder, dtype), path.stem, a1111_hash(path))
+
+
+def read_image_encoder(folder: str | Path, dtype: mx.Dtype | None = None) -> CLIPVisionModelWithProjection:
+    """A transformers CLIPVisionModelWithProjection folder (config.json + weights), loaded."""
+    folder = Path(folder).expanduser()
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(
+            f"{folder}: no config.json; the image encoder is a transformers folder, e.g. h94/IP-Adapter's "
+            "models/image_encoder (SD 1.5, ViT-H) or sdxl_models/image_encoder (ViT-bigG)"
+        )
+    data = json.loads(config_path.read_text())
+    data = data.get("vision_config", data)
+    settings = {k: v for k, v in data.items() if k not in _ENCODER_INFORMATIONAL}
+    _check_settings("image_encoder", settings, {}, _ENCODER_SETTINGS)
+    if settings.get("hidden_act", "quick_gelu") not in ("gelu", "quick_gelu"):
+        raise ConversionError(f"image_encoder: hidden_act={settings['hidden_act']!r} is not supported")
+    config = CLIPVisionConfig(**{"hidden_act": "quick_gelu", **settings})  # transformers' default activation
+    weights = next((folder / n for n in _ENCODER_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise ConversionError(f"{folder}: none of {', '.join(_ENCODER_FILES)} found")
+    state = open_checkpoint(weights)
+    model = CLIPVisionModelWithProjection(config)
+    shapes = {k: tuple(state.info(k).shape) for k in state}
+    _load(model, state, map_keys("image_encoder", shapes, ENCODER_RULES, parameter_shapes(model)), dtype)
+    return model
+
+
+def _architecture(path: Path, shapes: dict) -> dict:
+    if any(k.startswith(("image_proj.latents", "image_proj.proj_in", "image_proj.layers")) for k in shapes):
+        raise ConversionError(f"{path.name}: an IP-Adapter Plus (Resampler projection); mlx-sd runs the plain "
+                              "IP-Adapters (ip-adapter_sd15, ip-adapter_sdxl, ip-adapter_sdxl_vit-h)")  # fmt: skip
+    if "image_proj.proj.weight" not in shapes or "image_proj.norm.weight" not in shapes:
+        faceid = any("perceiver" in k or "lora" in k for k in shapes)
+        what = "an IP-Adapter FaceID" if faceid else "no IP-Adapter (no image_proj.proj / image_proj.norm tensors)"
+        raise ConversionError(f"{path.name}: {what}; mlx-sd runs the plain IP-Adapters")
+    out, embed_dim = shapes["image_proj.proj.weight"]
+    dim = shapes["image_proj.norm.weight"][0]
+    layers = sorted(int(m.group(1)) for k in shapes if (m := _LAYER.fullmatch(k)))
+    if not layers or out % dim:
+        raise ConversionError(f"{path.name}: image_proj.proj {out}x{embed_dim} does not make tokens of width {dim}")
+    inners = [shapes[f"ip_adapter.{n}.to_k_ip.weight"][0] for n in layers]
+    return {"embed_dim": embed_dim, "dim": dim, "tokens": out // dim, "inners": inners}
+
+
+def _load(model, state, plan: dict, dtype: mx.Dtype) -> None:
+    """Load the planned parameters one tensor at a time, cast to `dtype`."""
+    model.load_weights([(k, mx.array(read_mapped(state, m)).astype(dtype)) for k, m in plan.items()], strict=True)
+    model.eval()

@@ -1,0 +1,140 @@
+"""IP-Adapter: the CLIP image tower against transformers, the image processing against CLIPImageProcessor, and
+generation against diffusers' `load_ip_adapter` (SD 1.x and SDXL), on tiny random-weight models."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from test_pipeline import PROMPT, as_array, diffusers_pipe, generators
+from test_sdxl_pipeline import sdxl, xl_pipe  # noqa: F401  (the SDXL fixture)
+
+from mlx_sd.ip_adapter import pixels
+from mlx_sd.pipeline import Pipeline
+from mlx_sd_convert.ip_adapter import read_image_encoder, read_ip_adapter
+from mlx_sd_convert.keymap import ConversionError
+from oracles import assert_close, psnr, randomize
+
+MIN_PSNR = 50.0  # the images agree to 8-bit rounding (~59 dB)
+SCHEDULER = "EulerDiscreteScheduler"
+ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+               patch_size=8, projection_dim=16, hidden_act="gelu")  # fmt: skip
+
+
+def tiny_encoder(folder, seed: int = 21):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    encoder = randomize(CLIPVisionModelWithProjection(CLIPVisionConfig(**ENCODER)), seed)
+    encoder.save_pretrained(folder)
+    return encoder
+
+
+def tiny_ip_state(unet, seed: int = 22, tokens: int = 4) -> dict[str, torch.Tensor]:
+    """An IP-Adapter for `unet` (diffusers): image_proj and to_k_ip / to_v_ip for every cross-attention layer,
+    numbered 1, 3, 5, ... in the order of diffusers' attention processors, as the published files are."""
+    g = torch.Generator().manual_seed(seed)
+    dim = unet.config.cross_attention_dim
+    state = {
+        "image_proj.proj.weight": torch.randn(tokens * dim, ENCODER["projection_dim"], generator=g) / 4,
+        "image_proj.proj.bias": 0.2 * torch.randn(tokens * dim, generator=g),
+        "image_proj.norm.weight": 1 + 0.2 * torch.randn(dim, generator=g),
+        "image_proj.norm.bias": 0.2 * torch.randn(dim, generator=g),
+    }
+    modules = dict(unet.named_modules())
+    cross = [name[: -len(".processor")] for name in unet.attn_processors if name.endswith("attn2.processor")]
+    for i, name in enumerate(cross):
+        inner = modules[name].to_k.out_features
+        for kind in ("to_k_ip", "to_v_ip"):
+            state[f"ip_adapter.{2 * i + 1}.{kind}.weight"] = torch.randn(inner, dim, generator=g) / dim**0.5
+    return state
+
+
+def test_image_encoder_and_processing_match_transformers(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    reference = tiny_encoder(tmp_path / "encoder")
+    ours = read_image_encoder(tmp_path / "encoder", mx.float32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(pixel_values=x).image_embeds
+    assert_close(ours(mx.array(x.permute(0, 2, 3, 1).numpy())), expected, 1e-5, "image embeds")
+
+    processor = CLIPImageProcessor(size=32, crop_size=32)  # what diffusers' load_ip_adapter makes for this encoder
+    for size in ((50, 40), (40, 71), (32, 32)):
+        image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        expected = processor(image, return_tensors="np").pixel_values.transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(np.array(pixels(image, 32)), expected, atol=2e-6)
+
+
+@pytest.fixture(scope="module")
+def adapter_files(sd1, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ip-adapter")
+    parts, _ = sd1
+    encoder = tiny_encoder(tmp / "image_encoder")
+    state = tiny_ip_state(parts["unet"])
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp / "ip.safetensors")
+    nested = {"image_proj": {}, "ip_adapter": {}}  # the .bin layout: a state dict per part
+    for key, value in state.items():
+        part, rest = key.split(".", 1)
+        nested[part][rest] = value
+    torch.save(nested, tmp / "ip.bin")
+    return tmp, encoder
+
+
+@pytest.mark.parametrize("weights,scale,guidance", [("ip.safetensors", 0.7, 6.0), ("ip.bin", 1.0, 1.0)])
+def test_sd1_matches_diffusers_load_ip_adapter(sd1, adapter_files, weights, scale, guidance):
+    parts, _ = sd1
+    tmp, encoder = adapter_files
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    pipe = diffusers_pipe("StableDiffusionPipeline", {**parts, "image_encoder": encoder}, SCHEDULER)
+    pipe.load_ip_adapter(str(tmp), subfolder="", weight_name=weights)
+    pipe.set_ip_adapter_scale(scale)
+    expected = pipe(PROMPT, ip_adapter_image=image, width=64, height=64, num_inference_steps=4, guidance_scale=guidance,
+                    generator=generators(4, 1), output_type="np").images  # fmt: skip
+    ours = Pipeline(sd1[1].model, ip_adapter=read_ip_adapter(tmp / weights, tmp / "image_encoder", mx.float32))
+    result = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=guidance, seed=4, sampler=SCHEDULER,
+                           ip_adapter_image=image, ip_adapter_scale=scale)  # fmt: skip
+    value = psnr(as_array(result.images), expected, data_range=1.0)
+    assert value >= MIN_PSNR, f"IP-Adapter {weights}: PSNR {value:.1f} dB"
+    assert f"IP-Adapter: ip [{ours.ip_adapter.short_hash}], IP-Adapter weight: {scale}" in result.infotexts[0]
+    plain = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=guidance, seed=4, sampler=SCHEDULER)
+    assert psnr(as_array(plain.images), expected, data_range=1.0) < 40  # the image prompt acted
+
+
+def test_sdxl_matches_diffusers_load_ip_adapter(sdxl, tmp_path):  # noqa: F811
+    parts, base = sdxl
+    encoder = tiny_encoder(tmp_path / "image_encoder", seed=23)
+    state = tiny_ip_state(parts["unet"], seed=24)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "xl.safetensors")
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    pipe = xl_pipe("StableDiffusionXLPipeline", {**parts, "image_encoder": encoder}, SCHEDULER)
+    pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name="xl.safetensors")
+    pipe.set_ip_adapter_scale(0.8)
+    expected = pipe(PROMPT, ip_adapter_image=image, width=64, height=64, num_inference_steps=4, guidance_scale=5.0,
+                    generator=generators(6, 1), output_type="np").images  # fmt: skip
+    adapter = read_ip_adapter(tmp_path / "xl.safetensors", tmp_path / "image_encoder", mx.float32)
+    ours = Pipeline(base.model, ip_adapter=adapter)
+    result = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=5.0, seed=6, sampler=SCHEDULER,
+                           ip_adapter_image=image, ip_adapter_scale=0.8)  # fmt: skip
+    value = psnr(as_array(result.images), expected, data_range=1.0)
+    assert value >= MIN_PSNR, f"SDXL IP-Adapter: PSNR {value:.1f} dB"
+
+
+def test_refusals(sd1, sdxl, adapter_files, tmp_path):  # noqa: F811
+    tmp, _ = adapter_files
+    adapter = read_ip_adapter(tmp / "ip.safetensors", tmp / "image_encoder", mx.float32)
+    with pytest.raises(ValueError, match="another|family"):
+        Pipeline(sdxl[1].model, ip_adapter=adapter)
+    with pytest.raises(ValueError, match="needs an IP-Adapter"):
+        sd1[1].generate(prompt="x", width=64, height=64, steps=1, ip_adapter_image=Image.new("RGB", (8, 8)))
+    plus = {"image_proj.latents": torch.zeros(1, 16, 32), "image_proj.proj_in.weight": torch.zeros(32, 16),
+            "ip_adapter.1.to_k_ip.weight": torch.zeros(32, 32)}  # fmt: skip
+    save_file(plus, tmp_path / "ip-adapter-plus_sd15.safetensors")
+    with pytest.raises(ConversionError, match="Plus"):
+        read_ip_adapter(tmp_path / "ip-adapter-plus_sd15.safetensors", tmp / "image_encoder")
+    with pytest.raises(ConversionError, match="config.json"):
+        read_ip_adapter(tmp / "ip.safetensors", tmp_path)
