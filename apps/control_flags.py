@@ -1,4 +1,5 @@
-"""`mlx-sd generate`'s ControlNet flags: units from `--controlnet MODEL IMAGE`, settings given once or once per unit."""
+"""`mlx-sd generate`'s image-conditioning flags: ControlNet units from `--controlnet MODEL IMAGE` (settings given once
+or once per unit) and an IP-Adapter's image prompt."""
 
 from __future__ import annotations
 
@@ -39,6 +40,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         group.add_argument(flag, type=kind, action="append", default=[], metavar=metavar, help=meaning)
     group.add_argument("--control-pixel-perfect", action="store_true",
                        help="preprocessor resolution from the output size (A1111's Pixel Perfect)")  # fmt: skip
+    ip = p.add_argument_group("IP-Adapter (an image as a prompt)")
+    ip.add_argument("--ip-adapter", type=Path, metavar="FILE", help="an IP-Adapter file (ip-adapter_sd15.safetensors)")
+    ip.add_argument("--image-encoder", type=Path, metavar="DIR",
+                    help="its CLIP image encoder, a transformers folder (models/image_encoder)")  # fmt: skip
+    ip.add_argument("--ip-adapter-image", type=Path, metavar="IMAGE", help="the image prompt")
+    ip.add_argument("--ip-adapter-scale", type=float, default=1.0, help="weight of the image prompt (default 1)")
+
+
+def ip_adapter(args, open_image):
+    """(the IP-Adapter the flags name, loaded, or None; the image prompt or None)."""
+    given = [flag for flag, value in (("--ip-adapter", args.ip_adapter), ("--image-encoder", args.image_encoder),
+                                      ("--ip-adapter-image", args.ip_adapter_image)) if value is not None]  # fmt: skip
+    if not given:
+        return None, None
+    if len(given) < 3:
+        raise UserError("an image prompt needs --ip-adapter FILE, --image-encoder DIR and --ip-adapter-image IMAGE")
+    from mlx_sd_convert import ConversionError
+    from mlx_sd_convert.ip_adapter import read_ip_adapter
+
+    image = open_image(args.ip_adapter_image, "--ip-adapter-image")
+    try:
+        return read_ip_adapter(args.ip_adapter, args.image_encoder), image
+    except ConversionError as e:
+        raise UserError(str(e)) from None
 
 
 def units(args, open_image, load) -> tuple[ControlNetUnit, ...]:

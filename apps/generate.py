@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -171,6 +172,7 @@ def _request(args) -> GenerationRequest:
         hr_second_pass_steps=args.hr_second_pass_steps, hr_resize_x=args.hr_resize_x, hr_resize_y=args.hr_resize_y,
         hr_sampler=args.hr_sampler, hr_schedule_type=args.hr_schedule_type, hr_prompt=args.hr_prompt,
         hr_negative_prompt=args.hr_negative_prompt, controlnet=control_flags.units(args, _open_image, _controlnet),
+        ip_adapter_scale=args.ip_adapter_scale,
     )  # fmt: skip
     if args.params_from is not None:
         fields.update(_recalled(args))
@@ -222,9 +224,11 @@ def run_generate(args) -> None:
     if args.refiner_switch_at is not None and args.refiner is None:
         raise UserError("--refiner-switch-at needs --refiner (the SDXL refiner model)")
     refiner = resolve_model(args.refiner) if args.refiner else None
+    adapter, image_prompt = control_flags.ip_adapter(args, _open_image)
+    request = replace(request, ip_adapter_image=image_prompt)
     try:
-        pipeline = Pipeline(resolve_model(args.model), refiner=refiner)
-    except ValueError as e:  # a refiner that cannot take over this model's latents
+        pipeline = Pipeline(resolve_model(args.model), refiner=refiner, ip_adapter=adapter)
+    except ValueError as e:  # a refiner that cannot take over this model's latents, an adapter for another family
         raise UserError(str(e)) from None
     _add_networks(pipeline, args)
     bar = None

@@ -125,6 +125,35 @@ def test_controlnets_from_cli(model, tmp_path):
     assert bad.returncode == 2 and "--controlnet-dir" in bad.stderr
 
 
+def test_ip_adapter_from_cli(model, tmp_path):
+    import mlx.core as mx
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from test_ip_adapter import tiny_encoder, tiny_ip_state
+    from tiny_pipelines import UNETS
+
+    from mlx_sd.pipeline import Pipeline
+    from mlx_sd_convert.ip_adapter import read_ip_adapter
+
+    tiny_encoder(tmp_path / "image_encoder")
+    state = tiny_ip_state(UNet2DConditionModel(**UNETS["sd1"]))
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "ip.safetensors")
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    flags = ["--ip-adapter", tmp_path / "ip.safetensors", "--image-encoder", tmp_path / "image_encoder"]
+    out = run("generate", "x", "--model", model, "--width", 64, "--height", 64, "--steps", 2, "--seed", 3, *flags,
+              "--ip-adapter-image", tmp_path / "p.png", "--ip-adapter-scale", 0.6,
+              "--output", tmp_path / "ip.png")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "IP-Adapter weight: 0.6" in read_infotext(tmp_path / "ip.png")
+    adapter = read_ip_adapter(tmp_path / "ip.safetensors", tmp_path / "image_encoder", mx.float32)
+    expected = Pipeline(model, ip_adapter=adapter).generate(prompt="x", width=64, height=64, steps=2, seed=3,
+                                                            ip_adapter_image=Image.open(tmp_path / "p.png"),
+                                                            ip_adapter_scale=0.6)  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "ip.png")), np.asarray(expected.images[0]))
+    bad = run("generate", "x", "--model", model, *flags)
+    assert bad.returncode == 2 and "--ip-adapter-image" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_samplers_listing():
     out = run("samplers", "--json")
     assert out.returncode == 0
