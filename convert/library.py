@@ -30,7 +30,7 @@ from .readers import open_checkpoint
 
 DEFAULT_CACHE = 8  # mapped LoRAs kept in memory (an SDXL LoRA is ~50-400 MB)
 CONTROLNET_CACHE = 2  # loaded ControlNets kept (SD 1.5: 1.4 GB in float32, SDXL: 5 GB)
-_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,10}\]$")  # "control_v11p_sd15_canny [d14c016b]"
+TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,10}\]$")  # "control_v11p_sd15_canny [d14c016b]"
 
 
 def _files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
@@ -204,8 +204,8 @@ class ControlNetLibrary:
         listing = self.listing()
         if name in listing:
             return listing[name]
-        bare = _TITLE_HASH.sub("", name)
-        found = [path for title, path in listing.items() if _TITLE_HASH.sub("", title) == bare]
+        bare = TITLE_HASH.sub("", name)
+        found = [path for title, path in listing.items() if TITLE_HASH.sub("", title) == bare]
         if len(found) == 1:
             return found[0]
         if found:

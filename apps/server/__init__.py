@@ -52,6 +52,10 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-dir", type=Path, help="folder of LoRA files for <lora:name:weight> in prompts")
     p.add_argument("--controlnet-dir", type=Path,
                    help="folder of ControlNets (files, diffusers folders) that requests name")  # fmt: skip
+    p.add_argument("--ip-adapter", type=Path, metavar="FILE",
+                   help="an IP-Adapter for image prompts (needs --image-encoder)")  # fmt: skip
+    p.add_argument("--image-encoder", type=Path, metavar="DIR",
+                   help="the IP-Adapter's CLIP image encoder, a transformers folder")  # fmt: skip
     p.add_argument("--embeddings-dir", type=Path,
                    help="folder of textual-inversion embeddings loaded into every model they fit")  # fmt: skip
     p.add_argument("--styles", type=Path, metavar="CSV",

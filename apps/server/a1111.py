@@ -248,7 +248,8 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
     elif req.enable_hr:
         fields.update(_hires_fields(req))
     max_pixels = state.config.limits.max_input_pixels
-    fields["controlnet"] = a1111_units(controlnet, state, max_pixels, fields.get("init_image"))
+    fields["controlnet"], image_prompt = a1111_units(controlnet, state, max_pixels, fields.get("init_image"))
+    fields.update(image_prompt)
     refiner = None
     if req.refiner_checkpoint not in (None, "", "None"):  # A1111's "None" in its refiner menu
         refiner = state.model(req.refiner_checkpoint, "refiner_checkpoint")

@@ -26,6 +26,7 @@ from mlx_sd.controlnet import (
 from mlx_sd.params import MAX_SIZE
 from mlx_sd.preprocessors import CANNY_DEFAULTS, PREPROCESSORS, PROCESSOR_RES, preprocess
 from mlx_sd_convert import ConversionError
+from mlx_sd_convert.library import TITLE_HASH as _TITLE_HASH
 
 from . import codec
 from .errors import invalid
@@ -40,6 +41,9 @@ A1111_NAMES = {"invert (from white bg & black line)": "invert", **{m: m for m in
                "lineart_standard (from white bg & black line)": "lineart_standard",
                **{v: k for k, v in A1111_MODULES.items()}}  # fmt: skip
 UNSET = -1  # the extension's "default" for processor_res and thresholds
+# the extension's IP-Adapter modules (which CLIP encoder to run): this server runs the one given by --image-encoder
+IP_MODULES = ("ip-adapter_clip_sd15", "ip-adapter_clip_h", "ip-adapter_clip_sdxl", "ip-adapter_clip_g",
+              "ip-adapter_clip_sdxl_plus_vith", "ip-adapter-auto")  # fmt: skip
 
 
 class UnitRequest(BaseModel):
@@ -98,21 +102,51 @@ def split_scripts(scripts: dict | None) -> tuple[list, dict]:
     return args, scripts
 
 
-def a1111_units(args: list, state: ServerState, max_pixels: int, init_image=None) -> tuple[ControlNetUnit, ...]:
+def a1111_units(args: list, state: ServerState, max_pixels: int, init_image=None) -> tuple[tuple, dict]:
     """The enabled units of the extension's `args`, as its API reads them (names or numeric codes, -1 for
-    defaults; in img2img a unit without an image controls with the init image)."""
-    out = []
+    defaults; in img2img a unit without an image controls with the init image).
+
+    Returns:
+        (the ControlNet units, the request fields of an IP-Adapter unit ({} without one): the extension runs
+        IP-Adapters as units with an "ip-adapter_*" module)
+    """
+    out, prompt = [], {}
     for i, arg in enumerate(args):
         where = f"alwayson_scripts.controlnet.args[{i}]"
         if not isinstance(arg, dict):
             raise invalid(where, "expected a ControlNet unit object")
         if not arg.get("enabled", True) or arg.get("model") in (None, "", "None"):
             continue
+        if str(arg.get("module", "")).startswith("ip-adapter"):
+            if prompt:
+                raise invalid(where, "one IP-Adapter unit per request")
+            prompt = _image_prompt(arg, state, max_pixels, init_image, where)
+            continue
         out.append(_a1111_unit(arg, state, max_pixels, init_image, where))
-    return tuple(out)
+    return tuple(out), prompt
 
 
-def _a1111_unit(arg: dict, state: ServerState, max_pixels: int, init_image, where: str) -> ControlNetUnit:
+def _image_prompt(arg: dict, state: ServerState, max_pixels: int, init_image, where: str) -> dict:
+    """An IP-Adapter unit as the request's image prompt: the server's IP-Adapter, at the unit's weight."""
+    if arg["module"] not in IP_MODULES:
+        raise invalid(f"{where}.module", f"{arg['module']!r} is not one of {', '.join(IP_MODULES)}")
+    title = state.engine.ip_adapter_title
+    if title is None:
+        raise invalid(f"{where}.model", "this server has no IP-Adapter: start it with --ip-adapter FILE "
+                      "--image-encoder DIR")  # fmt: skip
+    if _TITLE_HASH.sub("", str(arg["model"])) != _TITLE_HASH.sub("", title):  # by name, as the extension finds models
+        raise invalid(f"{where}.model", f"{arg['model']!r}: this server's IP-Adapter is {title!r}")
+    neutral = {"guidance_start": (0, 0.0), "guidance_end": (1, 1.0), "control_mode": ("Balanced", 0)}
+    for key, values in neutral.items():
+        if arg.get(key, values[0]) not in values:
+            raise invalid(f"{where}.{key}", "an IP-Adapter acts on every step and both guidance halves here; "
+                          f"send {values[0]!r} or leave it out")  # fmt: skip
+    return {"ip_adapter_image": _unit_image(arg, max_pixels, init_image, where),
+            "ip_adapter_scale": _number(arg.get("weight", 1.0), f"{where}.weight")}  # fmt: skip
+
+
+def _unit_image(arg: dict, max_pixels: int, init_image, where: str):
+    """A unit's image: base64 (or {"image": ...}; legacy input_image), else in img2img the init image."""
     image = arg.get("image", arg.get("input_image"))
     if isinstance(image, dict):
         if image.get("mask"):
@@ -121,11 +155,14 @@ def _a1111_unit(arg: dict, state: ServerState, max_pixels: int, init_image, wher
     if arg.get("mask"):
         raise invalid(f"{where}.mask", "ControlNet masks (inpaint preprocessors) are not supported")
     if image:
-        image = codec.decode_image(image, f"{where}.image", max_pixels).convert("RGB")
-    elif init_image is not None:
-        image = init_image  # the extension's img2img rule
-    else:
-        raise invalid(f"{where}.image", "required: the control image (base64)")
+        return codec.decode_image(image, f"{where}.image", max_pixels).convert("RGB")
+    if init_image is not None:
+        return init_image  # the extension's img2img rule
+    raise invalid(f"{where}.image", "required: the control image (base64)")
+
+
+def _a1111_unit(arg: dict, state: ServerState, max_pixels: int, init_image, where: str) -> ControlNetUnit:
+    image = _unit_image(arg, max_pixels, init_image, where)
     if arg.get("hr_option", "Both") != "Both":
         raise invalid(f"{where}.hr_option", "units apply to both passes of the hires fix; send 'Both'")
     res, low, high = (arg.get(k, UNSET) for k in ("processor_res", "threshold_a", "threshold_b"))
@@ -180,8 +217,8 @@ def version():
 
 @router.get("/model_list")
 def model_list(state: State, update: bool = True):
-    library = state.engine.controlnets
-    return {"model_list": list(library.listing()) if library is not None else []}
+    library, ip = state.engine.controlnets, state.engine.ip_adapter_title
+    return {"model_list": (list(library.listing()) if library is not None else []) + ([ip] if ip else [])}
 
 
 @router.get("/module_list")
@@ -193,7 +230,7 @@ def module_list(alias_names: bool = False):
     ]
     sliders = {"canny": canny}
     detail = {m: {"model_free": True, "sliders": sliders.get(m, [])} for m in PREPROCESSORS}
-    return {"module_list": list(PREPROCESSORS), "module_detail": detail}
+    return {"module_list": [*PREPROCESSORS, *IP_MODULES], "module_detail": detail}
 
 
 class DetectRequest(BaseModel):

@@ -31,6 +31,8 @@ from mlx_sd import backend
 from mlx_sd.infotext import save_png
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Cancelled, Control, Pipeline, Progress, Result
+from mlx_sd_convert.controlnet import a1111_hash
+from mlx_sd_convert.ip_adapter import read_ip_adapter
 from mlx_sd_convert.library import ControlNetLibrary, EmbeddingLibrary, LoraLibrary, embeddings_api
 
 from .errors import ApiError
@@ -148,11 +150,13 @@ class Engine:
         lora_dir: LoRA files that `<lora:name:weight>` in a prompt resolves from (None: the syntax is refused).
         embeddings_dir: textual-inversion embeddings loaded into every model they fit.
         controlnet_dir: ControlNets that requests name (None: ControlNet units are refused).
+        ip_adapter: (IP-Adapter file, image encoder folder) for requests with an image prompt, or None; read when the
+            first model loads, attached to every model it fits.
     """
 
     def __init__(self, initial: ModelEntry, max_queue: int = 8, keep_jobs: int = 32, output_dir: Path | None = None,
                  preload: bool = True, lora_dir: Path | None = None, embeddings_dir: Path | None = None,
-                 controlnet_dir: Path | None = None):  # fmt: skip
+                 controlnet_dir: Path | None = None, ip_adapter: tuple[Path, Path] | None = None):  # fmt: skip
         self.default_model = initial
         self.max_queue = max_queue
         self.keep_jobs = keep_jobs
@@ -172,6 +176,10 @@ class Engine:
         self.embeddings = EmbeddingLibrary(embeddings_dir) if embeddings_dir is not None else None
         self.embedding_listing: dict = {"loaded": {}, "skipped": {}}  # for GET /sdapi/v1/embeddings
         self.controlnets = ControlNetLibrary(controlnet_dir) if controlnet_dir is not None else None
+        self.ip_adapter_paths = ip_adapter
+        self.ip_adapter_title = f"{ip_adapter[0].stem} [{a1111_hash(ip_adapter[0])}]" if ip_adapter else None
+        self._ip_adapter = None  # read on the worker thread, with the first model
+        self._ip_adapter_refused: str | None = None  # why the loaded model runs without it
 
     # --- used by request handlers ------------------------------------------------------------------------------
 
@@ -366,6 +374,7 @@ class Engine:
         gc.collect()  # free the previous model's arrays before the next one is read
         try:
             self._pipeline = Pipeline(entry.folder, lora_resolver=self.loras, controlnet_resolver=self.controlnets)
+            self._attach_ip_adapter(entry)
             if self.embeddings is not None:
                 loaded, skipped = self.embeddings.for_model(self._pipeline.model)
                 self._pipeline.load_embeddings(loaded)
@@ -376,7 +385,20 @@ class Engine:
         self.loaded = entry
         job.textinfo = None
 
+    def _attach_ip_adapter(self, entry: ModelEntry) -> None:
+        self._ip_adapter_refused = None
+        if self.ip_adapter_paths is None:
+            return
+        if self._ip_adapter is None:
+            self._ip_adapter = read_ip_adapter(*self.ip_adapter_paths)
+        try:
+            self._pipeline.set_ip_adapter(self._ip_adapter)
+        except ValueError as e:  # made for another family than this model
+            self._ip_adapter_refused = f"model {entry.name!r} runs without an IP-Adapter: {e}"
+
     def _generate(self, job: Job) -> str:
+        if job.request.ip_adapter_image is not None and self._ip_adapter_refused:
+            raise ApiError(422, self._ip_adapter_refused, code="invalid_value")
         for event in self._pipeline.stream(job.request, job.control):
             if isinstance(event, Progress):
                 # Previews are made here: their arrays belong to this thread's MLX stream.

@@ -98,6 +98,8 @@ class JobRequest(BaseModel):
     tiling: bool = Field(False, description="seamless: every convolution pads circularly (A1111's Tiling)")
     tiled_vae: bool | None = None
     controlnet: list[UnitRequest] = Field([], description="ControlNet units; their residuals add up")
+    ip_adapter_image: str | None = Field(None, description="an image prompt for the server's IP-Adapter (base64)")
+    ip_adapter_scale: float = Field(1.0, ge=0, le=10, description="the image prompt's weight")
     save: bool = Field(False, description="also write the PNGs to the server's --output-dir")
 
 
@@ -111,8 +113,14 @@ class JobCreated(BaseModel):
 
 def _to_generation(req: JobRequest, state: ServerState) -> GenerationRequest:
     max_pixels = state.config.limits.max_input_pixels
-    fields = req.model_dump(exclude={"model", "refiner", "save", "init_image", "mask", "controlnet"})
+    images = {"init_image", "mask", "controlnet", "ip_adapter_image"}  # decoded below
+    fields = req.model_dump(exclude={"model", "refiner", "save", *images})
     fields["controlnet"] = native_units(req.controlnet, state, max_pixels)
+    if req.ip_adapter_image is not None:
+        if state.engine.ip_adapter_title is None:
+            raise invalid("ip_adapter_image", "this server has no IP-Adapter: start it with --ip-adapter FILE "
+                          "--image-encoder DIR")  # fmt: skip
+        fields["ip_adapter_image"] = codec.decode_image(req.ip_adapter_image, "ip_adapter_image", max_pixels)
     if req.init_image is not None:
         fields["init_image"] = codec.decode_image(req.init_image, "init_image", max_pixels).convert("RGB")
     if req.mask is not None:
@@ -256,6 +264,6 @@ def capabilities(state: State):
         "schedule_types": ["Automatic"] + [s.label for s in SCHEDULE_TYPES.values()],
         "rng": list(NOISE_MODES), "limits": state.config.limits.as_dict(), "auth": state.config.auth_required,
         "controlnets": list(engine.controlnets.listing()) if engine.controlnets is not None else [],
-        "controlnet_modules": list(MODULES),
+        "controlnet_modules": list(MODULES), "ip_adapter": engine.ip_adapter_title,
         "apis": {"a1111": "/sdapi/v1", "openai": "/v1/images", "jobs": "/v1/jobs", "openapi": "/openapi.json"},
     }  # fmt: skip

@@ -81,12 +81,19 @@ def serve(args) -> None:
     initial = _initial_model(args, registry)
     folders = (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir),
                ("--controlnet-dir", args.controlnet_dir))  # fmt: skip
+    if (args.ip_adapter is None) != (args.image_encoder is None):
+        raise UserError("--ip-adapter FILE and --image-encoder DIR go together")
+    if args.ip_adapter is not None and not args.ip_adapter.is_file():
+        raise UserError(f"--ip-adapter {args.ip_adapter} is not a file")
+    if args.image_encoder is not None and not args.image_encoder.is_dir():
+        raise UserError(f"--image-encoder {args.image_encoder} is not a folder")
     for flag, folder in folders:
         if folder is not None and not Path(folder).is_dir():
             raise UserError(f"{flag} {folder} is not a folder")
     engine = Engine(initial, max_queue=limits.max_queue, keep_jobs=config.keep_jobs, output_dir=config.output_dir,
                     lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                    controlnet_dir=args.controlnet_dir)  # fmt: skip
+                    controlnet_dir=args.controlnet_dir,
+                    ip_adapter=(args.ip_adapter, args.image_encoder) if args.ip_adapter else None)  # fmt: skip
     state = ServerState(engine, registry, config, backend=backend.describe())
     app = create_app(state)
 

@@ -8,15 +8,20 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from diffusers import UNet2DConditionModel
 from PIL import Image
+from safetensors.torch import save_file
 from serving import require_serve_extra, running_server
 from test_controlnet import tiny_controlnet
+from test_ip_adapter import tiny_encoder, tiny_ip_state
 from test_server_page import CHROMEDRIVER, CHROMIUM, By, WebDriverWait, fill
 from test_server_page import browser as browser  # noqa: F401  (the headless Chromium fixture)
+from tiny_pipelines import UNETS
 
 from mlx_sd.controlnet import ControlNetUnit
 from mlx_sd.pipeline import Pipeline
-from mlx_sd_convert.controlnet import read_controlnet
+from mlx_sd_convert.controlnet import a1111_hash, read_controlnet
+from mlx_sd_convert.ip_adapter import read_ip_adapter
 
 require_serve_extra()
 webuiapi = pytest.importorskip("webuiapi")
@@ -28,7 +33,12 @@ def served(models_dir, tmp_path_factory):
     folder = tmp / "controlnets"
     tiny_controlnet("sd1", 11).save_pretrained(folder / "edges")
     tiny_controlnet("sd1", 12).save_pretrained(folder / "lines")
-    with running_server(models_dir, tmp, "--model", "tiny-a", "--controlnet-dir", str(folder)) as server:
+    tiny_encoder(tmp / "image_encoder")
+    state = tiny_ip_state(UNet2DConditionModel(**UNETS["sd1"]))
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp / "ip-adapter_tiny.safetensors")
+    ip = ("--ip-adapter", str(tmp / "ip-adapter_tiny.safetensors"), "--image-encoder", str(tmp / "image_encoder"))
+    with running_server(models_dir, tmp, "--model", "tiny-a", "--controlnet-dir", str(folder), *ip) as server:
+        server.ip = (tmp / "ip-adapter_tiny.safetensors", tmp / "image_encoder")
         yield server, folder
 
 
@@ -49,7 +59,8 @@ def decoded(data: str) -> np.ndarray:
 
 def test_extension_routes(served):
     server, folder = served
-    assert server.get("/controlnet/model_list").json() == {"model_list": ["edges", "lines"]}
+    ip = f"ip-adapter_tiny [{a1111_hash(server.ip[0])}]"
+    assert server.get("/controlnet/model_list").json() == {"model_list": ["edges", "lines", ip]}
     modules = server.get("/controlnet/module_list").json()["module_list"]
     assert modules[:3] == ["none", "invert", "canny"] and "tile_resample" in modules
     assert server.get("/controlnet/version").json() == {"version": 2}
@@ -157,6 +168,39 @@ def test_errors_name_the_field(served, server):
     # a server without --controlnet-dir says how to get one
     r = server.post("/sdapi/v1/txt2img", json={**base, "alwayson_scripts": {"ControlNet": {"args": [unit]}}})
     assert r.status_code == 422 and "--controlnet-dir" in r.json()["detail"]
+
+
+def test_ip_adapter_units_and_native_image_prompts(served, models_dir):
+    server, folder = served
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    prompt_image = photo(11, (48, 40))
+    units = [webuiapi.ControlNetUnit(image=prompt_image, module="ip-adapter_clip_sd15", model="ip-adapter_tiny",
+                                     weight=0.6)]  # fmt: skip
+    result = api.txt2img(prompt="a house", width=64, height=64, steps=3, seed=8, sampler_name="Euler",
+                         controlnet_units=units, alwayson_scripts={})  # fmt: skip
+    assert "IP-Adapter weight: 0.6" in result.info["infotexts"][0]
+    adapter = read_ip_adapter(*server.ip, mx.float32)
+    expected = Pipeline(models_dir / "tiny-a", ip_adapter=adapter).generate(
+        prompt="a house", width=64, height=64, steps=3, seed=8, sampler="Euler", guidance=7.0,
+        ip_adapter_image=prompt_image, ip_adapter_scale=0.6,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(result.image.convert("RGB")), np.asarray(expected.images[0]))
+
+    job = server.post("/v1/jobs", json={"prompt": "a house", "width": 64, "height": 64, "steps": 3, "seed": 8,
+                                        "sampler": "Euler", "guidance": 7.0, "ip_adapter_image": b64(prompt_image),
+                                        "ip_adapter_scale": 0.6})  # fmt: skip
+    assert job.status_code == 202, job.text
+    server.get(f"/v1/jobs/{job.json()['id']}/events", timeout=120)
+    png = server.get(f"/v1/jobs/{job.json()['id']}/images/0").content
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), np.asarray(expected.images[0]))
+
+    base = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
+    unit = {"module": "ip-adapter_clip_sd15", "model": "ip-adapter_tiny", "image": b64(prompt_image)}
+    for change, where in [({"model": "ip-adapter_sd15"}, "model"), ({"guidance_end": 0.5}, "guidance_end"),
+                          ({"module": "ip-adapter_face_id"}, "module")]:  # fmt: skip
+        body = {**base, "alwayson_scripts": {"controlnet": {"args": [{**unit, **change}]}}}
+        r = server.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 422 and r.json()["detail"].startswith(f"alwayson_scripts.controlnet.args[0].{where}")
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromedriver")
