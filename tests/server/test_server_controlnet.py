@@ -215,6 +215,10 @@ def test_page_sends_a_controlnet_unit(browser, served, tmp_path):
     fill(browser, prompt="a lighthouse", width=64, height=64, steps=3, seed=2, control_weight=0.7)
     browser.find_element(By.CSS_SELECTOR, "#controlnet option[value='edges']").click()
     browser.find_element(By.ID, "control-image").send_keys(str(tmp_path / "edges.png"))
+    browser.find_element(By.CSS_SELECTOR, "#ip-adapter-box summary").click()
+    browser.find_element(By.ID, "ip-adapter-image").send_keys(str(tmp_path / "edges.png"))
+    fill(browser, ip_adapter_scale=0.4)
     browser.find_element(By.ID, "generate").click()
     card = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card"))[0]
-    assert 'ControlNet 0: "Module: none, Model: edges, Weight: 0.7' in card.find_element(By.TAG_NAME, "pre").text
+    text = card.find_element(By.TAG_NAME, "pre").text
+    assert 'ControlNet 0: "Module: none, Model: edges, Weight: 0.7' in text and "IP-Adapter weight: 0.4" in text
