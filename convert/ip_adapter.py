@@ -3,10 +3,13 @@
 An IP-Adapter file (h94/IP-Adapter's `ip-adapter_sd15.safetensors`, `ip-adapter_sdxl_vit-h.safetensors`, or the
 `.bin` pickles) holds `image_proj.*` (the projection of the image embedding to tokens) and `ip_adapter.{1,3,5,...}.
 to_k_ip/to_v_ip.weight`, one pair per cross-attention layer of the UNet, numbered as diffusers orders its attention
-processors. The image encoder is a transformers CLIPVisionModelWithProjection folder (config.json + model.safetensors,
-the repository's `models/image_encoder` or `sdxl_models/image_encoder`). The architecture is read from the shapes and
-the encoder's config; both are mapped strictly. IP-Adapter Plus, FaceID and other variants with a Resampler or face
-embeddings are refused by name.
+processors. IP-Adapter Plus files (`ip-adapter-plus_sd15`, `ip-adapter-plus-face_sd15`, `ip-adapter-plus_sdxl_vit-h`)
+hold a Resampler instead of the plain projection (`image_proj.latents`, `proj_in`, `layers.{i}.0` perceiver attention,
+`layers.{i}.1` feed-forward, `proj_out`, `norm_out`), named here as in the original code. The image encoder is a
+transformers CLIPVisionModelWithProjection folder (config.json + model.safetensors, the repository's
+`models/image_encoder` or `sdxl_models/image_encoder`). The architecture is read from the shapes and the encoder's
+config; both are mapped strictly. FaceID and full-face variants (face embeddings, an MLP projection) are refused by
+name.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def read_ip_adapter(path: str | Path, image_encoder: str | Path, dtype: mx.Dtype
     model = IPAdapterModel(**_architecture(path, shapes))
     layers = sorted(int(m.group(1)) for k in shapes if (m := _LAYER.fullmatch(k)))
     rules = [
-        Rule(r"image_proj\.(proj|norm)\.(weight|bias)", r"image_proj.\1.\2"),
+        Rule(r"image_proj\.(.+)", r"image_proj.\1"),  # our names are the published ones
         *(Rule(rf"ip_adapter\.{n}\.(to_[kv]_ip)\.weight", rf"layers.{i}.\1.weight") for i, n in enumerate(layers)),
     ]
     _load(model, state, map_keys("ip_adapter", shapes, rules, parameter_shapes(model)), dtype)
@@ -92,19 +95,26 @@ def read_image_encoder(folder: str | Path, dtype: mx.Dtype | None = None) -> CLI
 
 
 def _architecture(path: Path, shapes: dict) -> dict:
-    if any(k.startswith(("image_proj.latents", "image_proj.proj_in", "image_proj.layers")) for k in shapes):
-        raise ConversionError(f"{path.name}: an IP-Adapter Plus (Resampler projection); mlx-sd runs the plain "
-                              "IP-Adapters (ip-adapter_sd15, ip-adapter_sdxl, ip-adapter_sdxl_vit-h)")  # fmt: skip
+    layers = sorted(int(m.group(1)) for k in shapes if (m := _LAYER.fullmatch(k)))
+    inners = [shapes[f"ip_adapter.{n}.to_k_ip.weight"][0] for n in layers]
+    if "image_proj.latents" in shapes:  # IP-Adapter Plus: a Resampler
+        if "image_proj.layers.0.0.to_q.weight" not in shapes or not layers:
+            raise ConversionError(f"{path.name}: an IP-Adapter Plus without its resampler layers or UNet layers")
+        _, tokens, hidden = shapes["image_proj.latents"]
+        depth = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("image_proj.layers."))
+        resampler = {"hidden": hidden, "inner": shapes["image_proj.layers.0.0.to_q.weight"][0], "depth": depth,
+                     "ffn": shapes["image_proj.layers.0.1.1.weight"][0]}  # fmt: skip
+        embed_dim = shapes["image_proj.proj_in.weight"][1]
+        dim = shapes["image_proj.proj_out.weight"][0]
+        return {"embed_dim": embed_dim, "dim": dim, "tokens": tokens, "inners": inners, "resampler": resampler}
     if "image_proj.proj.weight" not in shapes or "image_proj.norm.weight" not in shapes:
         faceid = any("perceiver" in k or "lora" in k for k in shapes)
         what = "an IP-Adapter FaceID" if faceid else "no IP-Adapter (no image_proj.proj / image_proj.norm tensors)"
         raise ConversionError(f"{path.name}: {what}; mlx-sd runs the plain IP-Adapters")
     out, embed_dim = shapes["image_proj.proj.weight"]
     dim = shapes["image_proj.norm.weight"][0]
-    layers = sorted(int(m.group(1)) for k in shapes if (m := _LAYER.fullmatch(k)))
     if not layers or out % dim:
         raise ConversionError(f"{path.name}: image_proj.proj {out}x{embed_dim} does not make tokens of width {dim}")
-    inners = [shapes[f"ip_adapter.{n}.to_k_ip.weight"][0] for n in layers]
     return {"embed_dim": embed_dim, "dim": dim, "tokens": out // dim, "inners": inners}
 
 

@@ -18,8 +18,11 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
+from .attention import attention
 from .models.clip_vision import CLIP_MEAN, CLIP_STD, CLIPVisionModelWithProjection
 from .models.layers import LayerNorm
+
+RESAMPLER_HEAD_DIM = 64  # IP-Adapter Plus' perceiver attention heads are 64 wide (diffusers reads heads so)
 
 
 class ImageProjection(nn.Module):
@@ -35,6 +38,53 @@ class ImageProjection(nn.Module):
         return self.norm(self.proj(embeds).reshape(embeds.shape[0], self.tokens, -1))  # (B, tokens, dim)
 
 
+class PerceiverAttention(nn.Module):
+    """IP-Adapter Plus' resampler attention: the latents attend to [image features; latents] (both LayerNormed),
+    keys and values from one fused projection (`to_kv`), as the original Resampler names them."""
+
+    def __init__(self, dim: int, inner: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def __call__(self, x: mx.array, latents: mx.array) -> mx.array:
+        x, latents = self.norm1(x), self.norm2(latents)
+        k, v = mx.split(self.to_kv(mx.concatenate([x, latents], axis=1)), 2, axis=-1)
+        return self.to_out(attention(self.to_q(latents), k, v, self.heads))
+
+
+class Resampler(nn.Module):
+    """IP-Adapter Plus' image projection: learned queries (`latents`) refined by perceiver attention over the image
+    encoder's penultimate tokens, each block followed by a GELU feed-forward (LayerNorm, Linear, GELU, Linear)."""
+
+    def __init__(self, embed_dim: int, hidden: int, dim: int, tokens: int, inner: int, depth: int, ffn: int):
+        super().__init__()
+        self.latents = mx.zeros((1, tokens, hidden))
+        self.proj_in = nn.Linear(embed_dim, hidden)
+        self.layers = [
+            [PerceiverAttention(hidden, inner, inner // RESAMPLER_HEAD_DIM),
+             [LayerNorm(hidden), nn.Linear(hidden, ffn, bias=False), nn.GELU(), nn.Linear(ffn, hidden, bias=False)]]
+            for _ in range(depth)
+        ]  # fmt: skip
+        self.proj_out = nn.Linear(hidden, dim)
+        self.norm_out = LayerNorm(dim)
+
+    def __call__(self, features: mx.array) -> mx.array:
+        x = self.proj_in(features)
+        latents = mx.broadcast_to(self.latents, (features.shape[0], *self.latents.shape[1:]))
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            h = latents
+            for layer in ff:
+                h = layer(h)
+            latents = h + latents
+        return self.norm_out(self.proj_out(latents))
+
+
 class IPLayer(nn.Module):
     """One cross-attention layer's keys and values for the image tokens."""
 
@@ -48,9 +98,14 @@ class IPAdapterModel(nn.Module):
     """The adapter's weights: `image_proj`, and `layers[i]` for the UNet's i-th cross-attention layer in diffusers'
     attention-processor order (down blocks, up blocks, then the middle block: `cross_attention_layers`)."""
 
-    def __init__(self, embed_dim: int, dim: int, tokens: int, inners: list[int]):
+    def __init__(self, embed_dim: int, dim: int, tokens: int, inners: list[int], resampler: dict | None = None):
         super().__init__()
-        self.image_proj = ImageProjection(embed_dim, dim, tokens)
+        self.plus = resampler is not None
+        self.image_proj = (
+            Resampler(embed_dim, dim=dim, tokens=tokens, **resampler)
+            if self.plus
+            else ImageProjection(embed_dim, dim, tokens)
+        )
         self.layers = [IPLayer(dim, inner) for inner in inners]
 
 
@@ -59,8 +114,8 @@ def cross_attention_layers(unet) -> list:
     `down_blocks` and `up_blocks` before `mid_block`, and its attention processors follow that order."""
     layers = []
     for block in [*unet.down_blocks, *unet.up_blocks, unet.mid_block]:
-        for attention in block.attentions if "attentions" in block else []:
-            layers += [tb.attn2 for tb in attention.transformer_blocks]
+        for transformer in block.attentions if "attentions" in block else []:
+            layers += [tb.attn2 for tb in transformer.transformer_blocks]
     return layers
 
 
@@ -110,23 +165,33 @@ class IPAdapter:
                 "IP-Adapter made for this model's family"
             )
 
-    def embed(self, image: Image.Image) -> mx.array:
-        """(1, embed_dim) image embedding of `image` (CLIPImageProcessor's resize, centre crop and normalisation)."""
-        return self.encoder(pixels(image, self.encoder.config.image_size).astype(self._dtype))
+    def embed(self, image: Image.Image) -> tuple[mx.array, mx.array]:
+        """The image's embedding and the unconditional one (CLIPImageProcessor's resize, centre crop and
+        normalisation): the projected embeddings (1, embed_dim) and zeros; for IP-Adapter Plus the encoder's
+        penultimate tokens (1, 1 + patches, width), of the image and of a zero image (diffusers)."""
+        x = pixels(image, self.encoder.config.image_size).astype(self._dtype)
+        if not self.model.plus:
+            embeds = self.encoder(x)
+            return embeds, mx.zeros_like(embeds)
+        layers = self.encoder.config.num_hidden_layers - 1
+        both = self.encoder.hidden_state(mx.concatenate([x, mx.zeros_like(x)]), layers)
+        return both[:1], both[1:]
 
-    def context(self, embeds: mx.array, unet, batch: int, guided: bool, scale: float, dtype) -> ImageContext:
-        """The image tokens for a batch of `batch` images ([unconditional; conditional] when guided)."""
-        tokens = self.model.image_proj(embeds.astype(self._dtype))
+    def context(self, embeds, unet, batch: int, guided: bool, scale: float, dtype) -> ImageContext:
+        """The image tokens for a batch of `batch` images ([unconditional; conditional] when guided), from `embed`'s
+        pair."""
+        cond, uncond = embeds
+        tokens = self.model.image_proj(cond.astype(self._dtype))
         tokens = mx.broadcast_to(tokens, (batch, *tokens.shape[1:]))
-        if guided:  # the unconditional half sees the projection of a zero embedding (diffusers)
-            empty = self.model.image_proj(mx.zeros_like(embeds).astype(self._dtype))
+        if guided:
+            empty = self.model.image_proj(uncond.astype(self._dtype))
             tokens = mx.concatenate([mx.broadcast_to(empty, tokens.shape), tokens])
         layers = {id(layer): ip for layer, ip in zip(cross_attention_layers(unet), self.model.layers)}
         return ImageContext(tokens.astype(dtype), layers, scale)
 
     @property
     def _dtype(self):
-        return self.model.image_proj.proj.weight.dtype
+        return self.model.layers[0].to_k_ip.weight.dtype
 
 
 def pixels(image: Image.Image, size: int) -> mx.array:

@@ -496,7 +496,7 @@ class Pipeline:
         below = (lambda t: self.schedule.t_to_sigma(t) < request.s_min_uncond) if cond_only else None
         return classifier_free_guidance(model, request.guidance, request.guidance_rescale, cond_only, below)
 
-    def _image_prompt(self, request: GenerationRequest) -> mx.array | None:
+    def _image_prompt(self, request: GenerationRequest) -> tuple[mx.array, mx.array] | None:
         """The IP-Adapter's embedding of the request's image prompt (once per request), or None."""
         if request.ip_adapter_image is None:
             return None
@@ -505,7 +505,7 @@ class Pipeline:
         if request.ip_adapter_scale == 0:
             return None
         embeds = self.ip_adapter.embed(request.ip_adapter_image)
-        mx.eval(embeds)
+        mx.eval(*embeds)
         return embeds
 
     def _controlnets(self, request: GenerationRequest) -> tuple:

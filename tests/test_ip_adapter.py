@@ -53,6 +53,33 @@ def tiny_ip_state(unet, seed: int = 22, tokens: int = 4) -> dict[str, torch.Tens
     return state
 
 
+def tiny_plus_state(unet, seed: int = 25, tokens: int = 6, hidden: int = 48, depth: int = 4) -> dict:
+    """An IP-Adapter Plus for `unet` in the original Resampler names (h94/IP-Adapter's plus files): learned queries,
+    perceiver attention (norm1 on the image tokens, norm2 on the queries, fused to_kv), a GELU feed-forward."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=None):
+        return torch.randn(*shape, generator=g) * (scale if scale is not None else shape[-1] ** -0.5)
+
+    dim, width, inner, ffn = unet.config.cross_attention_dim, ENCODER["hidden_size"], 64, 4 * hidden
+    state = {"image_proj.latents": rand(1, tokens, hidden, scale=1.0), "image_proj.proj_in.weight": rand(hidden, width),
+             "image_proj.proj_in.bias": rand(hidden, scale=0.2), "image_proj.proj_out.weight": rand(dim, hidden),
+             "image_proj.proj_out.bias": rand(dim, scale=0.2), "image_proj.norm_out.weight": 1 + rand(dim, scale=0.2),
+             "image_proj.norm_out.bias": rand(dim, scale=0.2)}  # fmt: skip
+    for i in range(depth):
+        p = f"image_proj.layers.{i}"
+        for norm in ("0.norm1", "0.norm2", "1.0"):
+            state[f"{p}.{norm}.weight"], state[f"{p}.{norm}.bias"] = (
+                1 + rand(hidden, scale=0.2),
+                rand(hidden, scale=0.2),
+            )
+        state |= {f"{p}.0.to_q.weight": rand(inner, hidden), f"{p}.0.to_kv.weight": rand(2 * inner, hidden),
+                  f"{p}.0.to_out.weight": rand(hidden, inner), f"{p}.1.1.weight": rand(ffn, hidden),
+                  f"{p}.1.3.weight": rand(hidden, ffn)}  # fmt: skip
+    layers = {k: v for k, v in tiny_ip_state(unet, seed + 1).items() if k.startswith("ip_adapter.")}
+    return state | layers
+
+
 def test_image_encoder_and_processing_match_transformers(tmp_path):
     from transformers import CLIPImageProcessor
 
@@ -105,6 +132,24 @@ def test_sd1_matches_diffusers_load_ip_adapter(sd1, adapter_files, weights, scal
     assert psnr(as_array(plain.images), expected, data_range=1.0) < 40  # the image prompt acted
 
 
+def test_plus_matches_diffusers_load_ip_adapter(sd1, adapter_files, tmp_path):
+    parts, _ = sd1
+    tmp, encoder = adapter_files
+    save_file({k: v.contiguous() for k, v in tiny_plus_state(parts["unet"]).items()}, tmp_path / "plus.safetensors")
+    image = Image.fromarray(np.random.default_rng(9).integers(0, 256, (36, 44, 3), dtype=np.uint8))
+    pipe = diffusers_pipe("StableDiffusionPipeline", {**parts, "image_encoder": encoder}, SCHEDULER)
+    pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name="plus.safetensors")
+    pipe.set_ip_adapter_scale(0.9)
+    expected = pipe(PROMPT, ip_adapter_image=image, width=64, height=64, num_inference_steps=4, guidance_scale=6.0,
+                    generator=generators(7, 1), output_type="np").images  # fmt: skip
+    adapter = read_ip_adapter(tmp_path / "plus.safetensors", tmp / "image_encoder", mx.float32)
+    ours = Pipeline(sd1[1].model, ip_adapter=adapter)
+    result = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=6.0, seed=7, sampler=SCHEDULER,
+                           ip_adapter_image=image, ip_adapter_scale=0.9)  # fmt: skip
+    value = psnr(as_array(result.images), expected, data_range=1.0)
+    assert value >= MIN_PSNR, f"IP-Adapter Plus: PSNR {value:.1f} dB"
+
+
 def test_sdxl_matches_diffusers_load_ip_adapter(sdxl, tmp_path):  # noqa: F811
     parts, base = sdxl
     encoder = tiny_encoder(tmp_path / "image_encoder", seed=23)
@@ -131,10 +176,10 @@ def test_refusals(sd1, sdxl, adapter_files, tmp_path):  # noqa: F811
         Pipeline(sdxl[1].model, ip_adapter=adapter)
     with pytest.raises(ValueError, match="needs an IP-Adapter"):
         sd1[1].generate(prompt="x", width=64, height=64, steps=1, ip_adapter_image=Image.new("RGB", (8, 8)))
-    plus = {"image_proj.latents": torch.zeros(1, 16, 32), "image_proj.proj_in.weight": torch.zeros(32, 16),
-            "ip_adapter.1.to_k_ip.weight": torch.zeros(32, 32)}  # fmt: skip
-    save_file(plus, tmp_path / "ip-adapter-plus_sd15.safetensors")
-    with pytest.raises(ConversionError, match="Plus"):
-        read_ip_adapter(tmp_path / "ip-adapter-plus_sd15.safetensors", tmp / "image_encoder")
+    faceid = {"image_proj.proj.0.weight": torch.zeros(64, 512), "image_proj.perceiver_resampler.proj_in.weight":
+              torch.zeros(32, 16), "ip_adapter.1.to_k_ip.weight": torch.zeros(32, 32)}  # fmt: skip
+    save_file(faceid, tmp_path / "ip-adapter-faceid-plus_sd15.safetensors")
+    with pytest.raises(ConversionError, match="FaceID"):
+        read_ip_adapter(tmp_path / "ip-adapter-faceid-plus_sd15.safetensors", tmp / "image_encoder")
     with pytest.raises(ConversionError, match="config.json"):
         read_ip_adapter(tmp / "ip.safetensors", tmp_path)

@@ -68,7 +68,13 @@ class CLIPVisionModelWithProjection(nn.Module):
 
     def __call__(self, pixels: mx.array) -> mx.array:
         """(B, image_size, image_size, 3) normalised pixels -> (B, projection_dim) image embeddings."""
-        x = self.pre_layrnorm(self.embeddings(pixels))
-        for layer in self.encoder.layers:
-            x = layer(x, None)
+        x = self.hidden_state(pixels, self.config.num_hidden_layers)
         return self.visual_projection(self.post_layernorm(x[:, 0]))
+
+    def hidden_state(self, pixels: mx.array, layers: int) -> mx.array:
+        """(B, 1 + patches, hidden_size): the tokens after the first `layers` encoder layers (transformers'
+        hidden_states[layers]; IP-Adapter Plus reads the penultimate, hidden_states[-2])."""
+        x = self.pre_layrnorm(self.embeddings(pixels))
+        for layer in self.encoder.layers[:layers]:
+            x = layer(x, None)
+        return x
