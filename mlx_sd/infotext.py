@@ -10,14 +10,17 @@ Values containing a comma, colon or newline are JSON-quoted, as A1111 does.
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .samplers import FOLLOW, resolve
+from .params import GenerationRequest
+from .samplers import FOLLOW, SamplingPlan, resolve
 from .schedules import schedule_type
 
 PNG_KEY = "parameters"
@@ -157,3 +160,89 @@ def request_fields(text: str) -> tuple[dict, dict[str, str]]:
     if "Denoising strength" in params and any(k in params for k in _HIRES_KEYS):
         fields["enable_hr"] = True  # A1111's rule for pasting a txt2img infotext
     return fields, not_applied
+
+
+# --- the infotext of a generation ---------------------------------------------------------------------------------
+
+
+def generation_infotext(
+    request: GenerationRequest, seed: int, plan: SamplingPlan, info, refiner: str | None = None,
+    ip_adapter: str | None = None, loras=(), embeddings=(),
+) -> str:  # fmt: skip
+    """A1111's infotext of one image: `request` (resolved), its `seed`, the sampling `plan`, the model's `ModelInfo`,
+    the refiner's name when one ran, the IP-Adapter's title when an image prompt was given. LoRAs set from Python/CLI
+    are written as `<lora:name:weight>` tags after the prompt (how A1111 records every LoRA), with "Lora hashes";
+    embeddings named in the prompts give "TI hashes"."""
+    from . import __version__
+    from .hires import hires_infotext
+    from .lora import lora_hashes
+    from .textual_inversion import ti_hashes
+
+    params = {
+        "Steps": request.steps,
+        "Sampler": plan.sampler.name,
+        "Schedule type": _schedule_label(request, plan),
+        "CFG scale": request.guidance,
+        "Seed": seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model hash": info.short_hash or None,
+        "Model": info.name,
+        # what makes the image again beside A1111's fields: which reference the sampler follows, its eta
+        "Follow": "diffusers" if plan.follows.startswith("diffusers") and plan.sampler.kdiffusion else None,
+        ("Eta DDIM" if plan.sampler.name == "DDIM" else "Eta"): _eta(request, plan),
+        "Variation seed": request.subseed + seed - request.seed if request.subseed_strength else None,
+        "Variation seed strength": request.subseed_strength or None,
+        "Seed resize from": f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
+        if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
+        else None,
+        "Denoising strength": request.strength if request.init_image is not None or request.enable_hr else None,
+        "Masked content": request.inpainting_fill
+        if request.mask is not None and request.inpainting_fill != "original"
+        else None,
+        "Noise multiplier": request.initial_noise_multiplier
+        if request.init_image is not None and request.initial_noise_multiplier != 1.0
+        else None,
+        "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+        "Tiling": True if request.tiling else None,
+        "NGMS": request.s_min_uncond or None,
+        # A1111 records ENSD for its ancestral samplers (the ones drawing fresh noise every step)
+        "ENSD": request.eta_noise_seed_delta or None
+        if plan.sampler.stochastic and plan.sampler.kdiffusion and not plan.sampler.brownian and request.eta != 0
+        else None,
+        # A1111 records the churn settings and noise multiplier that differ from the sampler's defaults
+        "Sigma churn": request.s_churn or None,
+        "Sigma tmin": request.s_tmin or None,
+        "Sigma tmax": request.s_tmax if request.s_tmax not in (None, math.inf) else None,
+        "Sigma noise": request.s_noise if request.s_noise not in (None, 1.0) else None,
+        **(hires_infotext(request) if request.enable_hr else {}),
+        **{f"ControlNet {i}": unit.infotext() for i, unit in enumerate(request.controlnet)},
+        # the image prompt's adapter and weight (the image itself is not recorded, as A1111 records none)
+        "IP-Adapter": ip_adapter,
+        "IP-Adapter weight": request.ip_adapter_scale if ip_adapter else None,
+        "Refiner": refiner,
+        "Refiner switch at": request.refiner_switch_at if refiner else None,
+        "RNG": {"torch-cpu": "CPU", "mlx": "MLX"}.get(request.rng, request.rng),
+        "Lora hashes": lora_hashes(loras),
+        "TI hashes": ti_hashes(embeddings),
+        "Version": f"mlx-sd {__version__}",
+    }
+    tags = " ".join(a.tag() for a in loras if not a.mentioned)
+    prompt = f"{request.prompt} {tags}" if tags and request.prompt else request.prompt or tags
+    return format_infotext(prompt, request.negative_prompt, params)
+
+
+def _schedule_label(request: GenerationRequest, plan: SamplingPlan) -> str | None:
+    """A1111's "Schedule type": the plan's for A1111-style plans; for diffusers-style ones the schedule type asked
+    for, if any (their spacing comes from the model's scheduler config, and is no A1111 schedule type)."""
+    if not plan.follows.startswith("diffusers"):
+        return plan.schedule_label or None
+    stype = resolve(request.sampler, request.schedule_type)[1]
+    return stype.label if stype is not None else None
+
+
+def _eta(request: GenerationRequest, plan: SamplingPlan) -> float | None:
+    """The eta to record: A1111 writes it when it differs from the sampler's default (1 ancestral, 0 DDIM)."""
+    parameter = inspect.signature(plan.sampler.function).parameters.get("eta")
+    if request.eta is None or parameter is None or request.eta == parameter.default:
+        return None
+    return request.eta

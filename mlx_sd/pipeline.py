@@ -10,7 +10,6 @@ sampler noise), so with rng="torch-cpu" an image equals diffusers' image for `to
 
 from __future__ import annotations
 
-import inspect
 import math
 import secrets
 import threading
@@ -23,23 +22,23 @@ from pathlib import Path
 import mlx.core as mx
 from PIL import Image
 
-from . import __version__, backend
+from . import backend
 from .conditioning import Conditioning
 from .controlnet import INPAINT, ControlNet, Controls
 from .denoiser import classifier_free_guidance
-from .hires import hires_infotext, hires_plan, hires_request, hires_target, upscale_first_pass
+from .hires import hires_plan, hires_request, hires_target, upscale_first_pass
 from .images import latent_preview, to_pil
 from .img2img import prepare_inputs, prepare_latents, restore_output
-from .infotext import format_infotext
-from .lora import AppliedLoRA, LoRA, LoRAState, lora_hashes, lora_networks, lora_targets, parse_lora_tags
+from .infotext import generation_infotext
+from .lora import AppliedLoRA, LoRA, LoRAState, lora_networks, lora_targets, parse_lora_tags
 from .model import StableDiffusion
 from .models.layers import TextContext, set_circular
 from .params import GenerationRequest, defaults_for
 from .refiner import DEFAULT_SWITCH_AT, Handoff, check_refiner
 from .rng import make_noise
-from .samplers import SamplingPlan, plan_sampling, resolve
+from .samplers import SamplingPlan, plan_sampling
 from .schedules import NoiseSchedule
-from .textual_inversion import Embedding, add_embeddings, check_embedding, ti_hashes, used_embeddings
+from .textual_inversion import Embedding, add_embeddings, check_embedding, used_embeddings
 from .tiling import tiled_decode, tiled_encode
 from .variation import vary_noise
 
@@ -577,81 +576,10 @@ class Pipeline:
         return images
 
     def infotext(self, request: GenerationRequest, seed: int, plan: SamplingPlan, loras=(), embeddings=()) -> str:
-        """A1111's infotext. LoRAs set from Python/CLI are written as `<lora:name:weight>` tags after the prompt (how
-        A1111 records every LoRA), with "Lora hashes"; embeddings named in the prompts give "TI hashes"."""
-        info = self.model.info
-        refining = self._refining(request)
-        params = {
-            "Steps": request.steps,
-            "Sampler": plan.sampler.name,
-            "Schedule type": _schedule_label(request, plan),
-            "CFG scale": request.guidance,
-            "Seed": seed,
-            "Size": f"{request.width}x{request.height}",
-            "Model hash": info.short_hash or None,
-            "Model": info.name,
-            # what makes the image again beside A1111's fields: which reference the sampler follows, its eta
-            "Follow": "diffusers" if plan.follows.startswith("diffusers") and plan.sampler.kdiffusion else None,
-            ("Eta DDIM" if plan.sampler.name == "DDIM" else "Eta"): _eta(request, plan),
-            "Variation seed": request.subseed + seed - request.seed if request.subseed_strength else None,
-            "Variation seed strength": request.subseed_strength or None,
-            "Seed resize from": f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
-            if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
-            else None,
-            "Denoising strength": request.strength if request.init_image is not None or request.enable_hr else None,
-            "Masked content": request.inpainting_fill
-            if request.mask is not None and request.inpainting_fill != "original"
-            else None,
-            "Noise multiplier": request.initial_noise_multiplier
-            if request.init_image is not None and request.initial_noise_multiplier != 1.0
-            else None,
-            "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
-            "Tiling": True if request.tiling else None,
-            "NGMS": request.s_min_uncond or None,
-            # A1111 records ENSD for its ancestral samplers (the ones drawing fresh noise every step)
-            "ENSD": request.eta_noise_seed_delta or None
-            if plan.sampler.stochastic and plan.sampler.kdiffusion and not plan.sampler.brownian and request.eta != 0
-            else None,
-            # A1111 records the churn settings and noise multiplier that differ from the sampler's defaults
-            "Sigma churn": request.s_churn or None,
-            "Sigma tmin": request.s_tmin or None,
-            "Sigma tmax": request.s_tmax if request.s_tmax not in (None, math.inf) else None,
-            "Sigma noise": request.s_noise if request.s_noise not in (None, 1.0) else None,
-            **(hires_infotext(request) if request.enable_hr else {}),
-            **{f"ControlNet {i}": unit.infotext() for i, unit in enumerate(request.controlnet)},
-            **(_ip_adapter_infotext(self.ip_adapter, request) if request.ip_adapter_image is not None else {}),
-            "Refiner": self.refiner.info.name if refining else None,
-            "Refiner switch at": request.refiner_switch_at if refining else None,
-            "RNG": {"torch-cpu": "CPU", "mlx": "MLX"}.get(request.rng, request.rng),
-            "Lora hashes": lora_hashes(loras),
-            "TI hashes": ti_hashes(embeddings),
-            "Version": f"mlx-sd {__version__}",
-        }
-        tags = " ".join(a.tag() for a in loras if not a.mentioned)
-        prompt = f"{request.prompt} {tags}" if tags and request.prompt else request.prompt or tags
-        return format_infotext(prompt, request.negative_prompt, params)
-
-
-def _schedule_label(request: GenerationRequest, plan: SamplingPlan) -> str | None:
-    """A1111's "Schedule type": the plan's for A1111-style plans; for diffusers-style ones the schedule type asked
-    for, if any (their spacing comes from the model's scheduler config, and is no A1111 schedule type)."""
-    if not plan.follows.startswith("diffusers"):
-        return plan.schedule_label or None
-    stype = resolve(request.sampler, request.schedule_type)[1]
-    return stype.label if stype is not None else None
-
-
-def _ip_adapter_infotext(adapter, request: GenerationRequest) -> dict:
-    """The image prompt's adapter and weight (the image itself is not recorded, as A1111 records none)."""
-    return {"IP-Adapter": adapter.title, "IP-Adapter weight": request.ip_adapter_scale}
-
-
-def _eta(request: GenerationRequest, plan: SamplingPlan) -> float | None:
-    """The eta to record: A1111 writes it when it differs from the sampler's default (1 ancestral, 0 DDIM)."""
-    parameter = inspect.signature(plan.sampler.function).parameters.get("eta")
-    if request.eta is None or parameter is None or request.eta == parameter.default:
-        return None
-    return request.eta
+        """A1111's infotext of image `seed` of `request` (mlx_sd.infotext.generation_infotext)."""
+        refiner = self.refiner.info.name if self._refining(request) else None
+        adapter = self.ip_adapter.title if request.ip_adapter_image is not None else None
+        return generation_infotext(request, seed, plan, self.model.info, refiner, adapter, loras, embeddings)
 
 
 def _sampler_noise(request: GenerationRequest, plan: SamplingPlan, noise, first: int):
