@@ -132,6 +132,41 @@ def test_sd1_matches_diffusers_load_ip_adapter(sd1, adapter_files, weights, scal
     assert psnr(as_array(plain.images), expected, data_range=1.0) < 40  # the image prompt acted
 
 
+@pytest.mark.parametrize("mode", ["img2img", "controlnet"])
+def test_with_img2img_and_a_controlnet_matches_diffusers(sd1, adapter_files, mode, tmp_path):
+    """The image prompt beside an init image, and beside a ControlNet (whose own attention sees no image tokens)."""
+    from test_controlnet import tiny_controlnet
+
+    from mlx_sd.controlnet import ControlNetUnit
+    from mlx_sd_convert.controlnet import read_controlnet
+
+    parts, _ = sd1
+    tmp, encoder = adapter_files
+    rng = np.random.default_rng(12)
+    image = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    other = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    common = dict(num_inference_steps=5, guidance_scale=5.0, generator=generators(2, 1), output_type="np")
+    ours_kwargs = dict(steps=5, guidance=5.0, seed=2, sampler=SCHEDULER, ip_adapter_image=image, ip_adapter_scale=0.8)
+    if mode == "img2img":
+        pipe = diffusers_pipe("StableDiffusionImg2ImgPipeline", {**parts, "image_encoder": encoder}, SCHEDULER)
+        call = dict(image=other, strength=0.7)
+        ours_kwargs |= dict(init_image=other, strength=0.7)
+    else:
+        reference = tiny_controlnet("sd1", 14)
+        reference.save_pretrained(tmp_path / "cn")
+        pipe = diffusers_pipe("StableDiffusionControlNetPipeline",
+                              {**parts, "image_encoder": encoder, "controlnet": reference}, SCHEDULER)  # fmt: skip
+        call = dict(image=other, width=64, height=64, controlnet_conditioning_scale=0.8)
+        unit = ControlNetUnit(read_controlnet(tmp_path / "cn", mx.float32), other, 0.8)
+        ours_kwargs |= dict(width=64, height=64, controlnet=(unit,))
+    pipe.load_ip_adapter(str(tmp), subfolder="", weight_name="ip.safetensors")
+    pipe.set_ip_adapter_scale(0.8)
+    expected = pipe(PROMPT, ip_adapter_image=image, **call, **common).images
+    ours = Pipeline(sd1[1].model, ip_adapter=read_ip_adapter(tmp / "ip.safetensors", tmp / "image_encoder", mx.float32))
+    value = psnr(as_array(ours.generate(prompt=PROMPT, **ours_kwargs).images), expected, data_range=1.0)
+    assert value >= MIN_PSNR, f"IP-Adapter with {mode}: PSNR {value:.1f} dB"
+
+
 def test_plus_matches_diffusers_load_ip_adapter(sd1, adapter_files, tmp_path):
     parts, _ = sd1
     tmp, encoder = adapter_files
