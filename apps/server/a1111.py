@@ -385,7 +385,7 @@ def _info(job: Job, seeds: list[int], infotexts: list[str], ignored: list[str]) 
         "seed_resize_from_h": request.seed_resize_from_h or -1,
         "denoising_strength": request.strength if request.init_image is not None or request.enable_hr else 0,
         "extra_generation_params": {k: v for k, v in params.items()
-                                    if k == "Schedule type" or k.startswith(("Hires", "ControlNet"))},
+                                    if k == "Schedule type" or k.startswith(("Hires", "ControlNet", "IP-Adapter"))},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
         "clip_skip": request.clip_skip, "is_using_inpainting_conditioning": model.inpainting,

@@ -179,6 +179,7 @@ def test_ip_adapter_units_and_native_image_prompts(served, models_dir):
     result = api.txt2img(prompt="a house", width=64, height=64, steps=3, seed=8, sampler_name="Euler",
                          controlnet_units=units, alwayson_scripts={})  # fmt: skip
     assert "IP-Adapter weight: 0.6" in result.info["infotexts"][0]
+    assert result.info["extra_generation_params"]["IP-Adapter weight"] == "0.6"
     adapter = read_ip_adapter(*server.ip, mx.float32)
     expected = Pipeline(models_dir / "tiny-a", ip_adapter=adapter).generate(
         prompt="a house", width=64, height=64, steps=3, seed=8, sampler="Euler", guidance=7.0,
