@@ -14,6 +14,7 @@ from test_sdxl_pipeline import sdxl, xl_pipe  # noqa: F401  (the SDXL fixture)
 
 from mlx_sd.ip_adapter import pixels
 from mlx_sd.pipeline import Pipeline
+from mlx_sd_convert.controlnet import a1111_hash
 from mlx_sd_convert.ip_adapter import read_image_encoder, read_ip_adapter
 from mlx_sd_convert.keymap import ConversionError
 from oracles import assert_close, psnr, randomize
@@ -112,23 +113,31 @@ def adapter_files(sd1, tmp_path_factory):
     return tmp, encoder
 
 
+def compare(pipe, model, folder, weights: str, encoder, image, scale: float, seed: int, guidance: float, what: str):
+    """diffusers' `pipe` with `load_ip_adapter(folder, weights)` against our pipeline on `model` with the same adapter,
+    both at 64x64 in 4 Euler steps; returns our result."""
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name=weights)
+    pipe.set_ip_adapter_scale(scale)
+    expected = pipe(PROMPT, ip_adapter_image=image, width=64, height=64, num_inference_steps=4, guidance_scale=guidance,
+                    generator=generators(seed, 1), output_type="np").images  # fmt: skip
+    ours = Pipeline(model, ip_adapter=read_ip_adapter(folder / weights, encoder, mx.float32))
+    result = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=guidance, seed=seed, sampler=SCHEDULER,
+                           ip_adapter_image=image, ip_adapter_scale=scale)  # fmt: skip
+    value = psnr(as_array(result.images), expected, data_range=1.0)
+    assert value >= MIN_PSNR, f"{what}: PSNR {value:.1f} dB"
+    return result, expected
+
+
 @pytest.mark.parametrize("weights,scale,guidance", [("ip.safetensors", 0.7, 6.0), ("ip.bin", 1.0, 1.0)])
 def test_sd1_matches_diffusers_load_ip_adapter(sd1, adapter_files, weights, scale, guidance):
     parts, _ = sd1
     tmp, encoder = adapter_files
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 40, 3), dtype=np.uint8))
     pipe = diffusers_pipe("StableDiffusionPipeline", {**parts, "image_encoder": encoder}, SCHEDULER)
-    pipe.load_ip_adapter(str(tmp), subfolder="", weight_name=weights)
-    pipe.set_ip_adapter_scale(scale)
-    expected = pipe(PROMPT, ip_adapter_image=image, width=64, height=64, num_inference_steps=4, guidance_scale=guidance,
-                    generator=generators(4, 1), output_type="np").images  # fmt: skip
-    ours = Pipeline(sd1[1].model, ip_adapter=read_ip_adapter(tmp / weights, tmp / "image_encoder", mx.float32))
-    result = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=guidance, seed=4, sampler=SCHEDULER,
-                           ip_adapter_image=image, ip_adapter_scale=scale)  # fmt: skip
-    value = psnr(as_array(result.images), expected, data_range=1.0)
-    assert value >= MIN_PSNR, f"IP-Adapter {weights}: PSNR {value:.1f} dB"
-    assert f"IP-Adapter: ip [{ours.ip_adapter.short_hash}], IP-Adapter weight: {scale}" in result.infotexts[0]
-    plain = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=guidance, seed=4, sampler=SCHEDULER)
+    result, expected = compare(pipe, sd1[1].model, tmp, weights, tmp / "image_encoder", image, scale, 4, guidance,
+                               weights)  # fmt: skip
+    assert f"IP-Adapter: ip [{a1111_hash(tmp / weights)}], IP-Adapter weight: {scale}" in result.infotexts[0]
+    plain = sd1[1].generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=guidance, seed=4, sampler=SCHEDULER)
     assert psnr(as_array(plain.images), expected, data_range=1.0) < 40  # the image prompt acted
 
 
@@ -173,16 +182,7 @@ def test_plus_matches_diffusers_load_ip_adapter(sd1, adapter_files, tmp_path):
     save_file({k: v.contiguous() for k, v in tiny_plus_state(parts["unet"]).items()}, tmp_path / "plus.safetensors")
     image = Image.fromarray(np.random.default_rng(9).integers(0, 256, (36, 44, 3), dtype=np.uint8))
     pipe = diffusers_pipe("StableDiffusionPipeline", {**parts, "image_encoder": encoder}, SCHEDULER)
-    pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name="plus.safetensors")
-    pipe.set_ip_adapter_scale(0.9)
-    expected = pipe(PROMPT, ip_adapter_image=image, width=64, height=64, num_inference_steps=4, guidance_scale=6.0,
-                    generator=generators(7, 1), output_type="np").images  # fmt: skip
-    adapter = read_ip_adapter(tmp_path / "plus.safetensors", tmp / "image_encoder", mx.float32)
-    ours = Pipeline(sd1[1].model, ip_adapter=adapter)
-    result = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=6.0, seed=7, sampler=SCHEDULER,
-                           ip_adapter_image=image, ip_adapter_scale=0.9)  # fmt: skip
-    value = psnr(as_array(result.images), expected, data_range=1.0)
-    assert value >= MIN_PSNR, f"IP-Adapter Plus: PSNR {value:.1f} dB"
+    compare(pipe, sd1[1].model, tmp_path, "plus.safetensors", tmp / "image_encoder", image, 0.9, 7, 6.0, "Plus")
 
 
 def test_sdxl_matches_diffusers_load_ip_adapter(sdxl, tmp_path):  # noqa: F811
@@ -192,16 +192,7 @@ def test_sdxl_matches_diffusers_load_ip_adapter(sdxl, tmp_path):  # noqa: F811
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "xl.safetensors")
     image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 56, 3), dtype=np.uint8))
     pipe = xl_pipe("StableDiffusionXLPipeline", {**parts, "image_encoder": encoder}, SCHEDULER)
-    pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name="xl.safetensors")
-    pipe.set_ip_adapter_scale(0.8)
-    expected = pipe(PROMPT, ip_adapter_image=image, width=64, height=64, num_inference_steps=4, guidance_scale=5.0,
-                    generator=generators(6, 1), output_type="np").images  # fmt: skip
-    adapter = read_ip_adapter(tmp_path / "xl.safetensors", tmp_path / "image_encoder", mx.float32)
-    ours = Pipeline(base.model, ip_adapter=adapter)
-    result = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=5.0, seed=6, sampler=SCHEDULER,
-                           ip_adapter_image=image, ip_adapter_scale=0.8)  # fmt: skip
-    value = psnr(as_array(result.images), expected, data_range=1.0)
-    assert value >= MIN_PSNR, f"SDXL IP-Adapter: PSNR {value:.1f} dB"
+    compare(pipe, base.model, tmp_path, "xl.safetensors", tmp_path / "image_encoder", image, 0.8, 6, 5.0, "SDXL")
 
 
 def test_refusals(sd1, sdxl, adapter_files, tmp_path):  # noqa: F811
