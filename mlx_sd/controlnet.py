@@ -40,6 +40,7 @@ from .preprocessors import AT_RESOLUTION, PREPROCESSORS, PROCESSOR_RES, pixel_pe
 
 CONTROL_MODES = ("balanced", "prompt", "controlnet", "guess")
 INPAINT = "inpaint"  # the module that reads the request's init image and mask
+MIN_PROCESSOR_RES, MAX_PROCESSOR_RES = 64, 4096  # preprocessor resolutions (short side); A1111's slider: 64 to 2048
 MODULES = (*PREPROCESSORS, INPAINT)
 SOFT_INJECTION_BASE = 0.825  # A1111's soft injection: residual i of 13 scaled by 0.825^(12 - i)
 SOFT_INJECTION_LAST = 12
@@ -127,7 +128,11 @@ class ControlNetUnit:
                 f"ControlNet module={self.module!r}: mlx-sd runs {', '.join(MODULES)}; preprocess elsewhere "
                 "and pass the result with module 'none'",
             ),
-            (self.processor_res >= 64, f"ControlNet processor_res={self.processor_res}: must be >= 64"),
+            (
+                MIN_PROCESSOR_RES <= self.processor_res <= MAX_PROCESSOR_RES,
+                f"ControlNet processor_res={self.processor_res}: must be between {MIN_PROCESSOR_RES} and "
+                f"{MAX_PROCESSOR_RES}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

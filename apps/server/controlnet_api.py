@@ -20,10 +20,11 @@ from mlx_sd.controlnet import (
     A1111_MODULES,
     A1111_RESIZE_MODES,
     CONTROL_MODES,
+    MAX_PROCESSOR_RES,
+    MIN_PROCESSOR_RES,
     MODULES,
     ControlNetUnit,
 )
-from mlx_sd.params import MAX_SIZE
 from mlx_sd.preprocessors import CANNY_DEFAULTS, PREPROCESSORS, PROCESSOR_RES, preprocess
 from mlx_sd_convert import ConversionError
 from mlx_sd_convert.library import TITLE_HASH as _TITLE_HASH
@@ -60,7 +61,7 @@ class UnitRequest(BaseModel):
     control_mode: Literal[CONTROL_MODES] = "balanced"
     resize_mode: Literal["resize", "crop", "fill"] = "crop"
     module: Literal[MODULES] = "none"
-    processor_res: int = Field(PROCESSOR_RES, ge=64, le=MAX_SIZE)
+    processor_res: int = Field(PROCESSOR_RES, ge=MIN_PROCESSOR_RES, le=MAX_PROCESSOR_RES)
     threshold_a: float | None = None
     threshold_b: float | None = None
     pixel_perfect: bool = False
@@ -193,7 +194,7 @@ def _unit(fields: dict, where: str) -> ControlNetUnit:
 
 
 def _choice(table: dict, value, param: str):
-    if isinstance(value, bool) or value not in table:
+    if not isinstance(value, str | int) or isinstance(value, bool) or value not in table:
         names = ", ".join(repr(k) for k in table)
         raise invalid(param, f"{value!r} is not one of {names}")
     return table[value]
@@ -248,8 +249,8 @@ async def detect(req: DetectRequest, state: State):
     module = _choice({k: v for k, v in A1111_NAMES.items() if v in PREPROCESSORS}, req.controlnet_module,
                      "controlnet_module")  # fmt: skip
     res = PROCESSOR_RES if req.controlnet_processor_res == UNSET else req.controlnet_processor_res
-    if not 64 <= res <= MAX_SIZE:
-        raise invalid("controlnet_processor_res", f"must be between 64 and {MAX_SIZE}")
+    if not MIN_PROCESSOR_RES <= res <= MAX_PROCESSOR_RES:
+        raise invalid("controlnet_processor_res", f"must be between {MIN_PROCESSOR_RES} and {MAX_PROCESSOR_RES}")
     low, high = (None if t == UNSET else t for t in (req.controlnet_threshold_a, req.controlnet_threshold_b))
     max_pixels = state.config.limits.max_input_pixels
 

@@ -157,6 +157,8 @@ def test_errors_name_the_field(served, server):
         ({"mask": b64(photo(6))}, "args[0].mask", "not supported"),
         ({"guidance_start": 0.9, "guidance_end": 0.2}, "args[0]", "start < end"),
         ({"image": ""}, "args[0].image", "required"),
+        ({"module": ["canny"]}, "args[0].module", "not one of"),
+        ({"module": "canny", "processor_res": 100000}, "args[0]", "processor_res"),
     ]
     for change, where, message in cases:
         body = {**base, "alwayson_scripts": {"controlnet": {"args": [{**unit, **change}]}}}
