@@ -31,6 +31,7 @@ import mlx.core as mx
 from mlx_sd.components import parameter_shapes
 from mlx_sd.controlnet import ControlNet
 from mlx_sd.models import ControlNetConfig, ControlNetModel, UNetConfig
+from mlx_sd.models.t2i_adapter import ADAPTER_TYPES, T2IAdapter, T2IAdapterConfig
 
 from .diffusers import ConversionError, _check_settings, unet_config
 from .keymap import Rule, map_keys, read_mapped
@@ -59,6 +60,21 @@ _CONTROLNET_KEYS = {
 }
 
 
+def _read_adapter(path: Path, state, shapes: dict, config: T2IAdapterConfig | None, dtype, name) -> ControlNet:
+    """A T2I-Adapter (folder, diffusers-named or original TencentARC file) as a unit's model."""
+    if config is None:
+        config = adapter_config_from_shapes(path, shapes)
+    model = T2IAdapter(config)
+    rules = ADAPTER_RULES if any(k.startswith("adapter.") for k in shapes) else original_adapter_rules(config)
+    hint = f"{path.name} does not fit the {config.adapter_type} its shapes describe; the file may be damaged"
+    plan = map_keys("t2i_adapter", shapes, rules, parameter_shapes(model), hint)
+    model.load_weights([(k, mx.array(read_mapped(state, m)).astype(dtype)) for k, m in plan.items()], strict=True)
+    model.eval()
+    if path.is_dir():
+        return ControlNet(model, name or path.name)
+    return ControlNet(model, name or path.stem, a1111_hash(path))
+
+
 def read_controlnet(path: str | Path, dtype: mx.Dtype | None = None, name: str | None = None) -> ControlNet:
     """Read a ControlNet file or diffusers folder (module docstring) into a loaded `ControlNet`.
 
@@ -72,6 +88,15 @@ def read_controlnet(path: str | Path, dtype: mx.Dtype | None = None, name: str |
     from mlx_sd.backend import default_dtype
 
     path = Path(path).expanduser()
+    dtype = dtype or default_dtype()
+    if path.is_dir() and _class_name(path) == "T2IAdapter":
+        data, state = _folder_parts(path)
+        return _read_adapter(path, state, _shapes(state), adapter_config(data), dtype, name)
+    if path.is_file():
+        state = open_checkpoint(path)
+        shapes = _shapes(state)
+        if _is_adapter(shapes):
+            return _read_adapter(path, state, shapes, None, dtype, name)
     if path.is_dir():
         config, state = _folder(path)
         title, short = name or path.name, ""
@@ -92,7 +117,6 @@ def read_controlnet(path: str | Path, dtype: mx.Dtype | None = None, name: str |
     model = ControlNetModel(config)
     keys = CONTROLNET_RULES if _diffusers_named(shapes) else ldm_rules(config)
     plan = map_keys("controlnet", shapes, keys, parameter_shapes(model), _hint(path))
-    dtype = dtype or default_dtype()
     # one tensor at a time: a 1.4 GB float32 .pth never sits in memory twice
     model.load_weights([(k, mx.array(read_mapped(state, m)).astype(dtype)) for k, m in plan.items()], strict=True)
     model.eval()
@@ -133,17 +157,26 @@ def controlnet_config(config: Mapping) -> ControlNetConfig:
 CONTROLNET_RULES = [Rule(r"(.+)", r"\1")]  # our names are diffusers'
 
 
-def _folder(folder: Path) -> tuple[ControlNetConfig, Mapping]:
+def _class_name(folder: Path) -> str | None:
+    config_path = folder / "config.json"
+    return json.loads(config_path.read_text()).get("_class_name") if config_path.is_file() else None
+
+
+def _folder_parts(folder: Path) -> tuple[dict, Mapping]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{folder}: no config.json; a diffusers ControlNet folder has config.json and weights")
-    data = json.loads(config_path.read_text())
-    if data.get("_class_name", "ControlNetModel") != "ControlNetModel":
-        raise ConversionError(f"{folder}: config.json describes a {data['_class_name']}, not a ControlNetModel")
     weights = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
     if weights is None:
         raise ConversionError(f"{folder}: none of {', '.join(_WEIGHT_FILES)} found")
-    return controlnet_config(data), open_checkpoint(weights)
+    return json.loads(config_path.read_text()), open_checkpoint(weights)
+
+
+def _folder(folder: Path) -> tuple[ControlNetConfig, Mapping]:
+    data, state = _folder_parts(folder)
+    if data.get("_class_name", "ControlNetModel") != "ControlNetModel":
+        raise ConversionError(f"{folder}: config.json describes a {data['_class_name']}, not a ControlNetModel")
+    return controlnet_config(data), state
 
 
 # --- single files -----------------------------------------------------------------------------------------------
@@ -263,3 +296,65 @@ class _Prefixed(Mapping):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+# --- T2I-Adapters -----------------------------------------------------------------------------------------------
+
+ADAPTER_RULES = [Rule(r"adapter\.(.+)", r"\1")]  # diffusers' names, under its `adapter.` prefix
+_ADAPTER_KEYS = {"in_channels", "channels", "num_res_blocks", "downscale_factor", "adapter_type"}
+
+
+def adapter_config(data: Mapping) -> T2IAdapterConfig:
+    """Translate a diffusers T2IAdapter config.json."""
+    settings = {k: v for k, v in data.items() if not k.startswith("_")}
+    _check_settings("t2i_adapter", settings, {}, _ADAPTER_KEYS)
+    if settings.get("adapter_type", "full_adapter") not in ADAPTER_TYPES:
+        raise ConversionError(f"t2i_adapter: adapter_type={settings['adapter_type']!r} (supported: {ADAPTER_TYPES})")
+    return T2IAdapterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+
+
+def _is_adapter(shapes: Mapping) -> bool:
+    names = [k.removeprefix("adapter.") for k in shapes]
+    return any(k.startswith("body.") for k in names) and not any(k.startswith("input_blocks.") for k in names)
+
+
+def adapter_config_from_shapes(path: Path, shapes: Mapping) -> T2IAdapterConfig:
+    """A T2I-Adapter's architecture from its shapes, diffusers-named or in TencentARC's original names (full adapters:
+    `body.{2s+j}` for resnet j of stage s; light adapters: `body.{s}.body.{j}`)."""
+    names = {k.removeprefix("adapter."): v for k, v in shapes.items()}
+    if any(k.endswith(".skep.weight") for k in names) or any("style" in k or "transformer" in k for k in names):
+        raise ConversionError(f"{path.name}: a style adapter or an early T2I-Adapter with skip convolutions; "
+                              "mlx-sd runs the full, full-XL and light adapters")  # fmt: skip
+    light = "conv_in.weight" not in names
+    cin = names["body.0.in_conv.weight"][1] if light else names["conv_in.weight"][1]
+    factor = 16 if cin % 256 == 0 and cin // 256 in (1, 3) else 8
+    stages = sorted({int(k.split(".")[1]) for k in names if k.startswith("body.")})
+    if light or any(".resnets." in k for k in names):  # one body entry per stage
+        width = "out_conv.weight" if light else "resnets.0.block1.weight"
+        chans = [names[f"body.{s}.{width}"][0] for s in stages]
+        chans = chans[:-1] if light else chans  # a light adapter's last block repeats the last width
+        inner = "resnets" if any(".resnets." in k for k in names) else "body"
+        blocks = len({k.split(".")[3] for k in names if k.startswith(f"body.0.{inner}.")})
+    else:  # TencentARC's full adapter: a flat list of resnets, two per stage
+        blocks = ORIGINAL_BLOCKS
+        chans = [names[f"body.{s * blocks}.block1.weight"][0] for s in range(len(stages) // blocks)]
+    kind = "light_adapter" if light else "full_adapter_xl" if factor == 16 else "full_adapter"
+    return T2IAdapterConfig(in_channels=cin // factor**2, channels=tuple(chans), num_res_blocks=blocks,
+                            downscale_factor=factor, adapter_type=kind)  # fmt: skip
+
+
+ORIGINAL_BLOCKS = 2  # TencentARC's full adapters have two resnets per stage
+
+
+def original_adapter_rules(config: T2IAdapterConfig) -> list[Rule]:
+    """TencentARC's original names -> ours (diffusers' scripts/convert_original_t2iadapter.py, as a table)."""
+    if config.adapter_type == "light_adapter":
+        return [Rule(r"body\.(\d+)\.body\.(\d+)\.(block[12])\.(weight|bias)", r"body.\1.resnets.\2.\3.\4"),
+                Rule(r"body\.(\d+)\.(in_conv|out_conv)\.(weight|bias)", r"body.\1.\2.\3")]  # fmt: skip
+    n = config.num_res_blocks
+    rules = [Rule(r"conv_in\.(weight|bias)", r"conv_in.\1")]
+    for s in range(len(config.channels)):
+        for j in range(n):
+            rules.append(Rule(rf"body\.{s * n + j}\.(block[12])\.(weight|bias)", rf"body.{s}.resnets.{j}.\1.\2"))
+        rules.append(Rule(rf"body\.{s * n}\.in_conv\.(weight|bias)", rf"body.{s}.in_conv.\1"))
+    return rules

@@ -35,6 +35,7 @@ from PIL import Image
 
 from .images import RESIZE_MODES, resize
 from .models import ControlNetModel, UNetConfig
+from .models.t2i_adapter import T2IAdapter
 from .models.unet import skip_channels
 from .preprocessors import AT_RESOLUTION, PREPROCESSORS, PROCESSOR_RES, pixel_perfect_res, preprocess
 
@@ -44,7 +45,9 @@ MIN_PROCESSOR_RES, MAX_PROCESSOR_RES = 64, 4096  # preprocessor resolutions (sho
 MODULES = (*PREPROCESSORS, INPAINT)
 SOFT_INJECTION_BASE = 0.825  # A1111's soft injection: residual i of 13 scaled by 0.825^(12 - i)
 SOFT_INJECTION_LAST = 12
+ADAPTER_SOFT_INJECTION = (0.25, 0.62, 0.825, 1.0)  # A1111's soft injection of a T2I-Adapter's four features
 _COND_ONLY = {"controlnet", "guess"}
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's convert("L")
 # A1111's extension names (its API accepts them, its infotext writes them)
 A1111_CONTROL_MODES = {
     "balanced": "Balanced",
@@ -68,9 +71,23 @@ class ControlNet:
     def title(self) -> str:
         return f"{self.name} [{self.short_hash}]" if self.short_hash else self.name
 
+    @property
+    def is_adapter(self) -> bool:
+        """A T2I-Adapter (features added inside the down blocks) rather than a ControlNet."""
+        return isinstance(self.model, T2IAdapter)
+
     def check(self, unet: UNetConfig) -> None:
         """Raise ValueError unless this ControlNet's residuals fit `unet` (same family and widths)."""
         cfg = self.model.config
+        if self.is_adapter:
+            n = len(unet.block_out_channels)
+            if tuple(cfg.channels[:n]) != tuple(unet.block_out_channels) or (cfg.adapter_type == "full_adapter_xl") != (
+                unet.addition_time_embed_dim is not None
+            ):
+                raise ValueError(f"T2I-Adapter {self.name} ({cfg.adapter_type}, channels {cfg.channels}) was made for "
+                                 f"another model family than this model's (channels {unet.block_out_channels}); use "
+                                 "an adapter for this model's family")  # fmt: skip
+            return
         mine = (skip_channels(cfg), cfg.cross_attention_dim, cfg.addition_time_embed_dim is not None)
         theirs = (skip_channels(unet), unet.cross_attention_dim, unet.addition_time_embed_dim is not None)
         if mine != theirs:
@@ -164,13 +181,18 @@ class ControlNetUnit:
 
     def cond_only(self) -> bool:
         """Whether only the conditional half of classifier-free guidance gets this unit's residuals."""
+        return self.control_mode in _COND_ONLY or self._pooled()
+
+    def _pooled(self) -> bool:
         model = self.model.model if isinstance(self.model, ControlNet) else None
-        return self.control_mode in _COND_ONLY or bool(model and model.config.global_pool_conditions)
+        return bool(getattr(getattr(model, "config", None), "global_pool_conditions", False))
 
     def scales(self, n: int) -> list[float]:
-        """The scale of each of the n residuals (the middle block's last), by control_mode."""
-        pooled = isinstance(self.model, ControlNet) and self.model.model.config.global_pool_conditions
+        """The scale of each of the n residuals (the middle block's last) or adapter features, by control_mode."""
+        pooled = self._pooled()
         if self.control_mode in ("prompt", "controlnet"):
+            if isinstance(self.model, ControlNet) and self.model.is_adapter:  # A1111's soft injection for adapters
+                return [self.weight * s for s in ADAPTER_SOFT_INJECTION[:n]] + [self.weight] * (n - 4)
             return [self.weight * SOFT_INJECTION_BASE ** float(SOFT_INJECTION_LAST - i) for i in range(n)]
         if self.control_mode == "guess" and not pooled:  # diffusers: torch.logspace(-1, 0, n)
             return [self.weight * 10.0 ** (-1.0 + i / (n - 1)) for i in range(n)]
@@ -211,6 +233,9 @@ class Controls:
     ):
         self.units = units
         self.images = {id(u): control_image(u, width, height, crop, inpaint) for u in units}
+        # a T2I-Adapter sees neither latents nor timestep: its features are computed once, here
+        adapters = [u for u in units if isinstance(u.model, ControlNet) and u.model.is_adapter]
+        self.features = {id(u): _adapter_features(u, self.images[id(u)]) for u in adapters}
         self.steps = steps
         self.rule = rule
         self.step = 0
@@ -220,19 +245,28 @@ class Controls:
         late = (i + 1) / n > unit.guidance_end if self.rule == "diffusers" else i / n > unit.guidance_end
         return not (i / n < unit.guidance_start or late) and unit.weight > 0
 
-    def __call__(self, x, t, inputs: tuple, cond_inputs: tuple | None) -> tuple[list[mx.array], mx.array] | None:
-        """The summed residuals of the active units for the UNet's batch `x` (4 latent channels).
+    def __call__(self, x, t, inputs: tuple, cond_inputs: tuple | None) -> tuple:
+        """The summed ControlNet residuals ((down, middle) or None) and T2I-Adapter features (a list or None) of the
+        active units, for the UNet's batch `x` (4 latent channels).
 
         Args:
             inputs: (context, pooled, time_ids, timestep_cond) of the whole batch, as the UNet gets them.
             cond_inputs: the same for the conditional half when `x` is a guided [uncond; cond] batch, else None.
         """
-        total = None
+        total = features = None
         for unit in self.units:
             if not self.active(unit):
                 continue
             model = unit.model.model
             half = cond_inputs is not None and unit.cond_only()
+            if unit.model.is_adapter:
+                own = self.features[id(unit)]
+                own = [f * s for f, s in zip(own, unit.scales(len(own)))]
+                own = [mx.broadcast_to(f, (x.shape[0] // 2 if half else x.shape[0], *f.shape[1:])) for f in own]
+                if half:
+                    own = [mx.concatenate([mx.zeros_like(f), f]) for f in own]
+                features = own if features is None else [a + b for a, b in zip(features, own)]
+                continue
             xs = x[x.shape[0] // 2 :] if half else x
             image = mx.broadcast_to(self.images[id(unit)], (xs.shape[0], *self.images[id(unit)].shape[1:]))
             context, pooled, time_ids, timestep_cond = cond_inputs if half else inputs
@@ -244,4 +278,16 @@ class Controls:
             if half:  # the unconditional half gets nothing
                 outputs = [mx.concatenate([mx.zeros_like(r), r]) for r in outputs]
             total = outputs if total is None else [a + b for a, b in zip(total, outputs)]
-        return None if total is None else (total[:-1], total[-1])
+        return (None if total is None else (total[:-1], total[-1])), features
+
+
+def _adapter_features(unit: ControlNetUnit, image: mx.array) -> list[mx.array]:
+    """A T2I-Adapter's features of the unit's (1, H, W, 3) image: one-channel adapters (sketch) see its luminance, as
+    a grayscale image given to diffusers' adapter pipeline."""
+    adapter = unit.model.model
+    if adapter.config.in_channels == 1:
+        image = (image * mx.array(LUMA_WEIGHTS)).sum(axis=-1, keepdims=True)
+    dtype = adapter.conv_in.weight.dtype if "conv_in" in adapter else adapter.body[0].in_conv.weight.dtype
+    features = adapter(image.astype(dtype))
+    mx.eval(features)
+    return features

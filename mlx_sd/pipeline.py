@@ -485,10 +485,10 @@ class Pipeline:
 
         def model(x_in: mx.array, t: float) -> mx.array:
             x_in = x_in.astype(dtype)
-            residuals = controls(x_in, mx.array(t), inputs, cond_inputs) if controls is not None else None
+            residuals, features = controls(x_in, mx.array(t), inputs, cond_inputs) if controls else (None, None)
             if extra is not None:  # ControlNets see the 4 latent channels, the inpainting UNet all 9
                 x_in = mx.concatenate([x_in, extra.astype(x_in.dtype)], axis=-1)
-            return unet(x_in, mx.array(t), context, pooled, time_ids, timestep_cond, residuals)
+            return unet(x_in, mx.array(t), context, pooled, time_ids, timestep_cond, residuals, features)
 
         if not guided:
             return model

@@ -155,16 +155,22 @@ class DownBlock(nn.Module):
         if downsample:
             self.downsamplers = [Downsample2D(out_ch)]
 
-    def __call__(self, x, temb, context) -> tuple[mx.array, list[mx.array]]:
+    def __call__(self, x, temb, context, feature=None) -> tuple[mx.array, list[mx.array]]:
+        """`feature`: a T2I-Adapter's, added where diffusers adds it: after the last attention of a block with
+        attentions, else to the block's output (whose skip connection is the same tensor, changed in place there)."""
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if "attentions" in self:
                 x = self.attentions[i](x, context)
+                if feature is not None and i == len(self.resnets) - 1:
+                    x = x + feature
             skips.append(x)
         if "downsamplers" in self:
             x = self.downsamplers[0](x)
             skips.append(x)
+        if feature is not None and "attentions" not in self:
+            x = skips[-1] = x + feature
         return x, skips
 
 
@@ -245,6 +251,7 @@ class UNet2DConditionModel(nn.Module):
         time_ids: mx.array | None = None,
         timestep_cond: mx.array | None = None,
         residuals: tuple[list[mx.array], mx.array] | None = None,
+        features: list[mx.array] | None = None,
     ) -> mx.array:
         """Predict the model output (eps or v) for noisy latents.
 
@@ -258,11 +265,13 @@ class UNet2DConditionModel(nn.Module):
             timestep_cond: (B, time_cond_proj_dim) guidance embedding (LCM-distilled UNets only).
             residuals: a ControlNet's (down, middle) residuals: one per skip connection and one for the middle
                 block's output, added before the up path uses them (diffusers' down/mid_block_additional_residual).
+            features: a T2I-Adapter's features, added inside the down blocks (diffusers'
+                down_intrablock_additional_residuals; `encode`).
         Returns:
             (B, H, W, out_channels).
         """
         temb = embed_time(self, x, t, pooled, time_ids, timestep_cond)
-        h, skips = encode(self, self.conv_in(x), temb, context)
+        h, skips = encode(self, self.conv_in(x), temb, context, features)
         if residuals is not None:  # a ControlNet's (mlx_sd/models/controlnet.py), added to every skip and the middle
             down, middle = residuals
             skips = [s + r.astype(s.dtype) for s, r in zip(skips, down, strict=True)]
@@ -325,10 +334,16 @@ def embed_time(module: nn.Module, x: mx.array, t, pooled, time_ids, timestep_con
     return temb
 
 
-def encode(module: nn.Module, h: mx.array, temb: mx.array, context) -> tuple[mx.array, list[mx.array]]:
-    """The down path and middle block of `module` from conv_in's output `h`: (middle output, skip connections)."""
+def encode(module: nn.Module, h: mx.array, temb: mx.array, context, features=None) -> tuple[mx.array, list[mx.array]]:
+    """The down path and middle block of `module` from conv_in's output `h`: (middle output, skip connections).
+    `features`: a T2I-Adapter's, one per down block in order; one left over is added to the middle block's output
+    when its shape fits (SDXL's adapter has four features for three blocks), as diffusers does."""
+    features = list(features or [])
     skips = [h]
     for block in module.down_blocks:
-        h, block_skips = block(h, temb, context)
+        h, block_skips = block(h, temb, context, features.pop(0) if features else None)
         skips += block_skips
-    return module.mid_block(h, temb, context), skips
+    h = module.mid_block(h, temb, context)
+    if features and features[0].shape == h.shape:
+        h = h + features[0]
+    return h, skips
