@@ -157,6 +157,12 @@ def controlnet_config(config: Mapping) -> ControlNetConfig:
 CONTROLNET_RULES = [Rule(r"(.+)", r"\1")]  # our names are diffusers'
 
 
+def is_control_config(path: Path) -> bool:
+    """A diffusers config.json of a ControlNet or a T2I-Adapter (both run as ControlNet units)."""
+    text = path.read_text("utf-8", errors="replace")
+    return '"ControlNetModel"' in text or '"T2IAdapter"' in text
+
+
 def _class_name(folder: Path) -> str | None:
     config_path = folder / "config.json"
     return json.loads(config_path.read_text()).get("_class_name") if config_path.is_file() else None

@@ -21,7 +21,7 @@ import mlx_sd
 from mlx_sd.model import MANIFEST, ModelInfo
 from mlx_sd.quantization import BITS, QuantizationConfig
 
-from .controlnet import USE_AS_IT_IS
+from .controlnet import USE_AS_IT_IS, is_control_config
 from .diffusers_folder import CONFIG, MODEL_INDEX, plan_diffusers_folder, plan_vae_folder
 from .families import TEXT_TOWERS
 from .hub import fetch, parse_hub_id
@@ -190,7 +190,7 @@ def _open_local(path: Path, family, prediction_type, kind, use_ema, variant, nam
         )
     if (path / MANIFEST).is_file():
         raise ConversionError(f"{path} is already an mlx-sd model folder; use it as it is")
-    if (path / CONFIG).is_file() and '"ControlNetModel"' in (path / CONFIG).read_text("utf-8"):
+    if (path / CONFIG).is_file() and is_control_config(path / CONFIG):
         raise ConversionError(f"{path} is {USE_AS_IT_IS}")
     if (path / CONFIG).is_file():
         raise ConversionError(

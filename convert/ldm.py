@@ -351,7 +351,7 @@ def _check_everything_claimed(shapes: Mapping, claimed: set[str], found: Detecti
 
 
 _CAUSES = [
-    (r"(?:control_model\.)?(?:input_hint_block|controlnet_cond_embedding)\.", USE_AS_IT_IS),
+    (r"(?:control_model\.)?(?:input_hint_block|controlnet_cond_embedding)\.|(?:adapter\.)?body\.\d+\.", USE_AS_IT_IS),
     (r"control_model\.", "a ControlNet is stored in this file; convert the base model without it"),
     (SDXL_MARKER.replace(".", r"\."), "SDXL conditioner tensors: this is an SDXL file"),
     (r"(?:unet|vae|text_encoder)\.|down_blocks\.|mid_block\.", "diffusers-named tensors: convert the diffusers folder"),

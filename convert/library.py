@@ -22,7 +22,7 @@ from pathlib import Path
 from mlx_sd.lora import LoRA, LoRATargets
 from mlx_sd.textual_inversion import Embedding, check_embedding
 
-from .controlnet import CONTROLNET_EXTENSIONS, a1111_hash, read_controlnet
+from .controlnet import CONTROLNET_EXTENSIONS, a1111_hash, is_control_config, read_controlnet
 from .embeddings import EMBEDDING_EXTENSIONS, read_embedding
 from .keymap import ConversionError
 from .lora import LORA_EXTENSIONS, read_lora
@@ -192,7 +192,7 @@ class ControlNetLibrary:
 
     def listing(self) -> dict[str, Path]:
         """A1111 title ("name [hash]"; diffusers folders: the name) -> path, sorted by title (rescanned each call)."""
-        folders = [c.parent for c in self.folder.rglob("config.json") if '"ControlNetModel"' in c.read_text("utf-8")]
+        folders = [c.parent for c in self.folder.rglob("config.json") if is_control_config(c)]
         found = {folder.name: folder for folder in folders}
         for path in _files(self.folder, CONTROLNET_EXTENSIONS):
             if path.parent not in folders:  # a diffusers folder's weights are listed as the folder

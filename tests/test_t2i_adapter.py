@@ -115,3 +115,26 @@ def test_adapter_for_another_family_and_style_adapters_are_refused(sd1, tmp_path
     save_file(style, tmp_path / "t2iadapter_old.safetensors")
     with pytest.raises(ConversionError, match="skip convolutions"):
         read_controlnet(tmp_path / "t2iadapter_old.safetensors")
+
+
+def test_library_lists_adapters_beside_controlnets(tmp_path):
+    from test_controlnet import tiny_controlnet
+
+    from mlx_sd_convert.library import ControlNetLibrary
+
+    tiny_adapter("full_adapter").save_pretrained(tmp_path / "t2i_sketch")
+    tiny_controlnet("sd1").save_pretrained(tmp_path / "edges")
+    library = ControlNetLibrary(tmp_path, mx.float32)
+    assert list(library.listing()) == ["edges", "t2i_sketch"]
+    assert library("t2i_sketch").is_adapter and not library("edges").is_adapter
+
+
+def test_convert_says_an_adapter_needs_no_conversion(tmp_path):
+    from mlx_sd_convert.converter import convert
+
+    reference = tiny_adapter("full_adapter")
+    reference.save_pretrained(tmp_path / "folder")
+    torch.save(original_names(reference.state_dict(), "full_adapter"), tmp_path / "t2iadapter_x.pth")
+    for source in ("folder", "t2iadapter_x.pth"):
+        with pytest.raises(ConversionError, match="used as it is"):
+            convert(tmp_path / source, tmp_path / "out")
