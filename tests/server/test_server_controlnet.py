@@ -16,6 +16,7 @@ from test_controlnet import tiny_controlnet
 from test_ip_adapter import tiny_encoder, tiny_ip_state
 from test_server_page import CHROMEDRIVER, CHROMIUM, By, WebDriverWait, fill
 from test_server_page import browser as browser  # noqa: F401  (the headless Chromium fixture)
+from test_t2i_adapter import tiny_adapter
 from tiny_pipelines import UNETS
 
 from mlx_sd.controlnet import ControlNetUnit
@@ -33,6 +34,7 @@ def served(models_dir, tmp_path_factory):
     folder = tmp / "controlnets"
     tiny_controlnet("sd1", 11).save_pretrained(folder / "edges")
     tiny_controlnet("sd1", 12).save_pretrained(folder / "lines")
+    tiny_adapter("full_adapter").save_pretrained(folder / "t2i_sketch")
     tiny_encoder(tmp / "image_encoder")
     state = tiny_ip_state(UNet2DConditionModel(**UNETS["sd1"]))
     save_file({k: v.contiguous() for k, v in state.items()}, tmp / "ip-adapter_tiny.safetensors")
@@ -60,7 +62,7 @@ def decoded(data: str) -> np.ndarray:
 def test_extension_routes(served):
     server, folder = served
     ip = f"ip-adapter_tiny [{a1111_hash(server.ip[0])}]"
-    assert server.get("/controlnet/model_list").json() == {"model_list": ["edges", "lines", ip]}
+    assert server.get("/controlnet/model_list").json() == {"model_list": ["edges", "lines", "t2i_sketch", ip]}
     modules = server.get("/controlnet/module_list").json()["module_list"]
     assert modules[:3] == ["none", "invert", "canny"] and "tile_resample" in modules
     assert server.get("/controlnet/version").json() == {"version": 2}
@@ -170,6 +172,21 @@ def test_errors_name_the_field(served, server):
     # a server without --controlnet-dir says how to get one
     r = server.post("/sdapi/v1/txt2img", json={**base, "alwayson_scripts": {"ControlNet": {"args": [unit]}}})
     assert r.status_code == 422 and "--controlnet-dir" in r.json()["detail"]
+
+
+def test_t2i_adapter_unit_generates_as_the_library_does(served, models_dir):
+    server, folder = served
+    unit = {"model": "t2i_sketch", "image": b64(photo(13)), "weight": 0.8, "control_mode": 1}  # soft injection
+    body = {"prompt": "a house", "width": 64, "height": 64, "steps": 3, "seed": 4, "sampler_name": "Euler",
+            "alwayson_scripts": {"controlnet": {"args": [unit]}}}  # fmt: skip
+    r = server.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    adapter = read_controlnet(folder / "t2i_sketch", mx.float32)
+    expected = Pipeline(models_dir / "tiny-a").generate(
+        prompt="a house", width=64, height=64, steps=3, seed=4, sampler="Euler", guidance=7.0,
+        controlnet=(ControlNetUnit(adapter, photo(13), 0.8, control_mode="prompt"),),
+    )  # fmt: skip
+    np.testing.assert_array_equal(decoded(r.json()["images"][0]), np.asarray(expected.images[0]))
 
 
 def test_ip_adapter_units_and_native_image_prompts(served, models_dir):
