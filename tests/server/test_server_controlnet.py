@@ -231,7 +231,8 @@ def test_page_sends_a_controlnet_unit(browser, served, tmp_path):
     wait = WebDriverWait(browser, 30, poll_frequency=0.02)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#controlnet option"))
     browser.find_element(By.CSS_SELECTOR, "#controlnet-box summary").click()
-    assert [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#controlnet option")] == ["none", "edges", "lines"]
+    options = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#controlnet option")]
+    assert options == ["none", "edges", "lines", "t2i_sketch"]
     fill(browser, prompt="a lighthouse", width=64, height=64, steps=3, seed=2, control_weight=0.7)
     browser.find_element(By.CSS_SELECTOR, "#controlnet option[value='edges']").click()
     browser.find_element(By.ID, "control-image").send_keys(str(tmp_path / "edges.png"))
