@@ -297,6 +297,8 @@ class Pipeline:
             sampler.close()
             return x
 
+        # the ControlNet units of each pass, prepared once (preprocessed images, T2I-Adapter features) for every batch
+        controls = controls_2 = None
         for batch in range(request.batch_count):
             first = seed + batch * request.batch_size
             batch_seeds = [first + i for i in range(request.batch_size)]
@@ -304,7 +306,7 @@ class Pipeline:
             vary = self._variation(request, batch)
             x, init = self._initial_latents(request, plan, noise, vary)
             noise = _sampler_noise(request, plan, noise, first)
-            controls = self._controls(request, plan, init)
+            controls = controls or self._controls(request, plan, init)
             model_fn = self._model_fn(request, cond, uncond, init, request.batch_size, controls=controls,
                                       image_embeds=image_embeds)  # fmt: skip
             if refining:
@@ -331,11 +333,11 @@ class Pipeline:
                 draw = noise.normal((B, c, h, w))
                 x = plan_2.noised_latents(latents, (vary(draw) if vary else draw).transpose(0, 2, 3, 1), 0)
                 noise = _sampler_noise(second, plan_2, noise, first)
-                controls = self._controls(second, plan_2, None)
-                model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size, controls=controls,
+                controls_2 = controls_2 or self._controls(second, plan_2, None)
+                model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size, controls=controls_2,
                                           image_embeds=image_embeds)  # fmt: skip
                 x = yield from denoise(
-                    plan_2, model_fn, x.astype(self.model.dtype), noise, None, batch, plan.steps, controls
+                    plan_2, model_fn, x.astype(self.model.dtype), noise, None, batch, plan.steps, controls_2
                 )
                 latents, finished = plan_2.latents_to_decode(x), second
             t_decode = time.perf_counter()

@@ -73,7 +73,8 @@ def test_txt2img_matches_diffusers(sd1, controlnets, weight, start, end, guess):
     assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(result.images[0]))  # the control acted
 
 
-def test_two_units_match_multicontrolnet(sd1, controlnets):
+@pytest.mark.parametrize("batching", [dict(batch_size=2), dict(batch_count=2)])
+def test_two_units_match_multicontrolnet(sd1, controlnets, batching):
     parts, ours = sd1
     references, loaded = controlnets
     images = [control_image(2), control_image(3)]
@@ -84,8 +85,8 @@ def test_two_units_match_multicontrolnet(sd1, controlnets):
                     output_type="np").images  # fmt: skip
     units = (ControlNetUnit(loaded[0], images[0], 0.8), ControlNetUnit(loaded[1], images[1], 0.5, 0.25, 0.75))
     result = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=5.0, seed=9, sampler=SCHEDULER,
-                           batch_size=2, controlnet=units)  # fmt: skip
-    check(result, expected, "two ControlNets, batch of 2")
+                           controlnet=units, **batching)  # fmt: skip
+    check(result, expected, f"two ControlNets, two images ({batching})")
 
 
 def test_img2img_and_inpainting_match_diffusers(sd1, controlnets):
