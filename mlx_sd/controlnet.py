@@ -222,7 +222,8 @@ def control_image(unit: ControlNetUnit, width: int, height: int, crop=None, inpa
 
 
 class Controls:
-    """A request's units at one size, ready for a model function: `controls(x, t, ...)` -> residuals or None.
+    """A request's units at one size, ready for a model function: `controls(x, t, ...)` -> (ControlNet residuals,
+    T2I-Adapter features), each None when no such unit acts at this step.
 
     The pipeline sets `step` (0-based) before each sampler step; `steps` and `rule` ("diffusers" or "a1111") decide
     the guidance window (module docstring).
