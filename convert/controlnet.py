@@ -28,13 +28,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_sd.components import parameter_shapes
 from mlx_sd.controlnet import ControlNet
 from mlx_sd.models import ControlNetConfig, ControlNetModel, UNetConfig
 from mlx_sd.models.t2i_adapter import ADAPTER_TYPES, T2IAdapter, T2IAdapterConfig
 
 from .diffusers import ConversionError, _check_settings, unet_config
-from .keymap import Rule, map_keys, read_mapped
+from .keymap import Rule, load_mapped, tensor_shapes
 from .ldm_unet import HEAD_CHANNELS, SD1_HEADS, unet_config_from_shapes, unet_rules
 from .readers import open_checkpoint
 
@@ -67,9 +66,7 @@ def _read_adapter(path: Path, state, shapes: dict, config: T2IAdapterConfig | No
     model = T2IAdapter(config)
     rules = ADAPTER_RULES if any(k.startswith("adapter.") for k in shapes) else original_adapter_rules(config)
     hint = f"{path.name} does not fit the {config.adapter_type} its shapes describe; the file may be damaged"
-    plan = map_keys("t2i_adapter", shapes, rules, parameter_shapes(model), hint)
-    model.load_weights([(k, mx.array(read_mapped(state, m)).astype(dtype)) for k, m in plan.items()], strict=True)
-    model.eval()
+    load_mapped("t2i_adapter", model, state, rules, dtype, hint, shapes)
     if path.is_dir():
         return ControlNet(model, name or path.name)
     return ControlNet(model, name or path.stem, a1111_hash(path))
@@ -91,10 +88,10 @@ def read_controlnet(path: str | Path, dtype: mx.Dtype | None = None, name: str |
     dtype = dtype or default_dtype()
     if path.is_dir() and _class_name(path) == "T2IAdapter":
         data, state = _folder_parts(path)
-        return _read_adapter(path, state, _shapes(state), adapter_config(data), dtype, name)
+        return _read_adapter(path, state, tensor_shapes(state), adapter_config(data), dtype, name)
     if path.is_file():
         state = open_checkpoint(path)
-        shapes = _shapes(state)
+        shapes = tensor_shapes(state)
         if _is_adapter(shapes):
             return _read_adapter(path, state, shapes, None, dtype, name)
     if path.is_dir():
@@ -104,7 +101,7 @@ def read_controlnet(path: str | Path, dtype: mx.Dtype | None = None, name: str |
         state = open_checkpoint(path)
         if any(k.startswith(CONTROL_PREFIX) for k in state):
             state = _Prefixed(state, CONTROL_PREFIX)
-        config = _single_file_config(path, _shapes(state))
+        config = _single_file_config(path, tensor_shapes(state))
         title, short = name or path.stem, a1111_hash(path)
     else:
         raise ConversionError(f"{path}: no such ControlNet file or folder")
@@ -113,13 +110,10 @@ def read_controlnet(path: str | Path, dtype: mx.Dtype | None = None, name: str |
             f"{path.name}: widths {config.block_out_channels} take no 64-channel attention heads, so this is no "
             "published SD 2.x/SDXL ControlNet; read it from a diffusers folder, whose config.json sets the heads"
         )
-    shapes = _shapes(state)
+    shapes = tensor_shapes(state)
     model = ControlNetModel(config)
     keys = CONTROLNET_RULES if _diffusers_named(shapes) else ldm_rules(config)
-    plan = map_keys("controlnet", shapes, keys, parameter_shapes(model), _hint(path))
-    # one tensor at a time: a 1.4 GB float32 .pth never sits in memory twice
-    model.load_weights([(k, mx.array(read_mapped(state, m)).astype(dtype)) for k, m in plan.items()], strict=True)
-    model.eval()
+    load_mapped("controlnet", model, state, keys, dtype, _hint(path), shapes)  # a 1.4 GB .pth never held twice
     return ControlNet(model, title, short)
 
 
@@ -186,10 +180,6 @@ def _folder(folder: Path) -> tuple[ControlNetConfig, Mapping]:
 
 
 # --- single files -----------------------------------------------------------------------------------------------
-
-
-def _shapes(state) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(state.info(k).shape) for k in state}
 
 
 def _single_file_config(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> ControlNetConfig:

@@ -25,7 +25,7 @@ from mlx_sd.tokenizer import CLIPTokenizer
 
 from .diffusers import RULES, clip_config, unet_config, vae_config
 from .families import scheduler_config
-from .keymap import ComponentPlan, ConversionError
+from .keymap import ComponentPlan, ConversionError, tensor_shapes
 from .kind import detect_kind
 from .ldm_detect import (
     CERTAIN,
@@ -194,7 +194,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _component(folder: Path, name: str, config, weights) -> ComponentPlan:
-    shapes = {key: weights.info(key).shape for key in weights}
+    shapes = tensor_shapes(weights)
     return ComponentPlan(name, "", config, weights, RULES[kind_of(config)], shapes=shapes)
 
 

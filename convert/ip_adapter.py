@@ -20,13 +20,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_sd.components import parameter_shapes
 from mlx_sd.ip_adapter import IPAdapter, IPAdapterModel
 from mlx_sd.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from .controlnet import a1111_hash
 from .diffusers import _check_settings
-from .keymap import ConversionError, Rule, map_keys, read_mapped
+from .keymap import ConversionError, Rule, load_mapped, tensor_shapes
 from .readers import open_checkpoint
 
 _LAYER = re.compile(r"ip_adapter\.(\d+)\.to_k_ip\.weight")
@@ -57,14 +56,14 @@ def read_ip_adapter(path: str | Path, image_encoder: str | Path, dtype: mx.Dtype
     if not path.is_file():
         raise ConversionError(f"{path}: no such IP-Adapter file")
     state = open_checkpoint(path)
-    shapes = {k: tuple(state.info(k).shape) for k in state}
+    shapes = tensor_shapes(state)
     model = IPAdapterModel(**_architecture(path, shapes))
-    layers = sorted(int(m.group(1)) for k in shapes if (m := _LAYER.fullmatch(k)))
     rules = [
         Rule(r"image_proj\.(.+)", r"image_proj.\1"),  # our names are the published ones
-        *(Rule(rf"ip_adapter\.{n}\.(to_[kv]_ip)\.weight", rf"layers.{i}.\1.weight") for i, n in enumerate(layers)),
-    ]
-    _load(model, state, map_keys("ip_adapter", shapes, rules, parameter_shapes(model)), dtype)
+        *(Rule(rf"ip_adapter\.{n}\.(to_[kv]_ip)\.weight", rf"layers.{i}.\1.weight")
+          for i, n in enumerate(_layer_numbers(shapes))),
+    ]  # fmt: skip
+    load_mapped("ip_adapter", model, state, rules, dtype, shapes=shapes)
     return IPAdapter(model, read_image_encoder(image_encoder, dtype), path.stem, a1111_hash(path))
 
 
@@ -87,15 +86,17 @@ def read_image_encoder(folder: str | Path, dtype: mx.Dtype | None = None) -> CLI
     weights = next((folder / n for n in _ENCODER_FILES if (folder / n).is_file()), None)
     if weights is None:
         raise ConversionError(f"{folder}: none of {', '.join(_ENCODER_FILES)} found")
-    state = open_checkpoint(weights)
     model = CLIPVisionModelWithProjection(config)
-    shapes = {k: tuple(state.info(k).shape) for k in state}
-    _load(model, state, map_keys("image_encoder", shapes, ENCODER_RULES, parameter_shapes(model)), dtype)
-    return model
+    return load_mapped("image_encoder", model, open_checkpoint(weights), ENCODER_RULES, dtype)
+
+
+def _layer_numbers(shapes) -> list[int]:
+    """The file's numbers of the UNet's cross-attention layers (1, 3, 5, ...), in order."""
+    return sorted(int(m.group(1)) for k in shapes if (m := _LAYER.fullmatch(k)))
 
 
 def _architecture(path: Path, shapes: dict) -> dict:
-    layers = sorted(int(m.group(1)) for k in shapes if (m := _LAYER.fullmatch(k)))
+    layers = _layer_numbers(shapes)
     inners = [shapes[f"ip_adapter.{n}.to_k_ip.weight"][0] for n in layers]
     if "image_proj.latents" in shapes:  # IP-Adapter Plus: a Resampler
         if "image_proj.layers.0.0.to_q.weight" not in shapes or not layers:
@@ -116,9 +117,3 @@ def _architecture(path: Path, shapes: dict) -> dict:
     if not layers or out % dim:
         raise ConversionError(f"{path.name}: image_proj.proj {out}x{embed_dim} does not make tokens of width {dim}")
     return {"embed_dim": embed_dim, "dim": dim, "tokens": out // dim, "inners": inners}
-
-
-def _load(model, state, plan: dict, dtype: mx.Dtype) -> None:
-    """Load the planned parameters one tensor at a time, cast to `dtype`."""
-    model.load_weights([(k, mx.array(read_mapped(state, m)).astype(dtype)) for k, m in plan.items()], strict=True)
-    model.eval()

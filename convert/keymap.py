@@ -18,6 +18,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from mlx_sd.components import build, parameter_shapes
@@ -155,6 +157,24 @@ def read_mapped(source: Mapping[str, np.ndarray], mapped: Mapped) -> np.ndarray:
     if mapped.rule.split:
         value = mapped.rule.split(value)[mapped.part]
     return to_mlx_layout(np.asarray(value), mapped.shape)
+
+
+def tensor_shapes(source) -> dict[str, tuple[int, ...]]:
+    """key -> shape of a checkpoint's tensors (a mapping with `.info(key)`, e.g. `readers.Checkpoint`), read from its
+    index: no tensor is read."""
+    return {key: tuple(source.info(key).shape) for key in source}
+
+
+def load_mapped(
+    component: str, model: nn.Module, source, rules: list[Rule], dtype: mx.Dtype, hint: str = "", shapes=None
+) -> nn.Module:
+    """Map `source` onto `model` strictly (`map_keys`) and load it one tensor at a time, cast to `dtype`: a network
+    read at run time (ControlNets, adapters), whose source is never held in memory twice. Returns `model` in eval
+    mode. Raises ConversionError as `map_keys` does."""
+    shapes = tensor_shapes(source) if shapes is None else shapes
+    plan = map_keys(component, shapes, rules, parameter_shapes(model), hint)
+    model.load_weights([(k, mx.array(read_mapped(source, m)).astype(dtype)) for k, m in plan.items()], strict=True)
+    return model.eval()
 
 
 def apply_rules(
