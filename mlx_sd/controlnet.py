@@ -155,15 +155,20 @@ class ControlNetUnit:
             if not ok:
                 raise ValueError(message)
 
+    @property
+    def model_title(self) -> str:
+        """The model as A1111 names it: a loaded one's title, else the name given."""
+        return self.model.title if isinstance(self.model, ControlNet) else self.model
+
     def to_dict(self) -> dict:
         """The settings and the model's title (the image left out)."""
-        model = self.model.title if isinstance(self.model, ControlNet) else self.model
+        model = self.model_title
         names = ("module", "weight", "guidance_start", "guidance_end", "control_mode", "resize_mode")
         return {"model": model, **{k: getattr(self, k) for k in names}}
 
     def infotext(self) -> str:
         """The unit as A1111's extension records it ("ControlNet 0" in the infotext)."""
-        model = self.model.title if isinstance(self.model, ControlNet) else self.model
+        model = self.model_title
         fields = {
             "Module": A1111_MODULES.get(self.module, self.module),
             "Model": model,
