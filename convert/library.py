@@ -7,7 +7,8 @@ keeps the mapped LoRA in a small cache, so switching LoRAs between requests neve
 gives what the HTTP API's `GET /sdapi/v1/loras` returns. `EmbeddingLibrary(folder)` reads every embedding of a
 folder and sorts them into those that fit a model and those skipped (`GET /sdapi/v1/embeddings`).
 `ControlNetLibrary(folder)` is a `Pipeline`'s ControlNet resolver: files and diffusers folders by name or by A1111's
-title ("name [hash]"), the last few read kept loaded.
+title ("name [hash]"), the last few read kept loaded. `UpscalerLibrary(folder)` resolves model upscalers (ESRGAN,
+Real-ESRGAN, ...) by the names A1111 lists them under.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from .embeddings import EMBEDDING_EXTENSIONS, read_embedding
 from .keymap import ConversionError
 from .lora import LORA_EXTENSIONS, read_lora
 from .readers import open_checkpoint
+from .upscaler import UPSCALER_EXTENSIONS, read_upscaler, upscaler_name, upscaler_scale
 
 DEFAULT_CACHE = 8  # mapped LoRAs kept in memory (an SDXL LoRA is ~50-400 MB)
 CONTROLNET_CACHE = 2  # loaded ControlNets kept (SD 1.5: 1.4 GB in float32, SDXL: 5 GB)
+UPSCALER_CACHE = 2  # loaded upscalers kept (ESRGAN 4x: 67 MB)
 TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,10}\]$")  # "control_v11p_sd15_canny [d14c016b]"
 
 
@@ -173,7 +176,32 @@ def embeddings_api(loaded: list[Embedding], skipped: dict[str, Embedding] | list
     return {"loaded": {e.name: info(e) for e in loaded}, "skipped": {e.name: info(e) for e in skipped}}
 
 
-class ControlNetLibrary:
+class LoadedCache:
+    """The last few networks read from files, keyed by path, size and modification time (a replaced file is read
+    again); thread-safe."""
+
+    def __init__(self, cache_size: int):
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _loaded(self, path: Path, read):
+        """`read(path)`, or its cached result."""
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        loaded = read(path)
+        with self._lock:
+            self._cache[key] = loaded
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return loaded
+
+
+class ControlNetLibrary(LoadedCache):
     """A folder of ControlNets (files and diffusers folders, searched recursively); callable as a `Pipeline`'s
     ControlNet resolver.
 
@@ -184,11 +212,9 @@ class ControlNetLibrary:
     """
 
     def __init__(self, folder: str | Path, dtype=None, cache_size: int = CONTROLNET_CACHE):
+        super().__init__(cache_size)
         self.folder = Path(folder).expanduser()
         self.dtype = dtype
-        self.cache_size = cache_size
-        self._cache: OrderedDict[tuple, object] = OrderedDict()
-        self._lock = threading.Lock()
 
     def listing(self) -> dict[str, Path]:
         """A1111 title ("name [hash]"; diffusers folders: the name) -> path, sorted by title (rescanned each call)."""
@@ -215,16 +241,55 @@ class ControlNetLibrary:
 
     def __call__(self, name: str):
         """The named ControlNet, loaded (cached by path, size and modification time)."""
-        path = self.find(name)
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        controlnet = read_controlnet(path, self.dtype)
-        with self._lock:
-            self._cache[key] = controlnet
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return controlnet
+        return self._loaded(self.find(name), lambda path: read_controlnet(path, self.dtype))
+
+
+class UpscalerLibrary(LoadedCache):
+    """A folder of model upscalers (A1111's models/ESRGAN and models/RealESRGAN in one, searched recursively); callable
+    as a `Pipeline`'s upscaler resolver.
+
+    Args:
+        folder: the upscaler folder.
+        dtype: the weights' dtype (default: the backend's).
+        cache_size: upscalers kept loaded.
+    """
+
+    def __init__(self, folder: str | Path, dtype=None, cache_size: int = UPSCALER_CACHE):
+        super().__init__(cache_size)
+        self.folder = Path(folder).expanduser()
+        self.dtype = dtype
+
+    def listing(self) -> dict[str, Path]:
+        """name -> path, sorted by name (rescanned each call): A1111's name for the Real-ESRGAN releases
+        ("R-ESRGAN 4x+"), else the file name without extension ("4x-UltraSharp")."""
+        return dict(sorted((upscaler_name(path), path) for path in _files(self.folder, UPSCALER_EXTENSIONS)))
+
+    def api_listing(self) -> list[dict]:
+        """A1111's `GET /sdapi/v1/upscalers` entries of the folder's models (each file's scale read from its
+        shapes; unreadable files are left out)."""
+        entries = []
+        for name, path in self.listing().items():
+            try:
+                scale = upscaler_scale(path)
+            except ConversionError:
+                continue
+            kind = "RealESRGAN" if name != path.stem else "ESRGAN"
+            entries.append({"name": name, "model_name": kind, "model_path": str(path), "model_url": None,
+                            "scale": scale})  # fmt: skip
+        return entries
+
+    def find(self, name: str) -> Path:
+        """The upscaler listed as `name` (or whose file is named so). Raises ConversionError naming what the folder
+        holds."""
+        listing = self.listing()
+        if name in listing:
+            return listing[name]
+        found = [path for path in listing.values() if path.stem == name]
+        if len(found) == 1:
+            return found[0]
+        known = ", ".join(list(listing)[:20]) or "none"
+        raise ConversionError(f"upscaler {name!r} not found in {self.folder} (available: {known})")
+
+    def __call__(self, name: str):
+        """The named upscaler, loaded (cached by path, size and modification time)."""
+        return self._loaded(self.find(name), lambda path: read_upscaler(path, self.dtype, upscaler_name(path)))

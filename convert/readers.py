@@ -34,9 +34,10 @@ from .torch_pickle import ClassReference, UnsafeCheckpointError, load_torch_lega
 __all__ = ["Checkpoint", "ConversionError", "TensorInfo", "UnsafeCheckpointError", "open_checkpoint"]
 
 # Keys under which training code nests the state dict: PyTorch Lightning ("state_dict"), plain training
-# loops ("model"), DeepSpeed / DDP wrappers ("module"), A1111 textual-inversion embeddings ("string_to_param").
+# loops ("model"), DeepSpeed / DDP wrappers ("module"), A1111 textual-inversion embeddings ("string_to_param"),
+# BasicSR's upscalers (Real-ESRGAN: "params_ema", the averaged weights its inference loads, before "params").
 # Tried in this order while a level holds no tensors.
-NESTING_KEYS = ("state_dict", "model", "module", "string_to_param")
+NESTING_KEYS = ("state_dict", "model", "module", "string_to_param", "params_ema", "params")
 _MAX_NESTING = 4
 _SAFETENSORS_DTYPES = {d.safetensors: d for d in DTYPES}
 

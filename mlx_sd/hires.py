@@ -4,9 +4,9 @@ As A1111's `StableDiffusionProcessingTxt2Img` (`calculate_target_resolution`, `s
 - The target is width x height times `hr_scale`, or `hr_resize_x` x `hr_resize_y` (one of them 0: the other
   follows the aspect ratio; both: upscale to cover that size, then crop the latents' centre).
 - "Latent" upscalers interpolate the first pass's latents (A1111 calls torch's interpolate on them); "None",
-  "Lanczos" and "Nearest" decode the first pass to 8-bit images, resize those and encode them again
-  (`mlx_sd.upscale`). Sizes are rounded down to multiples of 8 here (A1111's latents are too; its image upscalers
-  resize to the exact size and the VAE then drops the remainder).
+  "Lanczos", "Nearest" and model upscalers (ESRGAN, ...) decode the first pass to 8-bit images, upscale those and
+  encode them again (`mlx_sd.upscale`, `mlx_sd.model_upscaler`). Sizes are rounded down to multiples of 8 here
+  (A1111's latents are too; its image upscalers resize to the exact size and the VAE then drops the remainder).
 - The second pass is img2img with A1111's fixed step count: a schedule of int(steps / min(strength, 0.999)) steps
   of which the last `steps` run (`hr_second_pass_steps`, 0 = the first pass's steps), starting from the upscaled
   latents noised to the first level that runs. That noise is the first draw of fresh generators seeded with the
@@ -102,12 +102,15 @@ def hires_infotext(request: GenerationRequest) -> dict:
     }  # fmt: skip
 
 
-def upscale_first_pass(latents: mx.array, request: GenerationRequest, target: HiresTarget, decode, encode) -> mx.array:
+def upscale_first_pass(
+    latents: mx.array, request: GenerationRequest, target: HiresTarget, decode, encode, upscaler=None
+) -> mx.array:
     """The first pass's (B, h, w, C) latents brought to the hires size.
 
     Args:
         decode: (latents) -> (B, H, W, 3) images in [-1, 1]; encode: (images in [-1, 1]) -> latents. Used by the
             image upscalers only.
+        upscaler: the loaded model upscaler `request.hr_upscaler` names, or None for the built-in upscalers.
     """
     h, w = target.latent_size
     if is_latent_upscaler(request.hr_upscaler):
@@ -116,7 +119,7 @@ def upscale_first_pass(latents: mx.array, request: GenerationRequest, target: Hi
         # A1111 hands the upscaler 8-bit images made by truncation (astype(uint8)), not rounding
         pixels = mx.clip((decode(latents).astype(mx.float32) + 1) * 0.5, 0.0, 1.0) * 255.0
         images = [upscale_image(Image.fromarray(np.array(p).astype(np.uint8)), w * LATENT_SCALE, h * LATENT_SCALE,
-                                request.hr_upscaler) for p in pixels]  # fmt: skip
+                                upscaler or request.hr_upscaler) for p in pixels]  # fmt: skip
         up = encode(to_array(images))
     cy, cx = target.crop
     return up[:, cy // 2 : h - (cy + 1) // 2, cx // 2 : w - (cx + 1) // 2]

@@ -88,10 +88,11 @@ class GenerationRequest:
     SDXL micro-conditioning: original_size, crops_coords_top_left, target_size (height, width pairs; default: the
         generation size, (0, 0)), aesthetic_score / negative_aesthetic_score (refiner).
     Hires fix (A1111, txt2img): enable_hr generates at width x height, upscales by hr_scale (or to hr_resize_x x
-        hr_resize_y, cropping to keep the aspect) with hr_upscaler (the "Latent" modes or "None"/"Lanczos"/"Nearest"
-        on the decoded image; `mlx_sd.upscale`), then runs img2img at that size with denoising `strength`:
-        hr_second_pass_steps (0: `steps`) of a schedule of int(those steps / strength) steps, with hr_sampler /
-        hr_schedule_type and hr_prompt / hr_negative_prompt (empty or None: the first pass's). mlx_sd/hires.py.
+        hr_resize_y, cropping to keep the aspect) with hr_upscaler (the "Latent" modes, or "None"/"Lanczos"/"Nearest"/
+        a model upscaler's name such as "R-ESRGAN 4x+" on the decoded image; `mlx_sd.upscale`), then runs img2img
+        at that size with denoising `strength`: hr_second_pass_steps (0: `steps`) of a schedule of int(those steps /
+        strength) steps, with hr_sampler / hr_schedule_type and hr_prompt / hr_negative_prompt (empty or None: the
+        first pass's). mlx_sd/hires.py.
     Refiner (a `Pipeline` holding a refiner model): refiner_switch_at, the fraction of the schedule after which the
         refiner takes over (A1111's "Switch at"; diffusers' denoising_end/denoising_start; None: 0.8, 1: never).
     Seamless: tiling (A1111's "Tiling"): every convolution of the UNet and the VAE pads circularly, so the image tiles
@@ -270,9 +271,8 @@ def hires_checks(request: GenerationRequest) -> list[tuple[bool, str]]:
         (r.init_image is None, "enable_hr (hires fix) is for txt2img: drop init_image, or upscale it with img2img"),
         (0.0 < r.strength <= 1.0, f"strength={r.strength}: the hires pass needs a denoising strength in (0, 1]"),
         (r.hr_scale > 0, f"hr_scale={r.hr_scale}: must be > 0"),
-        (r.hr_upscaler in HIRES_UPSCALERS,
-         f"hr_upscaler={r.hr_upscaler!r}: mlx-sd has {', '.join(HIRES_UPSCALERS)}; model upscalers (ESRGAN, "
-         "SwinIR, ...) are not available"),
+        (isinstance(r.hr_upscaler, str) and r.hr_upscaler.strip() != "",
+         f"hr_upscaler={r.hr_upscaler!r}: one of {', '.join(HIRES_UPSCALERS)} or a model upscaler's name"),
         (r.hr_second_pass_steps >= 0, f"hr_second_pass_steps={r.hr_second_pass_steps}: must be >= 0 (0 = steps)"),
         (r.hr_resize_x >= 0 and r.hr_resize_y >= 0, "hr_resize_x and hr_resize_y must be >= 0 (0 = use hr_scale)"),
     ]  # fmt: skip

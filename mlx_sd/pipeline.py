@@ -40,6 +40,7 @@ from .samplers import SamplingPlan, plan_sampling
 from .schedules import NoiseSchedule
 from .textual_inversion import Embedding, add_embeddings, check_embedding, used_embeddings
 from .tiling import tiled_decode, tiled_encode
+from .upscale import HIRES_UPSCALERS
 from .variation import vary_noise
 
 TILE_ABOVE_PIXELS = 1024 * 1024  # tiled VAE by default above this many pixels: bounded decoder memory
@@ -142,6 +143,9 @@ class Pipeline:
         controlnet_resolver: resolves a ControlNet unit's model given by name: name -> `ControlNet`, e.g.
             `mlx_sd_convert.library.ControlNetLibrary(folder)`; None: units must hold loaded ControlNets.
             ControlNets guide the base model only, never a refiner.
+        upscaler_resolver: loads the model upscaler a hires fix's `hr_upscaler` names (other than the latent and
+            model-free ones): name -> `mlx_sd.model_upscaler.ModelUpscaler`, e.g.
+            `mlx_sd_convert.library.UpscalerLibrary(folder)`; None: such names are refused.
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class Pipeline:
         lora_resolver=None,
         controlnet_resolver=None,
         ip_adapter=None,
+        upscaler_resolver=None,
     ):
         self.model = model if isinstance(model, StableDiffusion) else StableDiffusion(model)
         self.schedule = _schedule(self.model)
@@ -158,6 +163,7 @@ class Pipeline:
         self.set_refiner(refiner)
         self.lora_resolver = lora_resolver
         self.controlnet_resolver = controlnet_resolver
+        self.upscaler_resolver = upscaler_resolver
         self.ip_adapter = None
         self.set_ip_adapter(ip_adapter)
         self.loras: list[AppliedLoRA] = []  # applied to every request, beside the prompt's <lora:...> tags
@@ -265,6 +271,7 @@ class Pipeline:
         target = hires_target(request) if request.enable_hr else None
         second = hires_request(request, target) if target else None
         plan_2 = hires_plan(second, self.schedule) if second else None
+        upscaler = self._hires_upscaler(request) if second else None  # a model named but missing fails here
         total = plan.steps + (plan_2.steps if plan_2 else 0)
         loras, embeddings = self._activate(request)
         for model in (self.model, self.refiner) if refining else (self.model,):
@@ -325,7 +332,7 @@ class Pipeline:
                 # from the seeds' generators, which start the second pass)
                 latents = upscale_first_pass(
                     latents, request, target, lambda z: self._decode(z, request, self.model),
-                    lambda images, source=noise: self._encode_images(images, source, request.tiling),
+                    lambda images, source=noise: self._encode_images(images, source, request.tiling), upscaler,
                 )  # fmt: skip
                 # A1111 draws the second pass's noise from fresh generators seeded with the images' seeds
                 noise = make_noise(request.rng, first, request.batch_size, per_image=True)
@@ -524,6 +531,16 @@ class Pipeline:
             model.check(self.model.unet.config)
             units.append(replace(unit, model=model))
         return tuple(units)
+
+    def _hires_upscaler(self, request: GenerationRequest):
+        """The loaded model upscaler the hires fix names, or None for the latent and model-free ones."""
+        name = request.hr_upscaler
+        if name in HIRES_UPSCALERS:
+            return None
+        if self.upscaler_resolver is None:
+            raise ValueError(f"hr_upscaler={name!r} is not one of {', '.join(HIRES_UPSCALERS)}; a model upscaler "
+                             "needs an upscaler folder (--upscaler-dir)")  # fmt: skip
+        return self.upscaler_resolver(name)
 
     def _controls(self, request: GenerationRequest, plan: SamplingPlan, init) -> Controls | None:
         """The request's ControlNet units at this pass's size and step count, or None."""

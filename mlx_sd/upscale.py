@@ -1,11 +1,11 @@
-"""The upscalers of AUTOMATIC1111's hires fix: six latent modes and the model-free image ones.
+"""The upscalers of AUTOMATIC1111's hires fix: six latent modes, the model-free image ones, and A1111's upscale loop.
 
 A latent upscaler resizes the first pass's (B, h, w, C) latents before the second pass. A1111 does this with
 `torch.nn.functional.interpolate(latents, size=..., mode=..., antialias=...)`, so each mode here is torch's own
 resampling (its CPU weights, align_corners=False) written as one (out, in) matrix per axis: a hires fix with the
 same seed starts its second pass from the same latents, to float32 rounding. An image upscaler resizes the decoded
-first-pass image instead, as A1111's `images.resize_image(0, ...)` does; the model upscalers (ESRGAN, SwinIR, LDSR,
-ScuNET) need networks mlx-sd does not run.
+first-pass image instead, as A1111's `images.resize_image(0, ...)` does: Lanczos, Nearest, or a model upscaler
+(ESRGAN, Real-ESRGAN, ...: `mlx_sd.model_upscaler`, which a `Pipeline` loads by name).
 """
 
 from __future__ import annotations
@@ -141,44 +141,61 @@ def upscale_latents(latents: mx.array, height: int, width: int, mode: str) -> mx
     return x.astype(latents.dtype)
 
 
-def upscale_image(image: Image.Image, width: int, height: int, upscaler: str) -> Image.Image:
+def upscale_image(image: Image.Image, width: int, height: int, upscaler) -> Image.Image:
     """Resize a decoded image to width x height as A1111's `images.resize_image(0, image, width, height, upscaler)`.
 
-    "None", and any upscaler when shrinking, is one Lanczos resize. To enlarge, "Lanczos" and "Nearest" scale by the
-    larger axis ratio with their filter, as A1111's `Upscaler.upscale` does: to int(size * scale), then (Lanczos) to
-    size * scale rounded down to a multiple of 8, then (Lanczos) to width x height wherever that size differs.
+    "None", and any upscaler when shrinking, is one Lanczos resize. To enlarge, the upscaler scales by the larger axis
+    ratio as A1111's `Upscaler.upscale` does (`upscale_by`), then (Lanczos) to width x height wherever that size
+    differs.
 
     Args:
         image: the decoded first-pass image.
         width, height: the target size in pixels.
-        upscaler: one of IMAGE_UPSCALERS; model upscalers ("R-ESRGAN 4x+", "SwinIR 4x", ...) raise ValueError.
+        upscaler: one of IMAGE_UPSCALERS, or a loaded model upscaler (`mlx_sd.model_upscaler.ModelUpscaler`); other
+            names ("R-ESRGAN 4x+", ...) raise ValueError: a `Pipeline` resolves them first.
 
     Returns:
         The width x height image.
     """
-    if upscaler not in IMAGE_UPSCALERS:
+    if isinstance(upscaler, str) and upscaler not in IMAGE_UPSCALERS:
         if is_latent_upscaler(upscaler):
             raise ValueError(f"{upscaler!r} resizes latents, not images: use upscale_latents")
         raise ValueError(
-            f"upscaler {upscaler!r} needs a model mlx-sd does not run; use a latent upscaler "
-            f"({', '.join(LATENT_UPSCALERS)}) or one of: {', '.join(IMAGE_UPSCALERS)}"
+            f"upscaler {upscaler!r} is a model upscaler that was not loaded; give the Pipeline an upscaler folder "
+            f"(--upscaler-dir) or use a latent upscaler ({', '.join(LATENT_UPSCALERS)}) or {', '.join(IMAGE_UPSCALERS)}"
         )
     if upscaler == "None":
         return image.resize((width, height), resample=Image.LANCZOS)
     scale = max(width / image.width, height / image.height)
     if scale > 1.0:
-        image = _upscaler_upscale(image, scale, Image.LANCZOS if upscaler == "Lanczos" else Image.NEAREST)
+        image = upscale_by(image, scale, upscaler)
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.LANCZOS)
     return image
 
 
-def _upscaler_upscale(image: Image.Image, scale: float, resample: int) -> Image.Image:
-    """A1111's `Upscaler.upscale` for a one-step model-free upscaler (`do_upscale` is a single PIL resize)."""
+def upscale_by(image: Image.Image, scale: float, upscaler) -> Image.Image:
+    """A1111's `Upscaler.upscale`: to the size times `scale` rounded down to multiples of 8. A model upscaler runs up
+    to three times (a 4x model asked for 8x runs twice) until the image covers that size; "Lanczos" and "Nearest"
+    resize by `scale` once. Then Lanczos to the exact size wherever it differs.
+
+    Args:
+        upscaler: "Lanczos", "Nearest" or a loaded model upscaler (a callable image -> image).
+    """
     dest = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
-    # A1111 skips the enlargement when the image already covers the size rounded down to a multiple of 8
-    if image.width < dest[0] or image.height < dest[1]:
-        image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
+    if isinstance(upscaler, str):
+        resample = Image.LANCZOS if upscaler == "Lanczos" else Image.NEAREST
+        step = lambda im: im.resize((int(im.width * scale), int(im.height * scale)), resample=resample)  # noqa: E731
+    else:
+        step = upscaler
+    for i in range(3):
+        # A1111 stops once the image covers the size (at once only when asked to scale by other than 1)
+        if image.width >= dest[0] and image.height >= dest[1] and (i > 0 or scale != 1):
+            break
+        size = image.size
+        image = step(image)
+        if image.size == size:
+            break
     if image.size != dest:
         image = image.resize(dest, resample=Image.LANCZOS)
     return image

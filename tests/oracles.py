@@ -1,9 +1,9 @@
 """The reference implementations, loaded offline, and the helpers every parity test shares.
 
 References: diffusers and transformers (imported normally), open_clip's text tower and tokenizer, k-diffusion's
-sampling functions, and the original CompVis/Stability `ldm` code (stable-diffusion-sdkit). open_clip and
-k-diffusion import torchvision and other heavy modules from their package `__init__`; we register bare package
-modules instead so only the submodules the oracles need are executed.
+sampling functions, the original CompVis/Stability `ldm` code (stable-diffusion-sdkit) and spandrel's upscaler
+networks. open_clip, k-diffusion and spandrel import torchvision and other heavy modules from their package
+`__init__`; we register bare package modules instead so only the submodules the oracles need are executed.
 """
 
 from __future__ import annotations

@@ -9,22 +9,27 @@ strength) steps of which the last hires steps run. Tiny random-weight SD 1.x mod
 
 from __future__ import annotations
 
+import a1111_upscale
+import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_model_upscaler import FILES, _save
 from test_pipeline import MIN_PSNR, NEGATIVE, PROMPT, as_array, diffusers_pipe, generators
 
 from mlx_sd.hires import HiresTarget, hires_target
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Pipeline, Progress, Result
+from mlx_sd_convert.upscaler import read_upscaler
 from oracles import psnr
 
 SEED, STEPS, GUIDANCE = 31, 5, 6.0
 
 
-def _reference(parts, size, target, upscaler, hr_steps, strength, batch=1):
-    """diffusers txt2img -> upscale -> diffusers img2img, as A1111 runs the hires fix (Euler, as diffusers)."""
+def _reference(parts, size, target, upscaler, hr_steps, strength, batch=1, network=None):
+    """diffusers txt2img -> upscale -> diffusers img2img, as A1111 runs the hires fix (Euler, as diffusers);
+    `network`: the spandrel model of a model upscaler, run as A1111 runs it (tests/a1111_upscale.py)."""
     txt2img = diffusers_pipe("StableDiffusionPipeline", parts, "EulerDiscreteScheduler")
     first = generators(SEED, batch)
     latents = txt2img(
@@ -39,7 +44,10 @@ def _reference(parts, size, target, upscaler, hr_steps, strength, batch=1):
         else:
             pixels = (vae.decode(latents / vae.config.scaling_factor).sample + 1) * 0.5
             images = (pixels.clamp(0, 1) * 255).permute(0, 2, 3, 1).numpy().astype(np.uint8)
-            resized = [Image.fromarray(im).resize((w * 8, h * 8), Image.LANCZOS) for im in images]
+            if network is None:
+                resized = [Image.fromarray(im).resize((w * 8, h * 8), Image.LANCZOS) for im in images]
+            else:
+                resized = [a1111_upscale.resize_image(Image.fromarray(im), w * 8, h * 8, network) for im in images]
             x = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255 for im in resized])).permute(0, 3, 1, 2)
             dist = vae.encode(x * 2 - 1).latent_dist
             up = torch.cat([_sample(dist, i, g) for i, g in enumerate(first)]) * vae.config.scaling_factor
@@ -77,6 +85,27 @@ def test_hires_fix_matches_diffusers_composed_as_a1111(sd1, upscaler, size, scal
     assert value >= MIN_PSNR
     steps = [e.step for e in events if isinstance(e, Progress)]
     assert steps == list(range(1, STEPS + hr_steps + 1)) and events[0].total == STEPS + hr_steps
+
+
+def test_hires_fix_with_a_model_upscaler_matches_a1111(sd1, tmp_path):
+    """An ESRGAN model (random weights, saved as A1111 users download them) upscales the decoded first pass."""
+    parts, ours = sd1
+    state = FILES["RealESRGAN_x4plus.pth"]()
+    network = a1111_upscale.load_descriptor(state)
+    upscaler = read_upscaler(_save(tmp_path, "RealESRGAN_x4plus.pth", state), mx.float32)
+    pipeline = Pipeline(ours.model, upscaler_resolver={"R-ESRGAN 4x+": upscaler}.__getitem__)
+    size, scale, hr_steps, strength = (48, 64), 2.0, 3, 0.5
+    target = (96, 128)
+    expected = _reference(parts, size, target, "model", hr_steps, strength, network=network)
+    result = pipeline.generate(
+        prompt=PROMPT, negative_prompt=NEGATIVE, width=size[1], height=size[0], steps=STEPS, guidance=GUIDANCE,
+        sampler="EulerDiscreteScheduler", seed=SEED, enable_hr=True, hr_scale=scale, hr_upscaler="R-ESRGAN 4x+",
+        hr_second_pass_steps=hr_steps, strength=strength,
+    )  # fmt: skip
+    value = psnr(as_array(result.images), expected, data_range=1.0)
+    print(f"hires R-ESRGAN 4x+ {size} x{scale}: PSNR {value:.1f} dB")
+    assert value >= MIN_PSNR
+    assert "Hires upscaler: R-ESRGAN 4x+" in result.infotexts[0]
 
 
 def test_a1111_sampler_runs_exactly_the_hires_steps_and_writes_the_infotext(sd1):
@@ -124,7 +153,7 @@ def test_hires_target_follows_a1111():
 def test_hires_requests_that_cannot_run_are_refused(sd1):
     _, ours = sd1
     init = Image.new("RGB", (64, 64))
-    cases = [(dict(init_image=init), "txt2img"), (dict(hr_upscaler="R-ESRGAN 4x+"), "model upscalers"),
+    cases = [(dict(init_image=init), "txt2img"), (dict(hr_upscaler="R-ESRGAN 4x+"), "needs an upscaler folder"),
              (dict(strength=0.0), "denoising strength"), (dict(hr_scale=-1), "hr_scale")]  # fmt: skip
     for fields, message in cases:
         with pytest.raises(ValueError, match=message):

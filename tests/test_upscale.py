@@ -111,8 +111,8 @@ def test_lanczos_passes_through_a_multiple_of_8():
 
 
 @pytest.mark.parametrize("upscaler", MODEL_UPSCALERS)
-def test_model_upscalers_are_refused_with_the_alternatives(upscaler):
-    with pytest.raises(ValueError, match="needs a model mlx-sd does not run") as error:
+def test_model_upscalers_by_name_are_refused_with_the_alternatives(upscaler):
+    with pytest.raises(ValueError, match="model upscaler that was not loaded.*--upscaler-dir") as error:
         upscale_image(random_image(8, 8), 16, 16, upscaler)
     assert all(name in str(error.value) for name in HIRES_UPSCALERS)
 

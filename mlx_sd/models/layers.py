@@ -477,6 +477,21 @@ def _nearest_index(n_in: int, n_out: int) -> mx.array:
     return mx.minimum(idx, n_in - 1)
 
 
+def pixel_unshuffle(x: mx.array, r: int) -> mx.array:
+    """torch's pixel_unshuffle in NHWC: (B, H, W, C) -> (B, H/r, W/r, C*r*r), channel c*r*r + i*r + j."""
+    B, H, W, C = x.shape
+    x = x.reshape(B, H // r, r, W // r, r, C).transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(B, H // r, W // r, C * r * r)
+
+
+def pixel_shuffle(x: mx.array, r: int) -> mx.array:
+    """torch's pixel_shuffle in NHWC: (B, H, W, C*r*r) -> (B, H*r, W*r, C), output (h*r + i, w*r + j, c) from input
+    channel c*r*r + i*r + j."""
+    B, H, W, C = x.shape
+    x = x.reshape(B, H, W, C // (r * r), r, r).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(B, H * r, W * r, C // (r * r))
+
+
 class Upsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()

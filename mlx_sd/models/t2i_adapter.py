@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import Conv2d
+from .layers import Conv2d, pixel_unshuffle
 
 ADAPTER_TYPES = ("full_adapter", "full_adapter_xl", "light_adapter")
 
@@ -27,13 +27,6 @@ class T2IAdapterConfig:
     num_res_blocks: int = 2
     downscale_factor: int = 8
     adapter_type: str = "full_adapter"
-
-
-def pixel_unshuffle(x: mx.array, r: int) -> mx.array:
-    """torch's pixel_unshuffle in NHWC: (B, H, W, C) -> (B, H/r, W/r, C*r*r), channel c*r*r + i*r + j."""
-    B, H, W, C = x.shape
-    x = x.reshape(B, H // r, r, W // r, r, C).transpose(0, 1, 3, 5, 2, 4)
-    return x.reshape(B, H // r, W // r, C * r * r)
 
 
 def avg_pool2(x: mx.array) -> mx.array:

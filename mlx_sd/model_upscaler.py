@@ -1,0 +1,136 @@
+"""Model upscalers (ESRGAN, Real-ESRGAN, ... `mlx_sd.models.esrgan`) run on images as AUTOMATIC1111 runs them.
+
+A1111 (1.8+, through spandrel) upscales with a network in `upscaler_utils.upscale_with_model`: the image is cut
+into 192 x 192 tiles overlapping by 8 pixels (`images.split_grid`, its `ESRGAN_tile` / `ESRGAN_tile_overlap`
+defaults; tiles reaching past the image are cropped with black filling), each tile goes through the network as
+8-bit pixels in **BGR** order scaled to [0, 1] (A1111 flips the channels before and after the network, whatever
+the model was trained on), the output is clamped, scaled by 255 and truncated to 8 bits, and the tiles are joined
+with linear 8-bit ramps across the overlaps (`images.combine_grid`, Pillow pastes with masks). A network whose
+input must be a multiple of some size (Real-ESRGAN 2x+) gets its input padded on the bottom and right by reflection
+(then by repetition) and the output cropped, as spandrel's `ImageModelDescriptor` does. Here the tiles of an image
+run through the network a few at a time, one batch per evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from PIL import Image
+
+TILE = 192  # A1111's ESRGAN_tile
+TILE_OVERLAP = 8  # A1111's ESRGAN_tile_overlap
+TILE_BATCH = 4  # tiles per network call
+MIN_INPUT = 2  # spandrel's smallest ESRGAN input (its reflection padding needs two pixels)
+
+
+@dataclass
+class ModelUpscaler:
+    """A loaded upscaling network with the name it is listed under.
+
+    Attributes:
+        network: an `RRDBNet` or `SRVGGNetCompact` (its `config.scale`, `size_multiple`).
+        name: e.g. "R-ESRGAN 4x+" or "4x-UltraSharp".
+        kind: A1111's upscaler family for listings ("ESRGAN" or "RealESRGAN").
+        tile, tile_overlap: A1111's tiling; tile 0 runs the whole image at once.
+    """
+
+    network: nn.Module
+    name: str
+    kind: str = "ESRGAN"
+    tile: int = TILE
+    tile_overlap: int = TILE_OVERLAP
+
+    @property
+    def scale(self) -> int:
+        return self.network.config.scale
+
+    def run(self, pixels: mx.array) -> mx.array:
+        """The network on (B, H, W, C) float pixels in [0, 1]: padded to its size rules, clamped to [0, 1], cropped
+        to (B, H*scale, W*scale, C), float32."""
+        _, H, W, _ = pixels.shape
+        x = _pad_bottom_right(pixels, *(_padded(n, self.network.size_multiple) - n for n in (H, W)))
+        y = self.network(x.astype(self.network.dtype))
+        return mx.clip(y[:, : H * self.scale, : W * self.scale].astype(mx.float32), 0.0, 1.0)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        """One pass of the network over an RGB image, tiled (A1111's `upscale_with_model`): scale x the size."""
+        image = image.convert("RGB")
+        if self.tile <= 0 or min(image.size) <= self.tile_overlap:  # A1111's grid would have no tiles at all
+            return self._pixels([np.asarray(image)])[0]
+        grid = _split_grid(image, self.tile, self.tile_overlap)
+        crops = [tile for _, _, row in grid for _, _, tile in row]
+        done = []
+        for i in range(0, len(crops), TILE_BATCH):
+            done += self._pixels([np.asarray(t) for t in crops[i : i + TILE_BATCH]])
+        outputs = iter(done)
+        s = self.scale
+        scaled = [(y * s, h * s, [(x * s, w * s, next(outputs)) for x, w, _ in row]) for y, h, row in grid]
+        return _combine_grid(scaled, image.width * s, image.height * s, self.tile_overlap * s)
+
+    def _pixels(self, tiles: list[np.ndarray]) -> list[Image.Image]:
+        """uint8 RGB arrays of one size -> upscaled RGB images, through BGR floats as A1111's
+        `upscale_without_tiling`."""
+        x = (np.stack(tiles)[..., ::-1] / 255).astype(np.float32)  # A1111: float64 division, then .float()
+        y = self.run(mx.array(x))
+        mx.eval(y)
+        out = (np.array(y) * 255.0).astype(np.uint8)[..., ::-1]  # truncation, as A1111's astype(np.uint8)
+        return [Image.fromarray(np.ascontiguousarray(o), "RGB") for o in out]
+
+
+def _padded(n: int, multiple: int) -> int:
+    return max(MIN_INPUT, math.ceil(n / multiple) * multiple)
+
+
+def _pad_bottom_right(x: mx.array, ph: int, pw: int) -> mx.array:
+    """spandrel's `pad_tensor`: reflect by up to size - 1 pixels, repeat the edge for the rest."""
+    for axis, p in ((1, ph), (2, pw)):
+        if p <= 0:
+            continue
+        n = x.shape[axis]
+        reflected = [n - 2 - k for k in range(min(p, n - 1))]
+        index = list(range(n)) + reflected + [reflected[-1] if reflected else n - 1] * (p - len(reflected))
+        x = mx.take(x, mx.array(index), axis=axis)
+    return x
+
+
+def _split_grid(image: Image.Image, tile: int, overlap: int) -> list:
+    """A1111's `images.split_grid`: rows of (y, tile, [(x, tile, crop)]) with evenly spread, overlapping tiles."""
+
+    def starts(size: int) -> list[int]:
+        count = math.ceil((size - overlap) / (tile - overlap))
+        step = (size - tile) / (count - 1) if count > 1 else 0
+        return [int(i * step) if int(i * step) + tile < size else size - tile for i in range(count)]
+
+    return [(y, tile, [(x, tile, image.crop((x, y, x + tile, y + tile))) for x in starts(image.width)])
+            for y in starts(image.height)]  # fmt: skip
+
+
+def _ramp(overlap: int, size: int, horizontal: bool) -> Image.Image:
+    """A1111's blending masks: 0..255 across the overlap (r * 255 / overlap, truncated to 8 bits)."""
+    r = (np.arange(overlap, dtype=np.float32) * 255 / overlap).astype(np.uint8)
+    return Image.fromarray(np.tile(r, (size, 1)) if horizontal else np.tile(r[:, None], (1, size)), "L")
+
+
+def _combine_grid(rows: list, width: int, height: int, overlap: int) -> Image.Image:
+    """A1111's `images.combine_grid`: each tile after the first of a row fades in across the overlap, each row after
+    the first likewise over the rows above."""
+    combined = Image.new("RGB", (width, height))
+    for y, h, row in rows:
+        mask_w = _ramp(overlap, h, horizontal=True)
+        line = Image.new("RGB", (width, h))
+        for x, w, tile in row:
+            if x == 0:
+                line.paste(tile, (0, 0))
+                continue
+            line.paste(tile.crop((0, 0, overlap, h)), (x, 0), mask=mask_w)
+            line.paste(tile.crop((overlap, 0, w, h)), (x + overlap, 0))
+        if y == 0:
+            combined.paste(line, (0, 0))
+            continue
+        combined.paste(line.crop((0, 0, width, overlap)), (0, y), mask=_ramp(overlap, width, horizontal=False))
+        combined.paste(line.crop((0, overlap, width, h)), (0, y + overlap))
+    return combined

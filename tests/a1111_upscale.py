@@ -1,0 +1,128 @@
+"""AUTOMATIC1111's model upscaling (1.10), transcribed as the reference for mlx-sd's: the network is spandrel's (the
+loader A1111 runs), the rest follows A1111's code step by step in torch, numpy and Pillow:
+`upscaler_utils.upscale_without_tiling` / `upscale_with_model`, `images.split_grid` / `combine_grid`,
+`Upscaler.upscale` and the enlarging branch of `images.resize_image(0, ...)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from oracles import _bare_package
+
+
+def spandrel(architecture: str):
+    """spandrel's module for an architecture ("ESRGAN", "Compact"), without its package __init__ (which imports
+    every architecture, some needing torchvision)."""
+    _bare_package("spandrel")
+    return importlib.import_module(f"spandrel.architectures.{architecture}")
+
+
+def load_descriptor(state_dict: dict):
+    """spandrel's ModelDescriptor for an ESRGAN-family state dict (its canonicalisation and architecture detection)."""
+    _bare_package("spandrel")
+    canonical = importlib.import_module("spandrel.__helpers.canonicalize").canonicalize_state_dict(state_dict)
+    for arch in (spandrel("ESRGAN").ESRGANArch(), spandrel("Compact").CompactArch()):
+        if arch.detect(canonical):
+            return arch.load(canonical)
+    raise ValueError("not an ESRGAN-family state dict")
+
+
+def without_tiling(model, img: Image.Image) -> Image.Image:
+    x = np.array(img)[:, :, ::-1]
+    x = np.ascontiguousarray(np.transpose(x, (2, 0, 1))) / 255
+    x = torch.from_numpy(x).float().unsqueeze(0)
+    with torch.inference_mode():  # spandrel's descriptors return inference tensors: clamp in place inside
+        out = model(x).squeeze().float().cpu().clamp_(0, 1).numpy()
+    out = (255.0 * np.moveaxis(out, 0, 2)).astype(np.uint8)[:, :, ::-1]
+    return Image.fromarray(out, "RGB")
+
+
+def split_grid(image, tile_w, tile_h, overlap):
+    w, h = image.size
+    cols = math.ceil((w - overlap) / (tile_w - overlap))
+    rows = math.ceil((h - overlap) / (tile_h - overlap))
+    dx = (w - tile_w) / (cols - 1) if cols > 1 else 0
+    dy = (h - tile_h) / (rows - 1) if rows > 1 else 0
+    tiles = []
+    for row in range(rows):
+        y = int(row * dy)
+        if y + tile_h >= h:
+            y = h - tile_h
+        row_images = []
+        for col in range(cols):
+            x = int(col * dx)
+            if x + tile_w >= w:
+                x = w - tile_w
+            row_images.append([x, tile_w, image.crop((x, y, x + tile_w, y + tile_h))])
+        tiles.append([y, tile_h, row_images])
+    return tiles
+
+
+def combine_grid(tiles, tile_h, image_w, image_h, overlap):
+    def mask(r):
+        return Image.fromarray((r * 255 / overlap).astype(np.uint8), "L")
+
+    mask_w = mask(np.arange(overlap, dtype=np.float32).reshape((1, overlap)).repeat(tile_h, axis=0))
+    mask_h = mask(np.arange(overlap, dtype=np.float32).reshape((overlap, 1)).repeat(image_w, axis=1))
+    combined = Image.new("RGB", (image_w, image_h))
+    for y, h, row in tiles:
+        line = Image.new("RGB", (image_w, h))
+        for x, w, tile in row:
+            if x == 0:
+                line.paste(tile, (0, 0))
+                continue
+            line.paste(tile.crop((0, 0, overlap, h)), (x, 0), mask=mask_w)
+            line.paste(tile.crop((overlap, 0, w, h)), (x + overlap, 0))
+        if y == 0:
+            combined.paste(line, (0, 0))
+            continue
+        combined.paste(line.crop((0, 0, line.width, overlap)), (0, y), mask=mask_h)
+        combined.paste(line.crop((0, overlap, line.width, h)), (0, y + overlap))
+    return combined
+
+
+def upscale_with_model(model, img, tile_size, tile_overlap):
+    if tile_size <= 0:
+        return without_tiling(model, img)
+    grid = split_grid(img, tile_size, tile_size, tile_overlap)
+    new_tiles = []
+    for y, h, row in grid:
+        new_row = []
+        for x, w, tile in row:
+            output = without_tiling(model, tile)
+            scale = output.width // tile.width
+            new_row.append([x * scale, w * scale, output])
+        new_tiles.append([y * scale, h * scale, new_row])
+    return combine_grid(new_tiles, tile_size * scale, img.width * scale, img.height * scale, tile_overlap * scale)
+
+
+def upscale(img, scale, do_upscale):
+    """`Upscaler.upscale`."""
+    dest_w = int((img.width * scale) // 8 * 8)
+    dest_h = int((img.height * scale) // 8 * 8)
+    for i in range(3):
+        if img.width >= dest_w and img.height >= dest_h and (i > 0 or scale != 1):
+            break
+        shape = (img.width, img.height)
+        img = do_upscale(img)
+        if shape == (img.width, img.height):
+            break
+    if img.width != dest_w or img.height != dest_h:
+        img = img.resize((int(dest_w), int(dest_h)), resample=Image.LANCZOS)
+    return img
+
+
+def resize_image(im, w, h, model, tile_size=192, tile_overlap=8):
+    """`images.resize_image(0, im, w, h, <a model upscaler>)`."""
+    scale = max(w / im.width, h / im.height)
+    if scale > 1.0:
+        im = upscale(im, scale, lambda img: upscale_with_model(model, img, tile_size, tile_overlap))
+    if im.width != w or im.height != h:
+        im = im.resize((w, h), resample=Image.LANCZOS)
+    return im

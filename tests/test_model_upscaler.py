@@ -1,0 +1,163 @@
+"""Model upscalers (ESRGAN family) against spandrel, the loader AUTOMATIC1111 runs them with, and A1111's tiling.
+
+Fixtures are random-weight spandrel networks saved in each published key layout (original ESRGAN, BasicSR /
+Real-ESRGAN under `params_ema`, BSRGAN, ESRGAN+, Real-ESRGAN's pixel-unshuffled 2x/1x, the compact network under
+`params`); the reference for each file is spandrel's own reading of it. The A1111 path (BGR 8-bit tiles, overlaps
+blended in Pillow, the upscale loop) is checked against tests/a1111_upscale.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from a1111_upscale import load_descriptor, resize_image, spandrel
+from PIL import Image
+from safetensors.torch import save_file
+
+from mlx_sd.upscale import upscale_image
+from mlx_sd_convert.keymap import ConversionError
+from mlx_sd_convert.library import UpscalerLibrary
+from mlx_sd_convert.upscaler import read_upscaler
+
+TOLERANCE = 5e-6  # float32 network outputs in [0, 1]
+
+
+def _random(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random, scaled by its fan-in so that activations stay of order one."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else 16
+            p.copy_(torch.randn(p.shape, generator=generator) / fan_in**0.5)
+    return module.eval()
+
+
+def esrgan_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel ESRGAN's state dict, in the original ESRGAN layout (`model.N...`), its output centred on
+    mid-grey (else most pixels clamp, and a wrong network could still match)."""
+    state = _random(spandrel("ESRGAN").ESRGAN(**kwargs), seed).state_dict()
+    last = max(int(k.split(".")[1]) for k in state)
+    state[f"model.{last}.bias"] += 0.5
+    return state
+
+
+def basicsr_names(state: dict, bsrgan: bool = False) -> dict:
+    """The original layout renamed as BasicSR (Real-ESRGAN) or BSRGAN name it."""
+    last = max(int(k.split(".")[1]) for k in state)
+    ups = (last + 1 - 5) // 3
+    nb = max(int(m.group(1)) for k in state if (m := re.match(r"model\.1\.sub\.(\d+)\.RDB", k))) + 1
+    names = {"model.0": "conv_first", f"model.1.sub.{nb}": "trunk_conv" if bsrgan else "conv_body",
+             f"model.{3 * ups + 2}": "HRconv" if bsrgan else "conv_hr", f"model.{last}": "conv_last"}  # fmt: skip
+    names |= {f"model.{3 * (i + 1)}": f"upconv{i + 1}" if bsrgan else f"conv_up{i + 1}" for i in range(ups)}
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0\.(\w+)", key)
+        if m:
+            i, r, c, kind = m.groups()
+            key = f"RRDB_trunk.{i}.RDB{r}.conv{c}.{kind}" if bsrgan else f"body.{i}.rdb{r}.conv{c}.{kind}"
+        else:
+            stem, kind = key.rsplit(".", 1)
+            key = f"{names[stem]}.{kind}"
+        out[key] = value
+    return out
+
+
+def compact_state(seed: int = 0, **kwargs) -> dict:
+    return _random(spandrel("Compact").Compact(**kwargs), seed).state_dict()
+
+
+def _pixels(shape, seed=1):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+FILES = {  # file name -> its contents
+    "ESRGAN_4x.pth": lambda: esrgan_state(num_blocks=2),
+    "2x_narrow.safetensors": lambda: esrgan_state(num_blocks=1, scale=2, num_filters=32),
+    "4x_plus.pth": lambda: esrgan_state(num_blocks=1, plus=True),
+    "RealESRGAN_x4plus.pth": lambda: {"params_ema": basicsr_names(esrgan_state(num_blocks=2))},
+    "RealESRGAN_x2plus.pth": lambda: {
+        "params_ema": basicsr_names(esrgan_state(num_blocks=1, shuffle_factor=2, in_nc=12))
+    },
+    "1x_unshuffled.pth": lambda: {"params": basicsr_names(esrgan_state(num_blocks=1, shuffle_factor=4, in_nc=48))},
+    "BSRGAN.pth": lambda: basicsr_names(esrgan_state(num_blocks=1), bsrgan=True),
+    "realesr-general-x4v3.pth": lambda: {"params": compact_state(num_conv=4, num_feat=16)},
+}
+
+
+def _save(folder, name: str, state: dict):
+    path = folder / name
+    if name.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_each_layout_reads_and_runs_as_spandrel(tmp_path, name):
+    state = FILES[name]()
+    path = _save(tmp_path, name, state)
+    reference = load_descriptor(state)
+    ours = read_upscaler(path, mx.float32)
+    assert ours.scale == reference.scale
+    for size in ((20, 24), (21, 18)):  # odd sizes: the unshuffling models pad by reflection and crop
+        x = _pixels((1, 3, *size))
+        with torch.no_grad():
+            expected = reference(x).numpy().transpose(0, 2, 3, 1)
+        got = np.array(ours.run(mx.array(x.numpy().transpose(0, 2, 3, 1))))
+        assert got.shape == expected.shape
+        assert 0.05 < ((expected > 0) & (expected < 1)).mean()  # not a clamped, trivially equal output
+        err = np.abs(got - expected).max()
+        print(f"{name} {size}: {ours.network.config} max |diff| {err:.2e}")
+        assert err < TOLERANCE
+
+
+def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
+    """8-bit images from float32 networks: truncation may flip a value by one where the float lands on an integer
+    (~1e-4 of the values per pass); a second pass sees those flips in its input and spreads them a little."""
+    a, b = np.asarray(got, np.int16), np.asarray(expected, np.int16)
+    assert a.shape == b.shape
+    diff = np.abs(a - b)
+    assert diff.max() <= passes and (diff > 0).mean() < 1e-3 * passes**3, (diff.max(), (diff > 0).mean())
+
+
+@pytest.mark.parametrize("name,size,target,tile,passes", [
+    ("ESRGAN_4x.pth", (70, 52), (280, 208), 32, 1),  # several tiles
+    ("ESRGAN_4x.pth", (40, 30), (320, 240), 24, 2),  # 8x: the 4x model runs twice
+    ("RealESRGAN_x2plus.pth", (36, 28), (100, 80), 16, 2),  # 2x model asked ~2.8x: twice, then Lanczos down
+    ("realesr-general-x4v3.pth", (64, 20), (128, 40), 32, 1),  # tiles taller than the image: black-filled crops
+    ("ESRGAN_4x.pth", (30, 30), (60, 60), 0, 1),  # no tiling
+])  # fmt: skip
+def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, tile, passes):
+    state = FILES[name]()
+    upscaler = read_upscaler(_save(tmp_path, name, state), mx.float32)
+    upscaler.tile = tile
+    image = Image.fromarray((_pixels((*size[::-1], 3)).numpy() * 255).astype(np.uint8))
+    expected = resize_image(image, *target, load_descriptor(state), tile_size=tile, tile_overlap=8)
+    _close_images(upscale_image(image, *target, upscaler), expected, passes)
+
+
+def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
+    for name in ("RealESRGAN_x4plus.pth", "ESRGAN_4x.pth", "realesr-general-x4v3.pth"):
+        _save(tmp_path, name, FILES[name]())
+    (tmp_path / "sub").mkdir()
+    _save(tmp_path / "sub", "4x_SwinIR.pth", {"conv_first.weight": torch.zeros(8, 3, 3, 3),
+                                               "conv_after_body.weight": torch.zeros(8, 8, 3, 3)})  # fmt: skip
+    library = UpscalerLibrary(tmp_path, mx.float32)
+    assert list(library.listing()) == ["4x_SwinIR", "ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3"]
+    entries = {e["name"]: e for e in library.api_listing()}
+    assert set(entries) == {"ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3"}  # the SwinIR file left out
+    assert entries["R-ESRGAN 4x+"]["scale"] == 4 and entries["R-ESRGAN 4x+"]["model_name"] == "RealESRGAN"
+    assert library("R-ESRGAN 4x+") is library("RealESRGAN_x4plus")  # by A1111's name or the file's, loaded once
+    assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
+    with pytest.raises(ConversionError, match="SwinIR.*ESRGAN-family"):
+        library("4x_SwinIR")
+    with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SwinIR, ESRGAN_4x"):
+        library("R-ESRGAN 2x+")
+    torch.save({"model.0.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "broken.pth")
+    with pytest.raises(ConversionError, match="without residual dense blocks"):
+        read_upscaler(tmp_path / "broken.pth")
