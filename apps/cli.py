@@ -12,7 +12,7 @@ import sys
 
 import mlx_sd  # first: loads OpenBLAS before mlx.core
 
-from . import convert, generate, server
+from . import convert, generate, server, upscale
 from .errors import UserError
 
 
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     version = sub.add_parser("version", help="show the mlx-sd version and the backend it runs on")
     version.set_defaults(run=_version)
     generate.add_parsers(sub)
+    upscale.add_parser(sub)
     convert.add_parser(sub)
     server.add_parser(sub)
     samplers = sub.add_parser("samplers", help="list the samplers and schedule types")

@@ -16,7 +16,7 @@ from mlx_sd.pipeline import Pipeline, Progress, Result
 from mlx_sd.rng import NOISE_MODES
 from mlx_sd.upscale import HIRES_UPSCALERS
 
-from . import control_flags
+from . import control_flags, upscale
 from .errors import UserError
 from .models import DEFAULT_MODEL, resolve_model
 
@@ -112,8 +112,10 @@ def add_parsers(sub) -> None:
     hires = p.add_argument_group("hires fix (A1111): generate, upscale, then img2img at the larger size")
     hires.add_argument("--enable-hr", action="store_true", help="run the hires fix (txt2img only)")
     hires.add_argument("--hr-scale", type=float, default=2.0, help="upscale factor (default: %(default)s)")
-    hires.add_argument("--hr-upscaler", default="Latent", choices=HIRES_UPSCALERS,
-                       help="latent interpolation or a resize of the decoded image (default: %(default)s)")  # fmt: skip
+    hires.add_argument("--hr-upscaler", default="Latent",
+                       help=f"{', '.join(HIRES_UPSCALERS)}, an upscaler file (ESRGAN, ...) or a name in "
+                            "--upscaler-dir (default: %(default)s)")  # fmt: skip
+    upscale.add_upscaler_dir(hires)
     hires.add_argument("--hr-second-pass-steps", type=int, default=0, help="steps of the hires pass (0: --steps)")
     hires.add_argument("--hr-resize-x", type=int, default=0, help="target width instead of --hr-scale")
     hires.add_argument("--hr-resize-y", type=int, default=0, help="target height instead of --hr-scale")
@@ -231,6 +233,7 @@ def run_generate(args) -> None:
     except ValueError as e:  # a refiner that cannot take over this model's latents, an adapter for another family
         raise UserError(str(e)) from None
     _add_networks(pipeline, args)
+    request = _hires_upscaler(pipeline, request, args)
     bar = None
     try:
         for event in pipeline.stream(request):
@@ -289,6 +292,16 @@ def _add_networks(pipeline: Pipeline, args) -> None:
             pipeline.load_embeddings(embeddings)
     except (ConversionError, ValueError) as e:
         raise UserError(str(e)) from None
+
+
+def _hires_upscaler(pipeline: Pipeline, request: GenerationRequest, args) -> GenerationRequest:
+    """--hr-upscaler naming a model (a file, or a name in --upscaler-dir): loaded before generating, and recorded in
+    the infotext under its name."""
+    if not request.enable_hr or request.hr_upscaler in HIRES_UPSCALERS:
+        return request
+    upscaler = upscale.resolve_upscaler(request.hr_upscaler, args.upscaler_dir, pipeline.model.dtype)
+    pipeline.upscaler_resolver = {upscaler.name: upscaler}.__getitem__
+    return replace(request, hr_upscaler=upscaler.name)
 
 
 def run_info(args) -> None:

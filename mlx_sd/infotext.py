@@ -47,9 +47,14 @@ def _unquote(text: str) -> str:
     return text
 
 
+def format_params(params: Mapping[str, object]) -> str:
+    """A1111's "Key: value, ..." line; `params` in display order, None values left out, values quoted where needed."""
+    return ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
+
+
 def format_infotext(prompt: str, negative_prompt: str, params: Mapping[str, object]) -> str:
     """The infotext string; `params` in display order, None values left out (e.g. {"Steps": 20, ...})."""
-    pairs = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
+    pairs = format_params(params)
     negative = f"\n{NEGATIVE_PREFIX} {negative_prompt}" if negative_prompt else ""
     return f"{prompt}{negative}\n{pairs}".strip()
 
@@ -71,12 +76,17 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     return "\n".join(prompt), "\n".join(negative), params
 
 
-def save_png(image: Image.Image, path: str | Path, infotext: str | None) -> None:
-    """Write `image` as PNG with the infotext in its `parameters` chunk (atomically: no half-written files)."""
+def save_png(
+    image: Image.Image, path: str | Path, infotext: str | None, texts: Mapping[str, str] | None = None
+) -> None:
+    """Write `image` as PNG with the infotext in its `parameters` chunk and any other `texts` chunks (A1111's
+    "postprocessing"), atomically: no half-written files."""
     path = Path(path)
     meta = PngImagePlugin.PngInfo()
     if infotext:
         meta.add_text(PNG_KEY, infotext)
+    for key, text in (texts or {}).items():
+        meta.add_text(key, text)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         image.save(tmp, format="PNG", pnginfo=meta)

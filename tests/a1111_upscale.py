@@ -126,3 +126,40 @@ def resize_image(im, w, h, model, tile_size=192, tile_overlap=8):
     if im.width != w or im.height != h:
         im = im.resize((w, h), resample=Image.LANCZOS)
     return im
+
+
+def extras_upscale(image, do_upscale_1, do_upscale_2=None, mode=0, upscale_by=2.0, max_side_length=0, to_width=None,
+                   to_height=None, crop=False, visibility=0.0):  # fmt: skip
+    """`ScriptPostprocessingUpscale.process` with its `upscale` (`scripts/postprocessing_upscale.py`), the upscalers
+    given as their `do_upscale`; returns (image, info)."""
+    info = {}
+
+    def one(do_upscale, mode, upscale_by, to_width, to_height, crop):
+        if mode == 1:
+            upscale_by = max(to_width / image.width, to_height / image.height)
+            info["Postprocess upscale to"] = f"{to_width}x{to_height}"
+        else:
+            info["Postprocess upscale by"] = upscale_by
+            if max_side_length != 0 and max(*image.size) * upscale_by > max_side_length:
+                mode, crop = 1, False
+                w, h = image.width * upscale_by, image.height * upscale_by
+                if h > w and h > max_side_length:
+                    w, h = max_side_length * w // h, max_side_length
+                elif w > max_side_length:
+                    w, h = max_side_length, max_side_length * h // w
+                to_width, to_height = int(w), int(h)
+                upscale_by = max(to_width / image.width, to_height / image.height)
+                info["Max side length"] = max_side_length
+        out = upscale(image, upscale_by, do_upscale)
+        if mode == 1 and crop:
+            cropped = Image.new("RGB", (to_width, to_height))
+            cropped.paste(out, box=(to_width // 2 - out.width // 2, to_height // 2 - out.height // 2))
+            out = cropped
+            info["Postprocess crop to"] = f"{out.width}x{out.height}"
+        return out
+
+    result = one(do_upscale_1, mode, upscale_by, to_width, to_height, crop)
+    if do_upscale_2 is not None and visibility > 0:
+        second = one(do_upscale_2, mode, upscale_by, to_width, to_height, crop)
+        result = Image.blend(result, second, visibility)
+    return result, info

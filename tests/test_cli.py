@@ -154,6 +154,46 @@ def test_ip_adapter_from_cli(model, tmp_path):
     assert bad.returncode == 2 and "--ip-adapter-image" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_model_upscalers_from_cli(model, tmp_path):
+    """--hr-upscaler by A1111's name in --upscaler-dir, then `mlx-sd upscale` with a model file (A1111's Extras)."""
+    from a1111_upscale import load_descriptor, upscale, upscale_with_model
+    from test_model_upscaler import FILES, _close_images, _save
+
+    folder = tmp_path / "ESRGAN"
+    folder.mkdir()
+    _save(folder, "RealESRGAN_x4plus.pth", FILES["RealESRGAN_x4plus.pth"]())
+    state = FILES["ESRGAN_4x.pth"]()
+    esrgan = _save(tmp_path, "4x-Tiny.pth", state)
+    out = run("generate", "x", "--model", model, "--width", 64, "--height", 48, "--steps", 2, "--seed", 3,
+              "--enable-hr", "--hr-upscaler", "R-ESRGAN 4x+", "--upscaler-dir", folder, "--hr-second-pass-steps", 1,
+              "--strength", 0.5, "--output", tmp_path / "hr.png")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    hires = Image.open(tmp_path / "hr.png")
+    assert hires.size == (128, 96) and parse_infotext(read_infotext(hires))[2]["Hires upscaler"] == "R-ESRGAN 4x+"
+
+    out = run("upscale", tmp_path / "hr.png", "--upscaler", esrgan, "--scale", 2, "--tile", 64,
+              "--output", tmp_path / "{stem}-2x.png")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    upscaled = Image.open(tmp_path / "hr-2x.png")
+    assert upscaled.info["parameters"] == hires.info["parameters"]  # the generation parameters kept, as A1111
+    assert upscaled.info["postprocessing"] == "Postprocess upscale by: 2.0, Postprocess upscaler: 4x-Tiny"
+    descriptor = load_descriptor(state)
+    expected = upscale(hires.convert("RGB"), 2.0, lambda im: upscale_with_model(descriptor, im, 64, 8))
+    _close_images(upscaled, expected)
+
+    errors = [
+        (("upscale", tmp_path / "hr.png", "--upscaler", "R-ESRGAN 4x+"), "--upscaler-dir"),
+        (("upscale", tmp_path / "hr.png", "--upscaler", "Lanczos", "--output", tmp_path / "hr.png"), "overwrite"),
+        (("upscale", tmp_path / "hr.png", "--upscaler", "Lanczos", "--size", "2x"), "WIDTHxHEIGHT"),
+        (("generate", "x", "--model", model, "--enable-hr", "--hr-upscaler", "4x-Missing", "--upscaler-dir", folder),
+         "'4x-Missing' not found"),
+    ]  # fmt: skip
+    for args, message in errors:
+        bad = run(*args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert Image.open(tmp_path / "hr.png").size == (128, 96)  # never overwritten
+
+
 def test_samplers_listing():
     out = run("samplers", "--json")
     assert out.returncode == 0

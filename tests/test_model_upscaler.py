@@ -14,7 +14,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from a1111_upscale import load_descriptor, resize_image, spandrel
+from a1111_upscale import extras_upscale as a1111_extras
+from a1111_upscale import load_descriptor, resize_image, spandrel, upscale_with_model
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -161,3 +162,38 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     torch.save({"model.0.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "broken.pth")
     with pytest.raises(ConversionError, match="without residual dense blocks"):
         read_upscaler(tmp_path / "broken.pth")
+
+
+def _lanczos(scale):
+    return lambda im: im.resize((int(im.width * scale), int(im.height * scale)), Image.LANCZOS)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(scale=2.5),  # scale by: the loop, then Lanczos to the size rounded down to multiples of 8
+    dict(scale=4.0, max_side_length=150),  # capped: scale to fit 150 pixels, no crop
+    dict(size=(200, 120), crop=True),  # scale to, centred on a canvas of that size
+    dict(size=(200, 120), crop=False, second=0.3),  # a second upscaler (Lanczos) blended in
+])  # fmt: skip
+def test_extras_upscale_matches_a1111(tmp_path, settings):
+    from mlx_sd.extras import extras_upscale
+
+    state = FILES["ESRGAN_4x.pth"]()
+    upscaler = read_upscaler(_save(tmp_path, "ESRGAN_4x.pth", state), mx.float32)
+    upscaler.tile = 32
+    descriptor = load_descriptor(state)
+    image = Image.fromarray((_pixels((40, 52, 3)).numpy() * 255).astype(np.uint8))
+    size, second = settings.get("size"), settings.get("second", 0.0)
+    scale = settings.get("scale", 2.0)
+    factor = max(size[0] / image.width, size[1] / image.height) if size else scale
+    expected, expected_info = a1111_extras(
+        image, lambda im: upscale_with_model(descriptor, im, 32, 8), _lanczos(factor) if second else None,
+        mode=1 if size else 0, upscale_by=scale, max_side_length=settings.get("max_side_length", 0),
+        to_width=size and size[0], to_height=size and size[1], crop=settings.get("crop", False), visibility=second,
+    )  # fmt: skip
+    got, info = extras_upscale(image, upscaler, scale=scale, size=size, crop=settings.get("crop", False),
+                               max_side_length=settings.get("max_side_length", 0),
+                               upscaler_2="Lanczos" if second else None, upscaler_2_visibility=second)  # fmt: skip
+    _close_images(got, expected)
+    assert {k: v for k, v in info.items() if "upscaler" not in k} == expected_info
+    assert info["Postprocess upscaler"] == "ESRGAN_4x"
+    assert info.get("Postprocess upscaler 2") == ("Lanczos" if second else None)
