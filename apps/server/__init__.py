@@ -2,7 +2,7 @@
 
     app.py        the FastAPI application: routers, error shapes, authentication, browser guard, the page
     engine.py     one worker thread that owns the model, a bounded FIFO queue, jobs, cancellation
-    a1111.py      /sdapi/v1 (A1111's field names, types and defaults)
+    a1111.py      /sdapi/v1 (A1111's field names, types and defaults); extras_api.py its Extras upscaling
     openai_api.py /v1/images/generations, /v1/images/edits, /v1/models
     jobs.py       /v1/jobs (+ server-sent events), /v1/capabilities
     registry.py   the models on offer (converted folders), looked up by name, never by path
@@ -52,6 +52,12 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-dir", type=Path, help="folder of LoRA files for <lora:name:weight> in prompts")
     p.add_argument("--controlnet-dir", type=Path,
                    help="folder of ControlNets (files, diffusers folders) that requests name")  # fmt: skip
+    p.add_argument(
+        "--upscaler-dir",
+        type=Path,
+        metavar="DIR",
+        help="folder of upscaler models (ESRGAN, Real-ESRGAN) for the hires fix and the Extras endpoints",
+    )
     p.add_argument("--ip-adapter", type=Path, metavar="FILE",
                    help="an IP-Adapter for image prompts (needs --image-encoder)")  # fmt: skip
     p.add_argument("--image-encoder", type=Path, metavar="DIR",

@@ -255,7 +255,7 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
         refiner = state.model(req.refiner_checkpoint, "refiner_checkpoint")
         # A1111's UI sends its "Switch at" (default 0.8); without one the library's default, 0.8, applies.
         fields["refiner_switch_at"] = req.refiner_switch_at
-    request = check_request(GenerationRequest(**fields), model, state.config.limits, NAMES)
+    request = check_request(GenerationRequest(**fields), model, state.config.limits, NAMES, state.engine.upscalers)
     return request, model, refiner, ignored
 
 
@@ -606,10 +606,12 @@ def sd_vae():
 
 
 @router.get("/upscalers")
-def upscalers():
-    """The image upscalers of the hires fix (A1111's model-free ones); model upscalers are not available."""
-    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-            for name in IMAGE_UPSCALERS]  # fmt: skip
+def upscalers(state: State):
+    """The image upscalers (hires fix, Extras): A1111's model-free ones, then the models of --upscaler-dir."""
+    builtin = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+               for name in IMAGE_UPSCALERS]  # fmt: skip
+    library = state.engine.upscalers
+    return builtin + ([] if library is None else library.api_listing())
 
 
 @router.get("/latent-upscale-modes")

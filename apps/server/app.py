@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 from mlx_sd import __version__
 
-from . import a1111, controlnet_api, jobs, openai_api
+from . import a1111, controlnet_api, extras_api, jobs, openai_api
 from .config import LOOPBACK_HOSTS
 from .errors import ApiError, error_body
 from .state import ServerState, State
@@ -180,7 +180,7 @@ def create_app(state: ServerState) -> FastAPI:
         return _json_error(request.url.path, ApiError(500, f"internal error: {type(exc).__name__}"))
 
     dependencies = [Depends(_auth_dependency(state))] if config.auth_required else []
-    for router in (a1111.router, controlnet_api.router, openai_api.router, jobs.router):
+    for router in (a1111.router, extras_api.router, controlnet_api.router, openai_api.router, jobs.router):
         app.include_router(router, dependencies=dependencies)
 
     @app.get("/health", tags=["Server"])

@@ -58,15 +58,19 @@ def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
     return open_image(b64decode(data, field), field, max_pixels)
 
 
-def encode(image: Image.Image, infotext: str | None = None, fmt: str = "png", quality: int | None = None) -> bytes:
-    """PNG (with the infotext in its `parameters` chunk, as A1111 writes it), JPEG or WebP bytes."""
+def encode(
+    image: Image.Image, infotext: str | None = None, fmt: str = "png", quality: int | None = None, texts=None
+) -> bytes:
+    """PNG (with the infotext in its `parameters` chunk, as A1111 writes it, and any other `texts` chunks), JPEG or
+    WebP bytes."""
     kind = OUTPUT_FORMATS[fmt.lower()]
     out = io.BytesIO()
     if kind == "PNG":
-        meta = None
-        if infotext:
-            meta = PngImagePlugin.PngInfo()
-            meta.add_text(PNG_KEY, infotext)
+        chunks = {PNG_KEY: infotext} if infotext else {}
+        chunks |= texts or {}
+        meta = PngImagePlugin.PngInfo() if chunks else None
+        for key, text in chunks.items():
+            meta.add_text(key, text)
         image.save(out, format="PNG", pnginfo=meta)
     else:
         image.convert("RGB").save(out, format=kind, quality=95 if quality is None else quality)

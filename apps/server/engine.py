@@ -21,7 +21,7 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,13 @@ from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Cancelled, Control, Pipeline, Progress, Result
 from mlx_sd_convert.controlnet import a1111_hash
 from mlx_sd_convert.ip_adapter import read_ip_adapter
-from mlx_sd_convert.library import ControlNetLibrary, EmbeddingLibrary, LoraLibrary, embeddings_api
+from mlx_sd_convert.library import (
+    ControlNetLibrary,
+    EmbeddingLibrary,
+    LoraLibrary,
+    UpscalerLibrary,
+    embeddings_api,
+)
 
 from .errors import ApiError
 from .registry import ModelEntry
@@ -71,7 +77,8 @@ class Step:
 
 @dataclass(eq=False)
 class Job:
-    """One unit of work for the worker: a generation, or loading a model ("load").
+    """One unit of work for the worker: a generation, loading a model ("load"), or a "task" (a callable, whose return
+    value becomes `output`).
 
     Written by the worker, read by request handlers; each field is replaced whole, never mutated in place.
     """
@@ -80,6 +87,8 @@ class Job:
     request: GenerationRequest | None = None
     refiner: ModelEntry | None = None  # SDXL's refiner, taking over from `request.refiner_switch_at`
     kind: str = "generate"
+    task: Callable[[], object] | None = None
+    output: object = None
     source: str = "native"
     save: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -152,11 +161,14 @@ class Engine:
         controlnet_dir: ControlNets that requests name (None: ControlNet units are refused).
         ip_adapter: (IP-Adapter file, image encoder folder) for requests with an image prompt, or None; read when the
             first model loads, attached to every model it fits.
+        upscaler_dir: model upscalers (ESRGAN, ...) for the hires fix and the Extras endpoints (None: only the
+            built-in upscalers).
     """
 
     def __init__(self, initial: ModelEntry, max_queue: int = 8, keep_jobs: int = 32, output_dir: Path | None = None,
                  preload: bool = True, lora_dir: Path | None = None, embeddings_dir: Path | None = None,
-                 controlnet_dir: Path | None = None, ip_adapter: tuple[Path, Path] | None = None):  # fmt: skip
+                 controlnet_dir: Path | None = None, ip_adapter: tuple[Path, Path] | None = None,
+                 upscaler_dir: Path | None = None):  # fmt: skip
         self.default_model = initial
         self.max_queue = max_queue
         self.keep_jobs = keep_jobs
@@ -176,6 +188,7 @@ class Engine:
         self.embeddings = EmbeddingLibrary(embeddings_dir) if embeddings_dir is not None else None
         self.embedding_listing: dict = {"loaded": {}, "skipped": {}}  # for GET /sdapi/v1/embeddings
         self.controlnets = ControlNetLibrary(controlnet_dir) if controlnet_dir is not None else None
+        self.upscalers = UpscalerLibrary(upscaler_dir) if upscaler_dir is not None else None
         self.ip_adapter_paths = ip_adapter
         self.ip_adapter_title = f"{ip_adapter[0].stem} [{a1111_hash(ip_adapter[0])}]" if ip_adapter else None
         self._ip_adapter = None  # read on the worker thread, with the first model
@@ -320,6 +333,9 @@ class Engine:
     def _execute(self, job: Job) -> str:
         """Run one job on this (the worker) thread; returns its final status. Never raises."""
         try:
+            if job.kind == "task":  # work that needs no model (Extras upscaling), queued behind the generations
+                job.output = job.task()
+                return "done"
             self._ensure_loaded(job)
             if job.kind == "load":
                 return "done"
@@ -373,7 +389,8 @@ class Engine:
         self._pipeline, self.loaded, self.refiner = None, None, None
         gc.collect()  # free the previous model's arrays before the next one is read
         try:
-            self._pipeline = Pipeline(entry.folder, lora_resolver=self.loras, controlnet_resolver=self.controlnets)
+            self._pipeline = Pipeline(entry.folder, lora_resolver=self.loras, controlnet_resolver=self.controlnets,
+                                      upscaler_resolver=self.upscalers)  # fmt: skip
             self._attach_ip_adapter(entry)
             if self.embeddings is not None:
                 loaded, skipped = self.embeddings.for_model(self._pipeline.model)

@@ -27,6 +27,7 @@ from mlx_sd.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, GenerationRequest
 from mlx_sd.rng import NOISE_MODES
 from mlx_sd.samplers import FOLLOW, list_samplers
 from mlx_sd.schedules import SCHEDULE_TYPES
+from mlx_sd.upscale import IMAGE_UPSCALERS, LATENT_UPSCALERS
 
 from . import codec
 from .controlnet_api import UnitRequest, native_units
@@ -87,7 +88,8 @@ class JobRequest(BaseModel):
     hr_scale: float = Field(2.0, gt=0, le=8)
     hr_upscaler: str = Field("Latent", description='"Latent" (bilinear), "Latent (antialiased)", "Latent (bicubic)", '
                              '"Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)", "None", '
-                             '"Lanczos", "Nearest"')  # fmt: skip
+                             '"Lanczos", "Nearest", or a model upscaler of --upscaler-dir ("R-ESRGAN 4x+", '
+                             '...)')  # fmt: skip
     hr_second_pass_steps: int = Field(0, ge=0, description="0: steps")
     hr_resize_x: int = Field(0, ge=0, le=MAX_SIZE, description="0: width x hr_scale")
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIZE, description="0: height x hr_scale")
@@ -178,7 +180,7 @@ async def create_job(request: Request, response: Response, req: JobRequest, stat
     if req.save and state.config.output_dir is None:
         raise ApiError(422, "save: this server saves no files; start it with --output-dir DIR", param="save")
     gen = await run_in_threadpool(_to_generation, req, state)
-    gen = check_request(gen, model, state.config.limits)
+    gen = check_request(gen, model, state.config.limits, upscalers=state.engine.upscalers)
     job = state.engine.submit(Job(model, gen, refiner=refiner, source="native", save=req.save))
     url = str(request.url_for("get_job", job_id=job.id))
     response.headers["Location"] = url
@@ -265,5 +267,7 @@ def capabilities(state: State):
         "rng": list(NOISE_MODES), "limits": state.config.limits.as_dict(), "auth": state.config.auth_required,
         "controlnets": list(engine.controlnets.listing()) if engine.controlnets is not None else [],
         "controlnet_modules": list(MODULES), "ip_adapter": engine.ip_adapter_title,
+        "upscalers": [*IMAGE_UPSCALERS, *(engine.upscalers.listing() if engine.upscalers is not None else ())],
+        "latent_upscalers": list(LATENT_UPSCALERS),
         "apis": {"a1111": "/sdapi/v1", "openai": "/v1/images", "jobs": "/v1/jobs", "openapi": "/openapi.json"},
     }  # fmt: skip

@@ -80,7 +80,7 @@ def serve(args) -> None:
     registry = ModelRegistry(args.models_dir)
     initial = _initial_model(args, registry)
     folders = (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir),
-               ("--controlnet-dir", args.controlnet_dir))  # fmt: skip
+               ("--controlnet-dir", args.controlnet_dir), ("--upscaler-dir", args.upscaler_dir))  # fmt: skip
     if (args.ip_adapter is None) != (args.image_encoder is None):
         raise UserError("--ip-adapter FILE and --image-encoder DIR go together")
     if args.ip_adapter is not None and not args.ip_adapter.is_file():
@@ -92,7 +92,7 @@ def serve(args) -> None:
             raise UserError(f"{flag} {folder} is not a folder")
     engine = Engine(initial, max_queue=limits.max_queue, keep_jobs=config.keep_jobs, output_dir=config.output_dir,
                     lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                    controlnet_dir=args.controlnet_dir,
+                    controlnet_dir=args.controlnet_dir, upscaler_dir=args.upscaler_dir,
                     ip_adapter=(args.ip_adapter, args.image_encoder) if args.ip_adapter else None)  # fmt: skip
     state = ServerState(engine, registry, config, backend=backend.describe())
     app = create_app(state)

@@ -16,6 +16,8 @@ from mlx_sd.hires import hires_request, hires_target
 from mlx_sd.params import GenerationRequest
 from mlx_sd.samplers import resolve
 from mlx_sd.schedules import img2img_steps, schedule_type
+from mlx_sd.upscale import HIRES_UPSCALERS
+from mlx_sd_convert import ConversionError
 
 from .config import Limits
 from .errors import ApiError, invalid
@@ -35,12 +37,13 @@ def sampler_takes(name: str, option: str) -> bool:
 
 
 def check_request(request: GenerationRequest, model: ModelEntry, limits: Limits,
-                  names: Mapping[str, str] = {}) -> GenerationRequest:  # fmt: skip
+                  names: Mapping[str, str] = {}, upscalers=None) -> GenerationRequest:  # fmt: skip
     """Validate `request` for `model` within `limits`; returns it with a seed drawn if it had none.
 
     Args:
         names: the calling API's field name for each library field ({"guidance": "cfg_scale", ...}), used in
             error messages.
+        upscalers: the server's `UpscalerLibrary` (--upscaler-dir), where a hires fix's model upscaler must be.
 
     Raises:
         ApiError: 422 naming the field.
@@ -93,12 +96,26 @@ def check_request(request: GenerationRequest, model: ModelEntry, limits: Limits,
         except ValueError as e:
             raise invalid(name("strength"), str(e)) from None
     if resolved.enable_hr:
-        _check_hires(resolved, limits, name)
+        _check_hires(resolved, limits, name, upscalers)
     return request
 
 
-def _check_hires(resolved: GenerationRequest, limits: Limits, name) -> None:
-    """The hires pass's size, steps and sampler, before any work."""
+def check_upscaler(upscaler: str, upscalers, param: str) -> None:
+    """A model upscaler's name must be in --upscaler-dir (the built-in ones always are); 422 naming `param`."""
+    if upscaler in HIRES_UPSCALERS:
+        return
+    if upscalers is None:
+        raise invalid(param, f"{upscaler!r} is not one of {', '.join(HIRES_UPSCALERS)}; this server has no model "
+                      "upscalers: start it with --upscaler-dir DIR")  # fmt: skip
+    try:
+        upscalers.find(upscaler)
+    except ConversionError as e:
+        raise invalid(param, str(e)) from None
+
+
+def _check_hires(resolved: GenerationRequest, limits: Limits, name, upscalers) -> None:
+    """The hires pass's upscaler, size, steps and sampler, before any work."""
+    check_upscaler(resolved.hr_upscaler, upscalers, name("hr_upscaler"))
     try:
         second = hires_request(resolved, hires_target(resolved))
     except ValueError as e:
