@@ -12,6 +12,8 @@ from a1111_upscale import extras_upscale, load_descriptor, upscale, upscale_with
 from PIL import Image, PngImagePlugin
 from serving import require_serve_extra, running_server
 from test_model_upscaler import FILES, _close_images, _save
+from test_server_page import CHROMEDRIVER, CHROMIUM, By, WebDriverWait, fill
+from test_server_page import browser as browser  # noqa: F401  (the headless Chromium fixture)
 
 from mlx_sd.pipeline import Pipeline
 from mlx_sd_convert.library import UpscalerLibrary
@@ -122,3 +124,20 @@ def test_extras_refusals(served):
             assert r.json()["detail"].startswith(f"{param}:") and message in r.json()["detail"], r.text
     r = served.post("/sdapi/v1/extra-batch-images", json={"imageList": []})
     assert r.status_code == 422 and "imageList" in r.text
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromedriver")
+def test_page_runs_the_hires_fix_with_a_model_upscaler(browser, served):
+    browser.get(served.url + "/")
+    wait = WebDriverWait(browser, 30, poll_frequency=0.02)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#hr-upscaler option"))
+    browser.find_element(By.CSS_SELECTOR, "#hires-box summary").click()
+    options = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#hr-upscaler option")]
+    assert options[0] == "Latent" and options[-2:] == ["4x-Tiny", "R-ESRGAN 4x+"]
+    fill(browser, prompt="a lighthouse", width=64, height=64, steps=2, seed=3, hr_scale=1.5, hr_steps=1)
+    browser.find_element(By.ID, "enable-hr").click()
+    browser.find_element(By.CSS_SELECTOR, "#hr-upscaler option[value='R-ESRGAN 4x+']").click()
+    browser.find_element(By.ID, "generate").click()
+    card = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card"))[0]
+    text = card.find_element(By.TAG_NAME, "pre").text
+    assert "Hires upscaler: R-ESRGAN 4x+" in text and "Hires upscale: 1.5" in text and "Size: 64x64" in text
