@@ -58,6 +58,8 @@ class ModelUpscaler:
 
     def __call__(self, image: Image.Image) -> Image.Image:
         """One pass of the network over an RGB image, tiled (A1111's `upscale_with_model`): scale x the size."""
+        if self.tile > 0 and not 0 <= self.tile_overlap < self.tile:
+            raise ValueError(f"tile overlap {self.tile_overlap}: must be at least 0 and below the tile ({self.tile})")
         image = image.convert("RGB")
         if self.tile <= 0 or min(image.size) <= self.tile_overlap:  # A1111's grid would have no tiles at all
             return self._pixels([np.asarray(image)])[0]

@@ -185,6 +185,7 @@ def test_model_upscalers_from_cli(model, tmp_path):
         (("upscale", tmp_path / "hr.png", "--upscaler", "R-ESRGAN 4x+"), "--upscaler-dir"),
         (("upscale", tmp_path / "hr.png", "--upscaler", "Lanczos", "--output", tmp_path / "hr.png"), "overwrite"),
         (("upscale", tmp_path / "hr.png", "--upscaler", "Lanczos", "--size", "2x"), "WIDTHxHEIGHT"),
+        (("upscale", tmp_path / "hr.png", "--upscaler", esrgan, "--tile", 8), "below the tile"),
         (("generate", "x", "--model", model, "--enable-hr", "--hr-upscaler", "4x-Missing", "--upscaler-dir", folder),
          "'4x-Missing' not found"),
     ]  # fmt: skip

@@ -14,16 +14,17 @@ import html
 from typing import Literal
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from mlx_sd.extras import POSTPROCESSING_KEY, extras_infotext, extras_upscale
 from mlx_sd.upscale import IMAGE_UPSCALERS
-from mlx_sd_convert import ConversionError
 
 from . import codec
 from .engine import Job
 from .errors import invalid
 from .state import ServerState, State, run_to_completion
+from .validation import check_upscaler
 
 MAX_SIDE = 8192  # the largest result side (A1111's "Scale to" slider ends here)
 
@@ -61,18 +62,9 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 
 
 def _upscaler(name: str, state: ServerState, param: str):
-    """A built-in upscaler's name, or the model of --upscaler-dir (loaded on the worker, where it runs)."""
-    if name in IMAGE_UPSCALERS:
-        return name
+    """A built-in upscaler's name, or a loader of the model of --upscaler-dir (called on the worker, where it runs)."""
     library = state.engine.upscalers
-    if library is None:
-        raise invalid(param, f"{name!r} is not one of {', '.join(IMAGE_UPSCALERS)}; this server has no model "
-                      "upscalers: start it with --upscaler-dir DIR")  # fmt: skip
-    try:
-        library.find(name)
-    except ConversionError as e:
-        raise invalid(param, str(e)) from None
-    return lambda: library(name)
+    return (lambda: library(name)) if check_upscaler(name, library, param, IMAGE_UPSCALERS) else name
 
 
 def _checked(req: ExtrasRequest, state: ServerState, sizes: list[tuple[int, int]]):
@@ -120,7 +112,7 @@ def _html(text: str) -> str:
 
 @router.post("/extra-single-image")
 async def extra_single_image(request: Request, req: ExtrasSingleImageRequest, state: State):
-    image = codec.decode_image(req.image, "image", state.config.limits.max_input_pixels)
+    image = await run_in_threadpool(codec.decode_image, req.image, "image", state.config.limits.max_input_pixels)
     images, info = await _run(request, req, state, [image])
     return {"html_info": info, "image": images[0]}
 
@@ -133,6 +125,8 @@ async def extra_batch_images(request: Request, req: ExtrasBatchImagesRequest, st
         raise invalid("imageList", f"{len(req.imageList)} images; this server's limit is "
                       f"{state.config.limits.max_images}")  # fmt: skip
     pixels = state.config.limits.max_input_pixels
-    decoded = [codec.decode_image(f.data, f"imageList[{i}].data", pixels) for i, f in enumerate(req.imageList)]
+    decoded = await run_in_threadpool(
+        lambda: [codec.decode_image(f.data, f"imageList[{i}].data", pixels) for i, f in enumerate(req.imageList)]
+    )
     images, info = await _run(request, req, state, decoded)
     return {"html_info": info, "images": images}

@@ -100,17 +100,19 @@ def check_request(request: GenerationRequest, model: ModelEntry, limits: Limits,
     return request
 
 
-def check_upscaler(upscaler: str, upscalers, param: str) -> None:
-    """A model upscaler's name must be in --upscaler-dir (the built-in ones always are); 422 naming `param`."""
-    if upscaler in HIRES_UPSCALERS:
-        return
+def check_upscaler(upscaler: str, upscalers, param: str, builtin: tuple[str, ...] = HIRES_UPSCALERS) -> bool:
+    """Whether `upscaler` is a model, which must then be in --upscaler-dir (`upscalers`); the `builtin` names are
+    always there. Raises a 422 naming `param`."""
+    if upscaler in builtin:
+        return False
     if upscalers is None:
-        raise invalid(param, f"{upscaler!r} is not one of {', '.join(HIRES_UPSCALERS)}; this server has no model "
+        raise invalid(param, f"{upscaler!r} is not one of {', '.join(builtin)}; this server has no model "
                       "upscalers: start it with --upscaler-dir DIR")  # fmt: skip
     try:
         upscalers.find(upscaler)
     except ConversionError as e:
         raise invalid(param, str(e)) from None
+    return True
 
 
 def _check_hires(resolved: GenerationRequest, limits: Limits, name, upscalers) -> None:
