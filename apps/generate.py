@@ -9,11 +9,13 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from mlx_sd import sd_upscale
 from mlx_sd.images import INPAINTING_FILLS, RESIZE_MODES
 from mlx_sd.infotext import parse_infotext, read_infotext, request_fields, save_png
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Pipeline, Progress, Result
 from mlx_sd.rng import NOISE_MODES
+from mlx_sd.sd_upscale import DEFAULT_OVERLAP
 from mlx_sd.upscale import HIRES_UPSCALERS
 
 from . import control_flags, upscale
@@ -123,6 +125,15 @@ def add_parsers(sub) -> None:
     hires.add_argument("--hr-schedule-type", help="schedule type of the hires pass (default: --schedule-type)")
     hires.add_argument("--hr-prompt", default="", help="prompt of the hires pass (default: the prompt)")
     hires.add_argument("--hr-negative-prompt", default="", help="negative prompt of the hires pass")
+    script = p.add_argument_group("SD upscale (A1111's img2img script): upscale --init-image, redraw it in tiles of "
+                                  "--width x --height with img2img, join them")  # fmt: skip
+    script.add_argument("--sd-upscale", action="store_true", help="run the script (needs --init-image)")
+    script.add_argument("--sd-upscale-upscaler", default="Lanczos",
+                        help="Lanczos, Nearest, None, an upscaler file or a name in --upscaler-dir "
+                             "(default: %(default)s)")  # fmt: skip
+    script.add_argument("--sd-upscale-scale", type=float, default=2.0, help="scale factor (default: %(default)s)")
+    script.add_argument("--sd-upscale-overlap", type=int, default=DEFAULT_OVERLAP,
+                        help="tile overlap in pixels (default: %(default)s)")  # fmt: skip
     p.add_argument("--refiner", help="SDXL: a refiner model (converted folder, checkpoint, ...) for the last steps")
     p.add_argument("--refiner-switch-at", type=float,
                    help="with --refiner: the fraction of the steps the base model runs (default 0.8)")  # fmt: skip
@@ -234,14 +245,19 @@ def run_generate(args) -> None:
         raise UserError(str(e)) from None
     _add_networks(pipeline, args)
     request = _hires_upscaler(pipeline, request, args)
+    events, unit = pipeline.stream(request), "batch"
+    if args.sd_upscale:
+        upscaler = upscale.resolve_upscaler(args.sd_upscale_upscaler, args.upscaler_dir, pipeline.model.dtype)
+        settings = sd_upscale.SDUpscale(upscaler, args.sd_upscale_scale, args.sd_upscale_overlap)
+        events, unit = sd_upscale.stream(pipeline, request, settings), "tile"
     bar = None
     try:
-        for event in pipeline.stream(request):
+        for event in events:
             if isinstance(event, Progress):
                 if bar is None or event.step == 1:
                     if bar is not None:
                         bar.close()
-                    label = f"batch {event.batch + 1}/{event.batches}" if event.batches > 1 else "sampling"
+                    label = f"{unit} {event.batch + 1}/{event.batches}" if event.batches > 1 else "sampling"
                     bar = tqdm(total=event.total, desc=label, unit="step", file=sys.stderr)
                 bar.update(1)
             elif isinstance(event, Result):

@@ -5,7 +5,7 @@ into 192 x 192 tiles overlapping by 8 pixels (`images.split_grid`, its `ESRGAN_t
 defaults; tiles reaching past the image are cropped with black filling), each tile goes through the network as
 8-bit pixels in **BGR** order scaled to [0, 1] (A1111 flips the channels before and after the network, whatever
 the model was trained on), the output is clamped, scaled by 255 and truncated to 8 bits, and the tiles are joined
-with linear 8-bit ramps across the overlaps (`images.combine_grid`, Pillow pastes with masks). A network whose
+with linear 8-bit ramps across the overlaps (`images.combine_grid`; `mlx_sd.grid`). A network whose
 input must be a multiple of some size (Real-ESRGAN 2x+) gets its input padded on the bottom and right by reflection
 (then by repetition) and the output cropped, as spandrel's `ImageModelDescriptor` does. Here the tiles of an image
 run through the network a few at a time, one batch per evaluation.
@@ -20,6 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from PIL import Image
+
+from .grid import combine_grid, split_grid
 
 TILE = 192  # A1111's ESRGAN_tile
 TILE_OVERLAP = 8  # A1111's ESRGAN_tile_overlap
@@ -63,7 +65,7 @@ class ModelUpscaler:
         image = image.convert("RGB")
         if self.tile <= 0 or min(image.size) <= self.tile_overlap:  # A1111's grid would have no tiles at all
             return self._pixels([np.asarray(image)])[0]
-        grid = _split_grid(image, self.tile, self.tile_overlap)
+        grid = split_grid(image, self.tile, self.tile, self.tile_overlap)
         crops = [tile for _, _, row in grid for _, _, tile in row]
         done = []
         for i in range(0, len(crops), TILE_BATCH):
@@ -71,7 +73,7 @@ class ModelUpscaler:
         outputs = iter(done)
         s = self.scale
         scaled = [(y * s, h * s, [(x * s, w * s, next(outputs)) for x, w, _ in row]) for y, h, row in grid]
-        return _combine_grid(scaled, image.width * s, image.height * s, self.tile_overlap * s)
+        return combine_grid(scaled, image.width * s, image.height * s, self.tile_overlap * s)
 
     def _pixels(self, tiles: list[np.ndarray]) -> list[Image.Image]:
         """uint8 RGB arrays of one size -> upscaled RGB images, through BGR floats as A1111's
@@ -97,42 +99,3 @@ def _pad_bottom_right(x: mx.array, ph: int, pw: int) -> mx.array:
         index = list(range(n)) + reflected + [reflected[-1] if reflected else n - 1] * (p - len(reflected))
         x = mx.take(x, mx.array(index), axis=axis)
     return x
-
-
-def _split_grid(image: Image.Image, tile: int, overlap: int) -> list:
-    """A1111's `images.split_grid`: rows of (y, tile, [(x, tile, crop)]) with evenly spread, overlapping tiles."""
-
-    def starts(size: int) -> list[int]:
-        count = math.ceil((size - overlap) / (tile - overlap))
-        step = (size - tile) / (count - 1) if count > 1 else 0
-        return [int(i * step) if int(i * step) + tile < size else size - tile for i in range(count)]
-
-    return [(y, tile, [(x, tile, image.crop((x, y, x + tile, y + tile))) for x in starts(image.width)])
-            for y in starts(image.height)]  # fmt: skip
-
-
-def _ramp(overlap: int, size: int, horizontal: bool) -> Image.Image:
-    """A1111's blending masks: 0..255 across the overlap (r * 255 / overlap, truncated to 8 bits)."""
-    r = (np.arange(overlap, dtype=np.float32) * 255 / overlap).astype(np.uint8)
-    return Image.fromarray(np.tile(r, (size, 1)) if horizontal else np.tile(r[:, None], (1, size)), "L")
-
-
-def _combine_grid(rows: list, width: int, height: int, overlap: int) -> Image.Image:
-    """A1111's `images.combine_grid`: each tile after the first of a row fades in across the overlap, each row after
-    the first likewise over the rows above."""
-    combined = Image.new("RGB", (width, height))
-    for y, h, row in rows:
-        mask_w = _ramp(overlap, h, horizontal=True)
-        line = Image.new("RGB", (width, h))
-        for x, w, tile in row:
-            if x == 0:
-                line.paste(tile, (0, 0))
-                continue
-            line.paste(tile.crop((0, 0, overlap, h)), (x, 0), mask=mask_w)
-            line.paste(tile.crop((overlap, 0, w, h)), (x + overlap, 0))
-        if y == 0:
-            combined.paste(line, (0, 0))
-            continue
-        combined.paste(line.crop((0, 0, width, overlap)), (0, y), mask=_ramp(overlap, width, horizontal=False))
-        combined.paste(line.crop((0, overlap, width, h)), (0, y + overlap))
-    return combined

@@ -181,7 +181,17 @@ def test_model_upscalers_from_cli(model, tmp_path):
     expected = upscale(hires.convert("RGB"), 2.0, lambda im: upscale_with_model(descriptor, im, 64, 8))
     _close_images(upscaled, expected)
 
+    out = run("generate", "x", "--model", model, "--init-image", tmp_path / "hr.png", "--width", 64, "--height", 64,
+              "--steps", 3, "--strength", 0.5, "--sd-upscale", "--sd-upscale-upscaler", "R-ESRGAN 4x+",
+              "--upscaler-dir", folder, "--sd-upscale-scale", 1.5, "--sd-upscale-overlap", 16,
+              "--output", tmp_path / "sdup.png")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    params = parse_infotext(read_infotext(tmp_path / "sdup.png"))[2]
+    assert Image.open(tmp_path / "sdup.png").size == (192, 144)  # 128x96 x 1.5, redrawn in 64x64 tiles
+    assert params["SD upscale upscaler"] == "R-ESRGAN 4x+" and params["SD upscale overlap"] == "16"
+
     errors = [
+        (("generate", "x", "--model", model, "--sd-upscale"), "give init_image"),
         (("upscale", tmp_path / "hr.png", "--upscaler", "R-ESRGAN 4x+"), "--upscaler-dir"),
         (("upscale", tmp_path / "hr.png", "--upscaler", "Lanczos", "--output", tmp_path / "hr.png"), "overwrite"),
         (("upscale", tmp_path / "hr.png", "--upscaler", "Lanczos", "--size", "2x"), "WIDTHxHEIGHT"),

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -30,6 +31,9 @@ from mlx_sd.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, GenerationRequest
 from mlx_sd.prompts import apply_style
 from mlx_sd.samplers import list_samplers, resolve
 from mlx_sd.schedules import SCHEDULE_TYPES
+from mlx_sd.sd_upscale import DEFAULT_OVERLAP, SDUpscale
+from mlx_sd.sd_upscale import TITLE as SD_UPSCALE
+from mlx_sd.sd_upscale import check as sd_upscale_check
 from mlx_sd.upscale import IMAGE_UPSCALERS, LATENT_UPSCALERS
 
 from . import codec
@@ -37,7 +41,7 @@ from .controlnet_api import a1111_units, scripts_listing, split_scripts
 from .engine import Job
 from .errors import ApiError, invalid
 from .state import ServerState, State, run_to_completion
-from .validation import MAX_SEED, check_request, sampler_takes
+from .validation import MAX_SEED, MAX_UPSCALED_SIDE, check_request, sampler_takes
 
 MAX_MASK_BLUR = 256  # pixels; a Gaussian blur beyond this is meaningless and slow
 MAX_PADDING = 8192
@@ -57,11 +61,10 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "firstpass_image": (("",), "a given first-pass image is not supported: send it to img2img"),
     "hr_checkpoint_name": (("", "Use same checkpoint"), "another checkpoint for the hires pass is not supported"),
     "restore_faces": ((False,), "face restoration is not implemented"),
-    "script_name": (("",), "scripts are not supported"),
-    "script_args": (([],), "scripts are not supported"),
     "alwayson_scripts": (({},), "extensions other than ControlNet (ADetailer, ...) are not supported"),
     "latent_mask": (("",), "a separate latent mask is not supported"),
 }
+MAX_SD_UPSCALE = 8.0  # the largest "SD upscale" scale factor taken (A1111's slider ends at 4)
 # A1111's sampler settings: its samplers read these options (the request's s_churn, ... fields are not used)
 SIGMA_SETTINGS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}  # s_tmax 0 = no upper bound
 SUPPORTED_OVERRIDES = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "eta_noise_seed_delta", *SIGMA_SETTINGS)
@@ -204,8 +207,8 @@ def _binary_mask(image: Image.Image) -> Image.Image:
 
 
 def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
-    """The library request, the model, the refiner (or None) and the list of ignored fields for an A1111 request.
-    Raises ApiError."""
+    """The library request, the model, the refiner (or None), the list of ignored fields and the "SD upscale" script's
+    settings (or None) for an A1111 request. Raises ApiError."""
     if req.infotext:
         req = _with_infotext(req)
     controlnet, others = split_scripts(req.alwayson_scripts)
@@ -256,7 +259,45 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
         # A1111's UI sends its "Switch at" (default 0.8); without one the library's default, 0.8, applies.
         fields["refiner_switch_at"] = req.refiner_switch_at
     request = check_request(GenerationRequest(**fields), model, state.config.limits, NAMES, state.engine.upscalers)
-    return request, model, refiner, ignored
+    script = _script(req, request, state, img2img)
+    return request, model, refiner, ignored, script
+
+
+def _script(req: ProcessingRequest, request: GenerationRequest, state: ServerState, img2img: bool):
+    """`script_name` "SD upscale" (img2img) with its `script_args` [info, overlap, upscaler (index into GET
+    /upscalers or name), scale factor] -> `SDUpscale` naming its upscaler; other scripts are refused."""
+    if req.script_name in (None, ""):
+        return None
+    if req.script_name.lower() != SD_UPSCALE.lower() or not img2img:
+        where = "img2img" if img2img else "txt2img"
+        raise invalid("script_name", f"{req.script_name!r} is not a script mlx-sd runs for {where}; it runs "
+                      f"{SD_UPSCALE!r} (img2img)")  # fmt: skip
+    args = list(req.script_args or []) + [None] * 4
+    overlap = DEFAULT_OVERLAP if args[1] is None else args[1]
+    scale = 2.0 if args[3] is None else args[3]
+    if isinstance(overlap, bool) or not isinstance(overlap, int):
+        raise invalid("script_args[1]", f"the tile overlap must be a whole number of pixels, got {overlap!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= MAX_SD_UPSCALE:
+        raise invalid("script_args[3]", f"the scale factor must be a number in (0, {MAX_SD_UPSCALE}], got {scale!r}")
+    names = [u["name"] for u in upscalers(state)]
+    chosen = 0 if args[2] is None else args[2]
+    if isinstance(chosen, int) and not isinstance(chosen, bool) and 0 <= chosen < len(names):
+        name = names[chosen]
+    elif isinstance(chosen, str) and chosen.lower() in (n.lower() for n in names):
+        name = next(n for n in names if n.lower() == chosen.lower())
+    else:
+        raise invalid("script_args[2]", f"{chosen!r} is not an upscaler here: an index into or a name of "
+                      f"{', '.join(names)}")  # fmt: skip
+    settings = SDUpscale(name, float(scale), overlap)
+    try:  # the settings, with the named model standing in as "None" (it is loaded on the worker)
+        sd_upscale_check(request, replace(settings, upscaler=name if name in IMAGE_UPSCALERS else "None"))
+    except ValueError as e:
+        raise invalid("script_args", str(e)) from None
+    size = (request.init_image.width * scale, request.init_image.height * scale)
+    if max(size) > MAX_UPSCALED_SIDE:
+        raise invalid("script_args[3]", f"the upscaled image would be {int(size[0])}x{int(size[1])}; this server "
+                      f"upscales to at most {MAX_UPSCALED_SIDE} pixels a side")  # fmt: skip
+    return settings
 
 
 def _styled(prompt: str, negative: str, names: list[str], styles: dict) -> tuple[str, str]:
@@ -452,9 +493,9 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 
 
 async def _generate(request: Request, req: ProcessingRequest, state: ServerState, img2img: bool) -> dict:
-    gen, model, refiner, ignored = await run_in_threadpool(to_generation, req, state, img2img)
+    gen, model, refiner, ignored, script = await run_in_threadpool(to_generation, req, state, img2img)
     source = "sdapi-img2img" if img2img else "sdapi-txt2img"
-    job = Job(model, gen, refiner=refiner, source=source, save=bool(req.save_images))
+    job = Job(model, gen, refiner=refiner, source=source, save=bool(req.save_images), sd_upscale=script)
     if (req.override_settings or {}).get("sd_model_checkpoint") and req.override_settings_restore_afterwards is False:
         state.engine.default_model = model
     await run_to_completion(request, state, job)
@@ -597,7 +638,7 @@ def memory():
 @router.get("/scripts")
 def scripts(state: State):
     listing = scripts_listing(state)
-    return {"txt2img": listing, "img2img": listing}
+    return {"txt2img": listing, "img2img": [SD_UPSCALE.lower(), *listing]}
 
 
 @router.get("/sd-vae")

@@ -22,15 +22,17 @@ import traceback
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
 
-from mlx_sd import backend
+from mlx_sd import backend, sd_upscale
 from mlx_sd.infotext import save_png
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Cancelled, Control, Pipeline, Progress, Result
+from mlx_sd.sd_upscale import SDUpscale
+from mlx_sd.upscale import IMAGE_UPSCALERS
 from mlx_sd_convert.controlnet import a1111_hash
 from mlx_sd_convert.ip_adapter import read_ip_adapter
 from mlx_sd_convert.library import (
@@ -88,6 +90,7 @@ class Job:
     refiner: ModelEntry | None = None  # SDXL's refiner, taking over from `request.refiner_switch_at`
     kind: str = "generate"
     task: Callable[[], object] | None = None
+    sd_upscale: SDUpscale | None = None  # A1111's "SD upscale" script (its upscaler by name, loaded on the worker)
     output: object = None
     source: str = "native"
     save: bool = False
@@ -416,7 +419,14 @@ class Engine:
     def _generate(self, job: Job) -> str:
         if job.request.ip_adapter_image is not None and self._ip_adapter_refused:
             raise ApiError(422, self._ip_adapter_refused, code="invalid_value")
-        for event in self._pipeline.stream(job.request, job.control):
+        if job.sd_upscale is None:
+            events = self._pipeline.stream(job.request, job.control)
+        else:
+            settings = job.sd_upscale
+            if settings.upscaler not in IMAGE_UPSCALERS:
+                settings = replace(settings, upscaler=self.upscalers(settings.upscaler))
+            events = sd_upscale.stream(self._pipeline, job.request, settings, job.control)
+        for event in events:
             if isinstance(event, Progress):
                 # Previews are made here: their arrays belong to this thread's MLX stream.
                 job.step = Step(event.step, event.total, event.batch, event.batches, event.elapsed)

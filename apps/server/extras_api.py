@@ -24,9 +24,7 @@ from . import codec
 from .engine import Job
 from .errors import invalid
 from .state import ServerState, State, run_to_completion
-from .validation import check_upscaler
-
-MAX_SIDE = 8192  # the largest result side (A1111's "Scale to" slider ends here)
+from .validation import MAX_UPSCALED_SIDE, check_upscaler
 
 
 class ExtrasRequest(BaseModel):
@@ -36,8 +34,8 @@ class ExtrasRequest(BaseModel):
     codeformer_visibility: float = Field(0, ge=0, le=1, description="face restoration: not available (0 only)")
     codeformer_weight: float = Field(0, ge=0, le=1)
     upscaling_resize: float = Field(2, gt=0, le=8)
-    upscaling_resize_w: int = Field(512, ge=1, le=MAX_SIDE)
-    upscaling_resize_h: int = Field(512, ge=1, le=MAX_SIDE)
+    upscaling_resize_w: int = Field(512, ge=1, le=MAX_UPSCALED_SIDE)
+    upscaling_resize_h: int = Field(512, ge=1, le=MAX_UPSCALED_SIDE)
     upscaling_crop: bool = True
     upscaler_1: str = "None"
     upscaler_2: str = "None"
@@ -76,9 +74,9 @@ def _checked(req: ExtrasRequest, state: ServerState, sizes: list[tuple[int, int]
             out = (width * req.upscaling_resize, height * req.upscaling_resize)
         else:
             out = (req.upscaling_resize_w, req.upscaling_resize_h)
-        if max(out) > MAX_SIDE:
+        if max(out) > MAX_UPSCALED_SIDE:
             raise invalid("upscaling_resize", f"a {width}x{height} image would become {int(out[0])}x{int(out[1])}; "
-                          f"this server makes images up to {MAX_SIDE} pixels a side")  # fmt: skip
+                          f"this server makes images up to {MAX_UPSCALED_SIDE} pixels a side")  # fmt: skip
     return _upscaler(req.upscaler_1, state, "upscaler_1"), _upscaler(req.upscaler_2, state, "upscaler_2")
 
 

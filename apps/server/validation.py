@@ -24,6 +24,7 @@ from .errors import ApiError, invalid
 from .registry import ModelEntry
 
 SEED_BITS = 32  # random seeds as A1111 draws them (< 2**32)
+MAX_UPSCALED_SIDE = 8192  # the largest side an upscale makes (Extras, SD upscale); A1111's "Scale to" slider ends here
 MAX_SEED = 2**63 - 1  # what every API accepts: image i of a request uses seed + i, which stays below 2**64
 
 

@@ -321,7 +321,7 @@ def test_listings(api):
     assert schedulers[:3] == ["automatic", "uniform", "karras"]
     memory = api.get_memory()
     assert memory["ram"]["total"] > 0 and "cuda" in memory
-    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    assert api.get_scripts() == {"txt2img": [], "img2img": ["sd upscale"]}
     assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest"]
     assert [m["name"] for m in api.get_latent_upscale_modes()][:2] == ["Latent", "Latent (antialiased)"]
 

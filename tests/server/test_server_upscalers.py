@@ -4,6 +4,7 @@ tests/a1111_upscale.py with spandrel's networks."""
 
 import base64
 import io
+import json
 
 import mlx.core as mx
 import numpy as np
@@ -104,6 +105,38 @@ def test_hires_fix_with_a_model_of_the_upscaler_folder(served, models_dir):
     assert r.status_code == 422 and "hr_upscaler" in r.text and "4x-Tiny" in r.text  # names what there is
     r = served.post("/v1/jobs", json={"prompt": "x", "enable_hr": True, "hr_upscaler": "SwinIR 4x"})
     assert r.status_code == 422 and "not found" in r.text
+
+
+def test_sd_upscale_script_through_img2img(served, models_dir):
+    """A1111's "SD upscale" img2img script (script_args: info, overlap, upscaler index or name, scale) equals the
+    library's (itself tested against diffusers, tests/test_sd_upscale.py)."""
+    from mlx_sd.params import GenerationRequest
+    from mlx_sd.sd_upscale import SDUpscale, stream
+
+    init = picture(6, (48, 40))
+    image = io.BytesIO()
+    init.save(image, "PNG")
+    # script_args: A1111's info text, tile overlap, upscaler (3: "4x-Tiny" in GET /upscalers), scale factor
+    body = {"prompt": "tiles", "width": 64, "height": 64, "steps": 3, "seed": 9, "sampler_name": "Euler",
+            "denoising_strength": 0.4, "init_images": [base64.b64encode(image.getvalue()).decode()],
+            "script_name": "SD upscale", "script_args": [None, 16, 3, 2.0]}  # fmt: skip
+    r = served.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    library = UpscalerLibrary(served.folder, mx.float32)
+    request = GenerationRequest(prompt="tiles", width=64, height=64, steps=3, seed=9, sampler="Euler", guidance=7.0,
+                                strength=0.4, init_image=init)  # fmt: skip
+    events = stream(Pipeline(models_dir / "tiny-a"), request, SDUpscale(library("4x-Tiny"), 2.0, 16))
+    expected = list(events)[-1]
+    assert got.size == (96, 80)
+    np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(expected.images[0]))
+    assert "SD upscale upscaler: 4x-Tiny" in json.loads(r.json()["info"])["infotexts"][0]
+    for args, param in (([None, 16, "nope", 2.0], "script_args[2]"), ([None, 64, 0, 2.0], "script_args"),
+                        ([None, 16, 0, 0], "script_args[3]")):  # fmt: skip
+        r = served.post("/sdapi/v1/img2img", json={**body, "script_args": args})
+        assert r.status_code == 422 and r.json()["detail"].startswith(f"{param}:"), r.text
+    r = served.post("/sdapi/v1/txt2img", json={"prompt": "x", "script_name": "SD upscale"})
+    assert r.status_code == 422 and "img2img" in r.json()["detail"]
 
 
 def test_extras_refusals(served):
