@@ -17,7 +17,6 @@ import json
 import math
 import os
 import time
-from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -33,7 +32,6 @@ from mlx_sd.samplers import list_samplers, resolve
 from mlx_sd.schedules import SCHEDULE_TYPES
 from mlx_sd.sd_upscale import DEFAULT_OVERLAP, SDUpscale
 from mlx_sd.sd_upscale import TITLE as SD_UPSCALE
-from mlx_sd.sd_upscale import check as sd_upscale_check
 from mlx_sd.upscale import IMAGE_UPSCALERS, LATENT_UPSCALERS
 
 from . import codec
@@ -41,7 +39,7 @@ from .controlnet_api import a1111_units, scripts_listing, split_scripts
 from .engine import Job
 from .errors import ApiError, invalid
 from .state import ServerState, State, run_to_completion
-from .validation import MAX_SEED, MAX_UPSCALED_SIDE, check_request, sampler_takes
+from .validation import MAX_SEED, check_request, check_sd_upscale, sampler_takes
 
 MAX_MASK_BLUR = 256  # pixels; a Gaussian blur beyond this is meaningless and slow
 MAX_PADDING = 8192
@@ -289,14 +287,7 @@ def _script(req: ProcessingRequest, request: GenerationRequest, state: ServerSta
         raise invalid("script_args[2]", f"{chosen!r} is not an upscaler here: an index into or a name of "
                       f"{', '.join(names)}")  # fmt: skip
     settings = SDUpscale(name, float(scale), overlap)
-    try:  # the settings, with the named model standing in as "None" (it is loaded on the worker)
-        sd_upscale_check(request, replace(settings, upscaler=name if name in IMAGE_UPSCALERS else "None"))
-    except ValueError as e:
-        raise invalid("script_args", str(e)) from None
-    size = (request.init_image.width * scale, request.init_image.height * scale)
-    if max(size) > MAX_UPSCALED_SIDE:
-        raise invalid("script_args[3]", f"the upscaled image would be {int(size[0])}x{int(size[1])}; this server "
-                      f"upscales to at most {MAX_UPSCALED_SIDE} pixels a side")  # fmt: skip
+    check_sd_upscale(request, settings, state.engine.upscalers, "script_args")
     return settings
 
 

@@ -14,6 +14,7 @@ Field names are the library's (`GenerationRequest`); unknown fields are refused,
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -27,6 +28,7 @@ from mlx_sd.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, GenerationRequest
 from mlx_sd.rng import NOISE_MODES
 from mlx_sd.samplers import FOLLOW, list_samplers
 from mlx_sd.schedules import SCHEDULE_TYPES
+from mlx_sd.sd_upscale import DEFAULT_OVERLAP, SDUpscale
 from mlx_sd.upscale import IMAGE_UPSCALERS, LATENT_UPSCALERS
 
 from . import codec
@@ -34,7 +36,14 @@ from .controlnet_api import UnitRequest, native_units
 from .engine import Job
 from .errors import ApiError, invalid
 from .state import ServerState, State
-from .validation import MAX_SEED, check_request
+from .validation import MAX_SEED, check_request, check_sd_upscale
+
+
+class SDUpscaleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    upscaler: str = Field("Lanczos", description='"Lanczos", "Nearest", "None" or a model of --upscaler-dir')
+    scale: float = Field(2.0, gt=0, le=8, description="scale factor")
+    overlap: int = Field(DEFAULT_OVERLAP, ge=0, description="tile overlap, pixels")
 
 
 class JobRequest(BaseModel):
@@ -102,6 +111,8 @@ class JobRequest(BaseModel):
     controlnet: list[UnitRequest] = Field([], description="ControlNet units; their residuals add up")
     ip_adapter_image: str | None = Field(None, description="an image prompt for the server's IP-Adapter (base64)")
     ip_adapter_scale: float = Field(1.0, ge=0, le=10, description="the image prompt's weight")
+    sd_upscale: SDUpscaleRequest | None = Field(None, description='A1111\'s "SD upscale" script (img2img): upscale '
+                                                "init_image, redraw it in width x height tiles, join them")  # fmt: skip
     save: bool = Field(False, description="also write the PNGs to the server's --output-dir")
 
 
@@ -116,7 +127,7 @@ class JobCreated(BaseModel):
 def _to_generation(req: JobRequest, state: ServerState) -> GenerationRequest:
     max_pixels = state.config.limits.max_input_pixels
     images = {"init_image", "mask", "controlnet", "ip_adapter_image"}  # decoded below
-    fields = req.model_dump(exclude={"model", "refiner", "save", *images})
+    fields = req.model_dump(exclude={"model", "refiner", "save", "sd_upscale", *images})
     fields["controlnet"] = native_units(req.controlnet, state, max_pixels)
     if req.ip_adapter_image is not None:
         if state.engine.ip_adapter_title is None:
@@ -181,7 +192,12 @@ async def create_job(request: Request, response: Response, req: JobRequest, stat
         raise ApiError(422, "save: this server saves no files; start it with --output-dir DIR", param="save")
     gen = await run_in_threadpool(_to_generation, req, state)
     gen = check_request(gen, model, state.config.limits, upscalers=state.engine.upscalers)
-    job = state.engine.submit(Job(model, gen, refiner=refiner, source="native", save=req.save))
+    script = None
+    if req.sd_upscale is not None:
+        script = SDUpscale(**req.sd_upscale.model_dump())
+        tiles = replace(gen, width=gen.width or model.defaults.width, height=gen.height or model.defaults.height)
+        check_sd_upscale(tiles, script, state.engine.upscalers, "sd_upscale")
+    job = state.engine.submit(Job(model, gen, refiner=refiner, source="native", save=req.save, sd_upscale=script))
     url = str(request.url_for("get_job", job_id=job.id))
     response.headers["Location"] = url
     return {"id": job.id, "status": job.status, "queue_position": state.engine.position(job), "url": url,

@@ -16,7 +16,9 @@ from mlx_sd.hires import hires_request, hires_target
 from mlx_sd.params import GenerationRequest
 from mlx_sd.samplers import resolve
 from mlx_sd.schedules import img2img_steps, schedule_type
-from mlx_sd.upscale import HIRES_UPSCALERS
+from mlx_sd.sd_upscale import SDUpscale
+from mlx_sd.sd_upscale import check as check_script
+from mlx_sd.upscale import HIRES_UPSCALERS, IMAGE_UPSCALERS
 from mlx_sd_convert import ConversionError
 
 from .config import Limits
@@ -114,6 +116,20 @@ def check_upscaler(upscaler: str, upscalers, param: str, builtin: tuple[str, ...
     except ConversionError as e:
         raise invalid(param, str(e)) from None
     return True
+
+
+def check_sd_upscale(request: GenerationRequest, settings: SDUpscale, upscalers, param: str) -> None:
+    """The "SD upscale" script's settings for `request` (its tile size given), its upscaler named; 422 naming `param`
+    (the whole settings) or `param.upscaler`."""
+    model = check_upscaler(settings.name, upscalers, f"{param}.upscaler", IMAGE_UPSCALERS)
+    try:  # a named model stands in as "None": it is loaded on the worker
+        check_script(request, replace(settings, upscaler="None") if model else settings)
+    except ValueError as e:
+        raise invalid(param, str(e)) from None
+    size = (request.init_image.width * settings.scale, request.init_image.height * settings.scale)
+    if max(size) > MAX_UPSCALED_SIDE:
+        raise invalid(param, f"the upscaled image would be {int(size[0])}x{int(size[1])}; this server upscales to "
+                      f"at most {MAX_UPSCALED_SIDE} pixels a side")  # fmt: skip
 
 
 def _check_hires(resolved: GenerationRequest, limits: Limits, name, upscalers) -> None:

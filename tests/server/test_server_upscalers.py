@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from a1111_upscale import extras_upscale, load_descriptor, upscale, upscale_with_model
 from PIL import Image, PngImagePlugin
-from serving import require_serve_extra, running_server
+from serving import require_serve_extra, running_server, wait_for
 from test_model_upscaler import FILES, _close_images, _save
 from test_server_page import CHROMEDRIVER, CHROMIUM, By, WebDriverWait, fill
 from test_server_page import browser as browser  # noqa: F401  (the headless Chromium fixture)
@@ -137,6 +137,27 @@ def test_sd_upscale_script_through_img2img(served, models_dir):
         assert r.status_code == 422 and r.json()["detail"].startswith(f"{param}:"), r.text
     r = served.post("/sdapi/v1/txt2img", json={"prompt": "x", "script_name": "SD upscale"})
     assert r.status_code == 422 and "img2img" in r.json()["detail"]
+
+    # the native API: the same script as an `sd_upscale` object, the upscaler by name
+    native = {"prompt": "tiles", "width": 64, "height": 64, "steps": 3, "seed": 9, "sampler": "Euler",
+              "guidance": 7.0, "strength": 0.4, "init_image": body["init_images"][0],
+              "sd_upscale": {"upscaler": "4x-Tiny", "scale": 2.0, "overlap": 16}}  # fmt: skip
+    r = served.post("/v1/jobs", json=native)
+    assert r.status_code == 202, r.text
+
+    def finished():
+        job = served.session.get(r.json()["url"], timeout=30).json()
+        return job if job["status"] not in ("queued", "running") else None
+
+    job = wait_for(finished, timeout=120, what="the SD upscale job")
+    assert job["status"] == "done", job
+    png = served.session.get(job["result"]["images"][0]["url"], timeout=30).content
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), np.asarray(got.convert("RGB"))
+    )
+    for script, param in (({"upscaler": "4x-Nope"}, "sd_upscale.upscaler"), ({"overlap": 64}, "sd_upscale")):
+        r = served.post("/v1/jobs", json={**native, "sd_upscale": script})
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
 
 
 def test_extras_refusals(served):
