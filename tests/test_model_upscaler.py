@@ -85,6 +85,8 @@ FILES = {  # file name -> its contents
     },
     "1x_unshuffled.pth": lambda: {"params": basicsr_names(esrgan_state(num_blocks=1, shuffle_factor=4, in_nc=48))},
     "BSRGAN.pth": lambda: basicsr_names(esrgan_state(num_blocks=1), bsrgan=True),
+    "1x_restore.pth": lambda: esrgan_state(num_blocks=1, scale=1, num_filters=32),  # no upsampling stage
+    "8x_NMKD.pth": lambda: esrgan_state(num_blocks=1, scale=8, num_filters=32),  # three stages
     "realesr-general-x4v3.pth": lambda: {"params": compact_state(num_conv=4, num_feat=16)},
 }
 
