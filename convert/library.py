@@ -28,7 +28,7 @@ from .embeddings import EMBEDDING_EXTENSIONS, read_embedding
 from .keymap import ConversionError
 from .lora import LORA_EXTENSIONS, read_lora
 from .readers import open_checkpoint
-from .upscaler import UPSCALER_EXTENSIONS, read_upscaler, upscaler_name, upscaler_scale
+from .upscaler import REAL_ESRGAN_NAMES, UPSCALER_EXTENSIONS, read_upscaler, upscaler_name, upscaler_scale
 
 DEFAULT_CACHE = 8  # mapped LoRAs kept in memory (an SDXL LoRA is ~50-400 MB)
 CONTROLNET_CACHE = 2  # loaded ControlNets kept (SD 1.5: 1.4 GB in float32, SDXL: 5 GB)
@@ -273,7 +273,7 @@ class UpscalerLibrary(LoadedCache):
                 scale = upscaler_scale(path)
             except ConversionError:
                 continue
-            kind = "RealESRGAN" if name != path.stem else "ESRGAN"
+            kind = "RealESRGAN" if path.stem in REAL_ESRGAN_NAMES else "ESRGAN"  # A1111's upscaler families
             entries.append({"name": name, "model_name": kind, "model_path": str(path), "model_url": None,
                             "scale": scale})  # fmt: skip
         return entries

@@ -62,14 +62,13 @@ def read_upscaler(path: str | Path, dtype: mx.Dtype | None = None, name: str | N
     from mlx_sd.backend import default_dtype
 
     path = Path(path).expanduser()
-    state = open_checkpoint(path) if path.is_file() else None
-    if state is None:
+    if not path.is_file():
         raise ConversionError(f"{path}: no such upscaler file")
+    state = open_checkpoint(path)
     config, rules = _config(path, tensor_shapes(state))
     network = SRVGGNetCompact(config) if isinstance(config, CompactConfig) else RRDBNet(config)
     load_mapped("upscaler", network, state, rules, dtype or default_dtype())
-    kind = "RealESRGAN" if path.stem in REAL_ESRGAN_NAMES else "ESRGAN"
-    return ModelUpscaler(network, name or upscaler_name(path), kind)
+    return ModelUpscaler(network, name or upscaler_name(path))
 
 
 def upscaler_scale(path: str | Path) -> int:

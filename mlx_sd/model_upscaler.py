@@ -36,13 +36,11 @@ class ModelUpscaler:
     Attributes:
         network: an `RRDBNet` or `SRVGGNetCompact` (its `config.scale`, `size_multiple`).
         name: e.g. "R-ESRGAN 4x+" or "4x-UltraSharp".
-        kind: A1111's upscaler family for listings ("ESRGAN" or "RealESRGAN").
         tile, tile_overlap: A1111's tiling; tile 0 runs the whole image at once.
     """
 
     network: nn.Module
     name: str
-    kind: str = "ESRGAN"
     tile: int = TILE
     tile_overlap: int = TILE_OVERLAP
 
