@@ -4,7 +4,7 @@ A1111 (1.8+, through spandrel) upscales with a network in `upscaler_utils.upscal
 into 192 x 192 tiles overlapping by 8 pixels (`images.split_grid`, its `ESRGAN_tile` / `ESRGAN_tile_overlap`
 defaults; tiles reaching past the image are cropped with black filling), each tile goes through the network as
 8-bit pixels in **BGR** order scaled to [0, 1] (A1111 flips the channels before and after the network, whatever
-the model was trained on), the output is clamped, scaled by 255 and truncated to 8 bits, and the tiles are joined
+the model was trained on), the output is clamped, scaled by 255 and rounded to 8 bits, and the tiles are joined
 with linear 8-bit ramps across the overlaps (`images.combine_grid`; `mlx_sd.grid`). A network whose
 input must be a multiple of some size (Real-ESRGAN 2x+) gets its input padded on the bottom and right by reflection
 (then by repetition) and the output cropped, as spandrel's `ImageModelDescriptor` does. Here the tiles of an image
@@ -74,12 +74,11 @@ class ModelUpscaler:
         return combine_grid(scaled, image.width * s, image.height * s, self.tile_overlap * s)
 
     def _pixels(self, tiles: list[np.ndarray]) -> list[Image.Image]:
-        """uint8 RGB arrays of one size -> upscaled RGB images, through BGR floats as A1111's
-        `upscale_without_tiling`."""
+        """uint8 RGB arrays of one size -> upscaled RGB images, through BGR floats as A1111's `upscale_pil_patch`."""
         x = (np.stack(tiles)[..., ::-1] / 255).astype(np.float32)  # A1111: float64 division, then .float()
         y = self.run(mx.array(x))
         mx.eval(y)
-        out = (np.array(y) * 255.0).astype(np.uint8)[..., ::-1]  # truncation, as A1111's astype(np.uint8)
+        out = np.round(np.array(y) * 255.0).astype(np.uint8)[..., ::-1]  # rounded, as A1111's torch_bgr_to_pil_image
         return [Image.fromarray(np.ascontiguousarray(o), "RGB") for o in out]
 
 

@@ -1,6 +1,6 @@
 """AUTOMATIC1111's model upscaling (1.10), transcribed as the reference for mlx-sd's: the network is spandrel's (the
 loader A1111 runs), the rest follows A1111's code step by step in torch, numpy and Pillow:
-`upscaler_utils.upscale_without_tiling` / `upscale_with_model`, `images.split_grid` / `combine_grid`,
+`upscaler_utils.upscale_pil_patch` / `upscale_with_model`, `images.split_grid` / `combine_grid`,
 `Upscaler.upscale` and the enlarging branch of `images.resize_image(0, ...)`.
 """
 
@@ -34,12 +34,13 @@ def load_descriptor(state_dict: dict):
 
 
 def without_tiling(model, img: Image.Image) -> Image.Image:
-    x = np.array(img)[:, :, ::-1]
+    """`upscale_pil_patch` (`pil_image_to_torch_bgr`, the model, `torch_bgr_to_pil_image`)."""
+    x = np.array(img.convert("RGB"))[:, :, ::-1]
     x = np.ascontiguousarray(np.transpose(x, (2, 0, 1))) / 255
-    x = torch.from_numpy(x).float().unsqueeze(0)
     with torch.inference_mode():  # spandrel's descriptors return inference tensors: clamp in place inside
-        out = model(x).squeeze().float().cpu().clamp_(0, 1).numpy()
-    out = (255.0 * np.moveaxis(out, 0, 2)).astype(np.uint8)[:, :, ::-1]
+        x = torch.from_numpy(x).unsqueeze(0).to(dtype=torch.float32)
+        out = model(x).squeeze(0).float().cpu().clamp_(0, 1).numpy()
+    out = (255.0 * np.moveaxis(out, 0, 2)).round().astype(np.uint8)[:, :, ::-1]
     return Image.fromarray(out, "RGB")
 
 

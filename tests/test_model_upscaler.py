@@ -120,7 +120,7 @@ def test_each_layout_reads_and_runs_as_spandrel(tmp_path, name):
 
 
 def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
-    """8-bit images from float32 networks: truncation may flip a value by one where the float lands on an integer
+    """8-bit images from float32 networks: rounding may flip a value by one where the float lands on a half
     (~1e-4 of the values per pass); a second pass sees those flips in its input and spreads them a little."""
     a, b = np.asarray(got, np.int16), np.asarray(expected, np.int16)
     assert a.shape == b.shape
