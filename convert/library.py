@@ -28,7 +28,7 @@ from .embeddings import EMBEDDING_EXTENSIONS, read_embedding
 from .keymap import ConversionError
 from .lora import LORA_EXTENSIONS, read_lora
 from .readers import open_checkpoint
-from .upscaler import REAL_ESRGAN_NAMES, UPSCALER_EXTENSIONS, read_upscaler, upscaler_name, upscaler_scale
+from .upscaler import UPSCALER_EXTENSIONS, read_upscaler, upscaler_listing, upscaler_name
 
 DEFAULT_CACHE = 8  # mapped LoRAs kept in memory (an SDXL LoRA is ~50-400 MB)
 CONTROLNET_CACHE = 2  # loaded ControlNets kept (SD 1.5: 1.4 GB in float32, SDXL: 5 GB)
@@ -245,7 +245,7 @@ class ControlNetLibrary(LoadedCache):
 
 
 class UpscalerLibrary(LoadedCache):
-    """A folder of model upscalers (A1111's models/ESRGAN and models/RealESRGAN in one, searched recursively); callable
+    """A folder of model upscalers (A1111's models/ESRGAN, RealESRGAN and SwinIR in one, searched recursively); callable
     as a `Pipeline`'s upscaler resolver.
 
     Args:
@@ -260,22 +260,19 @@ class UpscalerLibrary(LoadedCache):
         self.dtype = dtype
 
     def listing(self) -> dict[str, Path]:
-        """name -> path, sorted by name (rescanned each call): A1111's name for the Real-ESRGAN releases
-        ("R-ESRGAN 4x+"), else the file name without extension ("4x-UltraSharp")."""
+        """name -> path, sorted by name (rescanned each call): A1111's name for the releases it downloads itself
+        ("R-ESRGAN 4x+", "SwinIR 4x"), else the file name without extension ("4x-UltraSharp")."""
         return dict(sorted((upscaler_name(path), path) for path in _files(self.folder, UPSCALER_EXTENSIONS)))
 
     def api_listing(self) -> list[dict]:
         """A1111's `GET /sdapi/v1/upscalers` entries of the folder's models (each file's scale read from its
         shapes; unreadable files are left out)."""
         entries = []
-        for name, path in self.listing().items():
+        for path in self.listing().values():
             try:
-                scale = upscaler_scale(path)
+                entries.append(upscaler_listing(path))
             except ConversionError:
                 continue
-            kind = "RealESRGAN" if path.stem in REAL_ESRGAN_NAMES else "ESRGAN"  # A1111's upscaler families
-            entries.append({"name": name, "model_name": kind, "model_path": str(path), "model_url": None,
-                            "scale": scale})  # fmt: skip
         return entries
 
     def find(self, name: str) -> Path:

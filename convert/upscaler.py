@@ -8,11 +8,13 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
   ... for the upsampling convs): ESRGAN_4x and most community models (4x-UltraSharp, Remacri, NMKD, ...), ESRGAN+
   (`conv1x1`) included;
 - BSRGAN / RealSR (`RRDB_trunk`, `trunk_conv`, `upconvI`, `HRconv`);
-- Real-ESRGAN's compact network (`body.0` conv, `body.1` PReLU, ...): realesr-general-x4v3, realesr-animevideov3.
+- Real-ESRGAN's compact network (`body.0` conv, `body.1` PReLU, ...): realesr-general-x4v3, realesr-animevideov3;
+- SwinIR (`conv_first`, `layers.N.residual_group.blocks.M...`): A1111's "SwinIR 4x" (SwinIR-L, real-world x4) and
+  the classical, lightweight and restoration models; its relative-position indices and shift masks are recomputed.
 
 The configuration is read from the shapes (width, blocks, growth, upsampling stages; in/out channels give the
-unshuffle factor, as spandrel decides it), and the file is mapped strictly. Other architectures (SwinIR, DAT, HAT,
-LDSR, ScuNET, ...) are refused by name.
+unshuffle factor; SwinIR's head, depths, heads and window), as spandrel decides it, and the file is mapped strictly.
+Other architectures (DAT, HAT, LDSR, ScuNET, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ import mlx.core as mx
 
 from mlx_sd.model_upscaler import ModelUpscaler
 from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetCompact
+from mlx_sd.models.swinir import SwinIR, SwinIRConfig
 
 from .keymap import ConversionError, Rule, load_mapped, tensor_shapes
 from .readers import open_checkpoint
 
 UPSCALER_EXTENSIONS = (".pth", ".pt", ".safetensors")
-# A1111's names for the Real-ESRGAN releases (modules/realesrgan_model.py), by file name
-REAL_ESRGAN_NAMES = {
+# A1111's names for the releases it downloads itself (modules/realesrgan_model.py, SwinIR's swinir_model.py), by file
+# name; every other file is listed by its name
+A1111_NAMES = {
+    "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN": "SwinIR 4x",
     "RealESRGAN_x4plus": "R-ESRGAN 4x+",
     "RealESRGAN_x4plus_anime_6B": "R-ESRGAN 4x+ Anime6B",
     "RealESRGAN_x2plus": "R-ESRGAN 2x+",
@@ -39,9 +44,12 @@ REAL_ESRGAN_NAMES = {
     "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
     "realesr-animevideov3": "R-ESRGAN AnimeVideo",
 }
-SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN"
+SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR"
+SWINIR_KEY = "layers.0.residual_group.blocks.0.attn.relative_position_index"
+NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR}
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
-    ("conv_after_body.weight", "SwinIR/HAT/DAT-style transformer"),
+    ("layers.0.residual_group.blocks.0.conv_block.cab.0.weight", "HAT"),
+    ("conv_after_body.weight", "transformer (DAT, SRFormer, ...)"),
     ("model.diffusion_model.input_blocks.0.0.weight", "LDSR (latent diffusion)"),
     ("m_head.0.weight", "ScuNET"),
     ("stylegan_decoder.to_rgb1.weight", "GFPGAN (face restoration)"),
@@ -49,8 +57,9 @@ _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the
 
 
 def upscaler_name(path: Path) -> str:
-    """The name A1111 lists a file under: its Real-ESRGAN name for the official releases, else the file name."""
-    return REAL_ESRGAN_NAMES.get(path.stem, path.stem)
+    """The name A1111 lists a file under: its own name for the releases it downloads ("R-ESRGAN 4x+", "SwinIR 4x"),
+    else the file name."""
+    return A1111_NAMES.get(path.stem, path.stem)
 
 
 def read_upscaler(path: str | Path, dtype: mx.Dtype | None = None, name: str | None = None) -> ModelUpscaler:
@@ -66,23 +75,33 @@ def read_upscaler(path: str | Path, dtype: mx.Dtype | None = None, name: str | N
         raise ConversionError(f"{path}: no such upscaler file")
     state = open_checkpoint(path)
     config, rules = _config(path, tensor_shapes(state))
-    network = SRVGGNetCompact(config) if isinstance(config, CompactConfig) else RRDBNet(config)
+    network = NETWORKS[type(config)](config)
+    if isinstance(config, SwinIRConfig):
+        dtype = mx.float32  # spandrel (and so A1111) never runs SwinIR in half precision
     load_mapped("upscaler", network, state, rules, dtype or default_dtype())
     return ModelUpscaler(network, name or upscaler_name(path))
 
 
-def upscaler_scale(path: str | Path) -> int:
-    """The scale of an upscaler file, from its shapes (no tensor is read). Raises ConversionError as read_upscaler."""
+def upscaler_listing(path: str | Path) -> dict:
+    """A1111's `GET /sdapi/v1/upscalers` entry of a file, its scale read from the shapes (no tensor is read).
+    Raises ConversionError as read_upscaler."""
     path = Path(path).expanduser()
-    return _config(path, tensor_shapes(open_checkpoint(path)))[0].scale
+    config = _config(path, tensor_shapes(open_checkpoint(path)))[0]
+    family = "SwinIR" if isinstance(config, SwinIRConfig) else "ESRGAN"
+    if isinstance(config, CompactConfig) or (path.stem in A1111_NAMES and family == "ESRGAN"):
+        family = "RealESRGAN"  # A1111's upscaler family for the Real-ESRGAN releases
+    return {"name": upscaler_name(path), "model_name": family, "model_path": str(path), "model_url": None,
+            "scale": config.scale}  # fmt: skip
 
 
-def _config(path: Path, shapes: dict) -> tuple[ESRGANConfig | CompactConfig, list[Rule]]:
+def _config(path: Path, shapes: dict) -> tuple[ESRGANConfig | CompactConfig | SwinIRConfig, list[Rule]]:
     """The network's configuration and the key map onto its names."""
     stripped = {_strip(key): shape for key, shape in shapes.items()}
+    if SWINIR_KEY in stripped and "layers.0.residual_group.blocks.0.conv_block.cab.0.weight" not in stripped:
+        return _swinir_config(stripped)
     other = next((name for key, name in _OTHER_ARCHITECTURES if key in stripped), None)
     if other:
-        raise ConversionError(f"{path}: a {other} model; mlx-sd runs ESRGAN-family upscalers ({SUPPORTED})")
+        raise ConversionError(f"{path}: a {other} model; mlx-sd runs {SUPPORTED} upscalers")
     if "body.1.weight" in stripped and "conv_first.weight" not in stripped:
         return _compact_config(stripped), [Rule(r"(?:module\.)?(body\.\d+\.(?:weight|bias))", r"\1")]
     if any(k in stripped for k in ("conv_first.weight", "model.0.weight")):
@@ -96,7 +115,7 @@ def _strip(key: str) -> str:
 
 def _not_esrgan(shapes: dict) -> str:
     keys = ", ".join(list(shapes)[:6])
-    return f"not an ESRGAN-family upscaler (keys: {keys}, ...); mlx-sd runs {SUPPORTED}"
+    return f"not an upscaler mlx-sd runs (keys: {keys}, ...); it runs {SUPPORTED}"
 
 
 def _indices(shapes: dict, pattern: str) -> list[int]:
@@ -155,3 +174,46 @@ def _compact_config(shapes: dict) -> CompactConfig:
     scale = math.isqrt(shapes[f"body.{last}.weight"][0] // in_channels)
     return CompactConfig(in_channels=in_channels, out_channels=in_channels, num_feat=num_feat,
                          num_conv=(last - 2) // 2, scale=scale)  # fmt: skip
+
+
+def _swinir_config(shapes: dict) -> tuple[SwinIRConfig, list[Rule]]:
+    """SwinIR's configuration from its shapes (spandrel's rules) and the map: its own names, the buffers dropped."""
+    if "conv_before_upsample.0.weight" in shapes:
+        upsampler = "nearest+conv" if "conv_up1.weight" in shapes else "pixelshuffle"
+    else:
+        upsampler = "pixelshuffledirect" if "upsample.0.weight" in shapes else ""
+    first = "conv_first.1.weight" if "conv_first.1.weight" in shapes else "conv_first.weight"
+    embed_dim, in_channels = shapes[first][:2]
+    unshuffle = round(math.sqrt(in_channels // 3)) if first == "conv_first.1.weight" else 1
+    out_channels = shapes["conv_last.weight"][0] if "conv_last.weight" in shapes else in_channels
+    if upsampler == "nearest+conv":
+        upscale = 2 ** len(_indices(shapes, r"conv_up(\d+)\.weight"))
+    elif upsampler == "pixelshuffle":
+        convs = _indices(shapes, r"upsample\.(\d+)\.weight")  # one 9x conv for 3x, else one 4x conv per octave
+        upscale = 3 if shapes["upsample.0.weight"][0] == 9 * shapes["conv_last.weight"][1] else 2 ** len(convs)
+    elif upsampler == "pixelshuffledirect":
+        upscale = math.isqrt(shapes["upsample.0.bias"][0] // out_channels)
+    else:
+        upscale = 1
+    window = math.isqrt(shapes[SWINIR_KEY][0])
+    layers = _indices(shapes, r"layers\.(\d+)\.residual_group\.blocks\.0\.norm1\.weight")
+    depths = tuple(len(_indices(shapes, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.norm1\.weight")) for i in layers)
+    heads = tuple(shapes[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"][1] for i in layers)
+    mask = shapes.get("layers.0.residual_group.blocks.1.attn_mask")
+    config = SwinIRConfig(
+        in_channels=in_channels // unshuffle**2, out_channels=out_channels, embed_dim=embed_dim, depths=depths,
+        num_heads=heads, window_size=window,
+        mlp_ratio=shapes["layers.0.residual_group.blocks.0.mlp.fc1.bias"][0] / embed_dim, upsampler=upsampler,
+        upscale=upscale, resi_connection="1conv" if "conv_after_body.weight" in shapes else "3conv",
+        img_range=255.0 if window == 7 else 1.0,  # the JPEG models (window 7) work in [0, 255], as spandrel assumes
+        num_feat=shapes["conv_before_upsample.0.weight"][0] if "conv_before_upsample.0.weight" in shapes else 64,
+        start_unshuffle=unshuffle, img_size=round(math.sqrt(mask[0]) * window) if mask else 64,
+    )  # fmt: skip
+    buffers = "recomputed from the window size and the image (relative_position_index, attn_mask)"
+    rules = [
+        Rule(r"(?:module\.)?layers\.\d+\.residual_group\.blocks\.\d+\.(?:attn\.relative_position_index|attn_mask)",
+             None, buffers),
+        Rule(r"(?:module\.)?conv_first\.1\.(weight|bias)", r"conv_first.\1"),
+        Rule(r"(?:module\.)?(.+)", r"\1"),
+    ]  # fmt: skip
+    return config, rules

@@ -1,14 +1,18 @@
 """Model upscalers (ESRGAN, Real-ESRGAN, ... `mlx_sd.models.esrgan`) run on images as AUTOMATIC1111 runs them.
 
-A1111 (1.8+, through spandrel) upscales with a network in `upscaler_utils.upscale_with_model`: the image is cut
+A1111 (1.8+, through spandrel) upscales with an ESRGAN-family network in `upscaler_utils.upscale_with_model`: the
+image is cut
 into 192 x 192 tiles overlapping by 8 pixels (`images.split_grid`, its `ESRGAN_tile` / `ESRGAN_tile_overlap`
 defaults; tiles reaching past the image are cropped with black filling), each tile goes through the network as
 8-bit pixels in **BGR** order scaled to [0, 1] (A1111 flips the channels before and after the network, whatever
 the model was trained on), the output is clamped, scaled by 255 and rounded to 8 bits, and the tiles are joined
 with linear 8-bit ramps across the overlaps (`images.combine_grid`; `mlx_sd.grid`). A network whose
 input must be a multiple of some size (Real-ESRGAN 2x+) gets its input padded on the bottom and right by reflection
-(then by repetition) and the output cropped, as spandrel's `ImageModelDescriptor` does. Here the tiles of an image
-run through the network a few at a time, one batch per evaluation.
+(then by repetition) and the output cropped, as spandrel's `ImageModelDescriptor` does. SwinIR goes through
+`upscale_2` instead: the same BGR input as floats, square tiles (192, or the image's shorter side) stepping by
+tile - 8 with the last flush with the edge, each output clamped, the overlaps averaged in float32, then rounded to 8
+bits once. The network says which (`a1111_tiling`). Here the tiles of an image run through the network a few at a
+time, one batch per evaluation.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from .grid import combine_grid, split_grid
 TILE = 192  # A1111's ESRGAN_tile
 TILE_OVERLAP = 8  # A1111's ESRGAN_tile_overlap
 TILE_BATCH = 4  # tiles per network call
-MIN_INPUT = 2  # spandrel's smallest ESRGAN input (its reflection padding needs two pixels)
 
 
 @dataclass
@@ -34,7 +37,8 @@ class ModelUpscaler:
     """A loaded upscaling network with the name it is listed under.
 
     Attributes:
-        network: an `RRDBNet` or `SRVGGNetCompact` (its `config.scale`, `size_multiple`).
+        network: an `RRDBNet`, `SRVGGNetCompact` or `SwinIR` (its `config.scale`, `size_minimum`, `size_multiple`,
+            `a1111_tiling`).
         name: e.g. "R-ESRGAN 4x+" or "4x-UltraSharp".
         tile, tile_overlap: A1111's tiling; tile 0 runs the whole image at once.
     """
@@ -52,7 +56,8 @@ class ModelUpscaler:
         """The network on (B, H, W, C) float pixels in [0, 1]: padded to its size rules, clamped to [0, 1], cropped
         to (B, H*scale, W*scale, C), float32."""
         _, H, W, _ = pixels.shape
-        x = _pad_bottom_right(pixels, *(_padded(n, self.network.size_multiple) - n for n in (H, W)))
+        net = self.network
+        x = _pad_bottom_right(pixels, *(_padded(n, net.size_multiple, net.size_minimum) - n for n in (H, W)))
         y = self.network(x.astype(self.network.dtype))
         return mx.clip(y[:, : H * self.scale, : W * self.scale].astype(mx.float32), 0.0, 1.0)
 
@@ -61,6 +66,8 @@ class ModelUpscaler:
         if self.tile > 0 and not 0 <= self.tile_overlap < self.tile:
             raise ValueError(f"tile overlap {self.tile_overlap}: must be at least 0 and below the tile ({self.tile})")
         image = image.convert("RGB")
+        if self.network.a1111_tiling == "average":
+            return self._averaged(image)
         if self.tile <= 0 or min(image.size) <= self.tile_overlap:  # A1111's grid would have no tiles at all
             return self._pixels([np.asarray(image)])[0]
         grid = split_grid(image, self.tile, self.tile, self.tile_overlap)
@@ -73,6 +80,30 @@ class ModelUpscaler:
         scaled = [(y * s, h * s, [(x * s, w * s, next(outputs)) for x, w, _ in row]) for y, h, row in grid]
         return combine_grid(scaled, image.width * s, image.height * s, self.tile_overlap * s)
 
+    def _averaged(self, image: Image.Image) -> Image.Image:
+        """A1111's `upscale_2` / `tiled_upscale_2`: overlapping outputs averaged in float, rounded once."""
+        x = (np.asarray(image)[..., ::-1] / 255).astype(np.float32)  # (H, W, 3) BGR
+        H, W, C = x.shape
+        tile, s = min(self.tile, H, W), self.scale
+        stride = tile - self.tile_overlap
+        if self.tile <= 0 or stride <= 0:
+            out = np.array(self.run(mx.array(x[None])))[0]
+        else:
+            corners = [(h, w) for h in [*range(0, H - tile, stride), H - tile]
+                       for w in [*range(0, W - tile, stride), W - tile]]  # fmt: skip
+            total = np.zeros((H * s, W * s, C), np.float32)
+            weights = np.zeros_like(total)
+            for i in range(0, len(corners), TILE_BATCH):
+                batch = corners[i : i + TILE_BATCH]
+                patches = self.run(mx.array(np.stack([x[h : h + tile, w : w + tile] for h, w in batch])))
+                mx.eval(patches)
+                for (h, w), patch in zip(batch, np.array(patches)):
+                    total[h * s : (h + tile) * s, w * s : (w + tile) * s] += patch
+                    weights[h * s : (h + tile) * s, w * s : (w + tile) * s] += 1
+            out = total / weights
+        pixels = np.round(255.0 * np.clip(out, 0.0, 1.0)).astype(np.uint8)[..., ::-1]
+        return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+
     def _pixels(self, tiles: list[np.ndarray]) -> list[Image.Image]:
         """uint8 RGB arrays of one size -> upscaled RGB images, through BGR floats as A1111's `upscale_pil_patch`."""
         x = (np.stack(tiles)[..., ::-1] / 255).astype(np.float32)  # A1111: float64 division, then .float()
@@ -82,8 +113,8 @@ class ModelUpscaler:
         return [Image.fromarray(np.ascontiguousarray(o), "RGB") for o in out]
 
 
-def _padded(n: int, multiple: int) -> int:
-    return max(MIN_INPUT, math.ceil(n / multiple) * multiple)
+def _padded(n: int, multiple: int, minimum: int) -> int:
+    return math.ceil(max(minimum, n) / multiple) * multiple
 
 
 def _pad_bottom_right(x: mx.array, ph: int, pw: int) -> mx.array:

@@ -1,6 +1,6 @@
 """AUTOMATIC1111's model upscaling (1.10), transcribed as the reference for mlx-sd's: the network is spandrel's (the
 loader A1111 runs), the rest follows A1111's code step by step in torch, numpy and Pillow:
-`upscaler_utils.upscale_pil_patch` / `upscale_with_model`, `images.split_grid` / `combine_grid`,
+`upscaler_utils.upscale_pil_patch` / `upscale_with_model` / `upscale_2`, `images.split_grid` / `combine_grid`,
 `Upscaler.upscale` and the enlarging branch of `images.resize_image(0, ...)`.
 """
 
@@ -24,13 +24,14 @@ def spandrel(architecture: str):
 
 
 def load_descriptor(state_dict: dict):
-    """spandrel's ModelDescriptor for an ESRGAN-family state dict (its canonicalisation and architecture detection)."""
+    """spandrel's ModelDescriptor for an ESRGAN-family or SwinIR state dict (its canonicalisation and architecture
+    detection)."""
     _bare_package("spandrel")
     canonical = importlib.import_module("spandrel.__helpers.canonicalize").canonicalize_state_dict(state_dict)
-    for arch in (spandrel("ESRGAN").ESRGANArch(), spandrel("Compact").CompactArch()):
+    for arch in (spandrel("ESRGAN").ESRGANArch(), spandrel("Compact").CompactArch(), spandrel("SwinIR").SwinIRArch()):
         if arch.detect(canonical):
-            return arch.load(canonical)
-    raise ValueError("not an ESRGAN-family state dict")
+            return arch.load(dict(canonical))  # SwinIR's loader renames keys in place
+    raise ValueError("not an upscaler state dict mlx-sd runs")
 
 
 def without_tiling(model, img: Image.Image) -> Image.Image:
@@ -103,6 +104,35 @@ def upscale_with_model(model, img, tile_size, tile_overlap):
     return combine_grid(new_tiles, tile_size * scale, img.width * scale, img.height * scale, tile_overlap * scale)
 
 
+def upscale_2(model, img: Image.Image, tile_size: int, tile_overlap: int) -> Image.Image:
+    """`upscale_2` with `tiled_upscale_2` (SwinIR's path): tiles averaged in torch, rounded once."""
+    x = np.ascontiguousarray(np.transpose(np.array(img.convert("RGB"))[:, :, ::-1], (2, 0, 1))) / 255
+    with torch.inference_mode():
+        img = torch.from_numpy(x).to(dtype=torch.float32).unsqueeze(0)
+        b, c, h, w = img.size()
+        scale = model.scale
+        tile_size = min(tile_size, h, w)
+        if tile_size <= 0:
+            output = model(img)
+        else:
+            stride = tile_size - tile_overlap
+            h_idx_list = list(range(0, h - tile_size, stride)) + [h - tile_size]
+            w_idx_list = list(range(0, w - tile_size, stride)) + [w - tile_size]
+            result = torch.zeros(b, c, h * scale, w * scale, dtype=img.dtype)
+            weights = torch.zeros_like(result)
+            for h_idx in h_idx_list:
+                for w_idx in w_idx_list:
+                    out_patch = model(img[..., h_idx : h_idx + tile_size, w_idx : w_idx + tile_size])
+                    cells = (..., slice(h_idx * scale, (h_idx + tile_size) * scale),
+                             slice(w_idx * scale, (w_idx + tile_size) * scale))  # fmt: skip
+                    result[cells].add_(out_patch)
+                    weights[cells].add_(torch.ones_like(out_patch))
+            output = result.div_(weights)
+        arr = output.squeeze(0).float().cpu().clamp_(0, 1).numpy()
+    arr = (255.0 * np.moveaxis(arr, 0, 2)).round().astype(np.uint8)[:, :, ::-1]
+    return Image.fromarray(arr, "RGB")
+
+
 def upscale(img, scale, do_upscale):
     """`Upscaler.upscale`."""
     dest_w = int((img.width * scale) // 8 * 8)
@@ -120,10 +150,12 @@ def upscale(img, scale, do_upscale):
 
 
 def resize_image(im, w, h, model, tile_size=192, tile_overlap=8):
-    """`images.resize_image(0, im, w, h, <a model upscaler>)`."""
+    """`images.resize_image(0, im, w, h, <a model upscaler>)`; SwinIR runs `upscale_2`, the others
+    `upscale_with_model`."""
     scale = max(w / im.width, h / im.height)
+    run = upscale_2 if model.architecture.id == "SwinIR" else upscale_with_model
     if scale > 1.0:
-        im = upscale(im, scale, lambda img: upscale_with_model(model, img, tile_size, tile_overlap))
+        im = upscale(im, scale, lambda img: run(model, img, tile_size, tile_overlap))
     if im.width != w or im.height != h:
         im = im.resize((w, h), resample=Image.LANCZOS)
     return im

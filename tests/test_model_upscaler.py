@@ -67,6 +67,13 @@ def basicsr_names(state: dict, bsrgan: bool = False) -> dict:
     return out
 
 
+def swinir_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel SwinIR's state dict (tiny: 24 channels, two groups of two blocks)."""
+    kwargs = {"img_size": 16, "embed_dim": 24, "depths": [2, 2], "num_heads": [2, 3], "window_size": 4,
+              "mlp_ratio": 2.0, **kwargs}  # fmt: skip
+    return _random(spandrel("SwinIR").SwinIR(**kwargs), seed).state_dict()
+
+
 def compact_state(seed: int = 0, **kwargs) -> dict:
     return _random(spandrel("Compact").Compact(**kwargs), seed).state_dict()
 
@@ -88,6 +95,14 @@ FILES = {  # file name -> its contents
     "1x_restore.pth": lambda: esrgan_state(num_blocks=1, scale=1, num_filters=32),  # no upsampling stage
     "8x_NMKD.pth": lambda: esrgan_state(num_blocks=1, scale=8, num_filters=32),  # three stages
     "realesr-general-x4v3.pth": lambda: {"params": compact_state(num_conv=4, num_feat=16)},
+    # A1111's "SwinIR 4x" (SwinIR-L real-world: nearest+conv head, 3conv residuals), stored under params_ema
+    "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth": lambda: {
+        "params_ema": swinir_state(upsampler="nearest+conv", upscale=4, resi_connection="3conv")
+    },
+    "SwinIR_classical_x2.pth": lambda: {"params": swinir_state(upsampler="pixelshuffle", upscale=2)},
+    "SwinIR_classical_x3.pth": lambda: swinir_state(upsampler="pixelshuffle", upscale=3),
+    "SwinIR_lightweight_x3.pth": lambda: swinir_state(upsampler="pixelshuffledirect", upscale=3),
+    "SwinIR_jpeg.pth": lambda: swinir_state(upsampler="", upscale=1, window_size=7, img_size=14),  # [0, 255]
 }
 
 
@@ -134,6 +149,8 @@ def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
     ("RealESRGAN_x2plus.pth", (36, 28), (100, 80), 16, 2),  # 2x model asked ~2.8x: twice, then Lanczos down
     ("realesr-general-x4v3.pth", (64, 20), (128, 40), 32, 1),  # tiles taller than the image: black-filled crops
     ("ESRGAN_4x.pth", (30, 30), (60, 60), 0, 1),  # no tiling
+    ("003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth", (70, 52), (280, 208), 32, 1),  # SwinIR: averaged tiles
+    ("SwinIR_classical_x2.pth", (36, 20), (72, 40), 32, 1),  # the tile shrinks to the shorter side
 ])  # fmt: skip
 def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, tile, passes):
     state = FILES[name]()
@@ -145,21 +162,25 @@ def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, 
 
 
 def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
-    for name in ("RealESRGAN_x4plus.pth", "ESRGAN_4x.pth", "realesr-general-x4v3.pth"):
+    swinir = "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth"
+    for name in ("RealESRGAN_x4plus.pth", "ESRGAN_4x.pth", "realesr-general-x4v3.pth", swinir):
         _save(tmp_path, name, FILES[name]())
     (tmp_path / "sub").mkdir()
-    _save(tmp_path / "sub", "4x_SwinIR.pth", {"conv_first.weight": torch.zeros(8, 3, 3, 3),
-                                               "conv_after_body.weight": torch.zeros(8, 8, 3, 3)})  # fmt: skip
+    _save(tmp_path / "sub", "4x_DAT.pth", {"conv_first.weight": torch.zeros(8, 3, 3, 3),
+                                            "conv_after_body.weight": torch.zeros(8, 8, 3, 3)})  # fmt: skip
     library = UpscalerLibrary(tmp_path, mx.float32)
-    assert list(library.listing()) == ["4x_SwinIR", "ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3"]
+    names = ["4x_DAT", "ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3", "SwinIR 4x"]
+    assert list(library.listing()) == names
     entries = {e["name"]: e for e in library.api_listing()}
-    assert set(entries) == {"ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3"}  # the SwinIR file left out
-    assert entries["R-ESRGAN 4x+"]["scale"] == 4 and entries["R-ESRGAN 4x+"]["model_name"] == "RealESRGAN"
+    assert set(entries) == set(names) - {"4x_DAT"}  # the file it cannot run left out
+    families = {name: (e["model_name"], e["scale"]) for name, e in entries.items()}
+    assert families == {"ESRGAN_4x": ("ESRGAN", 4), "R-ESRGAN 4x+": ("RealESRGAN", 4),
+                        "R-ESRGAN General 4xV3": ("RealESRGAN", 4), "SwinIR 4x": ("SwinIR", 4)}  # fmt: skip
     assert library("R-ESRGAN 4x+") is library("RealESRGAN_x4plus")  # by A1111's name or the file's, loaded once
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
-    with pytest.raises(ConversionError, match="SwinIR.*ESRGAN-family"):
-        library("4x_SwinIR")
-    with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SwinIR, ESRGAN_4x"):
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*SwinIR upscalers"):
+        library("4x_DAT")
+    with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_DAT, ESRGAN_4x"):
         library("R-ESRGAN 2x+")
     torch.save({"model.0.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "broken.pth")
     with pytest.raises(ConversionError, match="without residual dense blocks"):

@@ -112,6 +112,9 @@ class RRDBNet(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.conv_first.weight.dtype
 
+    size_minimum = 2  # spandrel's smallest ESRGAN input (its reflection padding needs two pixels)
+    a1111_tiling = "grid"  # A1111 runs ESRGAN through `upscale_with_model` (Pillow tile grid), see model_upscaler
+
     @property
     def size_multiple(self) -> int:
         """Input sizes must be multiples of this (spandrel asks 4 of every unshuffling model, A1111 pads to it)."""
@@ -154,6 +157,8 @@ class SRVGGNetCompact(nn.Module):
         self.body = layers  # body.{2i}: convs, body.{2i+1}: PReLUs, as Real-ESRGAN numbers them
 
     size_multiple = 1
+    size_minimum = 2
+    a1111_tiling = "grid"
 
     @property
     def dtype(self) -> mx.Dtype:

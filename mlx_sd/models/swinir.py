@@ -1,0 +1,282 @@
+"""SwinIR (Liang et al. 2021, "SwinIR: Image Restoration Using Swin Transformer"), A1111's "SwinIR 4x" upscaler.
+
+A 3x3 conv embeds the image; residual Swin transformer blocks (RSTB: a group of Swin blocks, a conv, a skip) work at
+the input size, attending within 8x8 (or 7x7) windows that every second block shifts by half a window (with a mask
+that keeps the wrapped-around pixels apart); then one of four heads enlarges: "nearest+conv" (the real-world models,
+A1111's default SwinIR-L), "pixelshuffle" (classical SR), "pixelshuffledirect" (lightweight) or none (restoration).
+The image is padded by reflection to a multiple of the window, normalised by the DIV2K mean (x `img_range`, 255 for
+the JPEG models), and cropped back at the end, as the original code does.
+
+Parameter paths follow the published checkpoints; the activations inside their `nn.Sequential`s keep their indices
+(`conv_after_body.0/.2/.4`, `upsample.0/.2`) as parameter-free modules. Images are (B, H, W, C) in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .esrgan import upsample_repeat
+from .layers import Conv2d, LayerNorm, gelu, pixel_shuffle, pixel_unshuffle
+
+UPSAMPLERS = ("nearest+conv", "pixelshuffle", "pixelshuffledirect", "")
+DIV2K_MEAN = (0.4488, 0.4371, 0.4040)  # the training set's RGB mean, subtracted before the network
+MASKED = -100.0  # the original's additive mask between pixels a shift brought into one window
+
+
+@dataclass(frozen=True)
+class SwinIRConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    embed_dim: int = 180
+    depths: tuple[int, ...] = (6, 6, 6, 6, 6, 6)
+    num_heads: tuple[int, ...] = (6, 6, 6, 6, 6, 6)
+    window_size: int = 8
+    mlp_ratio: float = 2.0
+    upsampler: str = "nearest+conv"
+    upscale: int = 4  # of the network after any unshuffling
+    resi_connection: str = "1conv"  # or "3conv"
+    num_feat: int = 64  # channels of the "nearest+conv" and "pixelshuffle" heads
+    img_range: float = 1.0
+    start_unshuffle: int = 1
+    img_size: int = 64  # the training size; windows larger than it shrink to it (the original's rule)
+
+    @property
+    def scale(self) -> int:
+        return self.upscale // self.start_unshuffle
+
+
+class LeakyReLU(nn.Module):
+    def __init__(self, slope: float):
+        super().__init__()
+        self._slope = slope
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return nn.leaky_relu(x, self._slope)
+
+
+class PixelShuffle(nn.Module):
+    def __init__(self, r: int):
+        super().__init__()
+        self._r = r
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return pixel_shuffle(x, self._r)
+
+
+def sequential(layers, x: mx.array) -> mx.array:
+    """A module, or a list of them applied in order (torch's nn.Sequential, its indices kept)."""
+    for layer in layers if isinstance(layers, list) else [layers]:
+        x = layer(x)
+    return x
+
+
+def residual_convs(dim: int, kind: str):
+    """The conv closing a residual group: one 3x3 ("1conv"), or 3x3 to dim/4, 1x1, 3x3 back ("3conv", a list with
+    LeakyReLU 0.2 between)."""
+    if kind == "1conv":
+        return Conv2d(dim, dim, 3, padding=1)
+    quarter = dim // 4
+    return [Conv2d(dim, quarter, 3, padding=1), LeakyReLU(0.2), Conv2d(quarter, quarter, 1), LeakyReLU(0.2),
+            Conv2d(quarter, dim, 3, padding=1)]  # fmt: skip
+
+
+@lru_cache(maxsize=16)
+def relative_position_index(window: int) -> np.ndarray:
+    """(N, N) index into the bias table of every pair of positions in a window (N = window^2)."""
+    coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij")).reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (window - 1)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+@lru_cache(maxsize=16)
+def shift_mask(height: int, width: int, window: int, shift: int) -> np.ndarray:
+    """(nW, N, N) additive mask of the shifted windows: 0 within a region, -100 between regions (the original's
+    `calculate_mask`)."""
+    regions = np.zeros((height, width), np.float32)
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for i, (h, w) in enumerate((h, w) for h in cuts for w in cuts):
+        regions[h, w] = i
+    windows = regions.reshape(height // window, window, width // window, window).transpose(0, 2, 1, 3)
+    windows = windows.reshape(-1, window * window)
+    return np.where(windows[:, None, :] != windows[:, :, None], MASKED, 0.0).astype(np.float32)
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim: int, window: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.window = window
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = mx.zeros(((2 * window - 1) ** 2, heads))
+
+    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
+        """x: (B*nW, N, C) windows; mask: (nW, N, N) or None."""
+        Bw, N, C = x.shape
+        hd = C // self.heads
+        qkv = self.qkv(x).reshape(Bw, N, 3, self.heads, hd).transpose(2, 0, 3, 1, 4)  # (3, B*nW, h, N, hd)
+        q, k, v = qkv[0] * hd**-0.5, qkv[1], qkv[2]
+        bias = self.relative_position_bias_table[mx.array(relative_position_index(self.window).reshape(-1))]
+        scores = q @ k.transpose(0, 1, 3, 2) + bias.reshape(N, N, self.heads).transpose(2, 0, 1)
+        if mask is not None:
+            nW = mask.shape[0]
+            scores = (scores.reshape(Bw // nW, nW, self.heads, N, N) + mask[None, :, None]).reshape(Bw, -1, N, N)
+        out = mx.softmax(scores, axis=-1, precise=True) @ v  # (B*nW, h, N, hd)
+        return self.proj(out.transpose(0, 2, 1, 3).reshape(Bw, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(gelu(self.fc1(x)))
+
+
+class SwinTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, window: int, shift: int, mlp_ratio: float):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm1 = LayerNorm(dim)
+        self.attn = WindowAttention(dim, window, heads)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
+        """x: (B, H*W, C) tokens of an H x W map (multiples of the window)."""
+        (H, W), ws, s = size, self.window, self.shift
+        B, L, C = x.shape
+        y = self.norm1(x).reshape(B, H, W, C)
+        if s:
+            y = mx.roll(y, (-s, -s), axis=(1, 2))
+        windows = y.reshape(B, H // ws, ws, W // ws, ws, C).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+        mask = mx.array(shift_mask(H, W, ws, s)) if s else None
+        y = self.attn(windows, mask).reshape(B, H // ws, W // ws, ws, ws, C).transpose(0, 1, 3, 2, 4, 5)
+        y = y.reshape(B, H, W, C)
+        if s:
+            y = mx.roll(y, (s, s), axis=(1, 2))
+        x = x + y.reshape(B, L, C)
+        return x + self.mlp(self.norm2(x))
+
+
+class ResidualGroup(nn.Module):
+    def __init__(self, c: SwinIRConfig, depth: int, heads: int):
+        super().__init__()
+        window = min(c.window_size, c.img_size)
+        shift = window // 2 if c.img_size > c.window_size else 0
+        self.blocks = [SwinTransformerBlock(c.embed_dim, heads, window, shift if i % 2 else 0, c.mlp_ratio)
+                       for i in range(depth)]  # fmt: skip
+
+
+class RSTB(nn.Module):
+    """Residual Swin transformer block: Swin blocks, back to a map, a conv, back to tokens, plus the input."""
+
+    def __init__(self, c: SwinIRConfig, depth: int, heads: int):
+        super().__init__()
+        self.residual_group = ResidualGroup(c, depth, heads)
+        self.conv = residual_convs(c.embed_dim, c.resi_connection)
+
+    def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
+        y = x
+        for block in self.residual_group.blocks:
+            y = block(y, size)
+        B, L, C = x.shape
+        y = sequential(self.conv, y.reshape(B, *size, C))
+        return y.reshape(B, L, C) + x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = LayerNorm(dim)
+
+
+class SwinIR(nn.Module):
+    def __init__(self, config: SwinIRConfig):
+        super().__init__()
+        self.config = c = config
+        d, f = c.embed_dim, c.num_feat
+        self.conv_first = Conv2d(c.in_channels * c.start_unshuffle**2, d, 3, padding=1)
+        self.patch_embed = PatchEmbed(d)
+        self.layers = [RSTB(c, depth, heads) for depth, heads in zip(c.depths, c.num_heads, strict=True)]
+        self.norm = LayerNorm(d)
+        self.conv_after_body = residual_convs(d, c.resi_connection)
+        if c.upsampler in ("nearest+conv", "pixelshuffle"):
+            self.conv_before_upsample = [Conv2d(d, f, 3, padding=1), LeakyReLU(0.01)]  # torch's default slope
+        if c.upsampler == "pixelshuffle":
+            stages = (
+                [(Conv2d(f, 9 * f, 3, padding=1), PixelShuffle(3))]
+                if c.upscale == 3
+                else [(Conv2d(f, 4 * f, 3, padding=1), PixelShuffle(2)) for _ in range(c.upscale.bit_length() - 1)]
+            )
+            self.upsample = [m for stage in stages for m in stage]
+            self.conv_last = Conv2d(f, c.out_channels, 3, padding=1)
+        elif c.upsampler == "pixelshuffledirect":
+            self.upsample = [Conv2d(d, c.upscale**2 * c.out_channels, 3, padding=1), PixelShuffle(c.upscale)]
+        elif c.upsampler == "nearest+conv":
+            for i in range(c.upscale.bit_length() - 1):
+                setattr(self, f"conv_up{i + 1}", Conv2d(f, f, 3, padding=1))
+            self.conv_hr = Conv2d(f, f, 3, padding=1)
+            self.conv_last = Conv2d(f, c.out_channels, 3, padding=1)
+        else:
+            self.conv_last = Conv2d(d, c.out_channels, 3, padding=1)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.conv_first.weight.dtype
+
+    size_minimum = 16  # spandrel's smallest SwinIR input
+    a1111_tiling = "average"  # A1111 runs SwinIR through `upscale_2` (tiles averaged in float), see model_upscaler
+
+    @property
+    def size_multiple(self) -> int:
+        return self.config.start_unshuffle**2
+
+    def _features(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        tokens = self.patch_embed.norm(x.reshape(B, H * W, C))
+        for layer in self.layers:
+            tokens = layer(tokens, (H, W))
+        return self.norm(tokens).reshape(B, H, W, C)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """(B, H, W, in) in [0, 1] -> (B, H*scale, W*scale, out)."""
+        c = self.config
+        _, H, W, _ = x.shape
+        ws = c.window_size
+        x = _reflect_pad(x, -H % ws, -W % ws)
+        mean = mx.array(DIV2K_MEAN if c.in_channels == 3 else (0.0,), x.dtype)
+        x = (x - mean) * c.img_range
+        if c.start_unshuffle > 1:
+            x = pixel_unshuffle(x, c.start_unshuffle)
+        first = self.conv_first(x)
+        y = sequential(self.conv_after_body, self._features(first)) + first
+        if c.upsampler == "pixelshuffle":
+            y = self.conv_last(sequential(self.upsample, sequential(self.conv_before_upsample, y)))
+        elif c.upsampler == "pixelshuffledirect":
+            y = sequential(self.upsample, y)
+        elif c.upsampler == "nearest+conv":
+            y = sequential(self.conv_before_upsample, y)
+            for i in range(c.upscale.bit_length() - 1):
+                y = nn.leaky_relu(getattr(self, f"conv_up{i + 1}")(upsample_repeat(y, 2)), 0.2)
+            y = self.conv_last(nn.leaky_relu(self.conv_hr(y), 0.2))
+        else:
+            y = x + self.conv_last(y)
+        y = y / c.img_range + mean
+        return y[:, : H * c.upscale, : W * c.upscale]
+
+
+def _reflect_pad(x: mx.array, ph: int, pw: int) -> mx.array:
+    """torch's F.pad(mode="reflect") on the bottom and right (pads smaller than the size)."""
+    for axis, p in ((1, ph), (2, pw)):
+        if p:
+            n = x.shape[axis]
+            x = mx.take(x, mx.array([*range(n), *(n - 2 - k for k in range(p))]), axis=axis)
+    return x
