@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("upscale", help="enlarge images with an upscaler: ESRGAN models, Lanczos (A1111's Extras)")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--upscaler", required=True,
-                   help=f"an upscaler file (.pth/.safetensors: ESRGAN, Real-ESRGAN, ...), a name in --upscaler-dir "
+                   help=f"an upscaler file (.pth/.safetensors: ESRGAN, Real-ESRGAN, SwinIR), a name in --upscaler-dir "
                         f"(e.g. \"R-ESRGAN 4x+\") or one of {', '.join(IMAGE_UPSCALERS)}")  # fmt: skip
     add_upscaler_dir(p)
     size = p.add_mutually_exclusive_group()

@@ -1,4 +1,4 @@
-"""Model upscalers (ESRGAN, Real-ESRGAN, ... `mlx_sd.models.esrgan`) run on images as AUTOMATIC1111 runs them.
+"""Model upscalers (ESRGAN, Real-ESRGAN, SwinIR: `mlx_sd.models`) run on images as AUTOMATIC1111 runs them.
 
 A1111 (1.8+, through spandrel) upscales with an ESRGAN-family network in `upscaler_utils.upscale_with_model`: the
 image is cut
