@@ -45,10 +45,11 @@ A1111_NAMES = {
     "realesr-animevideov3": "R-ESRGAN AnimeVideo",
 }
 SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR"
-SWINIR_KEY = "layers.0.residual_group.blocks.0.attn.relative_position_index"
+SWINIR_KEY = "layers.0.residual_group.blocks.0.attn.relative_position_index"  # HAT has it too, and HAT_KEY
+HAT_KEY = "layers.0.residual_group.blocks.0.conv_block.cab.0.weight"
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR}
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
-    ("layers.0.residual_group.blocks.0.conv_block.cab.0.weight", "HAT"),
+    (HAT_KEY, "HAT"),
     ("conv_after_body.weight", "transformer (DAT, SRFormer, ...)"),
     ("model.diffusion_model.input_blocks.0.0.weight", "LDSR (latent diffusion)"),
     ("m_head.0.weight", "ScuNET"),
@@ -97,7 +98,7 @@ def upscaler_listing(path: str | Path) -> dict:
 def _config(path: Path, shapes: dict) -> tuple[ESRGANConfig | CompactConfig | SwinIRConfig, list[Rule]]:
     """The network's configuration and the key map onto its names."""
     stripped = {_strip(key): shape for key, shape in shapes.items()}
-    if SWINIR_KEY in stripped and "layers.0.residual_group.blocks.0.conv_block.cab.0.weight" not in stripped:
+    if SWINIR_KEY in stripped and HAT_KEY not in stripped:
         return _swinir_config(stripped)
     other = next((name for key, name in _OTHER_ARCHITECTURES if key in stripped), None)
     if other:

@@ -1,12 +1,11 @@
 """Model upscalers (ESRGAN, Real-ESRGAN, SwinIR: `mlx_sd.models`) run on images as AUTOMATIC1111 runs them.
 
 A1111 (1.8+, through spandrel) upscales with an ESRGAN-family network in `upscaler_utils.upscale_with_model`: the
-image is cut
-into 192 x 192 tiles overlapping by 8 pixels (`images.split_grid`, its `ESRGAN_tile` / `ESRGAN_tile_overlap`
-defaults; tiles reaching past the image are cropped with black filling), each tile goes through the network as
-8-bit pixels in **BGR** order scaled to [0, 1] (A1111 flips the channels before and after the network, whatever
-the model was trained on), the output is clamped, scaled by 255 and rounded to 8 bits, and the tiles are joined
-with linear 8-bit ramps across the overlaps (`images.combine_grid`; `mlx_sd.grid`). A network whose
+image is cut into 192 x 192 tiles overlapping by 8 pixels (`images.split_grid`, its `ESRGAN_tile` /
+`ESRGAN_tile_overlap` defaults; tiles reaching past the image are cropped with black filling), each tile goes through
+the network as 8-bit pixels in **BGR** order scaled to [0, 1] (A1111 flips the channels before and after the
+network, whatever the model was trained on), the output is clamped, scaled by 255 and rounded to 8 bits, and the
+tiles are joined with linear 8-bit ramps across the overlaps (`images.combine_grid`; `mlx_sd.grid`). A network whose
 input must be a multiple of some size (Real-ESRGAN 2x+) gets its input padded on the bottom and right by reflection
 (then by repetition) and the output cropped, as spandrel's `ImageModelDescriptor` does. SwinIR goes through
 `upscale_2` instead: the same BGR input as floats, square tiles (192, or the image's shorter side) stepping by
