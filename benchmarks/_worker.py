@@ -96,6 +96,21 @@ def conv_inputs(B: int, H: int, W: int, C: int, O: int, seed: int = 0) -> list[n
 # --- memory -----------------------------------------------------------------------------------------------------
 
 
+# Full-size upscalers as published (spandrel's constructor arguments): A1111's "R-ESRGAN 4x+" (RRDBNet, 23 blocks),
+# "R-ESRGAN General 4xV3" (compact, 32 convs) and "SwinIR 4x" (SwinIR-L real-world x4)
+UPSCALERS = {
+    "esrgan": ("ESRGAN", {"num_blocks": 23}),
+    "compact": ("Compact", {"num_conv": 32, "num_feat": 64, "upscale": 4}),
+    "swinir": ("SwinIR", {"img_size": 64, "embed_dim": 240, "depths": [6] * 9, "num_heads": [8] * 9, "window_size": 8,
+                          "mlp_ratio": 2.0, "upscale": 4, "upsampler": "nearest+conv", "resi_connection": "3conv"}),
+}  # fmt: skip
+
+
+def tile_input(tile: int, seed: int = 0) -> np.ndarray:
+    """(1, tile, tile, 3) pixels in [0, 1]."""
+    return np.random.default_rng(seed).random((1, tile, tile, 3), dtype=np.float32)
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process, all threads: less sensitive than wall time to other programs' load
     (though BLAS and OpenMP threads that spin while waiting count as busy)."""
@@ -250,6 +265,18 @@ class MLXSide:
         mx.eval(run(x, w, b))
         return {"seconds": time.perf_counter() - start}
 
+    def upscaler(self, path: str, tile: int) -> dict:
+        """One tile through the upscaler file at `path` (read once, in the run's dtype; SwinIR in float32)."""
+        from mlx_sd_convert.upscaler import read_upscaler
+
+        if self.models.get("upscaler", (None,))[0] != path:
+            self.models["upscaler"] = (path, read_upscaler(path, getattr(mx, self.dtype)))
+        x = mx.array(tile_input(tile))
+        mx.eval(x)
+        start = time.perf_counter()
+        mx.eval(self.models["upscaler"][1].run(x))
+        return {"seconds": time.perf_counter() - start}
+
     def sgemm(self, n: int = 2048, reps: int = 5) -> dict:
         """The matrix-product rate in the run's dtype (n = 8192 on a GPU, which 2048 would not fill)."""
         n = 8192 if mlx_sd.backend.on_gpu() else n
@@ -394,6 +421,34 @@ class TorchSide:
         w, b = self.torch.from_numpy(w).permute(0, 3, 1, 2).contiguous(), self.torch.from_numpy(b)
         start = time.perf_counter()
         F.conv2d(x, w, b, padding=1)
+        return {"seconds": time.perf_counter() - start}
+
+    def upscaler_setup(self, arch: str, path: str, tile: int) -> dict:
+        """Build a random full-size spandrel upscaler and write its state dict to `path`; returns its FLOPs per
+        tile. spandrel comes with the test oracles (tests/oracles.txt)."""
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from a1111_upscale import load_descriptor, spandrel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        name, kwargs = UPSCALERS[arch]
+        generator = self.torch.Generator().manual_seed(0)
+        network = getattr(spandrel(name), name)(**kwargs)
+        for p in network.parameters():  # scaled by fan-in, so activations stay of order one
+            p.data.copy_(self.torch.randn(p.shape, generator=generator) / max(int(np.prod(p.shape[1:])), 16) ** 0.5)
+        self.torch.save(network.state_dict(), path)
+        self.models["upscaler"] = load_descriptor(network.state_dict())
+        self.models["upscaler"].model.to(self.device)
+        with FlopCounterMode(display=False) as counter:
+            self.upscaler(path, tile)
+        return {"flops": counter.get_total_flops()}
+
+    def upscaler(self, path: str, tile: int) -> dict:
+        x = self.torch.from_numpy(tile_input(tile)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        with self.torch.inference_mode():
+            self._sync()
+            start = time.perf_counter()
+            self.models["upscaler"](x)
+            self._sync()
         return {"seconds": time.perf_counter() - start}
 
     def sgemm(self, n: int = 2048, reps: int = 5) -> dict:

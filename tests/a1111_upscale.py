@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -30,7 +31,9 @@ def load_descriptor(state_dict: dict):
     canonical = importlib.import_module("spandrel.__helpers.canonicalize").canonicalize_state_dict(state_dict)
     for arch in (spandrel("ESRGAN").ESRGANArch(), spandrel("Compact").CompactArch(), spandrel("SwinIR").SwinIRArch()):
         if arch.detect(canonical):
-            return arch.load(dict(canonical))  # SwinIR's loader renames keys in place
+            with warnings.catch_warnings():  # SwinIR's torch.meshgrid call without `indexing` (spandrel's, harmless)
+                warnings.simplefilter("ignore", UserWarning)
+                return arch.load(dict(canonical))  # SwinIR's loader renames keys in place
     raise ValueError("not an upscaler state dict mlx-sd runs")
 
 
