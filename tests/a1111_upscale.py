@@ -152,13 +152,21 @@ def upscale(img, scale, do_upscale):
     return img
 
 
-def resize_image(im, w, h, model, tile_size=192, tile_overlap=8):
-    """`images.resize_image(0, im, w, h, <a model upscaler>)`; SwinIR runs `upscale_2`, the others
-    `upscale_with_model`."""
+def resize_image(im, w, h, upscaler, tile_size=192, tile_overlap=8):
+    """`images.resize_image(0, im, w, h, upscaler)`: "None", "Lanczos", "Nearest" (`UpscalerLanczos` /
+    `UpscalerNearest`: one resize by the scale per pass) or a spandrel model (SwinIR through `upscale_2`, the others
+    through `upscale_with_model`)."""
+    if upscaler == "None":
+        return im.resize((w, h), resample=Image.LANCZOS)
     scale = max(w / im.width, h / im.height)
-    run = upscale_2 if model.architecture.id == "SwinIR" else upscale_with_model
+    if isinstance(upscaler, str):
+        resample = Image.LANCZOS if upscaler == "Lanczos" else Image.NEAREST
+        step = lambda img: img.resize((int(img.width * scale), int(img.height * scale)), resample=resample)  # noqa: E731
+    else:
+        run = upscale_2 if upscaler.architecture.id == "SwinIR" else upscale_with_model
+        step = lambda img: run(upscaler, img, tile_size, tile_overlap)  # noqa: E731
     if scale > 1.0:
-        im = upscale(im, scale, lambda img: run(model, img, tile_size, tile_overlap))
+        im = upscale(im, scale, step)
     if im.width != w or im.height != h:
         im = im.resize((w, h), resample=Image.LANCZOS)
     return im

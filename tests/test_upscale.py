@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from a1111_upscale import resize_image as a1111_resize_image
 from PIL import Image
 
 from mlx_sd.upscale import (
@@ -61,29 +62,6 @@ def test_float16_latents_stay_float16(name):
 def test_unknown_latent_upscaler_lists_the_names():
     with pytest.raises(ValueError, match=r"'Latent \(bilinear\)' is not one of: Latent, Latent \(antialiased\)"):
         upscale_latents(mx.zeros((1, 8, 8, 4)), 16, 16, "Latent (bilinear)")
-
-
-def a1111_resize_image(im: Image.Image, width: int, height: int, upscaler_name: str) -> Image.Image:
-    """A1111's `images.resize_image(0, ...)` with `Upscaler.upscale` and the Lanczos/Nearest `do_upscale` inlined."""
-    if upscaler_name == "None":
-        return im.resize((width, height), resample=Image.LANCZOS)
-    scale = max(width / im.width, height / im.height)
-    if scale > 1.0:
-        resample = Image.LANCZOS if upscaler_name == "Lanczos" else Image.NEAREST
-        dest_w = int((im.width * scale) // 8 * 8)
-        dest_h = int((im.height * scale) // 8 * 8)
-        for i in range(3):
-            if im.width >= dest_w and im.height >= dest_h and (i > 0 or scale != 1):
-                break
-            shape = (im.width, im.height)
-            im = im.resize((int(im.width * scale), int(im.height * scale)), resample=resample)
-            if shape == (im.width, im.height):
-                break
-        if im.width != dest_w or im.height != dest_h:
-            im = im.resize((int(dest_w), int(dest_h)), resample=Image.LANCZOS)
-    if im.width != width or im.height != height:
-        im = im.resize((width, height), resample=Image.LANCZOS)
-    return im
 
 
 def random_image(width: int, height: int) -> Image.Image:
