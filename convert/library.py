@@ -176,12 +176,16 @@ def embeddings_api(loaded: list[Embedding], skipped: dict[str, Embedding] | list
     return {"loaded": {e.name: info(e) for e in loaded}, "skipped": {e.name: info(e) for e in skipped}}
 
 
-class LoadedCache:
-    """The last few networks read from files, keyed by path, size and modification time (a replaced file is read
-    again); thread-safe."""
+class NetworkFolder:
+    """A folder of networks read at run time, in `dtype` (default: the backend's), with the last `cache_size` read
+    kept loaded, keyed by path, size and modification time (a replaced file is read again); thread-safe."""
 
-    def __init__(self, cache_size: int):
-        self.cache_size = cache_size
+    default_cache = 1
+
+    def __init__(self, folder: str | Path, dtype=None, cache_size: int | None = None):
+        self.folder = Path(folder).expanduser()
+        self.dtype = dtype
+        self.cache_size = self.default_cache if cache_size is None else cache_size
         self._cache: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -201,20 +205,11 @@ class LoadedCache:
         return loaded
 
 
-class ControlNetLibrary(LoadedCache):
+class ControlNetLibrary(NetworkFolder):
     """A folder of ControlNets (files and diffusers folders, searched recursively); callable as a `Pipeline`'s
-    ControlNet resolver.
+    ControlNet resolver. Arguments as `NetworkFolder`'s."""
 
-    Args:
-        folder: the ControlNet folder.
-        dtype: the weights' dtype (default: the backend's).
-        cache_size: ControlNets kept loaded.
-    """
-
-    def __init__(self, folder: str | Path, dtype=None, cache_size: int = CONTROLNET_CACHE):
-        super().__init__(cache_size)
-        self.folder = Path(folder).expanduser()
-        self.dtype = dtype
+    default_cache = CONTROLNET_CACHE
 
     def listing(self) -> dict[str, Path]:
         """A1111 title ("name [hash]"; diffusers folders: the name) -> path, sorted by title (rescanned each call)."""
@@ -244,20 +239,11 @@ class ControlNetLibrary(LoadedCache):
         return self._loaded(self.find(name), lambda path: read_controlnet(path, self.dtype))
 
 
-class UpscalerLibrary(LoadedCache):
+class UpscalerLibrary(NetworkFolder):
     """A folder of model upscalers (A1111's models/ESRGAN, RealESRGAN and SwinIR in one, searched recursively); callable
-    as a `Pipeline`'s upscaler resolver.
+    as a `Pipeline`'s upscaler resolver. Arguments as `NetworkFolder`'s."""
 
-    Args:
-        folder: the upscaler folder.
-        dtype: the weights' dtype (default: the backend's).
-        cache_size: upscalers kept loaded.
-    """
-
-    def __init__(self, folder: str | Path, dtype=None, cache_size: int = UPSCALER_CACHE):
-        super().__init__(cache_size)
-        self.folder = Path(folder).expanduser()
-        self.dtype = dtype
+    default_cache = UPSCALER_CACHE
 
     def listing(self) -> dict[str, Path]:
         """name -> path, sorted by name (rescanned each call): A1111's name for the releases it downloads itself
