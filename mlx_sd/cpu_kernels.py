@@ -1,5 +1,5 @@
-"""CPU kernels compiled by numba, where MLX runs on a Linux CPU: LayerNorm, the GEGLU gate, GroupNorm (+ SiLU), and
-the bias (+ residual) of Linear layers.
+"""CPU kernels compiled by numba, where MLX runs on a Linux CPU: LayerNorm, the GEGLU gate, GroupNorm (+ SiLU), the
+bias (+ residual) of Linear layers, and the input and output transforms of Winograd convolutions.
 
 MLX computes each CPU elementwise operation on one thread, as a pass of its own: its LayerNorm is seven passes over
 the activation (two reductions, five broadcasts), ~3.5 ns per element on one core, and the GEGLU gate three compiled
@@ -13,7 +13,7 @@ MLX cannot adopt a numpy buffer on CPU (`mx.from_dlpack(copy=False)` refuses), s
 by `mx.zeros` (one fill pass, on one thread), or a product's fresh output, which the kernel then writes through its
 numpy view: such an array is referenced nowhere else, as the in-place SiLU in models/layers.py relies on too.
 
-Kernels compile on first use (~3.5 s for all) and are cached on disk next to this file (or in numba's user-wide
+Kernels compile on first use (~4-12 s for all) and are cached on disk next to this file (or in numba's user-wide
 cache where that is read-only); a later process still spends ~0.7 s starting numba, which `warm_up_in_background`
 moves off the first step. `fastmath` allows reassociation (vectorised sums), but not the "no NaN / no inf"
 assumptions, so non-finite inputs propagate as in torch.
@@ -72,6 +72,10 @@ def _call_each_kernel() -> None:
     k.affine(x, v, v, True, out)
     k.add_into(out, v, x)
     k.add_bias_into(out, v)
+    k.add_bias_gelu_into(out, v, False)
+    tiles = np.empty((36, 1, 8), np.float32)
+    k.winograd_tiles(np.ones((1, 4, 4, 8), np.float32), 0, 0, 1, 0, 1, tiles)
+    k.winograd_untile(tiles, v, 0, 0, 1, 0, 1, np.empty((1, 4, 4, 8), np.float32))
 
 
 _built = None
@@ -143,6 +147,34 @@ def _build_kernels():
                 y[r, c] += bias[c]
 
     @jit
+    def add_bias_gelu_into(y, bias, quick):  # y = gelu(y + bias) in place; quick: x sigmoid(1.702 x) instead
+        rows, cols = y.shape
+        if quick:  # x (1 + tanh(0.851 x)) / 2, tanh's rational form (as affine's SiLU)
+            p, q = _TANH_P, _TANH_Q
+            for r in range(rows):
+                for c in range(cols):
+                    g = y[r, c] + bias[c]
+                    u = min(max(g * np.float32(0.851), -_TANH_CLAMP), _TANH_CLAMP)
+                    t = u * u
+                    t2 = t * t
+                    t4 = t2 * t2
+                    num = (p[0] + p[1] * t) + (p[2] + p[3] * t) * t2 + ((p[4] + p[5] * t) + (p[6] + p[7] * t) * t2) * t4
+                    den = (q[0] + q[1] * t) + (q[2] + q[3] * t) * t2 + (q[4] + q[5] * t) * t4
+                    y[r, c] = g * (np.float32(0.5) + np.float32(0.5) * (u * num / den))
+        else:  # x (1 + erf(x / sqrt 2)) / 2, erf's rational form (as geglu's)
+            p, q = _ERF_P, _ERF_Q
+            for r in range(rows):
+                for c in range(cols):
+                    g = y[r, c] + bias[c]
+                    u = min(max(g * _SQRT_HALF, -_ERF_CLAMP), _ERF_CLAMP)
+                    t = u * u
+                    t2 = t * t
+                    t4 = t2 * t2
+                    num = (p[0] + p[1] * t) + (p[2] + p[3] * t) * t2 + ((p[4] + p[5] * t) + p[6] * t2) * t4
+                    den = (q[0] + q[1] * t) + (q[2] + q[3] * t) * t2 + (q[4] + q[5] * t) * t4
+                    y[r, c] = g * (np.float32(0.5) + np.float32(0.5) * (u * num / den))
+
+    @jit
     def channel_moments(x, block, mean, m2):  # per-channel mean and sum of squared deviations over rows (float64)
         rows, cols = x.shape
         bmean = np.empty(cols, np.float32)
@@ -189,6 +221,77 @@ def _build_kernels():
                 for c in range(cols):
                     out[r, c] = x[r, c] * scale[c] + shift[c]
 
+    # Winograd F(4x4, 3x3)'s transforms written out (models/winograd.transforms(): B^T's integer rows, A^T's powers of
+    # two), so that each pass is one loop over the channels with straight-line arithmetic that LLVM vectorises.
+    @jit
+    def winograd_tiles(x, b, first, last, start, rows, v):  # tile rows first..last of image b, as v's columns
+        _, H, W, C = x.shape
+        tiles_per_row = (W + 3) // 4
+        band = np.zeros((6, 4 * tiles_per_row + 2, C), np.float32)  # six input rows, zero-padded as the conv pads
+        t = np.empty((36, C), np.float32)
+        two, three, four, five = np.float32(2), np.float32(3), np.float32(4), np.float32(5)
+        for i in range(first, last):
+            for r in range(6):
+                row = 4 * i + r - 1
+                if row >= 0 and row < H:
+                    band[r, 1 : W + 1] = x[b, row]
+                else:
+                    band[r] = 0
+            for j in range(tiles_per_row):
+                k = (b * rows + i - start) * tiles_per_row + j
+                for r in range(6):  # t = d B: row r of the tile through B^T's rows
+                    d = band[r, 4 * j : 4 * j + 6]
+                    for c in range(C):
+                        d0, d1, d2, d3, d4, d5 = d[0, c], d[1, c], d[2, c], d[3, c], d[4, c], d[5, c]
+                        t[6 * r, c] = two * d0 + three * d1 - four * d2 - three * d3 + two * d4
+                        t[6 * r + 1, c] = two * d1 + five * d2 + d3 - two * d4
+                        t[6 * r + 2, c] = two * d1 + d2 - five * d3 + two * d4
+                        t[6 * r + 3, c] = -d1 - two * d2 + d3 + two * d4
+                        t[6 * r + 4, c] = -two * d1 + d2 + two * d3 - d4
+                        t[6 * r + 5, c] = two * d1 + three * d2 - four * d3 - three * d4 + two * d5
+                for q in range(6):  # v = B^T t, element (p, q) to row 6p + q
+                    for c in range(C):
+                        d0, d1, d2, d3 = t[q, c], t[6 + q, c], t[12 + q, c], t[18 + q, c]
+                        d4, d5 = t[24 + q, c], t[30 + q, c]
+                        v[q, k, c] = two * d0 + three * d1 - four * d2 - three * d3 + two * d4
+                        v[6 + q, k, c] = two * d1 + five * d2 + d3 - two * d4
+                        v[12 + q, k, c] = two * d1 + d2 - five * d3 + two * d4
+                        v[18 + q, k, c] = -d1 - two * d2 + d3 + two * d4
+                        v[24 + q, k, c] = -two * d1 + d2 + two * d3 - d4
+                        v[30 + q, k, c] = two * d1 + three * d2 - four * d3 - three * d4 + two * d5
+
+    @jit
+    def winograd_untile(m, bias, b, first, last, start, rows, y):  # m's columns as winograd_tiles lays them out
+        _, H, W, O = y.shape
+        tiles_per_row = (W + 3) // 4
+        t = np.empty((24, O), np.float32)
+        two, four, eight = np.float32(2), np.float32(4), np.float32(8)
+        half, quarter, eighth = np.float32(0.5), np.float32(0.25), np.float32(0.125)
+        edge = np.empty((4, O), np.float32)
+        for i in range(first, last):
+            for j in range(tiles_per_row):
+                k = (b * rows + i - start) * tiles_per_row + j
+                for q in range(6):  # t = A^T m: column q of the tile through A^T's rows
+                    for o in range(O):
+                        m0, m1, m2, m3 = m[q, k, o], m[6 + q, k, o], m[12 + q, k, o], m[18 + q, k, o]
+                        m4, m5 = m[24 + q, k, o], m[30 + q, k, o]
+                        t[q, o] = m0 + m1 + m2 + m3 + m4
+                        t[6 + q, o] = m1 - m2 + two * m3 - half * m4
+                        t[12 + q, o] = m1 + m2 + four * m3 + quarter * m4
+                        t[18 + q, o] = m1 - m2 + eight * m3 - eighth * m4 + m5
+                cols = min(4, W - 4 * j)  # y = t A + bias, cropped to the image
+                for a in range(min(4, H - 4 * i)):
+                    out = y[b, 4 * i + a, 4 * j : 4 * j + 4] if cols == 4 else edge
+                    for o in range(O):
+                        m0, m1, m2, m3 = t[6 * a, o], t[6 * a + 1, o], t[6 * a + 2, o], t[6 * a + 3, o]
+                        m4, m5 = t[6 * a + 4, o], t[6 * a + 5, o]
+                        out[0, o] = m0 + m1 + m2 + m3 + m4 + bias[o]
+                        out[1, o] = m1 - m2 + two * m3 - half * m4 + bias[o]
+                        out[2, o] = m1 + m2 + four * m3 + quarter * m4 + bias[o]
+                        out[3, o] = m1 - m2 + eight * m3 - eighth * m4 + m5 + bias[o]
+                    if cols < 4:
+                        y[b, 4 * i + a, 4 * j : 4 * j + cols] = edge[:cols]
+
     return types.SimpleNamespace(
         layer_norm=layer_norm,
         geglu=geglu,
@@ -196,6 +299,9 @@ def _build_kernels():
         affine=affine,
         add_into=add_into,
         add_bias_into=add_bias_into,
+        add_bias_gelu_into=add_bias_gelu_into,
+        winograd_tiles=winograd_tiles,
+        winograd_untile=winograd_untile,
     )
 
 
@@ -255,11 +361,12 @@ def product(x: mx.array, weight: mx.array) -> mx.array:
     return x.reshape(-1, x.shape[-1]) @ weight.T
 
 
-def linear(layer, x: mx.array, residual: mx.array | None = None) -> mx.array:
+def linear(layer, x: mx.array, residual: mx.array | None = None, activation: str | None = None) -> mx.array:
     """layer(x) (+ residual) for a plain float32 nn.Linear: the product alone by MLX's BLAS, then bias and residual
     added in place by one kernel across the workers (the product's output is fresh), where MLX's addmm would copy
     the broadcast bias first (see geglu) and a residual take a pass of its own. `residual` may have another shape
-    with as many elements (tokens against pixels); the result then has its shape."""
+    with as many elements (tokens against pixels); the result then has its shape. `activation` ("gelu" or
+    "quick_gelu", without a residual) is applied by the bias's kernel, in the same pass."""
     y = product(x, layer.weight)
     mx.eval(y)
     yn = np.asarray(y)
@@ -267,6 +374,10 @@ def linear(layer, x: mx.array, residual: mx.array | None = None) -> mx.array:
         raise RuntimeError("this MLX version does not expose a product's memory; set MLX_SD_NUMBA=0")
     b = _vector(layer.bias if "bias" in layer else None, yn.shape[1])
     kernels = _kernels()
+    if activation is not None:
+        quick = {"gelu": False, "quick_gelu": True}[activation]
+        _over_rows(lambda o: kernels.add_bias_gelu_into(o, b, quick), (), yn)
+        return y.reshape(*x.shape[:-1], yn.shape[1])
     if residual is None:
         if "bias" in layer:
             _over_rows(lambda o: kernels.add_bias_into(o, b), (), yn)
@@ -327,3 +438,37 @@ def group_norm(x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: 
 
     backend.cpu_map(normalise, tasks)
     return y.reshape(shape)
+
+
+def kernel_call(kernel, *head, tail):
+    """fn(task) = kernel(*head, *task, tail), for backend.cpu_map."""
+    return lambda task: kernel(*head, *task, tail)
+
+
+def winograd_conv(x: mx.array, u: mx.array, bias: mx.array | None, strip_rows: int) -> mx.array:
+    """The F(4x4, 3x3) convolution of a float32 (B, H, W, C) x by transformed filters u (36, O, C) (models/winograd.py),
+    with its input and output transforms here: each tile read from x in place (its zero padding implied, no padded
+    copy), transformed as B^T d B in two 6x6 passes that skip the zero coefficients, and the products' tiles turned
+    back into pixels (A^T m A) plus the bias, written straight into the (B, H, W, O) output. As 36 x 36 and 16 x 36
+    BLAS products after a strided gather, these cost more than the 36 channel products themselves when O is small
+    (ESRGAN's 32-channel dense convs: 18 of 30 ms at 192x192). Strips of `strip_rows` tile rows bound the
+    transform-domain buffers."""
+    xn = _rows(x).reshape(x.shape)
+    B, H, W, C = x.shape
+    O = u.shape[1]
+    kernels = _kernels()
+    y, out = _fresh((B, H, W, O))
+    b = _vector(bias, O)
+    ut = u.swapaxes(1, 2)  # (36, C, O)
+    tile_rows, tiles_per_row = -(-H // 4), -(-W // 4)
+    parts = backend.cpu_threads() if x.size >= SPLIT_MIN_ELEMENTS else 1
+    for start in range(0, tile_rows, strip_rows):
+        rows = min(strip_rows, tile_rows - start)
+        bounds = [start + rows * i // parts for i in range(parts + 1)]
+        tasks = [(n, lo, hi, start, rows) for n in range(B) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        v, vn = _fresh((36, B * rows * tiles_per_row, C))
+        backend.cpu_map(kernel_call(kernels.winograd_tiles, xn, tail=vn), tasks)
+        m = v @ ut
+        mx.eval(m)
+        backend.cpu_map(kernel_call(kernels.winograd_untile, np.asarray(m), b, tail=out), tasks)
+    return y

@@ -119,6 +119,57 @@ def test_causal_attention_overflow_fallback_keeps_the_mask(monkeypatch, sgemm_pa
     assert_close(got, _reference_attention(q, k, v, heads, causal=True), 2e-6, "causal attention with fallback")
 
 
+def _reference_window_attention(qkv, heads, bias, mask):
+    """softmax(q k^T / sqrt(d) + bias + mask[w % nW]) v by torch, in float64."""
+    Bw, N, C3 = qkv.shape
+    q, k, v = torch.from_numpy(qkv).double().reshape(Bw, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    extra = torch.from_numpy(bias).double()[None].expand(Bw, -1, -1, -1)
+    if mask is not None:
+        extra = extra + torch.from_numpy(mask).double().repeat(Bw // len(mask), 1, 1)[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=extra)
+    return out.transpose(1, 2).reshape(Bw, N, C3 // 3).numpy()
+
+
+@pytest.mark.parametrize("path", ["blocked", "fused"])
+@pytest.mark.parametrize("masked", [True, False])
+def test_window_attention_matches_torch(monkeypatch, sgemm_path, path, masked):
+    """Swin's window attention (SwinIR): q, k and v read from the fused projection, the heads' relative position
+    bias and the shifted windows' masks (-100 between regions, window w of each of 2 images taking mask[w % nW])
+    added; blocked in runs of windows that must not cross images (tiny score blocks force runs of 3 of 4 windows)."""
+    rng = np.random.default_rng(5)
+    images, nW, N, C, heads = 2, 4, 49, 60, 3  # 7x7 windows, SwinIR's JPEG models'
+    qkv = rng.standard_normal((images * nW, N, 3 * C), dtype=np.float32)
+    bias = rng.standard_normal((heads, N, N), dtype=np.float32)
+    mask = np.where(rng.random((nW, N, N)) < 0.3, -100.0, 0.0).astype(np.float32) if masked else None
+    monkeypatch.setattr(attention_module, "BLOCKED_MIN_SCORES", 1)
+    monkeypatch.setattr(attention_module, "SCORE_BLOCK_BYTES", 3 * N * N * 4)
+    blocked = _calls(monkeypatch, "_windows_blocked")
+    if path == "fused":
+        monkeypatch.setattr(backend, "attention_kernel", lambda dtype: "fused")
+    got = attention_module.window_attention(
+        mx.array(qkv), heads, mx.array(bias), None if mask is None else mx.array(mask)
+    )
+    assert bool(blocked) == (path == "blocked")
+    assert_close(got, _reference_window_attention(qkv, heads, bias, mask), 2e-6, f"{path} window attention")
+
+
+def test_window_attention_overflow_redo_keeps_bias_and_mask(monkeypatch, sgemm_path):
+    """Logits beyond float32 exp's range (unshifted) in one window: redone with the exact row max, bias and mask on."""
+    rng = np.random.default_rng(6)
+    nW, N, C, heads = 4, 64, 64, 2
+    qkv = rng.standard_normal((nW, N, 3 * C), dtype=np.float32)
+    qkv[1, :, :C] = 6 + 0.1 * qkv[1, :, :C]  # window 1: queries and key 5 near 6 * ones, logits ~204
+    qkv[1, 5, C : 2 * C] = 6
+    bias = rng.standard_normal((heads, N, N), dtype=np.float32)
+    mask = np.where(rng.random((nW, N, N)) < 0.3, -100.0, 0.0).astype(np.float32)
+    monkeypatch.setattr(attention_module, "BLOCKED_MIN_SCORES", 1)
+    fallbacks = _calls(monkeypatch, "_exact_head")
+    got = attention_module.window_attention(mx.array(qkv), heads, mx.array(bias), mx.array(mask))
+    assert fallbacks, "the overflow fallback was not exercised"
+    exact = _reference_window_attention(qkv, heads, bias, mask)
+    assert_close(got, exact, 2e-5, "window attention with fallback")  # logits of 200: float32 rounding ~1e-5
+
+
 def test_fused_attention_blocks_match_unblocked(monkeypatch):
     """The fused path's query blocking (used on GPUs at large sizes) changes nothing but memory."""
     rng = np.random.default_rng(2)
@@ -259,6 +310,21 @@ def test_linear_with_bias_and_residual_matches_torch(monkeypatch, row_kernels, b
     assert_close(got, (t.reshape(residual.shape) + torch.from_numpy(residual)).numpy(), 1e-6, "linear_plus")
 
 
+@pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
+def test_linear_with_activation_matches_torch(monkeypatch, row_kernels, activation):
+    """`layers.linear(layer, x, activation)`: numba's bias kernel applies GELU (OpenCLIP, SwinIR) or CLIP's
+    x * sigmoid(1.702 x) in the same pass; MLX's path the layers' own. Inputs across both functions' whole range."""
+    monkeypatch.setattr(cpu_kernels, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(backend, "cpu_threads", lambda: 3)
+    rng = np.random.default_rng(10)
+    layer = nn.Linear(48, 40)
+    layer.update({k: mx.array(4 * rng.standard_normal(v.shape).astype(np.float32)) for k, v in layer.items()})
+    x = rng.standard_normal((2, 35, 48)).astype(np.float32)  # pre-activations up to ~+-100
+    t = F.linear(torch.from_numpy(x), *(torch.from_numpy(np.array(layer[k])) for k in layer))
+    t = F.gelu(t) if activation == "gelu" else t * torch.sigmoid(1.702 * t)
+    assert_close(layers.linear(layer, mx.array(x), activation), t.numpy(), 2e-6, f"linear + {activation}")
+
+
 def test_layer_norm_rows_far_from_zero_and_non_finite(row_kernels):
     """Rows with a large mean (the variance of deviations must not cancel), a constant row, and a NaN row (which
     stays NaN without touching the others), against torch in float64."""
@@ -381,16 +447,26 @@ def test_winograd_transforms_are_exact():
         assert y == [sum(f[k] * d[i + k] for k in range(3)) for i in range(4)]
 
 
+@pytest.mark.parametrize("transforms", ["numba", "blas"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv_winograd_matches_torch(monkeypatch, bias):
-    """On CPU in float32, 3x3 convolutions run as Winograd F(4x4, 3x3) (models/winograd.py): batch 2, sizes that are
-    not multiples of the 4-pixel tile, and strips of tile rows (uneven, the last shorter). Its rounding error is
-    ~7x a direct convolution's, so it is measured against float64 and bounded relative to torch's float32 error."""
+def test_conv_winograd_matches_torch(monkeypatch, bias, transforms):
+    """On CPU in float32, 3x3 convolutions run as Winograd F(4x4, 3x3) (models/winograd.py), its transforms as numba
+    kernels or as BLAS products (MLX_SD_NUMBA=0): batch 2, sizes that are not multiples of the 4-pixel tile, strips
+    of tile rows (uneven, the last shorter), many and few outputs. Its rounding error is ~7x a direct convolution's,
+    so it is measured against float64 and bounded relative to torch's float32 error."""
+    if transforms == "numba" and backend.row_kernels(mx.float32) != "numba":
+        pytest.skip("numba is not installed")
+    if transforms == "blas":
+        monkeypatch.setenv("MLX_SD_NUMBA", "0")
     rng = np.random.default_rng(7)
     x = rng.standard_normal((2, 13, 18, 96)).astype(np.float32)
     monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_WORK", 1)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
+    calls = []
+    monkeypatch.setattr(layers, "conv3x3_winograd", lambda *args: calls.append(1) or winograd.conv3x3_winograd(*args))
     assert backend.conv3x3_kernel(mx.float32) == "winograd"
-    for block_bytes, out_channels in ((2**30, 80), (36 * 2 * 5 * 96 * 4 * 3, 64)):  # one strip; 3 + 1 tile rows
+    for block_bytes, out_channels in ((2**30, 80), (36 * 2 * 5 * 96 * 4 * 3, 64), (2**30, 3)):  # 3 + 1 tile rows
         monkeypatch.setattr(winograd, "BLOCK_BYTES", block_bytes)
         conv = layers.Conv2d(96, out_channels, 3, padding=1, bias=bias)
         conv.weight = conv.weight * 3  # unit-variance outputs
@@ -404,7 +480,33 @@ def test_conv_winograd_matches_torch(monkeypatch, bias):
         ours_rms, torch_rms = (float(np.sqrt(np.mean((y - exact) ** 2) / np.mean(exact**2))) for y in (got, direct))
         assert ours_rms < max(10 * torch_rms, 1e-6), (ours_rms, torch_rms)
         err = assert_close(got, exact, 1e-5, f"winograd conv to {out_channels} channels")
-        print(f"winograd: max rel {err:.1e}, rms {ours_rms:.1e} (torch float32: {torch_rms:.1e})")
+        print(f"winograd ({transforms}): max rel {err:.1e}, rms {ours_rms:.1e} (torch float32: {torch_rms:.1e})")
+    assert len(calls) == 3
+
+
+def test_winograd_kernels_apply_the_transforms(monkeypatch):
+    """The numba kernels' written-out transforms are transforms()'s matrices: each input pixel of a tile lands in the
+    transform domain as kron(B^T, B^T)'s column, each transform-domain element leaves as kron(A^T, A^T)'s column."""
+    if backend.row_kernels(mx.float32) != "numba":
+        pytest.skip("numba is not installed")
+    from mlx_sd import cpu_kernels
+
+    kernels = cpu_kernels._kernels()
+    bt, _, at = (np.array(m, np.float64) for m in winograd.transforms())
+    for e in range(36):  # pixel (e // 6 - 1, e % 6 - 1) of tile (0, 0); the row and column -1 are the zero padding
+        r, s = divmod(e, 6)
+        if r == 0 or s == 0:
+            continue
+        x = np.zeros((1, 8, 8, 2), np.float32)
+        x[0, r - 1, s - 1] = 1
+        v = np.zeros((36, 4, 2), np.float32)
+        kernels.winograd_tiles(x, 0, 0, 2, 0, 2, v)
+        np.testing.assert_array_equal(v[:, 0, 0], np.kron(bt, bt)[:, e])
+        m = np.zeros((36, 4, 2), np.float32)
+        m[e, 3] = 1
+        y = np.zeros((1, 7, 7, 2), np.float32)  # tile (1, 1) is cropped to 3 x 3
+        kernels.winograd_untile(m, np.zeros(2, np.float32), 0, 0, 2, 0, 2, y)
+        np.testing.assert_array_equal(y[0, 4:, 4:, 1], np.kron(at, at)[:, e].reshape(4, 4)[:3, :3])
 
 
 def test_conv_kernel_choice(monkeypatch):

@@ -180,6 +180,8 @@ def test_unet_and_vae_with_winograd_convolutions(monkeypatch):
         pytest.skip("Winograd convolutions run on CPU only")
     monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
     monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_INPUTS", 1)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_WORK", 1)
     calls = []
     monkeypatch.setattr(layers, "conv3x3_winograd", lambda *args: calls.append(1) or winograd.conv3x3_winograd(*args))
     test_unet_matches_diffusers("sd1", (12, 20))

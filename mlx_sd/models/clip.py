@@ -13,13 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..attention import attention
-from .layers import LayerNorm, gelu, quick_gelu
-
-ACTIVATIONS = {
-    # OpenAI's CLIP was trained with x * sigmoid(1.702 x), an approximation of GELU; OpenCLIP uses exact GELU.
-    "quick_gelu": quick_gelu,
-    "gelu": gelu,
-}
+from .layers import ACTIVATIONS, LayerNorm, linear, linear_plus
 
 
 @dataclass(frozen=True)
@@ -66,19 +60,24 @@ class CLIPAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def __call__(self, x: mx.array, mask) -> mx.array:
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask))
+    def __call__(self, x: mx.array, mask, residual: mx.array) -> mx.array:
+        """residual + the attention's output."""
+        q, k, v = (linear(p, x) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return linear_plus(self.out_proj, attention(q, k, v, self.heads, mask), residual)
 
 
 class CLIPMLP(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.act = ACTIVATIONS[cfg.hidden_act]
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"CLIP activation {cfg.hidden_act!r}: mlx-sd knows {', '.join(ACTIVATIONS)}")
+        self.activation = cfg.hidden_act
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(self.act(self.fc1(x)))
+    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
+        """residual + fc2(act(fc1(x)))."""
+        return linear_plus(self.fc2, linear(self.fc1, x, self.activation), residual)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -90,8 +89,8 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = CLIPMLP(cfg)
 
     def __call__(self, x: mx.array, mask) -> mx.array:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
+        x = self.self_attn(self.layer_norm1(x), mask, x)
+        return self.mlp(self.layer_norm2(x), x)
 
 
 class CLIPEmbeddings(nn.Module):

@@ -134,6 +134,10 @@ class RRDBNet(nn.Module):
         return self.conv_last(nn.leaky_relu(self.conv_hr(feat), LEAKY_SLOPE))
 
 
+# One compiled kernel instead of four elementwise passes (a tenth of the compact network's time on CPU).
+_prelu = mx.compile(lambda x, slope: mx.maximum(x, 0) + slope * mx.minimum(x, 0), shapeless=True)
+
+
 class PReLU(nn.Module):
     """torch's PReLU with one slope per channel."""
 
@@ -142,7 +146,7 @@ class PReLU(nn.Module):
         self.weight = mx.full((channels,), 0.25)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.maximum(x, 0) + self.weight * mx.minimum(x, 0)
+        return _prelu(x, self.weight.astype(x.dtype))
 
 
 class SRVGGNetCompact(nn.Module):

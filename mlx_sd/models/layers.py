@@ -125,6 +125,10 @@ def quick_gelu(x: mx.array) -> mx.array:
     return _gated(x, _tanh_quick(x)) if backend.activations() == "cpu" else x * mx.sigmoid(1.702 * x)
 
 
+# OpenAI's CLIP was trained with x * sigmoid(1.702 x), an approximation of GELU; OpenCLIP and SwinIR use exact GELU.
+ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
+
+
 def geglu(value: mx.array, gate: mx.array) -> mx.array:
     """value * gelu(gate), the GEGLU feed-forward's gating (Shazeer 2020)."""
     return _gated_product(value, gate, _erf_scaled(gate)) if backend.activations() == "cpu" else value * nn.gelu(gate)
@@ -236,15 +240,28 @@ class GroupNorm(nn.Module):
 # padded input and output rows instead of the unfold (a 1024x1024 decode peaks 0.5 GB above the row strips below).
 # In float32 (the CPU's dtype) Winograd F(4x4, 3x3) (models/winograd.py) does a quarter of the taps' products and
 # runs 1.3-2x faster than them, at 3-7x a direct convolution's rounding error; below WINOGRAD_MIN_PIXELS its filter
-# transform (4x the weight) costs more than it saves, and with fewer than WINOGRAD_MIN_CHANNELS input or output
-# channels (the VAE's 3-channel ends) its input transform does.
+# transform (4x the weight) costs more than it saves. Its input and output transforms: as BLAS products they cost more
+# than they save with fewer than WINOGRAD_MIN_CHANNELS input or output channels (the VAE's 3-channel ends); as the
+# numba kernels (cpu_kernels.winograd_conv) they cost less whatever the outputs (ESRGAN's 32-channel dense convs: 1.4x
+# faster than the taps, 64 -> 3 channels at 768x768 1.9x), given WINOGRAD_MIN_INPUTS input channels and
+# WINOGRAD_MIN_WORK pixels x input channels (below, as at 48x48 by 32 channels, MLX's conv is faster).
 WINOGRAD_MIN_PIXELS = 1024
 WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_INPUTS = 32
+WINOGRAD_MIN_WORK = 2**18
 TAPS_MIN_PIXELS = 8192
 TAPS_MIN_CHANNELS = 64
 # Elsewhere (GPUs; small CPU convs) MLX's conv runs, and above this many unfold bytes a 3x3 stride-1 conv runs over
 # row strips (each with a one-row halo), which bounds the unfold buffer at no cost in speed.
 CONV_UNFOLD_BYTES = 256 * 2**20
+
+
+def _winograd_pays(pixels: int, inputs: int, outputs: int) -> bool:
+    if pixels < WINOGRAD_MIN_PIXELS:
+        return False
+    if backend.row_kernels(mx.float32) == "numba":  # the transforms as numba kernels (see above)
+        return inputs >= WINOGRAD_MIN_INPUTS and pixels * inputs >= WINOGRAD_MIN_WORK
+    return min(inputs, outputs) >= WINOGRAD_MIN_CHANNELS
 
 
 def conv3x3_taps(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -306,8 +323,7 @@ class Conv2d(nn.Conv2d):
     def _same3x3(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
         kernel = backend.conv3x3_kernel(x.dtype)
-        channels = min(C, self.weight.shape[0])
-        if kernel == "winograd" and B * H * W >= WINOGRAD_MIN_PIXELS and channels >= WINOGRAD_MIN_CHANNELS:
+        if kernel == "winograd" and _winograd_pays(B * H * W, C, self.weight.shape[0]):
             return conv3x3_winograd(x, self.weight, self.get("bias"))
         if kernel != "mlx" and B * H * W >= TAPS_MIN_PIXELS and C >= TAPS_MIN_CHANNELS:
             return conv3x3_taps(x, self.weight, self.get("bias"))
@@ -386,11 +402,12 @@ class Attention(nn.Module):
         return self.to_out[0](out) if residual is None else linear_plus(self.to_out[0], out, residual)
 
 
-def linear(layer: nn.Module, x: mx.array) -> mx.array:
-    """layer(x); a plain float32 Linear on a Linux CPU adds its bias by numba's kernel (cpu_kernels.linear)."""
+def linear(layer: nn.Module, x: mx.array, activation: str | None = None) -> mx.array:
+    """layer(x), then `activation` ("gelu", "quick_gelu") if given; a plain float32 Linear on a Linux CPU adds its
+    bias (and applies the activation, in the same pass) by numba's kernel (cpu_kernels.linear)."""
     if type(layer) is nn.Linear and "bias" in layer and backend.row_kernels(x.dtype) == "numba":
-        return cpu_kernels.linear(layer, x)
-    return layer(x)
+        return cpu_kernels.linear(layer, x, activation=activation)
+    return layer(x) if activation is None else ACTIVATIONS[activation](layer(x))
 
 
 def linear_plus(layer: nn.Module, x: mx.array, residual: mx.array) -> mx.array:

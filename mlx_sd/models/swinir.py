@@ -20,8 +20,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..attention import window_attention
 from .esrgan import upsample_repeat
-from .layers import Conv2d, LayerNorm, gelu, pixel_shuffle, pixel_unshuffle
+from .layers import Conv2d, LayerNorm, linear, linear_plus, pixel_shuffle, pixel_unshuffle
 
 UPSAMPLERS = ("nearest+conv", "pixelshuffle", "pixelshuffledirect", "")
 DIV2K_MEAN = (0.4488, 0.4371, 0.4040)  # the training set's RGB mean, subtracted before the network
@@ -117,17 +118,10 @@ class WindowAttention(nn.Module):
 
     def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
         """x: (B*nW, N, C) windows; mask: (nW, N, N) or None."""
-        Bw, N, C = x.shape
-        hd = C // self.heads
-        qkv = self.qkv(x).reshape(Bw, N, 3, self.heads, hd).transpose(2, 0, 3, 1, 4)  # (3, B*nW, h, N, hd)
-        q, k, v = qkv[0] * hd**-0.5, qkv[1], qkv[2]
+        N = x.shape[1]
         bias = self.relative_position_bias_table[mx.array(relative_position_index(self.window).reshape(-1))]
-        scores = q @ k.transpose(0, 1, 3, 2) + bias.reshape(N, N, self.heads).transpose(2, 0, 1)
-        if mask is not None:
-            nW = mask.shape[0]
-            scores = (scores.reshape(Bw // nW, nW, self.heads, N, N) + mask[None, :, None]).reshape(Bw, -1, N, N)
-        out = mx.softmax(scores, axis=-1, precise=True) @ v  # (B*nW, h, N, hd)
-        return self.proj(out.transpose(0, 2, 1, 3).reshape(Bw, N, C))
+        out = window_attention(linear(self.qkv, x), self.heads, bias.reshape(N, N, self.heads).transpose(2, 0, 1), mask)
+        return linear(self.proj, out)
 
 
 class Mlp(nn.Module):
@@ -136,8 +130,9 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(gelu(self.fc1(x)))
+    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
+        """residual + fc2(gelu(fc1(x)))."""
+        return linear_plus(self.fc2, linear(self.fc1, x, "gelu"), residual)
 
 
 class SwinTransformerBlock(nn.Module):
@@ -163,7 +158,7 @@ class SwinTransformerBlock(nn.Module):
         if s:
             y = mx.roll(y, (s, s), axis=(1, 2))
         x = x + y.reshape(B, L, C)
-        return x + self.mlp(self.norm2(x))
+        return self.mlp(self.norm2(x), x)
 
 
 class ResidualGroup(nn.Module):

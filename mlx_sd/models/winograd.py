@@ -25,6 +25,8 @@ from functools import cache
 
 import mlx.core as mx
 
+from .. import backend, cpu_kernels
+
 TILE = 4  # output pixels per tile side: F(4x4, 3x3), 6x6 input tiles
 POINTS = (0, 1, -1, 2, Fraction(-1, 2))  # plus the point at infinity
 # The transform-domain input (36 x tiles x C floats) of one strip of tile rows stays under this many bytes.
@@ -96,6 +98,8 @@ def conv3x3_winograd(x: mx.array, weight: mx.array, bias: mx.array | None = None
     u = (filter_t @ taps).reshape(a * a, O, C)  # (36, O, C); the products read it transposed
     bias = None if bias is None else bias.astype(x.dtype)
     rows = max(1, BLOCK_BYTES // (a * a * B * tx * max(C, O) * x.dtype.size))  # tile rows per strip
+    if backend.row_kernels(x.dtype) == "numba":
+        return cpu_kernels.winograd_conv(x, u, bias, rows)
     if rows >= ty:
         y = _strip(xp, u, bias)
     else:
