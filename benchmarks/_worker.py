@@ -103,6 +103,8 @@ UPSCALERS = {
     "compact": ("Compact", {"num_conv": 32, "num_feat": 64, "upscale": 4}),
     "swinir": ("SwinIR", {"img_size": 64, "embed_dim": 240, "depths": [6] * 9, "num_heads": [8] * 9, "window_size": 8,
                           "mlp_ratio": 2.0, "upscale": 4, "upsampler": "nearest+conv", "resi_connection": "3conv"}),
+    "dat": ("DAT", {"img_size": 64, "embed_dim": 180, "split_size": [8, 32], "depth": [6] * 6, "num_heads": [6] * 6,
+                    "expansion_factor": 2.0, "upscale": 4}),  # A1111's "DAT x4"
 }  # fmt: skip
 
 

@@ -10,11 +10,14 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
 - BSRGAN / RealSR (`RRDB_trunk`, `trunk_conv`, `upconvI`, `HRconv`);
 - Real-ESRGAN's compact network (`body.0` conv, `body.1` PReLU, ...): realesr-general-x4v3, realesr-animevideov3;
 - SwinIR (`conv_first`, `layers.N.residual_group.blocks.M...`): A1111's "SwinIR 4x" (SwinIR-L, real-world x4) and
-  the classical, lightweight and restoration models; its relative-position indices and shift masks are recomputed.
+  the classical, lightweight and restoration models; its relative-position indices and shift masks are recomputed;
+- DAT (`before_RG.1`, `layers.N.blocks.M.attn.attns.K.pos...`): A1111's "DAT x2", "DAT x3", "DAT x4", DAT-S, DAT-2
+  and DAT-light; the window size is read from the position-bias offsets (`rpe_biases`, one small tensor), the other
+  buffers are recomputed.
 
 The configuration is read from the shapes (width, blocks, growth, upsampling stages; in/out channels give the
-unshuffle factor; SwinIR's head, depths, heads and window), as spandrel decides it, and the file is mapped strictly.
-Other architectures (DAT, HAT, LDSR, ScuNET, ...) are refused by name.
+unshuffle factor; SwinIR's and DAT's head, depths, heads and window), as spandrel decides it, and the file is mapped
+strictly. Other architectures (HAT, SRFormer, LDSR, ScuNET, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_sd.model_upscaler import ModelUpscaler
+from mlx_sd.models.dat import DAT, DATConfig
 from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetCompact
 from mlx_sd.models.swinir import SwinIR, SwinIRConfig
 
@@ -37,6 +41,9 @@ UPSCALER_EXTENSIONS = (".pth", ".pt", ".safetensors")
 # name; every other file is listed by its name
 A1111_NAMES = {
     "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN": "SwinIR 4x",
+    "DAT_x2": "DAT x2",  # modules/dat_model.py's releases (HF w-e-w/DAT)
+    "DAT_x3": "DAT x3",
+    "DAT_x4": "DAT x4",
     "RealESRGAN_x4plus": "R-ESRGAN 4x+",
     "RealESRGAN_x4plus_anime_6B": "R-ESRGAN 4x+ Anime6B",
     "RealESRGAN_x2plus": "R-ESRGAN 2x+",
@@ -44,13 +51,14 @@ A1111_NAMES = {
     "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
     "realesr-animevideov3": "R-ESRGAN AnimeVideo",
 }
-SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR"
+SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT"
 SWINIR_KEY = "layers.0.residual_group.blocks.0.attn.relative_position_index"  # HAT has it too, and HAT_KEY
 HAT_KEY = "layers.0.residual_group.blocks.0.conv_block.cab.0.weight"
-NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR}
+DAT_KEY = "layers.0.blocks.0.attn.attns.0.rpe_biases"
+NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT}
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
     (HAT_KEY, "HAT"),
-    ("conv_after_body.weight", "transformer (DAT, SRFormer, ...)"),
+    ("conv_after_body.weight", "transformer (SRFormer, ...)"),
     ("model.diffusion_model.input_blocks.0.0.weight", "LDSR (latent diffusion)"),
     ("m_head.0.weight", "ScuNET"),
     ("stylegan_decoder.to_rgb1.weight", "GFPGAN (face restoration)"),
@@ -75,31 +83,34 @@ def read_upscaler(path: str | Path, dtype: mx.Dtype | None = None, name: str | N
     if not path.is_file():
         raise ConversionError(f"{path}: no such upscaler file")
     state = open_checkpoint(path)
-    config, rules = _config(path, tensor_shapes(state))
+    config, rules = _config(path, state)
     network = NETWORKS[type(config)](config)
-    if isinstance(config, SwinIRConfig):
-        dtype = mx.float32  # spandrel (and so A1111) never runs SwinIR in half precision
+    if isinstance(config, (SwinIRConfig, DATConfig)):
+        dtype = mx.float32  # spandrel (and so A1111) never runs SwinIR or DAT in half precision
     load_mapped("upscaler", network, state, rules, dtype or default_dtype())
     return ModelUpscaler(network, name or upscaler_name(path))
 
 
 def upscaler_listing(path: str | Path) -> dict:
-    """A1111's `GET /sdapi/v1/upscalers` entry of a file, its scale read from the shapes (no tensor is read).
+    """A1111's `GET /sdapi/v1/upscalers` entry of a file, its scale read from the shapes (no weight is read).
     Raises ConversionError as read_upscaler."""
     path = Path(path).expanduser()
-    config = _config(path, tensor_shapes(open_checkpoint(path)))[0]
-    family = "SwinIR" if isinstance(config, SwinIRConfig) else "ESRGAN"
+    config = _config(path, open_checkpoint(path))[0]
+    family = {SwinIRConfig: "SwinIR", DATConfig: "DAT"}.get(type(config), "ESRGAN")
     if isinstance(config, CompactConfig) or (path.stem in A1111_NAMES and family == "ESRGAN"):
         family = "RealESRGAN"  # A1111's upscaler family for the Real-ESRGAN releases
     return {"name": upscaler_name(path), "model_name": family, "model_path": str(path), "model_url": None,
             "scale": config.scale}  # fmt: skip
 
 
-def _config(path: Path, shapes: dict) -> tuple[ESRGANConfig | CompactConfig | SwinIRConfig, list[Rule]]:
+def _config(path: Path, state) -> tuple[ESRGANConfig | CompactConfig | SwinIRConfig | DATConfig, list[Rule]]:
     """The network's configuration and the key map onto its names."""
-    stripped = {_strip(key): shape for key, shape in shapes.items()}
+    stripped = {_strip(key): shape for key, shape in tensor_shapes(state).items()}
     if SWINIR_KEY in stripped and HAT_KEY not in stripped:
         return _swinir_config(stripped)
+    if DAT_KEY in stripped:
+        offsets = next(state[k] for k in state if _strip(k) == DAT_KEY)
+        return _dat_config(stripped, tuple(int(v) + 1 for v in offsets[-1]))
     other = next((name for key, name in _OTHER_ARCHITECTURES if key in stripped), None)
     if other:
         raise ConversionError(f"{path}: a {other} model; mlx-sd runs {SUPPORTED} upscalers")
@@ -215,6 +226,41 @@ def _swinir_config(shapes: dict) -> tuple[SwinIRConfig, list[Rule]]:
         Rule(r"(?:module\.)?layers\.\d+\.residual_group\.blocks\.\d+\.(?:attn\.relative_position_index|attn_mask)",
              None, buffers),
         Rule(r"(?:module\.)?conv_first\.1\.(weight|bias)", r"conv_first.\1"),
+        Rule(r"(?:module\.)?(.+)", r"\1"),
+    ]  # fmt: skip
+    return config, rules
+
+
+def _dat_config(shapes: dict, window: tuple[int, int]) -> tuple[DATConfig, list[Rule]]:
+    """DAT's configuration from its shapes and first window (the last position-bias offset + 1), spandrel's rules."""
+    embed_dim, in_channels = shapes["conv_first.weight"][:2]
+    layers = _indices(shapes, r"layers\.(\d+)\.blocks\.0\.norm1\.weight")
+    depths = tuple(len(_indices(shapes, rf"layers\.{i}\.blocks\.(\d+)\.norm1\.weight")) for i in layers)
+    heads = tuple(
+        shapes[f"layers.{i}.blocks.1.attn.temperature"][0] if depth >= 2
+        else 2 * shapes[f"layers.{i}.blocks.0.attn.attns.0.pos.pos3.2.weight"][0]
+        for i, depth in zip(layers, depths, strict=True)
+    )  # fmt: skip
+    if "conv_last.weight" in shapes:
+        upsampler, upscale, num_feat = "pixelshuffle", 1, 64
+        for i in _indices(shapes, r"upsample\.(\d+)\.weight"):
+            out, num_feat = shapes[f"upsample.{i}.weight"][:2]
+            upscale *= math.isqrt(out // num_feat)
+    else:
+        upsampler, num_feat = "pixelshuffledirect", 64
+        upscale = math.isqrt(shapes["upsample.0.weight"][0] // in_channels)
+    config = DATConfig(
+        in_channels=in_channels, embed_dim=embed_dim, split_size=window, depths=depths, num_heads=heads,
+        expansion_factor=shapes["layers.0.blocks.0.ffn.fc1.weight"][0] / embed_dim,
+        qkv_bias="layers.0.blocks.0.attn.qkv.bias" in shapes, upscale=upscale,
+        resi_connection="1conv" if "conv_after_body.weight" in shapes else "3conv", upsampler=upsampler,
+        num_feat=num_feat,
+    )  # fmt: skip
+    buffers = "recomputed from the window size and the image (rpe_biases, relative_position_index, attn_mask_N)"
+    rules = [
+        Rule(r"(?:module\.)?layers\.\d+\.blocks\.\d+\.attn\.(?:attns\.\d\.(?:rpe_biases|relative_position_index)"
+             r"|attn_mask_\d)", None, buffers),
+        Rule(r"(?:module\.)?.+\.num_batches_tracked", None, "BatchNorm's training counter"),
         Rule(r"(?:module\.)?(.+)", r"\1"),
     ]  # fmt: skip
     return config, rules

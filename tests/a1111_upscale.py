@@ -25,11 +25,12 @@ def spandrel(architecture: str):
 
 
 def load_descriptor(state_dict: dict):
-    """spandrel's ModelDescriptor for an ESRGAN-family or SwinIR state dict (its canonicalisation and architecture
-    detection)."""
+    """spandrel's ModelDescriptor for an ESRGAN-family, SwinIR or DAT state dict (its canonicalisation and
+    architecture detection)."""
     _bare_package("spandrel")
     canonical = importlib.import_module("spandrel.__helpers.canonicalize").canonicalize_state_dict(state_dict)
-    for arch in (spandrel("ESRGAN").ESRGANArch(), spandrel("Compact").CompactArch(), spandrel("SwinIR").SwinIRArch()):
+    architectures = [spandrel(name).__dict__[f"{name}Arch"]() for name in ("ESRGAN", "Compact", "SwinIR", "DAT")]
+    for arch in architectures:
         if arch.detect(canonical):
             with warnings.catch_warnings():  # SwinIR's torch.meshgrid call without `indexing` (spandrel's, harmless)
                 warnings.simplefilter("ignore", UserWarning)

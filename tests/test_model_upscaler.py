@@ -74,6 +74,21 @@ def swinir_state(seed: int = 0, **kwargs) -> dict:
     return _random(spandrel("SwinIR").SwinIR(**kwargs), seed).state_dict()
 
 
+def dat_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel DAT's state dict (tiny: 32 channels, groups of three and two blocks, so that both kinds of
+    shifted block run), its BatchNorm statistics random too."""
+    kwargs = {"img_size": 16, "embed_dim": 32, "split_size": [2, 4], "depth": [3, 2], "num_heads": [2, 4],
+              "expansion_factor": 2.0, **kwargs}  # fmt: skip
+    network = _random(spandrel("DAT").DAT(**kwargs), seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for name, buffer in network.named_buffers():
+        if name.endswith("running_mean"):
+            buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+        elif name.endswith("running_var"):
+            buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+    return network.state_dict()
+
+
 def compact_state(seed: int = 0, **kwargs) -> dict:
     return _random(spandrel("Compact").Compact(**kwargs), seed).state_dict()
 
@@ -103,6 +118,11 @@ FILES = {  # file name -> its contents
     "SwinIR_classical_x3.pth": lambda: swinir_state(upsampler="pixelshuffle", upscale=3),
     "SwinIR_lightweight_x3.pth": lambda: swinir_state(upsampler="pixelshuffledirect", upscale=3),
     "SwinIR_jpeg.pth": lambda: swinir_state(upsampler="", upscale=1, window_size=7, img_size=14),  # [0, 255]
+    "DAT_x2.pth": lambda: dat_state(upscale=2),  # A1111's "DAT x2": pixel-shuffle head, 1conv residuals
+    "DAT_x3.safetensors": lambda: dat_state(upscale=3, qkv_bias=False),
+    "DAT_light_x4.pth": lambda: {
+        "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
+    },  # fmt: skip
 }
 
 
@@ -151,6 +171,7 @@ def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
     ("ESRGAN_4x.pth", (30, 30), (60, 60), 0, 1),  # no tiling
     ("003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth", (70, 52), (280, 208), 32, 1),  # SwinIR: averaged tiles
     ("SwinIR_classical_x2.pth", (36, 20), (72, 40), 32, 1),  # the tile shrinks to the shorter side
+    ("DAT_x3.safetensors", (48, 40), (144, 120), 32, 1),  # DAT: A1111's grid, as ESRGAN
 ])  # fmt: skip
 def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, tile, passes):
     state = FILES[name]()
@@ -163,24 +184,25 @@ def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, 
 
 def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     swinir = "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth"
-    for name in ("RealESRGAN_x4plus.pth", "ESRGAN_4x.pth", "realesr-general-x4v3.pth", swinir):
+    for name in ("RealESRGAN_x4plus.pth", "ESRGAN_4x.pth", "realesr-general-x4v3.pth", swinir, "DAT_x2.pth"):
         _save(tmp_path, name, FILES[name]())
     (tmp_path / "sub").mkdir()
-    _save(tmp_path / "sub", "4x_DAT.pth", {"conv_first.weight": torch.zeros(8, 3, 3, 3),
-                                            "conv_after_body.weight": torch.zeros(8, 8, 3, 3)})  # fmt: skip
+    _save(tmp_path / "sub", "4x_SRFormer.pth", {"conv_first.weight": torch.zeros(8, 3, 3, 3),
+                                                 "conv_after_body.weight": torch.zeros(8, 8, 3, 3)})  # fmt: skip
     library = UpscalerLibrary(tmp_path, mx.float32)
-    names = ["4x_DAT", "ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3", "SwinIR 4x"]
+    names = ["4x_SRFormer", "DAT x2", "ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3", "SwinIR 4x"]
     assert list(library.listing()) == names
     entries = {e["name"]: e for e in library.api_listing()}
-    assert set(entries) == set(names) - {"4x_DAT"}  # the file it cannot run left out
+    assert set(entries) == set(names) - {"4x_SRFormer"}  # the file it cannot run left out
     families = {name: (e["model_name"], e["scale"]) for name, e in entries.items()}
-    assert families == {"ESRGAN_4x": ("ESRGAN", 4), "R-ESRGAN 4x+": ("RealESRGAN", 4),
+    assert families == {"ESRGAN_4x": ("ESRGAN", 4), "R-ESRGAN 4x+": ("RealESRGAN", 4), "DAT x2": ("DAT", 2),
                         "R-ESRGAN General 4xV3": ("RealESRGAN", 4), "SwinIR 4x": ("SwinIR", 4)}  # fmt: skip
     assert library("R-ESRGAN 4x+") is library("RealESRGAN_x4plus")  # by A1111's name or the file's, loaded once
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*SwinIR upscalers"):
-        library("4x_DAT")
-    with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_DAT, ESRGAN_4x"):
+    assert library("DAT x2").network.dtype == mx.float32
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*SwinIR, DAT upscalers"):
+        library("4x_SRFormer")
+    with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")
     torch.save({"model.0.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "broken.pth")
     with pytest.raises(ConversionError, match="without residual dense blocks"):

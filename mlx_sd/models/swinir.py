@@ -87,23 +87,24 @@ def residual_convs(dim: int, kind: str):
 
 
 @lru_cache(maxsize=16)
-def relative_position_index(window: int) -> np.ndarray:
-    """(N, N) index into the bias table of every pair of positions in a window (N = window^2)."""
-    coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij")).reshape(2, -1)
-    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (window - 1)
-    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+def relative_position_index(height: int, width: int) -> np.ndarray:
+    """(N, N) index into the bias table of every pair of positions in a height x width window (N = height x width):
+    the table lists the offsets (dy, dx), dy major, each from -(side - 1) to side - 1."""
+    coords = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing="ij")).reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (height - 1, width - 1)
+    return rel[..., 0] * (2 * width - 1) + rel[..., 1]
 
 
 @lru_cache(maxsize=16)
-def shift_mask(height: int, width: int, window: int, shift: int) -> np.ndarray:
-    """(nW, N, N) additive mask of the shifted windows: 0 within a region, -100 between regions (the original's
-    `calculate_mask`)."""
+def shift_mask(height: int, width: int, window: tuple[int, int], shift: tuple[int, int]) -> np.ndarray:
+    """(nW, N, N) additive mask of the windows (window[0] x window[1] pixels) of a map rolled back by `shift`: 0
+    within a region, -100 between regions (the original's `calculate_mask`)."""
     regions = np.zeros((height, width), np.float32)
-    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    for i, (h, w) in enumerate((h, w) for h in cuts for w in cuts):
+    cuts = [(slice(0, -w), slice(-w, -s), slice(-s, None)) for w, s in zip(window, shift, strict=True)]
+    for i, (h, w) in enumerate((h, w) for h in cuts[0] for w in cuts[1]):
         regions[h, w] = i
-    windows = regions.reshape(height // window, window, width // window, window).transpose(0, 2, 1, 3)
-    windows = windows.reshape(-1, window * window)
+    wh, ww = window
+    windows = regions.reshape(height // wh, wh, width // ww, ww).transpose(0, 2, 1, 3).reshape(-1, wh * ww)
     return np.where(windows[:, None, :] != windows[:, :, None], MASKED, 0.0).astype(np.float32)
 
 
@@ -119,7 +120,9 @@ class WindowAttention(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
         """x: (B*nW, N, C) windows; mask: (nW, N, N) or None."""
         N = x.shape[1]
-        bias = self.relative_position_bias_table[mx.array(relative_position_index(self.window).reshape(-1))]
+        bias = self.relative_position_bias_table[
+            mx.array(relative_position_index(self.window, self.window).reshape(-1))
+        ]
         out = window_attention(linear(self.qkv, x), self.heads, bias.reshape(N, N, self.heads).transpose(2, 0, 1), mask)
         return linear(self.proj, out)
 
@@ -152,7 +155,7 @@ class SwinTransformerBlock(nn.Module):
         if s:
             y = mx.roll(y, (-s, -s), axis=(1, 2))
         windows = y.reshape(B, H // ws, ws, W // ws, ws, C).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
-        mask = mx.array(shift_mask(H, W, ws, s)) if s else None
+        mask = mx.array(shift_mask(H, W, (ws, ws), (s, s))) if s else None
         y = self.attn(windows, mask).reshape(B, H // ws, W // ws, ws, ws, C).transpose(0, 1, 3, 2, 4, 5)
         y = y.reshape(B, H, W, C)
         if s:
