@@ -49,7 +49,8 @@ def sgemm_path(request, monkeypatch):
     "B,N,M,C,heads",
     [(2, 1024, 1024, 320, 8), (2, 1024, 77, 320, 8), (1, 1500, 1500, 512, 1), (2, 256, 256, 256, 4)],
 )
-def test_blocked_attention_matches_torch(B, N, M, C, heads, sgemm_path):
+def test_blocked_attention_matches_torch(B, N, M, C, heads, sgemm_path, row_kernels):
+    """Both products' paths, and the weights' exp2 by numba's kernel (cpu_kernels.exp2) or numpy's."""
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((B, n, C), dtype=np.float32) for n in (N, M, M))
     assert backend.attention_kernel(mx.float32) == "blocked"
@@ -323,6 +324,20 @@ def test_linear_with_activation_matches_torch(monkeypatch, row_kernels, activati
     t = F.linear(torch.from_numpy(x), *(torch.from_numpy(np.array(layer[k])) for k in layer))
     t = F.gelu(t) if activation == "gelu" else t * torch.sigmoid(1.702 * t)
     assert_close(layers.linear(layer, mx.array(x), activation), t.numpy(), 2e-6, f"linear + {activation}")
+
+
+def test_exp2_kernel_matches_float64():
+    """cpu_kernels.exp2 (the attention's weights): within 1 ulp of 2^x over float32's whole normal range, inf from 128
+    up (the attention's overflow test relies on it), 0 below -126.5, NaN kept; rows of any length."""
+    if not backend._numba_installed():
+        pytest.skip("numba is not installed")
+    x = np.concatenate([np.linspace(-126, 127.99, 400_003), [128, 200, np.inf, -127, -300, -np.inf, np.nan]])
+    x = x.astype(np.float32)
+    got = cpu_kernels.exp2(x.reshape(-1, 13).copy()).reshape(-1)
+    exact = np.exp2(x[:-7].astype(np.float64))
+    assert np.abs(got[:-7] / exact - 1).max() < 1.2e-7  # float32's ulp is 1.2e-7 at most (relative)
+    np.testing.assert_array_equal(got[-7:-1], [np.inf, np.inf, np.inf, 0, 0, 0])
+    assert np.isnan(got[-1])
 
 
 def test_layer_norm_rows_far_from_zero_and_non_finite(row_kernels):

@@ -308,7 +308,12 @@ class Conv2d(nn.Conv2d):
         if self.circular and self.padding != (0, 0):
             return self._circular(x)
         plain = self.weight.shape[1:3] != (3, 3) or self.stride != (1, 1) or self.padding != (1, 1)
-        if plain or self.dilation not in (1, (1, 1)) or self.groups != 1:
+        if plain or self.dilation not in (1, (1, 1)):
+            return super().__call__(x)
+        if self.groups != 1:
+            depthwise = self.groups == x.shape[-1] == self.weight.shape[0]
+            if depthwise and backend.row_kernels(x.dtype) == "numba":  # MLX's grouped conv is slow on CPU
+                return cpu_kernels.depthwise3x3(x, self.weight, self.get("bias"))
             return super().__call__(x)
         return self._same3x3(x)
 
