@@ -92,7 +92,8 @@ def read_upscaler(path: str | Path, dtype: mx.Dtype | None = None, name: str | N
 
 
 def upscaler_listing(path: str | Path) -> dict:
-    """A1111's `GET /sdapi/v1/upscalers` entry of a file, its scale read from the shapes (no weight is read).
+    """A1111's `GET /sdapi/v1/upscalers` entry of a file, its scale read from the shapes (no weight is read; DAT's
+    window offsets, a small buffer, are).
     Raises ConversionError as read_upscaler."""
     path = Path(path).expanduser()
     config = _config(path, open_checkpoint(path))[0]

@@ -514,10 +514,10 @@ def kernel_call(kernel, *head, tail):
 def winograd_conv(x: mx.array, u: mx.array, bias: mx.array | None, strip_rows: int) -> mx.array:
     """The F(4x4, 3x3) convolution of a float32 (B, H, W, C) x by transformed filters u (36, O, C) (models/winograd.py),
     with its input and output transforms here: each tile read from x in place (its zero padding implied, no padded
-    copy), transformed as B^T d B in two 6x6 passes that skip the zero coefficients, and the products' tiles turned
-    back into pixels (A^T m A) plus the bias, written straight into the (B, H, W, O) output. As 36 x 36 and 16 x 36
-    BLAS products after a strided gather, these cost more than the 36 channel products themselves when O is small
-    (ESRGAN's 32-channel dense convs: 18 of 30 ms at 192x192). Strips of `strip_rows` tile rows bound the
+    copy), transformed as B^T d B in two passes of written-out arithmetic over the channels, and the products' tiles
+    turned back into pixels (A^T m A) plus the bias, written straight into the (B, H, W, O) output. As 36 x 36 and
+    16 x 36 BLAS products after a strided gather, these cost more than the 36 channel products themselves when O is
+    small (ESRGAN's 32-channel dense convs: 18 of 30 ms at 192x192). Strips of `strip_rows` tile rows bound the
     transform-domain buffers."""
     xn = _rows(x).reshape(x.shape)
     B, H, W, C = x.shape
