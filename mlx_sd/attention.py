@@ -63,7 +63,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, mask: mx.array 
 
 
 def window_attention(qkv: mx.array, heads: int, bias: mx.array, mask: mx.array | None = None) -> mx.array:
-    """softmax(q k^T / sqrt(d) + bias + mask) v within windows: Swin's attention (SwinIR's upscalers).
+    """softmax(q k^T / sqrt(d) + bias + mask) v within windows: Swin's attention (the SwinIR and DAT upscalers).
 
     Args:
         qkv: (Bw, N, 3C) the windows' fused projection, [q | k | v] with the heads side by side in each.
