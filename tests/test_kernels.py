@@ -326,6 +326,22 @@ def test_linear_with_activation_matches_torch(monkeypatch, row_kernels, activati
     assert_close(layers.linear(layer, mx.array(x), activation), t.numpy(), 2e-6, f"linear + {activation}")
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_depthwise_and_grouped_convs_match_torch(monkeypatch, row_kernels, bias):
+    """3x3 depthwise convolutions (DAT's) by numba's kernel (cpu_kernels.depthwise3x3: rows split unevenly across
+    three workers, batch 2, zero padding at every edge) or MLX's grouped conv; other groupings by MLX's."""
+    monkeypatch.setattr(cpu_kernels, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(backend, "cpu_threads", lambda: 3)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 7, 9, 12)).astype(np.float32)
+    for groups in (12, 3):
+        conv = layers.Conv2d(12, 12, 3, padding=1, groups=groups, bias=bias)
+        w = torch.from_numpy(np.array(conv.weight)).permute(0, 3, 1, 2)
+        b = torch.from_numpy(np.array(conv.bias)) if bias else None
+        ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), w, b, padding=1, groups=groups)
+        assert_close(conv(mx.array(x)), ref.permute(0, 2, 3, 1).numpy(), 1e-6, f"conv with {groups} groups")
+
+
 def test_exp2_kernel_matches_float64():
     """cpu_kernels.exp2 (the attention's weights): within 1 ulp of 2^x over float32's whole normal range, inf from 128
     up (the attention's overflow test relies on it), 0 below -126.5, NaN kept; rows of any length."""
