@@ -390,11 +390,16 @@ def _fresh(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
 
 def _over_rows(kernel, inputs: tuple[np.ndarray, ...], out: np.ndarray, *args) -> None:
     """kernel(*row block of each input, *args, row block of out) in one row block per worker thread."""
-    rows = out.shape[0]
-    blocks = backend.cpu_threads() if out.size >= SPLIT_MIN_ELEMENTS else 1
-    bounds = [rows * i // blocks for i in range(blocks + 1)]
-    spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    spans = [(lo, hi) for _, lo, hi in _image_rows(1, out.shape[0], out.size)]
     backend.cpu_map(lambda s: kernel(*(x[s[0] : s[1]] for x in inputs), *args, out[s[0] : s[1]]), spans)
+
+
+def _image_rows(images: int, rows: int, size: int, start: int = 0) -> list[tuple[int, int, int]]:
+    """(image, first row, end row) tasks: each image's rows start..start + rows in one span per worker thread (one
+    span where the work, `size` elements, is too small to split)."""
+    parts = backend.cpu_threads() if size >= SPLIT_MIN_ELEMENTS else 1
+    bounds = [start + rows * i // parts for i in range(parts + 1)]
+    return [(n, lo, hi) for n in range(images) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
@@ -469,9 +474,7 @@ def group_norm(x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: 
     xn = _rows(x).reshape(B, -1, C)
     P, per_group = xn.shape[1], C // groups
     kernels = _kernels()
-    blocks = backend.cpu_threads() if xn[0].size >= SPLIT_MIN_ELEMENTS else 1
-    bounds = [P * i // blocks for i in range(blocks + 1)]
-    tasks = [(b, lo, hi) for b in range(B) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+    tasks = _image_rows(B, P, xn[0].size)
     means, m2s = np.zeros((len(tasks), C)), np.zeros((len(tasks), C))
     block_rows = max(1, GROUP_NORM_BLOCK_BYTES // (4 * C))
 
@@ -527,11 +530,9 @@ def winograd_conv(x: mx.array, u: mx.array, bias: mx.array | None, strip_rows: i
     b = _vector(bias, O)
     ut = u.swapaxes(1, 2)  # (36, C, O)
     tile_rows, tiles_per_row = -(-H // 4), -(-W // 4)
-    parts = backend.cpu_threads() if x.size >= SPLIT_MIN_ELEMENTS else 1
     for start in range(0, tile_rows, strip_rows):
         rows = min(strip_rows, tile_rows - start)
-        bounds = [start + rows * i // parts for i in range(parts + 1)]
-        tasks = [(n, lo, hi, start, rows) for n in range(B) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        tasks = [(*task, start, rows) for task in _image_rows(B, rows, x.size, start)]
         v, vn = _fresh((36, B * rows * tiles_per_row, C))
         backend.cpu_map(kernel_call(kernels.winograd_tiles, xn, tail=vn), tasks)
         m = v @ ut
@@ -548,8 +549,6 @@ def depthwise3x3(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.arr
     B, H, W, C = x.shape
     taps = np.ascontiguousarray(np.asarray(weight.astype(mx.float32)).reshape(C, 9).T)  # (9, C)
     y, out = _fresh((B, H, W, C))
-    parts = backend.cpu_threads() if x.size >= SPLIT_MIN_ELEMENTS else 1
-    bounds = [H * i // parts for i in range(parts + 1)]
-    tasks = [(n, lo, hi) for n in range(B) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    tasks = _image_rows(B, H, x.size)
     backend.cpu_map(kernel_call(_kernels().depthwise3x3, xn, taps, _vector(bias, C), tail=out), tasks)
     return y
