@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("upscale", help="enlarge images with an upscaler: ESRGAN models, Lanczos (A1111's Extras)")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--upscaler", required=True,
-                   help=f"an upscaler file (.pth/.safetensors: ESRGAN, Real-ESRGAN, SwinIR, DAT), a name in "
+                   help=f"an upscaler file (.pth/.safetensors: ESRGAN, Real-ESRGAN, SwinIR, DAT, ScuNET), a name in "
                         f"--upscaler-dir (e.g. \"R-ESRGAN 4x+\") or one of {', '.join(IMAGE_UPSCALERS)}")  # fmt: skip
     add_upscaler_dir(p)
     size = p.add_mutually_exclusive_group()
@@ -30,7 +30,11 @@ def add_parser(sub) -> None:
     p.add_argument("--max-side-length", type=int, default=0, help="with --scale: cap the longer side (0: no cap)")
     p.add_argument("--upscaler-2", help="a second upscaler to blend in")
     p.add_argument("--upscaler-2-visibility", type=float, default=0.5, help="its share of the blend (0-1)")
-    p.add_argument("--tile", type=int, default=TILE, help="model tile size in pixels (0: whole image at once)")
+    p.add_argument(
+        "--tile",
+        type=int,
+        help=f"model tile size in pixels (0: whole image at once; default: A1111's, {TILE}, ScuNET 256)",
+    )
     p.add_argument("--tile-overlap", type=int, default=TILE_OVERLAP, help="model tile overlap in pixels")
     p.add_argument(
         "--output",
@@ -88,7 +92,8 @@ def run_upscale(args) -> None:
         upscalers.append(resolve_upscaler(args.upscaler_2, args.upscaler_dir))
     for upscaler in upscalers:
         if not isinstance(upscaler, str):
-            upscaler.tile, upscaler.tile_overlap = args.tile, args.tile_overlap
+            upscaler.tile = upscaler.tile if args.tile is None else args.tile
+            upscaler.tile_overlap = args.tile_overlap
     for i, path in enumerate(args.images):
         try:
             with Image.open(path) as opened:

@@ -13,11 +13,12 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
   the classical, lightweight and restoration models; its relative-position indices and shift masks are recomputed;
 - DAT (`before_RG.1`, `layers.N.blocks.M.attn.attns.K.pos...`): A1111's "DAT x2", "DAT x3", "DAT x4", DAT-S, DAT-2
   and DAT-light; the window size is read from the position-bias offsets (`rpe_biases`, one small tensor), the other
-  buffers are recomputed.
+  buffers are recomputed;
+- SCUNet (`m_head`, `m_down1.N`, ..., `m_tail`): A1111's "ScuNET" and "ScuNET PSNR" (1x denoisers).
 
 The configuration is read from the shapes (width, blocks, growth, upsampling stages; in/out channels give the
 unshuffle factor; SwinIR's and DAT's head, depths, heads and window), as spandrel decides it, and the file is mapped
-strictly. Other architectures (HAT, SRFormer, LDSR, ScuNET, ...) are refused by name.
+strictly. Other architectures (HAT, SRFormer, LDSR, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import mlx.core as mx
 from mlx_sd.model_upscaler import ModelUpscaler
 from mlx_sd.models.dat import DAT, DATConfig
 from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetCompact
+from mlx_sd.models.scunet import SCUNet, SCUNetConfig
 from mlx_sd.models.swinir import SwinIR, SwinIRConfig
 
 from .keymap import ConversionError, Rule, load_mapped, tensor_shapes
@@ -44,6 +46,8 @@ A1111_NAMES = {
     "DAT_x2": "DAT x2",  # modules/dat_model.py's releases (HF w-e-w/DAT)
     "DAT_x3": "DAT x3",
     "DAT_x4": "DAT x4",
+    "scunet_color_real_gan": "ScuNET",  # modules/scunet_model.py's (saved by A1111 as ScuNET.pth)
+    "scunet_color_real_psnr": "ScuNET PSNR",
     "RealESRGAN_x4plus": "R-ESRGAN 4x+",
     "RealESRGAN_x4plus_anime_6B": "R-ESRGAN 4x+ Anime6B",
     "RealESRGAN_x2plus": "R-ESRGAN 2x+",
@@ -51,16 +55,16 @@ A1111_NAMES = {
     "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
     "realesr-animevideov3": "R-ESRGAN AnimeVideo",
 }
-SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT"
+SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET"
 SWINIR_KEY = "layers.0.residual_group.blocks.0.attn.relative_position_index"  # HAT has it too, and HAT_KEY
 HAT_KEY = "layers.0.residual_group.blocks.0.conv_block.cab.0.weight"
 DAT_KEY = "layers.0.blocks.0.attn.attns.0.rpe_biases"
-NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT}
+NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
+            SCUNetConfig: SCUNet}  # fmt: skip
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
     (HAT_KEY, "HAT"),
     ("conv_after_body.weight", "transformer (SRFormer, ...)"),
     ("model.diffusion_model.input_blocks.0.0.weight", "LDSR (latent diffusion)"),
-    ("m_head.0.weight", "ScuNET"),
     ("stylegan_decoder.to_rgb1.weight", "GFPGAN (face restoration)"),
 )
 
@@ -85,8 +89,8 @@ def read_upscaler(path: str | Path, dtype: mx.Dtype | None = None, name: str | N
     state = open_checkpoint(path)
     config, rules = _config(path, state)
     network = NETWORKS[type(config)](config)
-    if isinstance(config, (SwinIRConfig, DATConfig)):
-        dtype = mx.float32  # spandrel (and so A1111) never runs SwinIR or DAT in half precision
+    if isinstance(config, (SwinIRConfig, DATConfig, SCUNetConfig)):
+        dtype = mx.float32  # spandrel (so A1111) never runs SwinIR or DAT in half precision; ScuNET's -inf masks too
     load_mapped("upscaler", network, state, rules, dtype or default_dtype())
     return ModelUpscaler(network, name or upscaler_name(path))
 
@@ -97,18 +101,20 @@ def upscaler_listing(path: str | Path) -> dict:
     Raises ConversionError as read_upscaler."""
     path = Path(path).expanduser()
     config = _config(path, open_checkpoint(path))[0]
-    family = {SwinIRConfig: "SwinIR", DATConfig: "DAT"}.get(type(config), "ESRGAN")
+    family = {SwinIRConfig: "SwinIR", DATConfig: "DAT", SCUNetConfig: "ScuNET"}.get(type(config), "ESRGAN")
     if isinstance(config, CompactConfig) or (path.stem in A1111_NAMES and family == "ESRGAN"):
         family = "RealESRGAN"  # A1111's upscaler family for the Real-ESRGAN releases
     return {"name": upscaler_name(path), "model_name": family, "model_path": str(path), "model_url": None,
             "scale": config.scale}  # fmt: skip
 
 
-def _config(path: Path, state) -> tuple[ESRGANConfig | CompactConfig | SwinIRConfig | DATConfig, list[Rule]]:
+def _config(path: Path, state) -> tuple[object, list[Rule]]:
     """The network's configuration and the key map onto its names."""
     stripped = {_strip(key): shape for key, shape in tensor_shapes(state).items()}
     if SWINIR_KEY in stripped and HAT_KEY not in stripped:
         return _swinir_config(stripped)
+    if "m_head.0.weight" in stripped and "m_tail.0.weight" in stripped:
+        return _scunet_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if DAT_KEY in stripped:
         offsets = next(state[k] for k in state if _strip(k) == DAT_KEY)
         return _dat_config(stripped, tuple(int(v) + 1 for v in offsets[-1]))
@@ -265,3 +271,13 @@ def _dat_config(shapes: dict, window: tuple[int, int]) -> tuple[DATConfig, list[
         Rule(r"(?:module\.)?(.+)", r"\1"),
     ]  # fmt: skip
     return config, rules
+
+
+def _scunet_config(shapes: dict) -> SCUNetConfig:
+    """SCUNet's width and blocks per level (the down stages end in their strided conv, the up stages start with
+    their transposed one), as spandrel reads them."""
+    dim, in_channels = shapes["m_head.0.weight"][:2]
+    count = {name: len(_indices(shapes, rf"{name}\.(\d+)\..+")) for name in
+             ("m_down1", "m_down2", "m_down3", "m_body", "m_up3", "m_up2", "m_up1")}  # fmt: skip
+    blocks = tuple(n if name == "m_body" else n - 1 for name, n in count.items())
+    return SCUNetConfig(in_channels=in_channels, dim=dim, config=blocks)

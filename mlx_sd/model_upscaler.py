@@ -1,4 +1,4 @@
-"""Model upscalers (ESRGAN, Real-ESRGAN, SwinIR, DAT: `mlx_sd.models`) run on images as AUTOMATIC1111 runs them.
+"""Model upscalers (ESRGAN, Real-ESRGAN, SwinIR, DAT, ScuNET: `mlx_sd.models`) run on images as A1111 runs them.
 
 A1111 (1.8+, through spandrel) upscales with an ESRGAN-family network in `upscaler_utils.upscale_with_model`: the
 image is cut into 192 x 192 tiles overlapping by 8 pixels (`images.split_grid`, its `ESRGAN_tile` /
@@ -10,7 +10,8 @@ input must be a multiple of some size (Real-ESRGAN 2x+) gets its input padded on
 (then by repetition) and the output cropped, as spandrel's `ImageModelDescriptor` does. SwinIR goes through
 `upscale_2` instead: the same BGR input as floats, square tiles (192, or the image's shorter side) stepping by
 tile - 8 with the last flush with the edge, each output clamped, the overlaps averaged in float32, then rounded to 8
-bits once. DAT goes through `upscale_with_model` as ESRGAN does (its own `DAT_tile` settings, the same defaults).
+bits once. DAT goes through `upscale_with_model` as ESRGAN does (its own `DAT_tile` settings, the same defaults),
+ScuNET through `upscale_2` with 256-pixel tiles (`SCUNET_tile`).
 The network says which (`a1111_tiling`). Here the tiles of an image run through the network a few at a
 time, one batch per evaluation.
 """
@@ -37,16 +38,21 @@ class ModelUpscaler:
     """A loaded upscaling network with the name it is listed under.
 
     Attributes:
-        network: an `RRDBNet`, `SRVGGNetCompact`, `SwinIR` or `DAT` (its `config.scale`, `size_minimum`,
-            `size_multiple`, `a1111_tiling`).
+        network: an `RRDBNet`, `SRVGGNetCompact`, `SwinIR`, `DAT` or `SCUNet` (its `config.scale`, `size_minimum`,
+            `size_multiple`, `a1111_tiling`, optionally `a1111_tile`).
         name: e.g. "R-ESRGAN 4x+" or "4x-UltraSharp".
-        tile, tile_overlap: A1111's tiling; tile 0 runs the whole image at once.
+        tile, tile_overlap: A1111's tiling (its defaults: 192 and 8, ScuNET's tile 256); tile 0 runs the whole image
+            at once.
     """
 
     network: nn.Module
     name: str
-    tile: int = TILE
+    tile: int | None = None  # None: the network's A1111 default (`a1111_tile`, else TILE)
     tile_overlap: int = TILE_OVERLAP
+
+    def __post_init__(self):
+        if self.tile is None:
+            self.tile = getattr(self.network, "a1111_tile", TILE)
 
     @property
     def scale(self) -> int:

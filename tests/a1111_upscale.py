@@ -25,11 +25,12 @@ def spandrel(architecture: str):
 
 
 def load_descriptor(state_dict: dict):
-    """spandrel's ModelDescriptor for an ESRGAN-family, SwinIR or DAT state dict (its canonicalisation and
+    """spandrel's ModelDescriptor for an ESRGAN-family, SwinIR, DAT or SCUNet state dict (its canonicalisation and
     architecture detection)."""
     _bare_package("spandrel")
     canonical = importlib.import_module("spandrel.__helpers.canonicalize").canonicalize_state_dict(state_dict)
-    architectures = [spandrel(name).__dict__[f"{name}Arch"]() for name in ("ESRGAN", "Compact", "SwinIR", "DAT")]
+    names = ("ESRGAN", "Compact", "SwinIR", "DAT", "SCUNet")
+    architectures = [spandrel(name).__dict__[f"{name}Arch"]() for name in names]
     for arch in architectures:
         if arch.detect(canonical):
             with warnings.catch_warnings():  # SwinIR's torch.meshgrid call without `indexing` (spandrel's, harmless)
@@ -155,8 +156,8 @@ def upscale(img, scale, do_upscale):
 
 def resize_image(im, w, h, upscaler, tile_size=192, tile_overlap=8):
     """`images.resize_image(0, im, w, h, upscaler)`: "None", "Lanczos", "Nearest" (`UpscalerLanczos` /
-    `UpscalerNearest`: one resize by the scale per pass) or a spandrel model (SwinIR through `upscale_2`, the others
-    through `upscale_with_model`)."""
+    `UpscalerNearest`: one resize by the scale per pass) or a spandrel model (SwinIR and ScuNET through `upscale_2`,
+    the others through `upscale_with_model`)."""
     if upscaler == "None":
         return im.resize((w, h), resample=Image.LANCZOS)
     scale = max(w / im.width, h / im.height)
@@ -164,7 +165,7 @@ def resize_image(im, w, h, upscaler, tile_size=192, tile_overlap=8):
         resample = Image.LANCZOS if upscaler == "Lanczos" else Image.NEAREST
         step = lambda img: img.resize((int(img.width * scale), int(img.height * scale)), resample=resample)  # noqa: E731
     else:
-        run = upscale_2 if upscaler.architecture.id == "SwinIR" else upscale_with_model
+        run = upscale_2 if upscaler.architecture.id in ("SwinIR", "SCUNet") else upscale_with_model
         step = lambda img: run(upscaler, img, tile_size, tile_overlap)  # noqa: E731
     if scale > 1.0:
         im = upscale(im, scale, step)

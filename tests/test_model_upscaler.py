@@ -89,6 +89,15 @@ def dat_state(seed: int = 0, **kwargs) -> dict:
     return network.state_dict()
 
 
+def scunet_state(seed: int = 0) -> dict:
+    """A random spandrel SCUNet's state dict (64 channels, the least its 32-wide heads allow; two blocks a level, so
+    that shifted windows run at every level)."""
+    network = _random(spandrel("SCUNet").SCUNet(config=[2, 2, 2, 2, 2, 2, 2], dim=64), seed)
+    with torch.no_grad():  # outputs of about 0.3 around 0 (it has no input skip): most pixels within [0, 1]
+        network.m_tail[0].weight *= 0.3 / network(_pixels((1, 3, 64, 64))).std()
+    return network.state_dict()
+
+
 def compact_state(seed: int = 0, **kwargs) -> dict:
     return _random(spandrel("Compact").Compact(**kwargs), seed).state_dict()
 
@@ -120,6 +129,7 @@ FILES = {  # file name -> its contents
     "SwinIR_jpeg.pth": lambda: swinir_state(upsampler="", upscale=1, window_size=7, img_size=14),  # [0, 255]
     "DAT_x2.pth": lambda: dat_state(upscale=2),  # A1111's "DAT x2": pixel-shuffle head, 1conv residuals
     "DAT_x3.safetensors": lambda: dat_state(upscale=3, qkv_bias=False),
+    "scunet_color_real_gan.pth": lambda: scunet_state(),  # A1111's "ScuNET" (1x)
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -172,6 +182,7 @@ def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
     ("003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth", (70, 52), (280, 208), 32, 1),  # SwinIR: averaged tiles
     ("SwinIR_classical_x2.pth", (36, 20), (72, 40), 32, 1),  # the tile shrinks to the shorter side
     ("DAT_x3.safetensors", (48, 40), (144, 120), 32, 1),  # DAT: A1111's grid, as ESRGAN
+    ("scunet_color_real_gan.pth", (90, 70), (180, 140), 64, 1),  # ScuNET: averaged tiles, 1x, then Lanczos
 ])  # fmt: skip
 def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, tile, passes):
     state = FILES[name]()
@@ -184,23 +195,26 @@ def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, 
 
 def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     swinir = "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth"
-    for name in ("RealESRGAN_x4plus.pth", "ESRGAN_4x.pth", "realesr-general-x4v3.pth", swinir, "DAT_x2.pth"):
+    dat, scunet = "DAT_x2.pth", "scunet_color_real_gan.pth"
+    for name in ("RealESRGAN_x4plus.pth", "ESRGAN_4x.pth", "realesr-general-x4v3.pth", swinir, dat, scunet):
         _save(tmp_path, name, FILES[name]())
     (tmp_path / "sub").mkdir()
     _save(tmp_path / "sub", "4x_SRFormer.pth", {"conv_first.weight": torch.zeros(8, 3, 3, 3),
                                                  "conv_after_body.weight": torch.zeros(8, 8, 3, 3)})  # fmt: skip
     library = UpscalerLibrary(tmp_path, mx.float32)
-    names = ["4x_SRFormer", "DAT x2", "ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3", "SwinIR 4x"]
+    names = ["4x_SRFormer", "DAT x2", "ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3", "ScuNET", "SwinIR 4x"]
     assert list(library.listing()) == names
     entries = {e["name"]: e for e in library.api_listing()}
     assert set(entries) == set(names) - {"4x_SRFormer"}  # the file it cannot run left out
     families = {name: (e["model_name"], e["scale"]) for name, e in entries.items()}
     assert families == {"ESRGAN_4x": ("ESRGAN", 4), "R-ESRGAN 4x+": ("RealESRGAN", 4), "DAT x2": ("DAT", 2),
-                        "R-ESRGAN General 4xV3": ("RealESRGAN", 4), "SwinIR 4x": ("SwinIR", 4)}  # fmt: skip
+                        "R-ESRGAN General 4xV3": ("RealESRGAN", 4), "SwinIR 4x": ("SwinIR", 4),
+                        "ScuNET": ("ScuNET", 1)}  # fmt: skip
     assert library("R-ESRGAN 4x+") is library("RealESRGAN_x4plus")  # by A1111's name or the file's, loaded once
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
     assert library("DAT x2").network.dtype == mx.float32
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*SwinIR, DAT upscalers"):
+    assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*SwinIR, DAT, ScuNET upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")

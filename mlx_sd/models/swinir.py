@@ -249,7 +249,7 @@ class SwinIR(nn.Module):
         c = self.config
         _, H, W, _ = x.shape
         ws = c.window_size
-        x = _reflect_pad(x, -H % ws, -W % ws)
+        x = reflect_pad(x, -H % ws, -W % ws)
         mean = mx.array(DIV2K_MEAN if c.in_channels == 3 else (0.0,), x.dtype)
         x = (x - mean) * c.img_range
         if c.start_unshuffle > 1:
@@ -271,7 +271,7 @@ class SwinIR(nn.Module):
         return y[:, : H * c.upscale, : W * c.upscale]
 
 
-def _reflect_pad(x: mx.array, ph: int, pw: int) -> mx.array:
+def reflect_pad(x: mx.array, ph: int, pw: int) -> mx.array:
     """torch's F.pad(mode="reflect") on the bottom and right (pads smaller than the size)."""
     for axis, p in ((1, ph), (2, pw)):
         if p:
