@@ -105,6 +105,7 @@ UPSCALERS = {
                           "mlp_ratio": 2.0, "upscale": 4, "upsampler": "nearest+conv", "resi_connection": "3conv"}),
     "dat": ("DAT", {"img_size": 64, "embed_dim": 180, "split_size": [8, 32], "depth": [6] * 6, "num_heads": [6] * 6,
                     "expansion_factor": 2.0, "upscale": 4}),  # A1111's "DAT x4"
+    "scunet": ("SCUNet", {"config": [4] * 7, "dim": 64}),  # A1111's "ScuNET" (1x)
 }  # fmt: skip
 
 
