@@ -307,6 +307,12 @@ class Conv2d(nn.Conv2d):
     def __call__(self, x: mx.array) -> mx.array:
         if self.circular and self.padding != (0, 0):
             return self._circular(x)
+        if self.weight.shape[1:3] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0) and self.groups == 1:
+            # a 1x1 convolution is a product over the pixels: MLX's CPU conv took 1.25-1.85x longer (SD1.5's
+            # proj_in/proj_out at 64x64, the VAE's shortcuts, SCUNet's 1x1s)
+            O, C = self.weight.shape[0], x.shape[-1]
+            y = x.reshape(-1, C) @ self.weight.reshape(O, C).T
+            return (y + self.bias if "bias" in self else y).reshape(*x.shape[:-1], O)
         plain = self.weight.shape[1:3] != (3, 3) or self.stride != (1, 1) or self.padding != (1, 1)
         if plain or self.dilation not in (1, (1, 1)):
             return super().__call__(x)
