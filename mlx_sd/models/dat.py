@@ -25,7 +25,16 @@ import numpy as np
 
 from ..attention import window_attention
 from .layers import Conv2d, LayerNorm, gelu, linear, linear_plus
-from .swinir import DIV2K_MEAN, LeakyReLU, PixelShuffle, relative_position_index, residual_convs, sequential, shift_mask
+from .swinir import (
+    DIV2K_MEAN,
+    LeakyReLU,
+    PixelShuffle,
+    pixelshuffle_stages,
+    relative_position_index,
+    residual_convs,
+    sequential,
+    shift_mask,
+)
 
 
 @dataclass(frozen=True)
@@ -277,12 +286,7 @@ class DAT(nn.Module):
         self.conv_after_body = residual_convs(d, c.resi_connection)
         if c.upsampler == "pixelshuffle":
             self.conv_before_upsample = [Conv2d(d, f, 3, padding=1), LeakyReLU(0.01)]  # torch's default slope
-            stages = (
-                [(Conv2d(f, 9 * f, 3, padding=1), PixelShuffle(3))]
-                if c.upscale == 3
-                else [(Conv2d(f, 4 * f, 3, padding=1), PixelShuffle(2)) for _ in range(c.upscale.bit_length() - 1)]
-            )
-            self.upsample = [m for stage in stages for m in stage]
+            self.upsample = pixelshuffle_stages(f, c.upscale)
             self.conv_last = Conv2d(f, c.in_channels, 3, padding=1)
         else:
             self.upsample = [Conv2d(d, c.upscale**2 * c.in_channels, 3, padding=1), PixelShuffle(c.upscale)]

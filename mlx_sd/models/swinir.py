@@ -86,6 +86,15 @@ def residual_convs(dim: int, kind: str):
             Conv2d(quarter, dim, 3, padding=1)]  # fmt: skip
 
 
+def pixelshuffle_stages(num_feat: int, scale: int) -> list:
+    """The original's `Upsample` (SwinIR's and DAT's "pixelshuffle" head): a conv to 4x the channels and a 2x pixel
+    shuffle per octave, or one conv to 9x and a 3x shuffle; as one list, its Sequential indices kept."""
+    if scale == 3:
+        return [Conv2d(num_feat, 9 * num_feat, 3, padding=1), PixelShuffle(3)]
+    stage = lambda: [Conv2d(num_feat, 4 * num_feat, 3, padding=1), PixelShuffle(2)]  # noqa: E731
+    return [m for _ in range(scale.bit_length() - 1) for m in stage()]
+
+
 @lru_cache(maxsize=16)
 def relative_position_index(height: int, width: int) -> np.ndarray:
     """(N, N) index into the bias table of every pair of positions in a height x width window (N = height x width):
@@ -209,12 +218,7 @@ class SwinIR(nn.Module):
         if c.upsampler in ("nearest+conv", "pixelshuffle"):
             self.conv_before_upsample = [Conv2d(d, f, 3, padding=1), LeakyReLU(0.01)]  # torch's default slope
         if c.upsampler == "pixelshuffle":
-            stages = (
-                [(Conv2d(f, 9 * f, 3, padding=1), PixelShuffle(3))]
-                if c.upscale == 3
-                else [(Conv2d(f, 4 * f, 3, padding=1), PixelShuffle(2)) for _ in range(c.upscale.bit_length() - 1)]
-            )
-            self.upsample = [m for stage in stages for m in stage]
+            self.upsample = pixelshuffle_stages(f, c.upscale)
             self.conv_last = Conv2d(f, c.out_channels, 3, padding=1)
         elif c.upsampler == "pixelshuffledirect":
             self.upsample = [Conv2d(d, c.upscale**2 * c.out_channels, 3, padding=1), PixelShuffle(c.upscale)]
