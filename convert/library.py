@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_sd.infotext import a1111_title
 from mlx_sd.lora import LoRA, LoRATargets
 from mlx_sd.textual_inversion import Embedding, check_embedding
 
@@ -217,7 +218,7 @@ class ControlNetLibrary(NetworkFolder):
         found = {folder.name: folder for folder in folders}
         for path in _files(self.folder, CONTROLNET_EXTENSIONS):
             if path.parent not in folders:  # a diffusers folder's weights are listed as the folder
-                found[f"{path.stem} [{a1111_hash(path)}]"] = path
+                found[a1111_title(path.stem, a1111_hash(path))] = path
         return dict(sorted(found.items()))
 
     def find(self, name: str) -> Path:

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from .images import RESIZE_MODES, resize
+from .infotext import a1111_title
 from .models import ControlNetModel, UNetConfig
 from .models.t2i_adapter import T2IAdapter
 from .models.unet import skip_channels
@@ -69,7 +70,7 @@ class ControlNet:
 
     @property
     def title(self) -> str:
-        return f"{self.name} [{self.short_hash}]" if self.short_hash else self.name
+        return a1111_title(self.name, self.short_hash)
 
     @property
     def is_adapter(self) -> bool:

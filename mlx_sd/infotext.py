@@ -16,12 +16,15 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, PngImagePlugin
 
-from .params import GenerationRequest
 from .samplers import FOLLOW, SamplingPlan, resolve
 from .schedules import schedule_type
+
+if TYPE_CHECKING:  # params imports controlnet, which titles its models with a1111_title
+    from .params import GenerationRequest
 
 PNG_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -45,6 +48,11 @@ def _unquote(text: str) -> str:
         except json.JSONDecodeError:
             return text
     return text
+
+
+def a1111_title(name: str, short_hash: str) -> str:
+    """How A1111 lists a checkpoint, ControlNet or adapter: "name [short hash]", or the name alone without a hash."""
+    return f"{name} [{short_hash}]" if short_hash else name
 
 
 def format_params(params: Mapping[str, object]) -> str:

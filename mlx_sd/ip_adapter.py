@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .attention import attention
+from .infotext import a1111_title
 from .models.clip_vision import CLIP_MEAN, CLIP_STD, CLIPVisionModelWithProjection
 from .models.layers import LayerNorm
 
@@ -151,7 +152,7 @@ class IPAdapter:
 
     @property
     def title(self) -> str:
-        return f"{self.name} [{self.short_hash}]" if self.short_hash else self.name
+        return a1111_title(self.name, self.short_hash)
 
     def check(self, unet) -> None:
         """Raise ValueError unless this adapter fits `unet` (one layer per cross-attention layer, same widths)."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from mlx_sd import backend, sd_upscale
-from mlx_sd.infotext import save_png
+from mlx_sd.infotext import a1111_title, save_png
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Cancelled, Control, Pipeline, Progress, Result
 from mlx_sd.sd_upscale import SDUpscale
@@ -193,7 +193,7 @@ class Engine:
         self.controlnets = ControlNetLibrary(controlnet_dir) if controlnet_dir is not None else None
         self.upscalers = UpscalerLibrary(upscaler_dir) if upscaler_dir is not None else None
         self.ip_adapter_paths = ip_adapter
-        self.ip_adapter_title = f"{ip_adapter[0].stem} [{a1111_hash(ip_adapter[0])}]" if ip_adapter else None
+        self.ip_adapter_title = a1111_title(ip_adapter[0].stem, a1111_hash(ip_adapter[0])) if ip_adapter else None
         self._ip_adapter = None  # read on the worker thread, with the first model
         self._ip_adapter_refused: str | None = None  # why the loaded model runs without it
 

@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_sd.infotext import a1111_title
 from mlx_sd.model import MANIFEST, ModelInfo
 from mlx_sd.params import FamilyDefaults, defaults_for
 
@@ -33,7 +34,7 @@ class ModelEntry:
     @property
     def title(self) -> str:
         """A1111's checkpoint title: "name [short hash]"."""
-        return f"{self.name} [{self.info.short_hash}]" if self.info.short_hash else self.name
+        return a1111_title(self.name, self.info.short_hash)
 
     @property
     def defaults(self) -> FamilyDefaults:
