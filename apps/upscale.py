@@ -20,8 +20,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("upscale", help="enlarge images with an upscaler: ESRGAN models, Lanczos (A1111's Extras)")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--upscaler", required=True,
-                   help=f"an upscaler file (.pth/.safetensors: ESRGAN, Real-ESRGAN, SwinIR, DAT, ScuNET), a name in "
-                        f"--upscaler-dir (e.g. \"R-ESRGAN 4x+\") or one of {', '.join(IMAGE_UPSCALERS)}")  # fmt: skip
+                   help="an upscaler file (.pth/.safetensors: ESRGAN, Real-ESRGAN, SwinIR, DAT, ScuNET, HAT), a name "
+                        f"in --upscaler-dir (e.g. \"R-ESRGAN 4x+\") or {', '.join(IMAGE_UPSCALERS)}")  # fmt: skip
     add_upscaler_dir(p)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--scale", type=float, default=4.0, help="scale by (default: %(default)s)")

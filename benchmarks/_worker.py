@@ -106,6 +106,8 @@ UPSCALERS = {
     "dat": ("DAT", {"img_size": 64, "embed_dim": 180, "split_size": [8, 32], "depth": [6] * 6, "num_heads": [6] * 6,
                     "expansion_factor": 2.0, "upscale": 4}),  # A1111's "DAT x4"
     "scunet": ("SCUNet", {"config": [4] * 7, "dim": 64}),  # A1111's "ScuNET" (1x)
+    "hat": ("HAT", {"img_size": 64, "embed_dim": 180, "depths": [6] * 6, "num_heads": [6] * 6, "window_size": 16,
+                    "compress_ratio": 3, "squeeze_factor": 30, "mlp_ratio": 2.0, "upscale": 4}),  # Real_HAT_GAN_SRx4
 }  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""Model upscalers (A1111's "R-ESRGAN 4x+", "General 4xV3", "SwinIR 4x", "DAT x4", "ScuNET") beside spandrel/torch.
+"""Model upscalers (A1111's "R-ESRGAN 4x+", "General 4xV3", "SwinIR 4x", "DAT x4", "ScuNET"; Real_HAT_GAN_SRx4)
+beside spandrel/torch.
 
     python benchmarks/upscalers.py                  # one 192-pixel tile (A1111's tile) of each, 3 rounds
     python benchmarks/upscalers.py --tile 96 --arch esrgan,swinir --repeats 5
@@ -7,8 +8,8 @@ Full-size random-weight networks built by spandrel (the loader A1111 1.8+ and Co
 oracles), written as .pth and read by mlx-sd's reader, so both sides run the same weights on the same tile: mlx-sd
 in one worker process, torch in another, asked in turn after an untimed warm-up. Prints each side's median seconds,
 its FLOP rate (FLOPs counted by torch's `FlopCounterMode`) and the ratio to torch. `--device gpu` compares MLX's GPU
-with torch CUDA / MPS (mlx-sd runs ESRGAN in float16 there with `--dtype float16`; SwinIR, DAT and ScuNET always in
-float32). The tile is padded where a network needs it (ScuNET: to a multiple of 64; use --tile 128 for it).
+with torch CUDA / MPS (mlx-sd runs ESRGAN in float16 there with `--dtype float16`; SwinIR, DAT, ScuNET and HAT always
+in float32). The tile is padded where a network needs it (ScuNET: to a multiple of 64; use --tile 128 for it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from components import Worker, median_seconds
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="esrgan,compact,swinir,dat,scunet", help="comma-separated, of those five")
+    p.add_argument("--arch", default="esrgan,compact,swinir,dat,scunet,hat", help="comma-separated, of those six")
     p.add_argument("--tile", type=int, default=192, help="tile side in pixels (A1111's default: 192)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])

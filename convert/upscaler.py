@@ -14,11 +14,14 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
 - DAT (`before_RG.1`, `layers.N.blocks.M.attn.attns.K.pos...`): A1111's "DAT x2", "DAT x3", "DAT x4", DAT-S, DAT-2
   and DAT-light; the window size is read from the position-bias offsets (`rpe_biases`, one small tensor), the other
   buffers are recomputed;
-- SCUNet (`m_head`, `m_down1.N`, ..., `m_tail`): A1111's "ScuNET" and "ScuNET PSNR" (1x denoisers).
+- SCUNet (`m_head`, `m_down1.N`, ..., `m_tail`): A1111's "ScuNET" and "ScuNET PSNR" (1x denoisers);
+- HAT (`layers.N.residual_group.blocks.M.conv_block.cab...`, `overlap_attn`): Real_HAT_GAN_SRx4, HAT-S/HAT/HAT-L,
+  4xNomos8kSCHAT and the other community HAT models A1111 runs from `models/ESRGAN`; the windows are read from the
+  bias tables, the position-index buffers recomputed.
 
 The configuration is read from the shapes (width, blocks, growth, upsampling stages; in/out channels give the
-unshuffle factor; SwinIR's and DAT's head, depths, heads and window), as spandrel decides it, and the file is mapped
-strictly. Other architectures (HAT, SRFormer, LDSR, ...) are refused by name.
+unshuffle factor; SwinIR's, DAT's and HAT's head, depths, heads and window), as spandrel decides it, and the file is
+mapped strictly. Other architectures (SRFormer, LDSR, GFPGAN, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import mlx.core as mx
 from mlx_sd.model_upscaler import ModelUpscaler
 from mlx_sd.models.dat import DAT, DATConfig
 from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetCompact
+from mlx_sd.models.hat import HAT, HATConfig
 from mlx_sd.models.scunet import SCUNet, SCUNetConfig
 from mlx_sd.models.swinir import SwinIR, SwinIRConfig
 
@@ -55,14 +59,14 @@ A1111_NAMES = {
     "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
     "realesr-animevideov3": "R-ESRGAN AnimeVideo",
 }
-SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET"
+SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT"
 SWINIR_KEY = "layers.0.residual_group.blocks.0.attn.relative_position_index"  # HAT has it too, and HAT_KEY
 HAT_KEY = "layers.0.residual_group.blocks.0.conv_block.cab.0.weight"
 DAT_KEY = "layers.0.blocks.0.attn.attns.0.rpe_biases"
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
-            SCUNetConfig: SCUNet}  # fmt: skip
+            SCUNetConfig: SCUNet, HATConfig: HAT}  # fmt: skip
+FLOAT32_ONLY = (SwinIRConfig, DATConfig, SCUNetConfig, HATConfig)  # spandrel never runs these in half precision
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
-    (HAT_KEY, "HAT"),
     ("conv_after_body.weight", "transformer (SRFormer, ...)"),
     ("model.diffusion_model.input_blocks.0.0.weight", "LDSR (latent diffusion)"),
     ("stylegan_decoder.to_rgb1.weight", "GFPGAN (face restoration)"),
@@ -89,8 +93,8 @@ def read_upscaler(path: str | Path, dtype: mx.Dtype | None = None, name: str | N
     state = open_checkpoint(path)
     config, rules = _config(path, state)
     network = NETWORKS[type(config)](config)
-    if isinstance(config, (SwinIRConfig, DATConfig, SCUNetConfig)):
-        dtype = mx.float32  # spandrel (so A1111) never runs SwinIR or DAT in half precision; ScuNET's -inf masks too
+    if isinstance(config, FLOAT32_ONLY):
+        dtype = mx.float32  # as spandrel (so A1111) runs them; ScuNET's -inf masks need it too
     load_mapped("upscaler", network, state, rules, dtype or default_dtype())
     return ModelUpscaler(network, name or upscaler_name(path))
 
@@ -113,6 +117,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
     stripped = {_strip(key): shape for key, shape in tensor_shapes(state).items()}
     if SWINIR_KEY in stripped and HAT_KEY not in stripped:
         return _swinir_config(stripped)
+    if HAT_KEY in stripped:
+        return _hat_config(path, stripped)
     if "m_head.0.weight" in stripped and "m_tail.0.weight" in stripped:
         return _scunet_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if DAT_KEY in stripped:
@@ -281,3 +287,36 @@ def _scunet_config(shapes: dict) -> SCUNetConfig:
              ("m_down1", "m_down2", "m_down3", "m_body", "m_up3", "m_up2", "m_up1")}  # fmt: skip
     blocks = tuple(n if name == "m_body" else n - 1 for name, n in count.items())
     return SCUNetConfig(in_channels=in_channels, dim=dim, config=blocks)
+
+
+def _hat_config(path: Path, shapes: dict) -> tuple[HATConfig, list[Rule]]:
+    """HAT's configuration from its shapes (spandrel's rules; the windows from the bias tables: (2 window - 1)^2 and
+    (window + overlap - 1)^2 rows) and the map: its own names, the position-index buffers dropped."""
+    if "absolute_pos_embed" in shapes:
+        raise ConversionError(f"{path}: a HAT with an absolute position embedding, which runs only at its training "
+                              "size; mlx-sd runs HAT models without one (all published ones)")  # fmt: skip
+    embed_dim, in_channels = shapes["conv_first.weight"][:2]
+    num_feat = shapes["conv_last.weight"][1]
+    block = "layers.{}.residual_group.blocks.{}."
+    layers = _indices(shapes, r"layers\.(\d+)\.residual_group\.blocks\.0\.norm1\.weight")
+    depths = tuple(len(_indices(shapes, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.norm1\.weight")) for i in layers)
+    heads = tuple(shapes[f"layers.{i}.residual_group.overlap_attn.relative_position_bias_table"][1] for i in layers)
+    window = (math.isqrt(shapes[block.format(0, 0) + "attn.relative_position_bias_table"][0]) + 1) // 2
+    overlap = math.isqrt(shapes["layers.0.residual_group.overlap_attn.relative_position_bias_table"][0]) - window + 1
+    if (overlap - window) % 2:
+        raise ConversionError(f"{path}: a HAT whose overlapping windows ({overlap}) exceed its windows ({window}) by "
+                              "an odd count, which the original cannot run either")  # fmt: skip
+    convs = _indices(shapes, r"upsample\.(\d+)\.weight")  # one 9x conv for 3x, else one 4x conv per octave
+    upscale = 3 if convs and shapes["upsample.0.weight"][0] == 9 * num_feat else 2 ** len(convs)  # 1x: none
+    config = HATConfig(
+        in_channels=in_channels, embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=window,
+        overlap_window=overlap, conv_channels=shapes[block.format(0, 0) + "conv_block.cab.0.weight"][0],
+        squeeze_channels=shapes[block.format(0, 0) + "conv_block.cab.3.attention.1.weight"][0],
+        mlp_ratio=shapes[block.format(0, 0) + "mlp.fc1.weight"][0] / embed_dim,
+        qkv_bias=block.format(0, 0) + "attn.qkv.bias" in shapes, patch_norm="patch_embed.norm.weight" in shapes,
+        upscale=upscale, resi_connection="1conv" if "conv_after_body.weight" in shapes else "identity",
+        num_feat=num_feat,
+    )  # fmt: skip
+    buffers = "recomputed from the window sizes (relative_position_index_SA, relative_position_index_OCA)"
+    rules = [Rule(r"(?:module\.)?relative_position_index_(?:SA|OCA)", None, buffers), Rule(r"(?:module\.)?(.+)", r"\1")]
+    return config, rules

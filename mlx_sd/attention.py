@@ -62,67 +62,71 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, mask: mx.array 
     return _fused(q, k, v, heads, mask)
 
 
-def window_attention(qkv: mx.array, heads: int, bias: mx.array, mask: mx.array | None = None) -> mx.array:
-    """softmax(q k^T / sqrt(d) + bias + mask) v within windows: Swin's attention (the SwinIR and DAT upscalers).
+def window_attention(
+    q: mx.array, k: mx.array, v: mx.array, heads: int, bias: mx.array, mask: mx.array | None = None
+) -> mx.array:
+    """softmax(q k^T / sqrt(d) + bias + mask) v within windows: Swin's attention (SwinIR, DAT, ScuNET) and HAT's
+    overlapping cross-attention (keys from a larger window around each query window).
 
     Args:
-        qkv: (Bw, N, 3C) the windows' fused projection, [q | k | v] with the heads side by side in each.
+        q: (Bw, N, C) the windows' queries; k, v: (Bw, M, C) their keys and values (slices of one fused projection,
+            `mx.split(qkv, 3, axis=-1)`, are read in place), the heads side by side in the channels.
         heads: number of heads.
-        bias: (heads, N, N) additive, shared by every window (the relative position bias).
-        mask: None, or (nW, N, N) additive: window w of every image (Bw = images x nW) takes mask[w % nW].
+        bias: (heads, N, M) additive, shared by every window (the relative position bias).
+        mask: None, or (nW, N, M) additive: window w of every image (Bw = images x nW) takes mask[w % nW].
     Returns:
         (Bw, N, C).
 
     On the "blocked" backend (x86 CPU) `_windows_blocked`; elsewhere MLX's fused kernel over (images, nW x heads)
-    with bias and mask summed into one (nW x heads, N, N) mask.
+    with bias and mask summed into one (nW x heads, N, M) mask.
     """
-    Bw, N, C3 = qkv.shape
-    C = C3 // 3
-    if Bw * heads * N * N >= BLOCKED_MIN_SCORES and backend.attention_kernel(qkv.dtype) == "blocked":
-        return _windows_blocked(qkv, heads, bias, mask)
+    Bw, N, C = q.shape
+    M = k.shape[1]
+    if Bw * heads * N * M >= BLOCKED_MIN_SCORES and backend.attention_kernel(q.dtype) == "blocked":
+        return _windows_blocked(q, k, v, heads, bias, mask)
     nW = 1 if mask is None else mask.shape[0]
-    combined = bias[None] if mask is None else bias[None] + mask[:, None]  # (nW, heads, N, N)
-    q, k, v = (x.reshape(Bw // nW, nW, N, heads, C // heads) for x in mx.split(qkv, 3, axis=-1))
-    q, k, v = (x.transpose(0, 1, 3, 2, 4).reshape(Bw // nW, nW * heads, N, C // heads) for x in (q, k, v))
+    combined = bias[None] if mask is None else bias[None] + mask[:, None]  # (nW, heads, N, M)
+    q, k, v = (x.reshape(Bw // nW, nW, x.shape[1], heads, C // heads) for x in (q, k, v))
+    q, k, v = (x.transpose(0, 1, 3, 2, 4).reshape(Bw // nW, nW * heads, x.shape[2], C // heads) for x in (q, k, v))
     out = mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=(C // heads) ** -0.5, mask=combined.reshape(nW * heads, N, N).astype(q.dtype)
+        q, k, v, scale=(C // heads) ** -0.5, mask=combined.reshape(nW * heads, N, M).astype(q.dtype)
     )
     return out.reshape(Bw, heads, N, C // heads).transpose(0, 2, 1, 3).reshape(Bw, N, C)
 
 
-def _windows_blocked(qkv: mx.array, heads: int, bias: mx.array, mask: mx.array | None) -> mx.array:
+def _windows_blocked(q: mx.array, k: mx.array, v: mx.array, heads: int, bias: mx.array, mask: mx.array | None):
     """`window_attention` as `_small_heads` works (BLAS batched products on worker threads, exp2 unshifted with the
     exact redo), with the windows as the batch: each task takes one head of a run of windows within one image, reads
-    their q, k and v in place from the fused projection (one stride between windows), adds the head's bias and the
-    windows' masks (in base-2 units) to the scaled logits, and writes into the token-major output. MLX's own path
-    (score products per window and head, a bias pass, a mask pass and its scalar exp) took 2x torch's time."""
-    Bw, N, C3 = qkv.shape
-    C = C3 // 3
+    their q, k and v in place (one stride between windows), adds the head's bias and the windows' masks (in base-2
+    units) to the scaled logits, and writes into the token-major output. MLX's own path (score products per window
+    and head, a bias pass, a mask pass and its scalar exp) took 2x torch's time."""
+    Bw, N, C = q.shape
+    M = k.shape[1]
     d = C // heads
     scale = d**-0.5 * LOG2_E
-    mx.eval(qkv, bias, *(() if mask is None else (mask,)))
-    qn = np.asarray(qkv)
-    add = np.asarray(bias.astype(mx.float32)) * np.float32(LOG2_E)  # (heads, N, N)
+    mx.eval(q, k, v, bias, *(() if mask is None else (mask,)))
+    qn, kn, vn = (np.asarray(x) for x in (q, k, v))
+    add = np.asarray(bias.astype(mx.float32)) * np.float32(LOG2_E)  # (heads, N, M)
     nW = Bw if mask is None else mask.shape[0]  # runs of windows stay within one image (the masks' cycle)
-    shift = None if mask is None else np.asarray(mask.astype(mx.float32)) * np.float32(LOG2_E)  # (nW, N, N)
+    shift = None if mask is None else np.asarray(mask.astype(mx.float32)) * np.float32(LOG2_E)  # (nW, N, M)
     out = np.empty((Bw, N, C), np.float32)
-    per_task = max(1, min(SCORE_BLOCK_BYTES // (4 * N * N), -(-Bw * heads // (2 * backend.cpu_threads()))))
+    per_task = max(1, min(SCORE_BLOCK_BYTES // (4 * N * M), -(-Bw * heads // (2 * backend.cpu_threads()))))
     runs = [(w, min(w + per_task, i + nW)) for i in range(0, Bw, nW) for w in range(i, i + nW, per_task)]
     tasks = [(h, w0, w1) for h in range(heads) for w0, w1 in runs]
-    ones = np.ones((N, 1), np.float32)
+    ones = np.ones((M, 1), np.float32)
 
     def run(task):
         h, w0, w1 = task
         n = w1 - w0
-        q, k, v = (qn[w0:w1, :, i * C + h * d : i * C + (h + 1) * d] for i in range(3))  # (n, N, d) views
-        scores = sgemm_batch(q, k.transpose(0, 2, 1), np.empty((n, N, N), np.float32), alpha=scale)
+        q, k, v = (x[w0:w1, :, h * d : (h + 1) * d] for x in (qn, kn, vn))  # (n, N or M, d) views
+        scores = sgemm_batch(q, k.transpose(0, 2, 1), np.empty((n, N, M), np.float32), alpha=scale)
         scores += add[h]
         window_masks = None if shift is None else shift[w0 % nW : w0 % nW + n]
         if window_masks is not None:
             scores += window_masks
         with np.errstate(over="ignore"):  # overflow is checked below and the windows redone exactly
             _exp2(scores)
-        sums = (scores.reshape(-1, N) @ ones).reshape(n, N, 1)
+        sums = (scores.reshape(-1, M) @ ones).reshape(n, N, 1)
         o = out[w0:w1, :, h * d : (h + 1) * d]  # (n, N, d) view, heads interleaved
         with np.errstate(over="ignore", invalid="ignore"):
             np.divide(sgemm_batch(scores, v, np.empty((n, N, d), np.float32)), sums, out=o)

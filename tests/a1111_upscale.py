@@ -25,11 +25,11 @@ def spandrel(architecture: str):
 
 
 def load_descriptor(state_dict: dict):
-    """spandrel's ModelDescriptor for an ESRGAN-family, SwinIR, DAT or SCUNet state dict (its canonicalisation and
+    """spandrel's ModelDescriptor for an ESRGAN-family, HAT, SwinIR, DAT or SCUNet state dict (its canonicalisation and
     architecture detection)."""
     _bare_package("spandrel")
     canonical = importlib.import_module("spandrel.__helpers.canonicalize").canonicalize_state_dict(state_dict)
-    names = ("ESRGAN", "Compact", "SwinIR", "DAT", "SCUNet")
+    names = ("ESRGAN", "Compact", "HAT", "SwinIR", "DAT", "SCUNet")
     architectures = [spandrel(name).__dict__[f"{name}Arch"]() for name in names]
     for arch in architectures:
         if arch.detect(canonical):

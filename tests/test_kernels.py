@@ -120,15 +120,18 @@ def test_causal_attention_overflow_fallback_keeps_the_mask(monkeypatch, sgemm_pa
     assert_close(got, _reference_attention(q, k, v, heads, causal=True), 2e-6, "causal attention with fallback")
 
 
-def _reference_window_attention(qkv, heads, bias, mask):
-    """softmax(q k^T / sqrt(d) + bias + mask[w % nW]) v by torch, in float64."""
+def _reference_window_attention(qkv, heads, bias, mask, kv=None):
+    """softmax(q k^T / sqrt(d) + bias + mask[w % nW]) v by torch, in float64; q, k, v from the fused projection, or
+    q = qkv and k, v from `kv` (Bw, M, 2C)."""
     Bw, N, C3 = qkv.shape
-    q, k, v = torch.from_numpy(qkv).double().reshape(Bw, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    qkv, kv = torch.from_numpy(qkv).double(), None if kv is None else torch.from_numpy(kv).double()
+    q, k, v = qkv.chunk(3, dim=-1) if kv is None else (qkv, *kv.chunk(2, dim=-1))
+    q, k, v = (x.reshape(Bw, x.shape[1], heads, -1).transpose(1, 2) for x in (q, k, v))
     extra = torch.from_numpy(bias).double()[None].expand(Bw, -1, -1, -1)
     if mask is not None:
         extra = extra + torch.from_numpy(mask).double().repeat(Bw // len(mask), 1, 1)[:, None]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=extra)
-    return out.transpose(1, 2).reshape(Bw, N, C3 // 3).numpy()
+    return out.transpose(1, 2).reshape(Bw, N, -1).numpy()
 
 
 @pytest.mark.parametrize("path", ["blocked", "fused"])
@@ -147,11 +150,29 @@ def test_window_attention_matches_torch(monkeypatch, sgemm_path, path, masked):
     blocked = _calls(monkeypatch, "_windows_blocked")
     if path == "fused":
         monkeypatch.setattr(backend, "attention_kernel", lambda dtype: "fused")
-    got = attention_module.window_attention(
-        mx.array(qkv), heads, mx.array(bias), None if mask is None else mx.array(mask)
-    )
+    q, k, v = mx.split(mx.array(qkv), 3, axis=-1)
+    got = attention_module.window_attention(q, k, v, heads, mx.array(bias), None if mask is None else mx.array(mask))
     assert bool(blocked) == (path == "blocked")
     assert_close(got, _reference_window_attention(qkv, heads, bias, mask), 2e-6, f"{path} window attention")
+
+
+@pytest.mark.parametrize("path", ["blocked", "fused"])
+def test_overlapping_window_attention_matches_torch(monkeypatch, sgemm_path, path):
+    """HAT's overlapping cross-attention: 4x4 query windows against 6x6 key/value windows (N != M), the bias
+    (heads, N, M) added; the keys and values read in place from one (Bw, M, 2C) array."""
+    rng = np.random.default_rng(7)
+    Bw, N, M, C, heads = 6, 16, 36, 24, 2
+    q = rng.standard_normal((Bw, N, C), dtype=np.float32)
+    kv = rng.standard_normal((Bw, M, 2 * C), dtype=np.float32)
+    bias = rng.standard_normal((heads, N, M), dtype=np.float32)
+    monkeypatch.setattr(attention_module, "BLOCKED_MIN_SCORES", 1)
+    blocked = _calls(monkeypatch, "_windows_blocked")
+    if path == "fused":
+        monkeypatch.setattr(backend, "attention_kernel", lambda dtype: "fused")
+    k, v = mx.split(mx.array(kv), 2, axis=-1)
+    got = attention_module.window_attention(mx.array(q), k, v, heads, mx.array(bias))
+    assert bool(blocked) == (path == "blocked")
+    assert_close(got, _reference_window_attention(q, heads, bias, None, kv), 2e-6, f"{path} overlapping windows")
 
 
 def test_window_attention_overflow_redo_keeps_bias_and_mask(monkeypatch, sgemm_path):
@@ -165,7 +186,7 @@ def test_window_attention_overflow_redo_keeps_bias_and_mask(monkeypatch, sgemm_p
     mask = np.where(rng.random((nW, N, N)) < 0.3, -100.0, 0.0).astype(np.float32)
     monkeypatch.setattr(attention_module, "BLOCKED_MIN_SCORES", 1)
     fallbacks = _calls(monkeypatch, "_exact_head")
-    got = attention_module.window_attention(mx.array(qkv), heads, mx.array(bias), mx.array(mask))
+    got = attention_module.window_attention(*mx.split(mx.array(qkv), 3, axis=-1), heads, mx.array(bias), mx.array(mask))
     assert fallbacks, "the overflow fallback was not exercised"
     exact = _reference_window_attention(qkv, heads, bias, mask)
     assert_close(got, exact, 2e-5, "window attention with fallback")  # logits of 200: float32 rounding ~1e-5

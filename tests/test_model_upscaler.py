@@ -89,6 +89,13 @@ def dat_state(seed: int = 0, **kwargs) -> dict:
     return network.state_dict()
 
 
+def hat_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel HAT's state dict (tiny: 24 channels, 4-pixel windows, groups of two and three blocks)."""
+    kwargs = {"img_size": 16, "embed_dim": 24, "depths": [2, 3], "num_heads": [2, 3], "window_size": 4,
+              "compress_ratio": 3, "squeeze_factor": 6, "mlp_ratio": 2.0, **kwargs}  # fmt: skip
+    return _random(spandrel("HAT").HAT(**kwargs), seed).state_dict()
+
+
 def scunet_state(seed: int = 0) -> dict:
     """A random spandrel SCUNet's state dict (64 channels, the least its 32-wide heads allow; two blocks a level, so
     that shifted windows run at every level)."""
@@ -130,6 +137,9 @@ FILES = {  # file name -> its contents
     "DAT_x2.pth": lambda: dat_state(upscale=2),  # A1111's "DAT x2": pixel-shuffle head, 1conv residuals
     "DAT_x3.safetensors": lambda: dat_state(upscale=3, qkv_bias=False),
     "scunet_color_real_gan.pth": lambda: scunet_state(),  # A1111's "ScuNET" (1x)
+    "Real_HAT_GAN_SRx4.pth": lambda: {"params_ema": hat_state(upscale=4)},  # overlap ratio 0.5: 4 -> 6-pixel windows
+    "HAT-S_SRx3.safetensors": lambda: hat_state(upscale=3, compress_ratio=24, qkv_bias=False, patch_norm=False),
+    "1x_HAT_denoise.pth": lambda: hat_state(upscale=1, overlap_ratio=1.0, resi_connection="identity"),
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -164,6 +174,25 @@ def test_each_layout_reads_and_runs_as_spandrel(tmp_path, name):
         assert err < TOLERANCE
 
 
+def test_hat_on_the_blocked_attention_path_matches_spandrel(tmp_path, monkeypatch):
+    """At real sizes HAT's attention runs blocked (x86 CPU): its overlapping cross-attention (16 queries against 36
+    keys per window here) read in place from the padded key/value windows."""
+    import mlx_sd.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "BLOCKED_MIN_SCORES", 1)
+    blocked = []
+    run = attention_module._windows_blocked
+    monkeypatch.setattr(attention_module, "_windows_blocked", lambda q, k, *a: blocked.append(k.shape) or run(q, k, *a))
+    state = hat_state(upscale=2)
+    ours = read_upscaler(_save(tmp_path, "HAT_SRx2.pth", state), mx.float32)
+    x = _pixels((2, 3, 24, 20))
+    with torch.no_grad():
+        expected = load_descriptor(state)(x).numpy().transpose(0, 2, 3, 1)
+    got = np.array(ours.run(mx.array(x.numpy().transpose(0, 2, 3, 1))))
+    assert (2 * 30, 36, 24) in blocked and (2 * 30, 16, 24) in blocked  # both attentions, both images
+    assert np.abs(got - expected).max() < TOLERANCE
+
+
 def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
     """8-bit images from float32 networks: rounding may flip a value by one where the float lands on a half
     (~1e-4 of the values per pass); a second pass sees those flips in its input and spreads them a little."""
@@ -183,6 +212,7 @@ def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
     ("SwinIR_classical_x2.pth", (36, 20), (72, 40), 32, 1),  # the tile shrinks to the shorter side
     ("DAT_x3.safetensors", (48, 40), (144, 120), 32, 1),  # DAT: A1111's grid, as ESRGAN
     ("scunet_color_real_gan.pth", (90, 70), (180, 140), 64, 1),  # ScuNET: averaged tiles, 1x, then Lanczos
+    ("Real_HAT_GAN_SRx4.pth", (48, 40), (192, 160), 32, 1),  # HAT from models/ESRGAN: A1111's ESRGAN grid
 ])  # fmt: skip
 def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, tile, passes):
     state = FILES[name]()
@@ -195,29 +225,33 @@ def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, 
 
 def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     swinir = "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth"
-    dat, scunet = "DAT_x2.pth", "scunet_color_real_gan.pth"
-    for name in ("RealESRGAN_x4plus.pth", "ESRGAN_4x.pth", "realesr-general-x4v3.pth", swinir, dat, scunet):
+    dat, scunet, hat = "DAT_x2.pth", "scunet_color_real_gan.pth", "Real_HAT_GAN_SRx4.pth"
+    for name in ("RealESRGAN_x4plus.pth", "ESRGAN_4x.pth", "realesr-general-x4v3.pth", swinir, dat, scunet, hat):
         _save(tmp_path, name, FILES[name]())
     (tmp_path / "sub").mkdir()
     _save(tmp_path / "sub", "4x_SRFormer.pth", {"conv_first.weight": torch.zeros(8, 3, 3, 3),
                                                  "conv_after_body.weight": torch.zeros(8, 8, 3, 3)})  # fmt: skip
     library = UpscalerLibrary(tmp_path, mx.float32)
-    names = ["4x_SRFormer", "DAT x2", "ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3", "ScuNET", "SwinIR 4x"]
+    names = ["4x_SRFormer", "DAT x2", "ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3", "Real_HAT_GAN_SRx4",
+             "ScuNET", "SwinIR 4x"]  # fmt: skip
     assert list(library.listing()) == names
     entries = {e["name"]: e for e in library.api_listing()}
     assert set(entries) == set(names) - {"4x_SRFormer"}  # the file it cannot run left out
     families = {name: (e["model_name"], e["scale"]) for name, e in entries.items()}
     assert families == {"ESRGAN_4x": ("ESRGAN", 4), "R-ESRGAN 4x+": ("RealESRGAN", 4), "DAT x2": ("DAT", 2),
                         "R-ESRGAN General 4xV3": ("RealESRGAN", 4), "SwinIR 4x": ("SwinIR", 4),
-                        "ScuNET": ("ScuNET", 1)}  # fmt: skip
+                        "ScuNET": ("ScuNET", 1), "Real_HAT_GAN_SRx4": ("ESRGAN", 4)}  # fmt: skip
     assert library("R-ESRGAN 4x+") is library("RealESRGAN_x4plus")  # by A1111's name or the file's, loaded once
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
-    assert library("DAT x2").network.dtype == mx.float32
+    assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*SwinIR, DAT, ScuNET upscalers"):
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*DAT, ScuNET, HAT upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")
+    _save(tmp_path, "HAT_ape.pth", hat_state(ape=True))
+    with pytest.raises(ConversionError, match="HAT_ape.pth: a HAT with an absolute position embedding"):
+        read_upscaler(tmp_path / "HAT_ape.pth")
     torch.save({"model.0.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "broken.pth")
     with pytest.raises(ConversionError, match="without residual dense blocks"):
         read_upscaler(tmp_path / "broken.pth")

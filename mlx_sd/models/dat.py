@@ -152,7 +152,8 @@ class SpatialBranch(nn.Module):
             qkv = mx.roll(qkv, (-shift[0], -shift[1]), axis=(1, 2))
             mask = mx.array(shift_mask(H, W, self.window, shift))
         windows = qkv.reshape(B, H // wh, wh, W // ww, ww, 3 * C).transpose(0, 1, 3, 2, 4, 5)
-        out = window_attention(windows.reshape(-1, wh * ww, 3 * C), heads, self.bias(), mask)
+        q, k, v = mx.split(windows.reshape(-1, wh * ww, 3 * C), 3, axis=-1)
+        out = window_attention(q, k, v, heads, self.bias(), mask)
         out = out.reshape(B, H // wh, W // ww, wh, ww, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
         return out if shift is None else mx.roll(out, shift, axis=(1, 2))
 

@@ -62,7 +62,7 @@ class WMSA(nn.Module):
         windows = x.reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(-1, p * p, C)
         index = mx.array(relative_position_index(p, p).reshape(-1))
         bias = self.relative_position_params.reshape(self.heads, -1)[:, index].reshape(self.heads, p * p, p * p)
-        out = window_attention(linear(self.embedding_layer, windows), self.heads, bias, mask)
+        out = window_attention(*mx.split(linear(self.embedding_layer, windows), 3, axis=-1), self.heads, bias, mask)
         out = linear(self.linear, out).reshape(B, H // p, W // p, p, p, C).transpose(0, 1, 3, 2, 4, 5)
         out = out.reshape(B, H, W, C)
         return (mx.roll(out, (s, s), axis=(1, 2)) if self.shifted else out) + residual

@@ -132,7 +132,8 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[
             mx.array(relative_position_index(self.window, self.window).reshape(-1))
         ]
-        out = window_attention(linear(self.qkv, x), self.heads, bias.reshape(N, N, self.heads).transpose(2, 0, 1), mask)
+        bias = bias.reshape(N, N, self.heads).transpose(2, 0, 1)
+        out = window_attention(*mx.split(linear(self.qkv, x), 3, axis=-1), self.heads, bias, mask)
         return linear(self.proj, out)
 
 
