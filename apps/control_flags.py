@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlx_sd.controlnet import CONTROL_MODES, MODULES, ControlNetUnit
+from mlx_sd.controlnet import CONTROL_MODES, HR_OPTIONS, MODULES, ControlNetUnit
 from mlx_sd.images import RESIZE_MODES
 from mlx_sd.preprocessors import PROCESSOR_RES
 
@@ -26,6 +26,8 @@ SETTINGS = {
     "--control-processor-res": ("processor_res", int, PROCESSOR_RES, "preprocessor resolution (short side)"),
     "--control-threshold-a": ("threshold_a", float, None, "preprocessor threshold A (canny: low, default 100)"),
     "--control-threshold-b": ("threshold_b", float, None, "preprocessor threshold B (canny: high, default 200)"),
+    "--control-hr-option": ("hr_option", str, "both", f"the hires fix passes it acts in: {', '.join(HR_OPTIONS)} "
+                            "(default both)"),
 }  # fmt: skip
 
 

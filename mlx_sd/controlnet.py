@@ -23,6 +23,8 @@ Settings, with the references they follow:
   at -1 (diffusers' make_inpaint_condition, A1111's "inpaint_global_harmonious"), the unit's own image unused.
 - resize_mode: how the control image is fitted to the generation size ("resize", "crop", "fill": A1111's "Just
   Resize", "Crop and Resize", "Resize and Fill", as mlx_sd.images.resize does them; diffusers resizes).
+- hr_option: which passes of a hires fix the unit acts in ("both"; "low_res_only": the first; "high_res_only": the
+  second, and so never without a hires fix), as the extension's `HiResFixOption` / `disabled_by_hr_option`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .models.unet import skip_channels
 from .preprocessors import AT_RESOLUTION, PREPROCESSORS, PROCESSOR_RES, pixel_perfect_res, preprocess
 
 CONTROL_MODES = ("balanced", "prompt", "controlnet", "guess")
+HR_OPTIONS = ("both", "low_res_only", "high_res_only")
 INPAINT = "inpaint"  # the module that reads the request's init image and mask
 MIN_PROCESSOR_RES, MAX_PROCESSOR_RES = 64, 4096  # preprocessor resolutions (short side); A1111's slider: 64 to 2048
 MODULES = (*PREPROCESSORS, INPAINT)
@@ -56,6 +59,7 @@ A1111_CONTROL_MODES = {
     "controlnet": "ControlNet is more important",
 }
 A1111_RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
+A1111_HR_OPTIONS = {"both": "Both", "low_res_only": "Low res only", "high_res_only": "High res only"}
 A1111_MODULES = {INPAINT: "inpaint_global_harmonious"}
 
 
@@ -122,6 +126,7 @@ class ControlNetUnit:
     threshold_a: float | None = None
     threshold_b: float | None = None
     pixel_perfect: bool = False
+    hr_option: str = "both"
 
     def validate(self) -> None:
         """Raise ValueError naming the setting and what is accepted."""
@@ -137,6 +142,7 @@ class ControlNetUnit:
                 "0 <= start < end <= 1",
             ),
             (self.control_mode in CONTROL_MODES, f"control_mode={self.control_mode!r}: one of {CONTROL_MODES}"),
+            (self.hr_option in HR_OPTIONS, f"ControlNet hr_option={self.hr_option!r}: one of {HR_OPTIONS}"),
             (
                 self.resize_mode in RESIZE_MODES[:3],
                 f"ControlNet resize_mode={self.resize_mode!r}: one of {RESIZE_MODES[:3]}",
@@ -182,8 +188,13 @@ class ControlNetUnit:
             "Guidance End": self.guidance_end,
             "Pixel Perfect": self.pixel_perfect,
             "Control Mode": A1111_CONTROL_MODES.get(self.control_mode, "Guess Mode (diffusers)"),
+            "Hr Option": A1111_HR_OPTIONS[self.hr_option] if self.hr_option != "both" else None,
         }
         return ", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)
+
+    def acts_in(self, hires_pass: bool) -> bool:
+        """Whether the unit acts in a hires fix's second pass (True) or in a first or only pass (False)."""
+        return self.hr_option == "both" or (self.hr_option == "high_res_only") == hires_pass
 
     def cond_only(self) -> bool:
         """Whether only the conditional half of classifier-free guidance gets this unit's residuals."""

@@ -340,7 +340,7 @@ class Pipeline:
                 draw = noise.normal((B, c, h, w))
                 x = plan_2.noised_latents(latents, (vary(draw) if vary else draw).transpose(0, 2, 3, 1), 0)
                 noise = _sampler_noise(second, plan_2, noise, first)
-                controls_2 = controls_2 or self._controls(second, plan_2, None)
+                controls_2 = controls_2 or self._controls(second, plan_2, None, hires_pass=True)
                 model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size, controls=controls_2,
                                           image_embeds=image_embeds)  # fmt: skip
                 x = yield from denoise(
@@ -542,16 +542,18 @@ class Pipeline:
                              "needs an upscaler folder (--upscaler-dir)")  # fmt: skip
         return self.upscaler_resolver(name)
 
-    def _controls(self, request: GenerationRequest, plan: SamplingPlan, init) -> Controls | None:
-        """The request's ControlNet units at this pass's size and step count, or None."""
-        if not request.controlnet:
+    def _controls(self, request: GenerationRequest, plan: SamplingPlan, init, hires_pass=False) -> Controls | None:
+        """The request's ControlNet units that act in this pass (their `hr_option`), at its size and step count, or
+        None."""
+        units = [unit for unit in request.controlnet if unit.acts_in(hires_pass)]
+        if not units:
             return None
         crop = (init.original.size, init.region) if init is not None and init.region is not None else None
         rule = "diffusers" if plan.follows.startswith("diffusers") else "a1111"
         inpaint = None
-        if request.mask is not None and any(u.module == INPAINT for u in request.controlnet):
+        if request.mask is not None and any(u.module == INPAINT for u in units):
             inpaint = prepare_inputs(request)[1:]  # the init image and binary mask as the sampler sees them
-        return Controls(list(request.controlnet), request.width, request.height, plan.steps, rule, crop, inpaint)
+        return Controls(units, request.width, request.height, plan.steps, rule, crop, inpaint)
 
     def _time_ids(self, request: GenerationRequest, guided: bool, B: int, aesthetic: bool) -> mx.array:
         """SDXL micro-conditioning: (original size, crop top-left, target size), or the refiner's aesthetic score."""

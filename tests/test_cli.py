@@ -105,12 +105,14 @@ def test_controlnets_from_cli(model, tmp_path):
               "--controlnet-dir", tmp_path / "lib", "--controlnet", "edges", tmp_path / "a.png",
               "--controlnet", tmp_path / "depth", tmp_path / "b.png", "--control-weight", 0.6,
               "--control-weight", 1.2, "--control-end", 0.7, "--control-mode", "prompt",
+              "--control-hr-option", "both", "--control-hr-option", "low_res_only",
               "--output", tmp_path / "cn.png")  # fmt: skip
     assert out.returncode == 0, out.stderr
     params = parse_infotext(read_infotext(tmp_path / "cn.png"))[2]
     assert "Model: edges, Weight: 0.6" in params["ControlNet 0"] and "Guidance End: 0.7" in params["ControlNet 0"]
     assert "Model: depth, Weight: 1.2" in params["ControlNet 1"]
     assert "My prompt is more important" in params["ControlNet 1"]
+    assert "Hr Option: Low res only" in params["ControlNet 1"] and "Hr Option" not in params["ControlNet 0"]
     units = [
         ControlNetUnit(read_controlnet(tmp_path / f, mx.float32), Image.open(tmp_path / i), w, guidance_end=0.7,
                        control_mode="prompt")
@@ -121,6 +123,9 @@ def test_controlnets_from_cli(model, tmp_path):
     bad = run("generate", "x", "--model", model, "--controlnet", tmp_path / "depth", tmp_path / "a.png",
               "--control-weight", 1, "--control-weight", 2)  # fmt: skip
     assert bad.returncode == 2 and "given 2 times for 1 ControlNets" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run("generate", "x", "--model", model, "--controlnet", tmp_path / "depth", tmp_path / "a.png",
+              "--control-hr-option", "sometimes")  # fmt: skip
+    assert bad.returncode == 2 and "hr_option='sometimes'" in bad.stderr and "Traceback" not in bad.stderr
     bad = run("generate", "x", "--model", model, "--controlnet", "canny", tmp_path / "a.png")
     assert bad.returncode == 2 and "--controlnet-dir" in bad.stderr
 

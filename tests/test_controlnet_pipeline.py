@@ -141,29 +141,52 @@ def test_inpaint_module_matches_diffusers_make_inpaint_condition(sd1, inpaint9, 
         ours.generate(prompt=PROMPT, width=64, height=64, steps=1, controlnet=(unit,))
 
 
-def test_hires_fix_controls_both_passes(sd1, controlnets):
-    """A1111 applies a unit to both passes of the hires fix, its image fitted to each size. Reference: diffusers'
-    ControlNet txt2img (latents), torch's interpolate, diffusers' ControlNet img2img over int(steps / strength) steps
-    of which the last hires steps run (tests/test_hires.py composes the plain hires fix the same way)."""
+@pytest.mark.parametrize("hr_option", ["both", "low_res_only", "high_res_only"])
+def test_hires_fix_controls_the_passes_hr_option_names(sd1, controlnets, hr_option):
+    """A1111 applies a unit to the passes of the hires fix its hr_option names (both by default), its image fitted to
+    each size. Reference: diffusers' (ControlNet) txt2img (latents), torch's interpolate, diffusers' (ControlNet)
+    img2img over int(steps / strength) steps of which the last hires steps run (tests/test_hires.py composes the
+    plain hires fix the same way)."""
     parts, ours = sd1
     (reference, _), (controlnet, _) = controlnets
     image = control_image(10, (80, 80))
-    txt2img = cn_pipe("StableDiffusionControlNetPipeline", parts, reference)
-    latents = txt2img(PROMPT, image=image, width=64, height=64, num_inference_steps=4, guidance_scale=6.0,
-                      controlnet_conditioning_scale=0.8, generator=generators(12, 1),
-                      output_type="latent").images  # fmt: skip
+    control = {"image": image, "controlnet_conditioning_scale": 0.8}
+    first, second = hr_option != "high_res_only", hr_option != "low_res_only"
+    if first:
+        txt2img, extra = cn_pipe("StableDiffusionControlNetPipeline", parts, reference), control
+    else:
+        txt2img, extra = diffusers_pipe("StableDiffusionPipeline", parts, SCHEDULER), {}
+    latents = txt2img(PROMPT, width=64, height=64, num_inference_steps=4, guidance_scale=6.0,
+                      generator=generators(12, 1), output_type="latent", **extra).images  # fmt: skip
     up = torch.nn.functional.interpolate(latents, size=(10, 10), mode="bilinear", align_corners=False)
     hr_steps, strength = 3, 0.6
     total = int(hr_steps / strength)
-    img2img = cn_pipe("StableDiffusionControlNetImg2ImgPipeline", parts, reference)
-    expected = img2img(PROMPT, image=up, control_image=image, strength=(hr_steps + 0.5) / total, width=80, height=80,
-                       num_inference_steps=total, guidance_scale=6.0, controlnet_conditioning_scale=0.8,
-                       generator=generators(12, 1), output_type="np").images  # fmt: skip
-    unit = ControlNetUnit(controlnet, image, 0.8, resize_mode="resize")
+    if second:
+        img2img = cn_pipe("StableDiffusionControlNetImg2ImgPipeline", parts, reference)
+        extra = {"control_image": image, "controlnet_conditioning_scale": 0.8}
+    else:
+        img2img, extra = diffusers_pipe("StableDiffusionImg2ImgPipeline", parts, SCHEDULER), {}
+    expected = img2img(PROMPT, image=up, strength=(hr_steps + 0.5) / total, width=80, height=80,
+                       num_inference_steps=total, guidance_scale=6.0, generator=generators(12, 1), output_type="np",
+                       **extra).images  # fmt: skip
+    unit = ControlNetUnit(controlnet, image, 0.8, resize_mode="resize", hr_option=hr_option)
     result = ours.generate(prompt=PROMPT, width=64, height=64, steps=4, guidance=6.0, seed=12, sampler=SCHEDULER,
                            enable_hr=True, hr_scale=1.25, hr_second_pass_steps=hr_steps, strength=strength,
                            controlnet=(unit,))  # fmt: skip
-    check(result, expected, "hires fix with a ControlNet")
+    check(result, expected, f"hires fix with a ControlNet, {hr_option}")
+    assert ("Hr Option" in result.infotexts[0]) == (hr_option != "both")
+
+
+def test_a_high_res_only_unit_is_idle_without_a_hires_fix(sd1, controlnets):
+    """The extension disables a "High res only" unit outside a hires fix's second pass: the image is the plain one."""
+    parts, ours = sd1
+    (_, _), (controlnet, _) = controlnets
+    unit = ControlNetUnit(controlnet, control_image(10), 0.8, hr_option="high_res_only")
+    settings = dict(prompt=PROMPT, width=64, height=64, steps=3, guidance=6.0, seed=4, sampler=SCHEDULER)
+    plain = as_array(ours.generate(**settings).images)
+    assert np.array_equal(as_array(ours.generate(**settings, controlnet=(unit,)).images), plain)
+    with pytest.raises(ValueError, match="hr_option='high'"):
+        ours.generate(**settings, controlnet=(ControlNetUnit(controlnet, control_image(10), hr_option="high"),))
 
 
 def test_sdxl_matches_diffusers(sdxl, tmp_path):  # noqa: F811

@@ -17,9 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlx_sd.controlnet import (
     A1111_CONTROL_MODES,
+    A1111_HR_OPTIONS,
     A1111_MODULES,
     A1111_RESIZE_MODES,
     CONTROL_MODES,
+    HR_OPTIONS,
     MAX_PROCESSOR_RES,
     MIN_PROCESSOR_RES,
     MODULES,
@@ -38,6 +40,9 @@ MAX_WEIGHT = 10.0
 # the extension's numeric codes and UI names, beside the library's
 RESIZE = {0: "resize", 1: "crop", 2: "fill", **{v: k for k, v in A1111_RESIZE_MODES.items()}}
 CONTROL = {0: "balanced", 1: "prompt", 2: "controlnet", **{v: k for k, v in A1111_CONTROL_MODES.items()}}
+# HiResFixOption by index, value ("Low res only") or name as its str() writes it ("HiResFixOption.LOW_RES_ONLY")
+HR = {**dict(enumerate(HR_OPTIONS)), **{v: k for k, v in A1111_HR_OPTIONS.items()},
+      **{f"HiResFixOption.{k.upper()}": k for k in HR_OPTIONS}}  # fmt: skip
 A1111_NAMES = {"invert (from white bg & black line)": "invert", **{m: m for m in MODULES},
                "lineart_standard (from white bg & black line)": "lineart_standard",
                **{v: k for k, v in A1111_MODULES.items()}}  # fmt: skip
@@ -65,6 +70,7 @@ class UnitRequest(BaseModel):
     threshold_a: float | None = None
     threshold_b: float | None = None
     pixel_perfect: bool = False
+    hr_option: Literal[HR_OPTIONS] = Field("both", description="the hires fix passes the unit acts in")
 
 
 def check_model(name: str, state: ServerState, param: str) -> str:
@@ -164,8 +170,6 @@ def _unit_image(arg: dict, max_pixels: int, init_image, where: str):
 
 def _a1111_unit(arg: dict, state: ServerState, max_pixels: int, init_image, where: str) -> ControlNetUnit:
     image = _unit_image(arg, max_pixels, init_image, where)
-    if arg.get("hr_option", "Both") != "Both":
-        raise invalid(f"{where}.hr_option", "units apply to both passes of the hires fix; send 'Both'")
     res, low, high = (arg.get(k, UNSET) for k in ("processor_res", "threshold_a", "threshold_b"))
     fields = {
         "model": check_model(str(arg["model"]), state, f"{where}.model"),
@@ -180,6 +184,7 @@ def _a1111_unit(arg: dict, state: ServerState, max_pixels: int, init_image, wher
         "threshold_a": None if low in (None, UNSET) else _number(low, f"{where}.threshold_a"),
         "threshold_b": None if high in (None, UNSET) else _number(high, f"{where}.threshold_b"),
         "pixel_perfect": bool(arg.get("pixel_perfect", False)),
+        "hr_option": _choice(HR, arg.get("hr_option", "Both"), f"{where}.hr_option"),
     }
     return _unit(fields, where)
 

@@ -155,7 +155,7 @@ def test_errors_name_the_field(served, server):
     cases = [
         ({"model": "sketch"}, "args[0].model", "not found"),
         ({"module": "depth_midas"}, "args[0].module", "not one of"),
-        ({"hr_option": "Low res only"}, "args[0].hr_option", "Both"),
+        ({"hr_option": "Sometimes"}, "args[0].hr_option", "'Low res only'"),
         ({"mask": b64(photo(6))}, "args[0].mask", "not supported"),
         ({"guidance_start": 0.9, "guidance_end": 0.2}, "args[0]", "start < end"),
         ({"image": ""}, "args[0].image", "required"),
@@ -172,6 +172,28 @@ def test_errors_name_the_field(served, server):
     # a server without --controlnet-dir says how to get one
     r = server.post("/sdapi/v1/txt2img", json={**base, "alwayson_scripts": {"ControlNet": {"args": [unit]}}})
     assert r.status_code == 422 and "--controlnet-dir" in r.json()["detail"]
+
+
+def test_hr_option_reaches_the_unit(served):
+    """The extension's hr_option by name, index or enum name: a "High res only" unit is idle without a hires fix, on
+    both APIs; the infotext records the option as the extension parses it."""
+    server, _ = served
+    base = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 3, "sampler_name": "Euler"}
+    plain = server.post("/sdapi/v1/txt2img", json=base).json()["images"][0]
+    for option in ("High res only", 2, "HiResFixOption.HIGH_RES_ONLY"):
+        unit = {"model": "edges", "image": b64(photo(5)), "hr_option": option}
+        r = server.post("/sdapi/v1/txt2img", json={**base, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+        assert r.status_code == 200, r.text
+        assert np.array_equal(decoded(r.json()["images"][0]), decoded(plain)), option
+        assert "Hr Option: High res only" in json.loads(r.json()["info"])["infotexts"][0]
+    native = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 3, "sampler": "Euler",
+              "controlnet": [{"model": "edges", "image": b64(photo(5)), "hr_option": "high_res_only"}]}  # fmt: skip
+    job = server.post("/v1/jobs", json=native)
+    assert job.status_code == 202, job.text
+    final = json.loads(server.get(f"/v1/jobs/{job.json()['id']}/events", timeout=120).text.strip().split("data: ")[-1])
+    assert final["status"] == "done", final
+    png = server.get(f"/v1/jobs/{job.json()['id']}/images/0").content
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), decoded(plain))
 
 
 def test_t2i_adapter_unit_generates_as_the_library_does(served, models_dir):
