@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("upscale", help="enlarge images with an upscaler: ESRGAN models, Lanczos (A1111's Extras)")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--upscaler", required=True,
-                   help="an upscaler file (.pth/.safetensors: ESRGAN, Real-ESRGAN, SwinIR, DAT, ScuNET, HAT), a name "
+                   help="an upscaler file (.pth/.safetensors: ESRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, ...), a name "
                         f"in --upscaler-dir (e.g. \"R-ESRGAN 4x+\") or {', '.join(IMAGE_UPSCALERS)}")  # fmt: skip
     add_upscaler_dir(p)
     size = p.add_mutually_exclusive_group()

@@ -108,6 +108,7 @@ UPSCALERS = {
     "scunet": ("SCUNet", {"config": [4] * 7, "dim": 64}),  # A1111's "ScuNET" (1x)
     "hat": ("HAT", {"img_size": 64, "embed_dim": 180, "depths": [6] * 6, "num_heads": [6] * 6, "window_size": 16,
                     "compress_ratio": 3, "squeeze_factor": 30, "mlp_ratio": 2.0, "upscale": 4}),  # Real_HAT_GAN_SRx4
+    "span": ("SPAN", {"num_in_ch": 3, "num_out_ch": 3, "feature_channels": 48, "upscale": 4}),  # 4xNomos8k_span_otf
 }  # fmt: skip
 
 

@@ -17,7 +17,10 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
 - SCUNet (`m_head`, `m_down1.N`, ..., `m_tail`): A1111's "ScuNET" and "ScuNET PSNR" (1x denoisers);
 - HAT (`layers.N.residual_group.blocks.M.conv_block.cab...`, `overlap_attn`): Real_HAT_GAN_SRx4, HAT-S/HAT/HAT-L,
   4xNomos8kSCHAT and the other community HAT models A1111 runs from `models/ESRGAN`; the windows are read from the
-  bias tables, the position-index buffers recomputed.
+  bias tables, the position-index buffers recomputed;
+- SPAN (`conv_1.sk`, `block_N.cK_r.conv.M`, `conv_cat`, `upsampler.0`): 4xNomos8k_span_otf, ClearReality and the
+  other SPAN models; each `Conv3XC`'s 3x3 conv is fused from its 1x1 -> 3x3 -> 1x1 chain and 1x1 skip here, as
+  spandrel recomputes it before every call (the stored `eval_conv` copy is not read).
 
 The configuration is read from the shapes (width, blocks, growth, upsampling stages; in/out channels give the
 unshuffle factor; SwinIR's, DAT's and HAT's head, depths, heads and window), as spandrel decides it, and the file is
@@ -31,12 +34,14 @@ import re
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_sd.model_upscaler import ModelUpscaler
 from mlx_sd.models.dat import DAT, DATConfig
 from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetCompact
 from mlx_sd.models.hat import HAT, HATConfig
 from mlx_sd.models.scunet import SCUNet, SCUNetConfig
+from mlx_sd.models.span import SPAN, SPANConfig
 from mlx_sd.models.swinir import SwinIR, SwinIRConfig
 
 from .keymap import ConversionError, Rule, load_mapped, tensor_shapes
@@ -59,12 +64,12 @@ A1111_NAMES = {
     "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
     "realesr-animevideov3": "R-ESRGAN AnimeVideo",
 }
-SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT"
+SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN"
 SWINIR_KEY = "layers.0.residual_group.blocks.0.attn.relative_position_index"  # HAT has it too, and HAT_KEY
 HAT_KEY = "layers.0.residual_group.blocks.0.conv_block.cab.0.weight"
 DAT_KEY = "layers.0.blocks.0.attn.attns.0.rpe_biases"
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
-            SCUNetConfig: SCUNet, HATConfig: HAT}  # fmt: skip
+            SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN}  # fmt: skip
 FLOAT32_ONLY = (SwinIRConfig, DATConfig, SCUNetConfig, HATConfig)  # spandrel never runs these in half precision
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
     ("conv_after_body.weight", "transformer (SRFormer, ...)"),
@@ -95,7 +100,11 @@ def read_upscaler(path: str | Path, dtype: mx.Dtype | None = None, name: str | N
     network = NETWORKS[type(config)](config)
     if isinstance(config, FLOAT32_ONLY):
         dtype = mx.float32  # as spandrel (so A1111) runs them; ScuNET's -inf masks need it too
-    load_mapped("upscaler", network, state, rules, dtype or default_dtype())
+    shapes = None
+    if isinstance(config, SPANConfig):
+        state = _fused_span(state)
+        shapes = {key: value.shape for key, value in state.items()}
+    load_mapped("upscaler", network, state, rules, dtype or default_dtype(), shapes=shapes)
     return ModelUpscaler(network, name or upscaler_name(path))
 
 
@@ -119,6 +128,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         return _swinir_config(stripped)
     if HAT_KEY in stripped:
         return _hat_config(path, stripped)
+    if "conv_1.sk.weight" in stripped and "block_1.c1_r.sk.weight" in stripped:
+        return _span_config(path, stripped)
     if "m_head.0.weight" in stripped and "m_tail.0.weight" in stripped:
         return _scunet_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if DAT_KEY in stripped:
@@ -320,3 +331,46 @@ def _hat_config(path: Path, shapes: dict) -> tuple[HATConfig, list[Rule]]:
     buffers = "recomputed from the window sizes (relative_position_index_SA, relative_position_index_OCA)"
     rules = [Rule(r"(?:module\.)?relative_position_index_(?:SA|OCA)", None, buffers), Rule(r"(?:module\.)?(.+)", r"\1")]
     return config, rules
+
+
+def _span_config(path: Path, shapes: dict) -> tuple[SPANConfig, list[Rule]]:
+    """SPAN's configuration (spandrel's rules: the upsampler's channels are out x scale^2, out = in where it can
+    be) and the map onto the fused convs `_fused_span` makes."""
+    features, in_channels = shapes["conv_1.sk.weight"][:2]
+    shuffled = shapes["upsampler.0.weight"][0]
+    fits = [c for c in (in_channels, 3, 4, 1) if shuffled % c == 0 and math.isqrt(shuffled // c) ** 2 * c == shuffled]
+    if not fits:
+        raise ConversionError(f"{path}: a SPAN whose last conv makes {shuffled} channels, no pixel shuffle of 1, 3 "
+                              "or 4 channels")  # fmt: skip
+    out_channels = fits[0]
+    upscale = math.isqrt(shuffled // out_channels)
+    norm = "no_norm" not in shapes
+    if norm and in_channels != 3:
+        raise ConversionError(f"{path}: a {in_channels}-channel SPAN that normalises by the RGB mean, which the "
+                              "original cannot run either")  # fmt: skip
+    config = SPANConfig(in_channels=in_channels, out_channels=out_channels, feature_channels=features,
+                        upscale=upscale, norm=norm)  # fmt: skip
+    return config, [Rule(r"no_norm", None, "a flag (SPANConfig.norm)"), Rule(r"(.+)", r"\1")]
+
+
+def _fused_span(state) -> dict:
+    """SPAN's tensors (prefix "module." removed) with every Conv3XC as spandrel runs it: its `eval_conv` (3x3) fused
+    from the 1x1 -> 3x3 -> 1x1 chain `conv.0-2` plus the 1x1 skip `sk` (`Conv3XC.update_params`, in float64); the
+    chain, the skip and the stored eval_conv copy left out."""
+    tensors = {_strip(key): np.asarray(state[key]) for key in state}
+    out = {}
+    for key, value in tensors.items():
+        prefix, _, name = key.rpartition(".sk.")
+        if name == "weight":
+            t = {n: tensors[f"{prefix}.{n}"].astype(np.float64) for n in
+                 ("conv.0.weight", "conv.0.bias", "conv.1.weight", "conv.1.bias", "conv.2.weight", "conv.2.bias",
+                  "sk.weight", "sk.bias")}  # fmt: skip
+            first, last = t["conv.0.weight"][:, :, 0, 0], t["conv.2.weight"][:, :, 0, 0]
+            weight = np.einsum("op,pmyx,mi->oiyx", last, t["conv.1.weight"], first)
+            middle = np.einsum("pmyx,m->p", t["conv.1.weight"], t["conv.0.bias"]) + t["conv.1.bias"]
+            weight[:, :, 1, 1] += t["sk.weight"][:, :, 0, 0]
+            out[f"{prefix}.eval_conv.weight"] = weight.astype(np.float32)
+            out[f"{prefix}.eval_conv.bias"] = (last @ middle + t["conv.2.bias"] + t["sk.bias"]).astype(np.float32)
+        elif not re.search(r"\.(conv\.\d|sk|eval_conv)\.(weight|bias)$", key):
+            out[key] = value
+    return out

@@ -96,6 +96,24 @@ def hat_state(seed: int = 0, **kwargs) -> dict:
     return _random(spandrel("HAT").HAT(**kwargs), seed).state_dict()
 
 
+def span_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel SPAN's state dict (16 channels). Its input is x 255 (after the mean): the first conv is
+    scaled down by 255 and the last to an output of about 0.5 +- 0.3, as trained networks behave, else activations
+    reach the hundreds and most pixels clamp."""
+    kwargs = {"num_in_ch": 3, "num_out_ch": 3, "feature_channels": 16, **kwargs}
+    network = _random(spandrel("SPAN").SPAN(**kwargs), seed)
+    with torch.no_grad():
+        if network.is_norm:
+            first = network.conv_1
+            for t in (first.sk.weight, first.sk.bias, first.conv[2].weight, first.conv[2].bias):
+                t /= 255
+        last = network.upsampler[0]
+        spread = network(_pixels((1, 3, 32, 32))).std()
+        last.weight *= 0.3 / spread
+        last.bias.mul_(0.3 / spread).add_(0.5)
+    return network.state_dict()
+
+
 def scunet_state(seed: int = 0) -> dict:
     """A random spandrel SCUNet's state dict (64 channels, the least its 32-wide heads allow; two blocks a level, so
     that shifted windows run at every level)."""
@@ -140,6 +158,8 @@ FILES = {  # file name -> its contents
     "Real_HAT_GAN_SRx4.pth": lambda: {"params_ema": hat_state(upscale=4)},  # overlap ratio 0.5: 4 -> 6-pixel windows
     "HAT-S_SRx3.safetensors": lambda: hat_state(upscale=3, compress_ratio=24, qkv_bias=False, patch_norm=False),
     "1x_HAT_denoise.pth": lambda: hat_state(upscale=1, overlap_ratio=1.0, resi_connection="identity"),
+    "4xNomos8k_span_otf.pth": lambda: span_state(upscale=4),  # Conv3XC chains fused on reading, as spandrel runs them
+    "2x_SPAN_no_norm.safetensors": lambda: span_state(upscale=2, norm=False),  # the `no_norm` buffer
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -213,6 +233,7 @@ def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
     ("DAT_x3.safetensors", (48, 40), (144, 120), 32, 1),  # DAT: A1111's grid, as ESRGAN
     ("scunet_color_real_gan.pth", (90, 70), (180, 140), 64, 1),  # ScuNET: averaged tiles, 1x, then Lanczos
     ("Real_HAT_GAN_SRx4.pth", (48, 40), (192, 160), 32, 1),  # HAT from models/ESRGAN: A1111's ESRGAN grid
+    ("4xNomos8k_span_otf.pth", (70, 52), (280, 208), 32, 1),  # SPAN too
 ])  # fmt: skip
 def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, tile, passes):
     state = FILES[name]()
@@ -245,7 +266,7 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
     assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*DAT, ScuNET, HAT upscalers"):
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*ScuNET, HAT, SPAN upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")

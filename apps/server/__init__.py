@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
         "--upscaler-dir",
         type=Path,
         metavar="DIR",
-        help="folder of upscaler models (ESRGAN, Real-ESRGAN, SwinIR, DAT, ScuNET, HAT) for the hires fix and Extras",
+        help="folder of upscaler models (ESRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, ...) for the hires fix and Extras",
     )
     p.add_argument("--ip-adapter", type=Path, metavar="FILE",
                    help="an IP-Adapter for image prompts (needs --image-encoder)")  # fmt: skip
