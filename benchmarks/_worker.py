@@ -96,8 +96,9 @@ def conv_inputs(B: int, H: int, W: int, C: int, O: int, seed: int = 0) -> list[n
 # --- memory -----------------------------------------------------------------------------------------------------
 
 
-# Full-size upscalers as published (spandrel's constructor arguments): A1111's "R-ESRGAN 4x+" (RRDBNet, 23 blocks),
-# "R-ESRGAN General 4xV3" (compact, 32 convs) and "SwinIR 4x" (SwinIR-L real-world x4)
+# Full-size upscalers as published (spandrel's module, constructor arguments and, where not the module's name, its
+# class): A1111's "R-ESRGAN 4x+" (RRDBNet, 23 blocks), "R-ESRGAN General 4xV3" (compact, 32 convs), "SwinIR 4x"
+# (SwinIR-L real-world x4), ...; the RealPLKSR is 4xNomos2_realplksr's shape
 UPSCALERS = {
     "esrgan": ("ESRGAN", {"num_blocks": 23}),
     "compact": ("Compact", {"num_conv": 32, "num_feat": 64, "upscale": 4}),
@@ -109,6 +110,7 @@ UPSCALERS = {
     "hat": ("HAT", {"img_size": 64, "embed_dim": 180, "depths": [6] * 6, "num_heads": [6] * 6, "window_size": 16,
                     "compress_ratio": 3, "squeeze_factor": 30, "mlp_ratio": 2.0, "upscale": 4}),  # Real_HAT_GAN_SRx4
     "span": ("SPAN", {"num_in_ch": 3, "num_out_ch": 3, "feature_channels": 48, "upscale": 4}),  # 4xNomos8k_span_otf
+    "plksr": ("PLKSR", {"dim": 64, "n_blocks": 28, "kernel_size": 17, "upscaling_factor": 4}, "RealPLKSR"),
 }  # fmt: skip
 
 
@@ -436,9 +438,9 @@ class TorchSide:
         from a1111_upscale import load_descriptor, spandrel
         from torch.utils.flop_counter import FlopCounterMode
 
-        name, kwargs = UPSCALERS[arch]
+        name, kwargs, *network_class = UPSCALERS[arch]  # the module's own class, unless named
         generator = self.torch.Generator().manual_seed(0)
-        network = getattr(spandrel(name), name)(**kwargs)
+        network = getattr(spandrel(name), network_class[0] if network_class else name)(**kwargs)
         for p in network.parameters():  # scaled by fan-in, so activations stay of order one
             p.data.copy_(self.torch.randn(p.shape, generator=generator) / max(int(np.prod(p.shape[1:])), 16) ** 0.5)
         self.torch.save(network.state_dict(), path)

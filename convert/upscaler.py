@@ -20,7 +20,9 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
   bias tables, the position-index buffers recomputed;
 - SPAN (`conv_1.sk`, `block_N.cK_r.conv.M`, `conv_cat`, `upsampler.0`): 4xNomos8k_span_otf, ClearReality and the
   other SPAN models; each `Conv3XC`'s 3x3 conv is fused from its 1x1 -> 3x3 -> 1x1 chain and 1x1 skip here, as
-  spandrel recomputes it before every call (the stored `eval_conv` copy is not read).
+  spandrel recomputes it before every call (the stored `eval_conv` copy is not read);
+- RealPLKSR and PLKSR (`feats.N.channel_mixer` / `channe_mixer`, `feats.N.lk.conv`): 4xNomos2_realplksr and the
+  other PLKSR models with the plain large kernel (the sparse-kernel ablations and DySample heads are refused).
 
 The configuration is read from the shapes (width, blocks, growth, upsampling stages; in/out channels give the
 unshuffle factor; SwinIR's, DAT's and HAT's head, depths, heads and window), as spandrel decides it, and the file is
@@ -40,6 +42,7 @@ from mlx_sd.model_upscaler import ModelUpscaler
 from mlx_sd.models.dat import DAT, DATConfig
 from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetCompact
 from mlx_sd.models.hat import HAT, HATConfig
+from mlx_sd.models.plksr import PLKSR, PLKSRConfig
 from mlx_sd.models.scunet import SCUNet, SCUNetConfig
 from mlx_sd.models.span import SPAN, SPANConfig
 from mlx_sd.models.swinir import SwinIR, SwinIRConfig
@@ -64,12 +67,12 @@ A1111_NAMES = {
     "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
     "realesr-animevideov3": "R-ESRGAN AnimeVideo",
 }
-SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN"
+SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR"
 SWINIR_KEY = "layers.0.residual_group.blocks.0.attn.relative_position_index"  # HAT has it too, and HAT_KEY
 HAT_KEY = "layers.0.residual_group.blocks.0.conv_block.cab.0.weight"
 DAT_KEY = "layers.0.blocks.0.attn.attns.0.rpe_biases"
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
-            SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN}  # fmt: skip
+            SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR}  # fmt: skip
 FLOAT32_ONLY = (SwinIRConfig, DATConfig, SCUNetConfig, HATConfig)  # spandrel never runs these in half precision
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
     ("conv_after_body.weight", "transformer (SRFormer, ...)"),
@@ -98,7 +101,7 @@ def read_upscaler(path: str | Path, dtype: mx.Dtype | None = None, name: str | N
     state = open_checkpoint(path)
     config, rules = _config(path, state)
     network = NETWORKS[type(config)](config)
-    if isinstance(config, FLOAT32_ONLY):
+    if isinstance(config, FLOAT32_ONLY) or not getattr(config, "supports_half", True):
         dtype = mx.float32  # as spandrel (so A1111) runs them; ScuNET's -inf masks need it too
     shapes = None
     if isinstance(config, SPANConfig):
@@ -130,6 +133,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         return _hat_config(path, stripped)
     if "conv_1.sk.weight" in stripped and "block_1.c1_r.sk.weight" in stripped:
         return _span_config(path, stripped)
+    if "feats.0.weight" in stripped and "feats.1.refine.weight" in stripped:
+        return _plksr_config(path, stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "m_head.0.weight" in stripped and "m_tail.0.weight" in stripped:
         return _scunet_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if DAT_KEY in stripped:
@@ -374,3 +379,27 @@ def _fused_span(state) -> dict:
         elif not re.search(r"\.(conv\.\d|sk|eval_conv)\.(weight|bias)$", key):
             out[key] = value
     return out
+
+
+def _plksr_config(path: Path, shapes: dict) -> PLKSRConfig:
+    """(Real)PLKSR's configuration from its shapes, as spandrel reads it (RealPLKSR spells `channel_mixer`, PLKSR
+    `channe_mixer`; RealPLKSR's `feats` hold a parameter-free dropout before the last conv)."""
+    for key, what in (("feats.1.lk.convs.0.weight", "sparse large kernels"), ("feats.1.lk.mn_conv.weight",
+                      "rectangular sparse large kernels"), ("to_img.init_pos", "a DySample head")):  # fmt: skip
+        if key in shapes:
+            raise ConversionError(f"{path}: a PLKSR with {what}, which mlx-sd does not run (it runs the published "
+                                  "PLKSR and RealPLKSR models: plain large kernels, pixel-shuffle heads)")  # fmt: skip
+    real = "feats.1.channel_mixer.0.weight" in shapes
+    mixer = "feats.1.channel_mixer." if real else "feats.1.channe_mixer."
+    kinds = {(3, 3): "DCCM", (3, 1): "CCM", (1, 3): "ICCM"}
+    mixer_kind = kinds.get((shapes[mixer + "0.weight"][2], shapes[mixer + "2.weight"][2]))
+    if mixer_kind is None or (real and mixer_kind != "DCCM"):
+        raise ConversionError(f"{path}: a PLKSR channel mixer of kernels {shapes[mixer + '0.weight'][2:]} and "
+                              f"{shapes[mixer + '2.weight'][2:]}, not one the architecture has")  # fmt: skip
+    last = max(_indices(shapes, r"feats\.(\d+)\.weight"))
+    large = shapes["feats.1.lk.conv.weight"]
+    return PLKSRConfig(
+        dim=shapes["feats.0.weight"][0], n_blocks=last - (2 if real else 1),
+        upscale=math.isqrt(shapes[f"feats.{last}.weight"][0] // 3), kernel_size=large[2], partial=large[0], real=real,
+        mixer=mixer_kind, use_ea="feats.1.attn.f.0.weight" in shapes, layer_norm="feats.1.layer_norm.bias" in shapes,
+    )  # fmt: skip

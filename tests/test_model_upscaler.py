@@ -114,6 +114,12 @@ def span_state(seed: int = 0, **kwargs) -> dict:
     return network.state_dict()
 
 
+def plksr_state(real: bool = True, seed: int = 0, **kwargs) -> dict:
+    """A random spandrel RealPLKSR's (or PLKSR's) state dict (16 channels, three blocks, 7x7 large kernels)."""
+    module = spandrel("PLKSR").__dict__["RealPLKSR" if real else "PLKSR"]
+    return _random(module(**{"dim": 16, "n_blocks": 3, "kernel_size": 7, **kwargs}), seed).state_dict()
+
+
 def scunet_state(seed: int = 0) -> dict:
     """A random spandrel SCUNet's state dict (64 channels, the least its 32-wide heads allow; two blocks a level, so
     that shifted windows run at every level)."""
@@ -160,6 +166,10 @@ FILES = {  # file name -> its contents
     "1x_HAT_denoise.pth": lambda: hat_state(upscale=1, overlap_ratio=1.0, resi_connection="identity"),
     "4xNomos8k_span_otf.pth": lambda: span_state(upscale=4),  # Conv3XC chains fused on reading, as spandrel runs them
     "2x_SPAN_no_norm.safetensors": lambda: span_state(upscale=2, norm=False),  # the `no_norm` buffer
+    "4xNomos2_realplksr.pth": lambda: {"params_ema": plksr_state()},  # GroupNorm, element-wise attention
+    "2x_realplksr_ln.safetensors": lambda: plksr_state(upscaling_factor=2, layer_norm=True, use_ea=False),
+    "4x_PLKSR.pth": lambda: plksr_state(False, ccm_type="CCM"),  # the original PLKSR: `channe_mixer`, GELU
+    "3x_PLKSR_ICCM.pth": lambda: plksr_state(False, ccm_type="ICCM", upscaling_factor=3),
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -213,6 +223,19 @@ def test_hat_on_the_blocked_attention_path_matches_spandrel(tmp_path, monkeypatc
     assert np.abs(got - expected).max() < TOLERANCE
 
 
+def test_plksr_precision_and_variants_mlx_sd_does_not_run(tmp_path):
+    """RealPLKSR's GroupNorm variant runs in float32 whatever the default (spandrel: no half precision), its
+    LayerNorm variant and PLKSR at the default; the sparse-kernel ablations and DySample heads are refused by name."""
+    group = read_upscaler(_save(tmp_path, "a.pth", plksr_state()), mx.float16)
+    layer = read_upscaler(_save(tmp_path, "b.pth", plksr_state(layer_norm=True)), mx.float16)
+    assert (group.network.dtype, layer.network.dtype) == (mx.float32, mx.float16)
+    sparse = plksr_state(False, lk_type="SparsePLK", kernel_size=9, sparse_kernels=[3, 3], sparse_dilations=[1, 2])
+    for name, state, what in (("sparse.pth", sparse, "sparse large kernels"),
+                              ("dysample.pth", plksr_state(dysample=True), "a DySample head")):  # fmt: skip
+        with pytest.raises(ConversionError, match=f"{name}: a PLKSR with {what}"):
+            read_upscaler(_save(tmp_path, name, state))
+
+
 def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
     """8-bit images from float32 networks: rounding may flip a value by one where the float lands on a half
     (~1e-4 of the values per pass); a second pass sees those flips in its input and spreads them a little."""
@@ -234,6 +257,7 @@ def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
     ("scunet_color_real_gan.pth", (90, 70), (180, 140), 64, 1),  # ScuNET: averaged tiles, 1x, then Lanczos
     ("Real_HAT_GAN_SRx4.pth", (48, 40), (192, 160), 32, 1),  # HAT from models/ESRGAN: A1111's ESRGAN grid
     ("4xNomos8k_span_otf.pth", (70, 52), (280, 208), 32, 1),  # SPAN too
+    ("4xNomos2_realplksr.pth", (48, 40), (192, 160), 32, 1),  # and PLKSR
 ])  # fmt: skip
 def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, tile, passes):
     state = FILES[name]()
@@ -266,7 +290,7 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
     assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*ScuNET, HAT, SPAN upscalers"):
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*HAT, SPAN, PLKSR upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")

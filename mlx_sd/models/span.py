@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import Conv2d, pixel_shuffle
+from .layers import Conv2d, pixel_shuffle, sigmoid, silu
 from .swinir import DIV2K_MEAN
 
 IMG_RANGE = 255.0  # the original's `img_range`, which the files do not record (spandrel's fixed value)
@@ -55,9 +55,9 @@ class SPAB(nn.Module):
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """(the block's output, its first conv's after SiLU: the original's in-place SiLU changes the tensor it
         returns)."""
-        first = nn.silu(self.c1_r(x))
-        last = self.c3_r(nn.silu(self.c2_r(first)))
-        return (last + x) * (mx.sigmoid(last) - 0.5), first
+        first = silu(self.c1_r(x))
+        last = self.c3_r(silu(self.c2_r(first)))
+        return (last + x) * (sigmoid(last) - 0.5), first
 
 
 class SPAN(nn.Module):
