@@ -125,6 +125,9 @@ def add_parsers(sub) -> None:
     hires.add_argument("--hr-schedule-type", help="schedule type of the hires pass (default: --schedule-type)")
     hires.add_argument("--hr-prompt", default="", help="prompt of the hires pass (default: the prompt)")
     hires.add_argument("--hr-negative-prompt", default="", help="negative prompt of the hires pass")
+    hires.add_argument("--hr-checkpoint", metavar="MODEL",
+                       help="another model for the hires pass (converted folder, checkpoint, ...; A1111's hires "
+                            "checkpoint)")  # fmt: skip
     script = p.add_argument_group("SD upscale (A1111's img2img script): upscale --init-image, redraw it in tiles of "
                                   "--width x --height with img2img, join them")  # fmt: skip
     script.add_argument("--sd-upscale", action="store_true", help="run the script (needs --init-image)")
@@ -237,11 +240,14 @@ def run_generate(args) -> None:
     if args.refiner_switch_at is not None and args.refiner is None:
         raise UserError("--refiner-switch-at needs --refiner (the SDXL refiner model)")
     refiner = resolve_model(args.refiner) if args.refiner else None
+    if args.hr_checkpoint and not args.enable_hr:
+        raise UserError("--hr-checkpoint needs --enable-hr (the model runs the hires fix's second pass)")
+    hires_model = resolve_model(args.hr_checkpoint) if args.hr_checkpoint else None
     adapter, image_prompt = control_flags.ip_adapter(args, _open_image)
     request = replace(request, ip_adapter_image=image_prompt)
     try:
-        pipeline = Pipeline(resolve_model(args.model), refiner=refiner, ip_adapter=adapter)
-    except ValueError as e:  # a refiner that cannot take over this model's latents, an adapter for another family
+        pipeline = Pipeline(resolve_model(args.model), refiner=refiner, ip_adapter=adapter, hires_model=hires_model)
+    except ValueError as e:  # a refiner or hires model that cannot take over, an adapter for another family
         raise UserError(str(e)) from None
     _add_networks(pipeline, args)
     request = _hires_upscaler(pipeline, request, args)

@@ -86,14 +86,38 @@ def hires_plan(second: GenerationRequest, schedule: NoiseSchedule) -> SamplingPl
     )  # fmt: skip
 
 
-def hires_infotext(request: GenerationRequest) -> dict:
-    """A1111's infotext fields for the hires fix (the "Size" stays the first pass's)."""
+def check_hires_model(hires, base=None, second: GenerationRequest | None = None) -> None:
+    """Raise ValueError unless `hires` (a `StableDiffusion`) can run the second pass of `base`'s hires fix for the
+    request `second`: a 4-channel UNet; for a latent upscaler the same latent space (the image upscalers decode with
+    `base`'s VAE and encode with `hires`'); no image prompt (the IP-Adapter is fitted to `base`'s UNet)."""
+    name = hires.info.name
+    if hires.unet.config.in_channels != hires.vae.config.latent_channels:
+        raise ValueError(f"hires checkpoint {name}: its UNet takes {hires.unet.config.in_channels} channels (an "
+                         "inpainting model); the hires pass needs a txt2img model")  # fmt: skip
+    if base is None or second is None:
+        return
+    b, h = base.vae.config, hires.vae.config
+    if is_latent_upscaler(second.hr_upscaler) and (b.latent_channels, b.scaling_factor) != (
+        h.latent_channels, h.scaling_factor,
+    ):  # fmt: skip
+        raise ValueError(f"hires checkpoint {name}: its latent space differs from {base.info.name}'s, so the latents "
+                         f"cannot go to it directly ({second.hr_upscaler!r}); use an image upscaler (Lanczos, "
+                         "R-ESRGAN 4x+, ...), which decodes and encodes again")  # fmt: skip
+    if second.ip_adapter_image is not None:
+        raise ValueError(f"an image prompt with a hires checkpoint ({name}) is not supported: the IP-Adapter fits "
+                         f"{base.info.name}'s UNet only")  # fmt: skip
+
+
+def hires_infotext(request: GenerationRequest, checkpoint: str | None = None) -> dict:
+    """A1111's infotext fields for the hires fix (the "Size" stays the first pass's); `checkpoint`: the hires pass's
+    model title when it was another."""
     resized = request.hr_resize_x or request.hr_resize_y
     return {
         "Hires upscale": None if resized else request.hr_scale,
         "Hires resize": f"{request.hr_resize_x}x{request.hr_resize_y}" if resized else None,
         "Hires steps": request.hr_second_pass_steps or None,
         "Hires upscaler": request.hr_upscaler,
+        "Hires checkpoint": checkpoint,
         "Hires sampler": request.hr_sampler if request.hr_sampler not in (None, request.sampler) else None,
         "Hires schedule type": request.hr_schedule_type or None,
         "Hires prompt": request.hr_prompt if request.hr_prompt not in ("", request.prompt) else None,

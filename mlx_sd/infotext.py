@@ -185,10 +185,11 @@ def request_fields(text: str) -> tuple[dict, dict[str, str]]:
 
 def generation_infotext(
     request: GenerationRequest, seed: int, plan: SamplingPlan, info, refiner: str | None = None,
-    ip_adapter: str | None = None, loras=(), embeddings=(),
+    ip_adapter: str | None = None, loras=(), embeddings=(), hires_checkpoint: str | None = None,
 ) -> str:  # fmt: skip
     """A1111's infotext of one image: `request` (resolved), its `seed`, the sampling `plan`, the model's `ModelInfo`,
-    the refiner's name when one ran, the IP-Adapter's title when an image prompt was given. LoRAs set from Python/CLI
+    the refiner's name when one ran, the IP-Adapter's title when an image prompt was given, the hires pass's model
+    ("name [hash]") when it was another. LoRAs set from Python/CLI
     are written as `<lora:name:weight>` tags after the prompt (how A1111 records every LoRA), with "Lora hashes";
     embeddings named in the prompts give "TI hashes"."""
     from . import __version__
@@ -232,7 +233,7 @@ def generation_infotext(
         "Sigma tmin": request.s_tmin or None,
         "Sigma tmax": request.s_tmax if request.s_tmax not in (None, math.inf) else None,
         "Sigma noise": request.s_noise if request.s_noise not in (None, 1.0) else None,
-        **(hires_infotext(request) if request.enable_hr else {}),
+        **(hires_infotext(request, hires_checkpoint) if request.enable_hr else {}),
         **{f"ControlNet {i}": unit.infotext() for i, unit in enumerate(request.controlnet)},
         # the image prompt's adapter and weight (the image itself is not recorded, as A1111 records none)
         "IP-Adapter": ip_adapter,

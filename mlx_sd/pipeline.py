@@ -26,10 +26,10 @@ from . import backend
 from .conditioning import Conditioning
 from .controlnet import INPAINT, ControlNet, Controls
 from .denoiser import classifier_free_guidance
-from .hires import hires_plan, hires_request, hires_target, upscale_first_pass
+from .hires import check_hires_model, hires_plan, hires_request, hires_target, upscale_first_pass
 from .images import latent_preview, to_pil
 from .img2img import prepare_inputs, prepare_latents, restore_output
-from .infotext import generation_infotext
+from .infotext import a1111_title, generation_infotext
 from .lora import AppliedLoRA, LoRA, LoRAState, lora_networks, lora_targets, parse_lora_tags
 from .model import StableDiffusion
 from .models.layers import TextContext, set_circular
@@ -136,6 +136,9 @@ class Pipeline:
         refiner: a model that takes over the last part of the schedule (SDXL's refiner; mlx_sd/refiner.py), used
             from `request.refiner_switch_at` on (default 0.8), or None. Embeddings apply to both (those that fit the
             refiner), LoRAs to `model` only.
+        hires_model: the model the hires fix's second pass runs (A1111's "Hires checkpoint", `hr_checkpoint_name`):
+            its prompt encoding, UNet and VAE (the first pass decodes with `model`'s), LoRAs and embeddings applied to
+            it too; None: `model`. `set_hires_model` changes it.
         lora_resolver: resolves `<lora:name:weight>` in prompts: (name, `lora_targets(model)`) -> `LoRA`, e.g.
             `mlx_sd_convert.library.LoraLibrary(folder)`; None: such prompts are refused.
         ip_adapter: an `mlx_sd.ip_adapter.IPAdapter` for requests with an `ip_adapter_image` (base model only), or
@@ -156,6 +159,7 @@ class Pipeline:
         controlnet_resolver=None,
         ip_adapter=None,
         upscaler_resolver=None,
+        hires_model: StableDiffusion | str | Path | None = None,
     ):
         self.model = model if isinstance(model, StableDiffusion) else StableDiffusion(model)
         self.schedule = _schedule(self.model)
@@ -169,6 +173,9 @@ class Pipeline:
         self.loras: list[AppliedLoRA] = []  # applied to every request, beside the prompt's <lora:...> tags
         self.embeddings: list[Embedding] = []
         self._lora_state = LoRAState()
+        self.hires_model = None
+        self._hires_lora_state = LoRAState()
+        self.set_hires_model(hires_model)
         # the names of the embeddings each live PromptEncoder holds (a reloaded encoder or a refiner's needs them)
         self._embedded: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -179,6 +186,15 @@ class Pipeline:
             refiner = refiner if isinstance(refiner, StableDiffusion) else StableDiffusion(refiner)
             check_refiner(self.model, refiner, self.schedule, _schedule(refiner))
         self.refiner = refiner
+
+    def set_hires_model(self, model: StableDiffusion | str | Path | None) -> None:
+        """Run the hires fix's second pass with `model` (a model or a converted folder; None: the base model).
+        Raises ValueError, keeping the current one, for a model that cannot (an inpainting UNet)."""
+        if model is not None:
+            model = model if isinstance(model, StableDiffusion) else StableDiffusion(model)
+            check_hires_model(model)
+        self.hires_model = model
+        self._hires_lora_state = LoRAState()
 
     def set_ip_adapter(self, adapter) -> None:
         """Use `adapter` (an `IPAdapter`) for requests with an `ip_adapter_image`, or none. Raises ValueError, keeping
@@ -228,6 +244,9 @@ class Pipeline:
         if self._refining(request):
             self._with_embeddings(self.refiner)
         self._lora_state.apply(lora_networks(self.model), applied)
+        if request.enable_hr and self.hires_model is not None:
+            self._with_embeddings(self.hires_model)
+            self._hires_lora_state.apply(lora_networks(self.hires_model), applied)
         prompts = [parse_lora_tags(p)[0] for p in (request.prompt, request.negative_prompt)]
         return applied, used_embeddings(text, self.embeddings, prompts) if self.embeddings else []
 
@@ -270,11 +289,18 @@ class Pipeline:
         request = replace(request, controlnet=self._controlnets(request))
         target = hires_target(request) if request.enable_hr else None
         second = hires_request(request, target) if target else None
-        plan_2 = hires_plan(second, self.schedule) if second else None
+        hires = self.hires_model or self.model  # the second pass's model
+        if second and hires is not self.model:
+            check_hires_model(hires, self.model, second)
+            for unit in second.controlnet:
+                if unit.acts_in(hires_pass=True):
+                    unit.model.check(hires.unet.config)
+        plan_2 = hires_plan(second, self.schedule if hires is self.model else _schedule(hires)) if second else None
         upscaler = self._hires_upscaler(request) if second else None  # a model named but missing fails here
         total = plan.steps + (plan_2.steps if plan_2 else 0)
         loras, embeddings = self._activate(request)
-        for model in (self.model, self.refiner) if refining else (self.model,):
+        used = (self.model, self.refiner) if refining else (self.model, hires) if second else (self.model,)
+        for model in used:
             set_circular(model.unet, request.tiling)  # every request sets the padding mode it runs with
             set_circular(model.vae, request.tiling)
 
@@ -283,7 +309,8 @@ class Pipeline:
             refiner_cond, refiner_uncond = self._encode_prompts(request, self.refiner)
         if second:
             same = (second.prompt, second.negative_prompt) == (request.prompt, request.negative_prompt)
-            cond_2, uncond_2 = (cond, uncond) if same else self._encode_prompts(second)
+            same = same and hires is self.model
+            cond_2, uncond_2 = (cond, uncond) if same else self._encode_prompts(second, hires)
         image_embeds = self._image_prompt(request)
         timings["text"] = time.perf_counter() - start
         images, seeds = [], []
@@ -332,7 +359,7 @@ class Pipeline:
                 # from the seeds' generators, which start the second pass)
                 latents = upscale_first_pass(
                     latents, request, target, lambda z: self._decode(z, request, self.model),
-                    lambda images, source=noise: self._encode_images(images, source, request.tiling), upscaler,
+                    lambda images, source=noise: self._encode_images(images, source, request.tiling, hires), upscaler,
                 )  # fmt: skip
                 # A1111 draws the second pass's noise from fresh generators seeded with the images' seeds
                 noise = make_noise(request.rng, first, request.batch_size, per_image=True)
@@ -341,15 +368,16 @@ class Pipeline:
                 x = plan_2.noised_latents(latents, (vary(draw) if vary else draw).transpose(0, 2, 3, 1), 0)
                 noise = _sampler_noise(second, plan_2, noise, first)
                 controls_2 = controls_2 or self._controls(second, plan_2, None, hires_pass=True)
-                model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size, controls=controls_2,
-                                          image_embeds=image_embeds)  # fmt: skip
+                model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size, hires,
+                                          controls=controls_2, image_embeds=image_embeds)  # fmt: skip
                 x = yield from denoise(
-                    plan_2, model_fn, x.astype(self.model.dtype), noise, None, batch, plan.steps, controls_2
+                    plan_2, model_fn, x.astype(hires.dtype), noise, None, batch, plan.steps, controls_2
                 )
                 latents, finished = plan_2.latents_to_decode(x), second
             t_decode = time.perf_counter()
             # The model that finished the image decodes it (diffusers' refiner pipeline, A1111).
-            decoded = to_pil(self._decode(latents, finished, self.refiner if refining else self.model))
+            last = self.refiner if refining else hires if finished is second else self.model
+            decoded = to_pil(self._decode(latents, finished, last))
             timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t_decode
             if init is not None:
                 decoded = [restore_output(init, image) for image in decoded]
@@ -463,6 +491,7 @@ class Pipeline:
         model = model or self.model
         unet = model.unet
         dtype = model.dtype
+        schedule = self.schedule if model is self.model else _schedule(model)  # NGMS's noise levels
         guided = uncond is not None
         context = mx.concatenate([uncond.context, cond.context]) if guided else cond.context
         pooled, time_ids = None, None
@@ -501,7 +530,7 @@ class Pipeline:
 
         if not guided:
             return model
-        below = (lambda t: self.schedule.t_to_sigma(t) < request.s_min_uncond) if cond_only else None
+        below = (lambda t: schedule.t_to_sigma(t) < request.s_min_uncond) if cond_only else None
         return classifier_free_guidance(model, request.guidance, request.guidance_rescale, cond_only, below)
 
     def _image_prompt(self, request: GenerationRequest) -> tuple[mx.array, mx.array] | None:
@@ -569,10 +598,11 @@ class Pipeline:
         rows = [negative] * B + [positive] * B if guided else [positive] * B
         return mx.array(rows, dtype=mx.float32)
 
-    def _encode_images(self, images: mx.array, noise, whole: bool = False) -> mx.array:
-        """VAE-encode (B, H, W, 3) images to scaled latents, sampling with the request's noise (diffusers order);
-        in tiles above TILE_ABOVE_PIXELS unless `whole` (seamless tiling: tiles would not wrap)."""
-        vae = self.model.vae
+    def _encode_images(self, images: mx.array, noise, whole: bool = False, model=None) -> mx.array:
+        """VAE-encode (B, H, W, 3) images to scaled latents with `model`'s VAE (default: the base model's), sampling
+        with the request's noise (diffusers order); in tiles above TILE_ABOVE_PIXELS unless `whole` (seamless tiling:
+        tiles would not wrap)."""
+        vae = (model or self.model).vae
         tiled = not whole and max(images.shape[1:3]) * min(images.shape[1:3]) > TILE_ABOVE_PIXELS
         images = images.astype(vae.dtype)
         dist = tiled_encode(vae, images) if tiled else vae.encode(images)
@@ -600,7 +630,9 @@ class Pipeline:
         """A1111's infotext of image `seed` of `request` (mlx_sd.infotext.generation_infotext)."""
         refiner = self.refiner.info.name if self._refining(request) else None
         adapter = self.ip_adapter.title if request.ip_adapter_image is not None else None
-        return generation_infotext(request, seed, plan, self.model.info, refiner, adapter, loras, embeddings)
+        hires = self.hires_model.info if request.enable_hr and self.hires_model is not None else None
+        hires = a1111_title(hires.name, hires.short_hash) if hires else None
+        return generation_infotext(request, seed, plan, self.model.info, refiner, adapter, loras, embeddings, hires)
 
 
 def _sampler_noise(request: GenerationRequest, plan: SamplingPlan, noise, first: int):

@@ -66,6 +66,14 @@ def test_hires_fix_from_cli(model, tmp_path):
     assert params["Variation seed"] == "4" and params["Variation seed strength"] == "0.2" and params["Tiling"] == "True"
     bad = run("generate", "x", "--model", model, "--enable-hr", "--init-image", tmp_path / "hr.png")
     assert bad.returncode != 0 and "txt2img" in bad.stderr and "Traceback" not in bad.stderr
+    other = mlx_folder(tiny_components(tmp_path / "other", "sd1", seed=5), tmp_path / "other-model", "sd1")
+    out = run("generate", "x", "--model", model, "--width", 64, "--height", 48, "--steps", 2, "--seed", 3,
+              "--enable-hr", "--hr-scale", 1.5, "--hr-second-pass-steps", 2, "--hr-checkpoint", other,
+              "--output", tmp_path / "hr2.png")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert parse_infotext(read_infotext(tmp_path / "hr2.png"))[2]["Hires checkpoint"] == "tiny"
+    bad = run("generate", "x", "--model", model, "--hr-checkpoint", other)
+    assert bad.returncode == 2 and "--hr-checkpoint needs --enable-hr" in bad.stderr
 
 
 def test_params_from_a_png_makes_it_again_and_flags_override(model, tmp_path):

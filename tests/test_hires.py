@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from test_model_upscaler import FILES, _save
 from test_pipeline import MIN_PSNR, NEGATIVE, PROMPT, as_array, diffusers_pipe, generators
+from test_pipeline import inpaint9 as inpaint9  # noqa: F401  (the 9-channel fixture)
 
 from mlx_sd.hires import HiresTarget, hires_target
 from mlx_sd.params import GenerationRequest
@@ -27,9 +28,12 @@ from oracles import psnr
 SEED, STEPS, GUIDANCE = 31, 5, 6.0
 
 
-def _reference(parts, size, target, upscaler, hr_steps, strength, batch=1, network=None):
+def _reference(parts, size, target, upscaler, hr_steps, strength, batch=1, network=None, hires_parts=None):
     """diffusers txt2img -> upscale -> diffusers img2img, as A1111 runs the hires fix (Euler, as diffusers);
-    `network`: the spandrel model of a model upscaler, run as A1111 runs it (tests/a1111_upscale.py)."""
+    `network`: the spandrel model of a model upscaler, run as A1111 runs it (tests/a1111_upscale.py); `hires_parts`:
+    another model's components for the second pass (A1111's hires checkpoint: the first pass decodes with its own
+    VAE, the second model's VAE encodes)."""
+    hires_parts = hires_parts or parts
     txt2img = diffusers_pipe("StableDiffusionPipeline", parts, "EulerDiscreteScheduler")
     first = generators(SEED, batch)
     latents = txt2img(
@@ -49,10 +53,11 @@ def _reference(parts, size, target, upscaler, hr_steps, strength, batch=1, netwo
             else:
                 resized = [a1111_upscale.resize_image(Image.fromarray(im), w * 8, h * 8, network) for im in images]
             x = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255 for im in resized])).permute(0, 3, 1, 2)
-            dist = vae.encode(x * 2 - 1).latent_dist
-            up = torch.cat([_sample(dist, i, g) for i, g in enumerate(first)]) * vae.config.scaling_factor
+            encoder = hires_parts["vae"]
+            dist = encoder.encode(x * 2 - 1).latent_dist
+            up = torch.cat([_sample(dist, i, g) for i, g in enumerate(first)]) * encoder.config.scaling_factor
     total = int(hr_steps / min(strength, 0.999))
-    img2img = diffusers_pipe("StableDiffusionImg2ImgPipeline", parts, "EulerDiscreteScheduler")
+    img2img = diffusers_pipe("StableDiffusionImg2ImgPipeline", hires_parts, "EulerDiscreteScheduler")
     return img2img(
         [PROMPT] * batch, negative_prompt=[NEGATIVE] * batch, image=up, strength=(hr_steps + 0.5) / total,
         num_inference_steps=total, guidance_scale=GUIDANCE, generator=generators(SEED, batch), output_type="np",
@@ -85,6 +90,66 @@ def test_hires_fix_matches_diffusers_composed_as_a1111(sd1, upscaler, size, scal
     assert value >= MIN_PSNR
     steps = [e.step for e in events if isinstance(e, Progress)]
     assert steps == list(range(1, STEPS + hr_steps + 1)) and events[0].total == STEPS + hr_steps
+
+
+@pytest.fixture(scope="module")
+def other_sd1(tmp_path_factory):
+    """A second tiny SD 1.x model (other weights throughout) with a checkpoint hash: the hires checkpoint."""
+    from tiny_pipelines import mlx_folder, tiny_components
+
+    tmp = tmp_path_factory.mktemp("hires-checkpoint")
+    parts = tiny_components(tmp, "sd1", seed=7)
+    return parts, mlx_folder(parts, tmp / "mlx", "sd1", sha256="0123456789abcdef" * 4)
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_checkpoint_runs_the_second_pass(sd1, other_sd1, upscaler):
+    """A1111's hr_checkpoint_name: the first pass with the model, the second (its prompt encoding, UNet, and the VAE
+    that encodes an image upscaler's output and decodes the result) with the hires checkpoint."""
+    parts, ours = sd1
+    other_parts, folder = other_sd1
+    pipeline = Pipeline(ours.model, hires_model=folder)
+    size, scale, hr_steps, strength = (48, 64), 1.5, 3, 0.6
+    target = (72, 96)
+    expected = _reference(parts, size, target, upscaler, hr_steps, strength, hires_parts=other_parts)
+    result = pipeline.generate(
+        prompt=PROMPT, negative_prompt=NEGATIVE, width=size[1], height=size[0], steps=STEPS, guidance=GUIDANCE,
+        sampler="EulerDiscreteScheduler", seed=SEED, enable_hr=True, hr_scale=scale, hr_upscaler=upscaler,
+        hr_second_pass_steps=hr_steps, strength=strength,
+    )  # fmt: skip
+    value = psnr(as_array(result.images), expected, data_range=1.0)
+    print(f"hires checkpoint, {upscaler}: PSNR {value:.1f} dB")
+    assert value >= MIN_PSNR
+    assert "Hires checkpoint: tiny [0123456789]" in result.infotexts[0]
+    plain = pipeline.generate(prompt=PROMPT, width=64, height=48, steps=2, seed=SEED)  # no hires fix: no checkpoint
+    assert "Hires checkpoint" not in plain.infotexts[0]
+
+
+def test_hires_checkpoint_refuses_what_cannot_run_its_pass(sd1, inpaint9):
+    """An inpainting model cannot run the second pass; a latent upscaler needs the same latent space; an image
+    prompt's adapter fits the first model only."""
+    from types import SimpleNamespace
+
+    from mlx_sd.hires import check_hires_model
+
+    _, ours = sd1
+    with pytest.raises(ValueError, match="hires checkpoint tiny: its UNet takes 9 channels"):
+        Pipeline(ours.model, hires_model=inpaint9[1].model)
+
+    def model(scaling: float):
+        vae = SimpleNamespace(config=SimpleNamespace(latent_channels=4, scaling_factor=scaling))
+        unet = SimpleNamespace(config=SimpleNamespace(in_channels=4))
+        return SimpleNamespace(vae=vae, unet=unet, info=SimpleNamespace(name=f"m{scaling}"))
+
+    sd, xl = model(0.18215), model(0.13025)
+    latent = GenerationRequest(prompt="x", enable_hr=True, hr_upscaler="Latent")
+    with pytest.raises(ValueError, match="latent space differs .* use an image upscaler"):
+        check_hires_model(xl, sd, latent)
+    check_hires_model(xl, sd, GenerationRequest(prompt="x", enable_hr=True, hr_upscaler="Lanczos"))
+    with pytest.raises(ValueError, match="an image prompt with a hires checkpoint"):
+        check_hires_model(
+            sd, xl, GenerationRequest(prompt="x", hr_upscaler="Lanczos", ip_adapter_image=Image.new("RGB", (8, 8)))
+        )
 
 
 def test_hires_fix_with_a_model_upscaler_matches_a1111(sd1, tmp_path):

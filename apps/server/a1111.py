@@ -57,7 +57,6 @@ NAMES = {"guidance": "cfg_scale", "sampler": "sampler_name", "schedule_type": "s
 # field: (values that change nothing, why any other value is refused). None is always accepted.
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "firstpass_image": (("",), "a given first-pass image is not supported: send it to img2img"),
-    "hr_checkpoint_name": (("", "Use same checkpoint"), "another checkpoint for the hires pass is not supported"),
     "restore_faces": ((False,), "face restoration is not implemented"),
     "alwayson_scripts": (({},), "extensions other than ControlNet (ADetailer, ...) are not supported"),
     "latent_mask": (("",), "a separate latent mask is not supported"),
@@ -205,8 +204,8 @@ def _binary_mask(image: Image.Image) -> Image.Image:
 
 
 def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
-    """The library request, the model, the refiner (or None), the list of ignored fields and the "SD upscale" script's
-    settings (or None) for an A1111 request. Raises ApiError."""
+    """The library request, the model, the refiner and the hires checkpoint (or None), the list of ignored fields and
+    the "SD upscale" script's settings (or None) for an A1111 request. Raises ApiError."""
     if req.infotext:
         req = _with_infotext(req)
     controlnet, others = split_scripts(req.alwayson_scripts)
@@ -256,9 +255,13 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
         refiner = state.model(req.refiner_checkpoint, "refiner_checkpoint")
         # A1111's UI sends its "Switch at" (default 0.8); without one the library's default, 0.8, applies.
         fields["refiner_switch_at"] = req.refiner_switch_at
+    hires = None
+    if not img2img and req.enable_hr and req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        hires = state.model(req.hr_checkpoint_name, "hr_checkpoint_name")
+        hires = None if hires == model else hires  # the same checkpoint: A1111 keeps it and writes no field
     request = check_request(GenerationRequest(**fields), model, state.config.limits, NAMES, state.engine.upscalers)
     script = _script(req, request, state, img2img)
-    return request, model, refiner, ignored, script
+    return request, model, (refiner, hires), ignored, script
 
 
 def _script(req: ProcessingRequest, request: GenerationRequest, state: ServerState, img2img: bool):
@@ -484,9 +487,9 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 
 
 async def _generate(request: Request, req: ProcessingRequest, state: ServerState, img2img: bool) -> dict:
-    gen, model, refiner, ignored, script = await run_in_threadpool(to_generation, req, state, img2img)
+    gen, model, (refiner, hires), ignored, script = await run_in_threadpool(to_generation, req, state, img2img)
     source = "sdapi-img2img" if img2img else "sdapi-txt2img"
-    job = Job(model, gen, refiner=refiner, source=source, save=bool(req.save_images), sd_upscale=script)
+    job = Job(model, gen, refiner=refiner, hires=hires, source=source, save=bool(req.save_images), sd_upscale=script)
     if (req.override_settings or {}).get("sd_model_checkpoint") and req.override_settings_restore_afterwards is False:
         state.engine.default_model = model
     await run_to_completion(request, state, job)

@@ -88,6 +88,7 @@ class Job:
     model: ModelEntry
     request: GenerationRequest | None = None
     refiner: ModelEntry | None = None  # SDXL's refiner, taking over from `request.refiner_switch_at`
+    hires: ModelEntry | None = None  # the hires fix's second-pass model (A1111's hr_checkpoint_name)
     kind: str = "generate"
     task: Callable[[], object] | None = None
     sd_upscale: SDUpscale | None = None  # A1111's "SD upscale" script (its upscaler by name, loaded on the worker)
@@ -185,6 +186,7 @@ class Engine:
         self._pipeline: Pipeline | None = None
         self.loaded: ModelEntry | None = None
         self.refiner: ModelEntry | None = None  # the refiner attached to the loaded pipeline
+        self.hires: ModelEntry | None = None  # the hires checkpoint attached to it
         self._thread = threading.Thread(target=self._work, name="mlx-sd-worker", daemon=True)
         self._preload = preload
         self.loras = LoraLibrary(lora_dir) if lora_dir is not None else None
@@ -363,33 +365,38 @@ class Engine:
         entry = job.model
         if self._pipeline is None or self.loaded is None or self.loaded.folder != entry.folder:
             self._load(job, entry)
-        if job.kind == "generate" and job.refiner != self.refiner:
-            self._load_refiner(job)
+        for role in ("refiner", "hires"):
+            if job.kind == "generate" and getattr(job, role) != getattr(self, role):
+                self._attach(job, role)
 
-    def _load_refiner(self, job: Job) -> None:
-        """Attach the job's refiner to the loaded pipeline (or detach it); one refiner is kept at a time."""
-        self._pipeline.set_refiner(None)
-        self.refiner = None
+    def _attach(self, job: Job, role: str) -> None:
+        """Attach the job's refiner or hires checkpoint (`role`: "refiner", "hires") to the loaded pipeline, or detach
+        it; one of each is kept at a time."""
+        setter = self._pipeline.set_refiner if role == "refiner" else self._pipeline.set_hires_model
+        label, param = ("refiner", "refiner") if role == "refiner" else ("hires checkpoint", "hr_checkpoint_name")
+        entry = getattr(job, role)
+        setter(None)
+        setattr(self, role, None)
         gc.collect()
-        if job.refiner is None:
+        if entry is None:
             return
-        job.textinfo = f"Loading refiner {job.refiner.name}"
+        job.textinfo = f"Loading {label} {entry.name}"
         job.notify()
         try:
-            self._pipeline.set_refiner(job.refiner.folder)
-        except ValueError as e:  # not a refiner for this model: the library says why
-            raise ApiError(422, f"refiner {job.refiner.name!r}: {e}", param="refiner", code="invalid_value") from None
+            setter(entry.folder)
+        except ValueError as e:  # a model that cannot take this role: the library says why
+            raise ApiError(422, f"{label} {entry.name!r}: {e}", param=param, code="invalid_value") from None
         except Exception as e:
-            log.error("loading %s failed:\n%s", job.refiner.folder, traceback.format_exc())
-            raise ApiError(500, f"refiner {job.refiner.name!r} could not be loaded: {e}",
+            log.error("loading %s failed:\n%s", entry.folder, traceback.format_exc())
+            raise ApiError(500, f"{label} {entry.name!r} could not be loaded: {e}",
                            code="model_load_failed") from None  # fmt: skip
-        self.refiner = job.refiner
+        setattr(self, role, entry)
         job.textinfo = None
 
     def _load(self, job: Job, entry: ModelEntry) -> None:
         job.textinfo = f"Loading model {entry.name}"
         job.notify()
-        self._pipeline, self.loaded, self.refiner = None, None, None
+        self._pipeline, self.loaded, self.refiner, self.hires = None, None, None, None
         gc.collect()  # free the previous model's arrays before the next one is read
         try:
             self._pipeline = Pipeline(entry.folder, lora_resolver=self.loras, controlnet_resolver=self.controlnets,

@@ -57,6 +57,7 @@ class JobRequest(BaseModel):
     model: str | None = Field(None, description="a model id from /v1/capabilities; null: the current model")
     refiner: str | None = Field(None, description="a refiner's model id (SDXL), taking over from refiner_switch_at")
     refiner_switch_at: float | None = Field(None, gt=0, le=1, description="with a refiner; null: 0.8")
+    hr_checkpoint: str | None = Field(None, description="a model id for the hires fix's second pass; null: `model`")
     width: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE)
     height: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE)
     steps: int | None = Field(None, ge=1)
@@ -127,7 +128,7 @@ class JobCreated(BaseModel):
 def _to_generation(req: JobRequest, state: ServerState) -> GenerationRequest:
     max_pixels = state.config.limits.max_input_pixels
     images = {"init_image", "mask", "controlnet", "ip_adapter_image"}  # decoded below
-    fields = req.model_dump(exclude={"model", "refiner", "save", "sd_upscale", *images})
+    fields = req.model_dump(exclude={"model", "refiner", "hr_checkpoint", "save", "sd_upscale", *images})
     fields["controlnet"] = native_units(req.controlnet, state, max_pixels)
     if req.ip_adapter_image is not None:
         if state.engine.ip_adapter_title is None:
@@ -150,6 +151,7 @@ def job_view(job: Job, state: ServerState, request: Request) -> dict:
     view = {
         "id": job.id, "kind": job.kind, "status": job.status, "source": job.source, "model": job.model.name,
         "refiner": job.refiner.name if job.refiner else None,
+        "hr_checkpoint": job.hires.name if job.hires else None,
         "queue_position": state.engine.position(job), "created": job.created, "started": job.started,
         "finished": job.finished, "textinfo": job.textinfo, "progress": job.step.as_dict() if job.step else None,
         "cancel_requested": job.control.cancelled and not job.terminal, "error": error, "warnings": job.warnings,
@@ -188,6 +190,9 @@ async def create_job(request: Request, response: Response, req: JobRequest, stat
     refiner = state.model(req.refiner, "refiner") if req.refiner else None
     if req.refiner_switch_at is not None and refiner is None:
         raise invalid("refiner_switch_at", "needs a refiner: name one in `refiner`")
+    hires = state.model(req.hr_checkpoint, "hr_checkpoint") if req.hr_checkpoint else None
+    if hires is not None and not req.enable_hr:
+        raise invalid("hr_checkpoint", "runs the hires fix's second pass: set enable_hr")
     if req.save and state.config.output_dir is None:
         raise ApiError(422, "save: this server saves no files; start it with --output-dir DIR", param="save")
     gen = await run_in_threadpool(_to_generation, req, state)
@@ -197,7 +202,9 @@ async def create_job(request: Request, response: Response, req: JobRequest, stat
         script = SDUpscale(**req.sd_upscale.model_dump())
         tiles = replace(gen, width=gen.width or model.defaults.width, height=gen.height or model.defaults.height)
         check_sd_upscale(tiles, script, state.engine.upscalers, "sd_upscale")
-    job = state.engine.submit(Job(model, gen, refiner=refiner, source="native", save=req.save, sd_upscale=script))
+    hires = None if hires == model else hires
+    job = state.engine.submit(Job(model, gen, refiner=refiner, hires=hires, source="native", save=req.save,
+                                  sd_upscale=script))  # fmt: skip
     url = str(request.url_for("get_job", job_id=job.id))
     response.headers["Location"] = url
     return {"id": job.id, "status": job.status, "queue_position": state.engine.position(job), "url": url,

@@ -256,9 +256,43 @@ def _b64_png(image: Image.Image) -> str:
     return base64.b64encode(out.getvalue()).decode()
 
 
+def test_hires_checkpoint_runs_the_second_pass(server, models_dir):
+    """hr_checkpoint_name (A1111's title or name) runs the hires pass with that model, as the library's
+    `hires_model` does; the native API's `hr_checkpoint` too. The infotext names it."""
+    from mlx_sd.pipeline import Pipeline
+
+    body = {"prompt": "hires", "width": 64, "height": 48, "steps": 2, "seed": 8, "sampler_name": "Euler",
+            "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 2,
+            "denoising_strength": 0.5}  # fmt: skip
+    titles = {m["model_name"]: m["title"] for m in server.get("/sdapi/v1/sd-models").json()}
+    r = server.post("/sdapi/v1/txt2img", json={**body, "hr_checkpoint_name": titles["tiny-b"]})
+    assert r.status_code == 200, r.text
+    expected = Pipeline(models_dir / "tiny-a", hires_model=models_dir / "tiny-b").generate(
+        prompt="hires", width=64, height=48, steps=2, seed=8, sampler="Euler", guidance=7.0, enable_hr=True,
+        hr_scale=1.5, hr_upscaler="Lanczos", hr_second_pass_steps=2, strength=0.5,
+    )  # fmt: skip
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    np.testing.assert_array_equal(pixels(got), pixels(expected.images[0]))
+    info = json.loads(r.json()["info"])
+    assert info["infotexts"] == expected.infotexts and "Hires checkpoint: tiny [" in info["infotexts"][0]
+    same = server.post("/sdapi/v1/txt2img", json={**body, "hr_checkpoint_name": "tiny-a"})  # the loaded model
+    assert "Hires checkpoint" not in json.loads(same.json()["info"])["infotexts"][0]
+    native = {"prompt": "hires", "width": 64, "height": 48, "steps": 2, "seed": 8, "sampler": "Euler",
+              "guidance": 7.0, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos",
+              "hr_second_pass_steps": 2, "strength": 0.5, "hr_checkpoint": "tiny-b"}  # fmt: skip
+    job = server.post("/v1/jobs", json=native)
+    assert job.status_code == 202, job.text
+    done = server.get(f"/v1/jobs/{job.json()['id']}/events", timeout=120)
+    assert json.loads(done.text.strip().split("data: ")[-1])["status"] == "done"
+    png = server.get(f"/v1/jobs/{job.json()['id']}/images/0").content
+    np.testing.assert_array_equal(pixels(Image.open(io.BytesIO(png))), pixels(expected.images[0]))
+    r = server.post("/v1/jobs", json={**native, "enable_hr": False})
+    assert r.status_code == 422 and "hr_checkpoint" in r.text
+
+
 def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server):
     base = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
-    cases = {"hr_checkpoint_name": "other.safetensors", "restore_faces": True, "firstpass_image": "abc",
+    cases = {"restore_faces": True, "firstpass_image": "abc",
              "alwayson_scripts": {"ADetailer": {"args": [True]}},
              "styles": ["my style"], "script_name": "X/Y/Z plot"}  # fmt: skip
     for field, value in cases.items():
@@ -266,6 +300,8 @@ def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server
         assert r.status_code == 422, (field, r.text)
         body = r.json()
         assert set(body) == {"error", "detail", "body", "errors"} and body["detail"].startswith(f"{field}:")
+    r = server.post("/sdapi/v1/txt2img", json={**base, "enable_hr": True, "hr_checkpoint_name": "other.safetensors"})
+    assert r.status_code == 404 and r.json()["detail"].startswith("hr_checkpoint_name: model"), r.text
     init = _b64_png(Image.new("RGB", (64, 64), (200, 100, 50)))
     r = server.post("/sdapi/v1/img2img", json={**base, "init_images": [init], "latent_mask": "x"})
     assert r.status_code == 422 and r.json()["detail"].startswith("latent_mask:")
