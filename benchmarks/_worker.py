@@ -111,6 +111,8 @@ UPSCALERS = {
                     "compress_ratio": 3, "squeeze_factor": 30, "mlp_ratio": 2.0, "upscale": 4}),  # Real_HAT_GAN_SRx4
     "span": ("SPAN", {"num_in_ch": 3, "num_out_ch": 3, "feature_channels": 48, "upscale": 4}),  # 4xNomos8k_span_otf
     "plksr": ("PLKSR", {"dim": 64, "n_blocks": 28, "kernel_size": 17, "upscaling_factor": 4}, "RealPLKSR"),
+    "drct": ("DRCT", {"img_size": 64, "embed_dim": 180, "depths": [6] * 6, "num_heads": [6] * 6, "window_size": 16,
+                      "mlp_ratio": 2.0, "gc": 32, "upscale": 4, "upsampler": "pixelshuffle"}),  # DRCT (not -L)
 }  # fmt: skip
 
 

@@ -22,7 +22,9 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
   other SPAN models; each `Conv3XC`'s 3x3 conv is fused from its 1x1 -> 3x3 -> 1x1 chain and 1x1 skip here, as
   spandrel recomputes it before every call (the stored `eval_conv` copy is not read);
 - RealPLKSR and PLKSR (`feats.N.channel_mixer` / `channe_mixer`, `feats.N.lk.conv`): 4xNomos2_realplksr and the
-  other PLKSR models with the plain large kernel (the sparse-kernel ablations and DySample heads are refused).
+  other PLKSR models with the plain large kernel (the sparse-kernel ablations and DySample heads are refused);
+- DRCT (`layers.N.swinK...`, `layers.N.adjustK`): DRCT, DRCT-L and the community DRCT models; heads read per block,
+  the position-index and mask buffers recomputed.
 
 The configuration is read from the shapes (width, blocks, growth, upsampling stages; in/out channels give the
 unshuffle factor; SwinIR's, DAT's and HAT's head, depths, heads and window), as spandrel decides it, and the file is
@@ -40,6 +42,7 @@ import numpy as np
 
 from mlx_sd.model_upscaler import ModelUpscaler
 from mlx_sd.models.dat import DAT, DATConfig
+from mlx_sd.models.drct import DRCT, DRCTConfig
 from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetCompact
 from mlx_sd.models.hat import HAT, HATConfig
 from mlx_sd.models.plksr import PLKSR, PLKSRConfig
@@ -67,13 +70,13 @@ A1111_NAMES = {
     "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
     "realesr-animevideov3": "R-ESRGAN AnimeVideo",
 }
-SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR"
+SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT"
 SWINIR_KEY = "layers.0.residual_group.blocks.0.attn.relative_position_index"  # HAT has it too, and HAT_KEY
 HAT_KEY = "layers.0.residual_group.blocks.0.conv_block.cab.0.weight"
 DAT_KEY = "layers.0.blocks.0.attn.attns.0.rpe_biases"
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
-            SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR}  # fmt: skip
-FLOAT32_ONLY = (SwinIRConfig, DATConfig, SCUNetConfig, HATConfig)  # spandrel never runs these in half precision
+            SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT}  # fmt: skip
+FLOAT32_ONLY = (SwinIRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig)  # spandrel: never in half precision
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
     ("conv_after_body.weight", "transformer (SRFormer, ...)"),
     ("model.diffusion_model.input_blocks.0.0.weight", "LDSR (latent diffusion)"),
@@ -131,6 +134,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         return _swinir_config(stripped)
     if HAT_KEY in stripped:
         return _hat_config(path, stripped)
+    if "layers.0.swin1.norm1.weight" in stripped and "layers.0.adjust1.weight" in stripped:
+        return _drct_config(path, stripped)
     if "conv_1.sk.weight" in stripped and "block_1.c1_r.sk.weight" in stripped:
         return _span_config(path, stripped)
     if "feats.0.weight" in stripped and "feats.1.refine.weight" in stripped:
@@ -403,3 +408,35 @@ def _plksr_config(path: Path, shapes: dict) -> PLKSRConfig:
         upscale=math.isqrt(shapes[f"feats.{last}.weight"][0] // 3), kernel_size=large[2], partial=large[0], real=real,
         mixer=mixer_kind, use_ea="feats.1.attn.f.0.weight" in shapes, layer_norm="feats.1.layer_norm.bias" in shapes,
     )  # fmt: skip
+
+
+def _drct_config(path: Path, shapes: dict) -> tuple[DRCTConfig, list[Rule]]:
+    """DRCT's configuration (spandrel's rules: the window from the bias table's (2 window - 1)^2 rows, the training
+    size from a shifted block's mask, heads per block) and the map: its own names, the buffers dropped."""
+    if "conv_last.weight" not in shapes:
+        raise ConversionError(f"{path}: a DRCT without an upsampler, whose forward returns its input unchanged")
+    if "layers.0.swin1.attn.qkv.bias" not in shapes or "absolute_pos_embed" in shapes:
+        raise ConversionError(f"{path}: a DRCT without qkv biases or with an absolute position embedding, which "
+                              "mlx-sd does not run (no published model has either)")  # fmt: skip
+    embed_dim, in_channels = shapes["conv_first.weight"][:2]
+    layers = _indices(shapes, r"layers\.(\d+)\.swin1\.norm1\.weight")
+    heads = tuple(tuple(shapes[f"layers.{i}.swin{k}.attn.relative_position_bias_table"][1] for k in range(1, 6))
+                  for i in layers)  # fmt: skip
+    window = (math.isqrt(shapes["layers.0.swin1.attn.relative_position_bias_table"][0]) + 1) // 2
+    mask = shapes.get("layers.0.swin2.attn_mask")
+    num_feat = shapes["conv_last.weight"][1]
+    convs = _indices(shapes, r"upsample\.(\d+)\.weight")  # one 9x conv for 3x, else one 4x conv per octave
+    config = DRCTConfig(
+        in_channels=in_channels, embed_dim=embed_dim, num_heads=heads, window_size=window,
+        mlp_ratio=shapes["layers.0.swin1.mlp.fc1.weight"][0] / embed_dim, gc=shapes["layers.0.adjust1.weight"][0],
+        upscale=3 if convs and shapes["upsample.0.weight"][0] == 9 * num_feat else 2 ** len(convs),
+        resi_connection="1conv" if "conv_after_body.weight" in shapes else "identity",
+        patch_norm="patch_embed.norm.weight" in shapes, num_feat=num_feat,
+        img_size=math.isqrt(mask[0]) * window if mask else window,
+    )  # fmt: skip
+    buffers = "recomputed from the window size and the image (relative_position_index, attn_mask)"
+    rules = [
+        Rule(r"(?:module\.)?layers\.\d+\.swin\d\.(?:attn\.relative_position_index|attn_mask)", None, buffers),
+        Rule(r"(?:module\.)?(.+)", r"\1"),
+    ]
+    return config, rules

@@ -120,6 +120,14 @@ def plksr_state(real: bool = True, seed: int = 0, **kwargs) -> dict:
     return _random(module(**{"dim": 16, "n_blocks": 3, "kernel_size": 7, **kwargs}), seed).state_dict()
 
 
+def drct_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel DRCT's state dict (tiny: 24 channels, growth 8, 4-pixel windows, one dense group of five Swin
+    blocks whose head counts differ: 3, 1, 2, 3, 1)."""
+    kwargs = {"img_size": 16, "embed_dim": 24, "depths": [6], "num_heads": [3], "window_size": 4, "mlp_ratio": 2.0,
+              "gc": 8, "upsampler": "pixelshuffle", **kwargs}  # fmt: skip
+    return _random(spandrel("DRCT").DRCT(**kwargs), seed).state_dict()
+
+
 def scunet_state(seed: int = 0) -> dict:
     """A random spandrel SCUNet's state dict (64 channels, the least its 32-wide heads allow; two blocks a level, so
     that shifted windows run at every level)."""
@@ -170,6 +178,8 @@ FILES = {  # file name -> its contents
     "2x_realplksr_ln.safetensors": lambda: plksr_state(upscaling_factor=2, layer_norm=True, use_ea=False),
     "4x_PLKSR.pth": lambda: plksr_state(False, ccm_type="CCM"),  # the original PLKSR: `channe_mixer`, GELU
     "3x_PLKSR_ICCM.pth": lambda: plksr_state(False, ccm_type="ICCM", upscaling_factor=3),
+    "4xRealWebPhoto_drct-l.pth": lambda: {"params_ema": drct_state(upscale=4)},  # inputs padded to 16 (spandrel's)
+    "DRCT_SRx3.safetensors": lambda: drct_state(upscale=3, num_heads=[4], resi_connection="identity", patch_norm=False),
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -258,6 +268,7 @@ def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
     ("Real_HAT_GAN_SRx4.pth", (48, 40), (192, 160), 32, 1),  # HAT from models/ESRGAN: A1111's ESRGAN grid
     ("4xNomos8k_span_otf.pth", (70, 52), (280, 208), 32, 1),  # SPAN too
     ("4xNomos2_realplksr.pth", (48, 40), (192, 160), 32, 1),  # and PLKSR
+    ("4xRealWebPhoto_drct-l.pth", (48, 40), (192, 160), 32, 1),  # and DRCT
 ])  # fmt: skip
 def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, tile, passes):
     state = FILES[name]()
@@ -290,7 +301,7 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
     assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*HAT, SPAN, PLKSR upscalers"):
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*SPAN, PLKSR, DRCT upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")
