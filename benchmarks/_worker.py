@@ -113,6 +113,7 @@ UPSCALERS = {
     "plksr": ("PLKSR", {"dim": 64, "n_blocks": 28, "kernel_size": 17, "upscaling_factor": 4}, "RealPLKSR"),
     "drct": ("DRCT", {"img_size": 64, "embed_dim": 180, "depths": [6] * 6, "num_heads": [6] * 6, "window_size": 16,
                       "mlp_ratio": 2.0, "gc": 32, "upscale": 4, "upsampler": "pixelshuffle"}),  # DRCT (not -L)
+    "mosr": ("MoSR", {"n_block": 24, "dim": 64, "upscale": 4}),  # spandrel's defaults (4xNomos2_hq_mosr's shape)
 }  # fmt: skip
 
 

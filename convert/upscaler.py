@@ -24,7 +24,9 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
 - RealPLKSR and PLKSR (`feats.N.channel_mixer` / `channe_mixer`, `feats.N.lk.conv`): 4xNomos2_realplksr and the
   other PLKSR models with the plain large kernel (the sparse-kernel ablations and DySample heads are refused);
 - DRCT (`layers.N.swinK...`, `layers.N.adjustK`): DRCT, DRCT-L and the community DRCT models; heads read per block,
-  the position-index and mask buffers recomputed.
+  the position-index and mask buffers recomputed;
+- MoSR (`gblocks.N.fc1`, `shortcut`, `upsampler`): 4xNomos2_hq_mosr and the other MoSR models, with the pixel-shuffle
+  or geometric-ensemble head (DySample heads are refused).
 
 The configuration is read from the shapes (width, blocks, growth, upsampling stages; in/out channels give the
 unshuffle factor; SwinIR's, DAT's and HAT's head, depths, heads and window), as spandrel decides it, and the file is
@@ -45,6 +47,7 @@ from mlx_sd.models.dat import DAT, DATConfig
 from mlx_sd.models.drct import DRCT, DRCTConfig
 from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetCompact
 from mlx_sd.models.hat import HAT, HATConfig
+from mlx_sd.models.mosr import MoSR, MoSRConfig
 from mlx_sd.models.plksr import PLKSR, PLKSRConfig
 from mlx_sd.models.scunet import SCUNet, SCUNetConfig
 from mlx_sd.models.span import SPAN, SPANConfig
@@ -80,9 +83,10 @@ A1111_NAMES = {
     "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
     "realesr-animevideov3": "R-ESRGAN AnimeVideo",
 }
-SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT"
+SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR"
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
-            SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT}  # fmt: skip
+            SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
+            MoSRConfig: MoSR}  # fmt: skip
 FLOAT32_ONLY = (SwinIRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig)  # spandrel: never in half precision
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
     ("conv_after_body.weight", "transformer (SRFormer, ...)"),
@@ -145,6 +149,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         return drct_config(path, stripped)
     if "conv_1.sk.weight" in stripped and "block_1.c1_r.sk.weight" in stripped:
         return _span_config(path, stripped)
+    if "gblocks.0.weight" in stripped and "gblocks.1.fc1.weight" in stripped:
+        return _mosr_config(path, stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "feats.0.weight" in stripped and "feats.1.refine.weight" in stripped:
         return _plksr_config(path, stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "m_head.0.weight" in stripped and "m_tail.0.weight" in stripped:
@@ -298,4 +304,22 @@ def _plksr_config(path: Path, shapes: dict) -> PLKSRConfig:
         dim=shapes["feats.0.weight"][0], n_blocks=last - (2 if real else 1),
         upscale=math.isqrt(shapes[f"feats.{last}.weight"][0] // 3), kernel_size=large[2], partial=large[0], real=real,
         mixer=mixer_kind, use_ea="feats.1.attn.f.0.weight" in shapes, layer_norm="feats.1.layer_norm.bias" in shapes,
+    )  # fmt: skip
+
+
+def _mosr_config(path: Path, shapes: dict) -> MoSRConfig:
+    """MoSR's configuration from its shapes, as spandrel reads it (`gblocks`: a conv, the blocks, then five layers)."""
+    if "upsampler.init_pos" in shapes:
+        raise ConversionError(f"{path}: a MoSR with a DySample head, which mlx-sd does not run (it runs the pixel-"
+                              "shuffle and geometric-ensemble heads)")  # fmt: skip
+    dim, in_channels = shapes["gblocks.0.weight"][:2]
+    depthwise = shapes["gblocks.1.conv.weight"]
+    if "upsampler.in_to_k.weight" in shapes:
+        upsampler, upscale = "gps", math.isqrt(shapes["upsampler.in_to_k.weight"][0] // 8 // in_channels)
+    else:
+        upsampler, upscale = "ps", math.isqrt(shapes["upsampler.0.weight"][0] // in_channels)
+    return MoSRConfig(
+        in_channels=in_channels, dim=dim, n_blocks=max(indices(shapes, r"gblocks\.(\d+)\..+")) + 1 - 6,
+        hidden=shapes["gblocks.1.fc1.weight"][0] // 2, conv_channels=depthwise[0], kernel_size=depthwise[2],
+        upscale=upscale, upsampler=upsampler,
     )  # fmt: skip

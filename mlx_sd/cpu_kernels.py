@@ -77,9 +77,8 @@ def _call_each_kernel() -> None:
     k.add_bias_gelu_into(out, v, False)
     k.exp2_rows(x)
     k.mish_from_exp(x, out)
-    k.depthwise3x3(
-        np.ones((1, 4, 4, 8), np.float32), np.ones((9, 8), np.float32), v, 0, 0, 4, np.empty((1, 4, 4, 8), np.float32)
-    )
+    image = np.ones((1, 4, 4, 8), np.float32)
+    k.depthwise(image, np.ones((3, 3, 8), np.float32), v, 0, 0, 4, np.empty_like(image))
     tiles = np.empty((36, 1, 8), np.float32)
     k.winograd_tiles(np.ones((1, 4, 4, 8), np.float32), 0, 0, 1, 0, 1, tiles)
     k.winograd_untile(tiles, v, 0, 0, 1, 0, 1, np.empty((1, 4, 4, 8), np.float32))
@@ -240,23 +239,24 @@ def _build_kernels():
                     out[r, c] = x[r, c] * scale[c] + shift[c]
 
     @jit
-    def depthwise3x3(x, w, bias, b, first, last, y):  # rows first..last of image b; w (9, C) tap-major, zero padding
+    def depthwise(x, w, bias, b, first, last, y):  # rows first..last of image b; w (K, K, C), zero padding K // 2
         _, H, W, C = x.shape
+        K = w.shape[0]
+        p = K // 2
         acc = np.empty(C, np.float32)
         for i in range(first, last):
             for j in range(W):
                 acc[:] = bias
-                for dy in range(3):
-                    row = i + dy - 1
+                for dy in range(K):
+                    row = i + dy - p
                     if row < 0 or row >= H:
                         continue
-                    for dx in range(3):
-                        col = j + dx - 1
+                    for dx in range(K):
+                        col = j + dx - p
                         if col < 0 or col >= W:
                             continue
-                        t = 3 * dy + dx
                         for c in range(C):
-                            acc[c] += w[t, c] * x[b, row, col, c]
+                            acc[c] += w[dy, dx, c] * x[b, row, col, c]
                 y[b, i, j, :] = acc
 
     @jit
@@ -365,7 +365,7 @@ def _build_kernels():
         add_bias_into=add_bias_into,
         add_bias_gelu_into=add_bias_gelu_into,
         exp2_rows=exp2_rows,
-        depthwise3x3=depthwise3x3,
+        depthwise=depthwise,
         mish_from_exp=mish_from_exp,
         winograd_tiles=winograd_tiles,
         winograd_untile=winograd_untile,
@@ -572,14 +572,16 @@ def winograd_conv(x: mx.array, u: mx.array, bias: mx.array | None, strip_rows: i
     return y
 
 
-def depthwise3x3(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
-    """A depthwise 3x3, stride-1, padding-1 convolution of a float32 (B, H, W, C) x by a (C, 3, 3, 1) weight: one pass
-    over x, each pixel's nine taps accumulated across the channels, rows split across the workers. MLX's grouped conv
-    on CPU took 15x torch's time (DAT's 180-channel convs at 96x96: 100 ms against 6.6)."""
+def depthwise(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+    """A depthwise stride-1 convolution with an odd K x K kernel and zero padding K // 2 of a float32 (B, H, W, C) x
+    by a (C, K, K, 1) weight: one pass over x, each pixel's taps accumulated across the channels, rows split across
+    the workers. MLX's grouped conv on CPU took 15x torch's time (DAT's 180-channel 3x3s at 96x96: 100 ms against
+    6.6; MoSR's 7x7s)."""
     xn = _rows(x).reshape(x.shape)
     B, H, W, C = x.shape
-    taps = np.ascontiguousarray(np.asarray(weight.astype(mx.float32)).reshape(C, 9).T)  # (9, C)
+    K = weight.shape[1]
+    taps = np.ascontiguousarray(np.asarray(weight.astype(mx.float32)).reshape(C, K, K).transpose(1, 2, 0))  # (K, K, C)
     y, out = _fresh((B, H, W, C))
-    tasks = _image_rows(B, H, x.size)
-    backend.cpu_map(kernel_call(_kernels().depthwise3x3, xn, taps, _vector(bias, C), tail=out), tasks)
+    tasks = _image_rows(B, H, x.size * K * K // 9)
+    backend.cpu_map(kernel_call(_kernels().depthwise, xn, taps, _vector(bias, C), tail=out), tasks)
     return y

@@ -1,4 +1,4 @@
-"""Model upscalers (ESRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT: `mlx_sd.models`) run as A1111 does.
+"""Model upscalers (ESRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR: `mlx_sd.models`) run as in A1111.
 
 A1111 (1.8+, through spandrel) upscales with an ESRGAN-family network in `upscaler_utils.upscale_with_model`: the
 image is cut into 192 x 192 tiles overlapping by 8 pixels (`images.split_grid`, its `ESRGAN_tile` /
@@ -11,7 +11,7 @@ input must be a multiple of some size (Real-ESRGAN 2x+) gets its input padded on
 `upscale_2` instead: the same BGR input as floats, square tiles (192, or the image's shorter side) stepping by
 tile - 8 with the last flush with the edge, each output clamped, the overlaps averaged in float32, then rounded to 8
 bits once. DAT goes through `upscale_with_model` as ESRGAN does (its own `DAT_tile` settings, the same defaults),
-ScuNET through `upscale_2` with 256-pixel tiles (`SCUNET_tile`), HAT, SPAN, PLKSR and DRCT (kept in `models/ESRGAN`)
+ScuNET through `upscale_2` with 256-pixel tiles (`SCUNET_tile`), HAT, SPAN, PLKSR, DRCT and MoSR (in `models/ESRGAN`)
 as ESRGAN. The network says which (`a1111_tiling`). Here the tiles of an image run through the network a few at a
 time, one batch per evaluation.
 """
@@ -38,8 +38,8 @@ class ModelUpscaler:
     """A loaded upscaling network with the name it is listed under.
 
     Attributes:
-        network: an `RRDBNet`, `SRVGGNetCompact`, `SwinIR`, `DAT`, `SCUNet`, `HAT`, `SPAN`, `PLKSR` or `DRCT` (its
-            `config.scale`, `size_minimum`, `size_multiple`, `a1111_tiling`, optionally `a1111_tile`).
+        network: one of `mlx_sd.models`' upscaling networks (`RRDBNet`, `SRVGGNetCompact`, `SwinIR`, `DAT`, ...):
+            its `config.scale`, `size_minimum`, `size_multiple`, `a1111_tiling`, optionally `a1111_tile`.
         name: e.g. "R-ESRGAN 4x+" or "4x-UltraSharp".
         tile, tile_overlap: A1111's tiling (its defaults: 192 and 8, ScuNET's tile 256); tile 0 runs the whole image
             at once.

@@ -369,19 +369,22 @@ def test_linear_with_activation_matches_torch(monkeypatch, row_kernels, activati
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_depthwise_and_grouped_convs_match_torch(monkeypatch, row_kernels, bias):
-    """3x3 depthwise convolutions (DAT's) by numba's kernel (cpu_kernels.depthwise3x3: rows split unevenly across
-    three workers, batch 2, zero padding at every edge) or MLX's grouped conv; other groupings by MLX's."""
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_depthwise_and_grouped_convs_match_torch(monkeypatch, row_kernels, bias, kernel):
+    """3x3 and 7x7 depthwise convolutions (DAT's, MoSR's) by numba's kernel (cpu_kernels.depthwise: rows split
+    unevenly across three workers, batch 2, zero padding at every edge, kernels wider than the image) or MLX's grouped
+    conv; other groupings by MLX's."""
     monkeypatch.setattr(cpu_kernels, "SPLIT_MIN_ELEMENTS", 1)
     monkeypatch.setattr(backend, "cpu_threads", lambda: 3)
     rng = np.random.default_rng(11)
-    x = rng.standard_normal((2, 7, 9, 12)).astype(np.float32)
+    x = rng.standard_normal((2, 7, 5, 12)).astype(np.float32)
     for groups in (12, 3):
-        conv = layers.Conv2d(12, 12, 3, padding=1, groups=groups, bias=bias)
+        conv = layers.Conv2d(12, 12, kernel, padding=kernel // 2, groups=groups, bias=bias)
+        conv.weight = mx.array(rng.standard_normal(conv.weight.shape).astype(np.float32))  # no symmetric zero init
         w = torch.from_numpy(np.array(conv.weight)).permute(0, 3, 1, 2)
         b = torch.from_numpy(np.array(conv.bias)) if bias else None
-        ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), w, b, padding=1, groups=groups)
-        assert_close(conv(mx.array(x)), ref.permute(0, 2, 3, 1).numpy(), 1e-6, f"conv with {groups} groups")
+        ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), w, b, padding=kernel // 2, groups=groups)
+        assert_close(conv(mx.array(x)), ref.permute(0, 2, 3, 1).numpy(), 1e-6, f"{kernel}x{kernel}, {groups} groups")
 
 
 def test_exp2_kernel_matches_float64():

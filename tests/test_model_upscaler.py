@@ -128,6 +128,12 @@ def drct_state(seed: int = 0, **kwargs) -> dict:
     return _random(spandrel("DRCT").DRCT(**kwargs), seed).state_dict()
 
 
+def mosr_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel MoSR's state dict (16 channels, three gated blocks with 7x7 depthwise convs)."""
+    kwargs = {"n_block": 3, "dim": 16, "kernel_size": 7, **kwargs}
+    return _random(spandrel("MoSR").MoSR(**kwargs), seed).state_dict()
+
+
 def scunet_state(seed: int = 0) -> dict:
     """A random spandrel SCUNet's state dict (64 channels, the least its 32-wide heads allow; two blocks a level, so
     that shifted windows run at every level)."""
@@ -180,6 +186,8 @@ FILES = {  # file name -> its contents
     "3x_PLKSR_ICCM.pth": lambda: plksr_state(False, ccm_type="ICCM", upscaling_factor=3),
     "4xRealWebPhoto_drct-l.pth": lambda: {"params_ema": drct_state(upscale=4)},  # inputs padded to 16 (spandrel's)
     "DRCT_SRx3.safetensors": lambda: drct_state(upscale=3, num_heads=[4], resi_connection="identity", patch_norm=False),
+    "4xNomos2_hq_mosr.pth": lambda: {"params_ema": mosr_state(upscale=4)},  # pixel-shuffle head
+    "2x_MoSR_gps.safetensors": lambda: mosr_state(upscale=2, upsampler="gps", conv_ratio=0.5, expansion_ratio=2.0),
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -233,9 +241,10 @@ def test_hat_on_the_blocked_attention_path_matches_spandrel(tmp_path, monkeypatc
     assert np.abs(got - expected).max() < TOLERANCE
 
 
-def test_plksr_precision_and_variants_mlx_sd_does_not_run(tmp_path):
+def test_plksr_and_mosr_precision_and_variants_mlx_sd_does_not_run(tmp_path):
     """RealPLKSR's GroupNorm variant runs in float32 whatever the default (spandrel: no half precision), its
-    LayerNorm variant and PLKSR at the default; the sparse-kernel ablations and DySample heads are refused by name."""
+    LayerNorm variant and PLKSR at the default; the sparse-kernel ablations and DySample heads (PLKSR's, MoSR's)
+    are refused by name."""
     group = read_upscaler(_save(tmp_path, "a.pth", plksr_state()), mx.float16)
     layer = read_upscaler(_save(tmp_path, "b.pth", plksr_state(layer_norm=True)), mx.float16)
     assert (group.network.dtype, layer.network.dtype) == (mx.float32, mx.float16)
@@ -244,6 +253,8 @@ def test_plksr_precision_and_variants_mlx_sd_does_not_run(tmp_path):
                               ("dysample.pth", plksr_state(dysample=True), "a DySample head")):  # fmt: skip
         with pytest.raises(ConversionError, match=f"{name}: a PLKSR with {what}"):
             read_upscaler(_save(tmp_path, name, state))
+    with pytest.raises(ConversionError, match="mosr.pth: a MoSR with a DySample head"):
+        read_upscaler(_save(tmp_path, "mosr.pth", mosr_state(upsampler="dys")))
 
 
 def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
@@ -269,6 +280,7 @@ def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
     ("4xNomos8k_span_otf.pth", (70, 52), (280, 208), 32, 1),  # SPAN too
     ("4xNomos2_realplksr.pth", (48, 40), (192, 160), 32, 1),  # and PLKSR
     ("4xRealWebPhoto_drct-l.pth", (48, 40), (192, 160), 32, 1),  # and DRCT
+    ("4xNomos2_hq_mosr.pth", (48, 40), (192, 160), 32, 1),  # and MoSR
 ])  # fmt: skip
 def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, tile, passes):
     state = FILES[name]()
@@ -301,7 +313,7 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
     assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*SPAN, PLKSR, DRCT upscalers"):
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*PLKSR, DRCT, MoSR upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")

@@ -328,13 +328,15 @@ class Conv2d(nn.Conv2d):
             O, C = self.weight.shape[0], x.shape[-1]
             y = x.reshape(-1, C) @ self.weight.reshape(O, C).T
             return (y + self.bias if "bias" in self else y).reshape(*x.shape[:-1], O)
-        plain = self.weight.shape[1:3] != (3, 3) or self.stride != (1, 1) or self.padding != (1, 1)
-        if plain or self.dilation not in (1, (1, 1)):
-            return super().__call__(x)
-        if self.groups != 1:
-            depthwise = self.groups == x.shape[-1] == self.weight.shape[0]
+        K = self.weight.shape[1]
+        same = K % 2 == 1 and self.weight.shape[2] == K and self.padding == (K // 2, K // 2)
+        plain = not same or self.stride != (1, 1) or self.dilation not in (1, (1, 1))
+        if self.groups != 1 or plain:
+            depthwise = self.groups == x.shape[-1] == self.weight.shape[0] and not plain
             if depthwise and backend.row_kernels(x.dtype) == "numba":  # MLX's grouped conv is slow on CPU
-                return cpu_kernels.depthwise3x3(x, self.weight, self.get("bias"))
+                return cpu_kernels.depthwise(x, self.weight, self.get("bias"))
+            return super().__call__(x)
+        if K != 3:
             return super().__call__(x)
         return self._same3x3(x)
 
