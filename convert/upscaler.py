@@ -22,11 +22,11 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
   other SPAN models; each `Conv3XC`'s 3x3 conv is fused from its 1x1 -> 3x3 -> 1x1 chain and 1x1 skip here, as
   spandrel recomputes it before every call (the stored `eval_conv` copy is not read);
 - RealPLKSR and PLKSR (`feats.N.channel_mixer` / `channe_mixer`, `feats.N.lk.conv`): 4xNomos2_realplksr and the
-  other PLKSR models with the plain large kernel (the sparse-kernel ablations and DySample heads are refused);
+  other PLKSR models with the plain large kernel, DySample heads included (the sparse-kernel ablations are refused);
 - DRCT (`layers.N.swinK...`, `layers.N.adjustK`): DRCT, DRCT-L and the community DRCT models; heads read per block,
   the position-index and mask buffers recomputed;
-- MoSR (`gblocks.N.fc1`, `shortcut`, `upsampler`): 4xNomos2_hq_mosr and the other MoSR models, with the pixel-shuffle
-  or geometric-ensemble head (DySample heads are refused).
+- MoSR (`gblocks.N.fc1`, `shortcut`, `upsampler`): 4xNomos2_hq_mosr and the other MoSR models, with any of its heads
+  (pixel shuffle, geometric ensemble, DySample); DySample's `init_pos` is recomputed.
 
 The configuration is read from the shapes (width, blocks, growth, upsampling stages; in/out channels give the
 unshuffle factor; SwinIR's, DAT's and HAT's head, depths, heads and window), as spandrel decides it, and the file is
@@ -88,6 +88,8 @@ NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig:
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
             MoSRConfig: MoSR}  # fmt: skip
 FLOAT32_ONLY = (SwinIRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig)  # spandrel: never in half precision
+# DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
+INIT_POS = Rule(r"(?:module\.)?(?:to_img|upsampler)\.init_pos", None, "recomputed from the scale (DySample's grid)")
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
     ("conv_after_body.weight", "transformer (SRFormer, ...)"),
     ("model.diffusion_model.input_blocks.0.0.weight", "LDSR (latent diffusion)"),
@@ -150,9 +152,9 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
     if "conv_1.sk.weight" in stripped and "block_1.c1_r.sk.weight" in stripped:
         return _span_config(path, stripped)
     if "gblocks.0.weight" in stripped and "gblocks.1.fc1.weight" in stripped:
-        return _mosr_config(path, stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
+        return _mosr_config(path, stripped), [INIT_POS, Rule(r"(?:module\.)?(.+)", r"\1")]
     if "feats.0.weight" in stripped and "feats.1.refine.weight" in stripped:
-        return _plksr_config(path, stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
+        return _plksr_config(path, stripped), [INIT_POS, Rule(r"(?:module\.)?(.+)", r"\1")]
     if "m_head.0.weight" in stripped and "m_tail.0.weight" in stripped:
         return _scunet_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if DAT_KEY in stripped:
@@ -286,11 +288,11 @@ def _fused_span(state) -> dict:
 def _plksr_config(path: Path, shapes: dict) -> PLKSRConfig:
     """(Real)PLKSR's configuration from its shapes, as spandrel reads it (RealPLKSR spells `channel_mixer`, PLKSR
     `channe_mixer`; RealPLKSR's `feats` hold a parameter-free dropout before the last conv)."""
-    for key, what in (("feats.1.lk.convs.0.weight", "sparse large kernels"), ("feats.1.lk.mn_conv.weight",
-                      "rectangular sparse large kernels"), ("to_img.init_pos", "a DySample head")):  # fmt: skip
+    for key, what in (("feats.1.lk.convs.0.weight", "sparse large kernels"),
+                      ("feats.1.lk.mn_conv.weight", "rectangular sparse large kernels")):  # fmt: skip
         if key in shapes:
             raise ConversionError(f"{path}: a PLKSR with {what}, which mlx-sd does not run (it runs the published "
-                                  "PLKSR and RealPLKSR models: plain large kernels, pixel-shuffle heads)")  # fmt: skip
+                                  "PLKSR and RealPLKSR models: plain large kernels)")  # fmt: skip
     real = "feats.1.channel_mixer.0.weight" in shapes
     mixer = "feats.1.channel_mixer." if real else "feats.1.channe_mixer."
     kinds = {(3, 3): "DCCM", (3, 1): "CCM", (1, 3): "ICCM"}
@@ -304,22 +306,24 @@ def _plksr_config(path: Path, shapes: dict) -> PLKSRConfig:
         dim=shapes["feats.0.weight"][0], n_blocks=last - (2 if real else 1),
         upscale=math.isqrt(shapes[f"feats.{last}.weight"][0] // 3), kernel_size=large[2], partial=large[0], real=real,
         mixer=mixer_kind, use_ea="feats.1.attn.f.0.weight" in shapes, layer_norm="feats.1.layer_norm.bias" in shapes,
+        dysample="to_img.init_pos" in shapes,
     )  # fmt: skip
 
 
 def _mosr_config(path: Path, shapes: dict) -> MoSRConfig:
     """MoSR's configuration from its shapes, as spandrel reads it (`gblocks`: a conv, the blocks, then five layers)."""
-    if "upsampler.init_pos" in shapes:
-        raise ConversionError(f"{path}: a MoSR with a DySample head, which mlx-sd does not run (it runs the pixel-"
-                              "shuffle and geometric-ensemble heads)")  # fmt: skip
     dim, in_channels = shapes["gblocks.0.weight"][:2]
     depthwise = shapes["gblocks.1.conv.weight"]
-    if "upsampler.in_to_k.weight" in shapes:
+    out_channels = in_channels
+    if "upsampler.init_pos" in shapes:  # DySample: 2 x 4 groups x scale^2 offsets
+        upsampler, upscale = "dys", math.isqrt(shapes["upsampler.offset.weight"][0] // 8)
+        out_channels = shapes["upsampler.end_conv.weight"][0]
+    elif "upsampler.in_to_k.weight" in shapes:
         upsampler, upscale = "gps", math.isqrt(shapes["upsampler.in_to_k.weight"][0] // 8 // in_channels)
     else:
         upsampler, upscale = "ps", math.isqrt(shapes["upsampler.0.weight"][0] // in_channels)
     return MoSRConfig(
         in_channels=in_channels, dim=dim, n_blocks=max(indices(shapes, r"gblocks\.(\d+)\..+")) + 1 - 6,
         hidden=shapes["gblocks.1.fc1.weight"][0] // 2, conv_channels=depthwise[0], kernel_size=depthwise[2],
-        upscale=upscale, upsampler=upsampler,
+        upscale=upscale, upsampler=upsampler, out_channels=out_channels,
     )  # fmt: skip

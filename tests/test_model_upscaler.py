@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from a1111_upscale import extras_upscale as a1111_extras
 from a1111_upscale import load_descriptor, resize_image, spandrel, upscale_with_model
 from PIL import Image
@@ -184,10 +185,13 @@ FILES = {  # file name -> its contents
     "2x_realplksr_ln.safetensors": lambda: plksr_state(upscaling_factor=2, layer_norm=True, use_ea=False),
     "4x_PLKSR.pth": lambda: plksr_state(False, ccm_type="CCM"),  # the original PLKSR: `channe_mixer`, GELU
     "3x_PLKSR_ICCM.pth": lambda: plksr_state(False, ccm_type="ICCM", upscaling_factor=3),
+    "4xNomos2_realplksr_dysample.pth": lambda: plksr_state(dysample=True),  # DySample head (4 groups)
+    "3x_realplksr_dysample.pth": lambda: plksr_state(dysample=True, upscaling_factor=3, layer_norm=True),  # 3 groups
     "4xRealWebPhoto_drct-l.pth": lambda: {"params_ema": drct_state(upscale=4)},  # inputs padded to 16 (spandrel's)
     "DRCT_SRx3.safetensors": lambda: drct_state(upscale=3, num_heads=[4], resi_connection="identity", patch_norm=False),
     "4xNomos2_hq_mosr.pth": lambda: {"params_ema": mosr_state(upscale=4)},  # pixel-shuffle head
     "2x_MoSR_gps.safetensors": lambda: mosr_state(upscale=2, upsampler="gps", conv_ratio=0.5, expansion_ratio=2.0),
+    "2x_MoSR_dys.pth": lambda: mosr_state(upscale=2, upsampler="dys"),
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -241,20 +245,29 @@ def test_hat_on_the_blocked_attention_path_matches_spandrel(tmp_path, monkeypatc
     assert np.abs(got - expected).max() < TOLERANCE
 
 
-def test_plksr_and_mosr_precision_and_variants_mlx_sd_does_not_run(tmp_path):
+def test_dysample_grid_sample_matches_torch():
+    """DySample's sampler against torch's grid_sample (bilinear, align_corners=False, border): points inside, on the
+    edges and far outside (clamped to the border), non-square images, several channels."""
+    from mlx_sd.models.dysample import grid_sample
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 7, 9, generator=generator)  # (N, C, H, W)
+    grid = torch.rand(3, 11, 13, 2, generator=generator) * 3 - 1.5  # a third of the points outside [-1, 1]
+    grid[0, 0, :4] = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [-1.0, 1.0], [1.0, -1.0]])
+    expected = F.grid_sample(x, grid, mode="bilinear", align_corners=False, padding_mode="border")
+    got = grid_sample(mx.array(x.permute(0, 2, 3, 1).numpy()), mx.array(grid.numpy()))
+    assert np.abs(np.array(got) - expected.permute(0, 2, 3, 1).numpy()).max() < 3e-6  # float32 lerp order
+
+
+def test_plksr_precision_and_variants_mlx_sd_does_not_run(tmp_path):
     """RealPLKSR's GroupNorm variant runs in float32 whatever the default (spandrel: no half precision), its
-    LayerNorm variant and PLKSR at the default; the sparse-kernel ablations and DySample heads (PLKSR's, MoSR's)
-    are refused by name."""
+    LayerNorm variant and PLKSR at the default; the sparse-kernel ablations are refused by name."""
     group = read_upscaler(_save(tmp_path, "a.pth", plksr_state()), mx.float16)
     layer = read_upscaler(_save(tmp_path, "b.pth", plksr_state(layer_norm=True)), mx.float16)
     assert (group.network.dtype, layer.network.dtype) == (mx.float32, mx.float16)
     sparse = plksr_state(False, lk_type="SparsePLK", kernel_size=9, sparse_kernels=[3, 3], sparse_dilations=[1, 2])
-    for name, state, what in (("sparse.pth", sparse, "sparse large kernels"),
-                              ("dysample.pth", plksr_state(dysample=True), "a DySample head")):  # fmt: skip
-        with pytest.raises(ConversionError, match=f"{name}: a PLKSR with {what}"):
-            read_upscaler(_save(tmp_path, name, state))
-    with pytest.raises(ConversionError, match="mosr.pth: a MoSR with a DySample head"):
-        read_upscaler(_save(tmp_path, "mosr.pth", mosr_state(upsampler="dys")))
+    with pytest.raises(ConversionError, match="sparse.pth: a PLKSR with sparse large kernels"):
+        read_upscaler(_save(tmp_path, "sparse.pth", sparse))
 
 
 def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):

@@ -4,8 +4,9 @@ spandrel) runs from `models/ESRGAN`.
 A 3x3 conv, then gated CNN blocks (MambaOut's): a LayerNorm over the channels, a 3x3 conv to two hidden widths whose
 first part gates (through Mish) the rest after a depthwise 7x7 conv on its last `conv_channels`, a 3x3 conv back,
 Mish, and the block input minus 0.5 added; then two 3x3 convs with Mish and a 1x1. A shortcut branch (3x3, Mish, 3x3,
-Mish, plus a 1x1 of the input) minus 0.5 is added, and the head pixel-shuffles: one conv ("ps"), or eight convs'
-worth of channels averaged first ("gps", the geometric-ensemble shuffle). No input normalisation.
+Mish, plus a 1x1 of the input) minus 0.5 is added, and the head enlarges: a conv and a pixel shuffle ("ps"), eight
+convs' worth of channels averaged first ("gps", the geometric-ensemble shuffle), or DySample ("dys",
+`mlx_sd.models.dysample`). No input normalisation.
 
 Parameter paths follow the published checkpoints; the Mish layers inside `gblocks` keep their indices as
 parameter-free layers. Images are (B, H, W, C) in [0, 1].
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from .dysample import DySample
 from .layers import Conv2d, LayerNorm, mish, pixel_shuffle
 from .plksr import Mish
 from .swinir import sequential
@@ -34,7 +36,8 @@ class MoSRConfig:
     conv_channels: int = 64  # int(conv_ratio x dim): the depthwise conv's share of the hidden channels
     kernel_size: int = 7
     upscale: int = 4
-    upsampler: str = "ps"  # or "gps"
+    upsampler: str = "ps"  # or "gps", "dys"
+    out_channels: int = 3  # "dys" only (the others give back the input's channels)
 
     @property
     def scale(self) -> int:
@@ -95,6 +98,8 @@ class MoSR(nn.Module):
         self.shortcut = ConvBlock(c.in_channels, d)
         if c.upsampler == "gps":
             self.upsampler = GPS(d, c.upscale, c.in_channels)
+        elif c.upsampler == "dys":
+            self.upsampler = DySample(d, c.out_channels, c.upscale, groups=4)
         else:
             self.upsampler = [Conv2d(d, c.in_channels * c.upscale**2, 3, padding=1)]
 
@@ -109,6 +114,6 @@ class MoSR(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         """(B, H, W, C) in [0, 1] -> (B, H*scale, W*scale, C)."""
         y = sequential(self.gblocks, x) + (self.shortcut(x) - 0.5)
-        if self.config.upsampler == "gps":
+        if self.config.upsampler != "ps":
             return self.upsampler(y)
         return pixel_shuffle(self.upsampler[0](y), self.config.upscale)

@@ -6,7 +6,8 @@ A 3x3 conv, then blocks of: a channel mixer (two convs, 3x3 and/or 1x1, doubling
 RealPLKSR, GELU in PLKSR), a large-kernel conv (17x17 by default) on the first quarter of the channels only, the
 element-wise attention x * sigmoid(conv3x3(x)), a 1x1 refine, RealPLKSR's GroupNorm (or a LayerNorm before the
 block), plus the block's input. A last 3x3 conv makes scale^2 x 3 channels, the input (each channel repeated scale^2
-times) is added, and a pixel shuffle enlarges. No normalisation of the input.
+times) is added, and a pixel shuffle (or DySample, `mlx_sd.models.dysample`) enlarges. No normalisation of the
+input.
 
 Parameter paths follow the published checkpoints, including PLKSR's `channe_mixer` spelling; RealPLKSR's dropout
 keeps its index in `feats` as a parameter-free layer. Images are (B, H, W, C) in [0, 1].
@@ -20,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .dat import GELU, Placeholder
+from .dysample import DySample
 from .layers import Conv2d, GroupNorm, LayerNorm, mish, pixel_shuffle, sigmoid
 from .swinir import sequential
 
@@ -37,6 +39,7 @@ class PLKSRConfig:
     mixer: str = "DCCM"  # the channel mixer's kernels: "DCCM" 3x3 + 3x3, "CCM" 3x3 + 1x1, "ICCM" 1x1 + 3x3
     use_ea: bool = True
     layer_norm: bool = False  # RealPLKSR: a LayerNorm before each block instead of the GroupNorm after
+    dysample: bool = False  # RealPLKSR: a DySample head instead of the pixel shuffle
 
     @property
     def scale(self) -> int:
@@ -105,6 +108,9 @@ class PLKSR(nn.Module):
         blocks = [PLKBlock(c) for _ in range(c.n_blocks)]
         dropout = [Placeholder()] if c.real else []
         self.feats = [Conv2d(3, c.dim, 3, padding=1), *blocks, *dropout, Conv2d(c.dim, 3 * c.upscale**2, 3, padding=1)]
+        if c.dysample:  # the original's groups: 3 for odd scales, else 4
+            s = c.upscale
+            self.to_img = DySample(3 * s * s, 3, s, groups=3 if s % 2 else 4, end_convolution=s != 1)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -117,4 +123,5 @@ class PLKSR(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         """(B, H, W, 3) in [0, 1] -> (B, H*scale, W*scale, 3)."""
         s = self.config.upscale
-        return pixel_shuffle(sequential(self.feats, x) + mx.repeat(x, s * s, axis=-1), s)
+        y = sequential(self.feats, x) + mx.repeat(x, s * s, axis=-1)
+        return self.to_img(y) if self.config.dysample else pixel_shuffle(y, s)
