@@ -38,6 +38,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--height", type=int, help="multiple of 8 (default: the model's size)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (CFG); <= 1 disables it")
+    p.add_argument("--image-guidance", type=float, default=1.5,
+                   help="InstructPix2Pix models: how closely to keep to --init-image (A1111's Image CFG scale; "
+                        "default: %(default)s)")  # fmt: skip
     p.add_argument("--sampler", help='e.g. "Euler a", "DPM++ 2M Karras" (see `mlx-sd samplers`)')
     p.add_argument("--schedule-type", help='A1111 schedule type: "Karras", "Exponential", ...')
     sampling = p.add_argument_group("sampler settings (A1111's; default: the sampler's own)")
@@ -171,7 +174,8 @@ def _request(args) -> GenerationRequest:
         raise UserError("--mask needs --init-image (the image to inpaint)")
     fields = dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-        steps=args.steps, guidance=args.guidance, sampler=args.sampler, schedule_type=args.schedule_type,
+        steps=args.steps, guidance=args.guidance, image_guidance=args.image_guidance, sampler=args.sampler,
+        schedule_type=args.schedule_type,
         eta=args.eta, s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax, s_noise=args.s_noise,
         s_min_uncond=args.s_min_uncond, eta_noise_seed_delta=args.eta_noise_seed_delta,
         seed=args.seed, subseed=args.subseed, subseed_strength=args.subseed_strength,

@@ -69,10 +69,10 @@ class Finding:
 @dataclass(frozen=True)
 class Detection:
     """What a checkpoint was found to be. `family`: sd1/sd2/sdxl/sdxl-refiner; `text_encoder`: the layout
-    (clip, openclip, openclip-sgm, sdxl, or None); `in_channels`: 4, or 9 for inpainting; `ema`: whether the
-    UNet weights come from the file's EMA copy; `dtype`: the UNet's stored float type; `prediction_type`:
-    epsilon or v_prediction. `kind`: standard, turbo or lcm (convert/kind.py). SDXL only (None otherwise):
-    `force_zeros_for_empty_prompt` (zero negative conditioning for an empty negative prompt) and
+    (clip, openclip, openclip-sgm, sdxl, or None); `in_channels`: 4, 9 for inpainting, 8 for InstructPix2Pix;
+    `ema`: whether the UNet weights come from the file's EMA copy; `dtype`: the UNet's stored float type;
+    `prediction_type`: epsilon or v_prediction. `kind`: standard, turbo or lcm (convert/kind.py). SDXL only (None
+    otherwise): `force_zeros_for_empty_prompt` (zero negative conditioning for an empty negative prompt) and
     `requires_aesthetics_score` (the refiner's micro-conditioning), as the diffusers pipelines read them."""
 
     family: Finding
@@ -216,8 +216,9 @@ def _in_channels(unet: Mapping) -> Finding:
     shape = unet.get("input_blocks.0.0.weight")
     if shape is None:
         return Finding(None, CERTAIN, f"no {UNET_PREFIX}input_blocks.0.0.weight (conv_in)")
-    kinds = {4: "a text-to-image UNet", 9: "an inpainting UNet (latents, mask, masked-image latents)"}
-    what = kinds.get(shape[1], "an unusual UNet (e.g. instruct-pix2pix: 8)")
+    kinds = {4: "a text-to-image UNet", 9: "an inpainting UNet (latents, mask, masked-image latents)",
+             8: "an InstructPix2Pix UNet (latents, the image to edit)"}  # fmt: skip
+    what = kinds.get(shape[1], "an unusual UNet")
     return Finding(shape[1], CERTAIN, f"conv_in takes {shape[1]} channels: {what}")
 
 

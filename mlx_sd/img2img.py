@@ -33,6 +33,8 @@ class InitState:
     masked_latents: (B, h, w, 4) latents of the image with the repaint region blacked out (9-channel UNets).
     noise: the initial noise draw, kept for the known-region blending.
     noise_start: start from the noised init latents (strength < 1 or img2img); else from pure noise.
+    edit_latents: (B, h, w, 4) the init image's unscaled VAE mode, which an InstructPix2Pix UNet sees beside the
+        latents (mlx_sd/edit.py); None for other models.
     """
 
     original: Image.Image
@@ -44,6 +46,7 @@ class InitState:
     masked_latents: mx.array | None = None
     noise: mx.array | None = None
     noise_start: bool = True
+    edit_latents: mx.array | None = None
 
 
 Encoder = Callable[[mx.array, object], mx.array]  # (images, noise source) -> scaled latents

@@ -130,7 +130,8 @@ def _size(text: str) -> tuple[int, int]:
 _FIELDS = {
     "Steps": ("steps", int), "Sampler": ("sampler", _known(resolve)),
     "Schedule type": ("schedule_type", _known(schedule_type)),
-    "CFG scale": ("guidance", float), "Seed": ("seed", int), "Size": (("width", "height"), _size),
+    "CFG scale": ("guidance", float), "Image CFG scale": ("image_guidance", float), "Seed": ("seed", int),
+    "Size": (("width", "height"), _size),
     "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int), "Eta": ("eta", float),
     "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
     "Seed resize from": (("seed_resize_from_w", "seed_resize_from_h"), _size),
@@ -185,13 +186,13 @@ def request_fields(text: str) -> tuple[dict, dict[str, str]]:
 
 def generation_infotext(
     request: GenerationRequest, seed: int, plan: SamplingPlan, info, refiner: str | None = None,
-    ip_adapter: str | None = None, loras=(), embeddings=(), hires_checkpoint: str | None = None,
+    ip_adapter: str | None = None, loras=(), embeddings=(), hires_checkpoint: str | None = None, edit: bool = False,
 ) -> str:  # fmt: skip
     """A1111's infotext of one image: `request` (resolved), its `seed`, the sampling `plan`, the model's `ModelInfo`,
     the refiner's name when one ran, the IP-Adapter's title when an image prompt was given, the hires pass's model
-    ("name [hash]") when it was another. LoRAs set from Python/CLI
-    are written as `<lora:name:weight>` tags after the prompt (how A1111 records every LoRA), with "Lora hashes";
-    embeddings named in the prompts give "TI hashes"."""
+    ("name [hash]") when it was another, whether the model is an InstructPix2Pix one (its "Image CFG scale"). LoRAs
+    set from Python/CLI are written as `<lora:name:weight>` tags after the prompt (how A1111 records every LoRA), with
+    "Lora hashes"; embeddings named in the prompts give "TI hashes"."""
     from . import __version__
     from .hires import hires_infotext
     from .lora import lora_hashes
@@ -202,6 +203,7 @@ def generation_infotext(
         "Sampler": plan.sampler.name,
         "Schedule type": _schedule_label(request, plan),
         "CFG scale": request.guidance,
+        "Image CFG scale": request.image_guidance if edit else None,
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",
         "Model hash": info.short_hash or None,

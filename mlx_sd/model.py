@@ -119,6 +119,11 @@ class StableDiffusion:
         """A 9-channel UNet: latents + mask + masked-image latents."""
         return self.unet.config.in_channels == 9
 
+    @property
+    def is_edit(self) -> bool:
+        """An 8-channel UNet: latents + the image to edit (InstructPix2Pix; mlx_sd/edit.py)."""
+        return self.unet.config.in_channels == 8
+
     def _load_text(self) -> PromptEncoder:
         towers = []
         layer = "penultimate" if self.is_sdxl else "final"

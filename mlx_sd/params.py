@@ -80,7 +80,8 @@ class GenerationRequest:
         mlx_sd/variation.py.
     img2img: init_image, strength (the last int(steps * strength) steps run), resize_mode for an init image of
         another size ("resize", "crop", "fill"), initial_noise_multiplier (A1111's: scales the noise the image
-        starts with).
+        starts with), image_guidance (InstructPix2Pix models only, A1111's "Image CFG scale": how closely the
+        result follows the init image; mlx_sd/edit.py).
     Inpainting: mask (white = repaint), mask_blur (pixels), invert_mask, inpaint_full_res ("only masked": crop
         around the mask, generate at width x height, paste back), inpaint_padding (pixels around the mask),
         paste_back (composite the result over the original outside the mask), inpainting_fill (A1111's "Masked
@@ -112,6 +113,7 @@ class GenerationRequest:
     steps: int | None = None
     guidance: float | None = None
     guidance_rescale: float = 0.0
+    image_guidance: float = 1.5
     sampler: str | None = None
     schedule_type: str | None = None
     follow: str | None = None
@@ -206,6 +208,7 @@ class GenerationRequest:
         checks = [
             (self.steps is None or self.steps >= 1, f"steps={self.steps}: must be at least 1"),
             (self.guidance is None or self.guidance >= 0, f"guidance={self.guidance}: must be >= 0"),
+            (self.image_guidance >= 0, f"image_guidance={self.image_guidance}: must be >= 0"),
             (self.s_min_uncond >= 0, f"s_min_uncond={self.s_min_uncond}: must be >= 0 (0 = off)"),
             *((v is None or v >= 0, f"{k}={v}: must be >= 0") for k, v in self.sampler_options().items()),
             (0.0 <= self.strength <= 1.0, f"strength={self.strength}: must be between 0 and 1"),

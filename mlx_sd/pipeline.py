@@ -26,6 +26,7 @@ from . import backend
 from .conditioning import Conditioning
 from .controlnet import INPAINT, ControlNet, Controls
 from .denoiser import classifier_free_guidance
+from .edit import check_edit, edit_guidance, guided_rows, image_rows
 from .hires import check_hires_model, hires_plan, hires_request, hires_target, upscale_first_pass
 from .images import latent_preview, to_pil
 from .img2img import prepare_inputs, prepare_latents, restore_output
@@ -281,6 +282,8 @@ class Pipeline:
         if request.subseed_strength and request.subseed is None:
             request = replace(request, subseed=secrets.randbits(32))
         request = replace(request, refiner_switch_at=self._switch_at(request))
+        if self.model.is_edit:
+            check_edit(request, self.model)
         refining = self._refining(request)
         control = control or Control()
         start = time.perf_counter()
@@ -437,18 +440,25 @@ class Pipeline:
         return cond, uncond
 
     def _guided(self, request: GenerationRequest) -> bool:
-        """Classifier-free guidance runs only above 1, and never for LCM-distilled UNets (guidance is embedded)."""
-        return request.guidance > 1.0 and self.model.unet.config.time_cond_proj_dim is None
+        """Classifier-free guidance runs only above 1, and never for LCM-distilled UNets (guidance is embedded); for
+        InstructPix2Pix models only with an image guidance of at least 1 too (diffusers' rule)."""
+        edit_ok = not self.model.is_edit or request.image_guidance >= 1.0
+        return request.guidance > 1.0 and self.model.unet.config.time_cond_proj_dim is None and edit_ok
 
     def _initial_latents(self, request, plan: SamplingPlan, noise, vary=None):
         """The starting VE latents (and the init state for img2img/inpainting), noise drawn in diffusers' order."""
         unet, vae = self.model.unet, self.model.vae
         if request.init_image is not None:
-            return prepare_latents(
+            x, init = prepare_latents(
                 request, plan, noise, lambda images, source: self._encode_images(images, source, request.tiling),
                 4 if self._refining(request) else unet.config.in_channels, vae.config.latent_channels,
                 self.model.dtype, vary,
             )  # fmt: skip
+            if self.model.is_edit:  # the image beside the latents: the VAE's mode, unscaled (diffusers, A1111)
+                image = prepare_inputs(request)[1]
+                mode = vae.encode(image.astype(vae.dtype)).mean.astype(self.model.dtype)
+                init.edit_latents = mx.broadcast_to(mode, (request.batch_size, *mode.shape[1:]))
+            return x, init
         shape = (request.batch_size, vae.config.latent_channels, request.height // 8, request.width // 8)
         draw = noise.normal(shape)
         draw = (vary(draw) if vary else draw).transpose(0, 2, 3, 1)  # torch's NCHW draw order
@@ -493,7 +503,11 @@ class Pipeline:
         dtype = model.dtype
         schedule = self.schedule if model is self.model else _schedule(model)  # NGMS's noise levels
         guided = uncond is not None
-        context = mx.concatenate([uncond.context, cond.context]) if guided else cond.context
+        edit = init is not None and init.edit_latents is not None  # InstructPix2Pix: three-way guidance
+        if edit and guided:
+            context = guided_rows(cond.context, uncond.context)
+        else:
+            context = mx.concatenate([uncond.context, cond.context]) if guided else cond.context
         pooled, time_ids = None, None
         if unet.config.addition_time_embed_dim is not None:
             pooled = mx.concatenate([uncond.pooled, cond.pooled]) if guided else cond.pooled
@@ -502,6 +516,8 @@ class Pipeline:
         if init is not None and unet.config.in_channels == 9:
             extra = mx.concatenate([init.mask, init.masked_latents], axis=-1)  # (B, h, w, 5)
             extra = mx.concatenate([extra, extra]) if guided else extra
+        if edit:
+            extra = image_rows(init.edit_latents) if guided else init.edit_latents
         timestep_cond = None
         if unet.config.time_cond_proj_dim is not None:
             timestep_cond = guidance_embedding(request.guidance - 1.0, unet.config.time_cond_proj_dim, B)
@@ -530,6 +546,8 @@ class Pipeline:
 
         if not guided:
             return model
+        if edit:
+            return edit_guidance(model, request.guidance, request.image_guidance)
         below = (lambda t: schedule.t_to_sigma(t) < request.s_min_uncond) if cond_only else None
         return classifier_free_guidance(model, request.guidance, request.guidance_rescale, cond_only, below)
 
@@ -632,7 +650,9 @@ class Pipeline:
         adapter = self.ip_adapter.title if request.ip_adapter_image is not None else None
         hires = self.hires_model.info if request.enable_hr and self.hires_model is not None else None
         hires = a1111_title(hires.name, hires.short_hash) if hires else None
-        return generation_infotext(request, seed, plan, self.model.info, refiner, adapter, loras, embeddings, hires)
+        return generation_infotext(
+            request, seed, plan, self.model.info, refiner, adapter, loras, embeddings, hires, self.model.is_edit
+        )
 
 
 def _sampler_noise(request: GenerationRequest, plan: SamplingPlan, noise, first: int):

@@ -56,8 +56,19 @@ TINY_UNETS = {
         transformer_depth=1,
         use_linear_in_transformer=False,
     ),
+    # InstructPix2Pix's layout: latents + the image to edit.
+    "pix2pix": dict(
+        in_channels=8,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[1, 2],
+        num_heads=8,
+        transformer_depth=1,
+        use_linear_in_transformer=False,
+    ),
 }
-FAMILY = {"sd1": "sd1", "sd2": "sd2", "inpaint": "sd1"}
+FAMILY = {"sd1": "sd1", "sd2": "sd2", "inpaint": "sd1", "pix2pix": "sd1"}
 TINY_VAE = dict(
     double_z=True,
     z_channels=4,

@@ -380,6 +380,8 @@ def _img2img_fields(req: Img2ImgRequest, max_pixels: int) -> dict:
                   else req.denoising_strength, resize_mode=RESIZE_MODES[req.resize_mode or 0],
                   initial_noise_multiplier=1.0 if req.initial_noise_multiplier is None
                   else req.initial_noise_multiplier)  # fmt: skip
+    if req.image_cfg_scale is not None:  # InstructPix2Pix models' "Image CFG scale"; others ignore it, as A1111's do
+        fields["image_guidance"] = req.image_cfg_scale
     if not req.mask:
         return fields
     mask = _binary_mask(codec.decode_image(req.mask, "mask", max_pixels))

@@ -63,6 +63,7 @@ class JobRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     guidance: float | None = Field(None, ge=0, le=100)
     guidance_rescale: float = Field(0.0, ge=0, le=1)
+    image_guidance: float = Field(1.5, ge=0, le=100, description="InstructPix2Pix models: A1111's Image CFG scale")
     sampler: str | None = None
     schedule_type: str | None = None
     follow: Literal[FOLLOW] | None = None

@@ -25,11 +25,16 @@ class ModelEntry:
     name: str
     folder: Path
     info: ModelInfo
-    in_channels: int = 4  # 9: an inpainting UNet (latents + mask + masked-image latents)
+    in_channels: int = 4  # 9: an inpainting UNet (latents + mask + masked-image latents); 8: InstructPix2Pix
 
     @property
     def inpainting(self) -> bool:
         return self.in_channels == 9
+
+    @property
+    def edit(self) -> bool:
+        """An InstructPix2Pix model: it edits an init image (mlx_sd/edit.py)."""
+        return self.in_channels == 8
 
     @property
     def title(self) -> str:

@@ -64,6 +64,9 @@ def check_request(request: GenerationRequest, model: ModelEntry, limits: Limits,
             raise invalid(name(field), f"longer than this server's limit of {limits.max_prompt_chars} characters")
     if model.inpainting and request.mask is None:
         raise invalid(name("mask"), f"model {model.name!r} is an inpainting model: send an init image and a mask")
+    if model.edit and request.init_image is None:
+        raise invalid(name("init_image"), f"model {model.name!r} is an InstructPix2Pix model: it edits an init image "
+                      "(img2img)")  # fmt: skip
     try:
         resolved = request.resolved(model.defaults, request.seed)
     except ValueError as e:
