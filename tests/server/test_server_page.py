@@ -85,3 +85,22 @@ def test_page_reports_errors(browser, server):
     browser.find_element(By.ID, "generate").click()
     message = wait.until(lambda d: (m := d.find_element(By.ID, "message")).get_attribute("class") == "error" and m)
     assert "width" in message.text and "limit of 128" in message.text
+
+
+def test_page_runs_the_hires_fix_with_another_checkpoint(browser, server):
+    """The hires box: a model upscaler-free "Latent" pass at 1.5x with tiny-b as the hires checkpoint."""
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 30, poll_frequency=0.02)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#hr-checkpoint option"))
+    browser.find_element(By.ID, "hires-box").click()  # open the details
+    fill(browser, prompt="a harbour", width=64, height=64, steps=2, seed=3, hr_scale=1.5, hr_steps=2)
+    browser.find_element(By.ID, "enable-hr").click()
+    Select(browser.find_element(By.ID, "hr-checkpoint")).select_by_value("tiny-b")
+    browser.find_element(By.ID, "generate").click()
+    card = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card"))[0]
+    image = card.find_element(By.TAG_NAME, "img")
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image))
+    assert browser.execute_script("return arguments[0].naturalWidth", image) == 96
+    assert "Hires checkpoint: tiny [b2b2b2b2b2]" in card.find_element(By.TAG_NAME, "pre").text
