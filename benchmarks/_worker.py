@@ -114,6 +114,7 @@ UPSCALERS = {
     "drct": ("DRCT", {"img_size": 64, "embed_dim": 180, "depths": [6] * 6, "num_heads": [6] * 6, "window_size": 16,
                       "mlp_ratio": 2.0, "gc": 32, "upscale": 4, "upsampler": "pixelshuffle"}),  # DRCT (not -L)
     "mosr": ("MoSR", {"n_block": 24, "dim": 64, "upscale": 4}),  # spandrel's defaults (4xNomos2_hq_mosr's shape)
+    "cugan": ("RealCUGAN", {}, "UpCunet2x"),  # Real-CUGAN up2x
 }  # fmt: skip
 
 

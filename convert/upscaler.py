@@ -25,6 +25,8 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
   other PLKSR models with the plain large kernel, DySample heads included (the sparse-kernel ablations are refused);
 - DRCT (`layers.N.swinK...`, `layers.N.adjustK`): DRCT, DRCT-L and the community DRCT models; heads read per block,
   the position-index and mask buffers recomputed;
+- Real-CUGAN (`unet1.conv1.conv.0`, `unet2...`, `conv_final`): bilibili's up2x / up3x / up4x anime models, the
+  "pro" ones (the `pro` flag read from the file) and the fast 2x;
 - MoSR (`gblocks.N.fc1`, `shortcut`, `upsampler`): 4xNomos2_hq_mosr and the other MoSR models, with any of its heads
   (pixel shuffle, geometric ensemble, DySample); DySample's `init_pos` is recomputed.
 
@@ -43,6 +45,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd.model_upscaler import ModelUpscaler
+from mlx_sd.models.cugan import CUGAN, CUGANConfig
 from mlx_sd.models.dat import DAT, DATConfig
 from mlx_sd.models.drct import DRCT, DRCTConfig
 from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetCompact
@@ -83,10 +86,12 @@ A1111_NAMES = {
     "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
     "realesr-animevideov3": "R-ESRGAN AnimeVideo",
 }
-SUPPORTED = "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR"
+SUPPORTED = (
+    "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN"
+)
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
-            MoSRConfig: MoSR}  # fmt: skip
+            MoSRConfig: MoSR, CUGANConfig: CUGAN}  # fmt: skip
 FLOAT32_ONLY = (SwinIRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig)  # spandrel: never in half precision
 # DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
 INIT_POS = Rule(r"(?:module\.)?(?:to_img|upsampler)\.init_pos", None, "recomputed from the scale (DySample's grid)")
@@ -151,6 +156,9 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         return drct_config(path, stripped)
     if "conv_1.sk.weight" in stripped and "block_1.c1_r.sk.weight" in stripped:
         return _span_config(path, stripped)
+    if "unet1.conv1.conv.0.weight" in stripped and "unet2.conv_bottom.weight" in stripped:
+        return _cugan_config(stripped), [Rule(r"(?:module\.)?pro", None, "a flag (CUGANConfig.pro)"),
+                                         Rule(r"(?:module\.)?(.+)", r"\1")]  # fmt: skip
     if "gblocks.0.weight" in stripped and "gblocks.1.fc1.weight" in stripped:
         return _mosr_config(path, stripped), [INIT_POS, Rule(r"(?:module\.)?(.+)", r"\1")]
     if "feats.0.weight" in stripped and "feats.1.refine.weight" in stripped:
@@ -327,3 +335,18 @@ def _mosr_config(path: Path, shapes: dict) -> MoSRConfig:
         hidden=shapes["gblocks.1.fc1.weight"][0] // 2, conv_channels=depthwise[0], kernel_size=depthwise[2],
         upscale=upscale, upsampler=upsampler, out_channels=out_channels,
     )  # fmt: skip
+
+
+def _cugan_config(shapes: dict) -> CUGANConfig:
+    """Real-CUGAN's variant, as spandrel tells them apart: `conv_final` means 4x, or the fast 2x when the first conv
+    takes 4x the output channels (pixel-unshuffled); a 5x5 transposed conv ends the 3x model's first UNet."""
+    in_channels = shapes["unet1.conv1.conv.0.weight"][1]
+    pro = "pro" in shapes
+    if "conv_final.weight" in shapes:
+        out_channels = shapes["conv_final.weight"][0] // 4
+        if out_channels * 4 == in_channels:
+            return CUGANConfig(in_channels=in_channels // 4, out_channels=out_channels, upscale=2, fast=True)
+        return CUGANConfig(in_channels=in_channels, out_channels=out_channels, upscale=4, pro=pro)
+    upscale = 3 if shapes["unet1.conv_bottom.weight"][2] == 5 else 2  # the file's (in, out, k, k)
+    return CUGANConfig(in_channels=in_channels, out_channels=shapes["unet2.conv_bottom.weight"][0], upscale=upscale,
+                       pro=pro)  # fmt: skip

@@ -387,6 +387,18 @@ def test_depthwise_and_grouped_convs_match_torch(monkeypatch, row_kernels, bias,
         assert_close(conv(mx.array(x)), ref.permute(0, 2, 3, 1).numpy(), 1e-6, f"{kernel}x{kernel}, {groups} groups")
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (4, 2, 3), (5, 3, 2), (3, 2, 1), (3, 1, 1)])
+def test_conv_transpose_matches_torch(kernel, stride, padding):
+    """layers.conv_transpose (Real-CUGAN's and SCUNet's transposed convs): one product and shifted blocks, the kernel
+    zero-padded to a multiple of the stride where it is not one (5 over 3), the padding cropped; odd sizes."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 7, 6, 5)).astype(np.float32)
+    w = rng.standard_normal((5, 4, kernel, kernel)).astype(np.float32)  # torch's (in, out, k, k)
+    ref = F.conv_transpose2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(w), None, stride, padding)
+    got = layers.conv_transpose(mx.array(x), mx.array(w.transpose(0, 2, 3, 1)), stride, padding)
+    assert_close(got, ref.permute(0, 2, 3, 1).numpy(), 1e-6, f"conv_transpose k{kernel} s{stride} p{padding}")
+
+
 def test_exp2_kernel_matches_float64():
     """cpu_kernels.exp2 (the attention's weights): within 1 ulp of 2^x over float32's whole normal range, inf from 128
     up (the attention's overflow test relies on it), 0 below -126.5, NaN kept; rows of any length."""
@@ -505,6 +517,26 @@ def test_conv_taps_match_torch(monkeypatch, bias):
         b = torch.from_numpy(np.array(conv.bias)) if bias else None
         ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), w, b, padding=1)
         assert_close(got, ref.permute(0, 2, 3, 1).numpy(), 1e-6, f"tap conv to {out_channels} channels")
+
+
+@pytest.mark.parametrize("path", ["mlx", "taps", "winograd"])
+def test_valid_3x3_convs_take_the_fast_paths(monkeypatch, path):
+    """Unpadded 3x3 convolutions (Real-CUGAN's) run as the same-padded ones with the border dropped, on every path
+    (MLX's conv with padding 1, the per-tap products, Winograd), and equal torch's padding=0 convolution."""
+    if path == "winograd" and backend.row_kernels(mx.float32) != "numba":
+        pytest.skip("numba is not installed")
+    for name in ("TAPS_MIN_PIXELS", "TAPS_MIN_CHANNELS", "WINOGRAD_MIN_PIXELS", "WINOGRAD_MIN_WORK",
+                 "WINOGRAD_MIN_CHANNELS"):  # fmt: skip
+        monkeypatch.setattr(layers, name, 1)
+    monkeypatch.setattr(backend, "conv3x3_kernel", lambda dtype: path)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 11, 14, 32)).astype(np.float32)
+    conv = layers.Conv2d(32, 16, 3)  # padding 0
+    ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(np.array(conv.weight)).permute(0, 3, 1, 2),
+                   torch.from_numpy(np.array(conv.bias)))  # fmt: skip
+    got = conv(mx.array(x))
+    assert got.shape == (2, 9, 12, 16)
+    assert_close(got, ref.permute(0, 2, 3, 1).numpy(), 1e-5 if path == "winograd" else 1e-6, f"valid conv, {path}")
 
 
 def test_winograd_transforms_are_exact():

@@ -135,6 +135,20 @@ def mosr_state(seed: int = 0, **kwargs) -> dict:
     return _random(spandrel("MoSR").MoSR(**kwargs), seed).state_dict()
 
 
+def cugan_state(variant: str, seed: int = 0, **kwargs) -> dict:
+    """A random spandrel Real-CUGAN's state dict (`UpCunet2x`, `3x`, `4x`, `2x_fast`); the 2x and 3x outputs brought to
+    about 0.5 +- 0.3 (their two UNets' last convs scaled, a bias added), else most pixels clamp."""
+    network = _random(getattr(spandrel("RealCUGAN"), f"UpCunet{variant}")(**kwargs), seed)
+    if variant in ("2x", "3x"):
+        with torch.no_grad():
+            spread = network(_pixels((1, 3, 40, 40))).std()
+            for last in (network.unet1.conv_bottom, network.unet2.conv_bottom):
+                last.weight *= 0.3 / spread
+                last.bias *= 0.3 / spread
+            network.unet2.conv_bottom.bias += 0.5
+    return network.state_dict()
+
+
 def scunet_state(seed: int = 0) -> dict:
     """A random spandrel SCUNet's state dict (64 channels, the least its 32-wide heads allow; two blocks a level, so
     that shifted windows run at every level)."""
@@ -192,6 +206,11 @@ FILES = {  # file name -> its contents
     "4xNomos2_hq_mosr.pth": lambda: {"params_ema": mosr_state(upscale=4)},  # pixel-shuffle head
     "2x_MoSR_gps.safetensors": lambda: mosr_state(upscale=2, upsampler="gps", conv_ratio=0.5, expansion_ratio=2.0),
     "2x_MoSR_dys.pth": lambda: mosr_state(upscale=2, upsampler="dys"),
+    "up2x-latest-conservative.pth": lambda: cugan_state("2x"),  # Real-CUGAN: inputs padded to 32 (spandrel's)
+    "up3x-latest-denoise3x.pth": lambda: cugan_state("3x"),
+    "up4x-latest-no-denoise.pth": lambda: cugan_state("4x"),
+    "pro-conservative-up2x.pth": lambda: cugan_state("2x", pro=True),  # the `pro` flag: x 0.7 + 0.15 inside
+    "up2x-fast.safetensors": lambda: cugan_state("2x_fast"),  # pixel-unshuffled, inputs padded to 40 (and 4s)
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -294,6 +313,7 @@ def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
     ("4xNomos2_realplksr.pth", (48, 40), (192, 160), 32, 1),  # and PLKSR
     ("4xRealWebPhoto_drct-l.pth", (48, 40), (192, 160), 32, 1),  # and DRCT
     ("4xNomos2_hq_mosr.pth", (48, 40), (192, 160), 32, 1),  # and MoSR
+    ("up2x-latest-conservative.pth", (70, 52), (140, 104), 48, 1),  # and Real-CUGAN
 ])  # fmt: skip
 def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, tile, passes):
     state = FILES[name]()
@@ -326,7 +346,7 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
     assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*PLKSR, DRCT, MoSR upscalers"):
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*DRCT, MoSR, Real-CUGAN upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")

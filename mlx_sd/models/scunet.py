@@ -22,7 +22,7 @@ import numpy as np
 
 from ..attention import window_attention
 from .dat import GELU, ReLU
-from .layers import Conv2d, LayerNorm, linear, linear_plus
+from .layers import Conv2d, LayerNorm, conv_transpose, linear, linear_plus
 from .swinir import reflect_pad, relative_position_index, sequential, shift_mask
 
 WINDOW = 8
@@ -110,10 +110,7 @@ class Up(nn.Module):
         self.weight = mx.zeros((inputs, 2, 2, outputs))
 
     def __call__(self, x: mx.array) -> mx.array:
-        B, H, W, C = x.shape
-        O = self.weight.shape[-1]
-        y = (x.reshape(-1, C) @ self.weight.reshape(C, 4 * O)).reshape(B, H, W, 2, 2, O)
-        return y.transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, O)
+        return conv_transpose(x, self.weight, 2)
 
 
 def _stage(dim: int, blocks: int) -> list:
