@@ -115,6 +115,7 @@ UPSCALERS = {
                       "mlp_ratio": 2.0, "gc": 32, "upscale": 4, "upsampler": "pixelshuffle"}),  # DRCT (not -L)
     "mosr": ("MoSR", {"n_block": 24, "dim": 64, "upscale": 4}),  # spandrel's defaults (4xNomos2_hq_mosr's shape)
     "cugan": ("RealCUGAN", {}, "UpCunet2x"),  # Real-CUGAN up2x
+    "safmn": ("SAFMN", {"dim": 36, "n_blocks": 8, "upscaling_factor": 4}),  # SAFMN's published x4 shape
 }  # fmt: skip
 
 

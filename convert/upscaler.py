@@ -27,6 +27,7 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
   the position-index and mask buffers recomputed;
 - Real-CUGAN (`unet1.conv1.conv.0`, `unet2...`, `conv_final`): bilibili's up2x / up3x / up4x anime models, the
   "pro" ones (the `pro` flag read from the file) and the fast 2x;
+- SAFMN (`to_feat`, `feats.N.safm.mfr.K`, `to_img.0`): the SAFMN models;
 - MoSR (`gblocks.N.fc1`, `shortcut`, `upsampler`): 4xNomos2_hq_mosr and the other MoSR models, with any of its heads
   (pixel shuffle, geometric ensemble, DySample); DySample's `init_pos` is recomputed.
 
@@ -52,6 +53,7 @@ from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetC
 from mlx_sd.models.hat import HAT, HATConfig
 from mlx_sd.models.mosr import MoSR, MoSRConfig
 from mlx_sd.models.plksr import PLKSR, PLKSRConfig
+from mlx_sd.models.safmn import SAFMN, SAFMNConfig
 from mlx_sd.models.scunet import SCUNet, SCUNetConfig
 from mlx_sd.models.span import SPAN, SPANConfig
 from mlx_sd.models.swinir import SwinIR, SwinIRConfig
@@ -87,12 +89,14 @@ A1111_NAMES = {
     "realesr-animevideov3": "R-ESRGAN AnimeVideo",
 }
 SUPPORTED = (
-    "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN"
+    "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
+    "SAFMN"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
-            MoSRConfig: MoSR, CUGANConfig: CUGAN}  # fmt: skip
-FLOAT32_ONLY = (SwinIRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig)  # spandrel: never in half precision
+            MoSRConfig: MoSR, CUGANConfig: CUGAN, SAFMNConfig: SAFMN}  # fmt: skip
+# spandrel never runs these in half precision
+FLOAT32_ONLY = (SwinIRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig)
 # DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
 INIT_POS = Rule(r"(?:module\.)?(?:to_img|upsampler)\.init_pos", None, "recomputed from the scale (DySample's grid)")
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
@@ -159,6 +163,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
     if "unet1.conv1.conv.0.weight" in stripped and "unet2.conv_bottom.weight" in stripped:
         return _cugan_config(stripped), [Rule(r"(?:module\.)?pro", None, "a flag (CUGANConfig.pro)"),
                                          Rule(r"(?:module\.)?(.+)", r"\1")]  # fmt: skip
+    if "to_feat.weight" in stripped and "feats.0.safm.aggr.weight" in stripped:
+        return _safmn_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "gblocks.0.weight" in stripped and "gblocks.1.fc1.weight" in stripped:
         return _mosr_config(path, stripped), [INIT_POS, Rule(r"(?:module\.)?(.+)", r"\1")]
     if "feats.0.weight" in stripped and "feats.1.refine.weight" in stripped:
@@ -350,3 +356,11 @@ def _cugan_config(shapes: dict) -> CUGANConfig:
     upscale = 3 if shapes["unet1.conv_bottom.weight"][2] == 5 else 2  # the file's (in, out, k, k)
     return CUGANConfig(in_channels=in_channels, out_channels=shapes["unet2.conv_bottom.weight"][0], upscale=upscale,
                        pro=pro)  # fmt: skip
+
+
+def _safmn_config(shapes: dict) -> SAFMNConfig:
+    """SAFMN's width, blocks, feed-forward width and scale from its shapes, as spandrel reads them."""
+    return SAFMNConfig(
+        dim=shapes["to_feat.weight"][0], n_blocks=len(indices(shapes, r"feats\.(\d+)\.norm1\.weight")),
+        hidden=shapes["feats.0.ccm.ccm.0.weight"][0], upscale=math.isqrt(shapes["to_img.0.weight"][0] // 3),
+    )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Model upscalers (ESRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN: `mlx_sd.models`), as A1111.
+"""Model upscalers (ESRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, ...: `mlx_sd.models`), run on images as A1111 runs them.
 
 A1111 (1.8+, through spandrel) upscales with an ESRGAN-family network in `upscaler_utils.upscale_with_model`: the
 image is cut into 192 x 192 tiles overlapping by 8 pixels (`images.split_grid`, its `ESRGAN_tile` /
@@ -11,8 +11,8 @@ input must be a multiple of some size (Real-ESRGAN 2x+) gets its input padded on
 `upscale_2` instead: the same BGR input as floats, square tiles (192, or the image's shorter side) stepping by
 tile - 8 with the last flush with the edge, each output clamped, the overlaps averaged in float32, then rounded to 8
 bits once. DAT goes through `upscale_with_model` as ESRGAN does (its own `DAT_tile` settings, the same defaults),
-ScuNET through `upscale_2` with 256-pixel tiles (`SCUNET_tile`); HAT, SPAN, PLKSR, DRCT, MoSR and Real-CUGAN
-(kept in `models/ESRGAN`) as ESRGAN. The network says which (`a1111_tiling`). Here the tiles of an image run
+ScuNET through `upscale_2` with 256-pixel tiles (`SCUNET_tile`); HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN and
+SAFMN (kept in `models/ESRGAN`) as ESRGAN. The network says which (`a1111_tiling`). Here the tiles of an image run
 through the network a few at a time, one batch per evaluation.
 """
 

@@ -149,6 +149,12 @@ def cugan_state(variant: str, seed: int = 0, **kwargs) -> dict:
     return network.state_dict()
 
 
+def safmn_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel SAFMN's state dict (16 channels, two blocks)."""
+    kwargs = {"dim": 16, "n_blocks": 2, "ffn_scale": 2.0, **kwargs}
+    return _random(spandrel("SAFMN").SAFMN(**kwargs), seed).state_dict()
+
+
 def scunet_state(seed: int = 0) -> dict:
     """A random spandrel SCUNet's state dict (64 channels, the least its 32-wide heads allow; two blocks a level, so
     that shifted windows run at every level)."""
@@ -211,6 +217,8 @@ FILES = {  # file name -> its contents
     "up4x-latest-no-denoise.pth": lambda: cugan_state("4x"),
     "pro-conservative-up2x.pth": lambda: cugan_state("2x", pro=True),  # the `pro` flag: x 0.7 + 0.15 inside
     "up2x-fast.safetensors": lambda: cugan_state("2x_fast"),  # pixel-unshuffled, inputs padded to 40 (and 4s)
+    "4x_SAFMN.pth": lambda: {"params": safmn_state(upscaling_factor=4)},  # inputs padded to multiples of 8
+    "2x_SAFMN.safetensors": lambda: safmn_state(upscaling_factor=2, ffn_scale=1.5, n_blocks=3),
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -346,7 +354,7 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
     assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*DRCT, MoSR, Real-CUGAN upscalers"):
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*Real-CUGAN, SAFMN upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")
