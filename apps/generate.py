@@ -128,6 +128,9 @@ def add_parsers(sub) -> None:
     hires.add_argument("--hr-schedule-type", help="schedule type of the hires pass (default: --schedule-type)")
     hires.add_argument("--hr-prompt", default="", help="prompt of the hires pass (default: the prompt)")
     hires.add_argument("--hr-negative-prompt", default="", help="negative prompt of the hires pass")
+    hires.add_argument("--firstpass-image", type=Path, metavar="IMAGE",
+                       help="an image of --width x --height taken as the first pass (A1111's firstpass_image): only "
+                            "the hires pass runs")  # fmt: skip
     hires.add_argument("--hr-checkpoint", metavar="MODEL",
                        help="another model for the hires pass (converted folder, checkpoint, ...; A1111's hires "
                             "checkpoint)")  # fmt: skip
@@ -191,7 +194,9 @@ def _request(args) -> GenerationRequest:
         enable_hr=args.enable_hr, hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler,
         hr_second_pass_steps=args.hr_second_pass_steps, hr_resize_x=args.hr_resize_x, hr_resize_y=args.hr_resize_y,
         hr_sampler=args.hr_sampler, hr_schedule_type=args.hr_schedule_type, hr_prompt=args.hr_prompt,
-        hr_negative_prompt=args.hr_negative_prompt, controlnet=control_flags.units(args, _open_image, _controlnet),
+        hr_negative_prompt=args.hr_negative_prompt,
+        firstpass_image=_open_image(args.firstpass_image, "--firstpass-image"),
+        controlnet=control_flags.units(args, _open_image, _controlnet),
         ip_adapter_scale=args.ip_adapter_scale,
     )  # fmt: skip
     if args.params_from is not None:

@@ -108,6 +108,14 @@ def check_hires_model(hires, base=None, second: GenerationRequest | None = None)
                          f"{base.info.name}'s UNet only")  # fmt: skip
 
 
+def firstpass_pixels(image: Image.Image, batch: int) -> mx.array:
+    """A1111's stand-in for the first pass's decoded images when a `firstpass_image` is given: its 8-bit values as
+    x / 255 * 2 - 1 in float32 (A1111's arithmetic, so its truncation to 8 bits before the upscaler matches),
+    (batch, H, W, 3)."""
+    x = np.asarray(image.convert("RGB"), np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
+    return mx.broadcast_to(mx.array(x)[None], (batch, *x.shape))
+
+
 def hires_infotext(request: GenerationRequest, checkpoint: str | None = None) -> dict:
     """A1111's infotext fields for the hires fix (the "Size" stays the first pass's); `checkpoint`: the hires pass's
     model title when it was another."""

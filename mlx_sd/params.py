@@ -93,7 +93,8 @@ class GenerationRequest:
         a model upscaler's name such as "R-ESRGAN 4x+" on the decoded image; `mlx_sd.upscale`), then runs img2img
         at that size with denoising `strength`: hr_second_pass_steps (0: `steps`) of a schedule of int(those steps /
         strength) steps, with hr_sampler / hr_schedule_type and hr_prompt / hr_negative_prompt (empty or None: the
-        first pass's). mlx_sd/hires.py.
+        first pass's); firstpass_image (A1111's): an image of width x height taken as the first pass's result,
+        which is then not run. mlx_sd/hires.py.
     Refiner (a `Pipeline` holding a refiner model): refiner_switch_at, the fraction of the schedule after which the
         refiner takes over (A1111's "Switch at"; diffusers' denoising_end/denoising_start; None: 0.8, 1: never).
     Seamless: tiling (A1111's "Tiling"): every convolution of the UNet and the VAE pads circularly, so the image tiles
@@ -160,6 +161,7 @@ class GenerationRequest:
     hr_schedule_type: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
+    firstpass_image: Image.Image | None = field(default=None, repr=False)
     tiling: bool = False
     controlnet: tuple[ControlNetUnit, ...] = ()
     ip_adapter_image: Image.Image | None = field(default=None, repr=False)
@@ -223,6 +225,10 @@ class GenerationRequest:
             (self.resize_mode in RESIZE_MODES, f"resize_mode={self.resize_mode!r}: must be one of {RESIZE_MODES}"),
             (self.mask is None or self.init_image is not None, "a mask needs an init_image to inpaint"),
             (
+                self.firstpass_image is None or self.enable_hr,
+                "firstpass_image stands for the hires fix's first pass: set enable_hr",
+            ),
+            (
                 self.mask is None or self.resize_mode != "latent",
                 "resize_mode='latent' is for img2img without a mask; inpaint with 'resize', 'crop' or 'fill'",
             ),
@@ -262,7 +268,7 @@ class GenerationRequest:
 
     def to_dict(self) -> dict:
         """JSON-friendly parameters (images left out; ControlNet units as their settings and model name)."""
-        skip = {"init_image", "mask", "controlnet", "ip_adapter_image"}
+        skip = {"init_image", "mask", "controlnet", "ip_adapter_image", "firstpass_image"}
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         return data | {"controlnet": [unit.to_dict() for unit in self.controlnet]}
 
@@ -278,4 +284,7 @@ def hires_checks(request: GenerationRequest) -> list[tuple[bool, str]]:
          f"hr_upscaler={r.hr_upscaler!r}: one of {', '.join(HIRES_UPSCALERS)} or a model upscaler's name"),
         (r.hr_second_pass_steps >= 0, f"hr_second_pass_steps={r.hr_second_pass_steps}: must be >= 0 (0 = steps)"),
         (r.hr_resize_x >= 0 and r.hr_resize_y >= 0, "hr_resize_x and hr_resize_y must be >= 0 (0 = use hr_scale)"),
+        (r.firstpass_image is None or r.width is None or r.firstpass_image.size == (r.width, r.height),
+         f"firstpass_image is {getattr(r.firstpass_image, 'size', None)}: it stands for the first pass, so it must be "
+         f"width x height ({r.width}x{r.height})"),
     ]  # fmt: skip

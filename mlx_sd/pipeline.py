@@ -27,7 +27,7 @@ from .conditioning import Conditioning
 from .controlnet import INPAINT, ControlNet, Controls
 from .denoiser import classifier_free_guidance
 from .edit import check_edit, edit_guidance, guided_rows, image_rows
-from .hires import check_hires_model, hires_plan, hires_request, hires_target, upscale_first_pass
+from .hires import check_hires_model, firstpass_pixels, hires_plan, hires_request, hires_target, upscale_first_pass
 from .images import latent_preview, to_pil
 from .img2img import prepare_inputs, prepare_latents, restore_output
 from .infotext import a1111_title, generation_infotext
@@ -41,7 +41,7 @@ from .samplers import SamplingPlan, plan_sampling
 from .schedules import NoiseSchedule
 from .textual_inversion import Embedding, add_embeddings, check_embedding, used_embeddings
 from .tiling import tiled_decode, tiled_encode
-from .upscale import HIRES_UPSCALERS
+from .upscale import HIRES_UPSCALERS, is_latent_upscaler
 from .variation import vary_noise
 
 TILE_ABOVE_PIXELS = 1024 * 1024  # tiled VAE by default above this many pixels: bounded decoder memory
@@ -300,7 +300,9 @@ class Pipeline:
                     unit.model.check(hires.unet.config)
         plan_2 = hires_plan(second, self.schedule if hires is self.model else _schedule(hires)) if second else None
         upscaler = self._hires_upscaler(request) if second else None  # a model named but missing fails here
-        total = plan.steps + (plan_2.steps if plan_2 else 0)
+        first_steps = 0 if request.firstpass_image is not None else plan.steps  # a given first pass runs no steps
+        latent_upscale = second is not None and is_latent_upscaler(request.hr_upscaler)
+        total = first_steps + (plan_2.steps if plan_2 else 0)
         loras, embeddings = self._activate(request)
         used = (self.model, self.refiner) if refining else (self.model, hires) if second else (self.model,)
         for model in used:
@@ -341,28 +343,36 @@ class Pipeline:
             batch_seeds = [first + i for i in range(request.batch_size)]
             noise = make_noise(request.rng, first, request.batch_size, per_image=True)
             vary = self._variation(request, batch)
-            x, init = self._initial_latents(request, plan, noise, vary)
-            noise = _sampler_noise(request, plan, noise, first)
-            controls = controls or self._controls(request, plan, init)
-            model_fn = self._model_fn(request, cond, uncond, init, request.batch_size, controls=controls,
-                                      image_embeds=image_embeds)  # fmt: skip
-            if refining:
-                refiner_fn = self._model_fn(
-                    request, refiner_cond, refiner_uncond, None, request.batch_size, self.refiner
-                )
-                model_fn = Handoff(model_fn, refiner_fn, self.schedule, request.refiner_switch_at)
+            decode_first = lambda z: self._decode(z, request, self.model)  # noqa: E731
             control._skip.clear()
-            x = yield from denoise(plan, model_fn, x, noise, init, batch, 0, controls)
-            latents = plan.latents_to_decode(x)
-            if init is not None and init.mask is not None and self._pastes(model_fn):
-                latents = init.mask * latents + (1 - init.mask) * init.image_latents  # the known region, exact
+            source = noise  # what the image upscalers' encoding samples from (None: the distribution's mean)
+            if request.firstpass_image is None:
+                x, init = self._initial_latents(request, plan, noise, vary)
+                noise = _sampler_noise(request, plan, noise, first)
+                controls = controls or self._controls(request, plan, init)
+                model_fn = self._model_fn(request, cond, uncond, init, request.batch_size, controls=controls,
+                                          image_embeds=image_embeds)  # fmt: skip
+                if refining:
+                    refiner_fn = self._model_fn(
+                        request, refiner_cond, refiner_uncond, None, request.batch_size, self.refiner
+                    )
+                    model_fn = Handoff(model_fn, refiner_fn, self.schedule, request.refiner_switch_at)
+                x = yield from denoise(plan, model_fn, x, noise, init, batch, 0, controls)
+                source = noise
+                latents = plan.latents_to_decode(x)
+                if init is not None and init.mask is not None and self._pastes(model_fn):
+                    latents = init.mask * latents + (1 - init.mask) * init.image_latents  # the known region, exact
+            else:  # A1111's firstpass_image stands for the first pass: its pixels, or its latents for a latent upscale
+                init, given, source = None, firstpass_pixels(request.firstpass_image, request.batch_size), None
+                latents = self._encode_images(given, None, request.tiling) if latent_upscale else None
+                decode_first = lambda z, given=given: given  # noqa: E731
             finished = request
             if second and not control._skip.is_set():
                 # image upscalers encode again, sampling from the first pass's source (A1111's VAE does not draw
                 # from the seeds' generators, which start the second pass)
                 latents = upscale_first_pass(
-                    latents, request, target, lambda z: self._decode(z, request, self.model),
-                    lambda images, source=noise: self._encode_images(images, source, request.tiling, hires), upscaler,
+                    latents, request, target, decode_first,
+                    lambda images, source=source: self._encode_images(images, source, request.tiling, hires), upscaler,
                 )  # fmt: skip
                 # A1111 draws the second pass's noise from fresh generators seeded with the images' seeds
                 noise = make_noise(request.rng, first, request.batch_size, per_image=True)
@@ -374,7 +384,7 @@ class Pipeline:
                 model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size, hires,
                                           controls=controls_2, image_embeds=image_embeds)  # fmt: skip
                 x = yield from denoise(
-                    plan_2, model_fn, x.astype(hires.dtype), noise, None, batch, plan.steps, controls_2
+                    plan_2, model_fn, x.astype(hires.dtype), noise, None, batch, first_steps, controls_2
                 )
                 latents, finished = plan_2.latents_to_decode(x), second
             t_decode = time.perf_counter()
@@ -618,12 +628,14 @@ class Pipeline:
 
     def _encode_images(self, images: mx.array, noise, whole: bool = False, model=None) -> mx.array:
         """VAE-encode (B, H, W, 3) images to scaled latents with `model`'s VAE (default: the base model's), sampling
-        with the request's noise (diffusers order); in tiles above TILE_ABOVE_PIXELS unless `whole` (seamless tiling:
-        tiles would not wrap)."""
+        with the request's noise (diffusers order; None: the distribution's mean); in tiles above TILE_ABOVE_PIXELS
+        unless `whole` (seamless tiling: tiles would not wrap)."""
         vae = (model or self.model).vae
         tiled = not whole and max(images.shape[1:3]) * min(images.shape[1:3]) > TILE_ABOVE_PIXELS
         images = images.astype(vae.dtype)
         dist = tiled_encode(vae, images) if tiled else vae.encode(images)
+        if noise is None:
+            return dist.mean * vae.config.scaling_factor
         B, h, w, c = dist.mean.shape
         sample = dist.sample(noise=noise.normal((B, c, h, w), dtype=dist.mean.dtype).transpose(0, 2, 3, 1))
         return sample * vae.config.scaling_factor

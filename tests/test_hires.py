@@ -92,6 +92,48 @@ def test_hires_fix_matches_diffusers_composed_as_a1111(sd1, upscaler, size, scal
     assert steps == list(range(1, STEPS + hr_steps + 1)) and events[0].total == STEPS + hr_steps
 
 
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_firstpass_image_stands_for_the_first_pass(sd1, upscaler):
+    """A1111's firstpass_image: no first pass; the image (as A1111's float32 x / 255 * 2 - 1, truncated to 8 bits
+    again for an image upscaler) upscaled, encoded to the VAE's mean (A1111 samples with its unseeded global
+    generator), then the hires pass as usual, its progress counting only its own steps."""
+    parts, ours = sd1
+    size, scale, hr_steps, strength = (48, 64), 1.5, 3, 0.6
+    target = (72, 96)
+    first = Image.fromarray(np.random.default_rng(4).integers(0, 256, (*size, 3), dtype=np.uint8))
+    vae = parts["vae"]
+    pixels = np.asarray(first, np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
+    with torch.no_grad():
+        if upscaler == "Latent":
+            x = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+            latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            up = torch.nn.functional.interpolate(latents, size=(9, 12), mode="bilinear", align_corners=False)
+        else:
+            eight = (np.clip((pixels + 1) * 0.5, 0, 1) * 255.0).astype(np.uint8)  # A1111's truncation
+            resized = Image.fromarray(eight).resize((target[1], target[0]), Image.LANCZOS)
+            x = torch.from_numpy(np.asarray(resized, np.float32) / 255).permute(2, 0, 1)[None]
+            up = vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+    total = int(hr_steps / strength)
+    img2img = diffusers_pipe("StableDiffusionImg2ImgPipeline", parts, "EulerDiscreteScheduler")
+    expected = img2img(
+        PROMPT, negative_prompt=NEGATIVE, image=up, strength=(hr_steps + 0.5) / total, num_inference_steps=total,
+        guidance_scale=GUIDANCE, generator=generators(SEED, 1), output_type="np",
+    ).images  # fmt: skip
+    events = list(ours.stream(GenerationRequest(
+        prompt=PROMPT, negative_prompt=NEGATIVE, width=size[1], height=size[0], steps=STEPS, guidance=GUIDANCE,
+        sampler="EulerDiscreteScheduler", seed=SEED, enable_hr=True, hr_scale=scale, hr_upscaler=upscaler,
+        hr_second_pass_steps=hr_steps, strength=strength, firstpass_image=first,
+    )))  # fmt: skip
+    value = psnr(as_array(events[-1].images), expected, data_range=1.0)
+    print(f"firstpass_image, {upscaler}: PSNR {value:.1f} dB")
+    assert value >= MIN_PSNR
+    assert [e.step for e in events[:-1]] == [1, 2, 3] and events[0].total == hr_steps
+    with pytest.raises(ValueError, match="firstpass_image is \\(32, 32\\): .* must be width x height \\(64x48\\)"):
+        ours.generate(prompt="x", width=64, height=48, enable_hr=True, firstpass_image=Image.new("RGB", (32, 32)))
+    with pytest.raises(ValueError, match="set enable_hr"):
+        ours.generate(prompt="x", width=64, height=48, firstpass_image=first)
+
+
 @pytest.fixture(scope="module")
 def other_sd1(tmp_path_factory):
     """A second tiny SD 1.x model (other weights throughout) with a checkpoint hash: the hires checkpoint."""

@@ -56,7 +56,6 @@ NAMES = {"guidance": "cfg_scale", "sampler": "sampler_name", "schedule_type": "s
 
 # field: (values that change nothing, why any other value is refused). None is always accepted.
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
-    "firstpass_image": (("",), "a given first-pass image is not supported: send it to img2img"),
     "restore_faces": ((False,), "face restoration is not implemented"),
     "alwayson_scripts": (({},), "extensions other than ControlNet (ADetailer, ...) are not supported"),
     "latent_mask": (("",), "a separate latent mask is not supported"),
@@ -247,6 +246,9 @@ def to_generation(req: ProcessingRequest, state: ServerState, img2img: bool):
         fields.update(_img2img_fields(req, state.config.limits.max_input_pixels))
     elif req.enable_hr:
         fields.update(_hires_fields(req))
+        if req.firstpass_image:  # the first pass's result, given: A1111 1.8's hires fix on an existing image
+            image = codec.decode_image(req.firstpass_image, "firstpass_image", state.config.limits.max_input_pixels)
+            fields["firstpass_image"] = image.convert("RGB")
     max_pixels = state.config.limits.max_input_pixels
     fields["controlnet"], image_prompt = a1111_units(controlnet, state, max_pixels, fields.get("init_image"))
     fields.update(image_prompt)

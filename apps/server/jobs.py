@@ -108,6 +108,7 @@ class JobRequest(BaseModel):
     hr_schedule_type: str | None = Field(None, description="null: schedule_type")
     hr_prompt: str = Field("", description="empty: prompt")
     hr_negative_prompt: str = Field("", description="empty: negative_prompt")
+    firstpass_image: str | None = Field(None, description="base64, width x height: the hires fix's first pass, given")
     tiling: bool = Field(False, description="seamless: every convolution pads circularly (A1111's Tiling)")
     tiled_vae: bool | None = None
     controlnet: list[UnitRequest] = Field([], description="ControlNet units; their residuals add up")
@@ -128,7 +129,7 @@ class JobCreated(BaseModel):
 
 def _to_generation(req: JobRequest, state: ServerState) -> GenerationRequest:
     max_pixels = state.config.limits.max_input_pixels
-    images = {"init_image", "mask", "controlnet", "ip_adapter_image"}  # decoded below
+    images = {"init_image", "mask", "controlnet", "ip_adapter_image", "firstpass_image"}  # decoded below
     fields = req.model_dump(exclude={"model", "refiner", "hr_checkpoint", "save", "sd_upscale", *images})
     fields["controlnet"] = native_units(req.controlnet, state, max_pixels)
     if req.ip_adapter_image is not None:
@@ -140,6 +141,9 @@ def _to_generation(req: JobRequest, state: ServerState) -> GenerationRequest:
         fields["init_image"] = codec.decode_image(req.init_image, "init_image", max_pixels).convert("RGB")
     if req.mask is not None:
         fields["mask"] = codec.decode_image(req.mask, "mask", max_pixels)
+    if req.firstpass_image is not None:
+        first = codec.decode_image(req.firstpass_image, "firstpass_image", max_pixels)
+        fields["firstpass_image"] = first.convert("RGB")
     return GenerationRequest(**fields)
 
 

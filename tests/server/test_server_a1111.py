@@ -258,7 +258,8 @@ def _b64_png(image: Image.Image) -> str:
 
 def test_hires_checkpoint_runs_the_second_pass(server, models_dir):
     """hr_checkpoint_name (A1111's title or name) runs the hires pass with that model, as the library's
-    `hires_model` does; the native API's `hr_checkpoint` too. The infotext names it."""
+    `hires_model` does; the native API's `hr_checkpoint` too. The infotext names it. A `firstpass_image` stands for
+    the first pass, as in the library."""
     from mlx_sd.pipeline import Pipeline
 
     body = {"prompt": "hires", "width": 64, "height": 48, "steps": 2, "seed": 8, "sampler_name": "Euler",
@@ -275,6 +276,15 @@ def test_hires_checkpoint_runs_the_second_pass(server, models_dir):
     np.testing.assert_array_equal(pixels(got), pixels(expected.images[0]))
     info = json.loads(r.json()["info"])
     assert info["infotexts"] == expected.infotexts and "Hires checkpoint: tiny [" in info["infotexts"][0]
+    first = Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    r = server.post("/sdapi/v1/txt2img", json={**body, "firstpass_image": _b64_png(first)})
+    assert r.status_code == 200, r.text
+    given = Pipeline(models_dir / "tiny-a").generate(
+        prompt="hires", width=64, height=48, steps=2, seed=8, sampler="Euler", guidance=7.0, enable_hr=True,
+        hr_scale=1.5, hr_upscaler="Lanczos", hr_second_pass_steps=2, strength=0.5, firstpass_image=first,
+    )  # fmt: skip
+    np.testing.assert_array_equal(pixels(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))),
+                                  pixels(given.images[0]))  # fmt: skip
     same = server.post("/sdapi/v1/txt2img", json={**body, "hr_checkpoint_name": "tiny-a"})  # the loaded model
     assert "Hires checkpoint" not in json.loads(same.json()["info"])["infotexts"][0]
     native = {"prompt": "hires", "width": 64, "height": 48, "steps": 2, "seed": 8, "sampler": "Euler",
@@ -292,7 +302,7 @@ def test_hires_checkpoint_runs_the_second_pass(server, models_dir):
 
 def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server):
     base = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
-    cases = {"restore_faces": True, "firstpass_image": "abc",
+    cases = {"restore_faces": True,
              "alwayson_scripts": {"ADetailer": {"args": [True]}},
              "styles": ["my style"], "script_name": "X/Y/Z plot"}  # fmt: skip
     for field, value in cases.items():
@@ -300,6 +310,8 @@ def test_unsupported_fields_are_refused_by_name_and_unknown_ones_reported(server
         assert r.status_code == 422, (field, r.text)
         body = r.json()
         assert set(body) == {"error", "detail", "body", "errors"} and body["detail"].startswith(f"{field}:")
+    r = server.post("/sdapi/v1/txt2img", json={**base, "enable_hr": True, "firstpass_image": "abc"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("firstpass_image:"), r.text
     r = server.post("/sdapi/v1/txt2img", json={**base, "enable_hr": True, "hr_checkpoint_name": "other.safetensors"})
     assert r.status_code == 404 and r.json()["detail"].startswith("hr_checkpoint_name: model"), r.text
     init = _b64_png(Image.new("RGB", (64, 64), (200, 100, 50)))
