@@ -1,5 +1,6 @@
 """The web page in a real browser (headless Debian Chromium driven by chromedriver): generate, watch, cancel."""
 
+import io
 import shutil
 
 import pytest
@@ -104,3 +105,29 @@ def test_page_runs_the_hires_fix_with_another_checkpoint(browser, server):
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image))
     assert browser.execute_script("return arguments[0].naturalWidth", image) == 96
     assert "Hires checkpoint: tiny [b2b2b2b2b2]" in card.find_element(By.TAG_NAME, "pre").text
+
+
+def test_page_runs_img2img_from_an_uploaded_image(browser, server, models_dir, tmp_path):
+    """The image-to-image box: an uploaded init image and a denoising strength; the job is the library's img2img
+    (the page fills in the model's defaults), image and parameters."""
+    import numpy as np
+    from PIL import Image
+
+    from mlx_sd.pipeline import Pipeline
+
+    path = tmp_path / "init.png"
+    init = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    init.save(path)
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 30, poll_frequency=0.02)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#sampler option"))
+    browser.find_element(By.ID, "img2img-box").click()
+    fill(browser, prompt="a red boat", width=64, height=64, steps=4, seed=6, strength=0.5)
+    browser.find_element(By.ID, "init-image").send_keys(str(path))
+    browser.find_element(By.ID, "generate").click()
+    card = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card"))[0]
+    expected = Pipeline(models_dir / "tiny-a").generate(prompt="a red boat", width=64, height=64, steps=4, seed=6,
+                                                        init_image=init, strength=0.5)  # fmt: skip
+    assert card.find_element(By.TAG_NAME, "pre").text == expected.infotexts[0]
+    png = server.get(f"/v1/jobs/{card.get_attribute('data-job-id')}/images/0").content
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), np.asarray(expected.images[0]))
