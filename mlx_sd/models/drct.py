@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import Conv2d, LayerNorm
-from .swinir import DIV2K_MEAN, LeakyReLU, PatchEmbed, SwinTransformerBlock, pixelshuffle_stages, sequential
+from .layers import Conv2d
+from .swinir import DIV2K_MEAN, PixelShuffleTrunk, SwinTransformerBlock
 
 BLOCKS = 5  # Swin blocks per dense group
 GROUP_SCALE = 0.2  # the dense group's residual scale
@@ -67,21 +67,11 @@ class RDG(nn.Module):
         return features[-1] * GROUP_SCALE + x
 
 
-class DRCT(nn.Module):
+class DRCT(PixelShuffleTrunk):
     def __init__(self, config: DRCTConfig):
         super().__init__()
         self.config = c = config
-        d, f = c.embed_dim, c.num_feat
-        self.conv_first = Conv2d(c.in_channels, d, 3, padding=1)
-        if c.patch_norm:
-            self.patch_embed = PatchEmbed(d)
-        self.layers = [RDG(c, heads) for heads in c.num_heads]
-        self.norm = LayerNorm(d)
-        if c.resi_connection == "1conv":
-            self.conv_after_body = Conv2d(d, d, 3, padding=1)
-        self.conv_before_upsample = [Conv2d(d, f, 3, padding=1), LeakyReLU(0.01)]  # torch's default slope
-        self.upsample = pixelshuffle_stages(f, c.upscale)
-        self.conv_last = Conv2d(f, c.in_channels, 3, padding=1)
+        self._build(c, [RDG(c, heads) for heads in c.num_heads])
 
     dtype = mx.float32  # spandrel (and so A1111) never runs DRCT in half precision
     size_minimum = 1
@@ -90,16 +80,5 @@ class DRCT(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         """(B, H, W, in) in [0, 1], H and W multiples of 16 -> (B, H*scale, W*scale, in)."""
-        c = self.config
-        B, H, W, _ = x.shape
-        mean = mx.array(DIV2K_MEAN if c.in_channels == 3 else (0.0,), x.dtype)
-        first = self.conv_first(x - mean)
-        tokens = first.reshape(B, H * W, -1)
-        if c.patch_norm:
-            tokens = self.patch_embed.norm(tokens)
-        for layer in self.layers:
-            tokens = layer(tokens, (H, W))
-        y = self.norm(tokens).reshape(first.shape)
-        y = (self.conv_after_body(y) if "conv_after_body" in self else y) + first
-        y = self.conv_last(sequential(self.upsample, sequential(self.conv_before_upsample, y)))
-        return y + mean
+        mean = mx.array(DIV2K_MEAN if self.config.in_channels == 3 else (0.0,), x.dtype)
+        return self._run(x - mean) + mean

@@ -27,14 +27,12 @@ from .dat import GELU, Placeholder, ReLU
 from .layers import Conv2d, LayerNorm, linear, linear_plus
 from .swinir import (
     DIV2K_MEAN,
-    LeakyReLU,
     Mlp,
-    PatchEmbed,
-    pixelshuffle_stages,
+    PixelShuffleTrunk,
     reflect_pad,
     relative_position_index,
     sequential,
-    shift_mask,
+    shifted_windows,
 )
 
 
@@ -121,18 +119,10 @@ class HAB(nn.Module):
 
     def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
         """x: (B, H*W, C) tokens of an H x W map (multiples of the window)."""
-        (H, W), ws, s = size, self.window, self.shift
         B, L, C = x.shape
-        y = self.norm1(x).reshape(B, H, W, C)
+        y = self.norm1(x).reshape(B, *size, C)
         conv = self.conv_block.cab[3](sequential(self.conv_block.cab[:3], y))
-        if s:
-            y = mx.roll(y, (-s, -s), axis=(1, 2))
-        windows = y.reshape(B, H // ws, ws, W // ws, ws, C).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
-        mask = mx.array(shift_mask(H, W, (ws, ws), (s, s))) if s else None
-        y = self.attn(windows, mask).reshape(B, H // ws, W // ws, ws, ws, C).transpose(0, 1, 3, 2, 4, 5)
-        y = y.reshape(B, H, W, C)
-        if s:
-            y = mx.roll(y, (s, s), axis=(1, 2))
+        y = shifted_windows(self.attn, y, self.window, self.shift)
         x = x + y.reshape(B, L, C) + conv.reshape(B, L, C) * self.conv_scale
         return self.mlp(self.norm2(x), x)
 
@@ -200,21 +190,11 @@ class RHAG(nn.Module):
         return y + x
 
 
-class HAT(nn.Module):
+class HAT(PixelShuffleTrunk):
     def __init__(self, config: HATConfig):
         super().__init__()
         self.config = c = config
-        d, f = c.embed_dim, c.num_feat
-        self.conv_first = Conv2d(c.in_channels, d, 3, padding=1)
-        if c.patch_norm:
-            self.patch_embed = PatchEmbed(d)
-        self.layers = [RHAG(c, depth, heads) for depth, heads in zip(c.depths, c.num_heads, strict=True)]
-        self.norm = LayerNorm(d)
-        if c.resi_connection == "1conv":
-            self.conv_after_body = Conv2d(d, d, 3, padding=1)
-        self.conv_before_upsample = [Conv2d(d, f, 3, padding=1), LeakyReLU(0.01)]  # torch's default slope
-        self.upsample = pixelshuffle_stages(f, c.upscale)
-        self.conv_last = Conv2d(f, c.in_channels, 3, padding=1)
+        self._build(c, [RHAG(c, depth, heads) for depth, heads in zip(c.depths, c.num_heads, strict=True)])
 
     dtype = mx.float32  # spandrel (and so A1111) never runs HAT in half precision
     size_minimum = 16  # spandrel's smallest HAT input
@@ -225,16 +205,6 @@ class HAT(nn.Module):
         """(B, H, W, in) in [0, 1] -> (B, H*scale, W*scale, in)."""
         c = self.config
         _, H, W, _ = x.shape
-        ws = c.window_size
         mean = mx.array(DIV2K_MEAN if c.in_channels == 3 else (0.0,), x.dtype)
-        first = self.conv_first(reflect_pad(x - mean, -H % ws, -W % ws))
-        B, Hp, Wp, C = first.shape
-        tokens = first.reshape(B, Hp * Wp, C)
-        if c.patch_norm:
-            tokens = self.patch_embed.norm(tokens)
-        for layer in self.layers:
-            tokens = layer(tokens, (Hp, Wp))
-        y = self.norm(tokens).reshape(first.shape)
-        y = (self.conv_after_body(y) if "conv_after_body" in self else y) + first
-        y = self.conv_last(sequential(self.upsample, sequential(self.conv_before_upsample, y)))
+        y = self._run(reflect_pad(x - mean, -H % c.window_size, -W % c.window_size))
         return (y + mean)[:, : H * c.upscale, : W * c.upscale]

@@ -117,6 +117,20 @@ def shift_mask(height: int, width: int, window: tuple[int, int], shift: tuple[in
     return np.where(windows[:, None, :] != windows[:, :, None], MASKED, 0.0).astype(np.float32)
 
 
+def shifted_windows(attn, y: mx.array, window: int, shift: int) -> mx.array:
+    """Swin's (shifted) window attention over a (B, H, W, C) map (sides multiples of the window): the map rolled back
+    by `shift`, cut into window x window windows, `attn(windows, mask)` with the shift's mask (None unshifted), the
+    windows put back and the map rolled forward again. SwinIR's, HAT's and DRCT's blocks."""
+    B, H, W, C = y.shape
+    ws, s = window, shift
+    if s:
+        y = mx.roll(y, (-s, -s), axis=(1, 2))
+    windows = y.reshape(B, H // ws, ws, W // ws, ws, C).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+    mask = mx.array(shift_mask(H, W, (ws, ws), (s, s))) if s else None
+    y = attn(windows, mask).reshape(B, H // ws, W // ws, ws, ws, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+    return mx.roll(y, (s, s), axis=(1, 2)) if s else y
+
+
 class WindowAttention(nn.Module):
     def __init__(self, dim: int, window: int, heads: int):
         super().__init__()
@@ -159,17 +173,8 @@ class SwinTransformerBlock(nn.Module):
 
     def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
         """x: (B, H*W, C) tokens of an H x W map (multiples of the window)."""
-        (H, W), ws, s = size, self.window, self.shift
         B, L, C = x.shape
-        y = self.norm1(x).reshape(B, H, W, C)
-        if s:
-            y = mx.roll(y, (-s, -s), axis=(1, 2))
-        windows = y.reshape(B, H // ws, ws, W // ws, ws, C).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
-        mask = mx.array(shift_mask(H, W, (ws, ws), (s, s))) if s else None
-        y = self.attn(windows, mask).reshape(B, H // ws, W // ws, ws, ws, C).transpose(0, 1, 3, 2, 4, 5)
-        y = y.reshape(B, H, W, C)
-        if s:
-            y = mx.roll(y, (s, s), axis=(1, 2))
+        y = shifted_windows(self.attn, self.norm1(x).reshape(B, *size, C), self.window, self.shift)
         x = x + y.reshape(B, L, C)
         return self.mlp(self.norm2(x), x)
 
@@ -204,6 +209,40 @@ class PatchEmbed(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.norm = LayerNorm(dim)
+
+
+class PixelShuffleTrunk(nn.Module):
+    """The trunk HAT and DRCT share with SwinIR's "pixelshuffle" models: a 3x3 conv embeds the (normalised) image,
+    token layers run at its size after the optional patch norm, a LayerNorm and a 3x3 conv (or none) plus the
+    embedding, then the pixel-shuffle head (conv and LeakyReLU 0.01, the 2x / 3x stages, a last conv). Subclasses
+    call `_build` with their layers and `_run` on their padded, mean-subtracted input."""
+
+    def _build(self, c, layers: list) -> None:
+        """c: a config with in_channels, embed_dim, num_feat, upscale, patch_norm, resi_connection."""
+        d, f = c.embed_dim, c.num_feat
+        self.conv_first = Conv2d(c.in_channels, d, 3, padding=1)
+        if c.patch_norm:
+            self.patch_embed = PatchEmbed(d)
+        self.layers = layers
+        self.norm = LayerNorm(d)
+        if c.resi_connection == "1conv":
+            self.conv_after_body = Conv2d(d, d, 3, padding=1)
+        self.conv_before_upsample = [Conv2d(d, f, 3, padding=1), LeakyReLU(0.01)]  # torch's default slope
+        self.upsample = pixelshuffle_stages(f, c.upscale)
+        self.conv_last = Conv2d(f, c.in_channels, 3, padding=1)
+
+    def _run(self, x: mx.array) -> mx.array:
+        """(B, H, W, in) -> (B, H*scale, W*scale, in), the mean not yet added back."""
+        first = self.conv_first(x)
+        B, H, W, C = first.shape
+        tokens = first.reshape(B, H * W, C)
+        if "patch_embed" in self:
+            tokens = self.patch_embed.norm(tokens)
+        for layer in self.layers:
+            tokens = layer(tokens, (H, W))
+        y = self.norm(tokens).reshape(first.shape)
+        y = (self.conv_after_body(y) if "conv_after_body" in self else y) + first
+        return self.conv_last(sequential(self.upsample, sequential(self.conv_before_upsample, y)))
 
 
 class SwinIR(nn.Module):
