@@ -329,7 +329,7 @@ class Conv2d(nn.Conv2d):
             y = x.reshape(-1, C) @ self.weight.reshape(O, C).T
             return (y + self.bias if "bias" in self else y).reshape(*x.shape[:-1], O)
         K = self.weight.shape[1]
-        valid = self.padding == (0, 0) and self.stride == (1, 1) and self.groups == 1
+        valid = self.padding == (0, 0) and self.stride == (1, 1) and self.groups == 1 and self.dilation in (1, (1, 1))
         if valid and self.weight.shape[1:3] == (3, 3):
             # a "valid" 3x3 conv (Real-CUGAN's) is the same-padded one's interior: the fast paths, one border dropped
             return self._same3x3(x)[:, 1:-1, 1:-1]
