@@ -116,6 +116,9 @@ UPSCALERS = {
     "mosr": ("MoSR", {"n_block": 24, "dim": 64, "upscale": 4}),  # spandrel's defaults (4xNomos2_hq_mosr's shape)
     "cugan": ("RealCUGAN", {}, "UpCunet2x"),  # Real-CUGAN up2x
     "safmn": ("SAFMN", {"dim": 36, "n_blocks": 8, "upscaling_factor": 4}),  # SAFMN's published x4 shape
+    "swin2sr": ("Swin2SR", {"img_size": 64, "embed_dim": 180, "depths": [6] * 6, "num_heads": [6] * 6,
+                            "window_size": 8, "mlp_ratio": 2.0, "upscale": 4, "upsampler": "nearest+conv",
+                            "resi_connection": "1conv"}),  # Swin2SR real-world x4
 }  # fmt: skip
 
 

@@ -28,6 +28,8 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
 - Real-CUGAN (`unet1.conv1.conv.0`, `unet2...`, `conv_final`): bilibili's up2x / up3x / up4x anime models, the
   "pro" ones (the `pro` flag read from the file) and the fast 2x;
 - SAFMN (`to_feat`, `feats.N.safm.mfr.K`, `to_img.0`): the SAFMN models;
+- Swin2SR (SwinIR's names with Swin V2's `logit_scale`, `cpb_mlp`, `q_bias` / `v_bias`): the classical, lightweight
+  and real-world models (the compressed-SR auxiliary heads are refused);
 - MoSR (`gblocks.N.fc1`, `shortcut`, `upsampler`): 4xNomos2_hq_mosr and the other MoSR models, with any of its heads
   (pixel shuffle, geometric ensemble, DySample); DySample's `init_pos` is recomputed.
 
@@ -56,6 +58,7 @@ from mlx_sd.models.plksr import PLKSR, PLKSRConfig
 from mlx_sd.models.safmn import SAFMN, SAFMNConfig
 from mlx_sd.models.scunet import SCUNet, SCUNetConfig
 from mlx_sd.models.span import SPAN, SPANConfig
+from mlx_sd.models.swin2sr import Swin2SR, Swin2SRConfig
 from mlx_sd.models.swinir import SwinIR, SwinIRConfig
 
 from .keymap import ConversionError, Rule, load_mapped, tensor_shapes
@@ -63,11 +66,13 @@ from .readers import open_checkpoint
 from .upscaler_transformers import (
     DAT_KEY,
     HAT_KEY,
+    SWIN2SR_KEY,
     SWINIR_KEY,
     dat_config,
     drct_config,
     hat_config,
     indices,
+    swin2sr_config,
     swinir_config,
 )
 
@@ -90,13 +95,13 @@ A1111_NAMES = {
 }
 SUPPORTED = (
     "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
-    "SAFMN"
+    "SAFMN, Swin2SR"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
-            MoSRConfig: MoSR, CUGANConfig: CUGAN, SAFMNConfig: SAFMN}  # fmt: skip
+            MoSRConfig: MoSR, CUGANConfig: CUGAN, SAFMNConfig: SAFMN, Swin2SRConfig: Swin2SR}  # fmt: skip
 # spandrel never runs these in half precision
-FLOAT32_ONLY = (SwinIRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig)
+FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig)
 # DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
 INIT_POS = Rule(r"(?:module\.)?(?:to_img|upsampler)\.init_pos", None, "recomputed from the scale (DySample's grid)")
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
@@ -152,6 +157,8 @@ def upscaler_listing(path: str | Path) -> dict:
 def _config(path: Path, state) -> tuple[object, list[Rule]]:
     """The network's configuration and the key map onto its names."""
     stripped = {_strip(key): shape for key, shape in tensor_shapes(state).items()}
+    if SWIN2SR_KEY in stripped:
+        return swin2sr_config(path, stripped)
     if SWINIR_KEY in stripped and HAT_KEY not in stripped:
         return swinir_config(stripped)
     if HAT_KEY in stripped:

@@ -1,5 +1,5 @@
-"""The transformer upscalers' configurations, read from a file's tensor shapes as spandrel reads them (SwinIR, DAT,
-HAT, DRCT), with each one's key map: their own names, the buffers the networks recompute dropped. Used by
+"""The transformer upscalers' configurations, read from a file's tensor shapes as spandrel reads them (SwinIR,
+Swin2SR, DAT, HAT, DRCT), with each one's key map: their own names, the buffers the networks recompute dropped. Used by
 `mlx_sd_convert.upscaler`.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from mlx_sd.models.dat import DATConfig
 from mlx_sd.models.drct import DRCTConfig
 from mlx_sd.models.hat import HATConfig
+from mlx_sd.models.swin2sr import Swin2SRConfig
 from mlx_sd.models.swinir import SwinIRConfig
 
 from .keymap import ConversionError, Rule
@@ -19,6 +20,7 @@ from .keymap import ConversionError, Rule
 SWINIR_KEY = "layers.0.residual_group.blocks.0.attn.relative_position_index"  # HAT has it too, and HAT_KEY
 HAT_KEY = "layers.0.residual_group.blocks.0.conv_block.cab.0.weight"
 DAT_KEY = "layers.0.blocks.0.attn.attns.0.rpe_biases"
+SWIN2SR_KEY = "layers.0.residual_group.blocks.0.attn.logit_scale"  # Swin V2's attention (SWINIR_KEY too)
 
 
 def indices(shapes: dict, pattern: str) -> list[int]:
@@ -166,4 +168,50 @@ def drct_config(path: Path, shapes: dict) -> tuple[DRCTConfig, list[Rule]]:
         Rule(r"(?:module\.)?layers\.\d+\.swin\d\.(?:attn\.relative_position_index|attn_mask)", None, buffers),
         Rule(r"(?:module\.)?(.+)", r"\1"),
     ]
+    return config, rules
+
+
+def swin2sr_config(path: Path, shapes: dict) -> tuple[Swin2SRConfig, list[Rule]]:
+    """Swin2SR's configuration from its shapes (spandrel's rules) and the map: its own names, the buffers dropped."""
+    block = "layers.0.residual_group.blocks.0."
+    if "conv_bicubic.weight" in shapes or "conv_after_body_hf.weight" in shapes:
+        raise ConversionError(
+            f"{path}: a Swin2SR with the auxiliary or high-frequency head (compressed-image SR), "
+            "which mlx-sd does not run (it runs the classical, lightweight and real-world heads)"
+        )
+    unusual = shapes["patch_embed.proj.weight"][2] != 1 or "absolute_pos_embed" in shapes
+    if unusual or block + "attn.q_bias" not in shapes:
+        raise ConversionError(
+            f"{path}: a Swin2SR with patches larger than a pixel, an absolute position embedding "
+            "or no qkv biases, which mlx-sd does not run (no published model has one)"
+        )
+    embed_dim, in_channels = shapes["conv_first.weight"][:2]
+    layers = indices(shapes, r"layers\.(\d+)\.residual_group\.blocks\.0\.norm1\.weight")
+    depths = tuple(len(indices(shapes, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.norm1\.weight")) for i in layers)
+    heads = tuple(shapes[f"layers.{i}.residual_group.blocks.0.attn.logit_scale"][0] for i in layers)
+    if "conv_hr.weight" in shapes:
+        upsampler, upscale = "nearest+conv", 4
+    elif "conv_before_upsample.0.weight" in shapes:
+        upsampler, num = "pixelshuffle", shapes["conv_last.weight"][1]
+        convs = indices(shapes, r"upsample\.(\d+)\.weight")
+        upscale = 3 if shapes["upsample.0.weight"][0] == 9 * num else 2 ** len(convs)
+    elif "upsample.0.weight" in shapes:
+        upsampler, upscale = "pixelshuffledirect", math.isqrt(shapes["upsample.0.weight"][0] // in_channels)
+    else:
+        upsampler, upscale = "", 1
+    window = math.isqrt(shapes[block + "attn.relative_position_index"][0])
+    mask = shapes.get("layers.0.residual_group.blocks.1.attn_mask")
+    config = Swin2SRConfig(
+        in_channels=in_channels, embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=window,
+        mlp_ratio=shapes[block + "mlp.fc1.weight"][0] / embed_dim, upsampler=upsampler, upscale=upscale,
+        resi_connection="3conv" if "conv_after_body.0.weight" in shapes else "1conv",
+        num_feat=shapes["conv_before_upsample.0.weight"][0] if "conv_before_upsample.0.weight" in shapes else 64,
+        img_size=round(math.sqrt(mask[0]) * window) if mask else 64,
+    )  # fmt: skip
+    buffers = "recomputed from the window and the image (relative_position_index, relative_coords_table, attn_mask)"
+    rules = [
+        Rule(r"(?:module\.)?layers\.\d+\.residual_group\.blocks\.\d+\.(?:attn\.relative_position_index"
+             r"|attn\.relative_coords_table|attn_mask)", None, buffers),
+        Rule(r"(?:module\.)?(.+)", r"\1"),
+    ]  # fmt: skip
     return config, rules

@@ -155,6 +155,13 @@ def safmn_state(seed: int = 0, **kwargs) -> dict:
     return _random(spandrel("SAFMN").SAFMN(**kwargs), seed).state_dict()
 
 
+def swin2sr_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel Swin2SR's state dict (tiny: 24 channels, two groups of two Swin V2 blocks)."""
+    kwargs = {"img_size": 16, "embed_dim": 24, "depths": [2, 2], "num_heads": [2, 3], "window_size": 4,
+              "mlp_ratio": 2.0, **kwargs}  # fmt: skip
+    return _random(spandrel("Swin2SR").Swin2SR(**kwargs), seed).state_dict()
+
+
 def scunet_state(seed: int = 0) -> dict:
     """A random spandrel SCUNet's state dict (64 channels, the least its 32-wide heads allow; two blocks a level, so
     that shifted windows run at every level)."""
@@ -219,6 +226,11 @@ FILES = {  # file name -> its contents
     "up2x-fast.safetensors": lambda: cugan_state("2x_fast"),  # pixel-unshuffled, inputs padded to 40 (and 4s)
     "4x_SAFMN.pth": lambda: {"params": safmn_state(upscaling_factor=4)},  # inputs padded to multiples of 8
     "2x_SAFMN.safetensors": lambda: safmn_state(upscaling_factor=2, ffn_scale=1.5, n_blocks=3),
+    "Swin2SR_RealworldSR_X4_64_BSRGAN_PSNR.pth": lambda: {
+        "params_ema": swin2sr_state(upsampler="nearest+conv", upscale=4, resi_connection="3conv")
+    },
+    "Swin2SR_ClassicalSR_X2_64.pth": lambda: swin2sr_state(upsampler="pixelshuffle", upscale=2),
+    "Swin2SR_Lightweight_X3.safetensors": lambda: swin2sr_state(upsampler="pixelshuffledirect", upscale=3),
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -354,10 +366,13 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
     assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*Real-CUGAN, SAFMN upscalers"):
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*SAFMN, Swin2SR upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")
+    _save(tmp_path, "aux.pth", swin2sr_state(upsampler="pixelshuffle_aux", upscale=2))
+    with pytest.raises(ConversionError, match="aux.pth: a Swin2SR with the auxiliary or high-frequency head"):
+        read_upscaler(tmp_path / "aux.pth")
     _save(tmp_path, "HAT_ape.pth", hat_state(ape=True))
     with pytest.raises(ConversionError, match="HAT_ape.pth: a HAT with an absolute position embedding"):
         read_upscaler(tmp_path / "HAT_ape.pth")
