@@ -119,6 +119,7 @@ UPSCALERS = {
     "swin2sr": ("Swin2SR", {"img_size": 64, "embed_dim": 180, "depths": [6] * 6, "num_heads": [6] * 6,
                             "window_size": 8, "mlp_ratio": 2.0, "upscale": 4, "upsampler": "nearest+conv",
                             "resi_connection": "1conv"}),  # Swin2SR real-world x4
+    "rcan": ("RCAN", {"scale": 4}),  # RCAN's published shape: 10 groups of 20 blocks, 64 channels
 }  # fmt: skip
 
 

@@ -28,6 +28,7 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
 - Real-CUGAN (`unet1.conv1.conv.0`, `unet2...`, `conv_final`): bilibili's up2x / up3x / up4x anime models, the
   "pro" ones (the `pro` flag read from the file) and the fast 2x;
 - SAFMN (`to_feat`, `feats.N.safm.mfr.K`, `to_img.0`): the SAFMN models;
+- RCAN (`head`, `body.N.body.M.body.3.conv_du`, `tail`): the RCAN models, the pixel-unshuffled 1x / 2x ones too;
 - Swin2SR (SwinIR's names with Swin V2's `logit_scale`, `cpb_mlp`, `q_bias` / `v_bias`): the classical, lightweight
   and real-world models (the compressed-SR auxiliary heads are refused);
 - MoSR (`gblocks.N.fc1`, `shortcut`, `upsampler`): 4xNomos2_hq_mosr and the other MoSR models, with any of its heads
@@ -55,6 +56,7 @@ from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetC
 from mlx_sd.models.hat import HAT, HATConfig
 from mlx_sd.models.mosr import MoSR, MoSRConfig
 from mlx_sd.models.plksr import PLKSR, PLKSRConfig
+from mlx_sd.models.rcan import RCAN, RCANConfig
 from mlx_sd.models.safmn import SAFMN, SAFMNConfig
 from mlx_sd.models.scunet import SCUNet, SCUNetConfig
 from mlx_sd.models.span import SPAN, SPANConfig
@@ -95,11 +97,12 @@ A1111_NAMES = {
 }
 SUPPORTED = (
     "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
-    "SAFMN, Swin2SR"
+    "SAFMN, Swin2SR, RCAN"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
-            MoSRConfig: MoSR, CUGANConfig: CUGAN, SAFMNConfig: SAFMN, Swin2SRConfig: Swin2SR}  # fmt: skip
+            MoSRConfig: MoSR, CUGANConfig: CUGAN, SAFMNConfig: SAFMN, Swin2SRConfig: Swin2SR,
+            RCANConfig: RCAN}  # fmt: skip
 # spandrel never runs these in half precision
 FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig)
 # DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
@@ -170,6 +173,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
     if "unet1.conv1.conv.0.weight" in stripped and "unet2.conv_bottom.weight" in stripped:
         return _cugan_config(stripped), [Rule(r"(?:module\.)?pro", None, "a flag (CUGANConfig.pro)"),
                                          Rule(r"(?:module\.)?(.+)", r"\1")]  # fmt: skip
+    if "body.0.body.0.body.3.conv_du.0.weight" in stripped and "tail.1.weight" in stripped:
+        return _rcan_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "to_feat.weight" in stripped and "feats.0.safm.aggr.weight" in stripped:
         return _safmn_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "gblocks.0.weight" in stripped and "gblocks.1.fc1.weight" in stripped:
@@ -370,4 +375,20 @@ def _safmn_config(shapes: dict) -> SAFMNConfig:
     return SAFMNConfig(
         dim=shapes["to_feat.weight"][0], n_blocks=len(indices(shapes, r"feats\.(\d+)\.norm1\.weight")),
         hidden=shapes["feats.0.ccm.ccm.0.weight"][0], upscale=math.isqrt(shapes["to_img.0.weight"][0] // 3),
+    )  # fmt: skip
+
+
+def _rcan_config(shapes: dict) -> RCANConfig:
+    """RCAN's configuration from its shapes, as spandrel reads it: a second `head` layer means a pixel-unshuffled
+    model (4x inside, 4 // its scale the unshuffle)."""
+    colors, n_feats = shapes["tail.1.weight"][:2]
+    convs = indices(shapes, r"tail\.0\.(\d+)\.weight")
+    upscale = 3 if convs and shapes["tail.0.0.weight"][0] == 9 * n_feats else 2 ** len(convs)
+    head = "head.1.weight" if "head.1.weight" in shapes else "head.0.weight"
+    unshuffle = math.isqrt(shapes[head][1] // colors)
+    return RCANConfig(
+        colors=colors, n_feats=n_feats, n_resgroups=max(indices(shapes, r"body\.(\d+)\..+")),
+        n_resblocks=max(indices(shapes, r"body\.0\.body\.(\d+)\..+")), kernel_size=shapes[head][-1],
+        squeeze=shapes["body.0.body.0.body.3.conv_du.0.weight"][0], upscale=upscale, unshuffle=unshuffle,
+        norm="sub_mean.weight" in shapes,
     )  # fmt: skip

@@ -162,6 +162,12 @@ def swin2sr_state(seed: int = 0, **kwargs) -> dict:
     return _random(spandrel("Swin2SR").Swin2SR(**kwargs), seed).state_dict()
 
 
+def rcan_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel RCAN's state dict (16 channels, two groups of two blocks), its mean-shift convs random too."""
+    kwargs = {"n_resgroups": 2, "n_resblocks": 2, "n_feats": 16, "reduction": 4, **kwargs}
+    return _random(spandrel("RCAN").RCAN(**kwargs), seed).state_dict()
+
+
 def scunet_state(seed: int = 0) -> dict:
     """A random spandrel SCUNet's state dict (64 channels, the least its 32-wide heads allow; two blocks a level, so
     that shifted windows run at every level)."""
@@ -231,6 +237,9 @@ FILES = {  # file name -> its contents
     },
     "Swin2SR_ClassicalSR_X2_64.pth": lambda: swin2sr_state(upsampler="pixelshuffle", upscale=2),
     "Swin2SR_Lightweight_X3.safetensors": lambda: swin2sr_state(upsampler="pixelshuffledirect", upscale=3),
+    "4x_RCAN.pth": lambda: {"params": rcan_state(scale=4)},
+    "2x_RCAN_unshuffle.pth": lambda: rcan_state(scale=2, unshuffle_mod=True),  # 2x2 unshuffle, 4x inside
+    "1x_RCAN_no_norm.safetensors": lambda: rcan_state(scale=1, unshuffle_mod=True, norm=False),  # [0, 1] inside
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -255,9 +264,10 @@ def test_each_layout_reads_and_runs_as_spandrel(tmp_path, name):
     assert ours.scale == reference.scale
     for size in ((20, 24), (21, 18)):  # odd sizes: the unshuffling models pad by reflection and crop
         x = _pixels((1, 3, *size))
+        ours_in = mx.array(x.numpy().transpose(0, 2, 3, 1))  # first: spandrel's RCAN scales its input in place
         with torch.no_grad():
             expected = reference(x).numpy().transpose(0, 2, 3, 1)
-        got = np.array(ours.run(mx.array(x.numpy().transpose(0, 2, 3, 1))))
+        got = np.array(ours.run(ours_in))
         assert got.shape == expected.shape
         assert 0.05 < ((expected > 0) & (expected < 1)).mean()  # not a clamped, trivially equal output
         err = np.abs(got - expected).max()
@@ -366,7 +376,7 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
     assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*SAFMN, Swin2SR upscalers"):
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*SAFMN, Swin2SR, RCAN upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")
