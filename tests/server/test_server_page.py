@@ -108,8 +108,8 @@ def test_page_runs_the_hires_fix_with_another_checkpoint(browser, server):
 
 
 def test_page_runs_img2img_from_an_uploaded_image(browser, server, models_dir, tmp_path):
-    """The image-to-image box: an uploaded init image and a denoising strength; the job is the library's img2img
-    (the page fills in the model's defaults), image and parameters."""
+    """The image-to-image box: an uploaded init image and a denoising strength, then a mask too; the jobs are the
+    library's img2img and inpainting (the page fills in the model's defaults), images and parameters."""
     import numpy as np
     from PIL import Image
 
@@ -128,6 +128,21 @@ def test_page_runs_img2img_from_an_uploaded_image(browser, server, models_dir, t
     card = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card"))[0]
     expected = Pipeline(models_dir / "tiny-a").generate(prompt="a red boat", width=64, height=64, steps=4, seed=6,
                                                         init_image=init, strength=0.5)  # fmt: skip
+    assert card.find_element(By.TAG_NAME, "pre").text == expected.infotexts[0]
+    png = server.get(f"/v1/jobs/{card.get_attribute('data-job-id')}/images/0").content
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), np.asarray(expected.images[0]))
+
+    # with a mask: inpainting, as the library inpaints
+    mask_path = tmp_path / "mask.png"
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(mask_path)
+    browser.find_element(By.ID, "mask-image").send_keys(str(mask_path))
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .card")) == 2)
+    card = browser.find_elements(By.CSS_SELECTOR, "#gallery .card")[0]  # the newest first
+    expected = Pipeline(models_dir / "tiny-a").generate(prompt="a red boat", width=64, height=64, steps=4, seed=6,
+                                                        init_image=init, mask=mask, strength=0.5)  # fmt: skip
     assert card.find_element(By.TAG_NAME, "pre").text == expected.infotexts[0]
     png = server.get(f"/v1/jobs/{card.get_attribute('data-job-id')}/images/0").content
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), np.asarray(expected.images[0]))
