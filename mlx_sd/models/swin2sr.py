@@ -20,16 +20,16 @@ import mlx.nn as nn
 import numpy as np
 
 from ..attention import window_attention
-from .esrgan import upsample_repeat
 from .layers import Conv2d, LayerNorm, linear
 from .swinir import (
     DIV2K_MEAN,
     LeakyReLU,
-    PixelShuffle,
-    pixelshuffle_stages,
+    ResidualGroup,
+    build_head,
     reflect_pad,
     relative_position_index,
     residual_convs,
+    run_head,
     sequential,
     shifted_windows,
 )
@@ -137,54 +137,29 @@ class PatchEmbed(nn.Module):
         return self.norm(tokens) if "norm" in self else tokens
 
 
-class ResidualGroup(nn.Module):
-    def __init__(self, c: Swin2SRConfig, depth: int, heads: int):
-        super().__init__()
-        window = min(c.window_size, c.img_size)
-        shift = window // 2 if c.img_size > c.window_size else 0
-        self.blocks = [SwinV2Block(c.embed_dim, heads, window, shift if i % 2 else 0, c.mlp_ratio)
-                       for i in range(depth)]  # fmt: skip
-
-
 class RSTB(nn.Module):
     def __init__(self, c: Swin2SRConfig, depth: int, heads: int):
         super().__init__()
-        self.residual_group = ResidualGroup(c, depth, heads)
+        self.residual_group = ResidualGroup(c, depth, heads, SwinV2Block)
         self.conv = residual_convs(c.embed_dim, c.resi_connection)
         self.patch_embed = PatchEmbed(c.embed_dim, norm=False)
 
     def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
-        y = x
-        for block in self.residual_group.blocks:
-            y = block(y, size)
         B, L, C = x.shape
-        return self.patch_embed(sequential(self.conv, y.reshape(B, *size, C))) + x
+        return self.patch_embed(sequential(self.conv, self.residual_group(x, size).reshape(B, *size, C))) + x
 
 
 class Swin2SR(nn.Module):
     def __init__(self, config: Swin2SRConfig):
         super().__init__()
         self.config = c = config
-        d, f = c.embed_dim, c.num_feat
+        d = c.embed_dim
         self.conv_first = Conv2d(c.in_channels, d, 3, padding=1)
         self.patch_embed = PatchEmbed(d, norm=True)
         self.layers = [RSTB(c, depth, heads) for depth, heads in zip(c.depths, c.num_heads, strict=True)]
         self.norm = LayerNorm(d)
         self.conv_after_body = residual_convs(d, c.resi_connection)
-        if c.upsampler in ("pixelshuffle", "nearest+conv"):
-            self.conv_before_upsample = [Conv2d(d, f, 3, padding=1), LeakyReLU(0.01)]  # torch's default slope
-        if c.upsampler == "pixelshuffle":
-            self.upsample = pixelshuffle_stages(f, c.upscale)
-            self.conv_last = Conv2d(f, c.in_channels, 3, padding=1)
-        elif c.upsampler == "pixelshuffledirect":
-            self.upsample = [Conv2d(d, c.upscale**2 * c.in_channels, 3, padding=1), PixelShuffle(c.upscale)]
-        elif c.upsampler == "nearest+conv":
-            self.conv_up1 = Conv2d(f, f, 3, padding=1)
-            self.conv_up2 = Conv2d(f, f, 3, padding=1)
-            self.conv_hr = Conv2d(f, f, 3, padding=1)
-            self.conv_last = Conv2d(f, c.in_channels, 3, padding=1)
-        else:
-            self.conv_last = Conv2d(d, c.in_channels, 3, padding=1)
+        build_head(self, c, c.in_channels)  # SwinIR's heads ("nearest+conv" only 4x here: conv_up1, conv_up2)
 
     dtype = mx.float32  # spandrel (and so A1111) never runs Swin2SR in half precision
     size_minimum = 16  # spandrel's smallest Swin2SR input
@@ -205,15 +180,5 @@ class Swin2SR(nn.Module):
         for layer in self.layers:
             tokens = layer(tokens, (Hp, Wp))
         y = sequential(self.conv_after_body, self.norm(tokens).reshape(first.shape)) + first
-        if c.upsampler == "pixelshuffle":
-            y = self.conv_last(sequential(self.upsample, sequential(self.conv_before_upsample, y)))
-        elif c.upsampler == "pixelshuffledirect":
-            y = sequential(self.upsample, y)
-        elif c.upsampler == "nearest+conv":
-            y = sequential(self.conv_before_upsample, y)
-            y = nn.leaky_relu(self.conv_up1(upsample_repeat(y, 2)), 0.2)
-            y = nn.leaky_relu(self.conv_up2(upsample_repeat(y, 2)), 0.2)
-            y = self.conv_last(nn.leaky_relu(self.conv_hr(y), 0.2))
-        else:
-            y = x + self.conv_last(y)
+        y = run_head(self, c, y, x)
         return (y + mean)[:, : H * c.upscale, : W * c.upscale]

@@ -180,12 +180,20 @@ class SwinTransformerBlock(nn.Module):
 
 
 class ResidualGroup(nn.Module):
-    def __init__(self, c: SwinIRConfig, depth: int, heads: int):
+    """`depth` Swin blocks (`block`: SwinIR's, or Swin2SR's V2 ones), every second one shifted by half a window;
+    windows larger than the training size shrink to it, unshifted (the original's rule)."""
+
+    def __init__(self, c, depth: int, heads: int, block=None):
         super().__init__()
         window = min(c.window_size, c.img_size)
         shift = window // 2 if c.img_size > c.window_size else 0
-        self.blocks = [SwinTransformerBlock(c.embed_dim, heads, window, shift if i % 2 else 0, c.mlp_ratio)
-                       for i in range(depth)]  # fmt: skip
+        block = block or SwinTransformerBlock
+        self.blocks = [block(c.embed_dim, heads, window, shift if i % 2 else 0, c.mlp_ratio) for i in range(depth)]
+
+    def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
+        for block in self.blocks:
+            x = block(x, size)
+        return x
 
 
 class RSTB(nn.Module):
@@ -197,11 +205,8 @@ class RSTB(nn.Module):
         self.conv = residual_convs(c.embed_dim, c.resi_connection)
 
     def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
-        y = x
-        for block in self.residual_group.blocks:
-            y = block(y, size)
         B, L, C = x.shape
-        y = sequential(self.conv, y.reshape(B, *size, C))
+        y = sequential(self.conv, self.residual_group(x, size).reshape(B, *size, C))
         return y.reshape(B, L, C) + x
 
 
@@ -249,26 +254,13 @@ class SwinIR(nn.Module):
     def __init__(self, config: SwinIRConfig):
         super().__init__()
         self.config = c = config
-        d, f = c.embed_dim, c.num_feat
+        d = c.embed_dim
         self.conv_first = Conv2d(c.in_channels * c.start_unshuffle**2, d, 3, padding=1)
         self.patch_embed = PatchEmbed(d)
         self.layers = [RSTB(c, depth, heads) for depth, heads in zip(c.depths, c.num_heads, strict=True)]
         self.norm = LayerNorm(d)
         self.conv_after_body = residual_convs(d, c.resi_connection)
-        if c.upsampler in ("nearest+conv", "pixelshuffle"):
-            self.conv_before_upsample = [Conv2d(d, f, 3, padding=1), LeakyReLU(0.01)]  # torch's default slope
-        if c.upsampler == "pixelshuffle":
-            self.upsample = pixelshuffle_stages(f, c.upscale)
-            self.conv_last = Conv2d(f, c.out_channels, 3, padding=1)
-        elif c.upsampler == "pixelshuffledirect":
-            self.upsample = [Conv2d(d, c.upscale**2 * c.out_channels, 3, padding=1), PixelShuffle(c.upscale)]
-        elif c.upsampler == "nearest+conv":
-            for i in range(c.upscale.bit_length() - 1):
-                setattr(self, f"conv_up{i + 1}", Conv2d(f, f, 3, padding=1))
-            self.conv_hr = Conv2d(f, f, 3, padding=1)
-            self.conv_last = Conv2d(f, c.out_channels, 3, padding=1)
-        else:
-            self.conv_last = Conv2d(d, c.out_channels, 3, padding=1)
+        build_head(self, c, c.out_channels)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -299,20 +291,44 @@ class SwinIR(nn.Module):
         if c.start_unshuffle > 1:
             x = pixel_unshuffle(x, c.start_unshuffle)
         first = self.conv_first(x)
-        y = sequential(self.conv_after_body, self._features(first)) + first
-        if c.upsampler == "pixelshuffle":
-            y = self.conv_last(sequential(self.upsample, sequential(self.conv_before_upsample, y)))
-        elif c.upsampler == "pixelshuffledirect":
-            y = sequential(self.upsample, y)
-        elif c.upsampler == "nearest+conv":
-            y = sequential(self.conv_before_upsample, y)
-            for i in range(c.upscale.bit_length() - 1):
-                y = nn.leaky_relu(getattr(self, f"conv_up{i + 1}")(upsample_repeat(y, 2)), 0.2)
-            y = self.conv_last(nn.leaky_relu(self.conv_hr(y), 0.2))
-        else:
-            y = x + self.conv_last(y)
+        y = run_head(self, c, sequential(self.conv_after_body, self._features(first)) + first, x)
         y = y / c.img_range + mean
         return y[:, : H * c.upscale, : W * c.upscale]
+
+
+def build_head(net: nn.Module, c, out: int) -> None:
+    """SwinIR's four heads (Swin2SR's too), by `c.upsampler`: "pixelshuffle" (a conv with LeakyReLU 0.01, the 2x /
+    3x stages, a last conv), "pixelshuffledirect" (one conv and shuffle), "nearest+conv" (per octave a nearest 2x
+    and a conv, then conv_hr and the last conv, LeakyReLU 0.2 between) or none (a last conv, added to the input)."""
+    d, f = c.embed_dim, c.num_feat
+    if c.upsampler in ("nearest+conv", "pixelshuffle"):
+        net.conv_before_upsample = [Conv2d(d, f, 3, padding=1), LeakyReLU(0.01)]  # torch's default slope
+    if c.upsampler == "pixelshuffle":
+        net.upsample = pixelshuffle_stages(f, c.upscale)
+        net.conv_last = Conv2d(f, out, 3, padding=1)
+    elif c.upsampler == "pixelshuffledirect":
+        net.upsample = [Conv2d(d, c.upscale**2 * out, 3, padding=1), PixelShuffle(c.upscale)]
+    elif c.upsampler == "nearest+conv":
+        for i in range(c.upscale.bit_length() - 1):
+            setattr(net, f"conv_up{i + 1}", Conv2d(f, f, 3, padding=1))
+        net.conv_hr = Conv2d(f, f, 3, padding=1)
+        net.conv_last = Conv2d(f, out, 3, padding=1)
+    else:
+        net.conv_last = Conv2d(d, out, 3, padding=1)
+
+
+def run_head(net: nn.Module, c, y: mx.array, x: mx.array) -> mx.array:
+    """The head `build_head` made, on the trunk's output `y`; `x` is the normalised input (the residual of none)."""
+    if c.upsampler == "pixelshuffle":
+        return net.conv_last(sequential(net.upsample, sequential(net.conv_before_upsample, y)))
+    if c.upsampler == "pixelshuffledirect":
+        return sequential(net.upsample, y)
+    if c.upsampler == "nearest+conv":
+        y = sequential(net.conv_before_upsample, y)
+        for i in range(c.upscale.bit_length() - 1):
+            y = nn.leaky_relu(getattr(net, f"conv_up{i + 1}")(upsample_repeat(y, 2)), 0.2)
+        return net.conv_last(nn.leaky_relu(net.conv_hr(y), 0.2))
+    return x + net.conv_last(y)
 
 
 def reflect_pad(x: mx.array, ph: int, pw: int) -> mx.array:
