@@ -120,6 +120,7 @@ UPSCALERS = {
                             "window_size": 8, "mlp_ratio": 2.0, "upscale": 4, "upsampler": "nearest+conv",
                             "resi_connection": "1conv"}),  # Swin2SR real-world x4
     "rcan": ("RCAN", {"scale": 4}),  # RCAN's published shape: 10 groups of 20 blocks, 64 channels
+    "omnisr": ("OmniSR", {"num_feat": 64, "res_num": 5, "block_num": 1, "window_size": 8, "up_scale": 4}),  # x4 DIV2K
 }  # fmt: skip
 
 

@@ -32,7 +32,9 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
 - Swin2SR (SwinIR's names with Swin V2's `logit_scale`, `cpb_mlp`, `q_bias` / `v_bias`): the classical, lightweight
   and real-world models (the compressed-SR auxiliary heads are refused);
 - MoSR (`gblocks.N.fc1`, `shortcut`, `upsampler`): 4xNomos2_hq_mosr and the other MoSR models, with any of its heads
-  (pixel shuffle, geometric ensemble, DySample); DySample's `init_pos` is recomputed.
+  (pixel shuffle, geometric ensemble, DySample); DySample's `init_pos` is recomputed;
+- OmniSR (`input`, `residual_layer.N.residual_layer.M.layer.K`, `esa`, `up.0`): the OmniSR models, with or without
+  the position bias (the window read from its table); thop's `total_ops` / `total_params` counters are skipped.
 
 The configuration is read from the shapes (width, blocks, growth, upsampling stages; in/out channels give the
 unshuffle factor; SwinIR's, DAT's and HAT's head, depths, heads and window), as spandrel decides it, and the file is
@@ -55,6 +57,7 @@ from mlx_sd.models.drct import DRCT, DRCTConfig
 from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetCompact
 from mlx_sd.models.hat import HAT, HATConfig
 from mlx_sd.models.mosr import MoSR, MoSRConfig
+from mlx_sd.models.omnisr import OmniSR, OmniSRConfig
 from mlx_sd.models.plksr import PLKSR, PLKSRConfig
 from mlx_sd.models.rcan import RCAN, RCANConfig
 from mlx_sd.models.safmn import SAFMN, SAFMNConfig
@@ -97,16 +100,19 @@ A1111_NAMES = {
 }
 SUPPORTED = (
     "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
-    "SAFMN, Swin2SR, RCAN"
+    "SAFMN, Swin2SR, RCAN, OmniSR"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
             MoSRConfig: MoSR, CUGANConfig: CUGAN, SAFMNConfig: SAFMN, Swin2SRConfig: Swin2SR,
-            RCANConfig: RCAN}  # fmt: skip
+            RCANConfig: RCAN, OmniSRConfig: OmniSR}  # fmt: skip
 # spandrel never runs these in half precision
 FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig)
 # DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
 INIT_POS = Rule(r"(?:module\.)?(?:to_img|upsampler)\.init_pos", None, "recomputed from the scale (DySample's grid)")
+OMNISR_KEY = "residual_layer.0.residual_layer.0.layer.0.fn.0.weight"
+# thop's profiling counters, which some OmniSR releases were saved with (spandrel deletes them)
+OMNISR_JUNK = Rule(r"(?:module\.)?(?:.+\.)?(?:total_ops|total_params)", None, "a profiler's counter")
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
     ("conv_after_body.weight", "transformer (SRFormer, ...)"),
     ("model.diffusion_model.input_blocks.0.0.weight", "LDSR (latent diffusion)"),
@@ -175,6 +181,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
                                          Rule(r"(?:module\.)?(.+)", r"\1")]  # fmt: skip
     if "body.0.body.0.body.3.conv_du.0.weight" in stripped and "tail.1.weight" in stripped:
         return _rcan_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
+    if OMNISR_KEY in stripped and "input.weight" in stripped:
+        return _omnisr_config(path, stripped), [OMNISR_JUNK, Rule(r"(?:module\.)?(.+)", r"\1")]
     if "to_feat.weight" in stripped and "feats.0.safm.aggr.weight" in stripped:
         return _safmn_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "gblocks.0.weight" in stripped and "gblocks.1.fc1.weight" in stripped:
@@ -272,13 +280,7 @@ def _span_config(path: Path, shapes: dict) -> tuple[SPANConfig, list[Rule]]:
     """SPAN's configuration (spandrel's rules: the upsampler's channels are out x scale^2, out = in where it can
     be) and the map onto the fused convs `_fused_span` makes."""
     features, in_channels = shapes["conv_1.sk.weight"][:2]
-    shuffled = shapes["upsampler.0.weight"][0]
-    fits = [c for c in (in_channels, 3, 4, 1) if shuffled % c == 0 and math.isqrt(shuffled // c) ** 2 * c == shuffled]
-    if not fits:
-        raise ConversionError(f"{path}: a SPAN whose last conv makes {shuffled} channels, no pixel shuffle of 1, 3 "
-                              "or 4 channels")  # fmt: skip
-    out_channels = fits[0]
-    upscale = math.isqrt(shuffled // out_channels)
+    upscale, out_channels = _shuffle(path, "SPAN", shapes["upsampler.0.weight"][0], in_channels)
     norm = "no_norm" not in shapes
     if norm and in_channels != 3:
         raise ConversionError(f"{path}: a {in_channels}-channel SPAN that normalises by the RGB mean, which the "
@@ -286,6 +288,31 @@ def _span_config(path: Path, shapes: dict) -> tuple[SPANConfig, list[Rule]]:
     config = SPANConfig(in_channels=in_channels, out_channels=out_channels, feature_channels=features,
                         upscale=upscale, norm=norm)  # fmt: skip
     return config, [Rule(r"no_norm", None, "a flag (SPANConfig.norm)"), Rule(r"(.+)", r"\1")]
+
+
+def _shuffle(path: Path, network: str, shuffled: int, in_channels: int) -> tuple[int, int]:
+    """(scale, output channels) of a pixel-shuffle head whose conv makes `shuffled` channels, as spandrel guesses
+    them (`get_scale_and_output_channels`): out = in where it can be, else 3, 4 or 1."""
+    fits = [c for c in (in_channels, 3, 4, 1) if shuffled % c == 0 and math.isqrt(shuffled // c) ** 2 * c == shuffled]
+    if not fits:
+        raise ConversionError(f"{path}: a {network} whose last conv makes {shuffled} channels, no pixel shuffle of 1, "
+                              "3 or 4 channels")  # fmt: skip
+    return math.isqrt(shuffled // fits[0]), fits[0]
+
+
+def _omnisr_config(path: Path, shapes: dict) -> OmniSRConfig:
+    """OmniSR's configuration from its shapes, as spandrel reads it (the window from the position-bias table; 8
+    without one)."""
+    num_feat, in_channels = shapes["input.weight"][:2]
+    upscale, out_channels = _shuffle(path, "OmniSR", shapes["up.0.weight"][0], in_channels)
+    table = shapes.get("residual_layer.0.residual_layer.0.layer.2.fn.rel_pos_bias.weight")
+    return OmniSRConfig(
+        in_channels=in_channels, out_channels=out_channels, num_feat=num_feat,
+        block_num=len(indices(shapes, r"residual_layer\.0\.residual_layer\.(\d+)\..+")) - 1,
+        res_num=len(indices(shapes, r"residual_layer\.(\d+)\..+")),
+        window_size=(math.isqrt(table[0]) + 1) // 2 if table else 8, pe=table is not None, upscale=upscale,
+        bias="input.bias" in shapes,
+    )  # fmt: skip
 
 
 def _fused_span(state) -> dict:

@@ -39,6 +39,9 @@ BLOCKED_MIN_SCORES = 2**16
 # Heads of at most this many scores (N * M) run as `_small_heads`, in groups with batched products. Measured: 2**20
 # (1024-token heads, 4096x77 cross-attention) made those slower than the query blocks of `_blocked`.
 SMALL_HEAD_SCORES = 2**18
+# From this many heads (windows x heads), channel attention runs as `_channels_blocked` on the blocked backend. DAT's
+# (a few heads over the whole image: large products) stay on MLX's matmul.
+CHANNEL_HEADS_MIN = 64
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, mask: mx.array | str | None = None) -> mx.array:
@@ -92,6 +95,52 @@ def window_attention(
         q, k, v, scale=(C // heads) ** -0.5, mask=combined.reshape(nW * heads, N, M).astype(q.dtype)
     )
     return out.reshape(Bw, heads, N, C // heads).transpose(0, 2, 1, 3).reshape(Bw, N, C)
+
+
+def channel_attention(q: mx.array, k: mx.array, v: mx.array, temperature: mx.array) -> mx.array:
+    """softmax(q' k'^T x temperature) v with q', k' = q, k L2-normalised along the pixels (torch's F.normalize, eps
+    1e-12): the "transposed" attention whose tokens are channels (DAT's over the whole image; OmniSR's within windows).
+
+    Args:
+        q, k, v: (..., heads, d, n): per head, d channels over n pixels.
+        temperature: (heads, 1, 1), per head.
+    Returns:
+        (..., heads, d, n).
+
+    Many small heads (OmniSR's: a 16 x 16 product per window and head) run as `_channels_blocked` on the "blocked"
+    backend: MLX's CPU matmul took 14 ms for 576 products of 16 x 64 by 64 x 16 (one BLAS call each).
+    """
+    if q.size // (q.shape[-2] * q.shape[-1]) >= CHANNEL_HEADS_MIN and backend.attention_kernel(q.dtype) == "blocked":
+        return _channels_blocked(q, k, v, temperature)
+    q, k = (t / mx.maximum(mx.linalg.norm(t, axis=-1, keepdims=True), 1e-12) for t in (q, k))
+    return mx.softmax((q @ k.swapaxes(-1, -2)) * temperature, axis=-1, precise=True) @ v
+
+
+def _channels_blocked(q: mx.array, k: mx.array, v: mx.array, temperature: mx.array) -> mx.array:
+    """`channel_attention` in numpy on worker threads, each over a run of heads: batched BLAS products
+    (`sgemm_batch`) and a max-shifted softmax (temperatures are learned: the logits are not bounded)."""
+    shape, (d, n) = q.shape, q.shape[-2:]
+    mx.eval(q, k, v, temperature)
+    qn, kn, vn = (np.asarray(x).reshape(-1, d, n) for x in (q, k, v))
+    heads = temperature.shape[0]
+    scales = np.broadcast_to(np.asarray(temperature.astype(mx.float32)).reshape(heads), (len(qn) // heads, heads))
+    scales = scales.reshape(-1, 1, 1)
+    out = np.empty(qn.shape, np.float32)
+    step = -(-len(qn) // (2 * backend.cpu_threads()))
+
+    def run(start):
+        a, b = (x[start : start + step] for x in (qn, kn))
+        a, b = (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12)) for x in (a, b))
+        scores = sgemm_batch(a, b.transpose(0, 2, 1), np.empty((len(a), d, d), np.float32))
+        scores *= scales[start : start + step]
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        sgemm_batch(scores, vn[start : start + step], out[start : start + step])
+
+    with cpu_blas.numpy_blas_single_threaded():
+        backend.cpu_map(run, list(range(0, len(qn), step)))
+    return mx.array(out).reshape(shape)
 
 
 def _windows_blocked(q: mx.array, k: mx.array, v: mx.array, heads: int, bias: mx.array, mask: mx.array | None):

@@ -132,13 +132,19 @@ def upscale_latents(latents: mx.array, height: int, width: int, mode: str) -> mx
         raise ValueError(f"latent upscaler {mode!r} is not one of: {', '.join(LATENT_UPSCALERS)}")
     if height < 1 or width < 1:
         raise ValueError(f"latent size must be positive, got {height}x{width}")
-    interp, antialias = LATENT_UPSCALERS[mode]
-    _, h, w, _ = latents.shape
-    rows = mx.array(_resampling_weights(h, height, interp, antialias))  # (height, h)
-    cols = mx.array(_resampling_weights(w, width, interp, antialias))  # (width, w)
-    x = mx.einsum("yh,bhwc->bywc", rows, latents.astype(mx.float32))  # (B, height, w, C)
-    x = mx.einsum("xw,bywc->byxc", cols, x)  # (B, height, width, C)
-    return x.astype(latents.dtype)
+    return interpolate(latents, height, width, *LATENT_UPSCALERS[mode])
+
+
+def interpolate(x: mx.array, height: int, width: int, mode: str = "bilinear", antialias: bool = False) -> mx.array:
+    """torch's `interpolate(x, size=(height, width), mode=mode, antialias=antialias)` (align_corners=False) on a
+    (B, h, w, C) array: "bilinear", "bicubic", "nearest" or "nearest-exact"; computed in float32, returned in x's
+    dtype."""
+    _, h, w, _ = x.shape
+    rows = mx.array(_resampling_weights(h, height, mode, antialias))  # (height, h)
+    cols = mx.array(_resampling_weights(w, width, mode, antialias))  # (width, w)
+    y = mx.einsum("yh,bhwc->bywc", rows, x.astype(mx.float32))  # (B, height, w, C)
+    y = mx.einsum("xw,bywc->byxc", cols, y)  # (B, height, width, C)
+    return y.astype(x.dtype)
 
 
 def upscale_image(image: Image.Image, width: int, height: int, upscaler) -> Image.Image:

@@ -168,6 +168,16 @@ def rcan_state(seed: int = 0, **kwargs) -> dict:
     return _random(spandrel("RCAN").RCAN(**kwargs), seed).state_dict()
 
 
+def omnisr_state(seed: int = 0, counters: bool = False, **kwargs) -> dict:
+    """A random spandrel OmniSR's state dict (16 channels, two groups of one block), optionally with thop's profiling
+    counters (`total_ops`, `total_params`) as some releases were saved."""
+    kwargs = {"num_feat": 16, "res_num": 2, "block_num": 1, "window_size": 4, **kwargs}
+    state = _random(spandrel("OmniSR").OmniSR(**kwargs), seed).state_dict()
+    if counters:
+        state |= {"total_ops": torch.zeros(1, dtype=torch.float64), "input.total_params": torch.ones(1)}
+    return state
+
+
 def scunet_state(seed: int = 0) -> dict:
     """A random spandrel SCUNet's state dict (64 channels, the least its 32-wide heads allow; two blocks a level, so
     that shifted windows run at every level)."""
@@ -240,6 +250,8 @@ FILES = {  # file name -> its contents
     "4x_RCAN.pth": lambda: {"params": rcan_state(scale=4)},
     "2x_RCAN_unshuffle.pth": lambda: rcan_state(scale=2, unshuffle_mod=True),  # 2x2 unshuffle, 4x inside
     "1x_RCAN_no_norm.safetensors": lambda: rcan_state(scale=1, unshuffle_mod=True, norm=False),  # [0, 1] inside
+    "4x_OmniSR.pth": lambda: omnisr_state(up_scale=4, counters=True),  # inputs padded to the window with zeros
+    "2x_OmniSR_no_pe.safetensors": lambda: omnisr_state(up_scale=2, pe=False, bias=False, block_num=2, window_size=8),
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -376,7 +388,7 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
     assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*SAFMN, Swin2SR, RCAN upscalers"):
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*RCAN, OmniSR upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")

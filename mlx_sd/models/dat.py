@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..attention import window_attention
+from ..attention import channel_attention, window_attention
 from .layers import Conv2d, LayerNorm, gelu, linear, linear_plus
 from .swinir import (
     DIV2K_MEAN,
@@ -206,9 +206,7 @@ class ChannelAttention(nn.Module):
         (H, W), (B, N, C), h = size, x.shape, self.heads
         qkv = linear(self.qkv, x)
         q, k, v = (t.reshape(B, N, h, C // h).transpose(0, 2, 3, 1) for t in mx.split(qkv, 3, axis=-1))  # (B,h,d,N)
-        q, k = (t / mx.maximum(mx.linalg.norm(t, axis=-1, keepdims=True), 1e-12) for t in (q, k))  # F.normalize
-        weights = mx.softmax((q @ k.swapaxes(-1, -2)) * self.temperature, axis=-1, precise=True)  # (B, h, d, d)
-        attended = (weights @ v).transpose(0, 3, 1, 2).reshape(B, H, W, C)
+        attended = channel_attention(q, k, v, self.temperature).transpose(0, 3, 1, 2).reshape(B, H, W, C)
         conv = sequential(self.dwconv, qkv[..., 2 * C :].reshape(B, H, W, C))
         spatial = mx.sigmoid(sequential(self.spatial_interaction, conv))  # (B, H, W, 1)
         mixed = attended * spatial + conv * channel_gate(self.channel_interaction, attended)
