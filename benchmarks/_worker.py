@@ -120,6 +120,8 @@ UPSCALERS = {
                             "window_size": 8, "mlp_ratio": 2.0, "upscale": 4, "upsampler": "nearest+conv",
                             "resi_connection": "1conv"}),  # Swin2SR real-world x4
     "rcan": ("RCAN", {"scale": 4}),  # RCAN's published shape: 10 groups of 20 blocks, 64 channels
+    "rgt": ("RGT", {"img_size": 64, "embed_dim": 180, "depth": [6] * 8, "num_heads": [6] * 8, "mlp_ratio": 2.0,
+                    "split_size": [8, 32], "c_ratio": 0.5, "upscale": 4}),  # RGT x4 (not -S)
     "omnisr": ("OmniSR", {"num_feat": 64, "res_num": 5, "block_num": 1, "window_size": 8, "up_scale": 4}),  # x4 DIV2K
 }  # fmt: skip
 

@@ -33,6 +33,8 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
   and real-world models (the compressed-SR auxiliary heads are refused);
 - MoSR (`gblocks.N.fc1`, `shortcut`, `upsampler`): 4xNomos2_hq_mosr and the other MoSR models, with any of its heads
   (pixel shuffle, geometric ensemble, DySample); DySample's `init_pos` is recomputed;
+- RGT (DAT's names with `blocks.N.gamma`, RG-SA's `reduction1`, `cpe`, L-SA's `get_v`): the RGT and RGT-S models;
+  the window read from the position-bias offsets as for DAT, the other buffers recomputed;
 - OmniSR (`input`, `residual_layer.N.residual_layer.M.layer.K`, `esa`, `up.0`): the OmniSR models, with or without
   the position bias (the window read from its table); thop's `total_ops` / `total_params` counters are skipped.
 
@@ -60,6 +62,7 @@ from mlx_sd.models.mosr import MoSR, MoSRConfig
 from mlx_sd.models.omnisr import OmniSR, OmniSRConfig
 from mlx_sd.models.plksr import PLKSR, PLKSRConfig
 from mlx_sd.models.rcan import RCAN, RCANConfig
+from mlx_sd.models.rgt import RGT, RGTConfig
 from mlx_sd.models.safmn import SAFMN, SAFMNConfig
 from mlx_sd.models.scunet import SCUNet, SCUNetConfig
 from mlx_sd.models.span import SPAN, SPANConfig
@@ -71,12 +74,14 @@ from .readers import open_checkpoint
 from .upscaler_transformers import (
     DAT_KEY,
     HAT_KEY,
+    RGT_KEY,
     SWIN2SR_KEY,
     SWINIR_KEY,
     dat_config,
     drct_config,
     hat_config,
     indices,
+    rgt_config,
     swin2sr_config,
     swinir_config,
 )
@@ -100,12 +105,13 @@ A1111_NAMES = {
 }
 SUPPORTED = (
     "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
-    "SAFMN, Swin2SR, RCAN, OmniSR"
+    "SAFMN, Swin2SR, RCAN, OmniSR, RGT"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
             MoSRConfig: MoSR, CUGANConfig: CUGAN, SAFMNConfig: SAFMN, Swin2SRConfig: Swin2SR,
-            RCANConfig: RCAN, OmniSRConfig: OmniSR}  # fmt: skip
+            RCANConfig: RCAN, OmniSRConfig: OmniSR,
+            RGTConfig: RGT}  # fmt: skip
 # spandrel never runs these in half precision
 FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig)
 # DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
@@ -191,9 +197,10 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         return _plksr_config(path, stripped), [INIT_POS, Rule(r"(?:module\.)?(.+)", r"\1")]
     if "m_head.0.weight" in stripped and "m_tail.0.weight" in stripped:
         return _scunet_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
-    if DAT_KEY in stripped:
+    if DAT_KEY in stripped:  # DAT or RGT: the first window from its last position offset
         offsets = next(state[k] for k in state if _strip(k) == DAT_KEY)
-        return dat_config(stripped, tuple(int(v) + 1 for v in offsets[-1]))
+        window = tuple(int(v) + 1 for v in offsets[-1])
+        return rgt_config(stripped, window) if RGT_KEY in stripped else dat_config(stripped, window)
     other = next((name for key, name in _OTHER_ARCHITECTURES if key in stripped), None)
     if other:
         raise ConversionError(f"{path}: a {other} model; mlx-sd runs {SUPPORTED} upscalers")

@@ -1,6 +1,6 @@
 """The transformer upscalers' configurations, read from a file's tensor shapes as spandrel reads them (SwinIR,
-Swin2SR, DAT, HAT, DRCT), with each one's key map: their own names, the buffers the networks recompute dropped. Used by
-`mlx_sd_convert.upscaler`.
+Swin2SR, DAT, RGT, HAT, DRCT), with each one's key map: their own names, the buffers the networks recompute dropped.
+Used by `mlx_sd_convert.upscaler`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from mlx_sd.models.dat import DATConfig
 from mlx_sd.models.drct import DRCTConfig
 from mlx_sd.models.hat import HATConfig
+from mlx_sd.models.rgt import RGTConfig
 from mlx_sd.models.swin2sr import Swin2SRConfig
 from mlx_sd.models.swinir import SwinIRConfig
 
@@ -19,7 +20,8 @@ from .keymap import ConversionError, Rule
 
 SWINIR_KEY = "layers.0.residual_group.blocks.0.attn.relative_position_index"  # HAT has it too, and HAT_KEY
 HAT_KEY = "layers.0.residual_group.blocks.0.conv_block.cab.0.weight"
-DAT_KEY = "layers.0.blocks.0.attn.attns.0.rpe_biases"
+DAT_KEY = "layers.0.blocks.0.attn.attns.0.rpe_biases"  # RGT has it too, and RGT_KEY
+RGT_KEY = "layers.0.blocks.0.gamma"
 SWIN2SR_KEY = "layers.0.residual_group.blocks.0.attn.logit_scale"  # Swin V2's attention (SWINIR_KEY too)
 
 
@@ -73,14 +75,38 @@ def swinir_config(shapes: dict) -> tuple[SwinIRConfig, list[Rule]]:
 
 def dat_config(shapes: dict, window: tuple[int, int]) -> tuple[DATConfig, list[Rule]]:
     """DAT's configuration from its shapes and first window (the last position-bias offset + 1), spandrel's rules."""
-    embed_dim, in_channels = shapes["conv_first.weight"][:2]
-    layers = indices(shapes, r"layers\.(\d+)\.blocks\.0\.norm1\.weight")
-    depths = tuple(len(indices(shapes, rf"layers\.{i}\.blocks\.(\d+)\.norm1\.weight")) for i in layers)
+    common, layers, rules = _dat_skeleton(shapes)
     heads = tuple(
         shapes[f"layers.{i}.blocks.1.attn.temperature"][0] if depth >= 2
         else 2 * shapes[f"layers.{i}.blocks.0.attn.attns.0.pos.pos3.2.weight"][0]
-        for i, depth in zip(layers, depths, strict=True)
+        for i, depth in zip(layers, common["depths"], strict=True)
     )  # fmt: skip
+    expansion = shapes["layers.0.blocks.0.ffn.fc1.weight"][0] / common["embed_dim"]
+    return DATConfig(split_size=window, num_heads=heads, expansion_factor=expansion, **common), rules
+
+
+def rgt_config(shapes: dict, window: tuple[int, int]) -> tuple[RGTConfig, list[Rule]]:
+    """RGT's configuration from its shapes and first window, spandrel's rules: a layer's heads are twice a window
+    branch's (plus one where twice does not divide the width); RG-SA's channel ratio from its 1x1 conv."""
+    common, layers, rules = _dat_skeleton(shapes)
+    dim = common["embed_dim"]
+    halves = [shapes[f"layers.{i}.blocks.0.attn.attns.0.pos.pos3.2.weight"][0] for i in layers]
+    heads = tuple(2 * h if dim % (2 * h) == 0 else 2 * h + 1 for h in halves)
+    conv = next((shapes[f"layers.{i}.blocks.1.attn.conv.weight"] for i, depth in zip(layers, common["depths"],
+                strict=True) if depth >= 2), None)  # fmt: skip
+    config = RGTConfig(
+        split_size=window, num_heads=heads, expansion_factor=shapes["layers.0.blocks.0.mlp.fc1.weight"][0] / dim,
+        c_ratio=conv[0] / conv[1] if conv else 0.5, **common,
+    )  # fmt: skip
+    return config, rules
+
+
+def _dat_skeleton(shapes: dict) -> tuple[dict, list[int], list[Rule]]:
+    """What DAT and RGT read alike: DATConfig's other fields, the layer indices, and the key map (the buffers
+    dropped)."""
+    embed_dim, in_channels = shapes["conv_first.weight"][:2]
+    layers = indices(shapes, r"layers\.(\d+)\.blocks\.0\.norm1\.weight")
+    depths = tuple(len(indices(shapes, rf"layers\.{i}\.blocks\.(\d+)\.norm1\.weight")) for i in layers)
     if "conv_last.weight" in shapes:
         upsampler, upscale, num_feat = "pixelshuffle", 1, 64
         for i in indices(shapes, r"upsample\.(\d+)\.weight"):
@@ -89,9 +115,8 @@ def dat_config(shapes: dict, window: tuple[int, int]) -> tuple[DATConfig, list[R
     else:
         upsampler, num_feat = "pixelshuffledirect", 64
         upscale = math.isqrt(shapes["upsample.0.weight"][0] // in_channels)
-    config = DATConfig(
-        in_channels=in_channels, embed_dim=embed_dim, split_size=window, depths=depths, num_heads=heads,
-        expansion_factor=shapes["layers.0.blocks.0.ffn.fc1.weight"][0] / embed_dim,
+    common = dict(
+        in_channels=in_channels, embed_dim=embed_dim, depths=depths,
         qkv_bias="layers.0.blocks.0.attn.qkv.bias" in shapes, upscale=upscale,
         resi_connection="1conv" if "conv_after_body.weight" in shapes else "3conv", upsampler=upsampler,
         num_feat=num_feat,
@@ -103,7 +128,7 @@ def dat_config(shapes: dict, window: tuple[int, int]) -> tuple[DATConfig, list[R
         Rule(r"(?:module\.)?.+\.num_batches_tracked", None, "BatchNorm's training counter"),
         Rule(r"(?:module\.)?(.+)", r"\1"),
     ]  # fmt: skip
-    return config, rules
+    return common, layers, rules
 
 
 def hat_config(path: Path, shapes: dict) -> tuple[HATConfig, list[Rule]]:

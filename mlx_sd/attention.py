@@ -44,25 +44,29 @@ SMALL_HEAD_SCORES = 2**18
 CHANNEL_HEADS_MIN = 64
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, mask: mx.array | str | None = None) -> mx.array:
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, heads: int, mask: mx.array | str | None = None, scale: float | None = None
+) -> mx.array:
     """softmax(q k^T / sqrt(d)) v over `heads` heads of width d = C / heads.
 
     Args:
         q: (B, N, C) queries.
-        k, v: (B, M, C) keys and values.
+        k: (B, M, C) keys; v: (B, M, Cv) values (Cv = C but for RGT's recursive attention).
         heads: number of heads.
         mask: None, "causal", or an additive/boolean array broadcastable to (B, heads, N, M).
+        scale: the logits' factor, if not 1 / sqrt(d).
     Returns:
-        (B, N, C).
+        (B, N, Cv).
     """
     B, N, C = q.shape
     M = k.shape[1]
+    scale = (C // heads) ** -0.5 if scale is None else scale
     if B * heads * N * M >= BLOCKED_MIN_SCORES and backend.attention_kernel(q.dtype) == "blocked":
         if mask is None:
-            return _blocked(q, k, v, heads)
+            return _blocked(q, k, v, heads, scale)
         if isinstance(mask, str) and mask == "causal" and N == M and N * M <= SMALL_HEAD_SCORES:
-            return _blocked(q, k, v, heads, causal=True)
-    return _fused(q, k, v, heads, mask)
+            return _blocked(q, k, v, heads, scale, causal=True)
+    return _fused(q, k, v, heads, mask, scale)
 
 
 def window_attention(
@@ -194,11 +198,10 @@ def _split_heads(x: mx.array, heads: int) -> mx.array:
     return x.reshape(B, N, heads, C // heads).transpose(0, 2, 1, 3)  # (B, h, N, d)
 
 
-def _fused(q: mx.array, k: mx.array, v: mx.array, heads: int, mask) -> mx.array:
+def _fused(q: mx.array, k: mx.array, v: mx.array, heads: int, mask, scale: float) -> mx.array:
     """MLX's fused kernel, over query blocks when the scores would exceed FUSED_BLOCK_BYTES."""
-    B, N, C = q.shape
+    B, N, _ = q.shape
     M = k.shape[1]
-    scale = (C // heads) ** -0.5
     q, k, v = (_split_heads(x, heads) for x in (q, k, v))
     rows = max(1, FUSED_BLOCK_BYTES // (B * heads * M * 4))
     if rows >= N or mask is not None:  # masks are only used by the 77-token text towers
@@ -209,10 +212,10 @@ def _fused(q: mx.array, k: mx.array, v: mx.array, heads: int, mask) -> mx.array:
             blocks.append(mx.fast.scaled_dot_product_attention(q[:, :, r : r + rows], k, v, scale=scale))
             mx.eval(blocks[-1])  # bound memory: one block of scores alive at a time
         out = mx.concatenate(blocks, axis=2)
-    return out.transpose(0, 2, 1, 3).reshape(B, N, C)
+    return out.transpose(0, 2, 1, 3).reshape(B, N, -1)
 
 
-def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool = False) -> mx.array:
+def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float, causal: bool = False) -> mx.array:
     """CPU attention: BLAS products and numpy's exp2 over per-head query blocks, one worker thread per core.
 
     softmax(s_i) v = (exp(s_i) v) / sum_j exp(s_ij). Each block's logits come from one product that reads q and k in
@@ -231,15 +234,15 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool = F
     """
     B, N, C = q.shape
     M = k.shape[1]
-    d = C // heads
-    scale = d**-0.5 * LOG2_E  # scores in base-2 units: exp2(s log2 e) = exp(s)
+    d, dv = C // heads, v.shape[2] // heads
+    scale = scale * LOG2_E  # scores in base-2 units: exp2(s log2 e) = exp(s)
     mx.eval(q, k, v)
     qn, kn, vn = (np.asarray(x) for x in (q, k, v))  # float32 (backend.attention_kernel), zero-copy views
     if N * M <= SMALL_HEAD_SCORES:
         return mx.array(_small_heads(qn, kn, vn, heads, scale, causal))
     if causal:
         raise ValueError(f"causal attention over {N} x {M} tokens: only heads of <= {SMALL_HEAD_SCORES} scores take it")
-    out = np.empty((B, N, C), np.float32)
+    out = np.empty((B, N, heads * dv), np.float32)
 
     rows = max(1, min(N, SCORE_BLOCK_BYTES // (4 * M)))
     workers = backend.cpu_threads()
@@ -251,9 +254,9 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool = F
 
     def run(task):
         b, h, r0, r1 = task
-        cols = slice(h * d, (h + 1) * d)
-        k, v = kn[b, :, cols], vn[b, :, cols]  # (M, d) views
-        v1 = _with_ones(v)  # (M, d + 1)
+        cols, out_cols = slice(h * d, (h + 1) * d), slice(h * dv, (h + 1) * dv)
+        k, v = kn[b, :, cols], vn[b, :, out_cols]  # (M, d) and (M, dv) views
+        v1 = _with_ones(v)  # (M, dv + 1)
         scores = np.empty((rows, M), np.float32)
         for r in range(r0, r1, rows):
             n = min(rows, r1 - r)
@@ -261,11 +264,11 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool = F
             sgemm(q, k.T, out=s, alpha=scale)
             with np.errstate(over="ignore"):  # overflow is checked below and the block redone exactly
                 _exp2(s)
-            o = sgemm(s, v1)  # (n, d + 1): weighted values and the row sums
-            if o[:, d].min() >= _SMALLEST_ROW_SUM and np.isfinite(o).all():
-                np.divide(o[:, :d], o[:, d:], out=out[b, r : r + n, cols])
+            o = sgemm(s, v1)  # (n, dv + 1): weighted values and the row sums
+            if o[:, dv].min() >= _SMALLEST_ROW_SUM and np.isfinite(o).all():
+                np.divide(o[:, :dv], o[:, dv:], out=out[b, r : r + n, out_cols])
             else:
-                out[b, r : r + n, cols] = _exact_head(q, k, v, scale)
+                out[b, r : r + n, out_cols] = _exact_head(q, k, v, scale)
 
     with cpu_blas.numpy_blas_single_threaded():
         backend.cpu_map(run, tasks)
@@ -287,10 +290,10 @@ def _small_heads(
     row sums fall outside [2^-60, inf), or whose output is not finite, is redone with the exact row max. A causal
     mask is added to the logits as -inf above the diagonal, which exp2 turns into weights of 0.
     """
-    B, N, C = qn.shape
+    B, N, _ = qn.shape
     M = kn.shape[1]
-    d = C // heads
-    out = np.empty((B, N, C), np.float32)
+    dv = vn.shape[2] // heads
+    out = np.empty((B, N, heads * dv), np.float32)
     mask = np.triu(np.full((N, M), -np.inf, np.float32), 1) if causal else None
     groups = max(-(-heads * N * M * 4 // SCORE_BLOCK_BYTES), -(-2 * backend.cpu_threads() // B))
     bounds = [heads * i // min(heads, groups) for i in range(min(heads, groups) + 1)]
@@ -298,7 +301,7 @@ def _small_heads(
 
     def run(task):
         b, h0, h1 = task
-        q, k, v = (x[b].reshape(-1, heads, d)[:, h0:h1].transpose(1, 0, 2) for x in (qn, kn, vn))  # (g, n, d) views
+        q, k, v = (x[b].reshape(x.shape[1], heads, -1)[:, h0:h1].transpose(1, 0, 2) for x in (qn, kn, vn))  # (g, n, d)
         scores = sgemm_batch(q, k.transpose(0, 2, 1), np.empty((h1 - h0, N, M), np.float32), alpha=scale)
         if mask is not None:
             scores += mask
@@ -307,16 +310,16 @@ def _small_heads(
         # Row sums as a product with ones (0.12 ms for 10 x 256 x 256 scores, numpy's sum 0.35 ms); `p v` into a
         # contiguous buffer, divided into the interleaved output (written there directly: 1.18 against 0.81 ms).
         sums = (scores.reshape(-1, M) @ np.ones((M, 1), np.float32)).reshape(h1 - h0, N, 1)
-        o = out[b].reshape(N, heads, d)[:, h0:h1].transpose(1, 0, 2)  # (g, N, d) view, heads interleaved
+        o = out[b].reshape(N, heads, dv)[:, h0:h1].transpose(1, 0, 2)  # (g, N, dv) view, heads interleaved
         with np.errstate(over="ignore", invalid="ignore"):
-            np.divide(sgemm_batch(scores, v, np.empty((h1 - h0, N, d), np.float32)), sums, out=o)
+            np.divide(sgemm_batch(scores, v, np.empty((h1 - h0, N, dv), np.float32)), sums, out=o)
         if not (
             sums.min() >= _SMALLEST_ROW_SUM
             and np.isfinite(sums).all()
-            and np.isfinite(out[b, :, h0 * d : h1 * d]).all()
+            and np.isfinite(out[b, :, h0 * dv : h1 * dv]).all()
         ):
             for i, h in enumerate(range(h0, h1)):
-                out[b, :, h * d : (h + 1) * d] = _exact_head(q[i], k[i], v[i], scale, mask)
+                out[b, :, h * dv : (h + 1) * dv] = _exact_head(q[i], k[i], v[i], scale, mask)
 
     with cpu_blas.numpy_blas_single_threaded():
         backend.cpu_map(run, tasks)

@@ -58,6 +58,20 @@ def test_blocked_attention_matches_torch(B, N, M, C, heads, sgemm_path, row_kern
     assert_close(got, _reference_attention(q, k, v, heads), 2e-6, "blocked attention")
 
 
+@pytest.mark.parametrize("N,M,path", [(9216, 36, "blocked"), (1024, 36, "blocked"), (1024, 36, "fused")])
+def test_attention_with_wider_values_and_its_own_scale(monkeypatch, N, M, path, sgemm_path):
+    """RGT's recursive attention: values twice as wide as the keys, a scale that is not 1 / sqrt(d); on the blocked
+    path by query blocks and as small heads, and on MLX's kernel."""
+    if path == "fused":
+        monkeypatch.setattr(backend, "attention_kernel", lambda dtype: "fused")
+    rng = np.random.default_rng(3)
+    (q, k), v = (rng.standard_normal((1, n, 90), dtype=np.float32) for n in (N, M)), rng.standard_normal((1, M, 180))
+    t = [torch.from_numpy(x).reshape(1, -1, 6, x.shape[2] // 6).transpose(1, 2) for x in (q, k, v.astype(np.float32))]
+    expected = F.scaled_dot_product_attention(*t, scale=0.3).transpose(1, 2).reshape(1, N, 180).numpy()
+    got = attention(mx.array(q), mx.array(k), mx.array(v.astype(np.float32)), 6, scale=0.3)
+    assert_close(got, expected, 2e-6, f"attention with wider values ({path})")
+
+
 @pytest.mark.parametrize("N", [600, 400])
 def test_blocked_attention_query_blocks_and_overflow_fallback(monkeypatch, sgemm_path, N):
     """Tiny score blocks force many query blocks; logits beyond float32 exp's range force the exact fallback. With
@@ -196,9 +210,9 @@ def test_fused_attention_blocks_match_unblocked(monkeypatch):
     """The fused path's query blocking (used on GPUs at large sizes) changes nothing but memory."""
     rng = np.random.default_rng(2)
     q, k, v = (mx.array(rng.standard_normal((2, 300, 64), dtype=np.float32)) for _ in range(3))
-    whole = attention_module._fused(q, k, v, 2, None)
+    whole = attention_module._fused(q, k, v, 2, None, 32**-0.5)
     monkeypatch.setattr(attention_module, "FUSED_BLOCK_BYTES", 4 * 64 * 300 * 4)
-    assert relative_error(attention_module._fused(q, k, v, 2, None), whole) < 1e-6
+    assert relative_error(attention_module._fused(q, k, v, 2, None, 32**-0.5), whole) < 1e-6
 
 
 _GRID = np.concatenate([np.linspace(-12, 12, 200_001), np.geomspace(1e-8, 1e-2, 1001)]).astype(np.float32)

@@ -90,6 +90,14 @@ def dat_state(seed: int = 0, **kwargs) -> dict:
     return network.state_dict()
 
 
+def rgt_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel RGT's state dict (tiny: 32 channels, groups of three and two blocks, so that both kinds of
+    shifted block run, and RG-SA in each)."""
+    kwargs = {"img_size": 16, "embed_dim": 32, "split_size": [2, 4], "depth": [3, 2], "num_heads": [2, 4],
+              "mlp_ratio": 2.0, **kwargs}  # fmt: skip
+    return _random(spandrel("RGT").RGT(**kwargs), seed).state_dict()
+
+
 def hat_state(seed: int = 0, **kwargs) -> dict:
     """A random spandrel HAT's state dict (tiny: 24 channels, 4-pixel windows, groups of two and three blocks)."""
     kwargs = {"img_size": 16, "embed_dim": 24, "depths": [2, 3], "num_heads": [2, 3], "window_size": 4,
@@ -252,6 +260,10 @@ FILES = {  # file name -> its contents
     "1x_RCAN_no_norm.safetensors": lambda: rcan_state(scale=1, unshuffle_mod=True, norm=False),  # [0, 1] inside
     "4x_OmniSR.pth": lambda: omnisr_state(up_scale=4, counters=True),  # inputs padded to the window with zeros
     "2x_OmniSR_no_pe.safetensors": lambda: omnisr_state(up_scale=2, pe=False, bias=False, block_num=2, window_size=8),
+    "4x_RGT.pth": lambda: {"params": rgt_state(upscale=4)},
+    "2x_RGT_S.safetensors": lambda: rgt_state(
+        upscale=2, split_size=[4, 4], qkv_bias=False, c_ratio=0.25, resi_connection="3conv"
+    ),  # fmt: skip
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -304,6 +316,22 @@ def test_hat_on_the_blocked_attention_path_matches_spandrel(tmp_path, monkeypatc
     got = np.array(ours.run(mx.array(x.numpy().transpose(0, 2, 3, 1))))
     assert (2 * 30, 36, 24) in blocked and (2 * 30, 16, 24) in blocked  # both attentions, both images
     assert np.abs(got - expected).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("size", [(40, 56), (1024, 64)])
+def test_rgt_recursive_attention_over_several_tokens_matches_spandrel(tmp_path, size):
+    """RG-SA's queries meet 2 x 3 tokens (below 32 pixels there is one, and the attention is its value), and from
+    1024-pixel sides the recursion runs three times."""
+    state = rgt_state(upscale=2)
+    ours = read_upscaler(_save(tmp_path, "RGT_x2.pth", state), mx.float32)
+    x = _pixels((1, 3, *size))
+    with torch.no_grad():
+        expected = load_descriptor(state)(x).numpy().transpose(0, 2, 3, 1)
+    got = np.array(ours.run(mx.array(x.numpy().transpose(0, 2, 3, 1))))
+    assert np.abs(got - expected).max() < TOLERANCE
+    if size[0] == 1024:  # where a side is below 64 the original's strided convs fail: refused by name here
+        with pytest.raises(ValueError, match="RGT cannot run a 1024x36 tile: .* use tiles of at most 1023 pixels"):
+            ours.run(mx.zeros((1, 1024, 36, 3)))
 
 
 def test_dysample_grid_sample_matches_torch():
@@ -388,7 +416,7 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
     assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*RCAN, OmniSR upscalers"):
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*RCAN, OmniSR, RGT upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")

@@ -158,23 +158,23 @@ class SpatialBranch(nn.Module):
         return out if shift is None else mx.roll(out, shift, axis=(1, 2))
 
 
-class SpatialAttention(nn.Module):
-    """The original's `Adaptive_Spatial_Attention`: two window branches on half the channels each, beside a
-    depthwise conv on the values, the two gating each other."""
+class WindowBranches(nn.Module):
+    """The qkv projection and two window branches on half the channels each (height x width windows, then width x
+    height), the map padded with zero tokens to the larger side; `attend` returns their output and the qkv. DAT's
+    spatial attention and RGT's L-SA add their own branch beside it."""
 
-    def __init__(self, c: DATConfig, heads: int, shifted: bool):
+    def __init__(self, dim: int, heads: int, split_size: tuple[int, int], qkv_bias: bool, shifted: bool):
         super().__init__()
-        dim, (s0, s1) = c.embed_dim, c.split_size
+        s0, s1 = split_size
         self.shift = ((s0 // 2, s1 // 2), (s1 // 2, s0 // 2)) if shifted else (None, None)
         self.pad_to = max(s0, s1)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=c.qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.attns = [SpatialBranch(dim // 2, heads // 2, (s0, s1)), SpatialBranch(dim // 2, heads // 2, (s1, s0))]
-        self.dwconv = [depthwise(dim), BatchNorm(dim), GELU()]
-        self.channel_interaction, self.spatial_interaction = interactions(dim)
 
-    def __call__(self, x: mx.array, size: tuple[int, int], residual: mx.array) -> mx.array:
-        (H, W), (B, L, C) = size, x.shape
+    def attend(self, x: mx.array, size: tuple[int, int]) -> tuple[mx.array, mx.array]:
+        """(B, L, C) tokens -> the branches' (B, H, W, C) output and the (B, H, W, 3, C) queries, keys, values."""
+        (H, W), (B, _, C) = size, x.shape
         qkv = linear(self.qkv, x).reshape(B, H, W, 3, C)
         ph, pw = -H % self.pad_to, -W % self.pad_to
         padded = mx.pad(qkv, [(0, 0), (0, ph), (0, pw), (0, 0), (0, 0)]) if ph or pw else qkv
@@ -182,7 +182,22 @@ class SpatialAttention(nn.Module):
             branch(padded[..., i * C // 2 : (i + 1) * C // 2], shift)[:, :H, :W]
             for i, (branch, shift) in enumerate(zip(self.attns, self.shift, strict=True))
         ]
-        attended = mx.concatenate(halves, axis=-1)  # (B, H, W, C)
+        return mx.concatenate(halves, axis=-1), qkv
+
+
+class SpatialAttention(WindowBranches):
+    """The original's `Adaptive_Spatial_Attention`: the window branches beside a depthwise conv on the values, the
+    two gating each other."""
+
+    def __init__(self, c: DATConfig, heads: int, shifted: bool):
+        super().__init__(c.embed_dim, heads, c.split_size, c.qkv_bias, shifted)
+        dim = c.embed_dim
+        self.dwconv = [depthwise(dim), BatchNorm(dim), GELU()]
+        self.channel_interaction, self.spatial_interaction = interactions(dim)
+
+    def __call__(self, x: mx.array, size: tuple[int, int], residual: mx.array) -> mx.array:
+        B, L, C = x.shape
+        attended, qkv = self.attend(x, size)
         conv = sequential(self.dwconv, qkv[..., 2, :])
         spatial = mx.sigmoid(sequential(self.spatial_interaction, attended))  # (B, H, W, 1)
         mixed = attended * channel_gate(self.channel_interaction, conv) + spatial * conv
@@ -257,9 +272,9 @@ class DATB(nn.Module):
 
 
 class ResidualGroup(nn.Module):
-    def __init__(self, c: DATConfig, depth: int, heads: int, group: int):
+    def __init__(self, c: DATConfig, depth: int, heads: int, group: int, block: type[nn.Module]):
         super().__init__()
-        self.blocks = [DATB(c, heads, group, i) for i in range(depth)]
+        self.blocks = [block(c, heads, group, i) for i in range(depth)]
         self.conv = residual_convs(c.embed_dim, c.resi_connection)
 
     def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
@@ -271,6 +286,8 @@ class ResidualGroup(nn.Module):
 
 
 class DAT(nn.Module):
+    block = DATB  # RGT's subclass runs its own blocks in the same skeleton
+
     def __init__(self, config: DATConfig):
         super().__init__()
         self.config = c = config
@@ -278,7 +295,7 @@ class DAT(nn.Module):
         self.conv_first = Conv2d(c.in_channels, d, 3, padding=1)
         self.before_RG = [Placeholder(), LayerNorm(d)]
         self.layers = [
-            ResidualGroup(c, depth, heads, i)
+            ResidualGroup(c, depth, heads, i, self.block)
             for i, (depth, heads) in enumerate(zip(c.depths, c.num_heads, strict=True))
         ]
         self.norm = LayerNorm(d)
