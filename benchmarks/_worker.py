@@ -122,6 +122,9 @@ UPSCALERS = {
     "rcan": ("RCAN", {"scale": 4}),  # RCAN's published shape: 10 groups of 20 blocks, 64 channels
     "rgt": ("RGT", {"img_size": 64, "embed_dim": 180, "depth": [6] * 8, "num_heads": [6] * 8, "mlp_ratio": 2.0,
                     "split_size": [8, 32], "c_ratio": 0.5, "upscale": 4}),  # RGT x4 (not -S)
+    "atd": ("ATD", {"img_size": 64, "embed_dim": 210, "depths": [6] * 6, "num_heads": [6] * 6, "window_size": 16,
+                    "category_size": 256, "num_tokens": 128, "reducted_dim": 20, "convffn_kernel_size": 5,
+                    "mlp_ratio": 2.0, "upscale": 4, "upsampler": "pixelshuffle"}),  # ATD x4
     "omnisr": ("OmniSR", {"num_feat": 64, "res_num": 5, "block_num": 1, "window_size": 8, "up_scale": 4}),  # x4 DIV2K
 }  # fmt: skip
 
@@ -457,7 +460,7 @@ class TorchSide:
             p.data.copy_(self.torch.randn(p.shape, generator=generator) / max(int(np.prod(p.shape[1:])), 16) ** 0.5)
         self.torch.save(network.state_dict(), path)
         self.models["upscaler"] = load_descriptor(network.state_dict())
-        self.models["upscaler"].model.to(self.device)
+        self.models["upscaler"].model.to(self.device).requires_grad_(False)  # FlopCounterMode hooks grads (ATD's)
         with FlopCounterMode(display=False) as counter:
             self.upscaler(path, tile)
         return {"flops": counter.get_total_flops()}

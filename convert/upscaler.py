@@ -35,6 +35,9 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
   (pixel shuffle, geometric ensemble, DySample); DySample's `init_pos` is recomputed;
 - RGT (DAT's names with `blocks.N.gamma`, RG-SA's `reduction1`, `cpe`, L-SA's `get_v`): the RGT and RGT-S models;
   the window read from the position-bias offsets as for DAT, the other buffers recomputed;
+- ATD (`layers.N.residual_group.td`, `...layers.M.attn_win`, `attn_atd`, `attn_aca`, `convffn`): ATD and
+  ATD-light and the community ATD models, with any of SwinIR's heads; the window read from the position-index
+  buffer (which is recomputed), the `no_norm` flag read;
 - OmniSR (`input`, `residual_layer.N.residual_layer.M.layer.K`, `esa`, `up.0`): the OmniSR models, with or without
   the position bias (the window read from its table); thop's `total_ops` / `total_params` counters are skipped.
 
@@ -53,6 +56,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd.model_upscaler import ModelUpscaler
+from mlx_sd.models.atd import ATD, ATDConfig
 from mlx_sd.models.cugan import CUGAN, CUGANConfig
 from mlx_sd.models.dat import DAT, DATConfig
 from mlx_sd.models.drct import DRCT, DRCTConfig
@@ -72,11 +76,13 @@ from mlx_sd.models.swinir import SwinIR, SwinIRConfig
 from .keymap import ConversionError, Rule, load_mapped, tensor_shapes
 from .readers import open_checkpoint
 from .upscaler_transformers import (
+    ATD_KEY,
     DAT_KEY,
     HAT_KEY,
     RGT_KEY,
     SWIN2SR_KEY,
     SWINIR_KEY,
+    atd_config,
     dat_config,
     drct_config,
     hat_config,
@@ -105,15 +111,15 @@ A1111_NAMES = {
 }
 SUPPORTED = (
     "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
-    "SAFMN, Swin2SR, RCAN, OmniSR, RGT"
+    "SAFMN, Swin2SR, RCAN, OmniSR, RGT, ATD"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
             MoSRConfig: MoSR, CUGANConfig: CUGAN, SAFMNConfig: SAFMN, Swin2SRConfig: Swin2SR,
             RCANConfig: RCAN, OmniSRConfig: OmniSR,
-            RGTConfig: RGT}  # fmt: skip
+            RGTConfig: RGT, ATDConfig: ATD}  # fmt: skip
 # spandrel never runs these in half precision
-FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig)
+FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig, ATDConfig)
 # DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
 INIT_POS = Rule(r"(?:module\.)?(?:to_img|upsampler)\.init_pos", None, "recomputed from the scale (DySample's grid)")
 OMNISR_KEY = "residual_layer.0.residual_layer.0.layer.0.fn.0.weight"
@@ -174,6 +180,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
     stripped = {_strip(key): shape for key, shape in tensor_shapes(state).items()}
     if SWIN2SR_KEY in stripped:
         return swin2sr_config(path, stripped)
+    if ATD_KEY in stripped and "relative_position_index_SA" in stripped:
+        return atd_config(path, stripped)
     if SWINIR_KEY in stripped and HAT_KEY not in stripped:
         return swinir_config(stripped)
     if HAT_KEY in stripped:

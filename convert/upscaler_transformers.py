@@ -1,6 +1,6 @@
 """The transformer upscalers' configurations, read from a file's tensor shapes as spandrel reads them (SwinIR,
-Swin2SR, DAT, RGT, HAT, DRCT), with each one's key map: their own names, the buffers the networks recompute dropped.
-Used by `mlx_sd_convert.upscaler`.
+Swin2SR, DAT, RGT, HAT, DRCT, ATD), with each one's key map: their own names, the buffers the networks recompute
+dropped. Used by `mlx_sd_convert.upscaler`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import math
 import re
 from pathlib import Path
 
+from mlx_sd.models.atd import ATDConfig
 from mlx_sd.models.dat import DATConfig
 from mlx_sd.models.drct import DRCTConfig
 from mlx_sd.models.hat import HATConfig
@@ -22,6 +23,7 @@ SWINIR_KEY = "layers.0.residual_group.blocks.0.attn.relative_position_index"  # 
 HAT_KEY = "layers.0.residual_group.blocks.0.conv_block.cab.0.weight"
 DAT_KEY = "layers.0.blocks.0.attn.attns.0.rpe_biases"  # RGT has it too, and RGT_KEY
 RGT_KEY = "layers.0.blocks.0.gamma"
+ATD_KEY = "layers.0.residual_group.td"  # the token dictionary
 SWIN2SR_KEY = "layers.0.residual_group.blocks.0.attn.logit_scale"  # Swin V2's attention (SWINIR_KEY too)
 
 
@@ -161,6 +163,48 @@ def hat_config(path: Path, shapes: dict) -> tuple[HATConfig, list[Rule]]:
     )  # fmt: skip
     buffers = "recomputed from the window sizes (relative_position_index_SA, relative_position_index_OCA)"
     rules = [Rule(r"(?:module\.)?relative_position_index_(?:SA|OCA)", None, buffers), Rule(r"(?:module\.)?(.+)", r"\1")]
+    return config, rules
+
+
+def atd_config(path: Path, shapes: dict) -> tuple[ATDConfig, list[Rule]]:
+    """ATD's configuration from its shapes (spandrel's rules: the window from the position-index buffer, the category
+    size 128 for the light models, 256 otherwise) and the map: its own names, the index buffer dropped."""
+    if "absolute_pos_embed" in shapes:
+        raise ConversionError(f"{path}: an ATD with an absolute position embedding, which runs only at its training "
+                              "size; mlx-sd runs ATD models without one (all published ones)")  # fmt: skip
+    embed_dim, in_channels = shapes["conv_first.weight"][:2]
+    layers = indices(shapes, r"layers\.(\d+)\.residual_group\.td")
+    layer = "layers.{}.residual_group.layers.{}."
+    depths = tuple(len(indices(shapes, rf"layers\.{i}\.residual_group\.layers\.(\d+)\.norm1\.weight")) for i in layers)
+    if "conv_up1.weight" in shapes:
+        upsampler, upscale = "nearest+conv", 4
+    elif "conv_before_upsample.0.weight" in shapes:
+        upsampler, upscale = "pixelshuffle", 1
+        for i in indices(shapes, r"upsample\.(\d+)\.weight"):
+            out, feat = shapes[f"upsample.{i}.weight"][:2]
+            upscale *= math.isqrt(out // feat)
+    elif "conv_last.weight" in shapes:
+        upsampler, upscale = "", 1
+    else:
+        upsampler, upscale = "pixelshuffledirect", math.isqrt(shapes["upsample.0.weight"][0] // in_channels)
+    first = layer.format(0, 0)
+    config = ATDConfig(
+        in_channels=in_channels, embed_dim=embed_dim, depths=depths,
+        num_heads=tuple(shapes[layer.format(i, 0) + "attn_win.relative_position_bias_table"][1] for i in layers),
+        window_size=math.isqrt(shapes["relative_position_index_SA"][0]),
+        category_size=128 if upsampler == "pixelshuffledirect" and embed_dim == 48 else 256,
+        num_tokens=shapes[first + "attn_atd.scale"][0], reducted_dim=shapes[first + "attn_atd.wq.weight"][0],
+        convffn_kernel_size=shapes[first + "convffn.dwconv.depthwise_conv.0.weight"][2],
+        mlp_ratio=shapes[first + "convffn.fc1.weight"][0] / embed_dim, qkv_bias=first + "wqkv.bias" in shapes,
+        patch_norm="patch_embed.norm.weight" in shapes, upscale=upscale, upsampler=upsampler,
+        resi_connection="1conv" if "layers.0.conv.weight" in shapes else "3conv", norm="no_norm" not in shapes,
+        num_feat=shapes["conv_before_upsample.0.weight"][0] if "conv_before_upsample.0.weight" in shapes else 64,
+    )  # fmt: skip
+    rules = [
+        Rule(r"(?:module\.)?relative_position_index_SA", None, "recomputed from the window size"),
+        Rule(r"(?:module\.)?no_norm", None, "a flag (ATDConfig.norm)"),
+        Rule(r"(?:module\.)?(.+)", r"\1"),
+    ]
     return config, rules
 
 

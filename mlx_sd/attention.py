@@ -70,17 +70,27 @@ def attention(
 
 
 def window_attention(
-    q: mx.array, k: mx.array, v: mx.array, heads: int, bias: mx.array, mask: mx.array | None = None
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    heads: int,
+    bias: mx.array | None,
+    mask: mx.array | None = None,
+    scale: float | None = None,
+    unbounded: bool = False,
 ) -> mx.array:
-    """softmax(q k^T / sqrt(d) + bias + mask) v within windows: Swin's attention (SwinIR, DAT, ScuNET) and HAT's
-    overlapping cross-attention (keys from a larger window around each query window).
+    """softmax(q k^T / sqrt(d) + bias + mask) v within windows: Swin's attention (SwinIR, DAT, ScuNET), HAT's
+    overlapping cross-attention (keys from a larger window around each query window), ATD's category groups.
 
     Args:
         q: (Bw, N, C) the windows' queries; k, v: (Bw, M, C) their keys and values (slices of one fused projection,
             `mx.split(qkv, 3, axis=-1)`, are read in place), the heads side by side in the channels.
         heads: number of heads.
-        bias: (heads, N, M) additive, shared by every window (the relative position bias).
+        bias: (heads, N, M) additive, shared by every window (the relative position bias), or None.
         mask: None, or (nW, N, M) additive: window w of every image (Bw = images x nW) takes mask[w % nW].
+        scale: the logits' factor, if not 1 / sqrt(d).
+        unbounded: logits may leave float32 exp's range (ATD's, scaled up to 100x): the blocked path subtracts each
+            row's max first, instead of redoing the windows that overflow.
     Returns:
         (Bw, N, C).
 
@@ -89,15 +99,19 @@ def window_attention(
     """
     Bw, N, C = q.shape
     M = k.shape[1]
+    scale = (C // heads) ** -0.5 if scale is None else scale
     if Bw * heads * N * M >= BLOCKED_MIN_SCORES and backend.attention_kernel(q.dtype) == "blocked":
-        return _windows_blocked(q, k, v, heads, bias, mask)
+        return _windows_blocked(q, k, v, heads, bias, mask, scale, unbounded)
     nW = 1 if mask is None else mask.shape[0]
-    combined = bias[None] if mask is None else bias[None] + mask[:, None]  # (nW, heads, N, M)
+    if bias is None and mask is None:
+        combined = None
+    else:
+        bias = mx.zeros((heads, N, M), q.dtype) if bias is None else bias
+        combined = bias[None] if mask is None else bias[None] + mask[:, None]  # (nW, heads, N, M)
+        combined = combined.reshape(nW * heads, N, M).astype(q.dtype)
     q, k, v = (x.reshape(Bw // nW, nW, x.shape[1], heads, C // heads) for x in (q, k, v))
     q, k, v = (x.transpose(0, 1, 3, 2, 4).reshape(Bw // nW, nW * heads, x.shape[2], C // heads) for x in (q, k, v))
-    out = mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=(C // heads) ** -0.5, mask=combined.reshape(nW * heads, N, M).astype(q.dtype)
-    )
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=combined)
     return out.reshape(Bw, heads, N, C // heads).transpose(0, 2, 1, 3).reshape(Bw, N, C)
 
 
@@ -147,7 +161,7 @@ def _channels_blocked(q: mx.array, k: mx.array, v: mx.array, temperature: mx.arr
     return mx.array(out).reshape(shape)
 
 
-def _windows_blocked(q: mx.array, k: mx.array, v: mx.array, heads: int, bias: mx.array, mask: mx.array | None):
+def _windows_blocked(q: mx.array, k: mx.array, v: mx.array, heads: int, bias, mask, scale: float, unbounded: bool):
     """`window_attention` as `_small_heads` works (BLAS batched products on worker threads, exp2 unshifted with the
     exact redo), with the windows as the batch: each task takes one head of a run of windows within one image, reads
     their q, k and v in place (one stride between windows), adds the head's bias and the windows' masks (in base-2
@@ -156,10 +170,10 @@ def _windows_blocked(q: mx.array, k: mx.array, v: mx.array, heads: int, bias: mx
     Bw, N, C = q.shape
     M = k.shape[1]
     d = C // heads
-    scale = d**-0.5 * LOG2_E
-    mx.eval(q, k, v, bias, *(() if mask is None else (mask,)))
+    scale = scale * LOG2_E
+    mx.eval(q, k, v, *(x for x in (bias, mask) if x is not None))
     qn, kn, vn = (np.asarray(x) for x in (q, k, v))
-    add = np.asarray(bias.astype(mx.float32)) * np.float32(LOG2_E)  # (heads, N, M)
+    add = None if bias is None else np.asarray(bias.astype(mx.float32)) * np.float32(LOG2_E)  # (heads, N, M)
     nW = Bw if mask is None else mask.shape[0]  # runs of windows stay within one image (the masks' cycle)
     shift = None if mask is None else np.asarray(mask.astype(mx.float32)) * np.float32(LOG2_E)  # (nW, N, M)
     out = np.empty((Bw, N, C), np.float32)
@@ -173,10 +187,13 @@ def _windows_blocked(q: mx.array, k: mx.array, v: mx.array, heads: int, bias: mx
         n = w1 - w0
         q, k, v = (x[w0:w1, :, h * d : (h + 1) * d] for x in (qn, kn, vn))  # (n, N or M, d) views
         scores = sgemm_batch(q, k.transpose(0, 2, 1), np.empty((n, N, M), np.float32), alpha=scale)
-        scores += add[h]
+        if add is not None:
+            scores += add[h]
         window_masks = None if shift is None else shift[w0 % nW : w0 % nW + n]
         if window_masks is not None:
             scores += window_masks
+        if unbounded:  # each row's largest weight 1: nothing overflows, and row sums are >= 1
+            scores -= scores.max(axis=-1, keepdims=True)
         with np.errstate(over="ignore"):  # overflow is checked below and the windows redone exactly
             _exp2(scores)
         sums = (scores.reshape(-1, M) @ ones).reshape(n, N, 1)
@@ -185,8 +202,8 @@ def _windows_blocked(q: mx.array, k: mx.array, v: mx.array, heads: int, bias: mx
             np.divide(sgemm_batch(scores, v, np.empty((n, N, d), np.float32)), sums, out=o)
         if not (sums.min() >= _SMALLEST_ROW_SUM and np.isfinite(sums).all() and np.isfinite(o).all()):
             for i in range(n):
-                extra = add[h] if window_masks is None else add[h] + window_masks[i]
-                o[i] = _exact_head(q[i], k[i], v[i], scale, extra)
+                extra = np.zeros((N, M), np.float32) if add is None else add[h]
+                o[i] = _exact_head(q[i], k[i], v[i], scale, extra if window_masks is None else extra + window_masks[i])
 
     with cpu_blas.numpy_blas_single_threaded():
         backend.cpu_map(run, tasks)

@@ -134,40 +134,50 @@ def test_causal_attention_overflow_fallback_keeps_the_mask(monkeypatch, sgemm_pa
     assert_close(got, _reference_attention(q, k, v, heads, causal=True), 2e-6, "causal attention with fallback")
 
 
-def _reference_window_attention(qkv, heads, bias, mask, kv=None):
-    """softmax(q k^T / sqrt(d) + bias + mask[w % nW]) v by torch, in float64; q, k, v from the fused projection, or
-    q = qkv and k, v from `kv` (Bw, M, 2C)."""
+def _reference_window_attention(qkv, heads, bias, mask, kv=None, scale=None):
+    """softmax(q k^T / sqrt(d) + bias + mask[w % nW]) v by torch, in float64 (bias None: none; `scale` for 1 /
+    sqrt(d)); q, k, v from the fused projection, or q = qkv and k, v from `kv` (Bw, M, 2C)."""
     Bw, N, C3 = qkv.shape
     qkv, kv = torch.from_numpy(qkv).double(), None if kv is None else torch.from_numpy(kv).double()
     q, k, v = qkv.chunk(3, dim=-1) if kv is None else (qkv, *kv.chunk(2, dim=-1))
     q, k, v = (x.reshape(Bw, x.shape[1], heads, -1).transpose(1, 2) for x in (q, k, v))
-    extra = torch.from_numpy(bias).double()[None].expand(Bw, -1, -1, -1)
+    extra = torch.zeros((Bw, heads, N, k.shape[2]), dtype=torch.float64)
+    if bias is not None:
+        extra = extra + torch.from_numpy(bias).double()[None]
     if mask is not None:
         extra = extra + torch.from_numpy(mask).double().repeat(Bw // len(mask), 1, 1)[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=extra)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=extra, scale=scale)
     return out.transpose(1, 2).reshape(Bw, N, -1).numpy()
 
 
 @pytest.mark.parametrize("path", ["blocked", "fused"])
-@pytest.mark.parametrize("masked", [True, False])
-def test_window_attention_matches_torch(monkeypatch, sgemm_path, path, masked):
+@pytest.mark.parametrize("case", ["masked", "biased", "plain"])
+def test_window_attention_matches_torch(monkeypatch, sgemm_path, path, case):
     """Swin's window attention (SwinIR): q, k and v read from the fused projection, the heads' relative position
     bias and the shifted windows' masks (-100 between regions, window w of each of 2 images taking mask[w % nW])
-    added; blocked in runs of windows that must not cross images (tiny score blocks force runs of 3 of 4 windows)."""
+    added; blocked in runs of windows that must not cross images (tiny score blocks force runs of 3 of 4 windows).
+    "plain": no bias, no mask and a scale of its own that takes the logits beyond float32 exp's range (ATD's category
+    groups: `unbounded`, the row max subtracted first, without redoing any window)."""
     rng = np.random.default_rng(5)
     images, nW, N, C, heads = 2, 4, 49, 60, 3  # 7x7 windows, SwinIR's JPEG models'
     qkv = rng.standard_normal((images * nW, N, 3 * C), dtype=np.float32)
-    bias = rng.standard_normal((heads, N, N), dtype=np.float32)
-    mask = np.where(rng.random((nW, N, N)) < 0.3, -100.0, 0.0).astype(np.float32) if masked else None
+    bias = rng.standard_normal((heads, N, N), dtype=np.float32) if case != "plain" else None
+    mask = np.where(rng.random((nW, N, N)) < 0.3, -100.0, 0.0).astype(np.float32) if case == "masked" else None
+    scale = 20.0 if case == "plain" else None
     monkeypatch.setattr(attention_module, "BLOCKED_MIN_SCORES", 1)
     monkeypatch.setattr(attention_module, "SCORE_BLOCK_BYTES", 3 * N * N * 4)
     blocked = _calls(monkeypatch, "_windows_blocked")
     if path == "fused":
         monkeypatch.setattr(backend, "attention_kernel", lambda dtype: "fused")
     q, k, v = mx.split(mx.array(qkv), 3, axis=-1)
-    got = attention_module.window_attention(q, k, v, heads, mx.array(bias), None if mask is None else mx.array(mask))
+    bias_mx, mask_mx = (None if x is None else mx.array(x) for x in (bias, mask))
+    redone = _calls(monkeypatch, "_exact_head")
+    got = attention_module.window_attention(q, k, v, heads, bias_mx, mask_mx, scale, unbounded=case == "plain")
     assert bool(blocked) == (path == "blocked")
-    assert_close(got, _reference_window_attention(qkv, heads, bias, mask), 2e-6, f"{path} window attention")
+    assert not (case == "plain" and redone)
+    expected = _reference_window_attention(qkv, heads, bias, mask, scale=scale)
+    tolerance = 2e-5 if case == "plain" else 2e-6  # float32 logits of ~300 there: rounding ~2e-5 of a logit
+    assert_close(got, expected, tolerance, f"{path} window attention")
 
 
 @pytest.mark.parametrize("path", ["blocked", "fused"])

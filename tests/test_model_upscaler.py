@@ -98,6 +98,14 @@ def rgt_state(seed: int = 0, **kwargs) -> dict:
     return _random(spandrel("RGT").RGT(**kwargs), seed).state_dict()
 
 
+def atd_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel ATD's state dict (tiny: 24 channels, 4-pixel windows, groups of two and three layers, 8
+    dictionary tokens), its dictionaries random as trained ones are."""
+    kwargs = {"img_size": 16, "embed_dim": 24, "depths": [2, 3], "num_heads": [2, 3], "window_size": 4,
+              "num_tokens": 8, "reducted_dim": 6, "convffn_kernel_size": 3, "mlp_ratio": 2.0, **kwargs}  # fmt: skip
+    return _random(spandrel("ATD").ATD(**kwargs), seed).state_dict()
+
+
 def hat_state(seed: int = 0, **kwargs) -> dict:
     """A random spandrel HAT's state dict (tiny: 24 channels, 4-pixel windows, groups of two and three blocks)."""
     kwargs = {"img_size": 16, "embed_dim": 24, "depths": [2, 3], "num_heads": [2, 3], "window_size": 4,
@@ -264,6 +272,10 @@ FILES = {  # file name -> its contents
     "2x_RGT_S.safetensors": lambda: rgt_state(
         upscale=2, split_size=[4, 4], qkv_bias=False, c_ratio=0.25, resi_connection="3conv"
     ),  # fmt: skip
+    "4x_ATD.pth": lambda: {"params_ema": atd_state(upscale=4, upsampler="pixelshuffle")},
+    "2x_ATD_light.safetensors": lambda: atd_state(upscale=2, upsampler="pixelshuffledirect", qkv_bias=False),
+    "4x_ATD_real.pth": lambda: atd_state(upscale=4, upsampler="nearest+conv", resi_connection="3conv", norm=False),
+    "1x_ATD.pth": lambda: atd_state(upscale=1, upsampler="", patch_norm=False),
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -279,8 +291,19 @@ def _save(folder, name: str, state: dict):
     return path
 
 
+def _stable_sort(x, dim=-1, descending=False, stable=None):
+    """torch.sort with ties kept in order: ATD sorts pixels by category with `stable=False`, which leaves the order
+    of a category's pixels to the sort implementation (torch's CPU, CUDA and MPS sorts differ); mlx-sd's is the
+    stable order."""
+    return _torch_sort(x, dim=dim, descending=descending, stable=True)
+
+
+_torch_sort = torch.sort
+
+
 @pytest.mark.parametrize("name", list(FILES))
-def test_each_layout_reads_and_runs_as_spandrel(tmp_path, name):
+def test_each_layout_reads_and_runs_as_spandrel(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(torch, "sort", _stable_sort)  # ATD's category order (mlx_sd/models/atd.py)
     state = FILES[name]()
     path = _save(tmp_path, name, state)
     reference = load_descriptor(state)
@@ -416,7 +439,7 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
     assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*RCAN, OmniSR, RGT upscalers"):
+    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*OmniSR, RGT, ATD upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")

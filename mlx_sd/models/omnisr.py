@@ -112,10 +112,7 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         w = self._window
         q, k, v = mx.split(linear(self.to_qkv, _windows(x, w, self._grid)), 3, axis=-1)
-        if "rel_pos_bias" in self:
-            bias = self.rel_pos_bias.weight[self._index].transpose(2, 0, 1)  # (heads, N, N)
-        else:
-            bias = mx.zeros((HEADS, w * w, w * w), x.dtype)
+        bias = self.rel_pos_bias.weight[self._index].transpose(2, 0, 1) if "rel_pos_bias" in self else None
         out = linear(self.to_out[0], window_attention(q, k, v, HEADS, bias))
         return _unwindow(out, x.shape, w, self._grid)
 

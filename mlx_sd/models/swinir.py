@@ -120,14 +120,15 @@ def shift_mask(height: int, width: int, window: tuple[int, int], shift: tuple[in
 def shifted_windows(attn, y: mx.array, window: int, shift: int) -> mx.array:
     """Swin's (shifted) window attention over a (B, H, W, C) map (sides multiples of the window): the map rolled back
     by `shift`, cut into window x window windows, `attn(windows, mask)` with the shift's mask (None unshifted), the
-    windows put back and the map rolled forward again. SwinIR's, HAT's and DRCT's blocks."""
+    windows put back and the map rolled forward again (attn may change the channels: ATD's takes q, k and v). SwinIR's,
+    HAT's, DRCT's and ATD's blocks."""
     B, H, W, C = y.shape
     ws, s = window, shift
     if s:
         y = mx.roll(y, (-s, -s), axis=(1, 2))
     windows = y.reshape(B, H // ws, ws, W // ws, ws, C).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
     mask = mx.array(shift_mask(H, W, (ws, ws), (s, s))) if s else None
-    y = attn(windows, mask).reshape(B, H // ws, W // ws, ws, ws, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+    y = attn(windows, mask).reshape(B, H // ws, W // ws, ws, ws, -1).transpose(0, 1, 3, 2, 4, 5).reshape(B, H, W, -1)
     return mx.roll(y, (s, s), axis=(1, 2)) if s else y
 
 
@@ -331,10 +332,12 @@ def run_head(net: nn.Module, c, y: mx.array, x: mx.array) -> mx.array:
     return x + net.conv_last(y)
 
 
-def reflect_pad(x: mx.array, ph: int, pw: int) -> mx.array:
-    """torch's F.pad(mode="reflect") on the bottom and right (pads smaller than the size)."""
+def reflect_pad(x: mx.array, ph: int, pw: int, edge: bool = False) -> mx.array:
+    """torch's F.pad(mode="reflect") on the bottom and right (pads smaller than the size); with `edge`, the mirror
+    that repeats the edge pixel (`cat([x, flip(x)])`, ATD's; pads up to the size)."""
+    first = 1 if edge else 2
     for axis, p in ((1, ph), (2, pw)):
         if p:
             n = x.shape[axis]
-            x = mx.take(x, mx.array([*range(n), *(n - 2 - k for k in range(p))]), axis=axis)
+            x = mx.take(x, mx.array([*range(n), *(n - first - k for k in range(p))]), axis=axis)
     return x
