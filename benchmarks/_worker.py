@@ -125,6 +125,9 @@ UPSCALERS = {
     "atd": ("ATD", {"img_size": 64, "embed_dim": 210, "depths": [6] * 6, "num_heads": [6] * 6, "window_size": 16,
                     "category_size": 256, "num_tokens": 128, "reducted_dim": 20, "convffn_kernel_size": 5,
                     "mlp_ratio": 2.0, "upscale": 4, "upsampler": "pixelshuffle"}),  # ATD x4
+    "fdat": ("FDAT", {"embed_dim": 120, "num_groups": 4, "depth_per_group": 3, "num_heads": 4, "window_size": 8,
+                      "scale": 4}),  # FDAT "medium", transpose+conv head
+    "moesr": ("MoESR", {"scale": 4}),  # spandrel's defaults: 64 channels, 9 stages of 4 blocks
     "omnisr": ("OmniSR", {"num_feat": 64, "res_num": 5, "block_num": 1, "window_size": 8, "up_scale": 4}),  # x4 DIV2K
 }  # fmt: skip
 

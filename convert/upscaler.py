@@ -38,6 +38,9 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
 - ATD (`layers.N.residual_group.td`, `...layers.M.attn_win`, `attn_atd`, `attn_aca`, `convffn`): ATD and
   ATD-light and the community ATD models, with any of SwinIR's heads; the window read from the position-index
   buffer (which is recomputed), the `no_norm` flag read;
+- FDAT (`groups.N.blocks.M.attn`, `inter.cg`, `upsampler.MetaUpsample`) and MoESR (`blocks.N.blocks.M.conv.dwconv_hw`,
+  `blocks.N.msg`, `upscale.MetaUpsample`): neosr's networks, the upsampler (any of neosr's UniUpsample heads but the
+  LDA one, refused by name) read from the file's record, FDAT's "unshuffle" 1x / 2x models too;
 - OmniSR (`input`, `residual_layer.N.residual_layer.M.layer.K`, `esa`, `up.0`): the OmniSR models, with or without
   the position bias (the window read from its table); thop's `total_ops` / `total_params` counters are skipped.
 
@@ -61,7 +64,9 @@ from mlx_sd.models.cugan import CUGAN, CUGANConfig
 from mlx_sd.models.dat import DAT, DATConfig
 from mlx_sd.models.drct import DRCT, DRCTConfig
 from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetCompact
+from mlx_sd.models.fdat import FDAT, FDATConfig
 from mlx_sd.models.hat import HAT, HATConfig
+from mlx_sd.models.moesr import MoESR, MoESRConfig
 from mlx_sd.models.mosr import MoSR, MoSRConfig
 from mlx_sd.models.omnisr import OmniSR, OmniSRConfig
 from mlx_sd.models.plksr import PLKSR, PLKSRConfig
@@ -75,6 +80,7 @@ from mlx_sd.models.swinir import SwinIR, SwinIRConfig
 
 from .keymap import ConversionError, Rule, load_mapped, tensor_shapes
 from .readers import open_checkpoint
+from .upscaler_neosr import FDAT_KEY, MOESR_KEY, fdat_config, moesr_config
 from .upscaler_transformers import (
     ATD_KEY,
     DAT_KEY,
@@ -111,13 +117,13 @@ A1111_NAMES = {
 }
 SUPPORTED = (
     "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
-    "SAFMN, Swin2SR, RCAN, OmniSR, RGT, ATD"
+    "SAFMN, Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
             MoSRConfig: MoSR, CUGANConfig: CUGAN, SAFMNConfig: SAFMN, Swin2SRConfig: Swin2SR,
             RCANConfig: RCAN, OmniSRConfig: OmniSR,
-            RGTConfig: RGT, ATDConfig: ATD}  # fmt: skip
+            RGTConfig: RGT, ATDConfig: ATD, FDATConfig: FDAT, MoESRConfig: MoESR}  # fmt: skip
 # spandrel never runs these in half precision
 FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig, ATDConfig)
 # DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
@@ -182,6 +188,10 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         return swin2sr_config(path, stripped)
     if ATD_KEY in stripped and "relative_position_index_SA" in stripped:
         return atd_config(path, stripped)
+    if FDAT_KEY in stripped and "upsampler.MetaUpsample" in stripped:
+        return fdat_config(path, stripped, _tensor(state, "upsampler.MetaUpsample"))
+    if MOESR_KEY in stripped and "upscale.MetaUpsample" in stripped:
+        return moesr_config(path, stripped, _tensor(state, "upscale.MetaUpsample"))
     if SWINIR_KEY in stripped and HAT_KEY not in stripped:
         return swinir_config(stripped)
     if HAT_KEY in stripped:
@@ -206,7 +216,7 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
     if "m_head.0.weight" in stripped and "m_tail.0.weight" in stripped:
         return _scunet_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if DAT_KEY in stripped:  # DAT or RGT: the first window from its last position offset
-        offsets = next(state[k] for k in state if _strip(k) == DAT_KEY)
+        offsets = _tensor(state, DAT_KEY)
         window = tuple(int(v) + 1 for v in offsets[-1])
         return rgt_config(stripped, window) if RGT_KEY in stripped else dat_config(stripped, window)
     other = next((name for key, name in _OTHER_ARCHITECTURES if key in stripped), None)
@@ -217,6 +227,11 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
     if any(k in stripped for k in ("conv_first.weight", "model.0.weight")):
         return _esrgan_config(path, stripped)
     raise ConversionError(f"{path}: {_not_esrgan(stripped)}")
+
+
+def _tensor(state, key: str):
+    """The tensor stored as `key` (prefix "module." or not)."""
+    return next(state[k] for k in state if _strip(k) == key)
 
 
 def _strip(key: str) -> str:

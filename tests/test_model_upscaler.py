@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from mlx_sd.upscale import upscale_image
 from mlx_sd_convert.keymap import ConversionError
 from mlx_sd_convert.library import UpscalerLibrary
-from mlx_sd_convert.upscaler import read_upscaler
+from mlx_sd_convert.upscaler import SUPPORTED, read_upscaler
 
 TOLERANCE = 5e-6  # float32 network outputs in [0, 1]
 
@@ -104,6 +104,20 @@ def atd_state(seed: int = 0, **kwargs) -> dict:
     kwargs = {"img_size": 16, "embed_dim": 24, "depths": [2, 3], "num_heads": [2, 3], "window_size": 4,
               "num_tokens": 8, "reducted_dim": 6, "convffn_kernel_size": 3, "mlp_ratio": 2.0, **kwargs}  # fmt: skip
     return _random(spandrel("ATD").ATD(**kwargs), seed).state_dict()
+
+
+def fdat_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel FDAT's state dict (tiny: 24 channels, two groups of a spatial and a channel block, 4-pixel
+    windows)."""
+    kwargs = {"embed_dim": 24, "num_groups": 2, "depth_per_group": 1, "num_heads": 2, "window_size": 4,
+              "aim_reduction_ratio": 4, "mid_dim": 16, **kwargs}  # fmt: skip
+    return _random(spandrel("FDAT").FDAT(**kwargs), seed).state_dict()
+
+
+def moesr_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel MoESR's state dict (tiny: 16 channels, two stages of one gated block)."""
+    kwargs = {"dim": 16, "n_blocks": 2, "n_block": 1, "upsample_dim": 16, **kwargs}
+    return _random(spandrel("MoESR").MoESR(**kwargs), seed).state_dict()
 
 
 def hat_state(seed: int = 0, **kwargs) -> dict:
@@ -276,6 +290,20 @@ FILES = {  # file name -> its contents
     "2x_ATD_light.safetensors": lambda: atd_state(upscale=2, upsampler="pixelshuffledirect", qkv_bias=False),
     "4x_ATD_real.pth": lambda: atd_state(upscale=4, upsampler="nearest+conv", resi_connection="3conv", norm=False),
     "1x_ATD.pth": lambda: atd_state(upscale=1, upsampler="", patch_norm=False),
+    "4x_FDAT.pth": lambda: fdat_state(scale=4),  # transpose+conv head
+    "2x_FDAT_pa.safetensors": lambda: fdat_state(  # pa_up records its middle width as the input's: equal here
+        scale=2, upsampler_type="pa_up", ffn_expansion_ratio=1.5, mid_dim=24
+    ),
+    "3x_FDAT_ps.pth": lambda: fdat_state(scale=3, upsampler_type="pixelshuffle"),
+    "3x_FDAT.pth": lambda: fdat_state(scale=3, num_heads=3),  # one 3x3 transposed conv of stride 3
+    "2x_FDAT.pth": lambda: fdat_state(scale=2, upsampler_type="transpose+conv"),
+    "4x_FDAT_nearest.pth": lambda: fdat_state(scale=4, upsampler_type="nearest+conv"),
+    "2x_FDAT_dysample.pth": lambda: fdat_state(scale=2, upsampler_type="dysample"),  # a conv to mid_dim first
+    "1x_FDAT_unshuffle.pth": lambda: fdat_state(scale=1, unshuffle_mod=True, upsampler_type="pixelshuffledirect"),
+    "2x_FDAT_unshuffle.pth": lambda: fdat_state(scale=2, unshuffle_mod=True),  # 2x2 unshuffle, 4x transposed convs
+    "4x_MoESR.pth": lambda: moesr_state(scale=4),  # pixelshuffledirect head, inputs padded to even sizes
+    "2x_MoESR_dysample.safetensors": lambda: moesr_state(scale=2, upsampler="dysample", expansion_factor=1.5),
+    "1x_MoESR_conv.pth": lambda: moesr_state(upsampler="conv"),
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -301,9 +329,19 @@ def _stable_sort(x, dim=-1, descending=False, stable=None):
 _torch_sort = torch.sort
 
 
+def _unpinned_tensor(*args, pin_memory=False, **kwargs):
+    """torch.tensor without `pin_memory`, which raises without CUDA: FDAT's DySample asks for it, so spandrel cannot
+    run those models on a CPU (nor on a Mac's MPS)."""
+    return _torch_tensor(*args, **kwargs)
+
+
+_torch_tensor = torch.tensor
+
+
 @pytest.mark.parametrize("name", list(FILES))
 def test_each_layout_reads_and_runs_as_spandrel(tmp_path, monkeypatch, name):
     monkeypatch.setattr(torch, "sort", _stable_sort)  # ATD's category order (mlx_sd/models/atd.py)
+    monkeypatch.setattr(torch, "tensor", _unpinned_tensor)  # FDAT's DySample pins memory, which needs CUDA
     state = FILES[name]()
     path = _save(tmp_path, name, state)
     reference = load_descriptor(state)
@@ -439,13 +477,16 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     assert library("R-ESRGAN 4x+").name == "R-ESRGAN 4x+"
     assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
-    with pytest.raises(ConversionError, match="a transformer .*; mlx-sd runs ESRGAN.*OmniSR, RGT, ATD upscalers"):
+    with pytest.raises(ConversionError, match=rf"a transformer .*; mlx-sd runs {re.escape(SUPPORTED)} upscalers"):
         library("4x_SRFormer")
     with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
         library("R-ESRGAN 2x+")
     _save(tmp_path, "aux.pth", swin2sr_state(upsampler="pixelshuffle_aux", upscale=2))
     with pytest.raises(ConversionError, match="aux.pth: a Swin2SR with the auxiliary or high-frequency head"):
         read_upscaler(tmp_path / "aux.pth")
+    _save(tmp_path, "FDAT_lda.pth", fdat_state(scale=2, upsampler_type="lda"))
+    with pytest.raises(ConversionError, match=r"FDAT_lda.pth: an upsampler mlx-sd does not run \(lda\); it runs conv,"):
+        read_upscaler(tmp_path / "FDAT_lda.pth")
     _save(tmp_path, "HAT_ape.pth", hat_state(ape=True))
     with pytest.raises(ConversionError, match="HAT_ape.pth: a HAT with an absolute position embedding"):
         read_upscaler(tmp_path / "HAT_ape.pth")

@@ -43,12 +43,13 @@ def grid_sample(x: mx.array, grid: mx.array) -> mx.array:
     wx, wy = ix - x0, iy - y0
     x0, y0 = x0.astype(mx.int32), y0.astype(mx.int32)
     x1, y1 = mx.minimum(x0 + 1, W - 1), mx.minimum(y0 + 1, H - 1)  # weight 0 where clamped
-    flat = x.reshape(N, H * W, C)
+    flat = x.reshape(N * H * W, C)
     out_shape = grid.shape[:3]
+    image = (mx.arange(N) * (H * W)).reshape(N, 1, 1)
 
     def at(yy: mx.array, xx: mx.array) -> mx.array:
-        index = (yy * W + xx).reshape(N, -1, 1)
-        return mx.take_along_axis(flat, index, axis=1).reshape(*out_shape, C)
+        # rows of the flattened images: a plain gather (take_along_axis with a broadcast index took 10x as long)
+        return mx.take(flat, (image + yy * W + xx).reshape(-1), axis=0).reshape(*out_shape, C)
 
     wx, wy = wx[..., None], wy[..., None]
     top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
