@@ -9,7 +9,9 @@ Three layouts are in the field, all read strictly (every tensor mapped or droppe
   plus `input_hint_block.*` (the image embedding), `zero_convs.*` and `middle_block_out.*`, with or without a
   `control_model.` prefix (ControlNet 1.0's files bundle the SD model they were trained with: only the tensors under
   the prefix are read);
-- a diffusers-named single file (SDXL ControlNets are often shared so), whose config is read from its shapes.
+- a diffusers-named single file (SDXL ControlNets are often shared so), whose config is read from its shapes;
+- a Control-LoRA (Stability's SDXL control-lora files: the original names, the UNet encoder's layers as low-rank
+  updates of the model's own): `convert/control_lora.py`, bound to the model's UNet when it runs.
 
 The architecture comes from shapes where no config.json exists: widths and depths from the tensors, the head count
 from the family (768-wide cross-attention: SD 1.x, 8 heads; otherwise 64 channels per head), as for checkpoints
@@ -32,6 +34,7 @@ from mlx_sd.controlnet import ControlNet
 from mlx_sd.models import ControlNetConfig, ControlNetModel, UNetConfig
 from mlx_sd.models.t2i_adapter import ADAPTER_TYPES, T2IAdapter, T2IAdapterConfig
 
+from .control_lora import is_control_lora, read_control_lora
 from .diffusers import ConversionError, _check_settings, unet_config
 from .keymap import Rule, load_mapped, tensor_shapes
 from .ldm_unet import HEAD_CHANNELS, SD1_HEADS, unet_config_from_shapes, unet_rules
@@ -94,6 +97,8 @@ def read_controlnet(path: str | Path, dtype: mx.Dtype | None = None, name: str |
         shapes = tensor_shapes(state)
         if _is_adapter(shapes):
             return _read_adapter(path, state, shapes, None, dtype, name)
+        if is_control_lora(shapes):
+            return read_control_lora(path, state, shapes, dtype, name or path.stem, a1111_hash(path))
     if path.is_dir():
         config, state = _folder(path)
         title, short = name or path.name, ""
@@ -185,7 +190,7 @@ def _folder(folder: Path) -> tuple[ControlNetConfig, Mapping]:
 def _single_file_config(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> ControlNetConfig:
     if "input_hint_block.0.weight" not in shapes and "controlnet_cond_embedding.conv_in.weight" not in shapes:
         lora = any(".lora_" in k or "lora_unet" in k for k in shapes)
-        why = "a Control-LoRA or a LoRA" if lora else "no ControlNet"
+        why = "a LoRA (use it with --lora or <lora:...>)" if lora else "no ControlNet"
         raise ConversionError(f"{path.name}: {why} (no input_hint_block / controlnet_cond_embedding tensors)")
     shuffle = "shuffle" in path.name.lower()
     if _diffusers_named(shapes):

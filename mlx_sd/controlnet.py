@@ -29,12 +29,13 @@ Settings, with the references they follow:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from .control_lora import ControlLoRA
 from .images import RESIZE_MODES, resize
 from .infotext import a1111_title
 from .models import ControlNetModel, UNetConfig
@@ -66,15 +67,21 @@ A1111_MODULES = {INPAINT: "inpaint_global_harmonious"}
 @dataclass(frozen=True, eq=False)
 class ControlNet:
     """A loaded ControlNet (mlx_sd_convert.controlnet.read_controlnet reads one): its network, its name and A1111's
-    short hash of its file ("" for folders). `title` is how A1111 lists it: "control_v11p_sd15_canny [d14c016b]"."""
+    short hash of its file ("" for folders). `title` is how A1111 lists it: "control_v11p_sd15_canny [d14c016b]".
+    A Control-LoRA (`lora`) has no network until `bound` to a model's UNet."""
 
-    model: ControlNetModel
+    model: ControlNetModel | T2IAdapter | None
     name: str
     short_hash: str = ""
+    lora: ControlLoRA | None = None
 
     @property
     def title(self) -> str:
         return a1111_title(self.name, self.short_hash)
+
+    def bound(self, unet) -> ControlNet:
+        """This ControlNet, a Control-LoRA's network made from `unet`'s current weights (ControlLoRA.bind)."""
+        return self if self.lora is None else replace(self, model=self.lora.bind(unet, self.name))
 
     @property
     def is_adapter(self) -> bool:
@@ -83,7 +90,7 @@ class ControlNet:
 
     def check(self, unet: UNetConfig) -> None:
         """Raise ValueError unless this ControlNet's residuals fit `unet` (same family and widths)."""
-        cfg = self.model.config
+        cfg = self.lora.config if self.lora is not None else self.model.config
         if self.is_adapter:
             n = len(unet.block_out_channels)
             if tuple(cfg.channels[:n]) != tuple(unet.block_out_channels) or (cfg.adapter_type == "full_adapter_xl") != (

@@ -349,7 +349,7 @@ class Pipeline:
             if request.firstpass_image is None:
                 x, init = self._initial_latents(request, plan, noise, vary)
                 noise = _sampler_noise(request, plan, noise, first)
-                controls = controls or self._controls(request, plan, init)
+                controls = controls or self._controls(request, plan, init, self.model)
                 model_fn = self._model_fn(request, cond, uncond, init, request.batch_size, controls=controls,
                                           image_embeds=image_embeds)  # fmt: skip
                 if refining:
@@ -380,7 +380,7 @@ class Pipeline:
                 draw = noise.normal((B, c, h, w))
                 x = plan_2.noised_latents(latents, (vary(draw) if vary else draw).transpose(0, 2, 3, 1), 0)
                 noise = _sampler_noise(second, plan_2, noise, first)
-                controls_2 = controls_2 or self._controls(second, plan_2, None, hires_pass=True)
+                controls_2 = controls_2 or self._controls(second, plan_2, None, hires, hires_pass=True)
                 model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size, hires,
                                           controls=controls_2, image_embeds=image_embeds)  # fmt: skip
                 x = yield from denoise(
@@ -599,10 +599,10 @@ class Pipeline:
                              "needs an upscaler folder (--upscaler-dir)")  # fmt: skip
         return self.upscaler_resolver(name)
 
-    def _controls(self, request: GenerationRequest, plan: SamplingPlan, init, hires_pass=False) -> Controls | None:
+    def _controls(self, request: GenerationRequest, plan: SamplingPlan, init, model, hires_pass=False):
         """The request's ControlNet units that act in this pass (their `hr_option`), at its size and step count, or
-        None."""
-        units = [unit for unit in request.controlnet if unit.acts_in(hires_pass)]
+        None; Control-LoRAs bound to the pass's `model` (its UNet with the request's LoRAs)."""
+        units = [replace(u, model=u.model.bound(model.unet)) for u in request.controlnet if u.acts_in(hires_pass)]
         if not units:
             return None
         crop = (init.original.size, init.region) if init is not None and init.region is not None else None
