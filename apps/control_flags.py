@@ -20,7 +20,8 @@ SETTINGS = {
     "--control-mode": ("control_mode", str, "balanced", f"one of {', '.join(CONTROL_MODES)} (A1111's control "
                        "modes: My prompt / ControlNet is more important; diffusers' guess mode)"),
     "--control-module": ("module", str, "none", f"preprocessor: {', '.join(MODULES)} (default none: the image is "
-                         "a control map already; inpaint: the init image and mask, for inpainting ControlNets)"),
+                         "a control map already; inpaint / inpaint_only: the init image and mask, for inpainting "
+                         "ControlNets; inpaint_only also keeps the known region)"),
     "--control-resize-mode": ("resize_mode", str, "crop", f"fit the image: {', '.join(RESIZE_MODES[:3])} "
                               "(default crop, A1111's Crop and Resize)"),
     "--control-processor-res": ("processor_res", int, PROCESSOR_RES, "preprocessor resolution (short side)"),

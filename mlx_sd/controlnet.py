@@ -20,7 +20,11 @@ Settings, with the references they follow:
 - module: the preprocessor that makes the control image from the given one ("none", "invert", "canny";
   mlx_sd/preprocessors.py), with processor_res, threshold_a, threshold_b and pixel_perfect as in A1111's API; or
   "inpaint" for inpainting ControlNets (control_v11p_sd15_inpaint): the request's init image with the area to repaint
-  at -1 (diffusers' make_inpaint_condition, A1111's "inpaint_global_harmonious"), the unit's own image unused.
+  at -1 (diffusers' make_inpaint_condition, A1111's "inpaint_global_harmonious"), the unit's own image unused; or
+  "inpaint_only", which also restores the known region at every step as the extension's hook does: the model's
+  prediction there is replaced by the noise that leads to the init image's latents (the VAE's mean), blended by the
+  weight (clipped to [0, 1]), outside the 10x10 max-pooled mask; the extension applies it at every step, whatever
+  the unit's guidance window, and so does mlx-sd.
 - resize_mode: how the control image is fitted to the generation size ("resize", "crop", "fill": A1111's "Just
   Resize", "Crop and Resize", "Resize and Fill", as mlx_sd.images.resize does them; diffusers resizes).
 - hr_option: which passes of a hires fix the unit acts in ("both"; "low_res_only": the first; "high_res_only": the
@@ -39,6 +43,7 @@ from .control_lora import ControlLoRA
 from .images import RESIZE_MODES, resize
 from .infotext import a1111_title
 from .models import ControlNetModel, UNetConfig
+from .models.layers import max_pool
 from .models.t2i_adapter import T2IAdapter
 from .models.unet import skip_channels
 from .preprocessors import AT_RESOLUTION, PREPROCESSORS, PROCESSOR_RES, pixel_perfect_res, preprocess
@@ -46,8 +51,10 @@ from .preprocessors import AT_RESOLUTION, PREPROCESSORS, PROCESSOR_RES, pixel_pe
 CONTROL_MODES = ("balanced", "prompt", "controlnet", "guess")
 HR_OPTIONS = ("both", "low_res_only", "high_res_only")
 INPAINT = "inpaint"  # the module that reads the request's init image and mask
+INPAINT_ONLY = "inpaint_only"  # that, and the known region's prediction restored at every step
+INPAINT_MODULES = (INPAINT, INPAINT_ONLY)
 MIN_PROCESSOR_RES, MAX_PROCESSOR_RES = 64, 4096  # preprocessor resolutions (short side); A1111's slider: 64 to 2048
-MODULES = (*PREPROCESSORS, INPAINT)
+MODULES = (*PREPROCESSORS, *INPAINT_MODULES)
 SOFT_INJECTION_BASE = 0.825  # A1111's soft injection: residual i of 13 scaled by 0.825^(12 - i)
 SOFT_INJECTION_LAST = 12
 ADAPTER_SOFT_INJECTION = (0.25, 0.62, 0.825, 1.0)  # A1111's soft injection of a T2I-Adapter's four features
@@ -139,7 +146,7 @@ class ControlNetUnit:
         """Raise ValueError naming the setting and what is accepted."""
         checks = [
             (
-                isinstance(self.image, Image.Image) or self.module == INPAINT,
+                isinstance(self.image, Image.Image) or self.module in INPAINT_MODULES,
                 "a ControlNet unit needs a control image (PIL image)",
             ),
             (self.weight >= 0, f"ControlNet weight={self.weight}: must be >= 0"),
@@ -229,9 +236,9 @@ def control_image(unit: ControlNetUnit, width: int, height: int, crop=None, inpa
     region in it): the control image is fitted to the init image, and the region cut out and fitted, as the init
     image is (A1111). `inpaint`: the request's (1, H, W, 3) init image in [-1, 1] and (1, H, W, 1) binary mask at
     the generation size, for the "inpaint" module."""
-    if unit.module == INPAINT:
+    if unit.module in INPAINT_MODULES:
         if inpaint is None:
-            raise ValueError("ControlNet module 'inpaint' needs an inpainting request (init_image and mask)")
+            raise ValueError(f"ControlNet module '{unit.module}' needs an inpainting request (init_image and mask)")
         image, mask = inpaint
         return (image + 1) / 2 * (1 - mask) - mask  # the area to repaint at -1
     mode = unit.resize_mode
@@ -254,9 +261,26 @@ class Controls:
     """
 
     def __init__(
-        self, units: list[ControlNetUnit], width: int, height: int, steps: int, rule: str, crop=None, inpaint=None
+        self,
+        units: list[ControlNetUnit],
+        width: int,
+        height: int,
+        steps: int,
+        rule: str,
+        crop=None,
+        inpaint=None,
+        known=None,
     ):
+        """`known`: for "inpaint_only" units, (the init image's (1, h, w, 4) latents, the schedule's float32
+        alphas_cumprod)."""
         self.units = units
+        self.known = None
+        if known is not None:
+            latents, alphas_cumprod = known
+            mask = max_pool(inpaint[1], 10, 8, 1)  # the extension's latent mask: 10x10 windows, stride 8
+            recip = np.sqrt(1.0 / alphas_cumprod.astype(np.float64))
+            recip_m1 = np.sqrt(1.0 / alphas_cumprod.astype(np.float64) - 1)
+            self.known = (latents, mask, recip.astype(np.float32), recip_m1.astype(np.float32))
         self.images = {id(u): control_image(u, width, height, crop, inpaint) for u in units}
         # a T2I-Adapter sees neither latents nor timestep: its features are computed once, here
         adapters = [u for u in units if isinstance(u.model, ControlNet) and u.model.is_adapter]
@@ -264,6 +288,24 @@ class Controls:
         self.steps = steps
         self.rule = rule
         self.step = 0
+
+    def restore(self, x: mx.array, t, out: mx.array) -> mx.array:
+        """The model's output `out` for the latents `x` (its 4 channels) at timestep t with each "inpaint_only"
+        unit's known region restored (the extension's "Post-processing for restore", ldm's
+        predict_start_from_noise / predict_noise_from_start at the rounded timestep)."""
+        if self.known is None:
+            return out
+        latents, mask, recip, recip_m1 = self.known
+        i = int(np.round(float(t)))
+        a, b = float(recip[i]), float(recip_m1[i])
+        for unit in self.units:
+            if unit.module != INPAINT_ONLY:
+                continue
+            predicted = a * x - b * out
+            x0 = predicted * mask + latents * (1 - mask)
+            w = min(max(unit.weight, 0.0), 1.0)
+            out = ((a * x - x0) / b) * w + out * (1 - w)
+        return out
 
     def active(self, unit: ControlNetUnit) -> bool:
         i, n = self.step, self.steps

@@ -24,7 +24,7 @@ from PIL import Image
 
 from . import backend
 from .conditioning import Conditioning
-from .controlnet import INPAINT, ControlNet, Controls
+from .controlnet import INPAINT_MODULES, INPAINT_ONLY, ControlNet, Controls
 from .denoiser import classifier_free_guidance
 from .edit import check_edit, edit_guidance, guided_rows, image_rows
 from .hires import check_hires_model, firstpass_pixels, hires_plan, hires_request, hires_target, upscale_first_pass
@@ -552,7 +552,8 @@ class Pipeline:
             residuals, features = controls(x_in, mx.array(t), inputs, cond_inputs) if controls else (None, None)
             if extra is not None:  # ControlNets see the 4 latent channels, the inpainting UNet all 9
                 x_in = mx.concatenate([x_in, extra.astype(x_in.dtype)], axis=-1)
-            return unet(x_in, mx.array(t), context, pooled, time_ids, timestep_cond, residuals, features)
+            out = unet(x_in, mx.array(t), context, pooled, time_ids, timestep_cond, residuals, features)
+            return controls.restore(x_in[..., :4], t, out) if controls else out
 
         if not guided:
             return model
@@ -607,10 +608,17 @@ class Pipeline:
             return None
         crop = (init.original.size, init.region) if init is not None and init.region is not None else None
         rule = "diffusers" if plan.follows.startswith("diffusers") else "a1111"
-        inpaint = None
-        if request.mask is not None and any(u.module == INPAINT for u in units):
+        inpaint = known = None
+        if request.mask is not None and any(u.module in INPAINT_MODULES for u in units):
             inpaint = prepare_inputs(request)[1:]  # the init image and binary mask as the sampler sees them
-        return Controls(units, request.width, request.height, plan.steps, rule, crop, inpaint)
+        if inpaint is not None and any(u.module == INPAINT_ONLY for u in units):
+            schedule = self.schedule if model is self.model else _schedule(model)
+            if schedule.prediction_type != "epsilon":
+                raise ValueError("ControlNet module 'inpaint_only' restores the model's noise prediction, as A1111's "
+                                 "extension does: it needs an epsilon-prediction model; use 'inpaint'")  # fmt: skip
+            # the whole init image's latents (the VAE's mean; the extension samples with an unseeded generator)
+            known = (self._encode_images(inpaint[0], None, request.tiling, model), schedule.alphas_cumprod)
+        return Controls(units, request.width, request.height, plan.steps, rule, crop, inpaint, known)
 
     def _time_ids(self, request: GenerationRequest, guided: bool, B: int, aesthetic: bool) -> mx.array:
         """SDXL micro-conditioning: (original size, crop top-left, target size), or the refiner's aesthetic score."""

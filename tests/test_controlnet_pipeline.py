@@ -3,6 +3,8 @@ guess mode, guidance windows) and A1111's control modes, on tiny random-weight m
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -139,6 +141,56 @@ def test_inpaint_module_matches_diffusers_make_inpaint_condition(sd1, inpaint9, 
     assert "Module: inpaint_global_harmonious" in result.infotexts[0]
     with pytest.raises(ValueError, match="needs an inpainting request"):
         ours.generate(prompt=PROMPT, width=64, height=64, steps=1, controlnet=(unit,))
+
+
+def restoring_unet(pipe, latents: torch.Tensor, mask: Image.Image, weight: float):
+    """The pipe's UNet with the ControlNet extension's "inpaint_only" restore (its hook's "Post-processing for
+    restore", transcribed): x0 from the noise prediction at the rounded timestep, the known region's x0 replaced
+    by the init image's latents outside the 10x10 max-pooled mask, back to noise, blended by the weight."""
+    unet, forward = pipe.unet, pipe.unet.forward
+    alphas = pipe.scheduler.alphas_cumprod.double()
+    recip, recip_m1 = (torch.sqrt(1.0 / alphas).float(), torch.sqrt(1.0 / alphas - 1).float())
+    pixels = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0 > 0.5).float()[None, None]
+    pooled = torch.nn.functional.max_pool2d(pixels, (10, 10), stride=(8, 8), padding=1)
+    w = max(0.0, min(1.0, weight))
+
+    def restored(sample, timestep, *args, **kwargs):
+        h = forward(sample, timestep, *args, **kwargs)[0]
+        t = torch.round(torch.as_tensor(timestep).float()).long()
+        xt = sample[:, :4]
+        x0 = (recip[t] * xt - recip_m1[t] * h) * pooled + latents * (1 - pooled)
+        return ((recip[t] * xt - x0) / recip_m1[t] * w + h * (1 - w),)
+
+    unet.forward = restored
+    return pipe
+
+
+@pytest.mark.parametrize("which", ["sd1", "inpaint9"])
+def test_inpaint_only_matches_the_extensions_restore_on_diffusers(sd1, inpaint9, controlnets, which):
+    """ "inpaint_only": the inpaint module's control image, and the known region restored at every step, against
+    diffusers' ControlNet inpainting pipeline with the extension's restore transcribed onto its UNet."""
+    parts, ours = sd1 if which == "sd1" else inpaint9
+    (reference, _), (controlnet, _) = controlnets
+    init = Image.fromarray(np.random.default_rng(8).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 8, 48, 40))
+    pipe = cn_pipe("StableDiffusionControlNetInpaintPipeline", parts, reference)
+    image = torch.from_numpy(np.asarray(init, dtype=np.float32)[None].transpose(0, 3, 1, 2) / 127.5 - 1)
+    with torch.no_grad():
+        latents = pipe.vae.encode(image).latent_dist.mean * pipe.vae.config.scaling_factor
+    restoring_unet(pipe, latents, mask, 0.35)  # a weak restore: its weight shows
+    expected = pipe(PROMPT, image=init, mask_image=mask, control_image=make_inpaint_condition(init, mask),
+                    strength=1.0, num_inference_steps=4, guidance_scale=5.0, controlnet_conditioning_scale=0.35,
+                    generator=generators(5, 1), output_type="np").images  # fmt: skip
+    unit = ControlNetUnit(controlnet, module="inpaint_only", weight=0.35)
+    result = ours.generate(prompt=PROMPT, init_image=init, mask=mask, strength=1.0, steps=4, guidance=5.0, seed=5,
+                           sampler=SCHEDULER, controlnet=(unit,))  # fmt: skip
+    check(result, expected, f"inpaint_only, {which}")
+    assert "Module: inpaint_only" in result.infotexts[0]
+    plain = ours.generate(prompt=PROMPT, init_image=init, mask=mask, strength=1.0, steps=4, guidance=5.0, seed=5,
+                          sampler=SCHEDULER, controlnet=(replace(unit, module="inpaint"),))  # fmt: skip
+    if which == "inpaint9":  # (a 4-channel UNet's known region is replaced by the init latents at every step)
+        assert psnr(as_array(plain.images), as_array(result.images), data_range=1.0) < 40  # the restore shows
 
 
 @pytest.mark.parametrize("hr_option", ["both", "low_res_only", "high_res_only"])

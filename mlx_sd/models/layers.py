@@ -527,6 +527,20 @@ def _nearest_index(n_in: int, n_out: int) -> mx.array:
     return mx.minimum(idx, n_in - 1)
 
 
+def max_pool(x: mx.array, k: int, stride: int | None = None, padding: int = 0) -> mx.array:
+    """torch's max_pool2d(kernel k, stride (default k), padding) of (B, H, W, C), separably: over rows, then
+    columns. The padding is -inf, as torch's."""
+    stride = stride or k
+    if padding:
+        x = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)], constant_values=-float("inf"))
+    _, H, W, _ = x.shape
+    rows, cols = (H - k) // stride + 1, (W - k) // stride + 1
+    if stride == k and H == rows * k and W == cols * k:  # whole windows: a reshape
+        return x.reshape(x.shape[0], rows, k, cols, k, x.shape[-1]).max(axis=(2, 4))
+    x = mx.max(mx.stack([x[:, i : i + stride * (rows - 1) + 1 : stride] for i in range(k)]), axis=0)
+    return mx.max(mx.stack([x[:, :, i : i + stride * (cols - 1) + 1 : stride] for i in range(k)]), axis=0)
+
+
 def pixel_unshuffle(x: mx.array, r: int) -> mx.array:
     """torch's pixel_unshuffle in NHWC: (B, H, W, C) -> (B, H/r, W/r, C*r*r), channel c*r*r + i*r + j."""
     B, H, W, C = x.shape

@@ -25,7 +25,7 @@ import mlx.nn as nn
 from ..attention import channel_attention, window_attention
 from ..upscale import interpolate
 from .dat import GELU, Placeholder
-from .layers import Conv2d, LayerNorm, gelu, linear, sigmoid, silu
+from .layers import Conv2d, LayerNorm, gelu, linear, max_pool, sigmoid, silu
 from .swinir import PixelShuffle, relative_position_index, sequential
 
 HEADS = 4  # both attentions: the spatial ones are dim // 4 channels a head, the channel ones have four heads
@@ -191,17 +191,9 @@ class ESA(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         first = self.conv1(x)
-        pooled = _max_pool(self.conv2(first), 7, 3)
+        pooled = max_pool(self.conv2(first), 7, 3)
         restored = interpolate(self.conv3(pooled), x.shape[1], x.shape[2])
         return x * sigmoid(self.conv4(restored + self.conv_f(first)))
-
-
-def _max_pool(x: mx.array, k: int, stride: int) -> mx.array:
-    """torch's max_pool2d(kernel k, stride, no padding), separably: over rows, then columns."""
-    _, H, W, _ = x.shape
-    rows, cols = (H - k) // stride + 1, (W - k) // stride + 1
-    x = mx.max(mx.stack([x[:, i : i + stride * (rows - 1) + 1 : stride] for i in range(k)]), axis=0)
-    return mx.max(mx.stack([x[:, :, i : i + stride * (cols - 1) + 1 : stride] for i in range(k)]), axis=0)
 
 
 class OSAG(nn.Module):

@@ -21,7 +21,7 @@ import mlx.nn as nn
 
 from .dat import GELU
 from .esrgan import upsample_repeat
-from .layers import Conv2d, LayerNorm, gelu, pixel_shuffle
+from .layers import Conv2d, LayerNorm, gelu, max_pool, pixel_shuffle
 from .swinir import sequential
 
 LEVELS = 4  # the modulation's scales: 1, 1/2, 1/4, 1/8
@@ -37,12 +37,6 @@ class SAFMNConfig:
     @property
     def scale(self) -> int:
         return self.upscale
-
-
-def max_pool(x: mx.array, k: int) -> mx.array:
-    """k x k max pooling with stride k of a map whose sides are multiples of k."""
-    B, H, W, C = x.shape
-    return x.reshape(B, H // k, k, W // k, k, C).max(axis=(2, 4))
 
 
 class SAFM(nn.Module):
