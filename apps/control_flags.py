@@ -9,6 +9,7 @@ from pathlib import Path
 from mlx_sd.controlnet import CONTROL_MODES, HR_OPTIONS, MODULES, ControlNetUnit
 from mlx_sd.images import RESIZE_MODES
 from mlx_sd.preprocessors import PROCESSOR_RES
+from mlx_sd.reference import REFERENCE_MODULES
 
 from .errors import UserError
 
@@ -21,7 +22,8 @@ SETTINGS = {
                        "modes: My prompt / ControlNet is more important; diffusers' guess mode)"),
     "--control-module": ("module", str, "none", f"preprocessor: {', '.join(MODULES)} (default none: the image is "
                          "a control map already; inpaint / inpaint_only: the init image and mask, for inpainting "
-                         "ControlNets; inpaint_only also keeps the known region)"),
+                         "ControlNets; inpaint_only also keeps the known region; reference_*: --controlnet none IMAGE, "
+                         "the UNet steered towards IMAGE)"),
     "--control-resize-mode": ("resize_mode", str, "crop", f"fit the image: {', '.join(RESIZE_MODES[:3])} "
                               "(default crop, A1111's Crop and Resize)"),
     "--control-processor-res": ("processor_res", int, PROCESSOR_RES, "preprocessor resolution (short side)"),
@@ -87,10 +89,12 @@ def units(args, open_image, load) -> tuple[ControlNetUnit, ...]:
     out = []
     for i, (model, image) in enumerate(args.controlnet):
         path = Path(model).expanduser()
-        if not path.exists() and args.controlnet_dir is None:
+        reference = settings["module"][i] in REFERENCE_MODULES and model.lower() == "none"  # the UNet runs them
+        if not reference and not path.exists() and args.controlnet_dir is None:
             raise UserError(f"--controlnet {model}: no such file or folder (or give --controlnet-dir to find names)")
         unit = ControlNetUnit(
-            load(path) if path.exists() else model, open_image(Path(image), "--controlnet image"),
+            None if reference else load(path) if path.exists() else model,
+            open_image(Path(image), "--controlnet image"),
             pixel_perfect=args.control_pixel_perfect, **{name: values[i] for name, values in settings.items()},
         )  # fmt: skip
         try:

@@ -47,6 +47,7 @@ from .models.layers import max_pool
 from .models.t2i_adapter import T2IAdapter
 from .models.unet import skip_channels
 from .preprocessors import AT_RESOLUTION, PREPROCESSORS, PROCESSOR_RES, pixel_perfect_res, preprocess
+from .reference import REFERENCE_MODULES, Reference
 
 CONTROL_MODES = ("balanced", "prompt", "controlnet", "guess")
 HR_OPTIONS = ("both", "low_res_only", "high_res_only")
@@ -54,7 +55,7 @@ INPAINT = "inpaint"  # the module that reads the request's init image and mask
 INPAINT_ONLY = "inpaint_only"  # that, and the known region's prediction restored at every step
 INPAINT_MODULES = (INPAINT, INPAINT_ONLY)
 MIN_PROCESSOR_RES, MAX_PROCESSOR_RES = 64, 4096  # preprocessor resolutions (short side); A1111's slider: 64 to 2048
-MODULES = (*PREPROCESSORS, *INPAINT_MODULES)
+MODULES = (*PREPROCESSORS, *INPAINT_MODULES, *REFERENCE_MODULES)
 SOFT_INJECTION_BASE = 0.825  # A1111's soft injection: residual i of 13 scaled by 0.825^(12 - i)
 SOFT_INJECTION_LAST = 12
 ADAPTER_SOFT_INJECTION = (0.25, 0.62, 0.825, 1.0)  # A1111's soft injection of a T2I-Adapter's four features
@@ -121,14 +122,15 @@ class ControlNet:
 class ControlNetUnit:
     """One ControlNet with its control image and settings (module docstring).
 
-    model: a loaded `ControlNet`, or its name for the pipeline's `controlnet_resolver` (a server's --controlnet-dir).
+    model: a loaded `ControlNet`, or its name for the pipeline's `controlnet_resolver` (a server's --controlnet-dir);
+        None for the reference modules (mlx_sd/reference.py), which need no network.
     image: the control image (an edge map, depth map, pose skeleton, ...), RGB, or the photo `module` makes one of.
     module, processor_res, threshold_a, threshold_b, pixel_perfect: the preprocessor (mlx_sd/preprocessors.py),
         its resolution (short side; pixel_perfect: the one the resize mode implies, A1111's "Pixel Perfect") and
         thresholds.
     """
 
-    model: ControlNet | str
+    model: ControlNet | str | None
     image: Image.Image | None = field(default=None, repr=False)
     weight: float = 1.0
     guidance_start: float = 0.0
@@ -150,6 +152,20 @@ class ControlNetUnit:
                 "a ControlNet unit needs a control image (PIL image)",
             ),
             (self.weight >= 0, f"ControlNet weight={self.weight}: must be >= 0"),
+            (
+                (self.model is None) == (self.module in REFERENCE_MODULES),
+                f"ControlNet module {self.module!r}: "
+                + (
+                    "a reference module takes no model (model=None)"
+                    if self.module in REFERENCE_MODULES
+                    else "needs a model (a ControlNet or its name)"
+                ),
+            ),
+            (
+                self.module not in REFERENCE_MODULES or self.control_mode != "guess",
+                f"ControlNet module {self.module!r}: control_mode 'guess' is diffusers' and has no reference "
+                "counterpart; use balanced, prompt or controlnet",
+            ),
             (
                 0.0 <= self.guidance_start < self.guidance_end <= 1.0,
                 f"ControlNet guidance_start={self.guidance_start}, guidance_end={self.guidance_end}: need "
@@ -178,8 +194,8 @@ class ControlNetUnit:
 
     @property
     def model_title(self) -> str:
-        """The model as A1111 names it: a loaded one's title, else the name given."""
-        return self.model.title if isinstance(self.model, ControlNet) else self.model
+        """The model as A1111 names it: a loaded one's title, else the name given ("None" for none)."""
+        return self.model.title if isinstance(self.model, ControlNet) else str(self.model)
 
     def to_dict(self) -> dict:
         """The settings and the model's title (the image left out)."""
@@ -243,7 +259,10 @@ def control_image(unit: ControlNetUnit, width: int, height: int, crop=None, inpa
         return (image + 1) / 2 * (1 - mask) - mask  # the area to repaint at -1
     mode = unit.resize_mode
     res = pixel_perfect_res(unit.image.size, width, height, mode) if unit.pixel_perfect else unit.processor_res
-    image = preprocess(unit.image, unit.module, res, unit.threshold_a, unit.threshold_b)
+    if unit.module in REFERENCE_MODULES:  # the reference image as it is
+        image = unit.image.convert("RGB")
+    else:
+        image = preprocess(unit.image, unit.module, res, unit.threshold_a, unit.threshold_b)
     if crop is not None:
         (w, h), region = crop
         image = resize(image, w, h, mode).crop(region.box())
@@ -270,10 +289,12 @@ class Controls:
         crop=None,
         inpaint=None,
         known=None,
+        reference: Reference | None = None,
     ):
         """`known`: for "inpaint_only" units, (the init image's (1, h, w, 4) latents, the schedule's float32
-        alphas_cumprod)."""
+        alphas_cumprod); `reference`: the reference units' hooks (mlx_sd/reference.py)."""
         self.units = units
+        self.reference = reference
         self.known = None
         if known is not None:
             latents, alphas_cumprod = known
@@ -281,7 +302,7 @@ class Controls:
             recip = np.sqrt(1.0 / alphas_cumprod.astype(np.float64))
             recip_m1 = np.sqrt(1.0 / alphas_cumprod.astype(np.float64) - 1)
             self.known = (latents, mask, recip.astype(np.float32), recip_m1.astype(np.float32))
-        self.images = {id(u): control_image(u, width, height, crop, inpaint) for u in units}
+        self.images = {id(u): control_image(u, width, height, crop, inpaint) for u in units if u.model is not None}
         # a T2I-Adapter sees neither latents nor timestep: its features are computed once, here
         adapters = [u for u in units if isinstance(u.model, ControlNet) and u.model.is_adapter]
         self.features = {id(u): _adapter_features(u, self.images[id(u)]) for u in adapters}
@@ -322,7 +343,7 @@ class Controls:
         """
         total = features = None
         for unit in self.units:
-            if not self.active(unit):
+            if unit.model is None or not self.active(unit):  # (the reference units act through `reference`)
                 continue
             model = unit.model.model
             half = cond_inputs is not None and unit.cond_only()

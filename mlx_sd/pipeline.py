@@ -24,7 +24,7 @@ from PIL import Image
 
 from . import backend
 from .conditioning import Conditioning
-from .controlnet import INPAINT_MODULES, INPAINT_ONLY, ControlNet, Controls
+from .controlnet import INPAINT_MODULES, INPAINT_ONLY, ControlNet, Controls, control_image
 from .denoiser import classifier_free_guidance
 from .edit import check_edit, edit_guidance, guided_rows, image_rows
 from .hires import check_hires_model, firstpass_pixels, hires_plan, hires_request, hires_target, upscale_first_pass
@@ -35,6 +35,7 @@ from .lora import AppliedLoRA, LoRA, LoRAState, lora_networks, lora_targets, par
 from .model import StableDiffusion
 from .models.layers import TextContext, set_circular
 from .params import GenerationRequest, defaults_for
+from .reference import REFERENCE_MODULES, Reference
 from .refiner import DEFAULT_SWITCH_AT, Handoff, check_refiner
 from .rng import make_noise
 from .samplers import SamplingPlan, plan_sampling
@@ -296,7 +297,7 @@ class Pipeline:
         if second and hires is not self.model:
             check_hires_model(hires, self.model, second)
             for unit in second.controlnet:
-                if unit.acts_in(hires_pass=True):
+                if unit.acts_in(hires_pass=True) and unit.model is not None:
                     unit.model.check(hires.unet.config)
         plan_2 = hires_plan(second, self.schedule if hires is self.model else _schedule(hires)) if second else None
         upscaler = self._hires_upscaler(request) if second else None  # a model named but missing fails here
@@ -349,7 +350,7 @@ class Pipeline:
             if request.firstpass_image is None:
                 x, init = self._initial_latents(request, plan, noise, vary)
                 noise = _sampler_noise(request, plan, noise, first)
-                controls = controls or self._controls(request, plan, init, self.model)
+                controls = controls or self._controls(request, plan, init, self.model, seed=seed)
                 model_fn = self._model_fn(request, cond, uncond, init, request.batch_size, controls=controls,
                                           image_embeds=image_embeds)  # fmt: skip
                 if refining:
@@ -380,7 +381,7 @@ class Pipeline:
                 draw = noise.normal((B, c, h, w))
                 x = plan_2.noised_latents(latents, (vary(draw) if vary else draw).transpose(0, 2, 3, 1), 0)
                 noise = _sampler_noise(second, plan_2, noise, first)
-                controls_2 = controls_2 or self._controls(second, plan_2, None, hires, hires_pass=True)
+                controls_2 = controls_2 or self._controls(second, plan_2, None, hires, hires_pass=True, seed=seed)
                 model_fn = self._model_fn(second, cond_2, uncond_2, None, request.batch_size, hires,
                                           controls=controls_2, image_embeds=image_embeds)  # fmt: skip
                 x = yield from denoise(
@@ -547,12 +548,21 @@ class Pipeline:
             cond_pooled = None if pooled is None else pooled[B:]
             cond_inputs = (TextContext(cond.context.astype(dtype)), cond_pooled, _half(time_ids), timestep_cond)
 
+        reference = controls.reference if controls is not None else None
+
         def model(x_in: mx.array, t: float) -> mx.array:
             x_in = x_in.astype(dtype)
             residuals, features = controls(x_in, mx.array(t), inputs, cond_inputs) if controls else (None, None)
+            if reference is not None:  # the reference units' passes first (mlx_sd/reference.py)
+                context.reference = reference
+                run = lambda z: unet(z, mx.array(t), context, pooled, time_ids, timestep_cond)  # noqa: E731
+                reference.write(run, x_in, t, controls.active, extra, x_in.shape[0] // 2 if guided else 0)
             if extra is not None:  # ControlNets see the 4 latent channels, the inpainting UNet all 9
                 x_in = mx.concatenate([x_in, extra.astype(x_in.dtype)], axis=-1)
-            out = unet(x_in, mx.array(t), context, pooled, time_ids, timestep_cond, residuals, features)
+            try:
+                out = unet(x_in, mx.array(t), context, pooled, time_ids, timestep_cond, residuals, features)
+            finally:
+                context.reference = None
             return controls.restore(x_in[..., :4], t, out) if controls else out
 
         if not guided:
@@ -579,6 +589,9 @@ class Pipeline:
         units = []
         for unit in request.controlnet:
             model = unit.model
+            if model is None:  # a reference unit (validated: no network)
+                units.append(unit)
+                continue
             if isinstance(model, str):
                 if self.controlnet_resolver is None:
                     raise ValueError(f"ControlNet {model!r} given by name: no ControlNet folder is configured "
@@ -600,10 +613,11 @@ class Pipeline:
                              "needs an upscaler folder (--upscaler-dir)")  # fmt: skip
         return self.upscaler_resolver(name)
 
-    def _controls(self, request: GenerationRequest, plan: SamplingPlan, init, model, hires_pass=False):
+    def _controls(self, request: GenerationRequest, plan: SamplingPlan, init, model, hires_pass=False, seed=0):
         """The request's ControlNet units that act in this pass (their `hr_option`), at its size and step count, or
         None; Control-LoRAs bound to the pass's `model` (its UNet with the request's LoRAs)."""
-        units = [replace(u, model=u.model.bound(model.unet)) for u in request.controlnet if u.acts_in(hires_pass)]
+        units = [replace(u, model=u.model and u.model.bound(model.unet)) for u in request.controlnet
+                 if u.acts_in(hires_pass)]  # fmt: skip
         if not units:
             return None
         crop = (init.original.size, init.region) if init is not None and init.region is not None else None
@@ -618,7 +632,16 @@ class Pipeline:
                                  "extension does: it needs an epsilon-prediction model; use 'inpaint'")  # fmt: skip
             # the whole init image's latents (the VAE's mean; the extension samples with an unseeded generator)
             known = (self._encode_images(inpaint[0], None, request.tiling, model), schedule.alphas_cumprod)
-        return Controls(units, request.width, request.height, plan.steps, rule, crop, inpaint, known)
+        reference = None
+        if any(u.module in REFERENCE_MODULES for u in units):
+            if model.is_edit:
+                raise ValueError("reference units do not run with an InstructPix2Pix model (three-way guidance)")
+            fitted = [(u, control_image(u, request.width, request.height, crop)) for u in units
+                      if u.module in REFERENCE_MODULES]  # fmt: skip
+            latents = [(u, self._encode_images(image * 2 - 1, None, request.tiling, model)) for u, image in fitted]
+            schedule = self.schedule if model is self.model else _schedule(model)
+            reference = Reference(model.unet, latents, model.is_sdxl, hires_pass, schedule.alphas_cumprod, seed)
+        return Controls(units, request.width, request.height, plan.steps, rule, crop, inpaint, known, reference)
 
     def _time_ids(self, request: GenerationRequest, guided: bool, B: int, aesthetic: bool) -> mx.array:
         """SDXL micro-conditioning: (original size, crop top-left, target size), or the refiner's aesthetic score."""

@@ -3,6 +3,7 @@ guess mode, guidance windows) and A1111's control modes, on tiny random-weight m
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import mlx.core as mx
@@ -174,7 +175,8 @@ def test_inpaint_only_matches_the_extensions_restore_on_diffusers(sd1, inpaint9,
     init = Image.fromarray(np.random.default_rng(8).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     mask = Image.new("L", (64, 64))
     mask.paste(255, (16, 8, 48, 40))
-    pipe = cn_pipe("StableDiffusionControlNetInpaintPipeline", parts, reference)
+    pipe = cn_pipe("StableDiffusionControlNetInpaintPipeline", {**parts, "unet": copy.deepcopy(parts["unet"])},
+                   reference)  # (its UNet patched below: a copy of the module's)  # fmt: skip
     image = torch.from_numpy(np.asarray(init, dtype=np.float32)[None].transpose(0, 3, 1, 2) / 127.5 - 1)
     with torch.no_grad():
         latents = pipe.vae.encode(image).latent_dist.mean * pipe.vae.config.scaling_factor

@@ -28,6 +28,7 @@ from mlx_sd.controlnet import (
     ControlNetUnit,
 )
 from mlx_sd.preprocessors import CANNY_DEFAULTS, PREPROCESSORS, PROCESSOR_RES, preprocess
+from mlx_sd.reference import REFERENCE_MODULES
 from mlx_sd_convert import ConversionError
 from mlx_sd_convert.library import TITLE_HASH as _TITLE_HASH
 
@@ -57,7 +58,8 @@ class UnitRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
 
-    model: str = Field(description="a ControlNet of --controlnet-dir (GET /controlnet/model_list)")
+    model: str | None = Field(None, description="a ControlNet of --controlnet-dir (GET /controlnet/model_list); "
+                              "none for the reference modules")  # fmt: skip
     image: str | None = Field(None, description="the control image (or the photo `module` preprocesses), base64; "
                               "unused by module 'inpaint' (the request's init image and mask)")  # fmt: skip
     weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
@@ -89,7 +91,12 @@ def native_units(units: list[UnitRequest], state: ServerState, max_pixels: int) 
     out = []
     for i, unit in enumerate(units):
         fields = unit.model_dump()
-        fields["model"] = check_model(unit.model, state, f"controlnet[{i}].model")
+        if unit.module in REFERENCE_MODULES:  # the UNet itself runs them
+            fields["model"] = None if unit.model in (None, "", "None") else unit.model  # (validate refuses one)
+        elif unit.model is None:
+            raise invalid(f"controlnet[{i}].model", f"module {unit.module!r} needs a ControlNet")
+        else:
+            fields["model"] = check_model(unit.model, state, f"controlnet[{i}].model")
         if unit.image is not None:
             fields["image"] = codec.decode_image(unit.image, f"controlnet[{i}].image", max_pixels).convert("RGB")
         out.append(_unit(fields, f"controlnet[{i}]"))
@@ -122,7 +129,8 @@ def a1111_units(args: list, state: ServerState, max_pixels: int, init_image=None
         where = f"alwayson_scripts.controlnet.args[{i}]"
         if not isinstance(arg, dict):
             raise invalid(where, "expected a ControlNet unit object")
-        if not arg.get("enabled", True) or arg.get("model") in (None, "", "None"):
+        reference = arg.get("module") in REFERENCE_MODULES  # no model: the UNet itself runs them
+        if not arg.get("enabled", True) or (arg.get("model") in (None, "", "None") and not reference):
             continue
         if str(arg.get("module", "")).startswith("ip-adapter"):
             if prompt:
@@ -171,8 +179,9 @@ def _unit_image(arg: dict, max_pixels: int, init_image, where: str):
 def _a1111_unit(arg: dict, state: ServerState, max_pixels: int, init_image, where: str) -> ControlNetUnit:
     image = _unit_image(arg, max_pixels, init_image, where)
     res, low, high = (arg.get(k, UNSET) for k in ("processor_res", "threshold_a", "threshold_b"))
+    reference = arg.get("module") in REFERENCE_MODULES
     fields = {
-        "model": check_model(str(arg["model"]), state, f"{where}.model"),
+        "model": None if reference else check_model(str(arg["model"]), state, f"{where}.model"),
         "image": image,
         "module": _choice(A1111_NAMES, arg.get("module", "none"), f"{where}.module"),
         "weight": _number(arg.get("weight", 1.0), f"{where}.weight"),

@@ -386,6 +386,8 @@ class TextContext:
         # an IP-Adapter's image tokens (mlx_sd.ip_adapter.ImageContext): `image.keys_values(layer)` -> (k, v, scale)
         # for the cross-attention layers it adapts, None for the others
         self.image = image
+        # reference-only control (mlx_sd.reference.Reference) while a model call uses it, else None
+        self.reference = None
         self._keys_values: dict[int, tuple[mx.array, mx.array]] = {}
 
     def keys_values(self, layer: Attention) -> tuple[mx.array, mx.array]:

@@ -81,7 +81,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array | TextContext) -> mx.array:
-        x = self.attn1(self.norm1(x), residual=x)
+        reference = getattr(context, "reference", None)  # reference-only control (mlx_sd/reference.py)
+        normed = self.norm1(x)
+        x = self.attn1(normed, residual=x) if reference is None else reference.self_attention(self, normed, x)
         x = self.attn2(self.norm2(x), context, residual=x)
         return self.ff(self.norm3(x), residual=x)
 
@@ -163,8 +165,9 @@ class DownBlock(nn.Module):
             x = resnet(x, temb)
             if "attentions" in self:
                 x = self.attentions[i](x, context)
-                if feature is not None and i == len(self.resnets) - 1:
-                    x = x + feature
+            x = _block_output(context, resnet, x)
+            if "attentions" in self and feature is not None and i == len(self.resnets) - 1:
+                x = x + feature
             skips.append(x)
         if "downsamplers" in self:
             x = self.downsamplers[0](x)
@@ -196,8 +199,10 @@ class UpBlock(nn.Module):
             x = resnet(mx.concatenate([x, skips.pop()], axis=-1), temb)
             if "attentions" in self:
                 x = self.attentions[i](x, context)
+            if i < len(self.resnets) - 1 or "upsamplers" not in self:
+                x = _block_output(context, resnet, x)
         if "upsamplers" in self:
-            x = self.upsamplers[0](x, upsample_size)
+            x = _block_output(context, self.resnets[-1], self.upsamplers[0](x, upsample_size))
         return x
 
 
@@ -215,7 +220,14 @@ class MidBlock(nn.Module):
     def __call__(self, x, temb, context) -> mx.array:
         x = self.resnets[0](x, temb)
         x = self.attentions[0](x, context)
-        return self.resnets[1](x, temb)
+        return _block_output(context, self, self.resnets[1](x, temb))
+
+
+def _block_output(context, key: nn.Module, x: mx.array) -> mx.array:
+    """A block's output (the original UNet's `input_blocks[i]`, `middle_block`, `output_blocks[i]`, named by its
+    first module), through reference-only control's AdaIN where a request uses it (mlx_sd/reference.py)."""
+    reference = getattr(context, "reference", None)
+    return x if reference is None else reference.block_output(key, x)
 
 
 class UNet2DConditionModel(nn.Module):

@@ -196,6 +196,40 @@ def test_hr_option_reaches_the_unit(served):
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), decoded(plain))
 
 
+def test_reference_unit_generates_as_the_library_does(served, models_dir):
+    """A reference_only unit (model "None", as the extension sends it) through A1111's API, and through the native
+    API without a model: the library's image with the same unit (the reference noise from the seed)."""
+    server, _ = served
+    base = {"prompt": "x", "width": 64, "height": 64, "steps": 3, "seed": 4, "sampler_name": "Euler"}
+    unit = {"model": "None", "module": "reference_only", "image": b64(photo(6)), "weight": 0.8, "threshold_a": 0.4}
+    r = server.post("/sdapi/v1/txt2img", json={**base, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert r.status_code == 200, r.text
+    assert "Module: reference_only, Model: None, Weight: 0.8" in json.loads(r.json()["info"])["infotexts"][0]
+    expected = Pipeline(models_dir / "tiny-a").generate(
+        prompt="x", width=64, height=64, steps=3, seed=4, sampler="Euler", guidance=7.0,
+        controlnet=(ControlNetUnit(None, photo(6), 0.8, module="reference_only", threshold_a=0.4),),
+    )  # fmt: skip
+    np.testing.assert_array_equal(decoded(r.json()["images"][0]), np.asarray(expected.images[0]))
+    native = {
+        "prompt": "x",
+        "width": 64,
+        "height": 64,
+        "steps": 3,
+        "seed": 4,
+        "sampler": "Euler",
+        "controlnet": [{"module": "reference_only", "image": b64(photo(6)), "weight": 0.8, "threshold_a": 0.4}],
+    }
+    job = server.post("/v1/jobs", json=native)
+    assert job.status_code == 202, job.text
+    server.get(f"/v1/jobs/{job.json()['id']}/events", timeout=120)
+    png = server.get(f"/v1/jobs/{job.json()['id']}/images/0").content
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), np.asarray(expected.images[0])
+    )
+    bad = server.post("/v1/jobs", json={**native, "controlnet": [{"module": "canny", "image": b64(photo(6))}]})
+    assert bad.status_code == 422 and "needs a ControlNet" in bad.text
+
+
 def test_t2i_adapter_unit_generates_as_the_library_does(served, models_dir):
     server, folder = served
     unit = {"model": "t2i_sketch", "image": b64(photo(13)), "weight": 0.8, "control_mode": 1}  # soft injection
