@@ -136,6 +136,14 @@ def test_controlnets_from_cli(model, tmp_path):
     assert bad.returncode == 2 and "hr_option='sometimes'" in bad.stderr and "Traceback" not in bad.stderr
     bad = run("generate", "x", "--model", model, "--controlnet", "canny", tmp_path / "a.png")
     assert bad.returncode == 2 and "--controlnet-dir" in bad.stderr
+    # a reference unit: no model ("none"), the UNet itself
+    out = run("generate", "x", "--model", model, "--width", 64, "--height", 48, "--steps", 3, "--seed", 2,
+              "--controlnet", "none", tmp_path / "a.png", "--control-module", "reference_adain+attn",
+              "--output", tmp_path / "ref.png")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    unit = ControlNetUnit(None, Image.open(tmp_path / "a.png"), module="reference_adain+attn")
+    expected = Pipeline(model).generate(prompt="x", width=64, height=48, steps=3, seed=2, controlnet=(unit,))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "ref.png")), np.asarray(expected.images[0]))
 
 
 def test_ip_adapter_from_cli(model, tmp_path):
