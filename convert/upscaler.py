@@ -27,7 +27,8 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
   the position-index and mask buffers recomputed;
 - Real-CUGAN (`unet1.conv1.conv.0`, `unet2...`, `conv_final`): bilibili's up2x / up3x / up4x anime models, the
   "pro" ones (the `pro` flag read from the file) and the fast 2x;
-- SAFMN (`to_feat`, `feats.N.safm.mfr.K`, `to_img.0`): the SAFMN models;
+- SAFMN (`to_feat`, `feats.N.safm.mfr.K`, `to_img.0`): the SAFMN models; SAFMN BCIE (`to_feat.1`,
+  `feats.N.layers.M.safm`, `feats.N.conv`): the 1x compression-artefact models with the 2x unshuffle;
 - RCAN (`head`, `body.N.body.M.body.3.conv_du`, `tail`): the RCAN models, the pixel-unshuffled 1x / 2x ones too;
 - Swin2SR (SwinIR's names with Swin V2's `logit_scale`, `cpb_mlp`, `q_bias` / `v_bias`): the classical, lightweight
   and real-world models (the compressed-SR auxiliary heads are refused);
@@ -72,7 +73,7 @@ from mlx_sd.models.omnisr import OmniSR, OmniSRConfig
 from mlx_sd.models.plksr import PLKSR, PLKSRConfig
 from mlx_sd.models.rcan import RCAN, RCANConfig
 from mlx_sd.models.rgt import RGT, RGTConfig
-from mlx_sd.models.safmn import SAFMN, SAFMNConfig
+from mlx_sd.models.safmn import SAFMN, SAFMNBCIE, SAFMNBCIEConfig, SAFMNConfig
 from mlx_sd.models.scunet import SCUNet, SCUNetConfig
 from mlx_sd.models.span import SPAN, SPANConfig
 from mlx_sd.models.swin2sr import Swin2SR, Swin2SRConfig
@@ -117,15 +118,17 @@ A1111_NAMES = {
 }
 SUPPORTED = (
     "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
-    "SAFMN, Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR"
+    "SAFMN (and SAFMN BCIE), Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
             MoSRConfig: MoSR, CUGANConfig: CUGAN, SAFMNConfig: SAFMN, Swin2SRConfig: Swin2SR,
             RCANConfig: RCAN, OmniSRConfig: OmniSR,
-            RGTConfig: RGT, ATDConfig: ATD, FDATConfig: FDAT, MoESRConfig: MoESR}  # fmt: skip
+            RGTConfig: RGT, ATDConfig: ATD, FDATConfig: FDAT, MoESRConfig: MoESR,
+            SAFMNBCIEConfig: SAFMNBCIE}  # fmt: skip
 # spandrel never runs these in half precision
-FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig, ATDConfig)
+FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig, ATDConfig,
+                SAFMNBCIEConfig)  # fmt: skip
 # DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
 INIT_POS = Rule(r"(?:module\.)?(?:to_img|upsampler)\.init_pos", None, "recomputed from the scale (DySample's grid)")
 OMNISR_KEY = "residual_layer.0.residual_layer.0.layer.0.fn.0.weight"
@@ -207,6 +210,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         return _rcan_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if OMNISR_KEY in stripped and "input.weight" in stripped:
         return _omnisr_config(path, stripped), [OMNISR_JUNK, Rule(r"(?:module\.)?(.+)", r"\1")]
+    if "to_feat.1.weight" in stripped and "feats.0.layers.0.safm.aggr.weight" in stripped:
+        return _safmn_bcie_config(path, stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "to_feat.weight" in stripped and "feats.0.safm.aggr.weight" in stripped:
         return _safmn_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "gblocks.0.weight" in stripped and "gblocks.1.fc1.weight" in stripped:
@@ -432,6 +437,22 @@ def _safmn_config(shapes: dict) -> SAFMNConfig:
     return SAFMNConfig(
         dim=shapes["to_feat.weight"][0], n_blocks=len(indices(shapes, r"feats\.(\d+)\.norm1\.weight")),
         hidden=shapes["feats.0.ccm.ccm.0.weight"][0], upscale=math.isqrt(shapes["to_img.0.weight"][0] // 3),
+    )  # fmt: skip
+
+
+def _safmn_bcie_config(path: Path, shapes: dict) -> SAFMNBCIEConfig:
+    """SAFMN BCIE's configuration from its shapes, as spandrel reads it; only the 2x unshuffle (the published
+    models'), where spandrel's 16-pixel padding makes every pooling window whole."""
+    dim, shuffled = shapes["to_feat.1.weight"][:2]
+    unshuffle = math.isqrt(shuffled // 3)
+    if unshuffle != 2:
+        raise ConversionError(f"{path}: a SAFMN BCIE with a {unshuffle}x pixel unshuffle; mlx-sd runs the 2x one "
+                              "(the published models)")  # fmt: skip
+    hidden = shapes["feats.0.layers.0.ccm.ccm.0.weight"][0]
+    return SAFMNBCIEConfig(
+        dim=dim, n_blocks=len(indices(shapes, r"feats\.(\d+)\.conv\.weight")),
+        num_layers=len(indices(shapes, r"feats\.0\.layers\.(\d+)\.norm1\.weight")), hidden=int(dim * (hidden / dim)),
+        unshuffle=unshuffle,
     )  # fmt: skip
 
 

@@ -185,6 +185,12 @@ def safmn_state(seed: int = 0, **kwargs) -> dict:
     return _random(spandrel("SAFMN").SAFMN(**kwargs), seed).state_dict()
 
 
+def safmn_bcie_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel SAFMN BCIE's state dict (16 channels, two groups of two blocks)."""
+    kwargs = {"dim": 16, "n_blocks": 2, "num_layers": 2, "ffn_scale": 2.0, **kwargs}
+    return _random(spandrel("SAFMNBCIE").SAFMNBCIE(**kwargs), seed).state_dict()
+
+
 def swin2sr_state(seed: int = 0, **kwargs) -> dict:
     """A random spandrel Swin2SR's state dict (tiny: 24 channels, two groups of two Swin V2 blocks)."""
     kwargs = {"img_size": 16, "embed_dim": 24, "depths": [2, 2], "num_heads": [2, 3], "window_size": 4,
@@ -272,6 +278,8 @@ FILES = {  # file name -> its contents
     "up2x-fast.safetensors": lambda: cugan_state("2x_fast"),  # pixel-unshuffled, inputs padded to 40 (and 4s)
     "4x_SAFMN.pth": lambda: {"params": safmn_state(upscaling_factor=4)},  # inputs padded to multiples of 8
     "2x_SAFMN.safetensors": lambda: safmn_state(upscaling_factor=2, ffn_scale=1.5, n_blocks=3),
+    "1x_SAFMN_BCIE.pth": lambda: safmn_bcie_state(),  # 2x unshuffle, inputs padded to multiples of 16
+    "1x_SAFMN_BCIE_wide.safetensors": lambda: safmn_bcie_state(ffn_scale=1.5, n_blocks=1, num_layers=3),
     "Swin2SR_RealworldSR_X4_64_BSRGAN_PSNR.pth": lambda: {
         "params_ema": swin2sr_state(upsampler="nearest+conv", upscale=4, resi_connection="3conv")
     },
@@ -484,6 +492,9 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     _save(tmp_path, "aux.pth", swin2sr_state(upsampler="pixelshuffle_aux", upscale=2))
     with pytest.raises(ConversionError, match="aux.pth: a Swin2SR with the auxiliary or high-frequency head"):
         read_upscaler(tmp_path / "aux.pth")
+    _save(tmp_path, "BCIE_x4.pth", safmn_bcie_state(upscaling_factor=4))
+    with pytest.raises(ConversionError, match="BCIE_x4.pth: a SAFMN BCIE with a 4x pixel unshuffle; mlx-sd runs"):
+        read_upscaler(tmp_path / "BCIE_x4.pth")
     _save(tmp_path, "FDAT_lda.pth", fdat_state(scale=2, upsampler_type="lda"))
     with pytest.raises(ConversionError, match=r"FDAT_lda.pth: an upsampler mlx-sd does not run \(lda\); it runs conv,"):
         read_upscaler(tmp_path / "FDAT_lda.pth")

@@ -1,5 +1,6 @@
 """SAFMN (Sun et al. 2023, "Spatially-Adaptive Feature Modulation for Efficient Image Super-Resolution"): the small
-SAFMN upscalers A1111 (1.8+, through spandrel) runs from `models/ESRGAN`.
+SAFMN upscalers A1111 (1.8+, through spandrel) runs from `models/ESRGAN`, and its 1x BCIE variant (`SAFMNBCIE`: the
+same blocks on the pixel-unshuffled image, in residual groups) for bicubic and compression artefacts.
 
 A 3x3 conv, then blocks of: a LayerNorm over the channels and the spatially-adaptive feature modulation (the
 channels in four parts, each through a depthwise 3x3 conv at 1, 1/2, 1/4 and 1/8 of the size: max-pooled there,
@@ -19,10 +20,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .dat import GELU
+from .dat import GELU, Placeholder
 from .esrgan import upsample_repeat
-from .layers import Conv2d, LayerNorm, gelu, max_pool, pixel_shuffle
-from .swinir import sequential
+from .layers import Conv2d, LayerNorm, gelu, max_pool, pixel_shuffle, pixel_unshuffle
+from .swinir import PixelShuffle, sequential
 
 LEVELS = 4  # the modulation's scales: 1, 1/2, 1/4, 1/8
 
@@ -72,6 +73,58 @@ class AttBlock(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         x = self.safm(self.norm1(x)) + x
         return sequential(self.ccm.ccm, self.norm2(x)) + x
+
+
+@dataclass(frozen=True)
+class SAFMNBCIEConfig:
+    """SAFMN's BCIE variant (bicubic/compressed image enhancement, 1x): pixel-unshuffled by `unshuffle`, groups of
+    `num_layers` blocks each closed by a conv and a residual."""
+
+    dim: int = 48
+    n_blocks: int = 6
+    num_layers: int = 6
+    hidden: int = 96
+    unshuffle: int = 2
+
+    @property
+    def scale(self) -> int:
+        return 1
+
+
+class BasicLayer(nn.Module):
+    def __init__(self, c: SAFMNBCIEConfig):
+        super().__init__()
+        block = SAFMNConfig(dim=c.dim, hidden=c.hidden)
+        self.layers = [AttBlock(block) for _ in range(c.num_layers)]
+        self.conv = Conv2d(c.dim, c.dim, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.conv(sequential(self.layers, x)) + x
+
+
+class SAFMNBCIE(nn.Module):
+    """The 1x BCIE network: unshuffle and a conv, the groups plus a long residual, a conv, a shuffle and a conv."""
+
+    def __init__(self, config: SAFMNBCIEConfig):
+        super().__init__()
+        self.config = c = config
+        self.to_feat = [Placeholder(), Conv2d(3 * c.unshuffle**2, c.dim, 3, padding=1)]
+        self.feats = [BasicLayer(c) for _ in range(c.n_blocks)]
+        self.to_img = [Conv2d(c.dim, c.dim * c.unshuffle**2, 3, padding=1), PixelShuffle(c.unshuffle),
+                       Conv2d(c.dim, 3, 3, padding=1)]  # fmt: skip
+
+    dtype = mx.float32  # spandrel (and so A1111) runs it in float32
+    size_minimum = 1
+    a1111_tiling = "grid"
+
+    @property
+    def size_multiple(self) -> int:
+        return 8 * self.config.unshuffle  # spandrel's 16 for its 2x unshuffle: whole pooling windows at every level
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """(B, H, W, 3) in [0, 1], H and W multiples of 8 x unshuffle -> (B, H, W, 3)."""
+        first = self.to_feat[1](pixel_unshuffle(x, self.config.unshuffle))
+        return sequential(self.to_img, sequential(self.feats, first) + first)
 
 
 class SAFMN(nn.Module):
