@@ -42,6 +42,8 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
 - FDAT (`groups.N.blocks.M.attn`, `inter.cg`, `upsampler.MetaUpsample`) and MoESR (`blocks.N.blocks.M.conv.dwconv_hw`,
   `blocks.N.msg`, `upscale.MetaUpsample`): neosr's networks, the upsampler (any of neosr's UniUpsample heads but the
   LDA one, refused by name) read from the file's record, FDAT's "unshuffle" 1x / 2x models too;
+- Swift-SRGAN (`initial.cnn.depthwise`, `residual.N.block1`, `upsampler.N`, `final_conv`): the Swift-SRGAN models,
+  BatchNorm with its running statistics;
 - OmniSR (`input`, `residual_layer.N.residual_layer.M.layer.K`, `esa`, `up.0`): the OmniSR models, with or without
   the position bias (the window read from its table); thop's `total_ops` / `total_params` counters are skipped.
 
@@ -76,6 +78,7 @@ from mlx_sd.models.rgt import RGT, RGTConfig
 from mlx_sd.models.safmn import SAFMN, SAFMNBCIE, SAFMNBCIEConfig, SAFMNConfig
 from mlx_sd.models.scunet import SCUNet, SCUNetConfig
 from mlx_sd.models.span import SPAN, SPANConfig
+from mlx_sd.models.swiftsrgan import SwiftSRGAN, SwiftSRGANConfig
 from mlx_sd.models.swin2sr import Swin2SR, Swin2SRConfig
 from mlx_sd.models.swinir import SwinIR, SwinIRConfig
 
@@ -118,14 +121,14 @@ A1111_NAMES = {
 }
 SUPPORTED = (
     "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
-    "SAFMN (and SAFMN BCIE), Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR"
+    "SAFMN (and SAFMN BCIE), Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR, Swift-SRGAN"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
             MoSRConfig: MoSR, CUGANConfig: CUGAN, SAFMNConfig: SAFMN, Swin2SRConfig: Swin2SR,
             RCANConfig: RCAN, OmniSRConfig: OmniSR,
             RGTConfig: RGT, ATDConfig: ATD, FDATConfig: FDAT, MoESRConfig: MoESR,
-            SAFMNBCIEConfig: SAFMNBCIE}  # fmt: skip
+            SAFMNBCIEConfig: SAFMNBCIE, SwiftSRGANConfig: SwiftSRGAN}  # fmt: skip
 # spandrel never runs these in half precision
 FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig, ATDConfig,
                 SAFMNBCIEConfig)  # fmt: skip
@@ -210,6 +213,11 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         return _rcan_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if OMNISR_KEY in stripped and "input.weight" in stripped:
         return _omnisr_config(path, stripped), [OMNISR_JUNK, Rule(r"(?:module\.)?(.+)", r"\1")]
+    if "initial.cnn.depthwise.weight" in stripped and "final_conv.pointwise.weight" in stripped:
+        return _swiftsrgan_config(stripped), [
+            Rule(r"(?:module\.)?.+\.num_batches_tracked", None, "BatchNorm's training counter"),
+            Rule(r"(?:module\.)?(.+)", r"\1"),
+        ]
     if "to_feat.1.weight" in stripped and "feats.0.layers.0.safm.aggr.weight" in stripped:
         return _safmn_bcie_config(path, stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "to_feat.weight" in stripped and "feats.0.safm.aggr.weight" in stripped:
@@ -453,6 +461,15 @@ def _safmn_bcie_config(path: Path, shapes: dict) -> SAFMNBCIEConfig:
         dim=dim, n_blocks=len(indices(shapes, r"feats\.(\d+)\.conv\.weight")),
         num_layers=len(indices(shapes, r"feats\.0\.layers\.(\d+)\.norm1\.weight")), hidden=int(dim * (hidden / dim)),
         unshuffle=unshuffle,
+    )  # fmt: skip
+
+
+def _swiftsrgan_config(shapes: dict) -> SwiftSRGANConfig:
+    """Swift-SRGAN's configuration from its shapes, as spandrel reads it."""
+    return SwiftSRGANConfig(
+        in_channels=shapes["initial.cnn.depthwise.weight"][0], num_channels=shapes["initial.cnn.pointwise.weight"][0],
+        num_blocks=len(indices(shapes, r"residual\.(\d+)\..+")),
+        upscale=2 ** len(indices(shapes, r"upsampler\.(\d+)\..+")),
     )  # fmt: skip
 
 

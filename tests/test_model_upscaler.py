@@ -191,6 +191,19 @@ def safmn_bcie_state(seed: int = 0, **kwargs) -> dict:
     return _random(spandrel("SAFMNBCIE").SAFMNBCIE(**kwargs), seed).state_dict()
 
 
+def swiftsrgan_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel Swift-SRGAN's state dict (16 channels, two blocks), its BatchNorm statistics random too."""
+    kwargs = {"num_channels": 16, "num_blocks": 2, **kwargs}
+    network = _random(spandrel("SwiftSRGAN").SwiftSRGAN(**kwargs), seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for name, buffer in network.named_buffers():
+        if name.endswith("running_mean"):
+            buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+        elif name.endswith("running_var"):
+            buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+    return network.state_dict()
+
+
 def swin2sr_state(seed: int = 0, **kwargs) -> dict:
     """A random spandrel Swin2SR's state dict (tiny: 24 channels, two groups of two Swin V2 blocks)."""
     kwargs = {"img_size": 16, "embed_dim": 24, "depths": [2, 2], "num_heads": [2, 3], "window_size": 4,
@@ -278,6 +291,8 @@ FILES = {  # file name -> its contents
     "up2x-fast.safetensors": lambda: cugan_state("2x_fast"),  # pixel-unshuffled, inputs padded to 40 (and 4s)
     "4x_SAFMN.pth": lambda: {"params": safmn_state(upscaling_factor=4)},  # inputs padded to multiples of 8
     "2x_SAFMN.safetensors": lambda: safmn_state(upscaling_factor=2, ffn_scale=1.5, n_blocks=3),
+    "4x_SwiftSRGAN.pth": lambda: swiftsrgan_state(upscale_factor=4),
+    "2x_SwiftSRGAN.safetensors": lambda: swiftsrgan_state(upscale_factor=2, num_blocks=1),
     "1x_SAFMN_BCIE.pth": lambda: safmn_bcie_state(),  # 2x unshuffle, inputs padded to multiples of 16
     "1x_SAFMN_BCIE_wide.safetensors": lambda: safmn_bcie_state(ffn_scale=1.5, n_blocks=1, num_layers=3),
     "Swin2SR_RealworldSR_X4_64_BSRGAN_PSNR.pth": lambda: {
