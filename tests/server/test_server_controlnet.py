@@ -299,3 +299,21 @@ def test_page_sends_a_controlnet_unit(browser, served, tmp_path):
     card = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card"))[0]
     text = card.find_element(By.TAG_NAME, "pre").text
     assert 'ControlNet 0: "Module: none, Model: edges, Weight: 0.7' in text and "IP-Adapter weight: 0.4" in text
+
+
+def test_page_sends_a_reference_unit(browser, served, tmp_path):
+    """A reference module needs no ControlNet: the page sends the unit without a model."""
+    server, _ = served
+    photo(9).save(tmp_path / "style.png")
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 30, poll_frequency=0.02)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#control-module option"))
+    browser.find_element(By.CSS_SELECTOR, "#controlnet-box summary").click()
+    fill(browser, prompt="a lighthouse", width=64, height=64, steps=2, seed=2, control_weight=0.8)
+    browser.find_element(By.CSS_SELECTOR, "#control-module option[value='reference_only']").click()
+    browser.find_element(By.ID, "control-image").send_keys(str(tmp_path / "style.png"))
+    browser.find_element(By.ID, "generate").click()
+    card = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card"))[0]
+    assert (
+        'ControlNet 0: "Module: reference_only, Model: None, Weight: 0.8' in card.find_element(By.TAG_NAME, "pre").text
+    )
