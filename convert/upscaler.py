@@ -44,6 +44,7 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
   LDA one, refused by name) read from the file's record, FDAT's "unshuffle" 1x / 2x models too;
 - Swift-SRGAN (`initial.cnn.depthwise`, `residual.N.block1`, `upsampler.N`, `final_conv`): the Swift-SRGAN models,
   BatchNorm with its running statistics;
+- DITN (`sft`, `UFONE.N.ITLs.M`, `UFONE.N.SALs.M`, `upsample.0`): the DITN models (8-pixel patches);
 - OmniSR (`input`, `residual_layer.N.residual_layer.M.layer.K`, `esa`, `up.0`): the OmniSR models, with or without
   the position bias (the window read from its table); thop's `total_ops` / `total_params` counters are skipped.
 
@@ -65,6 +66,7 @@ from mlx_sd.model_upscaler import ModelUpscaler
 from mlx_sd.models.atd import ATD, ATDConfig
 from mlx_sd.models.cugan import CUGAN, CUGANConfig
 from mlx_sd.models.dat import DAT, DATConfig
+from mlx_sd.models.ditn import DITN, DITNConfig
 from mlx_sd.models.drct import DRCT, DRCTConfig
 from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetCompact
 from mlx_sd.models.fdat import FDAT, FDATConfig
@@ -121,14 +123,14 @@ A1111_NAMES = {
 }
 SUPPORTED = (
     "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
-    "SAFMN (and SAFMN BCIE), Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR, Swift-SRGAN"
+    "SAFMN (and SAFMN BCIE), Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR, Swift-SRGAN, DITN"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
             MoSRConfig: MoSR, CUGANConfig: CUGAN, SAFMNConfig: SAFMN, Swin2SRConfig: Swin2SR,
             RCANConfig: RCAN, OmniSRConfig: OmniSR,
             RGTConfig: RGT, ATDConfig: ATD, FDATConfig: FDAT, MoESRConfig: MoESR,
-            SAFMNBCIEConfig: SAFMNBCIE, SwiftSRGANConfig: SwiftSRGAN}  # fmt: skip
+            SAFMNBCIEConfig: SAFMNBCIE, SwiftSRGANConfig: SwiftSRGAN, DITNConfig: DITN}  # fmt: skip
 # spandrel never runs these in half precision
 FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig, ATDConfig,
                 SAFMNBCIEConfig)  # fmt: skip
@@ -213,6 +215,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         return _rcan_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if OMNISR_KEY in stripped and "input.weight" in stripped:
         return _omnisr_config(path, stripped), [OMNISR_JUNK, Rule(r"(?:module\.)?(.+)", r"\1")]
+    if "sft.weight" in stripped and "UFONE.0.ITLs.0.attn.temperature" in stripped:
+        return _ditn_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "initial.cnn.depthwise.weight" in stripped and "final_conv.pointwise.weight" in stripped:
         return _swiftsrgan_config(stripped), [
             Rule(r"(?:module\.)?.+\.num_batches_tracked", None, "BatchNorm's training counter"),
@@ -461,6 +465,19 @@ def _safmn_bcie_config(path: Path, shapes: dict) -> SAFMNBCIEConfig:
         dim=dim, n_blocks=len(indices(shapes, r"feats\.(\d+)\.conv\.weight")),
         num_layers=len(indices(shapes, r"feats\.0\.layers\.(\d+)\.norm1\.weight")), hidden=int(dim * (hidden / dim)),
         unshuffle=unshuffle,
+    )  # fmt: skip
+
+
+def _ditn_config(shapes: dict) -> DITNConfig:
+    """DITN's configuration from its shapes, as spandrel reads it (its patches are 8 pixels, which no shape shows)."""
+    dim, in_channels = shapes["sft.weight"][:2]
+    unit = "UFONE.0."
+    return DITNConfig(
+        in_channels=in_channels, dim=dim, itl_blocks=len(indices(shapes, rf"{unit}ITLs\.(\d+)\..+")),
+        sal_blocks=len(indices(shapes, rf"{unit}SALs\.(\d+)\..+")),
+        ufone_blocks=len(indices(shapes, r"UFONE\.(\d+)\..+")),
+        hidden=int(dim * (shapes[unit + "ITLs.0.ffn.project_in.weight"][0] / 2 / dim)),
+        bias=unit + "ITLs.0.attn.project_out.bias" in shapes, upscale=math.isqrt(shapes["upsample.0.weight"][0] // 3),
     )  # fmt: skip
 
 

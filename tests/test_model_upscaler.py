@@ -204,6 +204,12 @@ def swiftsrgan_state(seed: int = 0, **kwargs) -> dict:
     return network.state_dict()
 
 
+def ditn_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel DITN's state dict (16 channels, two inner-patch and two spatial layers per unit)."""
+    kwargs = {"dim": 16, "ITL_blocks": 2, "SAL_blocks": 2, **kwargs}
+    return _random(spandrel("DITN").DITN(**kwargs), seed).state_dict()
+
+
 def swin2sr_state(seed: int = 0, **kwargs) -> dict:
     """A random spandrel Swin2SR's state dict (tiny: 24 channels, two groups of two Swin V2 blocks)."""
     kwargs = {"img_size": 16, "embed_dim": 24, "depths": [2, 2], "num_heads": [2, 3], "window_size": 4,
@@ -291,6 +297,8 @@ FILES = {  # file name -> its contents
     "up2x-fast.safetensors": lambda: cugan_state("2x_fast"),  # pixel-unshuffled, inputs padded to 40 (and 4s)
     "4x_SAFMN.pth": lambda: {"params": safmn_state(upscaling_factor=4)},  # inputs padded to multiples of 8
     "2x_SAFMN.safetensors": lambda: safmn_state(upscaling_factor=2, ffn_scale=1.5, n_blocks=3),
+    "4x_DITN.pth": lambda: ditn_state(upscale=4),  # inputs padded by reflection to 8
+    "2x_DITN_bias.safetensors": lambda: ditn_state(upscale=2, bias=True, UFONE_blocks=2, ffn_expansion_factor=1.5),
     "4x_SwiftSRGAN.pth": lambda: swiftsrgan_state(upscale_factor=4),
     "2x_SwiftSRGAN.safetensors": lambda: swiftsrgan_state(upscale_factor=2, num_blocks=1),
     "1x_SAFMN_BCIE.pth": lambda: safmn_bcie_state(),  # 2x unshuffle, inputs padded to multiples of 16

@@ -148,11 +148,15 @@ class ChannelAttention(nn.Module):
 
 
 class GatedFeedForward(nn.Module):
-    def __init__(self, dim: int):
+    """1x1 conv to two hidden parts, a depthwise 3x3, GELU of the first times the second, 1x1 back (Restormer's
+    gated-dconv feed-forward; OmniSR's and DITN's)."""
+
+    def __init__(self, dim: int, hidden: int | None = None, bias: bool = False):
         super().__init__()
-        self.project_in = Conv2d(dim, 2 * dim, 1, bias=False)
-        self.dwconv = Conv2d(2 * dim, 2 * dim, 3, padding=1, groups=2 * dim, bias=False)
-        self.project_out = Conv2d(dim, dim, 1, bias=False)
+        hidden = hidden or dim
+        self.project_in = Conv2d(dim, 2 * hidden, 1, bias=bias)
+        self.dwconv = Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden, bias=bias)
+        self.project_out = Conv2d(hidden, dim, 1, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
         x1, x2 = mx.split(self.dwconv(self.project_in(x)), 2, axis=-1)
