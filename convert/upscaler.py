@@ -44,6 +44,7 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
   LDA one, refused by name) read from the file's record, FDAT's "unshuffle" 1x / 2x models too;
 - Swift-SRGAN (`initial.cnn.depthwise`, `residual.N.block1`, `upsampler.N`, `final_conv`): the Swift-SRGAN models,
   BatchNorm with its running statistics;
+- SeemoRe (`body.N.local_block.block.moe_layer.experts.M`, `global_block`): the Tiny, Big and Large models;
 - DITN (`sft`, `UFONE.N.ITLs.M`, `UFONE.N.SALs.M`, `upsample.0`): the DITN models (8-pixel patches);
 - OmniSR (`input`, `residual_layer.N.residual_layer.M.layer.K`, `esa`, `up.0`): the OmniSR models, with or without
   the position bias (the window read from its table); thop's `total_ops` / `total_params` counters are skipped.
@@ -79,6 +80,7 @@ from mlx_sd.models.rcan import RCAN, RCANConfig
 from mlx_sd.models.rgt import RGT, RGTConfig
 from mlx_sd.models.safmn import SAFMN, SAFMNBCIE, SAFMNBCIEConfig, SAFMNConfig
 from mlx_sd.models.scunet import SCUNet, SCUNetConfig
+from mlx_sd.models.seemore import SeemoRe, SeemoReConfig
 from mlx_sd.models.span import SPAN, SPANConfig
 from mlx_sd.models.swiftsrgan import SwiftSRGAN, SwiftSRGANConfig
 from mlx_sd.models.swin2sr import Swin2SR, Swin2SRConfig
@@ -123,17 +125,18 @@ A1111_NAMES = {
 }
 SUPPORTED = (
     "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
-    "SAFMN (and SAFMN BCIE), Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR, Swift-SRGAN, DITN"
+    "SAFMN (and SAFMN BCIE), Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR, Swift-SRGAN, DITN, SeemoRe"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
             MoSRConfig: MoSR, CUGANConfig: CUGAN, SAFMNConfig: SAFMN, Swin2SRConfig: Swin2SR,
             RCANConfig: RCAN, OmniSRConfig: OmniSR,
             RGTConfig: RGT, ATDConfig: ATD, FDATConfig: FDAT, MoESRConfig: MoESR,
-            SAFMNBCIEConfig: SAFMNBCIE, SwiftSRGANConfig: SwiftSRGAN, DITNConfig: DITN}  # fmt: skip
+            SAFMNBCIEConfig: SAFMNBCIE, SwiftSRGANConfig: SwiftSRGAN, DITNConfig: DITN,
+            SeemoReConfig: SeemoRe}  # fmt: skip
 # spandrel never runs these in half precision
 FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig, ATDConfig,
-                SAFMNBCIEConfig)  # fmt: skip
+                SAFMNBCIEConfig, SeemoReConfig)  # fmt: skip
 # DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
 INIT_POS = Rule(r"(?:module\.)?(?:to_img|upsampler)\.init_pos", None, "recomputed from the scale (DySample's grid)")
 OMNISR_KEY = "residual_layer.0.residual_layer.0.layer.0.fn.0.weight"
@@ -215,6 +218,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         return _rcan_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if OMNISR_KEY in stripped and "input.weight" in stripped:
         return _omnisr_config(path, stripped), [OMNISR_JUNK, Rule(r"(?:module\.)?(.+)", r"\1")]
+    if "body.0.local_block.block.moe_layer.experts.0.conv_1.weight" in stripped:
+        return _seemore_config(path, stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "sft.weight" in stripped and "UFONE.0.ITLs.0.attn.temperature" in stripped:
         return _ditn_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "initial.cnn.depthwise.weight" in stripped and "final_conv.pointwise.weight" in stripped:
@@ -465,6 +470,30 @@ def _safmn_bcie_config(path: Path, shapes: dict) -> SAFMNBCIEConfig:
         dim=dim, n_blocks=len(indices(shapes, r"feats\.(\d+)\.conv\.weight")),
         num_layers=len(indices(shapes, r"feats\.0\.layers\.(\d+)\.norm1\.weight")), hidden=int(dim * (hidden / dim)),
         unshuffle=unshuffle,
+    )  # fmt: skip
+
+
+def _seemore_config(path: Path, shapes: dict) -> SeemoReConfig:
+    """SeemoRe's configuration from its shapes, as spandrel reads it: the experts' ranks tell the rank schedule; the
+    top-k, recursion and channel shuffle follow the published sizes (Large: 16 layers of 48, no shuffle, one
+    recursion; the others shuffle and recurse twice), as no shape shows them."""
+    dim, in_channels = shapes["conv_1.weight"][:2]
+    layers = len(indices(shapes, r"body\.(\d+)\..+"))
+    expert = "body.0.local_block.block.moe_layer.experts.{}.conv_1.weight"
+    lr_space = "linear"
+    if expert.format(2) in shapes:
+        lr_space = {4: "linear", 6: "double", 8: "exp"}.get(shapes[expert.format(2)][0])
+    elif expert.format(1) in shapes:
+        lr_space = {3: "linear", 4: "double"}.get(shapes[expert.format(1)][0])
+    if lr_space is None:
+        raise ConversionError(f"{path}: a SeemoRe whose experts' ranks follow no schedule the original has")
+    large = layers == 16 and dim == 48
+    return SeemoReConfig(
+        in_channels=in_channels, embedding_dim=dim, num_layers=layers,
+        num_experts=len(indices(shapes, r"body\.0\.local_block\.block\.moe_layer\.experts\.(\d+)\..+")),
+        lr_space=lr_space, recursive=1 if large else 2, use_shuffle=not large,
+        global_kernel_size=shapes["body.0.global_block.block.attn.conv.0.weight"][3],
+        upscale=math.isqrt(shapes["upsampler.0.weight"][0] // in_channels),
     )  # fmt: skip
 
 

@@ -31,7 +31,8 @@ def load_descriptor(state_dict: dict):
     canonical = importlib.import_module("spandrel.__helpers.canonicalize").canonicalize_state_dict(state_dict)
     names = ("ESRGAN", "Compact", "HAT", "SPAN", "PLKSR", "DRCT", "MoSR", "RealCUGAN", "SAFMN", "Swin2SR", "RCAN",
              "SwinIR", "DAT", "SCUNet", "OmniSR", "RGT", "ATD", "FDAT",
-             "MoESR", "SAFMNBCIE", "SwiftSRGAN", "DITN")  # fmt: skip
+             "MoESR", "SAFMNBCIE", "SwiftSRGAN", "DITN",
+             "SeemoRe")  # fmt: skip
     architectures = [spandrel(name).__dict__[f"{name}Arch"]() for name in names]
     for arch in architectures:
         if arch.detect(canonical):

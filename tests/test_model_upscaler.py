@@ -204,6 +204,12 @@ def swiftsrgan_state(seed: int = 0, **kwargs) -> dict:
     return network.state_dict()
 
 
+def seemore_state(seed: int = 0, **kwargs) -> dict:
+    """A random spandrel SeemoRe's state dict (16 channels, two groups of three experts)."""
+    kwargs = {"embedding_dim": 16, "num_layers": 2, "num_experts": 3, "global_kernel_size": 5, **kwargs}
+    return _random(spandrel("SeemoRe").SeemoRe(**kwargs), seed).state_dict()
+
+
 def ditn_state(seed: int = 0, **kwargs) -> dict:
     """A random spandrel DITN's state dict (16 channels, two inner-patch and two spatial layers per unit)."""
     kwargs = {"dim": 16, "ITL_blocks": 2, "SAL_blocks": 2, **kwargs}
@@ -297,6 +303,8 @@ FILES = {  # file name -> its contents
     "up2x-fast.safetensors": lambda: cugan_state("2x_fast"),  # pixel-unshuffled, inputs padded to 40 (and 4s)
     "4x_SAFMN.pth": lambda: {"params": safmn_state(upscaling_factor=4)},  # inputs padded to multiples of 8
     "2x_SAFMN.safetensors": lambda: safmn_state(upscaling_factor=2, ffn_scale=1.5, n_blocks=3),
+    "4x_SeemoRe.pth": lambda: seemore_state(scale=4),  # inputs padded to 16; one expert per image
+    "2x_SeemoRe_exp.safetensors": lambda: seemore_state(scale=2, lr_space="exp"),
     "4x_DITN.pth": lambda: ditn_state(upscale=4),  # inputs padded by reflection to 8
     "2x_DITN_bias.safetensors": lambda: ditn_state(upscale=2, bias=True, UFONE_blocks=2, ffn_expansion_factor=1.5),
     "4x_SwiftSRGAN.pth": lambda: swiftsrgan_state(upscale_factor=4),
@@ -424,6 +432,20 @@ def test_rgt_recursive_attention_over_several_tokens_matches_spandrel(tmp_path, 
     if size[0] == 1024:  # where a side is below 64 the original's strided convs fail: refused by name here
         with pytest.raises(ValueError, match="RGT cannot run a 1024x36 tile: .* use tiles of at most 1023 pixels"):
             ours.run(mx.zeros((1, 1024, 36, 3)))
+
+
+def test_seemore_picks_each_images_experts_in_a_batch(tmp_path):
+    """A batch of tiles (A1111's tiles run a few at a time here): each image gets its own router's top experts, as
+    the original's inference path runs one image (its batched path indexes the experts with a 2-D tensor)."""
+    state = seemore_state(seed=3, scale=2, topk=1)
+    ours = read_upscaler(_save(tmp_path, "2x_SeemoRe.pth", state), mx.float32)
+    reference = load_descriptor(state)
+    x = torch.full((2, 3, 20, 24), 0.1)
+    x[1, 1:] = 0.9  # (with these weights the second group's router picks expert 1 for one image, 0 for the other)
+    with torch.no_grad():
+        expected = np.concatenate([reference(x[i : i + 1]).numpy() for i in range(2)]).transpose(0, 2, 3, 1)
+    got = np.array(ours.run(mx.array(x.numpy().transpose(0, 2, 3, 1))))
+    assert np.abs(got - expected).max() < TOLERANCE
 
 
 def test_dysample_grid_sample_matches_torch():
