@@ -11,10 +11,9 @@ input must be a multiple of some size (Real-ESRGAN 2x+) gets its input padded on
 `upscale_2` instead: the same BGR input as floats, square tiles (192, or the image's shorter side) stepping by
 tile - 8 with the last flush with the edge, each output clamped, the overlaps averaged in float32, then rounded to 8
 bits once. DAT goes through `upscale_with_model` as ESRGAN does (its own `DAT_tile` settings, the same defaults),
-ScuNET through `upscale_2` with 256-pixel tiles (`SCUNET_tile`); HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN,
-SAFMN, Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR, Swift-SRGAN, DITN and SeemoRe (kept in `models/ESRGAN`) as
-ESRGAN. The network says which (`a1111_tiling`). Here the tiles of an image run through the network a few at a time, one batch
-per evaluation.
+ScuNET through `upscale_2` with 256-pixel tiles (`SCUNET_tile`); every other architecture (HAT, SPAN, PLKSR, ...:
+A1111 keeps them in `models/ESRGAN`) as ESRGAN. The network says which (`a1111_tiling`). Here the tiles of an image
+run through the network a few at a time, one batch per evaluation.
 """
 
 from __future__ import annotations
