@@ -128,6 +128,9 @@ UPSCALERS = {
     "fdat": ("FDAT", {"embed_dim": 120, "num_groups": 4, "depth_per_group": 3, "num_heads": 4, "window_size": 8,
                       "scale": 4}),  # FDAT "medium", transpose+conv head
     "moesr": ("MoESR", {"scale": 4}),  # spandrel's defaults: 64 channels, 9 stages of 4 blocks
+    "swiftsrgan": ("SwiftSRGAN", {}),  # spandrel's defaults: 64 channels, 16 blocks, 4x
+    "ditn": ("DITN", {"upscale": 4}),  # spandrel's defaults: 60 channels, 4 + 4 layers
+    "seemore": ("SeemoRe", {"scale": 4}),  # spandrel's defaults: 64 channels, 6 groups of 6 experts
     "omnisr": ("OmniSR", {"num_feat": 64, "res_num": 5, "block_num": 1, "window_size": 8, "up_scale": 4}),  # x4 DIV2K
 }  # fmt: skip
 
