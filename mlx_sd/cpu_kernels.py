@@ -239,20 +239,20 @@ def _build_kernels():
                     out[r, c] = x[r, c] * scale[c] + shift[c]
 
     @jit
-    def depthwise(x, w, bias, b, first, last, y):  # rows first..last of image b; w (K, K, C), zero padding K // 2
+    def depthwise(x, w, bias, d, b, first, last, y):  # rows first..last of image b; w (KH, KW, C), dilation d
         _, H, W, C = x.shape
-        K = w.shape[0]
-        p = K // 2
+        KH, KW = w.shape[0], w.shape[1]
+        ph, pw = d * (KH // 2), d * (KW // 2)  # the zero padding that keeps the size
         acc = np.empty(C, np.float32)
         for i in range(first, last):
             for j in range(W):
                 acc[:] = bias
-                for dy in range(K):
-                    row = i + dy - p
+                for dy in range(KH):
+                    row = i + dy * d - ph
                     if row < 0 or row >= H:
                         continue
-                    for dx in range(K):
-                        col = j + dx - p
+                    for dx in range(KW):
+                        col = j + dx * d - pw
                         if col < 0 or col >= W:
                             continue
                         for c in range(C):
@@ -572,16 +572,17 @@ def winograd_conv(x: mx.array, u: mx.array, bias: mx.array | None, strip_rows: i
     return y
 
 
-def depthwise(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
-    """A depthwise stride-1 convolution with an odd K x K kernel and zero padding K // 2 of a float32 (B, H, W, C) x
-    by a (C, K, K, 1) weight: one pass over x, each pixel's taps accumulated across the channels, rows split across
-    the workers. MLX's grouped conv on CPU took 15x torch's time (DAT's 180-channel 3x3s at 96x96: 100 ms against
-    6.6; MoSR's 7x7s)."""
+def depthwise(x: mx.array, weight: mx.array, bias: mx.array | None, dilation: int = 1) -> mx.array:
+    """A depthwise stride-1 convolution with an odd KH x KW kernel, `dilation`, and the zero padding that keeps the
+    size (dilation x (K // 2) per side) of a float32 (B, H, W, C) x by a (C, KH, KW, 1) weight: one pass over x, each
+    pixel's taps accumulated across the channels, rows split across the workers. MLX's grouped conv on CPU took 15x
+    torch's time (DAT's 180-channel 3x3s at 96x96: 100 ms against 6.6; MoSR's 7x7s; SeemoRe's 1 x 11 stripes, DITN's
+    dilated 7x7s)."""
     xn = _rows(x).reshape(x.shape)
     B, H, W, C = x.shape
-    K = weight.shape[1]
-    taps = np.ascontiguousarray(np.asarray(weight.astype(mx.float32)).reshape(C, K, K).transpose(1, 2, 0))  # (K, K, C)
+    KH, KW = weight.shape[1:3]
+    taps = np.ascontiguousarray(np.asarray(weight.astype(mx.float32)).reshape(C, KH, KW).transpose(1, 2, 0))
     y, out = _fresh((B, H, W, C))
-    tasks = _image_rows(B, H, x.size * K * K // 9)
-    backend.cpu_map(kernel_call(_kernels().depthwise, xn, taps, _vector(bias, C), tail=out), tasks)
+    tasks = _image_rows(B, H, x.size * KH * KW // 9)
+    backend.cpu_map(kernel_call(_kernels().depthwise, xn, taps, _vector(bias, C), dilation, tail=out), tasks)
     return y

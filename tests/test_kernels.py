@@ -237,8 +237,9 @@ _GRID = np.concatenate([np.linspace(-12, 12, 200_001), np.geomspace(1e-8, 1e-2, 
         (lambda x: layers.geglu(x[::-1] * 0.5, x), lambda x: x.flip(0) * 0.5 * F.gelu(x)),
         (layers.sigmoid, torch.sigmoid),
         (layers.mish, F.mish),
+        (layers.tanh, torch.tanh),
     ],
-    ids=["silu", "gelu", "quick_gelu", "geglu", "sigmoid", "mish"],
+    ids=["silu", "gelu", "quick_gelu", "geglu", "sigmoid", "mish", "tanh"],
 )
 def test_activations_match_torch(ours, ref):
     """Absolute error against torch's float32 kernels at float32 rounding level over [-12, 12] and tiny inputs."""
@@ -409,6 +410,24 @@ def test_depthwise_and_grouped_convs_match_torch(monkeypatch, row_kernels, bias,
         b = torch.from_numpy(np.array(conv.bias)) if bias else None
         ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), w, b, padding=kernel // 2, groups=groups)
         assert_close(conv(mx.array(x)), ref.permute(0, 2, 3, 1).numpy(), 1e-6, f"{kernel}x{kernel}, {groups} groups")
+
+
+@pytest.mark.parametrize("kernel,dilation", [((1, 5), 1), ((5, 1), 1), ((1, 11), 1), ((7, 7), 3), ((3, 5), 2)])
+def test_striped_and_dilated_depthwise_convs_match_torch(monkeypatch, row_kernels, kernel, dilation):
+    """SeemoRe's and MoESR's 1 x k / k x 1 stripes and DITN's dilated 7x7 (cpu_kernels.depthwise with the padding
+    that keeps the size), against torch; kernels reaching past every edge of a small image."""
+    monkeypatch.setattr(cpu_kernels, "SPLIT_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(backend, "cpu_threads", lambda: 3)
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 9, 8, 6)).astype(np.float32)
+    padding = (dilation * (kernel[0] // 2), dilation * (kernel[1] // 2))
+    conv = layers.Conv2d(6, 6, kernel, padding=padding, groups=6, dilation=dilation)
+    conv.weight = mx.array(rng.standard_normal(conv.weight.shape).astype(np.float32))
+    conv.bias = mx.array(rng.standard_normal(6).astype(np.float32))
+    w = torch.from_numpy(np.array(conv.weight)).permute(0, 3, 1, 2)
+    ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), w, torch.from_numpy(np.array(conv.bias)), padding=padding,
+                   dilation=dilation, groups=6)  # fmt: skip
+    assert_close(conv(mx.array(x)), ref.permute(0, 2, 3, 1).numpy(), 1e-6, f"{kernel} dilation {dilation}")
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (4, 2, 3), (5, 3, 2), (3, 2, 1), (3, 1, 1)])

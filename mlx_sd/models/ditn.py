@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..attention import channel_attention
-from .layers import Conv2d, linear
+from .layers import Conv2d, linear, tanh
 from .omnisr import GatedFeedForward
 from .swinir import PixelShuffle, reflect_pad, sequential
 
@@ -89,8 +89,8 @@ class Layer(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         mixer = self.attn if "attn" in self else self.SDA
-        x = x + mixer(self.conv1(mx.tanh(x)))
-        return x + self.ffn(self.conv2(mx.tanh(x)))
+        x = x + mixer(self.conv1(tanh(x)))
+        return x + self.ffn(self.conv2(tanh(x)))
 
 
 class UFONE(nn.Module):

@@ -74,6 +74,7 @@ def _rational_kernels(scale: float, clamp: float, p: tuple[float, ...], q: tuple
 _erf_scaled = _rational_kernels(0.7071067811865476, _ERF_CLAMP, _ERF_P, _ERF_Q)
 _tanh_half = _rational_kernels(0.5, _TANH_CLAMP, _TANH_P, _TANH_Q)
 _tanh_quick = _rational_kernels(0.851, _TANH_CLAMP, _TANH_P, _TANH_Q)
+_tanh = _rational_kernels(1.0, _TANH_CLAMP, _TANH_P, _TANH_Q)
 # The last kernel: x (1 + r) / 2 with r = erf or tanh above, times the GEGLU's value; in the input's dtype.
 _gated = mx.compile(lambda x, r: (x.astype(mx.float32) * (0.5 + 0.5 * r)).astype(x.dtype))
 _gated_product = mx.compile(
@@ -116,6 +117,11 @@ def silu(x: mx.array) -> mx.array:
 
 
 _from_tanh = mx.compile(lambda x, r: (0.5 + 0.5 * r).astype(x.dtype))
+
+
+def tanh(x: mx.array) -> mx.array:
+    """tanh(x), on CPU by the rational form (MLX's CPU tanh: ~29 ns an element, 16 ms for DITN's 0.55 M per layer)."""
+    return _tanh(x).astype(x.dtype) if backend.activations() == "cpu" else mx.tanh(x)
 
 
 def sigmoid(x: mx.array) -> mx.array:
@@ -336,13 +342,20 @@ class Conv2d(nn.Conv2d):
         same = K % 2 == 1 and self.weight.shape[2] == K and self.padding == (K // 2, K // 2)
         plain = not same or self.stride != (1, 1) or self.dilation not in (1, (1, 1))
         if self.groups != 1 or plain:
-            depthwise = self.groups == x.shape[-1] == self.weight.shape[0] and not plain
-            if depthwise and backend.row_kernels(x.dtype) == "numba":  # MLX's grouped conv is slow on CPU
-                return cpu_kernels.depthwise(x, self.weight, self.get("bias"))
+            if self._same_depthwise(x) and backend.row_kernels(x.dtype) == "numba":  # MLX's grouped conv is slow on CPU
+                d = self.dilation if isinstance(self.dilation, int) else self.dilation[0]
+                return cpu_kernels.depthwise(x, self.weight, self.get("bias"), d)
             return super().__call__(x)
         if K != 3:
             return super().__call__(x)
         return self._same3x3(x)
+
+    def _same_depthwise(self, x: mx.array) -> bool:
+        """A depthwise, stride-1 conv with an odd kernel (any shape, any one dilation) padded to keep the size."""
+        O, KH, KW, _ = self.weight.shape
+        d = self.dilation if isinstance(self.dilation, tuple) else (self.dilation, self.dilation)
+        same = KH % 2 == KW % 2 == 1 and self.padding == (d[0] * (KH // 2), d[1] * (KW // 2))
+        return self.groups == x.shape[-1] == O and self.stride == (1, 1) and d[0] == d[1] and same
 
     def _circular(self, x: mx.array) -> mx.array:
         x = circular_pad(x, *self.padding)

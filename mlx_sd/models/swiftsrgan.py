@@ -19,7 +19,7 @@ import mlx.nn as nn
 
 from .dat import BatchNorm
 from .esrgan import PReLU
-from .layers import Conv2d, pixel_shuffle
+from .layers import Conv2d, pixel_shuffle, tanh
 from .swinir import sequential
 
 
@@ -103,4 +103,4 @@ class SwiftSRGAN(nn.Module):
         """(B, H, W, C) in [0, 1] -> (B, H*scale, W*scale, C)."""
         initial = self.initial(x)
         y = sequential(self.upsampler, self.convblock(sequential(self.residual, initial)) + initial)
-        return (mx.tanh(self.final_conv(y)) + 1) / 2
+        return (tanh(self.final_conv(y)) + 1) / 2
