@@ -78,7 +78,7 @@ def _call_each_kernel() -> None:
     k.exp2_rows(x)
     k.mish_from_exp(x, out)
     image = np.ones((1, 4, 4, 8), np.float32)
-    k.depthwise(image, np.ones((3, 3, 8), np.float32), v, 0, 0, 4, np.empty_like(image))
+    k.depthwise(image, np.ones((3, 3, 8), np.float32), v, 1, 0, 0, 4, np.empty_like(image))
     tiles = np.empty((36, 1, 8), np.float32)
     k.winograd_tiles(np.ones((1, 4, 4, 8), np.float32), 0, 0, 1, 0, 1, tiles)
     k.winograd_untile(tiles, v, 0, 0, 1, 0, 1, np.empty((1, 4, 4, 8), np.float32))
