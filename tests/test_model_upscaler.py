@@ -38,6 +38,17 @@ def _random(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module.eval()
 
 
+def _random_statistics(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every BatchNorm's running statistics random too (means ~0.1, variances 0.5-1.5), so that inference uses them."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, buffer in module.named_buffers():
+        if name.endswith("running_mean"):
+            buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+        elif name.endswith("running_var"):
+            buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+    return module
+
+
 def esrgan_state(seed: int = 0, **kwargs) -> dict:
     """A random spandrel ESRGAN's state dict, in the original ESRGAN layout (`model.N...`), its output centred on
     mid-grey (else most pixels clamp, and a wrong network could still match)."""
@@ -81,13 +92,7 @@ def dat_state(seed: int = 0, **kwargs) -> dict:
     kwargs = {"img_size": 16, "embed_dim": 32, "split_size": [2, 4], "depth": [3, 2], "num_heads": [2, 4],
               "expansion_factor": 2.0, **kwargs}  # fmt: skip
     network = _random(spandrel("DAT").DAT(**kwargs), seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    for name, buffer in network.named_buffers():
-        if name.endswith("running_mean"):
-            buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-        elif name.endswith("running_var"):
-            buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
-    return network.state_dict()
+    return _random_statistics(network, seed + 1).state_dict()
 
 
 def rgt_state(seed: int = 0, **kwargs) -> dict:
@@ -195,13 +200,7 @@ def swiftsrgan_state(seed: int = 0, **kwargs) -> dict:
     """A random spandrel Swift-SRGAN's state dict (16 channels, two blocks), its BatchNorm statistics random too."""
     kwargs = {"num_channels": 16, "num_blocks": 2, **kwargs}
     network = _random(spandrel("SwiftSRGAN").SwiftSRGAN(**kwargs), seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    for name, buffer in network.named_buffers():
-        if name.endswith("running_mean"):
-            buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-        elif name.endswith("running_var"):
-            buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
-    return network.state_dict()
+    return _random_statistics(network, seed + 1).state_dict()
 
 
 def seemore_state(seed: int = 0, **kwargs) -> dict:
