@@ -7,12 +7,12 @@ network, instead of converting it into something silently different.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from mlx_sd.components import build, kind_of, parameter_shapes
-from mlx_sd.models import CLIPTextConfig, UNetConfig, VAEConfig
+from mlx_sd.models import CLIPTextConfig, MMDiTConfig, T5Config, UNetConfig, VAEConfig
 
 from .keymap import ConversionError, Rule, apply_rules
 
@@ -182,11 +182,8 @@ UNET_RULES = [Rule(r"(.+)", r"\1")]
 
 _VAE_REQUIRED = {
     "act_fn": "silu",
-    "shift_factor": None,
     "latents_mean": None,
     "latents_std": None,
-    "use_quant_conv": True,
-    "use_post_quant_conv": True,
     "mid_block_add_attention": True,
 }
 _VAE_UNDERSTOOD = {
@@ -199,6 +196,9 @@ _VAE_UNDERSTOOD = {
     "latent_channels",
     "norm_num_groups",
     "scaling_factor",
+    "shift_factor",
+    "use_quant_conv",
+    "use_post_quant_conv",
     # The pipeline keeps the VAE in float32 by default, which is what force_upcast asks for.
     "force_upcast",
 }
@@ -220,6 +220,9 @@ def vae_config(config: Mapping) -> VAEConfig:
         layers_per_block=config.get("layers_per_block", 1),
         norm_num_groups=config.get("norm_num_groups", 32),
         scaling_factor=config.get("scaling_factor", 0.18215),
+        shift_factor=config.get("shift_factor") or 0.0,
+        use_quant_conv=config.get("use_quant_conv", True),
+        use_post_quant_conv=config.get("use_post_quant_conv", True),
     )
 
 
@@ -283,9 +286,134 @@ CLIP_RULES = [
 ]
 
 
+# --- MMDiT (SD3 / SD3.5 transformer) ----------------------------------------------------------------------
+
+_MMDIT_UNDERSTOOD = {
+    "patch_size",
+    "in_channels",
+    "num_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "caption_projection_dim",
+    "pooled_projection_dim",
+    "out_channels",
+    "pos_embed_max_size",
+    "dual_attention_layers",
+    "qk_norm",
+}
+
+
+def mmdit_config(config: Mapping) -> MMDiTConfig:
+    """Translate a diffusers SD3Transformer2DModel config.json (`transformer/config.json`)."""
+    _check_settings("transformer", config, {}, _MMDIT_UNDERSTOOD)
+    defaults = MMDiTConfig()
+    values = {k: config[k] for k in _MMDIT_UNDERSTOOD | {"sample_size"} if k in config}
+    if values.get("out_channels", 0) is None:  # diffusers: None means in_channels
+        values["out_channels"] = values.get("in_channels", defaults.in_channels)
+    if values.get("pos_embed_max_size", 0) is None:
+        raise ConversionError("transformer: pos_embed_max_size=None (interpolated positions) is not supported")
+    values["dual_attention_layers"] = tuple(values.get("dual_attention_layers", ()))
+    if values.get("qk_norm") not in (None, "rms_norm"):
+        raise ConversionError(f"transformer: unsupported settings qk_norm={values['qk_norm']!r} (supported: rms_norm)")
+    try:
+        return MMDiTConfig(**values)
+    except ValueError as e:
+        raise ConversionError(f"transformer: {e}") from e
+
+
+# pos_embed.pos_embed is a persistent buffer in diffusers, a parameter here: every key loads by name.
+MMDIT_RULES = [Rule(r"(.+)", r"\1")]
+
+
+# --- T5 text encoder (SD3's text_encoder_3) ---------------------------------------------------------------
+
+_T5_REQUIRED = {"is_decoder": False}
+_T5_UNDERSTOOD = {
+    "vocab_size",
+    "d_model",
+    "d_kv",
+    "d_ff",
+    "num_layers",
+    "num_heads",
+    "relative_attention_num_buckets",
+    "relative_attention_max_distance",
+    "layer_norm_epsilon",
+    # transformers derives these two from feed_forward_proj; t5_config checks that they agree with it.
+    "feed_forward_proj",
+    "dense_act_fn",
+    "is_gated_act",
+    # The decoder's and generation's settings, and training ones: the encoder alone never reads them.
+    "num_decoder_layers",
+    "decoder_start_token_id",
+    "eos_token_id",
+    "use_cache",
+    "output_past",
+    "scale_decoder_outputs",
+    "dropout_rate",
+    "classifier_dropout",
+    "gradient_checkpointing",
+    # The pre-training length in old T5 configs: T5 has no absolute positions, so no table depends on it.
+    "n_positions",
+}
+# (is_gated_act, dense_act_fn) -> our feed_forward_proj. transformers spells T5 v1.1's "gated-gelu" as gelu_new
+# (the tanh approximation) gated.
+_T5_FEED_FORWARD = {(True, "gelu_new"): "gated-gelu", (False, "relu"): "relu"}
+
+
+def t5_config(config: Mapping) -> T5Config:
+    """Translate a transformers T5Config (a diffusers SD3 folder's `text_encoder_3/config.json`) for the encoder."""
+    _check_settings("text_encoder_3", config, _T5_REQUIRED, _T5_UNDERSTOOD)
+    proj = config.get("feed_forward_proj", "relu")
+    parts = proj.split("-")
+    derived = (parts[0] == "gated" and len(parts) == 2, "gelu_new" if proj == "gated-gelu" else parts[-1])
+    stored = (config.get("is_gated_act", derived[0]), config.get("dense_act_fn", derived[1]))
+    if stored != derived or derived not in _T5_FEED_FORWARD:
+        raise ConversionError(
+            f"text_encoder_3: unsupported settings feed_forward_proj={proj!r} (is_gated_act={stored[0]!r}, "
+            f"dense_act_fn={stored[1]!r}) (supported: 'gated-gelu' as in T5 v1.1 and SD3, 'relu' as in T5)"
+        )
+    return T5Config(
+        vocab_size=config.get("vocab_size", 32128),
+        d_model=config.get("d_model", 512),
+        d_kv=config.get("d_kv", 64),
+        d_ff=config.get("d_ff", 2048),
+        num_layers=config.get("num_layers", 6),
+        num_heads=config.get("num_heads", 8),
+        relative_attention_num_buckets=config.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=config.get("relative_attention_max_distance", 128),
+        layer_norm_epsilon=config.get("layer_norm_epsilon", 1e-6),
+        feed_forward_proj=_T5_FEED_FORWARD[derived],
+    )
+
+
+_T5_NOT_ENCODER = [
+    Rule(r"decoder\..+", None, "T5's decoder: SD3 conditions on the encoder's states alone"),
+    Rule(r"lm_head\.weight", None, "T5's language-model head: SD3 conditions on the encoder's states alone"),
+]
+# transformers ties `encoder.embed_tokens` to `shared`; its save_pretrained writes `shared.weight` alone (5.x), older
+# files may hold both. `t5_rules` picks the map for files that hold only the encoder's copy.
+T5_RULES = [
+    Rule(r"encoder\.embed_tokens\.weight", None, "the same tensor as shared.weight (tied embeddings)"),
+    *_T5_NOT_ENCODER,
+    Rule(r"(.+)", r"\1"),
+]
+_T5_ENCODER_EMBED_RULES = [
+    Rule(r"encoder\.embed_tokens\.weight", "shared.weight"),
+    *_T5_NOT_ENCODER,
+    Rule(r"(.+)", r"\1"),
+]
+
+
+def t5_rules(keys: Iterable[str]) -> list[Rule]:
+    """The T5 key map for a checkpoint with these keys: T5_RULES, or, without `shared.weight`, a map that loads the
+    tied embedding from `encoder.embed_tokens.weight`."""
+    return T5_RULES if "shared.weight" in set(keys) else _T5_ENCODER_EMBED_RULES
+
+
 # --- one component ----------------------------------------------------------------------------------------
 
-RULES = {"unet": UNET_RULES, "vae": VAE_RULES, "clip_text": CLIP_RULES}
+RULES = {"unet": UNET_RULES, "vae": VAE_RULES, "clip_text": CLIP_RULES, "mmdit": MMDIT_RULES, "t5_text": T5_RULES}
 
 
 def convert_weights(

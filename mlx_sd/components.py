@@ -22,6 +22,10 @@ from .models import (
     CLIPTextModel,
     ControlNetConfig,
     ControlNetModel,
+    MMDiTConfig,
+    SD3Transformer2DModel,
+    T5Config,
+    T5EncoderModel,
     UNet2DConditionModel,
     UNetConfig,
     VAEConfig,
@@ -34,6 +38,8 @@ KINDS = {
     "vae": (VAEConfig, AutoencoderKL),
     "clip_text": (CLIPTextConfig, CLIPTextModel),
     "controlnet": (ControlNetConfig, ControlNetModel),
+    "mmdit": (MMDiTConfig, SD3Transformer2DModel),
+    "t5_text": (T5Config, T5EncoderModel),
 }
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"

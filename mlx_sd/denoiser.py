@@ -9,6 +9,11 @@ k-diffusion `DiscreteEpsDDPMDenoiser` / `DiscreteVDDPMDenoiser`):
     v_prediction: x0 = x / (sigma^2 + 1) - out * sigma / sqrt(sigma^2 + 1)
     sample:       x0 = out
 
+Rectified-flow models (SD3, "flow") hold x = (1 - sigma) x0 + sigma eps instead (schedules.py says why), see x
+itself at timestep 1000 * sigma and predict the velocity eps - x0:
+
+    flow:         x0 = x - sigma * out
+
 Classifier-free guidance is linear in the model output, so guiding eps or v (what diffusers and A1111 do) equals
 guiding x0: fold it into the model function with `classifier_free_guidance` before building the denoiser.
 """
@@ -60,10 +65,12 @@ class Denoiser:
         the next sigma), as the references do.
         """
         sigma = float(sigma)
-        c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)
         t = self.schedule.sigma_to_t(sigma) if between_levels else self.sigma_to_t(sigma)
-        out = self.model(x * c_in, t).astype(x.dtype)
         kind = self.schedule.prediction_type
+        if kind == "flow":
+            return x - self.model(x, t).astype(x.dtype) * sigma
+        c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)
+        out = self.model(x * c_in, t).astype(x.dtype)
         if kind == "epsilon":
             return x - out * sigma
         if kind == "v_prediction":

@@ -666,14 +666,14 @@ class Pipeline:
         images = images.astype(vae.dtype)
         dist = tiled_encode(vae, images) if tiled else vae.encode(images)
         if noise is None:
-            return dist.mean * vae.config.scaling_factor
+            return vae.config.scale(dist.mean)
         B, h, w, c = dist.mean.shape
         sample = dist.sample(noise=noise.normal((B, c, h, w), dtype=dist.mean.dtype).transpose(0, 2, 3, 1))
-        return sample * vae.config.scaling_factor
+        return vae.config.scale(sample)
 
     def _decode(self, latents: mx.array, request: GenerationRequest, model: StableDiffusion) -> mx.array:
         vae = model.vae
-        z = latents.astype(mx.float32) / vae.config.scaling_factor
+        z = vae.config.unscale(latents.astype(mx.float32))
         tile = request.tiled_vae and not request.tiling
         if tile is None and not request.tiling:
             limit = LOW_MEMORY_TILE_ABOVE_PIXELS if _low_memory(request) else TILE_ABOVE_PIXELS

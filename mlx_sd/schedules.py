@@ -7,6 +7,12 @@ the noise levels a sampler walks: A1111's "Schedule type" list (k-diffusion's Ka
 diffusers' timestep spacings. `denoiser.py` turns a model output into a denoised estimate; `samplers/` holds the
 update rules.
 
+Rectified-flow models (SD3, prediction_type "flow") are the exception: their latent at noise level sigma in [0, 1]
+is x = (1 - sigma) * x0 + sigma * eps, the network predicts the velocity eps - x0 at timestep 1000 * sigma, and the
+samplers run in that space as ComfyUI's (its "CONST" model sampling): the ODE there is dx/dsigma = (x - x0) / sigma
+as in VE space, so Euler, Heun, DPM2 and LMS are exact ODE solvers of it, and Euler is diffusers'
+FlowMatchEulerDiscreteScheduler. VE space cannot hold them: sigma = 1 (pure noise) is sigma_VE = inf.
+
 Everything runs in k-diffusion's variance-exploding ("VE") space, x = x0 + sigma * eps. The DDPM/diffusers
 "VP" latent at the same noise level is x / sqrt(1 + sigma^2), with sigma^2 = (1 - alpha_bar) / alpha_bar.
 Tables are float32 and computed as diffusers computes them: alphas_cumprod is bit-identical to diffusers' on
@@ -23,7 +29,8 @@ from functools import cached_property
 
 import numpy as np
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # the scheduler class of rectified-flow models (SD3)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # VE space cannot hold alpha_bar = 0 (sigma = inf) at the last step of a zero-terminal-SNR schedule. diffusers'
 # Euler, DPM-Solver and UniPC use 2^-24 there ("FP16 smallest positive subnormal", sigma 4096); its DDIM, DDPM and
@@ -68,6 +75,7 @@ FAMILY_SCHEDULER_CONFIGS: dict[str, dict] = {
         "steps_offset": 1,
         "clip_sample": False,
     },
+    "sd3": {"_class_name": FLOW_SCHEDULER, "num_train_timesteps": 1000, "shift": 3.0},
     "sdxl": {
         "_class_name": "EulerDiscreteScheduler",
         "num_train_timesteps": 1000,
@@ -139,7 +147,9 @@ class NoiseSchedule:
 
     Attributes:
         sigmas: float32 array (num_train_timesteps,): sigma(t) for t = 0..N-1, increasing.
-        alphas_cumprod: float32 array (num_train_timesteps,): alpha_bar(t).
+        alphas_cumprod: float32 array (num_train_timesteps,): alpha_bar(t) (diffusion models only).
+        shift: rectified flow's timestep shift (SD3: 3.0): sigma = shift * s / (1 + (shift - 1) * s) for the
+            uniform s = t / N, as diffusers' FlowMatchEulerDiscreteScheduler and ComfyUI's ModelSamplingDiscreteFlow.
     """
 
     num_train_timesteps: int = 1000
@@ -150,6 +160,7 @@ class NoiseSchedule:
     prediction_type: str = "epsilon"
     rescale_betas_zero_snr: bool = False
     terminal_alpha_bar: float = ZERO_SNR_ALPHA_BAR  # alpha_bar(N - 1) when rescale_betas_zero_snr (see above)
+    shift: float = 1.0
     scheduler_config: Mapping = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -161,17 +172,38 @@ class NoiseSchedule:
             raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported; choose one of {BETA_SCHEDULES}")
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be positive, got {self.shift}")
+
+    @property
+    def is_flow(self) -> bool:
+        """A rectified-flow model (SD3): latents (1 - sigma) x0 + sigma eps, sigma in [0, 1]."""
+        return self.prediction_type == "flow"
 
     @classmethod
     def from_config(cls, config: Mapping) -> NoiseSchedule:
         """From a diffusers `scheduler_config.json` dict; keys that do not define the training schedule are kept
         in `scheduler_config` for the samplers that follow diffusers."""
+        if config.get("_class_name") == FLOW_SCHEDULER:
+            return cls._flow(config)
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
         kwargs = {k: config[k] for k in keys if config.get(k) is not None}
         if config.get("trained_betas") is not None:
             kwargs["trained_betas"] = tuple(float(b) for b in config["trained_betas"])
         kwargs["rescale_betas_zero_snr"] = bool(config.get("rescale_betas_zero_snr", False))
         return cls(**kwargs, scheduler_config=dict(config))
+
+    @classmethod
+    def _flow(cls, config: Mapping) -> NoiseSchedule:
+        # the settings that change the noise levels beyond a fixed shift (Flux-style resolution-dependent shifting,
+        # stretched ends, inverted sigmas) are not part of any SD3 release
+        unsupported = {k: config[k] for k in ("use_dynamic_shifting", "shift_terminal", "invert_sigmas",
+                                               "stochastic_sampling") if config.get(k)}  # fmt: skip
+        if unsupported:
+            raise ValueError(f"{FLOW_SCHEDULER} with {unsupported} is not supported (SD3 uses a fixed shift)")
+        n = int(config.get("num_train_timesteps", 1000))
+        return cls(num_train_timesteps=n, prediction_type="flow", shift=float(config.get("shift", 1.0)),
+                   scheduler_config=dict(config))  # fmt: skip
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> NoiseSchedule:
@@ -195,6 +227,8 @@ class NoiseSchedule:
 
     @cached_property
     def alphas_cumprod(self) -> np.ndarray:
+        if self.is_flow:
+            raise ValueError("a rectified-flow model (SD3) has no alpha_bar table; this needs a diffusion model")
         alphas_cumprod = _cumprod_f32(np.float32(1) - self.betas)
         if self.rescale_betas_zero_snr:
             alphas_cumprod[-1] = self.terminal_alpha_bar
@@ -202,6 +236,10 @@ class NoiseSchedule:
 
     @cached_property
     def sigmas(self) -> np.ndarray:
+        if self.is_flow:  # diffusers: linspace(1, N, N) / N, shifted, in float32
+            s = np.linspace(1, self.num_train_timesteps, self.num_train_timesteps, dtype=np.float32)
+            s = s / np.float32(self.num_train_timesteps)
+            return (self.shift * s / (1 + (self.shift - 1) * s)).astype(np.float32)
         ab = self.alphas_cumprod
         return np.sqrt((np.float32(1) - ab) / ab).astype(np.float32)
 
@@ -219,7 +257,13 @@ class NoiseSchedule:
 
     def sigma_to_t(self, sigma):
         """The (fractional) training timestep of a noise level: linear in log sigma between table entries
-        (k-diffusion `DiscreteSchedule.sigma_to_t`, diffusers `_sigma_to_t`). Accepts a float or an array."""
+        (k-diffusion `DiscreteSchedule.sigma_to_t`, diffusers `_sigma_to_t`). Accepts a float or an array.
+
+        Flow models: the timestep the network is given, 1000 * sigma (diffusers and ComfyUI; not the inverse of
+        `t_to_sigma`, which applies the shift: both references define them so)."""
+        if self.is_flow:
+            t = np.asarray(sigma, np.float64) * self.num_train_timesteps
+            return float(t) if t.ndim == 0 else t
         log_sigma = np.log(np.maximum(np.asarray(sigma, np.float64), 1e-10))
         low = np.clip(np.searchsorted(self.log_sigmas, log_sigma, side="right") - 1, 0, len(self.log_sigmas) - 2)
         lo, hi = self.log_sigmas[low], self.log_sigmas[low + 1]
@@ -228,8 +272,13 @@ class NoiseSchedule:
         return float(t) if t.ndim == 0 else t
 
     def t_to_sigma(self, t):
-        """The noise level of a (fractional) timestep: log sigma interpolated linearly (k-diffusion `t_to_sigma`)."""
+        """The noise level of a (fractional) timestep: log sigma interpolated linearly (k-diffusion `t_to_sigma`);
+        flow models: the shifted t / N (ComfyUI's `ModelSamplingDiscreteFlow.sigma`)."""
         t = np.asarray(t, np.float64)
+        if self.is_flow:
+            s = t / self.num_train_timesteps
+            sigma = self.shift * s / (1 + (self.shift - 1) * s)
+            return float(sigma) if sigma.ndim == 0 else sigma
         low = np.floor(t).astype(int)
         high = np.ceil(t).astype(int)
         w = t - low

@@ -260,6 +260,24 @@ def test_vae_matches_diffusers(size):
     assert mx.array_equal(a, b)
 
 
+def test_sd3_vae_matches_diffusers():
+    """SD3's VAE: 16 latent channels, no quant_conv/post_quant_conv, latents shifted before scaling."""
+    ref = reference_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+                        shift_factor=0.0609)  # fmt: skip
+    cfg = vae_config(dict(ref.config))
+    assert (cfg.latent_channels, cfg.use_quant_conv, cfg.use_post_quant_conv) == (16, False, False)
+    ours = load_ours(cfg, convert_weights("vae", cfg, state_dict_numpy(ref)))
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, 32, 24, generator=g) * 2 - 1
+    with torch.no_grad():
+        mean = ref.encode(image).latent_dist.mean
+        latents = (mean - ref.config.shift_factor) * ref.config.scaling_factor  # StableDiffusion3Img2ImgPipeline
+        decoded = ref.decode(latents / ref.config.scaling_factor + ref.config.shift_factor).sample  # SD3 pipeline
+    ours_latents = cfg.scale(ours.encode(nchw_to_nhwc(image)).mean)
+    assert_close(ours_latents, nchw_to_nhwc(latents), FP32_TOL, "sd3 vae latents")
+    assert_close(ours.decode(cfg.unscale(ours_latents)), nchw_to_nhwc(decoded), FP32_TOL, "sd3 vae decode")
+
+
 def test_vae_old_attention_names_and_fp16():
     """Hub folders saved before diffusers 0.14 name the mid attention query/key/value/proj_attn."""
     ref = reference_vae(

@@ -434,8 +434,8 @@ def test_prediction_types_the_reference_rejects():
     plan_sampling("Euler", sample, 10, follow="diffusers")  # diffusers' Euler takes x0 predictions
     with pytest.raises(ValueError, match=r"prediction_type 'flow_prediction' is not supported"):
         NoiseSchedule.for_family("sd1", prediction_type="flow_prediction")
-    with pytest.raises(ValueError, match=r"unknown model family 'sd3'"):
-        NoiseSchedule.for_family("sd3")
+    with pytest.raises(ValueError, match=r"unknown model family 'sd4'"):
+        NoiseSchedule.for_family("sd4")
 
 
 def test_stochastic_samplers_need_a_noise_source():

@@ -15,6 +15,7 @@ import inspect
 import math
 
 import diffusers
+import mlx.core as mx
 import numpy as np
 import pytest
 import torch
@@ -22,7 +23,7 @@ from sampling_refs import ReplayNoise, diffusers_scheduler, img2img_timesteps, k
 
 from mlx_sd.samplers import SAMPLERS, brownian_pair, plan_sampling
 from mlx_sd.samplers.as_diffusers import DIFFUSERS_DEFAULTS
-from mlx_sd.schedules import FAMILY_SCHEDULER_CONFIGS, NoiseSchedule, img2img_steps, karras_sigmas
+from mlx_sd.schedules import FAMILY_SCHEDULER_CONFIGS, FLOW_SCHEDULER, NoiseSchedule, img2img_steps, karras_sigmas
 from oracles import k_diffusion_sampling
 
 FAMILIES = ("sd1", "sd2-v", "sdxl")  # SD 1.5 (PNDM), SD 2.1 768 (DDIM, v), SDXL (Euler, leading)
@@ -80,7 +81,7 @@ def _reference_levels(scheduler):
     return sigmas, ts
 
 
-CLASSES = sorted(DIFFUSERS_DEFAULTS)
+CLASSES = sorted(set(DIFFUSERS_DEFAULTS) - {FLOW_SCHEDULER})  # the diffusion models' (flow: below)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -108,6 +109,56 @@ def test_diffusers_sigmas_and_timesteps(family, class_name):
             else:
                 assert float(scheduler.init_noise_sigma) == 1.0
                 assert math.isclose(plan.init_noise_sigma, math.sqrt(1 + plan.sigmas[0] ** 2)), what
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_match_sigmas_and_timesteps(shift):
+    """SD3's FlowMatchEulerDiscreteScheduler: its training table, and the levels and timesteps of `steps` steps,
+    by follow="diffusers" and by A1111's "Euler" with the flow default ("Normal" = ComfyUI's normal), exactly."""
+    config = {"_class_name": FLOW_SCHEDULER, "num_train_timesteps": 1000, "shift": shift}
+    schedule = NoiseSchedule.from_config(config)
+    fresh = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+    np.testing.assert_array_equal(schedule.sigmas, fresh.sigmas.numpy()[::-1])
+    for steps in STEPS:
+        scheduler = diffusers_scheduler(FLOW_SCHEDULER, config, steps)
+        for plan in (
+            plan_sampling("Euler", schedule, steps, follow="diffusers"),
+            plan_sampling("Euler", schedule, steps),
+        ):
+            np.testing.assert_array_equal(plan.sigmas, scheduler.sigmas.numpy(), err_msg=f"{steps} steps")
+            ours_t = [plan.denoiser(None).sigma_to_t(s) for s in plan.sigmas[:-1]]
+            np.testing.assert_allclose(ours_t, scheduler.timesteps.numpy(), rtol=1e-6, err_msg=f"{steps} steps")
+            assert plan.init_noise_sigma == 1.0
+
+
+def test_flow_match_euler_steps_and_img2img_noise_as_diffusers():
+    """Euler on a rectified-flow model steps as FlowMatchEulerDiscreteScheduler.step; img2img noises as its
+    scale_noise; the samplers and schedule types that do not apply to flow are refused by name."""
+    config = {"_class_name": FLOW_SCHEDULER, "num_train_timesteps": 1000, "shift": 3.0}
+    schedule = NoiseSchedule.from_config(config)
+    scheduler = diffusers_scheduler(FLOW_SCHEDULER, config, 6)
+    velocity = lambda x, t: mx.sin(x * 0.7 + t / 500.0)  # noqa: E731  a smooth stand-in network
+    x0 = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    ref = x0.clone()
+    for t in scheduler.timesteps:
+        v = torch.from_numpy(np.array(velocity(mx.array(ref.numpy()), float(t))))
+        ref = scheduler.step(v, t, ref).prev_sample
+    plan = plan_sampling("Euler", schedule, 6)
+    *_, x = plan.sample(velocity, mx.array(x0.numpy()))
+    np.testing.assert_allclose(np.array(x), ref.numpy(), atol=2e-5)
+    noise = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    strength_plan = plan_sampling("Euler", schedule, 6, strength=0.5)
+    noised = scheduler.scale_noise(x0, torch.tensor([strength_plan.sigmas[0] * 1000]), noise)
+    ours = strength_plan.noised_latents(mx.array(x0.numpy()), mx.array(noise.numpy()))
+    np.testing.assert_allclose(np.array(ours), noised.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="does not run rectified-flow"):
+        plan_sampling("Euler a", schedule, 6)
+    with pytest.raises(ValueError, match="Uniform"):
+        plan_sampling("Euler", schedule, 6, schedule_type="Uniform")
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler"):
+        plan_sampling("DPM++ 2M", schedule, 6, follow="diffusers")
+    with pytest.raises(ValueError, match="diffusion model"):
+        plan_sampling(FLOW_SCHEDULER, NoiseSchedule.for_family("sd1"), 6)
 
 
 def test_diffusers_defaults_table_equals_installed_diffusers():

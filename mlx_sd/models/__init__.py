@@ -2,6 +2,8 @@
 
 from .clip import CLIPOutput, CLIPTextConfig, CLIPTextModel
 from .controlnet import ControlNetConfig, ControlNetModel
+from .mmdit import MMDiTConfig, SD3Transformer2DModel
+from .t5 import T5Config, T5EncoderModel
 from .unet import UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL, LatentDistribution, VAEConfig
 
@@ -13,6 +15,10 @@ __all__ = [
     "ControlNetConfig",
     "ControlNetModel",
     "LatentDistribution",
+    "MMDiTConfig",
+    "SD3Transformer2DModel",
+    "T5Config",
+    "T5EncoderModel",
     "UNet2DConditionModel",
     "UNetConfig",
     "VAEConfig",

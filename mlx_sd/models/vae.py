@@ -28,11 +28,26 @@ class VAEConfig:
     norm_num_groups: int = 32
     # Latents are multiplied by this before the UNet sees them (unit variance; SDXL's VAE uses 0.13025).
     scaling_factor: float = 0.18215
+    # ... after this is subtracted (zero mean): SD3's 16-channel VAE (0.0609, scaling 1.5305).
+    shift_factor: float = 0.0
+    # SD3's VAE has neither 1x1 convolution around the latent.
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
 
     @property
     def downscale(self) -> int:
         """Pixels per latent along each side (8 for every SD VAE)."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+    def scale(self, latents: mx.array) -> mx.array:
+        """The VAE's latents as the denoiser sees them (diffusers: (z - shift_factor) * scaling_factor)."""
+        shifted = latents - self.shift_factor if self.shift_factor else latents
+        return shifted * self.scaling_factor
+
+    def unscale(self, latents: mx.array) -> mx.array:
+        """The inverse of `scale`: the denoiser's latents as the decoder takes them."""
+        unscaled = latents / self.scaling_factor
+        return unscaled + self.shift_factor if self.shift_factor else unscaled
 
 
 @dataclass
@@ -158,8 +173,10 @@ class AutoencoderKL(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
-        self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1)
+        if config.use_quant_conv:
+            self.quant_conv = Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        if config.use_post_quant_conv:
+            self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -168,7 +185,8 @@ class AutoencoderKL(nn.Module):
 
     def encode_moments(self, images: mx.array) -> mx.array:
         """(B, H, W, 3) images in [-1, 1] -> (B, H/8, W/8, 2 * latent_channels) mean and log-variance."""
-        return self.quant_conv(self.encoder(images))
+        moments = self.encoder(images)
+        return self.quant_conv(moments) if self.config.use_quant_conv else moments
 
     def encode(self, images: mx.array) -> LatentDistribution:
         """(B, H, W, 3) images in [-1, 1] -> the latent distribution at (B, H/8, W/8, latent_channels)."""
@@ -176,4 +194,4 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, latents: mx.array) -> mx.array:
         """(B, h, w, latent_channels) unscaled latents -> (B, 8h, 8w, 3) images, nominally in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(latents))
+        return self.decoder(self.post_quant_conv(latents) if self.config.use_post_quant_conv else latents)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..schedules import (
+    FLOW_SCHEDULER,
     ZERO_SNR_EXACT_ALPHA_BAR,
     NoiseSchedule,
     ScheduleType,
@@ -65,6 +66,8 @@ DIFFUSERS_DEFAULTS: dict[str, dict] = {
     "LCMScheduler": {**_TRAINING, **_SD_BETAS, "beta_schedule": "scaled_linear", "original_inference_steps": 50,
                      "clip_sample": False, "clip_sample_range": 1.0, "thresholding": False, "set_alpha_to_one": True,
                      "steps_offset": 0, "timestep_spacing": "leading", "timestep_scaling": 10.0, **_ZSNR},
+    FLOW_SCHEDULER: {"num_train_timesteps": 1000, "shift": 1.0, **_FLAGS, "use_dynamic_shifting": False,
+                     "invert_sigmas": False, "shift_terminal": None, "stochastic_sampling": False},
 }  # fmt: skip
 _VE_CLASSES = {"EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
                "HeunDiscreteScheduler": "Heun", "KDPM2DiscreteScheduler": "DPM2",
@@ -262,7 +265,22 @@ def _lcm(class_name, settings, schedule, steps, run, options):
                  class_name, f"LCM schedule ({original} distillation steps)")  # fmt: skip
 
 
+def _flow_match(class_name, settings, schedule, steps, run, options):
+    """FlowMatchEulerDiscreteScheduler: `steps` timesteps evenly spaced between 1000 * the table's ends, then
+    shifted. The table's ends are shifted already, so the shift applies twice (diffusers 0.42, SD3's pipeline)."""
+    _require(class_name, settings, **_FLAGS, use_dynamic_shifting=False, invert_sigmas=False, shift_terminal=None,
+             stochastic_sampling=False)  # fmt: skip
+    N, shift = schedule.num_train_timesteps, settings["shift"]
+    s = np.linspace(float(schedule.sigmas[-1]) * N, float(schedule.sigmas[0]) * N, steps) / N  # float64, as diffusers
+    sig = (shift * s / (1 + (shift - 1) * s)).astype(np.float32)
+    sigmas = _f32(np.concatenate([sig, [0.0]]))
+    ts = sig * np.float32(N)
+    return _plan(SAMPLERS["Euler"], schedule, sigmas, ts, run, options, "ve", sigmas[0], class_name,
+                 f"shift {shift:g}")  # fmt: skip
+
+
 _BUILDERS = {
+    FLOW_SCHEDULER: _flow_match,
     **{name: _euler_family for name in _VE_CLASSES},
     "DDIMScheduler": _ddim_family,
     "DDPMScheduler": _ddim_family,
@@ -279,6 +297,13 @@ def diffusers_plan(entry: Sampler, class_name: str | None, stype: ScheduleType |
     """The fields of a `SamplingPlan` that runs `entry` (or `class_name`) as diffusers does (the last `run_steps`
     steps, by default diffusers' int(steps * strength))."""
     implied = {} if class_name else dict(entry.diffusers_config)
+    if schedule.is_flow:  # a rectified-flow model runs its own scheduler class, or none
+        if class_name not in (None, FLOW_SCHEDULER) or entry.name != "Euler":
+            raise ValueError(f"a rectified-flow model (SD3) runs only {FLOW_SCHEDULER} ('Euler') with "
+                             "follow='diffusers'; use follow='a1111' for the other samplers")  # fmt: skip
+        class_name, implied = FLOW_SCHEDULER, {}
+    elif class_name == FLOW_SCHEDULER:
+        raise ValueError(f"{FLOW_SCHEDULER} runs rectified-flow models (SD3) only; this model is a diffusion model")
     class_name = class_name or entry.diffusers
     if class_name is None:
         raise ValueError(f"sampler {entry.name!r} has no diffusers scheduler; use follow='a1111'")
@@ -288,7 +313,8 @@ def diffusers_plan(entry: Sampler, class_name: str | None, stype: ScheduleType |
                              "use follow='a1111' or another schedule type")  # fmt: skip
         implied[stype.diffusers_flag] = True
     settings = scheduler_settings(class_name, schedule.scheduler_config, {**implied, **overrides})
-    schedule = NoiseSchedule.from_config(settings)  # the training schedule as this class builds it
+    # the training schedule as this class builds it
+    schedule = NoiseSchedule.from_config({**settings, "_class_name": class_name})
     if class_name in ("DDIMScheduler", "DDPMScheduler", "LCMScheduler"):  # exact alpha_bar = 0 at zero terminal SNR
         schedule = dataclasses.replace(schedule, terminal_alpha_bar=ZERO_SNR_EXACT_ALPHA_BAR)
     if schedule.prediction_type == "sample" and class_name in _NO_SAMPLE_PREDICTION:

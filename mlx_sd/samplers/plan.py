@@ -25,9 +25,12 @@ from ..denoiser import Denoiser, ModelFn
 from ..schedules import SCHEDULE_TYPES, NoiseSchedule, ScheduleType, check_steps, img2img_steps
 from .as_diffusers import diffusers_plan
 from .brownian import brownian_noise
-from .registry import Sampler, resolve
+from .registry import FLOW_SAMPLERS, Sampler, resolve
 
 FOLLOW = ("a1111", "diffusers")
+# The schedule types defined for rectified flow (ComfyUI's, by the same names); "uniform" and "ddim" index a
+# diffusion model's timestep table.
+FLOW_SCHEDULE_TYPES = ("normal", "simple", "sgm_uniform", "karras", "exponential", "polyexponential", "kl_optimal")
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,11 @@ class SamplingPlan:
     def noised_latents(self, x0: mx.array, noise: mx.array, level: int = 0) -> mx.array:
         """img2img/inpainting: the clean latent `x0` noised to `sigmas[level]` (diffusers' `add_noise` at the start
         step for level 0; after step i < steps - 1, level i + 1 is what inpainting pastes back; after the last step
-        diffusers pastes `x0` itself)."""
-        return x0 + noise * self.sigmas[level]
+        diffusers pastes `x0` itself). Flow models: (1 - sigma) x0 + sigma noise (diffusers' `scale_noise`)."""
+        sigma = self.sigmas[level]
+        if self.schedule.is_flow:
+            return x0 * (1.0 - sigma) + noise * sigma
+        return x0 + noise * sigma
 
     def to_reference(self, x: mx.array, level: int) -> mx.array:
         """The latent the reference holds at `sigmas[level]` (VP references: x / sqrt(1 + sigma^2))."""
@@ -121,6 +127,12 @@ def _check_options(sampler: Sampler, options: Mapping) -> None:
 def a1111_plan(sampler: Sampler, stype: ScheduleType | None, schedule: NoiseSchedule, steps: int, strength: float,
                options: Mapping, run_steps: int | None = None) -> SamplingPlan:  # fmt: skip
     """A k-diffusion sampler over A1111's sigmas (A1111 `KDiffusionSampler.get_sigmas`)."""
+    if schedule.is_flow:  # "Automatic": the published scheduler's levels (ComfyUI's "normal" = diffusers' Euler)
+        stype = stype or SCHEDULE_TYPES["normal"]
+        if stype.name not in FLOW_SCHEDULE_TYPES:
+            raise ValueError(f"schedule type {stype.label!r} indexes a diffusion model's timestep table; for a "
+                             f"rectified-flow model (SD3) choose one of "
+                             f"{[SCHEDULE_TYPES[n].label for n in FLOW_SCHEDULE_TYPES]}")  # fmt: skip
     stype = stype or SCHEDULE_TYPES[sampler.default_schedule]
     sigmas = stype.function(schedule, steps + 1 if sampler.discard_penultimate else steps)
     if sampler.discard_penultimate:
@@ -171,6 +183,9 @@ def plan_sampling(
             reference cannot run (e.g. a prediction type the diffusers scheduler rejects), an unknown option.
     """
     entry, stype, diffusers_class = resolve(sampler, schedule_type)
+    if schedule.is_flow and entry.name not in FLOW_SAMPLERS:
+        raise ValueError(f"sampler {entry.name!r} does not run rectified-flow models (SD3); choose one of "
+                         f"{list(FLOW_SAMPLERS)}")  # fmt: skip
     check_steps(steps)
     if run_steps is not None and not (isinstance(run_steps, int) and 1 <= run_steps <= steps):
         raise ValueError(f"run_steps={run_steps!r}: must be a whole number between 1 and steps ({steps})")

@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from ..schedules import SCHEDULE_TYPES, ScheduleType, schedule_type
+from ..schedules import FLOW_SCHEDULER, SCHEDULE_TYPES, ScheduleType, schedule_type
 from .ddim import ddim, ddpm, plms
 from .dpm import dpm_2, dpm_2_ancestral
 from .dpmpp import dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_ancestral, dpmpp_3m_sde, dpmpp_sde
@@ -138,7 +138,10 @@ def _unknown(name: str) -> ValueError:
 # diffusers class name -> the sampler whose default algorithm it runs (the config can change it, e.g. algorithm_type)
 DIFFUSERS_CLASSES = {
     s.diffusers: s.name for s in reversed(list(SAMPLERS.values())) if s.diffusers and not s.diffusers_config
-}
+} | {FLOW_SCHEDULER: "Euler"}  # rectified-flow models' (SD3) Euler
+# What runs rectified-flow models (mlx_sd/schedules.py): the ODE solvers, exact in their space, and DPM++ 2M as
+# ComfyUI runs it there. The others' noise or VP arithmetic assumes a diffusion model's latents.
+FLOW_SAMPLERS = ("Euler", "Heun", "DPM2", "LMS", "DPM++ 2M")
 
 
 def resolve(name: str, schedule: str | None = None) -> tuple[Sampler, ScheduleType | None, str | None]:
