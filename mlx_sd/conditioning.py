@@ -10,6 +10,9 @@ Which hidden state conditions the UNet:
 - SDXL (two towers): `hidden_states[-(clip_skip + 1)]` of both, concatenated on features, no final LayerNorm;
   clip_skip 1 is the penultimate layer the model was trained on. The pooled embedding is tower 2's projected
   `text_embeds` of the first window.
+- SD3 (two CLIP towers and T5): the SDXL states zero-padded to T5's width, followed by T5's 256 rows (`T5Text`:
+  the whole prompt, emphasis applied the same way; zeros without a T5); the pooled embedding is both towers'
+  `text_embeds` concatenated (diffusers' `StableDiffusion3Pipeline.encode_prompt`).
 `clip_skip` counts as A1111 does (1 = no skip); diffusers' `clip_skip=k` equals our `clip_skip=k + 1`.
 """
 
@@ -20,7 +23,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .models.clip import CLIPTextModel
-from .prompts import parse_emphasis, split_windows, window_ids, window_weights
+from .models.t5 import T5EncoderModel
+from .prompts import Fragment, parse_emphasis, split_windows, window_ids, window_weights
+from .t5_tokenizer import T5Tokenizer
 from .tokenizer import BOS_ID, EOS_ID, MAX_LENGTH, CLIPTokenizer
 
 WINDOW = MAX_LENGTH  # context rows per window: bos + 75 tokens + eos
@@ -60,11 +65,44 @@ class TextTower:
         return states, out.text_embeds
 
 
-class PromptEncoder:
-    """Encodes prompts for one model (one tower for SD1/SD2, two for SDXL)."""
+@dataclass
+class T5Text:
+    """SD3's T5 encoder: the prompt's text (BREAK ignored) as `max_length` rows of width `width`.
 
-    def __init__(self, towers: list[TextTower]):
+    The prompt is tokenized fragment by fragment so that emphasis weights reach their tokens (a prompt without
+    emphasis is one fragment: diffusers' ids exactly), cut to max_length - 1 tokens, eos, padding. Without an encoder
+    (an SD3 folder without text_encoder_3) the rows are zeros, as diffusers' pipeline gives.
+    """
+
+    tokenizer: T5Tokenizer | None
+    encoder: T5EncoderModel | None
+    width: int  # the MMDiT's joint_attention_dim
+    max_length: int = 256  # diffusers' max_sequence_length default
+    name: str = "text_encoder_3"
+
+    def states(self, fragments: list[Fragment]) -> mx.array:
+        if self.encoder is None:
+            return mx.zeros((self.max_length, self.width))
+        ids, weights = [], []
+        for fragment in fragments:
+            if not fragment.is_break:
+                piece = self.tokenizer.tokenize(fragment.text)
+                ids += piece
+                weights += [fragment.weight] * len(piece)
+        ids, weights = ids[: self.max_length - 1] + [1], weights[: self.max_length - 1] + [1.0]  # eos: id 1
+        pad = self.max_length - len(ids)
+        z = self.encoder(mx.array([ids + [0] * pad]))  # pad: id 0
+        if any(w != 1.0 for w in weights):
+            z = _emphasize(z, mx.array([weights + [1.0] * pad]))
+        return z[0]
+
+
+class PromptEncoder:
+    """Encodes prompts for one model (one tower for SD1/SD2, two for SDXL, two and T5 for SD3)."""
+
+    def __init__(self, towers: list[TextTower], t5: T5Text | None = None):
         self.towers = towers
+        self.t5 = t5  # SD3: its rows follow the CLIP rows, and the pooled embedding takes every tower's
 
     def encode(
         self, prompts: list[str], negative_prompts: list[str] | None = None, clip_skip: int = 1
@@ -82,12 +120,18 @@ class PromptEncoder:
         if any(context.shape[0] < windows * WINDOW for context, _ in encoded.values()):
             empty = encoded[""][0] if "" in encoded else self._encode_one("", clip_skip)[0]
 
+        t5 = {text: self.t5.states(parse_emphasis(text)) for text in encoded} if self.t5 is not None else None
+
         def batch(batch_texts: list[str]) -> Conditioning:
             contexts = []
             for text in batch_texts:
                 context = encoded[text][0]
                 missing = windows - context.shape[0] // WINDOW
-                contexts.append(mx.concatenate([context, mx.tile(empty, (missing, 1))]) if missing else context)
+                context = mx.concatenate([context, mx.tile(empty, (missing, 1))]) if missing else context
+                if t5 is not None:  # CLIP's features zero-padded to T5's width, then T5's rows
+                    context = mx.pad(context, [(0, 0), (0, self.t5.width - context.shape[1])])
+                    context = mx.concatenate([context, t5[text].astype(context.dtype)])
+                contexts.append(context)
             pooled = [encoded[text][1] for text in batch_texts]
             return Conditioning(mx.stack(contexts), None if pooled[0] is None else mx.stack(pooled))
 
@@ -107,8 +151,9 @@ class PromptEncoder:
             if any(wt != 1.0 for w in windows for wt in w.weights):
                 z = _emphasize(z, weights)
             states.append(z.reshape(-1, z.shape[-1]))
-            if text_embeds is not None:
-                pooled = text_embeds[0]
+            if text_embeds is not None:  # SDXL: tower 2's; SD3: both towers', concatenated
+                both = pooled is not None and self.t5 is not None
+                pooled = mx.concatenate([pooled, text_embeds[0]]) if both else text_embeds[0]
         return mx.concatenate(states, axis=-1), pooled
 
 

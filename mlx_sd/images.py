@@ -132,7 +132,14 @@ def paste_back(
     return Image.composite(generated.convert("RGB").resize(base.size), base, mask.convert("L").resize(base.size))
 
 
-# Linear maps from the 4 latent channels to RGB: a preview at zero cost (A1111's "Approx cheap" factors).
+# Linear maps from the latent channels to RGB: a preview at zero cost (A1111's "Approx cheap" factors; SD3's 16
+# channels: ComfyUI's, with their bias in LATENT_RGB_BIAS).
+_SD3_RGB = (
+    (-0.0922, -0.0175, 0.0749), (0.0311, 0.0633, 0.0954), (0.1994, 0.0927, 0.0458), (0.0856, 0.0339, 0.0902),
+    (0.0587, 0.0272, -0.0496), (-0.0006, 0.1104, 0.0309), (0.0978, 0.0306, 0.0427), (-0.0042, 0.1038, 0.1358),
+    (-0.0194, 0.0020, 0.0669), (-0.0488, 0.0130, -0.0268), (0.0922, 0.0988, 0.0951), (-0.0278, 0.0524, -0.0542),
+    (0.0332, 0.0456, 0.0895), (-0.0069, -0.0030, -0.0810), (-0.0596, -0.0465, -0.0293), (-0.1448, -0.1463, -0.1189),
+)  # fmt: skip
 LATENT_RGB = {
     "sd": ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473)),
     "sdxl": (
@@ -141,12 +148,15 @@ LATENT_RGB = {
         (0.1074, 0.0886, -0.0163),
         (-0.3730, -0.2499, -0.2088),
     ),
+    "sd3": _SD3_RGB,
 }
+LATENT_RGB_BIAS = {"sd3": (0.2394, 0.2135, 0.1925)}
 
 
 def latent_preview(latents: mx.array, kind: str = "sd") -> list[Image.Image]:
-    """Scaled latents (B, h, w, 4) -> small RGB previews (h x w pixels), no VAE."""
-    return to_pil(latents.astype(mx.float32) @ mx.array(LATENT_RGB[kind]))
+    """Scaled latents (B, h, w, channels) -> small RGB previews (h x w pixels), no VAE."""
+    rgb = latents.astype(mx.float32) @ mx.array(LATENT_RGB[kind])
+    return to_pil(rgb + mx.array(LATENT_RGB_BIAS[kind]) if kind in LATENT_RGB_BIAS else rgb)
 
 
 FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))  # (blur radius, repeats), coarse to fine

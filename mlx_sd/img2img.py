@@ -27,8 +27,8 @@ LATENT_SCALE = 8  # pixels per latent
 class InitState:
     """Everything the sampling loop and the decoder need from the init image and mask.
 
-    image_latents: (B, h, w, 4) scaled latents of the init image (None for inpainting at strength 1 with a
-        9-channel UNet, which never looks at them).
+    image_latents: (B, h, w, 4) scaled latents of the init image (16 channels for SD3; None for inpainting at
+        strength 1 with a 9-channel UNet, which never looks at them).
     mask: (B, h, w, 1) binarized latent mask, 1 = repaint (None for img2img).
     masked_latents: (B, h, w, 4) latents of the image with the repaint region blacked out (9-channel UNets).
     noise: the initial noise draw, kept for the known-region blending.
@@ -90,8 +90,8 @@ def prepare_latents(request, plan, noise, encode: Encoder, unet_channels: int, l
     """The starting latent x (VE) and the init state, drawing noise in diffusers' order.
 
     img2img:  encode(image) [VAE noise], initial noise, x = add_noise(image latents, noise, first level).
-    inpaint:  encode(image) if the UNet is 4-channel (or a 4-channel refiner will paste the known region back) or
-              strength < 1 [VAE noise], initial noise,
+    inpaint:  encode(image) if the UNet has no inpainting channels (or a 4-channel refiner will paste the known
+              region back) or strength < 1 [VAE noise], initial noise,
               encode(masked image) [VAE noise] (always: diffusers' prepare_mask_latents), x as img2img or, at
               strength 1, pure noise.
     `vary` (NCHW draw -> draw) applies variation seeds to the initial noise (mlx_sd/variation.py).
@@ -102,7 +102,7 @@ def prepare_latents(request, plan, noise, encode: Encoder, unet_channels: int, l
     h, w = request.height // LATENT_SCALE, request.width // LATENT_SCALE
     inpaint = mask is not None
     state.noise_start = not (inpaint and request.strength >= 1.0)
-    if not inpaint or unet_channels == 4 or state.noise_start:
+    if not inpaint or unet_channels == latent_channels or state.noise_start:  # no inpainting channels: it pastes
         state.image_latents = encode(image, noise)
         if request.resize_mode == "latent" and not inpaint:  # A1111: bilinear, as torch's interpolate
             state.image_latents = upscale_latents(state.image_latents, h, w, "Latent")

@@ -2,9 +2,11 @@
 
     model_folder/
       mlx_sd.json            manifest: family, prediction type, dtype, source file and sha256, converter version
-      unet/  vae/  text_encoder/  [text_encoder_2/]      config.json + weights.safetensors (MLX layout;
+      unet/ or transformer/ (SD3)  vae/  text_encoder/  [text_encoder_2/]  [text_encoder_3/] (SD3's T5)
+                                                          config.json + weights.safetensors (MLX layout;
                                                           config.json records any quantization)
       tokenizer/  [tokenizer_2/]                          vocab.json + merges.txt + config.json
+      [tokenizer_3/]                                      tokenizer.json (SD3's T5)
       scheduler/scheduler_config.json                     the diffusers scheduler config
 
 `mlx_sd_convert` writes these folders; this module only reads them.
@@ -19,20 +21,22 @@ from pathlib import Path
 import mlx.core as mx
 
 from .components import load_component
-from .conditioning import PromptEncoder, TextTower
+from .conditioning import PromptEncoder, T5Text, TextTower
+from .t5_tokenizer import T5Tokenizer
 from .tokenizer import CLIPTokenizer
 
 MANIFEST = "mlx_sd.json"
 FORMAT_VERSION = 1
-FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3")
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     """The manifest of a converted folder.
 
-    family: "sd1", "sd2", "sdxl" or "sdxl-refiner" (decides conditioning and defaults).
-    prediction_type: "epsilon" or "v_prediction" (also in the scheduler config; recorded with its evidence).
+    family: "sd1", "sd2", "sdxl", "sdxl-refiner" or "sd3" (decides conditioning and defaults).
+    prediction_type: "epsilon" or "v_prediction" (also in the scheduler config; recorded with its evidence); "flow"
+        for SD3 (rectified flow: velocity prediction, mlx_sd/schedules.py).
     name: a display name (the source file or repo name) for infotext and listings.
     sha256: of the source checkpoint file (A1111's "Model hash" is its first 10 hex digits), "" if unknown; for a
         diffusers folder, of the `sha256sum` lines ("<hash>  <path>\n", sorted by path) of the files read.
@@ -89,8 +93,10 @@ class StableDiffusion:
 
     Attributes:
         info: the manifest.
-        unet, vae: the networks (the VAE in float32 unless asked otherwise: SD VAEs overflow in float16).
-        text: the prompt encoder over one (SD1/SD2) or two (SDXL) text towers; None after `release_text_encoders`.
+        unet: the denoising network: a UNet, or SD3's MMDiT (the folder's `transformer/`).
+        vae: the autoencoder (in float32 unless asked otherwise: SD VAEs overflow in float16).
+        text: the prompt encoder over one (SD1/SD2), two (SDXL) or three (SD3) text encoders; None after
+            `release_text_encoders`.
         scheduler_config: the diffusers scheduler config dict the model was published with.
         folder: where it was loaded from.
     """
@@ -101,7 +107,7 @@ class StableDiffusion:
         self.folder = Path(folder)
         self.info = ModelInfo.read(self.folder)
         self.dtype = dtype or default_dtype()
-        self.unet = load_component(self.folder / "unet", self.dtype)
+        self.unet = load_component(self.folder / ("transformer" if self.is_sd3 else "unet"), self.dtype)
         self.vae = self.load_vae(vae_dtype)
         self.scheduler_config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
         self.text: PromptEncoder | None = self._load_text()
@@ -115,6 +121,16 @@ class StableDiffusion:
         return self.info.family.startswith("sdxl")
 
     @property
+    def latent_format(self) -> str:
+        """Which latent space previews read (`images.LATENT_RGB`): "sd", "sdxl" or "sd3"."""
+        return "sd3" if self.is_sd3 else "sdxl" if self.is_sdxl else "sd"
+
+    @property
+    def is_sd3(self) -> bool:
+        """An SD3 / SD3.5 model: MMDiT denoiser, rectified flow, CLIP-L + bigG + T5 conditioning."""
+        return self.info.family == "sd3"
+
+    @property
     def is_inpaint(self) -> bool:
         """A 9-channel UNet: latents + mask + masked-image latents."""
         return self.unet.config.in_channels == 9
@@ -126,7 +142,7 @@ class StableDiffusion:
 
     def _load_text(self) -> PromptEncoder:
         towers = []
-        layer = "penultimate" if self.is_sdxl else "final"
+        layer = "penultimate" if self.is_sdxl or self.is_sd3 else "final"
         # The SDXL refiner has only the second (bigG) tower.
         for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
             if (self.folder / enc).is_dir():
@@ -140,7 +156,13 @@ class StableDiffusion:
                 )
         if not towers:
             raise FileNotFoundError(f"{self.folder}: no text_encoder folder")
-        return PromptEncoder(towers)
+        if not self.is_sd3:
+            return PromptEncoder(towers)
+        t5 = None, None
+        if (self.folder / "text_encoder_3").is_dir():  # optional: diffusers conditions on zeros without it
+            t5 = T5Tokenizer.from_folder(self.folder / "tokenizer_3"), load_component(self.folder / "text_encoder_3",
+                                                                                       self.dtype)  # fmt: skip
+        return PromptEncoder(towers, T5Text(*t5, width=self.unet.config.joint_attention_dim))
 
     def text_encoder(self) -> PromptEncoder:
         """The prompt encoder, reloaded from disk if `release_text_encoders` freed it."""

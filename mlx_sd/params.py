@@ -38,6 +38,8 @@ FAMILY_DEFAULTS = {
     "sd2": FamilyDefaults(768, 768, 20, 7.0, "DPM++ 2M"),  # 512 for epsilon (2.x-base) models, see `defaults_for`
     "sdxl": FamilyDefaults(1024, 1024, 20, 7.0, "DPM++ 2M"),
     "sdxl-refiner": FamilyDefaults(1024, 1024, 20, 7.0, "DPM++ 2M"),
+    # SD3: diffusers' pipeline defaults (28 steps of its flow-matching Euler, CFG 7); SD3.5: see mlx_sd/sd3.py
+    "sd3": FamilyDefaults(1024, 1024, 28, 7.0, "Euler"),
 }
 # Distilled models run in a few steps without classifier-free guidance. SD-Turbo and SDXL-Turbo were distilled at
 # 512x512 (Stability's turbo demo: "H": 512, "W": 512 for both) and for 1-4 steps of Euler ancestral.

@@ -39,7 +39,8 @@ from .reference import REFERENCE_MODULES, Reference
 from .refiner import DEFAULT_SWITCH_AT, Handoff, check_refiner
 from .rng import make_noise
 from .samplers import SamplingPlan, plan_sampling
-from .schedules import NoiseSchedule
+from .schedules import FLOW_SCHEDULER, NoiseSchedule
+from .sd3 import check_sd3_request, sd3_defaults, sd3_model_fn
 from .textual_inversion import Embedding, add_embeddings, check_embedding, used_embeddings
 from .tiling import tiled_decode, tiled_encode
 from .upscale import HIRES_UPSCALERS, is_latent_upscaler
@@ -267,7 +268,8 @@ class Pipeline:
     @property
     def defaults(self):
         info = self.model.info
-        return defaults_for(info.family, info.prediction_type, info.kind)
+        base = defaults_for(info.family, info.prediction_type, info.kind)
+        return sd3_defaults(base, self.model.unet.config) if self.model.is_sd3 else base
 
     # --- the streaming API ------------------------------------------------------------------------------------
 
@@ -285,6 +287,8 @@ class Pipeline:
         request = replace(request, refiner_switch_at=self._switch_at(request))
         if self.model.is_edit:
             check_edit(request, self.model)
+        if self.model.is_sd3:
+            check_sd3_request(request, self)
         refining = self._refining(request)
         control = control or Control()
         start = time.perf_counter()
@@ -333,7 +337,7 @@ class Pipeline:
                     controls.step = i  # the ControlNets' guidance window counts sampler steps
                 x = next(sampler) if i == 0 else sampler.send(self._blend(init, plan, x, i, model_fn) if init else None)
                 yield Progress(done + i + 1, total, batch, request.batch_count, time.perf_counter() - start, x,
-                               "sdxl" if self.model.is_sdxl else "sd")  # fmt: skip
+                               self.model.latent_format)  # fmt: skip
             sampler.close()
             return x
 
@@ -454,7 +458,8 @@ class Pipeline:
         """Classifier-free guidance runs only above 1, and never for LCM-distilled UNets (guidance is embedded); for
         InstructPix2Pix models only with an image guidance of at least 1 too (diffusers' rule)."""
         edit_ok = not self.model.is_edit or request.image_guidance >= 1.0
-        return request.guidance > 1.0 and self.model.unet.config.time_cond_proj_dim is None and edit_ok
+        embedded = getattr(self.model.unet.config, "time_cond_proj_dim", None) is not None  # LCM
+        return request.guidance > 1.0 and not embedded and edit_ok
 
     def _initial_latents(self, request, plan: SamplingPlan, noise, vary=None):
         """The starting VE latents (and the init state for img2img/inpainting), noise drawn in diffusers' order."""
@@ -495,7 +500,8 @@ class Pipeline:
     def _pastes(self, model_fn) -> bool:
         """Whether inpainting pastes the known region back: a 4-channel UNet ran the last step (the base, or a
         refiner that took over from a 9-channel inpainting base)."""
-        return self.model.unet.config.in_channels == 4 or getattr(model_fn, "switched", False)
+        same = self.model.unet.config.in_channels == self.model.vae.config.latent_channels  # no inpainting channels
+        return same or getattr(model_fn, "switched", False)
 
     def _blend(self, init, plan: SamplingPlan, x: mx.array, step: int, model_fn) -> mx.array | None:
         """Inpainting with a 4-channel UNet: after each step, the known region is the init latents noised to the
@@ -512,6 +518,8 @@ class Pipeline:
         model = model or self.model
         unet = model.unet
         dtype = model.dtype
+        if model.is_sd3:
+            return sd3_model_fn(unet, cond, uncond, request.guidance, request.guidance_rescale, dtype)
         schedule = self.schedule if model is self.model else _schedule(model)  # NGMS's noise levels
         guided = uncond is not None
         edit = init is not None and init.edit_latents is not None  # InstructPix2Pix: three-way guidance
@@ -717,6 +725,8 @@ def _low_memory(request: GenerationRequest) -> bool:
 
 
 def _schedule(model: StableDiffusion) -> NoiseSchedule:
+    if model.info.prediction_type == "flow":  # rectified flow (SD3): the manifest says so, whatever the config
+        return NoiseSchedule.from_config({**model.scheduler_config, "_class_name": FLOW_SCHEDULER})
     # diffusers' SD pipelines force these two on load (outdated hub configs); so do we.
     return NoiseSchedule.from_config({**model.scheduler_config, "clip_sample": False, "steps_offset": 1})
 
