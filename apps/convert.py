@@ -9,9 +9,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "convert",
         help="convert a checkpoint (diffusers folder, .safetensors/.ckpt single file, hub id) to an MLX model folder",
-        description="Convert a Stable Diffusion 1.x/2.x/XL checkpoint into an mlx-sd model folder. SRC: a diffusers "
-        "folder, an original single file (.safetensors, .ckpt, .pt, .pth), or a Hugging Face hub id "
-        "(owner/name, or owner/name/file.safetensors). Pickles are read without running code.",
+        description="Convert a Stable Diffusion 1.x/2.x/XL or SD3/3.5 checkpoint into an mlx-sd model folder. SRC: a "
+        "diffusers folder, an original single file (.safetensors, .ckpt, .pt, .pth), or a Hugging Face hub id "
+        "(owner/name, or owner/name/file.safetensors). Pickles are read without running code. SD3 single files must "
+        "include the CLIP text encoders (sd3_medium_incl_clips*.safetensors); for the others convert the diffusers "
+        "repo (e.g. stabilityai/stable-diffusion-3.5-large).",
     )
     p.add_argument("src", help="diffusers folder, checkpoint file, or hub id")
     p.add_argument("out", help="the model folder to write")
@@ -22,12 +24,15 @@ def add_parser(sub) -> None:
         "bfloat16 source; the VAE float32, as the pipeline runs it)",
     )
     p.add_argument(
-        "--quantize", type=int, choices=(4, 8), help="quantize the UNet and text encoder Linear layers to 4 or 8 bits"
+        "--quantize",
+        type=int,
+        choices=(4, 8),
+        help="quantize the UNet and text encoder Linear layers to 4 or 8 bits (not SD3 models yet)",
     )
     p.add_argument("--vae", metavar="FILE_OR_FOLDER",
                    help="a separately published VAE to use instead (e.g. an fp16-safe SDXL VAE)")  # fmt: skip
     p.add_argument(
-        "--family", choices=("sd1", "sd2", "sdxl", "sdxl-refiner"), help="override the detected model family"
+        "--family", choices=("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3"), help="override the detected model family"
     )
     p.add_argument(
         "--kind",
@@ -36,8 +41,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--prediction-type",
-        choices=("epsilon", "v_prediction", "eps", "v"),
-        help="override the detected prediction type (check the model card: SD 2.x 768 models are v_prediction)",
+        choices=("epsilon", "v_prediction", "eps", "v", "flow"),
+        help="override the detected prediction type (check the model card: SD 2.x 768 models are v_prediction; "
+        "flow is SD3's, the only one it takes)",
     )
     p.add_argument("--no-ema", action="store_true", help="convert the raw UNet weights, not the EMA copy")
     p.add_argument("--variant", help="diffusers weights variant, e.g. fp16")

@@ -1,7 +1,8 @@
 """`convert()`: a published Stable Diffusion checkpoint -> an mlx-sd model folder (layout: mlx_sd/model.py).
 
-1. Open the source, reading headers and configs only: an original single file (convert/single_file.py), a
-   diffusers folder (convert/diffusers_folder.py), or a hub id fetched into the hub cache (convert/hub.py).
+1. Open the source, reading headers and configs only: an original single file (convert/single_file.py; SD3's:
+   convert/sd3_file.py), a diffusers folder (convert/diffusers_folder.py; SD3's: convert/sd3_folder.py), or a hub
+   id fetched into the hub cache (convert/hub.py).
 2. Swap in a separately published VAE if asked.
 3. Check every component's key map strictly, from shapes, before anything is written (convert/keymap.py).
 4. Hash the source files for the manifest.
@@ -23,19 +24,20 @@ from mlx_sd.quantization import BITS, QuantizationConfig
 
 from .controlnet import USE_AS_IT_IS, is_control_config
 from .diffusers_folder import CONFIG, MODEL_INDEX, plan_diffusers_folder, plan_vae_folder
-from .families import TEXT_TOWERS
+from .families import T5_TOWER, TEXT_TOWERS
 from .hub import fetch, parse_hub_id
 from .keymap import ConversionError
 from .kind import KINDS
-from .ldm_detect import FAMILIES, normalize_prediction_type
+from .ldm_detect import FAMILIES, FLOW, normalize_prediction_type
 from .output import check_destination, sha256_file, staged_output
 from .plan import ModelPlan, SourceFiles, VAESource
+from .sd3_folder import is_sd3_folder, plan_sd3_folder
 from .single_file import plan_file, plan_vae_single_file
 from .writer import FLOAT_DTYPES, plan_write, write_component
 
 CONVERTER_VERSION = f"mlx-sd {mlx_sd.__version__}"
 # Families this converter writes: each has its text towers in convert/families.py TEXT_TOWERS.
-SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3")
 
 
 @dataclass(frozen=True)
@@ -73,19 +75,23 @@ def convert(
 
     Args:
         src: a diffusers folder (model_index.json), an original single file (.safetensors, .ckpt, .pt, .pth), or
-            a hub id ("owner/name", or "owner/name/file.safetensors" for one file of a repo).
+            a hub id ("owner/name", or "owner/name/file.safetensors" for one file of a repo). SD 1.x, 2.x, XL and
+            SD3 / SD3.5 (an SD3 single file must hold the CLIP text encoders; T5 is optional, its tokenizer then
+            comes from the hub: google/t5-v1_1-xxl).
         out: the model folder to write (created; an existing one is compared, see `overwrite`).
-        dtype: "float16", "bfloat16" or "float32" for every stored weight. Default: the UNet and text encoders
-            in float16 (bfloat16 when the source's UNet is bfloat16, which float16 could overflow); the VAE in
+        dtype: "float16", "bfloat16" or "float32" for every stored weight. Default: the UNet (SD3: transformer)
+            and text encoders in float16 (bfloat16 when the source's UNet is bfloat16, which float16 could
+            overflow); the VAE in
             float32 (the pipeline runs it in float32: SD VAEs overflow in float16), or float16 when the source
             VAE is float16 already.
         quantize: 4 or 8: MLX affine quantization of the UNet's and text encoders' Linear layers (the selection
-            and its exclusions: mlx_sd/quantization.py).
+            and its exclusions: mlx_sd/quantization.py). Not for SD3 yet (refused): the selection has no MMDiT rule.
         vae: a separately published VAE replacing the source's: a diffusers VAE folder, a model folder (its
             vae/), an original-layout VAE file (which keeps the model's latent scale), or a hub id. E.g. an
             fp16-safe SDXL VAE (madebyollin/sdxl-vae-fp16-fix).
-        family: "sd1", "sd2", "sdxl" or "sdxl-refiner" to override detection.
-        prediction_type: "epsilon"/"eps" or "v_prediction"/"v" to override detection.
+        family: "sd1", "sd2", "sdxl", "sdxl-refiner" or "sd3" to override detection (sd3 only for SD3 sources).
+        prediction_type: "epsilon"/"eps" or "v_prediction"/"v" to override detection; "flow" is SD3's, and the
+            only type SD3 models take.
         kind: "standard", "turbo" or "lcm" to override detection (convert/kind.py: the rule, recorded in the
             manifest); Turbo models default to 1 step without guidance at 512x512.
         use_ema: single files with EMA weights: convert the EMA copy (True) or the raw training weights.
@@ -109,11 +115,16 @@ def convert(
     if vae is not None:
         model = model.with_vae(open_vae(str(vae), variant))
     _check_complete(model)
+    if quantize and model.family == "sd3":
+        raise ConversionError(
+            "quantize: SD3 models cannot be quantized yet (mlx_sd/quantization.py selects UNet and CLIP layers, not "
+            "the MMDiT's); convert without quantize (--quantize), e.g. with dtype bfloat16 or float16"
+        )
     dtypes = _dtypes(model, dtype)
     quantization = QuantizationConfig(bits=quantize) if quantize else None
     jobs = [plan_write(name, plan, dtypes[name], quantization) for name, plan in model.components.items()]
 
-    info = _manifest(model, dtypes["unet"], quantization, _hash_sources(model, report))
+    info = _manifest(model, dtypes[model.denoiser], quantization, _hash_sources(model, report))
     check_destination(out, overwrite, json.loads(info.to_json()))
     total = sum(job.nbytes for job in jobs)
     done = 0
@@ -140,7 +151,7 @@ def _dtypes(model: ModelPlan, dtype: str | None) -> dict[str, str]:
     """The stored dtype per component folder (see `convert`'s `dtype`)."""
     if dtype is not None:
         return {name: dtype for name in model.components}
-    source = model.detection.dtype.value  # the UNet's
+    source = model.detection.dtype.value  # the UNet's (SD3: the transformer's)
     vae_source = model.vae.dtype if model.vae is not None else source
     networks = "bfloat16" if source == "bfloat16" else "float16"
     return {name: networks for name in model.components} | {"vae": "float16" if vae_source == "float16" else "float32"}
@@ -184,6 +195,10 @@ def _open_local(path: Path, family, prediction_type, kind, use_ema, variant, nam
         if variant is not None:
             raise ConversionError(f"{path} is a single file; variant= (--variant) applies to diffusers folders")
         return plan_file(path, family=family, prediction_type=prediction_type, use_ema=use_ema, kind=kind)
+    if (path / MODEL_INDEX).is_file() and is_sd3_folder(path):
+        return plan_sd3_folder(
+            path, family=family, prediction_type=prediction_type, variant=variant, kind=kind, name=name
+        )
     if (path / MODEL_INDEX).is_file():
         return plan_diffusers_folder(
             path, family=family, prediction_type=prediction_type, variant=variant, kind=kind, name=name
@@ -223,9 +238,23 @@ def _check_complete(model: ModelPlan) -> None:
         raise ConversionError(
             "the checkpoint has no VAE (first_stage_model.*); pass vae= (--vae) with a separately published VAE"
         )
+    if model.prediction_type == FLOW and found.value != "sd3":
+        raise ConversionError(
+            f"prediction type flow (rectified flow) is SD3's; this is an {found.value} model ({found.evidence}): "
+            "drop the prediction type override"
+        )
     for encoder, tokenizer, _ in TEXT_TOWERS[found.value]:
         if encoder not in model.components or tokenizer not in model.tokenizers:
             raise ConversionError(f"{found.value} models need {encoder} and {tokenizer}; the source has no {encoder}")
+    encoder, tokenizer = T5_TOWER
+    if encoder in model.components and tokenizer not in model.tokenizers:
+        raise ConversionError(f"the source has {encoder} (T5) but no {tokenizer}; the model cannot be written")
+    channels = model.components[model.denoiser].config.out_channels
+    if model.components["vae"].config.latent_channels != channels:
+        raise ConversionError(
+            f"vae: {model.components['vae'].config.latent_channels} latent channels, but the {model.denoiser} works "
+            f"on {channels}; the source is inconsistent"
+        )
 
 
 # --- the manifest -----------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ WEIGHT_FORMATS = (".safetensors", ".bin")  # in order of preference: safetensors
 # The components converted, per folder name -> what their config translates to; tokenizers and the scheduler are
 # read as configs; anything else in model_index.json (safety_checker, feature_extractor, ...) is not needed.
 CONVERTED = ("unet", "vae", "text_encoder", "text_encoder_2")
-READ_AS_CONFIG = ("tokenizer", "tokenizer_2", "scheduler")
+READ_AS_CONFIG = ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")  # tokenizer_3: SD3's T5 (sd3_folder.py)
 
 
 # --- which weights file -----------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def open_weights(folder: Path, variant: str | None) -> tuple[Checkpoint | Sharde
     return ShardedCheckpoint(folder / choice.index, shards), choice
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -224,7 +224,9 @@ def plan_diffusers_folder(
     Raises:
         ConversionError for a missing component, unreadable config or weights, or an unsupported architecture.
     """
-    index = _read_json(root / MODEL_INDEX)
+    if family == "sd3":
+        raise ConversionError(f"{root}: family sd3 needs an SD3 folder (StableDiffusion3Pipeline); drop --family")
+    index = read_json(root / MODEL_INDEX)
     present = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]}
     # SD 1.x/2.x and SDXL base have text_encoder; the SDXL refiner has only text_encoder_2.
     text = "text_encoder" if "text_encoder" in present or "text_encoder_2" not in present else "text_encoder_2"
@@ -237,13 +239,13 @@ def plan_diffusers_folder(
         )
     files = [MODEL_INDEX]
     model_name = name or root.resolve().name
-    unet_cfg = _read_json(root / "unet" / CONFIG)
-    text_cfg = _read_json(root / text / CONFIG)
+    unet_cfg = read_json(root / "unet" / CONFIG)
+    text_cfg = read_json(root / text / CONFIG)
     found_family = overridden(family, _family(present, unet_cfg, text_cfg))
     components, choices = {}, {}
     for name in (c for c in CONVERTED if c in present):
         folder = root / name
-        config = _read_json(folder / CONFIG)
+        config = read_json(folder / CONFIG)
         weights, choice = open_weights(folder, variant)
         if name == "unet":
             translated = unet_config(config)
@@ -263,7 +265,7 @@ def plan_diffusers_folder(
             raise ConversionError(f"{root / name}: {error}") from None
         files += sorted(f"{name}/{p.name}" for p in (root / name).iterdir() if p.is_file())
     scheduler_path = root / "scheduler" / SCHEDULER_CONFIG
-    scheduler = _read_json(scheduler_path) if scheduler_path.is_file() else None
+    scheduler = read_json(scheduler_path) if scheduler_path.is_file() else None
     if scheduler is not None:
         files.append(f"scheduler/{SCHEDULER_CONFIG}")
     prediction = _prediction_type(scheduler, prediction_type)
@@ -275,7 +277,7 @@ def plan_diffusers_folder(
         text_encoder=_text_finding(text, text_cfg),
         in_channels=Finding(unet_cfg.get("in_channels", 4), CERTAIN, "unet/config.json in_channels"),
         ema=Finding(False, CERTAIN, "a diffusers folder holds one set of UNet weights"),
-        dtype=_dtype_finding(components["unet"].source, choices["unet"]),
+        dtype=dtype_finding(components["unet"].source, choices["unet"]),
         prediction_type=prediction,
         kind=detect_kind(
             model_name, override=kind, scheduler=scheduler, time_cond_proj_dim=unet_cfg.get("time_cond_proj_dim")
@@ -379,10 +381,11 @@ def _sdxl_flags(family: str, index: dict, components: dict) -> dict[str, Finding
     return flags
 
 
-def _dtype_finding(weights, choice: WeightChoice) -> Finding:
+def dtype_finding(weights, choice: WeightChoice, folder: str = "unet") -> Finding:
+    """How the denoiser's weights (`folder`) are stored, e.g. float16."""
     counts = Counter(weights.info(k).dtype for k in weights)
     spelled = ", ".join(f"{n} {d}" for d, n in counts.most_common())
-    return Finding(stored_dtype(weights), CERTAIN, f"unet/{choice.files[0]}: {spelled}")
+    return Finding(stored_dtype(weights), CERTAIN, f"{folder}/{choice.files[0]}: {spelled}")
 
 
 # --- a separately published VAE folder (--vae) ------------------------------------------------------------
@@ -393,7 +396,7 @@ def plan_vae_folder(folder: Path, variant: str | None = None) -> VAESource:
     root = folder
     if (folder / MODEL_INDEX).is_file():
         folder = folder / "vae"
-    config = _read_json(folder / CONFIG)
+    config = read_json(folder / CONFIG)
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise ConversionError(f"{folder / CONFIG}: a {config['_class_name']}, not an AutoencoderKL (VAE)")
     weights, choice = open_weights(folder, variant)

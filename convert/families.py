@@ -3,12 +3,14 @@
 Used for single-file checkpoints (which carry no configs), to cross-check what was inferred from tensor shapes, and
 by the full-size tests and benchmarks to build random-weight models of the real sizes. Values are copied from the
 `config.json` / `scheduler_config.json` files of the public diffusers folders (SD 1.5, SD 2.1, SDXL 1.0 base and
-refiner, SDXL-Turbo's scheduler).
+refiner, SDXL-Turbo's scheduler, SD3 medium, SD3.5 large and medium).
 """
 
 from __future__ import annotations
 
 import copy
+
+from mlx_sd.schedules import FAMILY_SCHEDULER_CONFIGS
 
 _SD_SCHEDULE = {
     "num_train_timesteps": 1000,
@@ -159,6 +161,77 @@ FAMILIES["sdxl-refiner"] = {
     "scheduler": FAMILIES["sdxl"]["scheduler"],
     "default_size": 1024,
 }
+# SD3 / SD3.5 (stabilityai/stable-diffusion-3-medium-diffusers, stable-diffusion-3.5-large, -3.5-medium): an MMDiT
+# over 16-channel latents, conditioned on CLIP-L and bigG (both with projections: pooled = 768 + 1280 = 2048) and the
+# T5 v1.1 XXL encoder (4096 wide, also the MMDiT's context width: the CLIP states are zero-padded to it).
+_SD3_MEDIUM = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 192,
+}
+SD3_TRANSFORMERS: dict[str, dict] = {
+    "sd3-medium": _SD3_MEDIUM,
+    "sd3.5-large": {
+        **_SD3_MEDIUM,
+        "num_layers": 38,
+        "num_attention_heads": 38,
+        "caption_projection_dim": 2432,
+        "qk_norm": "rms_norm",
+    },
+    # SD3.5 medium (MMDiT-X): a second, image-only attention in its first 13 blocks, and a 384-patch position table.
+    "sd3.5-medium": {
+        **_SD3_MEDIUM,
+        "pos_embed_max_size": 384,
+        "qk_norm": "rms_norm",
+        "dual_attention_layers": list(range(13)),
+    },
+}
+# Where each release's diffusers folder is published (single files name it when they cannot be converted alone).
+SD3_REPOS = {
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+}
+FAMILIES["sd3"] = {
+    "transformer": _SD3_MEDIUM,
+    "vae": {
+        **_VAE,
+        "latent_channels": 16,
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "force_upcast": True,
+    },
+    "text_encoder": _CLIP_L,  # CLIPTextModelWithProjection
+    "text_encoder_2": FAMILIES["sdxl"]["text_encoder_2"],  # CLIPTextModelWithProjection
+    # google/t5-v1_1-xxl's encoder (T5EncoderModel).
+    "text_encoder_3": {
+        "vocab_size": 32128,
+        "d_model": 4096,
+        "d_kv": 64,
+        "d_ff": 10240,
+        "num_layers": 24,
+        "num_heads": 64,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "layer_norm_epsilon": 1e-6,
+        "feed_forward_proj": "gated-gelu",
+        "dense_act_fn": "gelu_new",
+        "is_gated_act": True,
+    },
+    # FlowMatchEulerDiscreteScheduler, shift 3.0 (all three releases); it has no prediction_type: rectified flow.
+    "scheduler": FAMILY_SCHEDULER_CONFIGS["sd3"],
+    "default_size": 1024,
+}
 # SD-Turbo and SDXL-Turbo were distilled for a few "trailing" steps of Euler ancestral (stabilityai/sdxl-turbo's
 # scheduler_config.json); single files carry no scheduler, so Turbo files get this one.
 TURBO_SCHEDULER = {
@@ -185,7 +258,11 @@ TEXT_TOWERS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "sd2": (("text_encoder", "tokenizer", 0),),
     "sdxl": (("text_encoder", "tokenizer", 49407), ("text_encoder_2", "tokenizer_2", 0)),
     "sdxl-refiner": (("text_encoder_2", "tokenizer_2", 0),),
+    "sd3": (("text_encoder", "tokenizer", 49407), ("text_encoder_2", "tokenizer_2", 0)),
 }
+# SD3's third text encoder (T5) and its tokenizer folders. Optional: without it diffusers' SD3 pipeline conditions on
+# zeros in T5's place (as a folder whose model_index.json lists text_encoder_3 as null, or a file without t5xxl).
+T5_TOWER = ("text_encoder_3", "tokenizer_3")
 
 # A family's published scheduler assumes its published prediction type. Where a model of the family predicts the
 # other one, the config of the folder published for that combination is used instead: SD 2.x 512-base and
@@ -196,9 +273,10 @@ _SCHEDULER_FOR = {("sd2", "epsilon"): "sd1"}
 def scheduler_config(family: str, prediction_type: str, kind: str = "standard") -> dict:
     """The diffusers scheduler config to publish with a `family` model that predicts `prediction_type`
     (`kind` "turbo": the Turbo scheduler, whatever the family)."""
-    if kind == "turbo":
+    if kind == "turbo" and family != "sd3":
         config = copy.deepcopy(TURBO_SCHEDULER)
     else:
         config = family_config(_SCHEDULER_FOR.get((family, prediction_type), family), "scheduler")
-    config["prediction_type"] = prediction_type
+    if family != "sd3":  # FlowMatchEulerDiscreteScheduler has no prediction_type: it is always rectified flow
+        config["prediction_type"] = prediction_type
     return config

@@ -29,7 +29,9 @@ _DEFAULT_TIMEOUT = 10.0  # seconds, huggingface_hub's own default for metadata r
 _ON = {"1", "ON", "YES", "TRUE"}
 # diffusers components whose weights are converted (the rest of a repo's weights, e.g. safety_checker, are not
 # downloaded) and folders read as configs only.
-_WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_WEIGHT_FOLDERS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+# What is read of the config folders: configs, CLIP vocabularies, T5's SentencePiece model (tokenizer_3).
+_CONFIG_SUFFIXES = (".json", ".txt", ".model")
 
 
 def parse_hub_id(src: str) -> tuple[str, str | None] | None:
@@ -84,7 +86,7 @@ def needed_files(files: list[str], variant: str | None) -> list[str]:
     if MODEL_INDEX in by_folder.get("", []):
         wanted = [MODEL_INDEX]
         for folder in READ_AS_CONFIG:
-            wanted += [f"{folder}/{n}" for n in by_folder.get(folder, []) if n.endswith((".json", ".txt"))]
+            wanted += [f"{folder}/{n}" for n in by_folder.get(folder, []) if n.endswith(_CONFIG_SUFFIXES)]
         weight_folders = [f for f in _WEIGHT_FOLDERS if f in by_folder]
     elif CONFIG in by_folder.get("", []):
         wanted, weight_folders = [], [""]
@@ -118,7 +120,8 @@ def fetch(src: str, *, variant: str | None = None) -> tuple[Path, dict]:
         if file is not None:
             path = Path(hf_hub_download(repo_id, file, endpoint=None if local_only else _endpoint(), **kwargs))
         elif local_only:
-            path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt"], **kwargs))
+            patterns = [f"*{suffix}" for suffix in _CONFIG_SUFFIXES]
+            path = Path(snapshot_download(repo_id, allow_patterns=patterns, **kwargs))
         else:
             listing = HfApi(endpoint=_endpoint()).list_repo_files(repo_id)
             wanted = needed_files(listing, variant)
@@ -146,3 +149,39 @@ def fetch(src: str, *, variant: str | None = None) -> tuple[Path, dict]:
     if "snapshots" in path.parts:  # <cache>/models--owner--name/snapshots/<commit>/...
         facts["revision"] = path.parts[path.parts.index("snapshots") + 1]
     return path, facts
+
+
+def fetch_file(repo_id: str, filename: str, purpose: str) -> Path:
+    """One small file of a hub repo (e.g. a tokenizer that single files do not carry), from the cache or downloaded,
+    never hanging: as `fetch` does.
+
+    Args:
+        repo_id, filename: what to fetch, e.g. ("google/t5-v1_1-xxl", "spiece.model").
+        purpose: what it is for, for the error ("the T5 tokenizer").
+    Raises:
+        ConversionError naming the file, why the hub could not be used, and how to get it.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    why_local = "HF_HUB_OFFLINE is set: unset it to download" if offline() else probe(repo_id, _timeout())
+    local_only = why_local is not None
+    try:
+        return Path(
+            hf_hub_download(repo_id, filename, local_files_only=local_only, etag_timeout=_timeout(),
+                            endpoint=None if local_only else _endpoint())
+        )  # fmt: skip
+    except LocalEntryNotFoundError:
+        raise ConversionError(
+            f"{purpose} ({repo_id}/{filename}) is not in the local Hugging Face cache and the hub cannot be used "
+            f"({why_local or 'the download failed'}); fetch it once on a connected machine "
+            f"(`hf download {repo_id} {filename}`), or convert the model's diffusers folder instead"
+        ) from None
+    except HfHubHTTPError as error:
+        raise ConversionError(
+            f"{purpose} ({repo_id}/{filename}): the hub refused ({str(error).splitlines()[0]})"
+        ) from None
+    except OSError as error:
+        raise ConversionError(
+            f"{purpose} ({repo_id}/{filename}): could not be fetched from the hub ({error})"
+        ) from None

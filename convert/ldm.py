@@ -78,7 +78,7 @@ CLIP_HEAD_DIM = 64
 _VIT_H_WIDTH, _VIT_H_BLOCKS = 1024, 24
 
 
-class _View(Mapping):
+class KeyView(Mapping):
     """A lazy mapping: our key -> the file's tensor under another key (prefix stripped, or the EMA copy)."""
 
     def __init__(self, state: Mapping[str, np.ndarray], keys: dict[str, str], shapes: Mapping[str, tuple]):
@@ -101,7 +101,7 @@ class _View(Mapping):
         return {ours: tuple(self._shapes[theirs]) for ours, theirs in self._keys.items()}
 
 
-def _plan(name: str, prefix: str, config, view: _View, rules: list[Rule], hint: str = "") -> ComponentPlan:
+def plan_component(name: str, prefix: str, config, view: KeyView, rules: list[Rule], hint: str = "") -> ComponentPlan:
     return ComponentPlan(name, prefix, config, view, rules, hint, shapes=view.shapes())
 
 
@@ -155,17 +155,26 @@ def plan_single_file(
         global_step=global_step,
         kind=kind,
     )
+    if found.family.value == "sd3":
+        raise ConversionError(
+            f"an SD3 / SD3.5 file ({found.family.evidence}): convert/sd3_file.py plans it, not the UNet layout"
+        )
     texts = _text_encoders(state, shapes, found)  # first: their layout names a wrong family most plainly
     unet = _unet(state, shapes, found, texts)
     components = {"unet": unet}
     # The UNet claims its own tensors and, when they are used, their EMA copies.
     claimed = {UNET_PREFIX + k for k in unet.source} | set(unet.source.file_keys())
-    vae_keys = _strip(shapes, VAE_PREFIX)
+    vae_keys = strip_prefix(shapes, VAE_PREFIX)
     if vae_keys:
         scale = float(np.asarray(state["scale_factor"]).reshape(())) if "scale_factor" in shapes else None
         if scale is None and found.family.value.startswith("sdxl"):
             scale = SDXL_SCALING_FACTOR
         components["vae"] = _vae(state, shapes, vae_keys, scale)
+        if not (components["vae"].config.use_quant_conv and components["vae"].config.use_post_quant_conv):
+            raise ConversionError(
+                f"vae ({VAE_PREFIX}*): no quant_conv / post_quant_conv, which every SD 1.x/2.x/XL autoencoder has "
+                "(only SD3's lacks them); the file may be damaged"
+            )
         claimed |= set(vae_keys.values())
     for name, text in texts.items():
         components[name] = text
@@ -174,7 +183,7 @@ def plan_single_file(
     return SingleFilePlan(found, components)
 
 
-def _strip(shapes: Mapping, prefix: str) -> dict[str, str]:
+def strip_prefix(shapes: Mapping, prefix: str) -> dict[str, str]:
     return {k[len(prefix) :]: k for k in shapes if k.startswith(prefix)}
 
 
@@ -182,7 +191,7 @@ def _strip(shapes: Mapping, prefix: str) -> dict[str, str]:
 
 
 def _unet(state, shapes, found: Detection, texts: dict[str, ComponentPlan]) -> ComponentPlan:
-    keys = _strip(shapes, UNET_PREFIX)
+    keys = strip_prefix(shapes, UNET_PREFIX)
     if not keys:
         ema_only = any(k.startswith(EMA_PREFIX) for k in shapes)
         raise ConversionError(
@@ -190,7 +199,7 @@ def _unet(state, shapes, found: Detection, texts: dict[str, ComponentPlan]) -> C
             + (
                 "the file has only the EMA copy (model_ema.*), whose dotless names cannot be mapped back"
                 if ema_only
-                else f"this is not an original-layout SD checkpoint ({_likely_cause(list(shapes))})"
+                else f"this is not an original-layout SD checkpoint ({likely_cause(list(shapes))})"
             )
         )
     relative = {k: shapes[v] for k, v in keys.items()}
@@ -217,7 +226,7 @@ def _unet(state, shapes, found: Detection, texts: dict[str, ComponentPlan]) -> C
     hint = ""
     if "label_emb.0.0.weight" in relative and not family.startswith("sdxl"):
         hint = "label_emb.* is a class/image embedding (SD2 unCLIP?), which mlx-sd does not support."
-    return _plan("unet", UNET_PREFIX, config, _View(state, keys, shapes), unet_rules(config), hint)
+    return plan_component("unet", UNET_PREFIX, config, KeyView(state, keys, shapes), unet_rules(config), hint)
 
 
 def _ema_keys(shapes: Mapping, keys: dict[str, str]) -> dict[str, str]:
@@ -246,15 +255,15 @@ def plan_vae_file(
     if shapes is None:
         shapes = {k: tuple(np.shape(v)) for k, v in state.items()}
     prefixed = all(k.startswith(VAE_PREFIX) for k in shapes)
-    keys = _strip(shapes, VAE_PREFIX) if prefixed else {k: k for k in shapes}
+    keys = strip_prefix(shapes, VAE_PREFIX) if prefixed else {k: k for k in shapes}
     plan = _vae(state, shapes, keys, None)
-    return plan if prefixed else _plan("vae", "", plan.config, plan.source, plan.rules)
+    return plan if prefixed else plan_component("vae", "", plan.config, plan.source, plan.rules)
 
 
 def _vae(state, shapes, keys: dict[str, str], scale: float | None) -> ComponentPlan:
     relative = {k: shapes[v] for k, v in keys.items()}
     config = vae_config_from_shapes(relative, SD_SCALING_FACTOR if scale is None else scale)
-    return _plan("vae", VAE_PREFIX, config, _View(state, keys, shapes), vae_rules(config))
+    return plan_component("vae", VAE_PREFIX, config, KeyView(state, keys, shapes), vae_rules(config))
 
 
 # --- text encoders ----------------------------------------------------------------------------------------
@@ -284,10 +293,10 @@ def _text_encoders(state, shapes, found: Detection) -> dict[str, ComponentPlan]:
     if family.startswith("sdxl"):
         return _sdxl_text_encoders(state, shapes, family)
     prefix = TEXT_PREFIXES[layout]
-    keys = _strip(shapes, prefix)
+    keys = strip_prefix(shapes, prefix)
     relative = {k: shapes[v] for k, v in keys.items()}
     if layout == "clip":
-        config, rules = _clip_config(relative), _SD1_TEXT_DROPS + CLIP_RULES
+        config, rules = clip_config_from_shapes(relative), _SD1_TEXT_DROPS + CLIP_RULES
     else:
         blocks = 1 + max(int(k.split(".")[2]) for k in relative if k.startswith("transformer.resblocks."))
         width = relative["token_embedding.weight"][1]
@@ -297,27 +306,29 @@ def _text_encoders(state, shapes, found: Detection) -> dict[str, ComponentPlan]:
         tower = {k: v for k, v in relative.items() if k != "text_projection"}
         config = openclip_config(tower, keep_layers=keep, heads=width // OPENCLIP_HEAD_DIM)
         rules = _SD2_TEXT_DROPS + openclip_rules(drop_layers=range(keep, blocks))
-    return {"text_encoder": _plan("text_encoder", prefix, config, _View(state, keys, shapes), rules)}
+    return {"text_encoder": plan_component("text_encoder", prefix, config, KeyView(state, keys, shapes), rules)}
 
 
 def _sdxl_text_encoders(state, shapes, family: str) -> dict[str, ComponentPlan]:
     """SDXL base: CLIP-L (text_encoder) and bigG (text_encoder_2); the refiner: bigG alone (convert/sgm.py)."""
     plans = {}
     if family == "sdxl":
-        keys = _strip(shapes, CLIP_L_PREFIX)
+        keys = strip_prefix(shapes, CLIP_L_PREFIX)
         if not keys:
             raise ConversionError(f"text encoder: no {CLIP_L_PREFIX}* tensors; the SDXL base file is incomplete")
-        config = _clip_config({k: shapes[v] for k, v in keys.items()})
-        plans["text_encoder"] = _plan("text_encoder", CLIP_L_PREFIX, config, _View(state, keys, shapes),
+        config = clip_config_from_shapes({k: shapes[v] for k, v in keys.items()})
+        plans["text_encoder"] = plan_component("text_encoder", CLIP_L_PREFIX, config, KeyView(state, keys, shapes),
                                       _SD1_TEXT_DROPS + CLIP_RULES)  # fmt: skip
     prefix = BIG_G_PREFIX[family]
-    keys = _strip(shapes, prefix)
+    keys = strip_prefix(shapes, prefix)
     config = big_g_config(family, {k: shapes[v] for k, v in keys.items()})
-    plans["text_encoder_2"] = _plan("text_encoder_2", prefix, config, _View(state, keys, shapes), openclip_rules())
+    plans["text_encoder_2"] = plan_component(
+        "text_encoder_2", prefix, config, KeyView(state, keys, shapes), openclip_rules()
+    )
     return plans
 
 
-def _clip_config(shapes: Mapping[str, tuple[int, ...]]) -> CLIPTextConfig:
+def clip_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> CLIPTextConfig:
     """OpenAI CLIP text tower (SD1) from its shapes; keys may or may not start with `text_model.`."""
     shapes = {k.removeprefix("text_model."): v for k, v in shapes.items()}
     try:
@@ -347,13 +358,17 @@ def _check_everything_claimed(shapes: Mapping, claimed: set[str], found: Detecti
     stray = sorted(k for k in shapes if k not in claimed and rename(k, drops) is None)
     if stray:
         shown = ", ".join(stray[:8]) + (f" and {len(stray) - 8} more" if len(stray) > 8 else "")
-        raise ConversionError(f"{len(stray)} tensors belong to no SD component ({shown}); {_likely_cause(stray)}")
+        raise ConversionError(f"{len(stray)} tensors belong to no SD component ({shown}); {likely_cause(stray)}")
 
 
 _CAUSES = [
     (r"(?:control_model\.)?(?:input_hint_block|controlnet_cond_embedding)\.|(?:adapter\.)?body\.\d+\.", USE_AS_IT_IS),
     (r"control_model\.", "a ControlNet is stored in this file; convert the base model without it"),
     (SDXL_MARKER.replace(".", r"\."), "SDXL conditioner tensors: this is an SDXL file"),
+    (
+        r"text_encoders\.(?:clip_l|clip_g|t5xxl)\.|model\.diffusion_model\.joint_blocks\.",
+        "SD3 tensors (text_encoders.*, joint_blocks.*): this is an SD3 / SD3.5 file",
+    ),  # fmt: skip
     (r"(?:unet|vae|text_encoder)\.|down_blocks\.|mid_block\.", "diffusers-named tensors: convert the diffusers folder"),
     (r"lora_|.*\.lora_", "LoRA tensors: this is a LoRA, not a full checkpoint"),
     (r"cond_stage_model\.model\.visual\.", "an OpenCLIP image tower, which SD does not use"),
@@ -361,7 +376,7 @@ _CAUSES = [
 ]
 
 
-def _likely_cause(keys: list[str]) -> str:
+def likely_cause(keys: list[str]) -> str:
     for pattern, cause in _CAUSES:
         if any(re.match(pattern, k) for k in keys):
             return cause

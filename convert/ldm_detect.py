@@ -26,9 +26,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 EPSILON, V_PREDICTION = "epsilon", "v_prediction"  # diffusers' scheduler names, as in convert/families.py
-PREDICTION_TYPES = (EPSILON, V_PREDICTION)
-_PREDICTION_ALIASES = {"eps": EPSILON, "epsilon": EPSILON, "v": V_PREDICTION, "v_prediction": V_PREDICTION}
-FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
+FLOW = "flow"  # rectified flow (SD3): the only prediction type of the sd3 family, and only of it
+PREDICTION_TYPES = (EPSILON, V_PREDICTION, FLOW)
+_PREDICTION_ALIASES = {"eps": EPSILON, "epsilon": EPSILON, "v": V_PREDICTION, "v_prediction": V_PREDICTION, FLOW: FLOW}
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3")
 
 # Confidence levels, strongest first.
 OVERRIDE, CERTAIN, HIGH, MEDIUM, LOW = "override", "certain", "high", "medium", "low"
@@ -52,6 +53,8 @@ V_STAT_THRESHOLD = 0.09
 SD2_BASE_GLOBAL_STEP = 875000  # the original 512-base-ema.ckpt; diffusers' only epsilon signal for SD2
 # Context widths of the published text encoders: CLIP-L (SD1), OpenCLIP-H (SD2).
 CONTEXT_FAMILY = {768: "sd1", 1024: "sd2"}
+# The MMDiT's first joint block (relative to UNET_PREFIX): SD3 / SD3.5 files (convert/sd3.py MARKER).
+MMDIT_MARKER = "joint_blocks.0.x_block.attn.qkv.weight"
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,8 @@ class Detection:
     `ema`: whether the UNet weights come from the file's EMA copy; `dtype`: the UNet's stored float type;
     `prediction_type`: epsilon or v_prediction. `kind`: standard, turbo or lcm (convert/kind.py). SDXL only (None
     otherwise): `force_zeros_for_empty_prompt` (zero negative conditioning for an empty negative prompt) and
-    `requires_aesthetics_score` (the refiner's micro-conditioning), as the diffusers pipelines read them."""
+    `requires_aesthetics_score` (the refiner's micro-conditioning), as the diffusers pipelines read them. SD3 only:
+    `text_encoder_3`, whether the model has its T5 encoder (without it diffusers conditions on zeros in its place)."""
 
     family: Finding
     text_encoder: Finding
@@ -84,6 +88,7 @@ class Detection:
     kind: Finding | None = None
     force_zeros_for_empty_prompt: Finding | None = None
     requires_aesthetics_score: Finding | None = None
+    text_encoder_3: Finding | None = None
 
     @property
     def inpainting(self) -> bool:
@@ -99,7 +104,9 @@ def normalize_prediction_type(value: str) -> str:
     try:
         return _PREDICTION_ALIASES[value.lower()]
     except KeyError:
-        raise ValueError(f"prediction type {value!r}: use one of {list(PREDICTION_TYPES)} (or eps, v)") from None
+        raise ValueError(
+            f"prediction type {value!r}: use one of {list(PREDICTION_TYPES)} (or eps, v; flow is SD3's)"
+        ) from None
 
 
 def detect(
@@ -174,6 +181,8 @@ def _text_layout(shapes: Mapping) -> Finding:
 
 
 def _family(unet: Mapping, text: Finding, override: str | None) -> Finding:
+    if MMDIT_MARKER in unet:  # never a UNet: convert/sd3_file.py plans these files
+        return overridden(override, Finding("sd3", CERTAIN, f"{UNET_PREFIX}joint_blocks.* (an MMDiT): SD3 / SD3.5"))
     votes: list[tuple[str, str]] = []  # (family, evidence)
     if text.value == "sdxl" or ("label_emb.0.0.weight" in unet and text.value == "openclip-sgm"):
         if text.value == "sdxl":
@@ -242,6 +251,8 @@ def _dtype(shapes: Mapping, dtypes: Mapping[str, str]) -> Finding:
 def _prediction_type(state, shapes, family, in_channels, override, metadata, global_step, kind) -> Finding:
     if override is not None:
         return Finding(normalize_prediction_type(override), OVERRIDE, "set by the caller")
+    if family == "sd3":
+        return Finding(FLOW, CERTAIN, "SD3 / SD3.5 are rectified-flow models")
     if "v_pred" in shapes:
         zsnr = " and zero-terminal-SNR (ztsnr)" if "ztsnr" in shapes else ""
         return Finding(V_PREDICTION, HIGH, f"marker tensor 'v_pred'{zsnr} (written by ComfyUI)")

@@ -85,4 +85,7 @@ def vae_config_from_shapes(
         layers_per_block=len(blocks),
         norm_num_groups=32,  # the original code hard-codes GroupNorm(32, C)
         scaling_factor=scaling_factor,
+        # SD3's autoencoder has neither 1x1 convolution around the latent (sd3_impls.py): its files lack them.
+        use_quant_conv="quant_conv.weight" in shapes,
+        use_post_quant_conv="post_quant_conv.weight" in shapes,
     )

@@ -10,10 +10,11 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mlx_sd.t5_tokenizer import T5Tokenizer
 from mlx_sd.tokenizer import CLIPTokenizer
 
 from .families import family_config
-from .keymap import ComponentPlan
+from .keymap import ComponentPlan, ConversionError
 from .ldm_detect import Detection, Finding
 
 
@@ -36,8 +37,8 @@ class ModelPlan:
     name: a display name (file stem, folder or repo name).
     kind: "single-file" or "diffusers".
     detection: what the source is, with the evidence (single files: detected; folders: read from the configs).
-    components: component folder ("unet", "vae", "text_encoder") -> its plan.
-    tokenizers: tokenizer folder ("tokenizer") -> tokenizer.
+    components: component folder ("unet" or SD3's "transformer", "vae", "text_encoder", ...) -> its plan.
+    tokenizers: tokenizer folder ("tokenizer", SD3's T5 "tokenizer_3") -> tokenizer.
     scheduler: the diffusers scheduler config to publish with the model.
     files: what the source was read from; `vae_files` when a separate VAE replaced the source's.
     details: other facts for the manifest's `source` entry (format, variant, hub revision...).
@@ -47,7 +48,7 @@ class ModelPlan:
     kind: str
     detection: Detection
     components: dict[str, ComponentPlan]
-    tokenizers: dict[str, CLIPTokenizer]
+    tokenizers: dict[str, CLIPTokenizer | T5Tokenizer]
     scheduler: dict
     files: SourceFiles
     details: dict = field(default_factory=dict)
@@ -61,16 +62,29 @@ class ModelPlan:
     def prediction_type(self) -> str:
         return self.detection.prediction_type.value
 
+    @property
+    def denoiser(self) -> str:
+        """The denoising network's component folder: "unet", or "transformer" (SD3's MMDiT)."""
+        return "transformer" if "transformer" in self.components else "unet"
+
     def with_vae(self, vae: VAESource) -> ModelPlan:
         """This model with `vae` as its VAE. A VAE file carries no latent scale (it lives in the original yaml):
-        it takes this model's (SDXL: 0.13025, SD 1.x/2.x: 0.18215), which a VAE swap must not change."""
+        it takes this model's (SDXL: 0.13025, SD 1.x/2.x: 0.18215; SD3: 1.5305 after a 0.0609 shift), which a VAE
+        swap must not change."""
         plan = vae.plan
+        own = self.components.get("vae")
+        own = own.config if own is not None else None
         if not vae.scale_known:
-            own = self.components.get("vae")
-            scale = (
-                own.config.scaling_factor if own is not None else family_config(self.family, "vae")["scaling_factor"]
+            published = family_config(self.family, "vae")
+            scale = own.scaling_factor if own else published["scaling_factor"]
+            shift = own.shift_factor if own else published.get("shift_factor", 0.0)
+            plan = replace(plan, config=replace(plan.config, scaling_factor=scale, shift_factor=shift))
+        channels = self.components[self.denoiser].config.out_channels
+        if plan.config.latent_channels != channels:
+            raise ConversionError(
+                f"vae {vae.name}: {plan.config.latent_channels} latent channels, but this {self.family} model's "
+                f"{self.denoiser} works on {channels}; pass a VAE made for {self.family}"
             )
-            plan = replace(plan, config=replace(plan.config, scaling_factor=scale))
         return replace(self, components={**self.components, "vae": plan}, vae=replace(vae, plan=plan))
 
 

@@ -193,7 +193,13 @@ def _open_safetensors(path: Path) -> Checkpoint:
     for key, entry in header.items():
         dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
-            raise ConversionError(f"{path}: tensor {key} has dtype {entry['dtype']}, which mlx-sd cannot convert")
+            fix = (
+                "; float8 files (e.g. sd3_medium_incl_clips_t5xxlfp8) are not supported: convert the fp16 file or the "
+                "diffusers folder"
+                if entry["dtype"].startswith("F8")
+                else ""
+            )
+            raise ConversionError(f"{path}: tensor {key} has dtype {entry['dtype']}, which mlx-sd cannot convert{fix}")
         begin, end = entry["data_offsets"]
         shape = tuple(entry["shape"])
         storage = StorageRef(key, end - begin, offset=8 + length + begin)

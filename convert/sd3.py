@@ -22,13 +22,17 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 import numpy as np
 
 from mlx_sd.components import build, parameter_shapes
 from mlx_sd.models import MMDiTConfig
 
+from .diffusers import mmdit_config
+from .families import SD3_REPOS, SD3_TRANSFORMERS
 from .keymap import ConversionError, Rule, map_keys, read_mapped
+from .ldm_detect import FLOW, normalize_prediction_type
 
 PREFIX = "model.diffusion_model."
 # A key every SD3-family MMDiT has (relative to the prefix), and no SD1/SD2/SDXL file does.
@@ -181,3 +185,34 @@ def convert_mmdit(
     label = f"transformer ({prefix}*)" if prefix else "transformer"
     plan = map_keys(label, shapes, mmdit_rules(config), parameter_shapes(build(config)))
     return config, {name: read_mapped({m.key: state[keys[m.key]]}, m) for name, m in plan.items()}
+
+
+# --- what every SD3 source shares -------------------------------------------------------------------------
+
+
+def release(config: MMDiTConfig) -> str | None:
+    """Which published release ("sd3-medium", "sd3.5-large", "sd3.5-medium") has this transformer, if any."""
+    for name, published in SD3_TRANSFORMERS.items():
+        if replace(mmdit_config(published), sample_size=config.sample_size) == config:
+            return name
+    return None
+
+
+def release_evidence(config: MMDiTConfig) -> str:
+    name = release(config)
+    if name is None:
+        return f"a {config.num_layers}-block MMDiT, {config.inner_dim} wide (no published release has this shape)"
+    return f"the transformer of {name} ({SD3_REPOS[name]})"
+
+
+def check_overrides(family: str | None, prediction_type: str | None, kind: str | None, found: str) -> None:
+    """Refuse the overrides that make no sense for an SD3 model: `found` says what the source is, for messages."""
+    if family is not None and family != "sd3":
+        raise ConversionError(f"{found} is an SD3 / SD3.5 model, not {family}: drop the family override (--family)")
+    if prediction_type is not None and normalize_prediction_type(prediction_type) != FLOW:
+        raise ConversionError(
+            f"{found}: SD3 models are rectified-flow models (prediction type flow), not {prediction_type}: drop the "
+            "prediction type override (--prediction-type)"
+        )
+    if kind == "lcm":
+        raise ConversionError(f"{found}: there are no LCM-distilled SD3 models; drop kind lcm (--kind)")

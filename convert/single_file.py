@@ -1,9 +1,10 @@
 """Original single-file checkpoints (`.safetensors`, `.ckpt`, `.pt`, `.pth`) -> a `ModelPlan`.
 
 The file is opened lazily and safely (convert/readers.py), detected and split into components by convert/ldm.py
-from its header alone. Single files carry no tokenizer or scheduler: the tokenizer is the bundled CLIP vocabulary
-with the original code's normalisation ("openai") and the family's pad id, and the scheduler is the family's
-published config for the detected prediction type (convert/families.py).
+(SD 1.x/2.x/XL) or convert/sd3_file.py (SD3 / SD3.5) from its header alone. Single files carry no tokenizer or
+scheduler: the tokenizer is the bundled CLIP vocabulary with the original code's normalisation ("openai") and the
+family's pad id, and the scheduler is the family's published config for the detected prediction type
+(convert/families.py). SD3 files differ: see convert/sd3_file.py.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from .families import TEXT_TOWERS, scheduler_config
 from .keymap import ConversionError
 from .kind import detect_kind
 from .ldm import plan_single_file, plan_vae_file
-from .ldm_detect import OVERRIDE, Finding
+from .ldm_detect import MMDIT_MARKER, OVERRIDE, UNET_PREFIX, Finding
 from .plan import ModelPlan, SourceFiles, VAESource, stored_dtype
 from .readers import Checkpoint, open_checkpoint
+from .sd3 import is_sd3
+from .sd3_file import plan_sd3_file
 
 # The original SD code tokenizes with OpenAI's cleaning (ftfy, HTML unescape); see mlx_sd/tokenizer.py.
 SINGLE_FILE_NORMALIZATION = "openai"
@@ -50,6 +53,14 @@ def plan_file(
     """
     checkpoint = open_checkpoint(path)
     shapes, dtypes = _header(checkpoint)
+    if is_sd3(shapes):
+        return plan_sd3_file(
+            path, checkpoint, shapes, dtypes, family=family, prediction_type=prediction_type, kind=kind
+        )
+    if family == "sd3":
+        raise ConversionError(
+            f"{path}: family sd3, but the file has no SD3 MMDiT ({UNET_PREFIX}{MMDIT_MARKER}); drop --family sd3"
+        )
     found_kind = detect_kind(path.stem, override=kind, metadata=checkpoint.metadata, shapes=shapes)
     plan = plan_single_file(
         checkpoint,

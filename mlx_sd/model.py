@@ -88,6 +88,11 @@ class ModelInfo:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def denoiser_folder(info: ModelInfo) -> str:
+    """The component folder of a model's denoising network: SD3's MMDiT is `transformer/` (as in diffusers)."""
+    return "transformer" if info.family == "sd3" else "unet"
+
+
 class StableDiffusion:
     """The networks of one model and how to drive them.
 
@@ -107,7 +112,7 @@ class StableDiffusion:
         self.folder = Path(folder)
         self.info = ModelInfo.read(self.folder)
         self.dtype = dtype or default_dtype()
-        self.unet = load_component(self.folder / ("transformer" if self.is_sd3 else "unet"), self.dtype)
+        self.unet = load_component(self.folder / denoiser_folder(self.info), self.dtype)
         self.vae = self.load_vae(vae_dtype)
         self.scheduler_config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
         self.text: PromptEncoder | None = self._load_text()

@@ -45,6 +45,7 @@ FAMILY_DEFAULTS = {
 # 512x512 (Stability's turbo demo: "H": 512, "W": 512 for both) and for 1-4 steps of Euler ancestral.
 TURBO_DEFAULTS = {"steps": 1, "guidance": 0.0, "sampler": "Euler a", "width": 512, "height": 512}
 LCM_DEFAULTS = {"steps": 4, "guidance": 1.0, "sampler": "LCM"}
+SD3_TURBO_DEFAULTS = {"steps": 4, "guidance": 0.0}  # SD3.5 Large Turbo's card: 4 steps of its Euler, no guidance
 
 
 def defaults_for(family: str, prediction_type: str = "epsilon", kind: str = "") -> FamilyDefaults:
@@ -53,7 +54,7 @@ def defaults_for(family: str, prediction_type: str = "epsilon", kind: str = "") 
     if family == "sd2" and prediction_type == "epsilon":
         base = replace(base, width=512, height=512)
     if kind == "turbo":
-        base = replace(base, **TURBO_DEFAULTS)
+        base = replace(base, **(SD3_TURBO_DEFAULTS if family == "sd3" else TURBO_DEFAULTS))
     elif kind == "lcm":
         base = replace(base, **LCM_DEFAULTS)
     return base

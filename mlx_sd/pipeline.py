@@ -34,13 +34,13 @@ from .infotext import a1111_title, generation_infotext
 from .lora import AppliedLoRA, LoRA, LoRAState, lora_networks, lora_targets, parse_lora_tags
 from .model import StableDiffusion
 from .models.layers import TextContext, set_circular
-from .params import GenerationRequest, defaults_for
+from .params import GenerationRequest
 from .reference import REFERENCE_MODULES, Reference
 from .refiner import DEFAULT_SWITCH_AT, Handoff, check_refiner
 from .rng import make_noise
 from .samplers import SamplingPlan, plan_sampling
 from .schedules import FLOW_SCHEDULER, NoiseSchedule
-from .sd3 import check_sd3_request, sd3_defaults, sd3_model_fn
+from .sd3 import check_sd3_request, model_defaults, sd3_model_fn
 from .textual_inversion import Embedding, add_embeddings, check_embedding, used_embeddings
 from .tiling import tiled_decode, tiled_encode
 from .upscale import HIRES_UPSCALERS, is_latent_upscaler
@@ -267,9 +267,7 @@ class Pipeline:
 
     @property
     def defaults(self):
-        info = self.model.info
-        base = defaults_for(info.family, info.prediction_type, info.kind)
-        return sd3_defaults(base, self.model.unet.config) if self.model.is_sd3 else base
+        return model_defaults(self.model.info, self.model.unet.config)
 
     # --- the streaming API ------------------------------------------------------------------------------------
 

@@ -19,11 +19,17 @@ import mlx.core as mx
 
 from .conditioning import Conditioning
 from .denoiser import ModelFn, classifier_free_guidance
-from .params import FamilyDefaults
+from .params import FamilyDefaults, defaults_for
 
 # diffusers' model cards: SD3 medium 28 steps at CFG 7; SD3.5 large 28 at 3.5; SD3.5 medium 40 at 4.5.
 SD35_LARGE = {"steps": 28, "guidance": 3.5}
 SD35_MEDIUM = {"steps": 40, "guidance": 4.5}
+
+
+def model_defaults(info, config) -> FamilyDefaults:
+    """A converted model's defaults from its manifest (`ModelInfo`) and its denoiser's config."""
+    base = defaults_for(info.family, info.prediction_type, info.kind)
+    return sd3_defaults(base, config) if info.family == "sd3" and info.kind != "turbo" else base
 
 
 def sd3_defaults(base: FamilyDefaults, config) -> FamilyDefaults:

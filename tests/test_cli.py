@@ -226,6 +226,27 @@ def test_model_upscalers_from_cli(model, tmp_path):
     assert Image.open(tmp_path / "hr.png").size == (128, 96)  # never overwritten
 
 
+def test_sd3_convert_and_generate_from_cli(tmp_path):
+    """An SD3 diffusers folder converted and run by the CLI: the library's image, pixel for pixel, and its
+    infotext (the pipeline itself is checked against diffusers in tests/test_sd3_pipeline.py)."""
+    from tiny_sd3 import tiny_sd3
+
+    from mlx_sd.pipeline import Pipeline
+
+    tiny_sd3(tmp_path).save_pretrained(tmp_path / "sd3-diffusers")
+    out = run("convert", tmp_path / "sd3-diffusers", tmp_path / "sd3", "--dtype", "float32")
+    assert out.returncode == 0, out.stderr
+    out = run("generate", "a red lighthouse", "--model", tmp_path / "sd3", "--width", 64, "--height", 48, "--steps", 3,
+              "--seed", 4, "--output", tmp_path / "sd3.png")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    expected = Pipeline(tmp_path / "sd3").generate(prompt="a red lighthouse", width=64, height=48, steps=3, seed=4)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "sd3.png")), np.asarray(expected.images[0]))
+    params = parse_infotext(read_infotext(tmp_path / "sd3.png"))[2]
+    assert params["Sampler"] == "Euler" and params["CFG scale"] == "7.0", params
+    refused = run("generate", "x", "--model", tmp_path / "sd3", "--sampler", "Euler a", "--steps", 1)
+    assert refused.returncode != 0 and "rectified-flow" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_samplers_listing():
     out = run("samplers", "--json")
     assert out.returncode == 0

@@ -2,14 +2,18 @@
 prompt encoding (two CLIP towers + T5, or zeros without T5), the MMDiT under guidance, flow-matching Euler, the
 16-channel shifted VAE."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
 from test_pipeline import _mask, check, generators
 from tiny_sd3 import SD35_MEDIUM, sd3_folder, tiny_sd3
 
+from mlx_sd.model import ModelInfo
 from mlx_sd.params import GenerationRequest
 from mlx_sd.pipeline import Pipeline
+from mlx_sd.sd3 import model_defaults
 from oracles import assert_close
 
 PROMPT = "a red lighthouse on mars, photo"
@@ -58,6 +62,8 @@ def test_sd3_without_t5_and_unguided(tmp_path):
                    generator=generators(2, 1), output_type="np").images  # fmt: skip
     check(ours.generate(prompt=PROMPT, width=64, height=64, steps=3, guidance=1.0, seed=2), expected, "sd3.5m no t5")
     assert (ours.defaults.steps, ours.defaults.guidance) == (40, 4.5)  # SD3.5 medium's card
+    turbo = ModelInfo(family="sd3", prediction_type="flow", name="x", kind="turbo")
+    assert model_defaults(turbo, ours.model.unet.config) == replace(ours.defaults, steps=4, guidance=0.0)
     first = next(ours.stream(GenerationRequest(prompt=PROMPT, width=64, height=48, steps=1, seed=2)))
     assert first.preview()[0].size == (8, 6)  # the 16 channels through SD3's preview factors
 

@@ -7,13 +7,13 @@ transformers' T5Tokenizer, compared id for id.
 """
 
 import json
-import random
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
+from t5_fixtures import train_spiece
 
 from mlx_sd.components import load_component, save_component
 from mlx_sd.models.t5 import relative_position_buckets
@@ -201,33 +201,10 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def t5_tokenizers(tmp_path_factory):
     """(a folder with only spiece.model, one saved by transformers 5, transformers' tokenizer loaded from it)."""
-    spm = pytest.importorskip("sentencepiece")
-    pytest.importorskip("google.protobuf")
     from transformers import T5Tokenizer as ReferenceT5Tokenizer
 
     tmp = tmp_path_factory.mktemp("t5_tokenizer")
-    rng = random.Random(0)
-    syllables = ["ka", "to", "ri", "mu", "sen", "pho", "cat", "dog", "ast", "naut", "ing", "er", "é", "ü", "42", "7"]
-    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(300)]
-    words += "a photo of an astronaut riding horse on mars café word katori".split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + rng.choice(".,!? ") for _ in range(600)]
-    (tmp / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
-    spiece_only = tmp / "spiece_only"
-    spiece_only.mkdir()
-    # T5's layout: <pad> 0, </s> 1, <unk> 2, no bos.
-    spm.SentencePieceTrainer.train(
-        input=str(tmp / "corpus.txt"),
-        model_prefix=str(spiece_only / "spiece"),
-        vocab_size=200,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    (spiece_only / "spiece.vocab").unlink()
+    spiece_only = train_spiece(tmp / "spiece_only")
     saved = tmp / "transformers"
     ReferenceT5Tokenizer.from_pretrained(spiece_only).save_pretrained(saved)
     return spiece_only, saved, ReferenceT5Tokenizer.from_pretrained(saved)

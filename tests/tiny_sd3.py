@@ -8,12 +8,11 @@ zero-padded to T5's width (64) before T5's rows follow them, and the pooled vect
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import mlx.core as mx
-import pytest
 import torch
+from t5_fixtures import t5_tokenizer_folder
 from tiny_pipelines import tiny_tokenizer
 
 from mlx_sd.components import save_component
@@ -28,32 +27,19 @@ TRANSFORMER = dict(
     joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=32, out_channels=16, pos_embed_max_size=32,
 )  # fmt: skip
 SD35_MEDIUM = dict(TRANSFORMER, num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0, 1))
+CLIP_L = dict(hidden_size=16, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, hidden_act="quick_gelu",
+              projection_dim=16)  # fmt: skip
+CLIP_G = dict(CLIP_L, hidden_act="gelu")
+T5 = dict(vocab_size=300, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+          relative_attention_num_buckets=8, relative_attention_max_distance=20)  # fmt: skip
 
 
-def t5_tokenizer_folder(tmp: Path) -> Path:
-    """A T5 tokenizer folder (spiece.model + transformers' files) from a SentencePiece model trained here."""
-    spm = pytest.importorskip("sentencepiece")
-    pytest.importorskip("google.protobuf")
-    from transformers import T5Tokenizer as ReferenceT5Tokenizer
-
-    rng = random.Random(0)
-    syllables = ["ka", "to", "ri", "mu", "sen", "pho", "cat", "dog", "ast", "naut", "ing", "er", "é", "ü", "42", "7"]
-    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(300)]
-    words += "a photo of an astronaut riding horse on mars red lighthouse blurry".split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + rng.choice(".,!? ") for _ in range(600)]
-    (tmp / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
-    spiece = tmp / "spiece"
-    spiece.mkdir()
-    spm.SentencePieceTrainer.train(
-        input=str(tmp / "corpus.txt"), model_prefix=str(spiece / "spiece"), vocab_size=200, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
-    )  # fmt: skip
-    ReferenceT5Tokenizer.from_pretrained(spiece).save_pretrained(tmp / "tokenizer_3")
-    return tmp / "tokenizer_3"
-
-
-def tiny_sd3(tmp: Path, seed: int = 0, t5: bool = True, transformer: dict = TRANSFORMER):
-    """A StableDiffusion3Pipeline with random weights (no T5 when `t5` is False: diffusers then uses zeros)."""
+def tiny_sd3(tmp: Path, seed: int = 0, t5: bool = True, transformer: dict = TRANSFORMER, clip_l: dict = CLIP_L,
+             clip_g: dict = CLIP_G, t5_config: dict = T5):  # fmt: skip
+    """A StableDiffusion3Pipeline with random weights, the position table included (a buffer in diffusers: random
+    too, so that a wrong mapping cannot pass); no T5 when `t5` is False (diffusers then uses zeros). CLIP-L's
+    projection is the identity, as SD3 uses that tower (sd3_infer.py pools it unprojected; diffusers' single-file
+    loader writes an identity)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -68,25 +54,23 @@ def tiny_sd3(tmp: Path, seed: int = 0, t5: bool = True, transformer: dict = TRAN
     vae = randomize(AutoencoderKL(
         block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=16, norm_num_groups=32,
-        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609, sample_size=64,
     ), seed + 1)  # fmt: skip
-
-    def clip(s: int, act: str):
-        cfg = CLIPTextConfig(hidden_size=16, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-                             vocab_size=49408, hidden_act=act, projection_dim=16, eos_token_id=2)  # fmt: skip
-        return randomize(CLIPTextModelWithProjection(cfg), s)
-
+    common = dict(vocab_size=49408, max_position_embeddings=77, eos_token_id=2)  # as the hub folders carry them
+    towers = [randomize(CLIPTextModelWithProjection(CLIPTextConfig(**c, **common)), seed + 2 + i)
+              for i, c in enumerate((clip_l, clip_g))]  # fmt: skip
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        net.pos_embed.pos_embed.copy_(torch.randn(net.pos_embed.pos_embed.shape, generator=g))
+        towers[0].text_projection.weight.copy_(torch.eye(clip_l["hidden_size"]))
     parts = dict(
         transformer=net, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=clip(seed + 2, "quick_gelu"), tokenizer=tiny_tokenizer(tmp / "tok1"),
-        text_encoder_2=clip(seed + 3, "gelu"), tokenizer_2=tiny_tokenizer(tmp / "tok2", pad="!"),
+        text_encoder=towers[0], tokenizer=tiny_tokenizer(tmp / "tok1"),
+        text_encoder_2=towers[1], tokenizer_2=tiny_tokenizer(tmp / "tok2", pad="!"),
         text_encoder_3=None, tokenizer_3=None,
     )  # fmt: skip
     if t5:
-        cfg = T5Config(vocab_size=300, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
-                       feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-                       relative_attention_max_distance=20)  # fmt: skip
-        parts["text_encoder_3"] = randomize(T5EncoderModel(cfg), seed + 4)
+        parts["text_encoder_3"] = randomize(T5EncoderModel(T5Config(**t5_config)), seed + 4)
         parts["tokenizer_3"] = ReferenceT5Tokenizer.from_pretrained(t5_tokenizer_folder(tmp))
     return StableDiffusion3Pipeline(**parts)
 

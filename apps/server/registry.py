@@ -11,9 +11,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_sd.components import load_config
 from mlx_sd.infotext import a1111_title
-from mlx_sd.model import MANIFEST, ModelInfo
-from mlx_sd.params import FamilyDefaults, defaults_for
+from mlx_sd.model import MANIFEST, ModelInfo, denoiser_folder
+from mlx_sd.params import FamilyDefaults
+from mlx_sd.sd3 import model_defaults
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")  # A1111 clients often send the file name
 
@@ -26,6 +28,7 @@ class ModelEntry:
     folder: Path
     info: ModelInfo
     in_channels: int = 4  # 9: an inpainting UNet (latents + mask + masked-image latents); 8: InstructPix2Pix
+    config: object = None  # the denoiser's config (SD3.5's defaults differ from SD3's)
 
     @property
     def inpainting(self) -> bool:
@@ -43,7 +46,7 @@ class ModelEntry:
 
     @property
     def defaults(self) -> FamilyDefaults:
-        return defaults_for(self.info.family, self.info.prediction_type, self.info.kind)
+        return model_defaults(self.info, self.config)
 
     def keys(self) -> set[str]:
         keys = {self.name, self.title}
@@ -71,13 +74,15 @@ class ModelRegistry:
         for folder in folders:
             try:
                 info = ModelInfo.read(folder)
-                in_channels = int(json.loads((folder / "unet" / "config.json").read_text())["in_channels"])
+                denoiser = folder / denoiser_folder(info)
+                in_channels = int(json.loads((denoiser / "config.json").read_text())["in_channels"])
+                config = load_config(denoiser) if info.family == "sd3" else None  # SD3.5's defaults differ
             except (OSError, ValueError, TypeError, KeyError):
                 continue  # a half-written or foreign folder is not offered
             name = folder.name
             if name in entries and entries[name].folder.resolve() != folder.resolve():
                 name = f"{folder.parent.name}-{name}"  # two folders of one name: keep both reachable
-            entries[name] = ModelEntry(name, folder, info, in_channels)
+            entries[name] = ModelEntry(name, folder, info, in_channels, config)
         with self._lock:
             self._entries = entries
 
