@@ -52,6 +52,14 @@ def add_parsers(sub) -> None:
                           help="NGMS: below this sigma every second step runs without the negative prompt")  # fmt: skip
     sampling.add_argument("--eta-noise-seed-delta", type=int, default=0,
                           help="ENSD: the sampler's noise from seed + this (A1111's setting)")  # fmt: skip
+    slg = p.add_argument_group("SD3 skip-layer guidance (SD3.5 medium's card: --skip-guidance-layers 7,8,9)")
+    slg.add_argument("--skip-guidance-layers", type=_layers, default=(), metavar="I,J,...",
+                     help="MMDiT blocks whose absence guides the image (empty: off)")  # fmt: skip
+    slg.add_argument("--skip-layer-guidance-scale", type=float, default=2.8, help="default: %(default)s")
+    slg.add_argument("--skip-layer-guidance-start", type=float, default=0.01,
+                     help="from this fraction of the steps (default: %(default)s)")  # fmt: skip
+    slg.add_argument("--skip-layer-guidance-stop", type=float, default=0.2,
+                     help="up to this fraction of the steps (default: %(default)s)")  # fmt: skip
     p.add_argument("--seed", type=int, help="random seed (default: random, printed and stored in the PNG)")
     p.add_argument("--subseed", type=int, help="variation seed (default: random when --subseed-strength is set)")
     p.add_argument("--subseed-strength", type=float, default=0.0, help="blend towards the variation seed (0-1)")
@@ -169,6 +177,14 @@ def _open_image(path: Path | None, what: str) -> Image.Image | None:
         raise UserError(f"{what} {path} is not a readable image ({e})") from None
 
 
+def _layers(text: str) -> tuple[int, ...]:
+    """--skip-guidance-layers: block indices, comma- or space-separated."""
+    try:
+        return tuple(int(i) for i in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give block indices such as 7,8,9") from None
+
+
 def _request(args) -> GenerationRequest:
     num, batch = args.num_images, args.batch_size
     if num < 1 or batch < 1:
@@ -197,7 +213,10 @@ def _request(args) -> GenerationRequest:
         hr_negative_prompt=args.hr_negative_prompt,
         firstpass_image=_open_image(args.firstpass_image, "--firstpass-image"),
         controlnet=control_flags.units(args, _open_image, _controlnet),
-        ip_adapter_scale=args.ip_adapter_scale,
+        ip_adapter_scale=args.ip_adapter_scale, skip_guidance_layers=args.skip_guidance_layers,
+        skip_layer_guidance_scale=args.skip_layer_guidance_scale,
+        skip_layer_guidance_start=args.skip_layer_guidance_start,
+        skip_layer_guidance_stop=args.skip_layer_guidance_stop,
     )  # fmt: skip
     if args.params_from is not None:
         fields.update(_recalled(args))

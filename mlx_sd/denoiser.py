@@ -79,7 +79,7 @@ class Denoiser:
 
 
 def classifier_free_guidance(
-    model: ModelFn, guidance: float, rescale: float = 0.0, cond_model: ModelFn | None = None, skip=None
+    model: ModelFn, guidance: float, rescale: float = 0.0, cond_model: ModelFn | None = None, skip=None, after=None
 ) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) folded into a model function.
 
@@ -93,6 +93,8 @@ def classifier_free_guidance(
         cond_model, skip: A1111's "Negative Guidance minimum sigma" (NGMS): every second call (the 2nd, 4th, ...)
             for which `skip(t)` holds evaluates `cond_model` (the conditional pass alone) and returns its output,
             unguided, at half the cost (A1111's CFGDenoiser with s_min_uncond).
+        after: `after(x, t, cond)` -> a term added to the guided output, or None (SD3's skip-layer guidance, which
+            needs the conditional output; mlx_sd/sd3.py).
 
     Returns:
         `guided(x, t) = uncond + guidance * (cond - uncond)` (rescaled if asked), a model function for `Denoiser`.
@@ -110,6 +112,9 @@ def classifier_free_guidance(
         if rescale:
             axes = tuple(range(1, out.ndim))
             out = rescale * out * (_std(cond, axes) / _std(out, axes)) + (1 - rescale) * out
+        if after is not None:
+            extra = after(x, t, cond)
+            out = out if extra is None else out + extra
         return out
 
     return guided

@@ -146,6 +146,10 @@ _FIELDS = {
     "Masked content": ("inpainting_fill", str), "ENSD": ("eta_noise_seed_delta", int),
     "Eta DDIM": ("eta", float), "Follow": ("follow", _known(FOLLOW.index)),
     "Noise multiplier": ("initial_noise_multiplier", float),
+    # SD3's skip-layer guidance (mlx-sd's keys: A1111 has none)
+    "SLG layers": ("skip_guidance_layers", lambda v: tuple(int(i) for i in v.replace(",", " ").split())),
+    "SLG scale": ("skip_layer_guidance_scale", float), "SLG start": ("skip_layer_guidance_start", float),
+    "SLG stop": ("skip_layer_guidance_stop", float),
     "RNG": ("rng", {"CPU": "torch-cpu", "MLX": "mlx", "torch-cpu-arm": "torch-cpu-arm"}.__getitem__),
 }  # fmt: skip
 _HIRES_KEYS = ("Hires upscale", "Hires resize", "Hires upscaler")
@@ -226,6 +230,7 @@ def generation_infotext(
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         "Tiling": True if request.tiling else None,
         "NGMS": request.s_min_uncond or None,
+        **_slg_infotext(request),
         # A1111 records ENSD for its ancestral samplers (the ones drawing fresh noise every step)
         "ENSD": request.eta_noise_seed_delta or None
         if plan.sampler.stochastic and plan.sampler.kdiffusion and not plan.sampler.brownian and request.eta != 0
@@ -267,3 +272,12 @@ def _eta(request: GenerationRequest, plan: SamplingPlan) -> float | None:
     if request.eta is None or parameter is None or request.eta == parameter.default:
         return None
     return request.eta
+
+
+def _slg_infotext(request) -> dict:
+    """SD3's skip-layer guidance, when on: the layers space-separated (an infotext value holds no commas unquoted)."""
+    if not request.skip_guidance_layers:
+        return {}
+    r = request
+    return {"SLG layers": " ".join(map(str, r.skip_guidance_layers)), "SLG scale": r.skip_layer_guidance_scale,
+            "SLG start": r.skip_layer_guidance_start, "SLG stop": r.skip_layer_guidance_stop}  # fmt: skip

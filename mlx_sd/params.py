@@ -106,6 +106,9 @@ class GenerationRequest:
         control_mode, resize_mode); their residuals add up. mlx_sd/controlnet.py.
     IP-Adapter (a `Pipeline` holding one): ip_adapter_image, the image prompt; ip_adapter_scale, the weight of its
         attention (diffusers' set_ip_adapter_scale; 0 leaves it out). mlx_sd/ip_adapter.py.
+    SD3 skip-layer guidance (diffusers' StableDiffusion3Pipeline; SD3.5 medium's card: layers 7, 8, 9):
+        skip_guidance_layers (MMDiT block indices; empty: off), skip_layer_guidance_scale, _start, _stop (fractions
+        of the steps: steps * start < step < steps * stop). mlx_sd/sd3.py.
     Memory: tiled_vae (None: tile above 1024x1024 pixels, in low-memory mode above 512x512), low_memory (free the
         text encoders after encoding and decode in tiles; None: on for devices with <= 16 GiB, e.g. a 16 GB Mac).
     """
@@ -169,6 +172,10 @@ class GenerationRequest:
     controlnet: tuple[ControlNetUnit, ...] = ()
     ip_adapter_image: Image.Image | None = field(default=None, repr=False)
     ip_adapter_scale: float = 1.0
+    skip_guidance_layers: tuple[int, ...] = ()
+    skip_layer_guidance_scale: float = 2.8
+    skip_layer_guidance_start: float = 0.01
+    skip_layer_guidance_stop: float = 0.2
     tiled_vae: bool | None = None
     low_memory: bool | None = None
 
@@ -259,6 +266,18 @@ class GenerationRequest:
             (
                 not (self.tiling and self.tiled_vae),
                 "tiling (seamless) needs the whole image in the VAE: drop tiled_vae",
+            ),
+            (
+                all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.skip_guidance_layers),
+                f"skip_guidance_layers={self.skip_guidance_layers!r}: must be block indices >= 0",
+            ),
+            (
+                0.0 <= self.skip_layer_guidance_start < self.skip_layer_guidance_stop <= 1.0,
+                "skip_layer_guidance_start and _stop are fractions of the steps: 0 <= start < stop <= 1",
+            ),
+            (
+                self.skip_layer_guidance_scale >= 0,
+                f"skip_layer_guidance_scale={self.skip_layer_guidance_scale}: must be >= 0",
             ),
         ]
         for ok, message in checks:

@@ -287,6 +287,9 @@ class Pipeline:
             check_edit(request, self.model)
         if self.model.is_sd3:
             check_sd3_request(request, self)
+        elif request.skip_guidance_layers:
+            raise ValueError(f"skip_guidance_layers is SD3's skip-layer guidance; this is an {self.model.info.family} "
+                             "model")  # fmt: skip
         refining = self._refining(request)
         control = control or Control()
         start = time.perf_counter()
@@ -517,7 +520,7 @@ class Pipeline:
         unet = model.unet
         dtype = model.dtype
         if model.is_sd3:
-            return sd3_model_fn(unet, cond, uncond, request.guidance, request.guidance_rescale, dtype)
+            return sd3_model_fn(unet, cond, uncond, request, dtype, self._plan(request).sigmas)
         schedule = self.schedule if model is self.model else _schedule(model)  # NGMS's noise levels
         guided = uncond is not None
         edit = init is not None and init.edit_latents is not None  # InstructPix2Pix: three-way guidance

@@ -236,13 +236,20 @@ def test_sd3_convert_and_generate_from_cli(tmp_path):
     tiny_sd3(tmp_path).save_pretrained(tmp_path / "sd3-diffusers")
     out = run("convert", tmp_path / "sd3-diffusers", tmp_path / "sd3", "--dtype", "float32")
     assert out.returncode == 0, out.stderr
-    out = run("generate", "a red lighthouse", "--model", tmp_path / "sd3", "--width", 64, "--height", 48, "--steps", 3,
-              "--seed", 4, "--output", tmp_path / "sd3.png")  # fmt: skip
+    out = run("generate", "a red lighthouse", "--model", tmp_path / "sd3", "--width", 64, "--height", 48, "--steps", 6,
+              "--seed", 4, "--skip-guidance-layers", "0", "--skip-layer-guidance-stop", 0.5,
+              "--output", tmp_path / "sd3.png")  # fmt: skip
     assert out.returncode == 0, out.stderr
-    expected = Pipeline(tmp_path / "sd3").generate(prompt="a red lighthouse", width=64, height=48, steps=3, seed=4)
+    expected = Pipeline(tmp_path / "sd3").generate(prompt="a red lighthouse", width=64, height=48, steps=6, seed=4,
+                                                   skip_guidance_layers=(0,), skip_layer_guidance_stop=0.5)  # fmt: skip
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "sd3.png")), np.asarray(expected.images[0]))
     params = parse_infotext(read_infotext(tmp_path / "sd3.png"))[2]
     assert params["Sampler"] == "Euler" and params["CFG scale"] == "7.0", params
+    assert (params["SLG layers"], params["SLG stop"]) == ("0", "0.5"), params
+    again = run("generate", "--params-from", tmp_path / "sd3.png", "--model", tmp_path / "sd3", "--output",
+                tmp_path / "again.png")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(expected.images[0]))
     refused = run("generate", "x", "--model", tmp_path / "sd3", "--sampler", "Euler a", "--steps", 1)
     assert refused.returncode != 0 and "rectified-flow" in refused.stderr and "Traceback" not in refused.stderr
 

@@ -54,6 +54,25 @@ def test_sd3_txt2img_matches_diffusers(sd3, batch):
     assert result.request.sampler == "Euler"
 
 
+def test_sd3_skip_layer_guidance_matches_diffusers(sd3):
+    """SD3.5 medium's skip-layer guidance: steps 1 to 2 of 6 (6 * 0.01 < i < 6 * 0.5) add (cond - cond without
+    block 0) * 2.8 to the guided velocity, as StableDiffusion3Pipeline's skip_guidance_layers."""
+    ref, ours = sd3
+    kwargs = dict(width=64, height=64, guidance=5.0, steps=6, seed=9)
+    expected = ref(
+        PROMPT, negative_prompt="blurry", width=64, height=64, num_inference_steps=6, guidance_scale=5.0,
+        generator=generators(9, 1), output_type="np", skip_guidance_layers=[0], skip_layer_guidance_scale=2.8,
+        skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.5,
+    ).images  # fmt: skip
+    request = dict(prompt=PROMPT, negative_prompt="blurry", skip_guidance_layers=(0,), skip_layer_guidance_stop=0.5)
+    result = ours.generate(**request, **kwargs)
+    check(result, expected, "sd3 skip-layer guidance")
+    plain = ours.generate(prompt=PROMPT, negative_prompt="blurry", **kwargs)
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(result.images[0]))
+    with pytest.raises(ValueError, match="blocks 0 to 1"):
+        ours.generate(**{**request, **kwargs, "steps": 1, "skip_guidance_layers": (2,)})
+
+
 def test_sd3_without_t5_and_unguided(tmp_path):
     ref = tiny_sd3(tmp_path, seed=3, t5=False, transformer=SD35_MEDIUM)
     ref.set_progress_bar_config(disable=True)
@@ -109,7 +128,7 @@ def test_sd3_inpaint_matches_diffusers(sd3, strength):
 def test_sd3_refuses_what_it_cannot_run(sd3):
     _, ours = sd3
     refused = {"seamless tiling": dict(tiling=True), "hires fix": dict(enable_hr=True),
-               "LoRAs": dict(prompt="a cat <lora:x:1>"), "rectified-flow": dict(sampler="Euler a")}  # fmt: skip
+               "rectified-flow": dict(sampler="Euler a")}  # fmt: skip
     for named, params in refused.items():
         with pytest.raises(ValueError, match=named):
             ours.generate(**{"prompt": "a cat", "steps": 1, "width": 64, "height": 64, **params})

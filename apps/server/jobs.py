@@ -73,6 +73,11 @@ class JobRequest(BaseModel):
     s_tmax: float | None = Field(None, ge=0)
     s_noise: float | None = Field(None, ge=0, le=10, description="noise multiplier of the stochastic samplers")
     s_min_uncond: float = Field(0.0, ge=0, description="A1111's NGMS: below this sigma every second call is unguided")
+    skip_guidance_layers: tuple[int, ...] = Field((), description="SD3 skip-layer guidance: MMDiT blocks (e.g. 7, 8, "
+                                                  "9 for SD3.5 medium); empty: off")  # fmt: skip
+    skip_layer_guidance_scale: float = Field(2.8, ge=0, le=100)
+    skip_layer_guidance_start: float = Field(0.01, ge=0, le=1, description="fraction of the steps")
+    skip_layer_guidance_stop: float = Field(0.2, ge=0, le=1, description="fraction of the steps")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null: random (reported in the result)")
     subseed: int | None = Field(None, ge=0, le=MAX_SEED, description="variation seed; null: random when used")
     subseed_strength: float = Field(0.0, ge=0, le=1)

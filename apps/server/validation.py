@@ -16,6 +16,7 @@ from mlx_sd.hires import hires_request, hires_target
 from mlx_sd.params import GenerationRequest
 from mlx_sd.samplers import resolve
 from mlx_sd.schedules import img2img_steps, schedule_type
+from mlx_sd.sd3 import check_sd3_params
 from mlx_sd.sd_upscale import SDUpscale
 from mlx_sd.sd_upscale import check as check_script
 from mlx_sd.upscale import HIRES_UPSCALERS, IMAGE_UPSCALERS
@@ -94,6 +95,14 @@ def check_request(request: GenerationRequest, model: ModelEntry, limits: Limits,
         resolve(resolved.sampler, resolved.schedule_type)
     except ValueError as e:
         raise invalid(name("sampler"), str(e)) from None
+    if model.info.family == "sd3":
+        try:
+            check_sd3_params(resolved, model.config)
+        except ValueError as e:
+            raise ApiError(422, str(e), code="invalid_value") from None
+    elif resolved.skip_guidance_layers:
+        raise invalid("skip_guidance_layers", f"skip-layer guidance is SD3's; model {model.name!r} is "
+                      f"{model.info.family}")  # fmt: skip
     if request.eta is not None and not sampler_takes(resolved.sampler, "eta"):
         raise invalid(name("eta"), f"sampler {resolved.sampler!r} has no eta; leave it out")
     if resolved.init_image is not None:

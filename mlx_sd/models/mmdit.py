@@ -13,6 +13,7 @@ Channels-last: latents (B, h, w, C) in and out; tokens (B, N, C) inside.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -281,6 +282,7 @@ class SD3Transformer2DModel(nn.Module):
         timestep: mx.array | float,
         encoder_hidden_states: mx.array,
         pooled_projections: mx.array,
+        skip_layers: Collection[int] = (),
     ) -> mx.array:
         """Predict the flow velocity of latents `x`.
 
@@ -289,6 +291,7 @@ class SD3Transformer2DModel(nn.Module):
             timestep: (B,) or a scalar: what diffusers passes, sigma * 1000 (fractional).
             encoder_hidden_states: (B, L, joint_attention_dim) text tokens (CLIP-L + bigG padded, then T5).
             pooled_projections: (B, pooled_projection_dim) the pooled CLIP embeddings.
+            skip_layers: blocks to leave out (skip-layer guidance's second pass; diffusers' `skip_layers`).
         Returns:
             (B, h, w, out_channels), in x's dtype.
         """
@@ -298,8 +301,9 @@ class SD3Transformer2DModel(nn.Module):
         tokens = self.pos_embed(x)  # (B, N, D)
         emb = silu(self.time_text_embed(t, pooled_projections.astype(x.dtype)))  # every adaLN's input, (B, D)
         context = linear(self.context_embedder, encoder_hidden_states.astype(x.dtype))  # (B, L, D)
-        for block in self.transformer_blocks:
-            tokens, context = block(tokens, context, emb)
+        for i, block in enumerate(self.transformer_blocks):
+            if i not in skip_layers:
+                tokens, context = block(tokens, context, emb)
         scale, shift = _chunks(self.norm_out.linear, emb, 2)
         out = linear(self.proj_out, _modulate(_norm(tokens), shift, scale))  # (B, N, p*p*C)
         out = out.reshape(B, H // p, W // p, p, p, C).transpose(0, 1, 3, 2, 4, 5)

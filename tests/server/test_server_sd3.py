@@ -56,7 +56,8 @@ def test_sd3_listed_and_a1111_txt2img(sd3):
 
 def test_sd3_native_job(sd3):
     server, folder = sd3
-    r = server.post("/v1/jobs", json={**PARAMS, "sampler": "DPM++ 2M"})
+    slg = {"skip_guidance_layers": [1], "skip_layer_guidance_stop": 0.7}
+    r = server.post("/v1/jobs", json={**PARAMS, "sampler": "DPM++ 2M", **slg})
     assert r.status_code == 202, r.text
 
     def finished():
@@ -67,4 +68,8 @@ def test_sd3_native_job(sd3):
     assert job["status"] == "done", job
     png = server.session.get(job["result"]["images"][0]["url"], timeout=30).content
     got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    np.testing.assert_array_equal(got, np.asarray(library(folder, sampler="DPM++ 2M").images[0]))
+    expected = library(folder, sampler="DPM++ 2M", skip_guidance_layers=(1,), skip_layer_guidance_stop=0.7)
+    np.testing.assert_array_equal(got, np.asarray(expected.images[0]))
+    assert "SLG layers: 1" in expected.infotexts[0]
+    wrong = server.post("/v1/jobs", json={**PARAMS, "skip_guidance_layers": [7]})
+    assert wrong.status_code == 422 and "blocks 0 to 2" in wrong.text, wrong.text
