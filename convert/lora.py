@@ -14,6 +14,23 @@ Dialects (a file may mix the two text-encoder/UNet halves of one dialect, not di
                         <module>.lora.down.weight, text_encoder.<module>.to_q_lora.down.weight,
                         <module>.lora_linear_layer.down.weight, optional per-module <module>.alpha
 
+SD3 / SD3.5 (the MMDiT is the component "unet"; diffusers names its folder and its LoRA prefix "transformer"):
+
+    diffusers / PEFT    transformer.transformer_blocks.0.attn.to_q.lora_A.weight (StableDiffusion3Pipeline's
+                        save_lora_weights; text_encoder., text_encoder_2. for the CLIP towers), unprefixed or
+                        base_model.model.<module> (PEFT's own state dicts)
+    kohya (sd-scripts)  lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight: Stability's module names
+                        (convert/sd3.py's table); lora_te1_/lora_te2_ CLIP towers, lora_te3_ T5
+                        (lora_te3_encoder_block_0_layer_0_SelfAttention_q); OneTrainer: lora_transformer_<diffusers>
+    ComfyUI             diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_up.weight (Stability's names, dotted)
+
+A LoRA on Stability's fused attn.qkv has one down (r, in) and an up (3 inner, r): it is the three projections' LoRAs
+sharing that down, each taking its third of the up's rows (W_qkv + s up @ down, split by rows as the converter
+splits W_qkv; sd-scripts' split_qkv files store a block-diagonal up, which splits the same way). The
+(shift, scale) modulations that convert/sd3.py swaps (final layer, last block's text stream) have their up's halves
+swapped the same way. (diffusers 0.42 reads only its own format for SD3; ComfyUI and sd-scripts merge these files
+into Stability's fused weights, which is what this split reproduces.)
+
 Since "_" also occurs inside names (`to_q`, `transformer_blocks`), underscore names are never split by rule: they
 are looked up in tables built from the model's own layer paths, so a name either denotes exactly one layer or is
 an error. Every key of the file is consumed or the load fails naming it (LyCORIS LoHa/LoKr/DoRA/Tucker tensors
@@ -43,11 +60,14 @@ from mlx_sd.lora import COMPONENTS, LoRA, LoRALayer, LoRATargets
 from .keymap import ConversionError, rename
 from .ldm_unet import RESNET_LEAVES, block_table, unet_rules
 from .readers import open_checkpoint
+from .sd3 import mmdit_rules
 
 _SHOWN = 8
-_KOHYA_PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
-                   "lora_te2": "text_encoder_2"}  # fmt: skip
-_KOHYA = re.compile(r"(lora_unet|lora_te[12]?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+# The file's name of a network -> ours. "denoiser" (kohya's lora_unet, unprefixed diffusers keys) is the model's UNet
+# or MMDiT; "unet" and "transformer" name one of the two (`_Tables.component`).
+_KOHYA_PREFIXES = {"lora_unet": "denoiser", "lora_transformer": "transformer", "lora_te": "text_encoder",
+                   "lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}  # fmt: skip
+_KOHYA = re.compile(r"(lora_unet|lora_transformer|lora_te[123]?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
 _ROLES = {
     "lora_A.weight": "down",
     "lora_B.weight": "up",
@@ -55,9 +75,11 @@ _ROLES = {
     "lora.up.weight": "up",
     "lora_linear_layer.down.weight": "down",
     "lora_linear_layer.up.weight": "up",
+    "lora_down.weight": "down",  # ComfyUI's dotted names (diffusion_model.joint_blocks...)
+    "lora_up.weight": "up",
     "alpha": "alpha",
 }
-_PREFIX = r"(?:(unet|text_encoder|text_encoder_2)\.)?"
+_PREFIX = r"(?:(unet|transformer|text_encoder|text_encoder_2)\.)?"
 _DIFFUSERS = re.compile(_PREFIX + r"(.+?)\.(" + "|".join(re.escape(r) for r in _ROLES) + ")")
 # Attention-processor LoRAs (diffusers < 0.21): named after the attention, not the projection.
 _PROCESSOR = re.compile(_PREFIX + r"(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
@@ -71,14 +93,25 @@ _OTHER_NETWORKS = re.compile(r".*\.(hada_\w+|lokr_\w+|lora_mid\.weight|dora_scal
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 # Hints for "made for another family": the cross-attention key/value input width of each family's UNet.
 _CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
+# Keys only an SD3 (MMDiT) LoRA has, and keys only a UNet's has, in every dialect; for the "made for" hint.
+_SD3_KEY = re.compile(
+    r"transformer\.|lora_transformer_|lora_te3_|(lora_unet_|diffusion_model\.)joint_blocks|"
+    r"(base_model\.model\.)?transformer_blocks\.\d+\.(attn\.add_|norm1_context|ff_context)"
+)
+_UNET_KEY = re.compile(
+    r"unet\.|lora_unet_(down|up|mid|input|output|middle)_block|lora_te_|"
+    r"(down|up|mid)_blocks?\.\d*\.?(attentions|resnets)"
+)
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
 
 
 @dataclass
 class _Entry:
-    """The tensors of one adapted layer, by role, with their source keys for messages."""
+    """The tensors of one adapted layer, by role, with their source keys for messages; `named` is the file's name of
+    the network (PEFT's adapter config is keyed by it: "unet", "transformer", "text_encoder", ...)."""
 
     keys: dict[str, str]
+    named: str
 
 
 def map_lora(
@@ -108,12 +141,13 @@ def map_lora(
         if parsed is None:
             (other if _OTHER_NETWORKS.fullmatch(key) else unknown).append(key)
             continue
-        component, module, role, naming = parsed
+        named, module, role, naming = parsed
+        component = tables.component(named)
         path = tables.resolve(component, module, naming)
         if path is None:
             unmatched.append(key)
             continue
-        entry = entries.setdefault((component, path), _Entry({}))
+        entry = entries.setdefault((component, path), _Entry({}, tables.peft_name(named)))
         if role in entry.keys:
             unmatched.append(f"{key} (a second {role} for {component}.{path}, after {entry.keys[role]})")
             continue
@@ -140,44 +174,74 @@ def map_lora(
 
     alphas = _PeftAlphas(metadata)
     layers: dict[str, dict[str, LoRALayer]] = {}
-    misshaped = []
+    misshaped, twice = [], []
     for (component, path), entry in entries.items():
-        shape = targets.shapes[component][path]
+        fused = tables.fused.get(component, {}).get(path)
+        shape = fused.shape if fused else targets.shapes[component][path]
+        alpha, rslora = alphas.alpha(entry.named, path), alphas.rslora(entry.named)
         try:
-            layer = _layer(state, entry, shape, alphas.alpha(component, path), alphas.rslora(component))
+            down, up, scale = _matrices(state, entry, shape, alpha, rslora)
         except ValueError as error:
             misshaped.append(f"{component}.{path}: {error}")
             continue
-        layers.setdefault(component, {})[path] = layer
+        down = mx.array(down)
+        for ours, part in (fused.split_up(up) if fused else {path: up}).items():
+            if ours in layers.get(component, {}):
+                twice.append(f"{component}.{ours} (from {path} and from another key)")
+                continue
+            layers.setdefault(component, {})[ours] = LoRALayer(down, mx.array(np.ascontiguousarray(part)), scale)
     if misshaped:
         count = len(misshaped)
         raise ConversionError(f"LoRA {name}: {count} layers have the wrong shape ({_summary(misshaped)}){hint}")
+    if twice:
+        raise ConversionError(f"LoRA {name}: {len(twice)} layers are adapted twice ({_summary(twice)})")
     return layers
 
 
 def _parse_key(key: str) -> tuple[str, str, str, str] | None:
-    """(component, module name, role, naming) of a LoRA key; naming is "underscore" or "dotted"."""
+    """(the file's network name, module name, role, naming) of a LoRA key; naming is "underscore" or "dotted"."""
     if m := _KOHYA.fullmatch(key):
         role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m.group(3)]
         return _KOHYA_PREFIXES[m.group(1)], m.group(2), role, "underscore"
     if m := _PROCESSOR.fullmatch(key):
-        component = m.group(1) or "unet"
-        kind = "unet" if component == "unet" else "text"
-        return component, f"{m.group(2)}.{_PROCESSOR_TARGETS[kind][m.group(3)]}", m.group(4), "dotted"
+        named = m.group(1) or "denoiser"
+        kind = "text" if named.startswith("text_encoder") else "unet"
+        return named, f"{m.group(2)}.{_PROCESSOR_TARGETS[kind][m.group(3)]}", m.group(4), "dotted"
     if m := _DIFFUSERS.fullmatch(key):
-        return m.group(1) or "unet", m.group(2), _ROLES[m.group(3)], "dotted"
+        return m.group(1) or "denoiser", m.group(2), _ROLES[m.group(3)], "dotted"
     return None
 
 
+@dataclass(frozen=True)
+class _Fused:
+    """A layer of Stability's MMDiT that is several (or re-ordered) layers of ours: attn.qkv -> to_q, to_k, to_v;
+    the (shift, scale) modulations -> (scale, shift). Its LoRA's down is shared; `split` (convert/sd3.py's rule,
+    which splits the checkpoint's weight the same way) divides the up's rows."""
+
+    shape: tuple[int, ...]  # the fused layer's weight, MLX layout
+    base: str  # the rule's renamed key; + each split suffix = our parameter
+    split: object
+
+    def split_up(self, up: np.ndarray) -> dict[str, np.ndarray]:
+        return {(self.base + suffix).removesuffix(".weight"): part for suffix, part in self.split(up).items()}
+
+
 class _Tables:
-    """Module names of every naming -> our module paths, per component, built from the model's layers."""
+    """Module names of every naming -> our module paths, per component, built from the model's layers. Names of
+    Stability's fused MMDiT layers resolve to themselves, with their split in `fused`."""
 
     def __init__(self, targets: LoRATargets):
         self.targets = targets
+        self.sd3 = targets.family == "sd3"
         self._underscore: dict[str, dict[str, str]] = {}
+        self.fused: dict[str, dict[str, _Fused]] = {}
+        self._stability: dict[str, str] = {}  # Stability's dotted MMDiT names -> ours (or a fused name)
         for component, shapes in targets.shapes.items():
             names = {p: p for p in shapes}
-            if component == "unet":
+            if component == "unet" and self.sd3:
+                self._stability, self.fused["unet"] = _stability_mmdit_names(targets.unet_config, shapes)
+                names |= self._stability
+            elif component == "unet":
                 names |= _original_unet_names(targets.unet_config, shapes)
             else:
                 names |= {f"text_model.{p}": p for p in shapes}  # transformers' CLIPTextModel prefix
@@ -188,7 +252,20 @@ class _Tables:
                     raise ConversionError(f"{component}: layers {table[flat]} and {path} are both named {flat}")
             self._underscore[component] = table
 
-    def resolve(self, component: str, module: str, naming: str) -> str | None:
+    def component(self, named: str) -> str | None:
+        """Our component for the file's network name; None for the other kind of denoiser (a UNet LoRA's "unet."
+        keys on SD3, an SD3 LoRA's "transformer." keys on a UNet model)."""
+        if named == "denoiser":
+            return "unet"
+        if named in ("unet", "transformer"):
+            return "unet" if (named == "transformer") == self.sd3 else None
+        return named
+
+    def peft_name(self, named: str) -> str:
+        """The name PEFT's adapter config in the metadata gives the network (diffusers: "transformer" for SD3)."""
+        return ("transformer" if self.sd3 else "unet") if named == "denoiser" else named
+
+    def resolve(self, component: str | None, module: str, naming: str) -> str | None:
         shapes = self.targets.shapes.get(component)
         if shapes is None:
             return None
@@ -196,7 +273,40 @@ class _Tables:
             return self._underscore[component].get(module)
         if component != "unet":
             module = module.removeprefix("text_model.")
+        elif self.sd3:
+            module = module.removeprefix("base_model.model.")  # PEFT's own state dict of the transformer
+            if module.startswith("diffusion_model."):  # ComfyUI: Stability's names
+                return self._stability.get(module.removeprefix("diffusion_model."))
         return module if module in shapes else None
+
+
+def _stability_mmdit_names(config, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, str], dict[str, _Fused]]:
+    """Stability's MMDiT module names ("joint_blocks.0.x_block.attn.qkv") -> ours, renamed by convert/sd3.py's own
+    rules so that LoRA names and checkpoint conversion cannot disagree; and the fused ones' splits."""
+    candidates = ["x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "y_embedder.mlp.0", "y_embedder.mlp.2",
+                  "context_embedder", "final_layer.linear", "final_layer.adaLN_modulation.1"]  # fmt: skip
+    for i in range(config.num_layers):
+        for stream in ("x_block", "context_block"):
+            block = f"joint_blocks.{i}.{stream}"
+            candidates += [f"{block}.{leaf}" for leaf in ("adaLN_modulation.1", "mlp.fc1", "mlp.fc2")]
+            candidates += [f"{block}.{attn}.{leaf}" for attn in ("attn", "attn2") for leaf in ("qkv", "proj")]
+    rules = mmdit_rules(config)
+    names, fused = {}, {}
+    for candidate in candidates:
+        found = rename(f"{candidate}.weight", rules)
+        if not found or not found[1]:
+            continue
+        rule, base = found
+        if rule.split is None:
+            if (ours := base.removesuffix(".weight")) in shapes:
+                names[candidate] = ours
+            continue
+        parts = [(base + suffix).removesuffix(".weight") for suffix in rule.split(np.zeros((6, 1)))]
+        if all(part in shapes for part in parts):  # a block without it (no attn2, no text output) has none
+            first = shapes[parts[0]]
+            fused[candidate] = _Fused((sum(shapes[p][0] for p in parts), *first[1:]), base, rule.split)
+            names[candidate] = candidate
+    return names, fused
 
 
 def _original_unet_names(config, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
@@ -235,7 +345,7 @@ class _PeftAlphas:
                 self.config = json.loads(raw)
             except json.JSONDecodeError as error:
                 raise ConversionError(f"LoRA metadata {PEFT_METADATA_KEY} is not valid JSON ({error})") from None
-        for component in COMPONENTS:
+        for component in (*COMPONENTS, "transformer"):
             if self.config.get(f"{component}.use_dora"):
                 raise ConversionError(f"{component}: this is a DoRA adapter (use_dora), which mlx-sd does not apply")
 
@@ -252,7 +362,9 @@ class _PeftAlphas:
         return None if value is None else float(value)
 
 
-def _layer(state, entry: _Entry, target: tuple[int, ...], config_alpha: float | None, rslora: bool) -> LoRALayer:
+def _matrices(state, entry: _Entry, target: tuple[int, ...], config_alpha: float | None,
+              rslora: bool) -> tuple[np.ndarray, np.ndarray, float]:  # fmt: skip
+    """(down, up, scale) of one entry in MLX layout, checked against the layer's weight shape `target`."""
     down = np.asarray(state[entry.keys["down"]])
     up = np.asarray(state[entry.keys["up"]])
     rank = down.shape[0]
@@ -274,7 +386,7 @@ def _layer(state, entry: _Entry, target: tuple[int, ...], config_alpha: float | 
         raise ValueError(f"the LoRA makes {made}, the layer is {tuple(target)}")
     alpha = float(np.asarray(state[entry.keys["alpha"]]).reshape(())) if "alpha" in entry.keys else config_alpha
     scale = 1.0 if alpha is None else alpha / (math.sqrt(rank) if rslora else rank)
-    return LoRALayer(mx.array(np.ascontiguousarray(down)), mx.array(np.ascontiguousarray(up)), scale)
+    return np.ascontiguousarray(down), up, scale
 
 
 def _family_hint(state: Mapping[str, np.ndarray], targets: LoRATargets) -> str:
@@ -282,6 +394,12 @@ def _family_hint(state: Mapping[str, np.ndarray], targets: LoRATargets) -> str:
     another model family than `targets`' (else "")."""
     keys = list(state)
     model = f"the model is {targets.family}"
+    sd3 = sum(bool(_SD3_KEY.match(k)) for k in keys)
+    unet = sum(bool(_UNET_KEY.match(k)) for k in keys)
+    if targets.family == "sd3":
+        return f"; this LoRA is for a UNet model (SD1/SD2/SDXL: {unet} UNet keys), {model}" if unet > sd3 else ""
+    if sd3 > unet:
+        return f"; this LoRA is for SD3 / SD3.5 (an MMDiT: {sd3} MMDiT keys), {model}"
     if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in keys) and "text_encoder_2" not in targets.shapes:
         return f"; this LoRA is for SDXL (it adapts a second text encoder), {model}"
     if any(k.startswith("lora_te_") for k in keys) and "text_encoder_2" in targets.shapes:

@@ -3,7 +3,8 @@
 A LoRA adds a low-rank update to some layers: W' = W + multiplier * scale * up @ down, with down (r, in) and up
 (out, r) (for a convolution, down is itself a convolution with the layer's kernel and up a 1x1 one), and
 scale = alpha / r. This module takes LoRAs whose keys are already mapped onto our parameter names (reading kohya,
-A1111 and diffusers/PEFT files is `mlx_sd_convert.lora`'s job) and applies one or several to a model:
+A1111, diffusers/PEFT and SD3 files is `mlx_sd_convert.lora`'s job) and applies one or several to a model (its
+denoiser, a UNet or SD3's MMDiT, is the component "unet"; the text encoders, SD3's T5 included, are the others):
 
 - Floating-point layers (Linear and Conv2d): the deltas are fused into the weights, so sampling runs at the speed
   of the plain model. The original weight arrays are kept, so unfusing puts back the very same arrays (bit-exact).
@@ -27,9 +28,9 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
-from .components import build, parameter_shapes
+from .components import build
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3")  # "unet": the denoiser, SD3's too
 # A1111's extra-network syntax: <kind:arg[:arg...]>; `lora` (and its alias `lyco`) is the kind handled here.
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 LORA_KINDS = ("lora", "lyco")
@@ -63,9 +64,9 @@ class LoRA:
     """A LoRA mapped onto a model's parameter names.
 
     name: what the user calls it (the file name without extension).
-    layers: component ("unet", "text_encoder", "text_encoder_2") -> module path -> LoRALayer.
+    layers: component (`COMPONENTS`: "unet" is the denoiser, SD3's MMDiT too) -> module path -> LoRALayer.
     sha256: A1111's hash of the file (for safetensors, of the bytes after the header), "" if unknown.
-    family: the model family it was mapped for ("sd1", "sdxl", ...).
+    family: the model family it was mapped for ("sd1", "sdxl", "sd3", ...).
     path: the file it came from.
     """
 
@@ -86,7 +87,7 @@ class LoRA:
 
 @dataclass(frozen=True)
 class AppliedLoRA:
-    """A LoRA with its multipliers: `weight` for the UNet, `text_weight` for the text encoders (None: same).
+    """A LoRA with its multipliers: `weight` for the UNet (or MMDiT), `text_weight` for the text encoders (None: same).
 
     A1111's `<lora:name:w>` sets both to w; `<lora:name:te:unet>` sets them apart.
     mentioned: the name written in the prompt ("" when the LoRA was set from Python or the CLI).
@@ -117,8 +118,9 @@ def _number(value: float) -> str:
 
 @dataclass(frozen=True)
 class LoRATargets:
-    """What a LoRA file is mapped onto: the model family, its UNet config (for original-LDM block names) and the
-    weight shape (MLX layout, unquantized) of every Linear/Conv2d layer per component, by module path."""
+    """What a LoRA file is mapped onto: the model family, its denoiser's config (a UNet's for original-LDM block
+    names, SD3's MMDiT's for Stability's) and the weight shape (MLX layout, unquantized) of every Linear/Conv2d layer
+    per component, by module path."""
 
     family: str
     unet_config: object
@@ -127,28 +129,27 @@ class LoRATargets:
 
 @lru_cache(maxsize=8)
 def _layer_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Module path -> weight shape of each Linear/Conv2d of the unquantized model for `config`."""
-    return {name[: -len(".weight")]: shape for name, shape in parameter_shapes(build(config)).items()
-            if name.endswith(".weight") and len(shape) in (2, 4)}  # fmt: skip
+    """Module path -> weight shape of each Linear/Conv2d of the unquantized model for `config` (embedding tables,
+    e.g. CLIP's and T5's token embeddings, are not layers a LoRA adapts)."""
+    return {path: tuple(module.weight.shape) for path, module in build(config).named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d))}  # fmt: skip
 
 
 def lora_targets(model) -> LoRATargets:
     """The layers of a `StableDiffusion` model a LoRA may adapt (from its configs; quantization does not matter)."""
-    shapes = {"unet": _layer_shapes(model.unet.config)}
-    for tower in model.text_encoder().towers:
-        shapes[tower.name] = {
-            path: shape
-            for path, shape in _layer_shapes(tower.encoder.config).items()
-            if not path.startswith("embeddings.")  # token and position embeddings are not Linear layers
-        }
+    shapes = {component: _layer_shapes(network.config) for component, network in lora_networks(model).items()}
     return LoRATargets(model.info.family, model.unet.config, shapes)
 
 
 def lora_networks(model) -> dict[str, nn.Module]:
-    """component name -> the live network a LoRA patches."""
+    """component name -> the live network a LoRA patches: the denoiser ("unet", SD3's MMDiT too), the CLIP towers
+    and SD3's T5 ("text_encoder_3") when the model has one."""
+    text = model.text_encoder()
     networks = {"unet": model.unet}
-    for tower in model.text_encoder().towers:
+    for tower in text.towers:
         networks[tower.name] = tower.encoder
+    if text.t5 is not None and text.t5.encoder is not None:
+        networks[text.t5.name] = text.t5.encoder
     return networks
 
 

@@ -6,9 +6,9 @@ SD3 shares the pipeline's request, noise, samplers (in rectified-flow space, mlx
 (mlx_sd/conditioning.py); the network takes it as one joint token sequence and a pooled vector, with no cross-attention
 cache, no micro-conditioning and no added embeddings.
 
-The features built on the UNet's layers (LoRA, ControlNet and T2I-Adapters, IP-Adapter, reference-only, textual
-inversion, the refiner, the hires fix's second model) have no SD3 counterpart here yet; a request that asks for one is
-refused by name before any work.
+LoRAs apply to the MMDiT and the text encoders as to a UNet model's (mlx_sd/lora.py). The features built on the UNet's
+layers (ControlNet and T2I-Adapters, IP-Adapter, reference-only, textual inversion, the refiner, the hires fix's second
+model) have no SD3 counterpart here yet; a request that asks for one is refused by name before any work.
 """
 
 from __future__ import annotations
