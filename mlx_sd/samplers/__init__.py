@@ -12,10 +12,11 @@ from .euler import euler, euler_ancestral, heun
 from .lcm import lcm
 from .lms import lms
 from .plan import FOLLOW, SamplingPlan, plan_sampling
-from .registry import DIFFUSERS_CLASSES, SAMPLERS, Sampler, list_samplers, resolve, sampler_table
+from .registry import DIFFUSERS_CLASSES, FLOW_SAMPLERS, SAMPLERS, Sampler, list_samplers, resolve, sampler_table
 
 __all__ = [
     "DIFFUSERS_CLASSES",
+    "FLOW_SAMPLERS",
     "FOLLOW",
     "SAMPLERS",
     "Sampler",

@@ -43,6 +43,7 @@ def test_sd3_listed_and_a1111_txt2img(sd3):
     models = server.get("/v1/capabilities").json()
     entry = next(m for m in models["models"] if m["id"] == "sd35m")
     assert entry["family"] == "sd3" and entry["defaults"]["steps"] == 40 and entry["defaults"]["guidance"] == 4.5
+    assert entry["samplers"] == ["Euler", "LMS", "Heun", "DPM2", "DPM++ 2M"]  # what a page offers for this model
     r = server.post("/sdapi/v1/txt2img", json={**PARAMS, "cfg_scale": 4.0, "sampler_name": "Euler"})
     assert r.status_code == 200, r.text
     expected = library(folder, guidance=4.0, sampler="Euler")
