@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
         "--quantize",
         type=int,
         choices=(4, 8),
-        help="quantize the UNet and text encoder Linear layers to 4 or 8 bits (not SD3 models yet)",
+        help="quantize the Linear layers of the UNet (SD3: MMDiT) and text encoders (SD3: with T5) to 4 or 8 bits",
     )
     p.add_argument("--vae", metavar="FILE_OR_FOLDER",
                    help="a separately published VAE to use instead (e.g. an fp16-safe SDXL VAE)")  # fmt: skip

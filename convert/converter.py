@@ -84,8 +84,8 @@ def convert(
             overflow); the VAE in
             float32 (the pipeline runs it in float32: SD VAEs overflow in float16), or float16 when the source
             VAE is float16 already.
-        quantize: 4 or 8: MLX affine quantization of the UNet's and text encoders' Linear layers (the selection
-            and its exclusions: mlx_sd/quantization.py). Not for SD3 yet (refused): the selection has no MMDiT rule.
+        quantize: 4 or 8: MLX affine quantization of the Linear layers of the UNet (SD3: the MMDiT) and the text
+            encoders (SD3: CLIP-L, bigG and T5); the selection and its exclusions: mlx_sd/quantization.py.
         vae: a separately published VAE replacing the source's: a diffusers VAE folder, a model folder (its
             vae/), an original-layout VAE file (which keeps the model's latent scale), or a hub id. E.g. an
             fp16-safe SDXL VAE (madebyollin/sdxl-vae-fp16-fix).
@@ -115,11 +115,6 @@ def convert(
     if vae is not None:
         model = model.with_vae(open_vae(str(vae), variant))
     _check_complete(model)
-    if quantize and model.family == "sd3":
-        raise ConversionError(
-            "quantize: SD3 models cannot be quantized yet (mlx_sd/quantization.py selects UNet and CLIP layers, not "
-            "the MMDiT's); convert without quantize (--quantize), e.g. with dtype bfloat16 or float16"
-        )
     dtypes = _dtypes(model, dtype)
     quantization = QuantizationConfig(bits=quantize) if quantize else None
     jobs = [plan_write(name, plan, dtypes[name], quantization) for name, plan in model.components.items()]

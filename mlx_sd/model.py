@@ -44,7 +44,7 @@ class ModelInfo:
         a separately published VAE ("vae").
     detection: each finding (family, text_encoder, in_channels, ema, dtype, prediction_type, vae) as
         {"value", "confidence", "evidence"}.
-    quantization: {"bits", "group_size", "mode"} when the UNet and text encoders are quantized, else None.
+    quantization: {"bits", "group_size", "mode"} when the UNet (SD3: MMDiT) and text encoders are quantized, else None.
     force_zeros_for_empty_prompt: SDXL base uses zero conditioning for an empty negative prompt (diffusers).
     requires_aesthetics_score: the SDXL refiner takes aesthetic scores in its micro-conditioning.
     kind: "" for a standard model, "turbo" (SD-Turbo, SDXL-Turbo: few steps, no guidance) or "lcm" (LCM-distilled).

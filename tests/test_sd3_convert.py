@@ -251,6 +251,16 @@ def test_single_file_converts_to_the_folders_model(sources, from_folder, tmp_pat
     assert scheduler == {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
 
+def test_single_file_and_folder_quantize_alike(sources, tmp_path, t5_in_hub_cache):
+    """--quantize 8 (tests/test_sd3_quantization.py: the selection and its cost): both layouts give the same bytes."""
+    for src, out in ((sources["folder"], "folder"), (sources["file"], "file")):
+        info = convert(src, tmp_path / out, quantize=8)
+        assert info.quantization == {"bits": 8, "group_size": 64, "mode": "affine"}
+    for name in NETWORKS:
+        for file in ("weights.safetensors", "config.json"):
+            assert (tmp_path / "file" / name / file).read_bytes() == (tmp_path / "folder" / name / file).read_bytes()
+
+
 def test_single_file_clip_l_projection_is_the_identity(sources, tmp_path):
     """A CLIP-L projection stored in the file is not what SD3 uses (it pools CLIP-L unprojected): dropped, and the
     identity written, also when the file has none; no T5: written without text_encoder_3 (no hub needed)."""
@@ -303,7 +313,6 @@ def test_stray_tensors_are_named(sources, tmp_path):
         (dict(family="sdxl"), "is an SD3 / SD3.5 model, not sdxl: drop the family override"),
         (dict(prediction_type="epsilon"), "rectified-flow models .*not epsilon"),
         (dict(kind="lcm"), "no LCM-distilled SD3 models"),
-        (dict(quantize=8), "SD3 models cannot be quantized yet"),
     ],
 )
 def test_nonsense_overrides_are_refused(sources, tmp_path, t5_in_hub_cache, options, message):
