@@ -11,7 +11,14 @@ Three layouts are in the field, all read strictly (every tensor mapped or droppe
   the prefix are read);
 - a diffusers-named single file (SDXL ControlNets are often shared so), whose config is read from its shapes;
 - a Control-LoRA (Stability's SDXL control-lora files: the original names, the UNet encoder's layers as low-rank
-  updates of the model's own): `convert/control_lora.py`, bound to the model's UNet when it runs.
+  updates of the model's own): `convert/control_lora.py`, bound to the model's UNet when it runs;
+- a diffusers SD3ControlNetModel folder (InstantX's SD3 ControlNets, diffusers' conversions of Stability's SD3.5 large
+  ones), our names being diffusers'; or an SD3 ControlNet file: Stability's `sd3.5_large_controlnet_*.safetensors`
+  (fused `attn.qkv`, `mlp.fc1/fc2`, `adaLN_modulation.1` in otherwise diffusers names: diffusers'
+  scripts/convert_sd3_controlnet_to_diffusers.py as a table) or a diffusers-named one. A file's architecture comes
+  from its shapes (64 channels per head, as every SD3 network); no shape tells whether the network takes a zero
+  pooled vector and unshifted latents (`force_zeros_for_pooled_projection`): joint networks (InstantX's) do,
+  image-only ones (Stability's) do not, as their diffusers configs say.
 
 The architecture comes from shapes where no config.json exists: widths and depths from the tensors, the head count
 from the family (768-wide cross-attention: SD 1.x, 8 heads; otherwise 64 channels per head), as for checkpoints
@@ -29,13 +36,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_sd.controlnet import ControlNet
-from mlx_sd.models import ControlNetConfig, ControlNetModel, UNetConfig
+from mlx_sd.models import ControlNetConfig, ControlNetModel, SD3ControlNetConfig, SD3ControlNetModel, UNetConfig
 from mlx_sd.models.t2i_adapter import ADAPTER_TYPES, T2IAdapter, T2IAdapterConfig
 
 from .control_lora import is_control_lora, read_control_lora
-from .diffusers import ConversionError, _check_settings, unet_config
+from .diffusers import MMDIT_SETTINGS, ConversionError, _check_settings, unet_config
 from .keymap import Rule, load_mapped, tensor_shapes
 from .ldm_unet import HEAD_CHANNELS, SD1_HEADS, unet_config_from_shapes, unet_rules
 from .readers import open_checkpoint
@@ -92,6 +100,12 @@ def read_controlnet(path: str | Path, dtype: mx.Dtype | None = None, name: str |
     if path.is_dir() and _class_name(path) == "T2IAdapter":
         data, state = _folder_parts(path)
         return _read_adapter(path, state, tensor_shapes(state), adapter_config(data), dtype, name)
+    if path.is_dir() and _class_name(path) == SD3_CLASS:
+        data, state = _folder_parts(path)
+        model = SD3ControlNetModel(sd3_controlnet_config(data))
+        hint = f"{path.name} does not fit the SD3 ControlNet its config.json describes; the weights may be damaged"
+        load_mapped("sd3_controlnet", model, state, CONTROLNET_RULES, dtype, hint)
+        return ControlNet(model, name or path.name)
     if path.is_file():
         state = open_checkpoint(path)
         shapes = tensor_shapes(state)
@@ -99,6 +113,10 @@ def read_controlnet(path: str | Path, dtype: mx.Dtype | None = None, name: str |
             return _read_adapter(path, state, shapes, None, dtype, name)
         if is_control_lora(shapes):
             return read_control_lora(path, state, shapes, dtype, name or path.stem, a1111_hash(path))
+        if SD3_MARKER in shapes:
+            model = SD3ControlNetModel(sd3_controlnet_config_from_shapes(shapes))
+            load_mapped("sd3_controlnet", model, state, SD3_FILE_RULES, dtype, _hint(path), shapes)
+            return ControlNet(model, name or path.stem, a1111_hash(path))
     if path.is_dir():
         config, state = _folder(path)
         title, short = name or path.name, ""
@@ -153,13 +171,82 @@ def controlnet_config(config: Mapping) -> ControlNetConfig:
     )
 
 
-CONTROLNET_RULES = [Rule(r"(.+)", r"\1")]  # our names are diffusers'
+CONTROLNET_RULES = [Rule(r"(.+)", r"\1")]  # our names are diffusers' (SD3 ControlNets' too)
+
+
+def _split_qkv(param: str):
+    """A fused (3 * inner, ...) attention projection -> to_q, to_k, to_v."""
+    names = ("to_q", "to_k", "to_v")
+    return lambda value: {f"{n}.{param}": part for n, part in zip(names, np.split(value, 3, axis=0), strict=True)}
+
+
+SD3_CLASS = "SD3ControlNetModel"
+# the MMDiT's settings (sample_size, out_channels and caption_projection_dim informational), and the ControlNet's own
+_SD3_UNDERSTOOD = MMDIT_SETTINGS | {"sample_size", "extra_conditioning_channels", "pos_embed_type", "use_pos_embed",
+                                    "force_zeros_for_pooled_projection"}  # fmt: skip
+
+
+def sd3_controlnet_config(config: Mapping) -> SD3ControlNetConfig:
+    """Translate a diffusers SD3ControlNetModel config.json."""
+    settings = {k: v for k, v in config.items() if not k.startswith("_")}
+    _check_settings("sd3_controlnet", settings, {}, _SD3_UNDERSTOOD)
+    if settings.pop("pos_embed_type", "sincos") != "sincos" and settings.get("use_pos_embed", True):
+        raise ConversionError("sd3_controlnet: pos_embed_type other than 'sincos' is not supported")
+    if settings.get("use_pos_embed", True) and settings.get("pos_embed_max_size", 96) is None:
+        raise ConversionError("sd3_controlnet: pos_embed_max_size=None (interpolated positions) is not supported")
+    if settings.get("qk_norm") not in (None, "rms_norm"):
+        raise ConversionError(f"sd3_controlnet: qk_norm={settings['qk_norm']!r} is not supported (rms_norm)")
+    cfg = SD3ControlNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    if cfg.joint and cfg.caption_projection_dim != cfg.inner_dim:
+        raise ConversionError(f"sd3_controlnet: caption_projection_dim {cfg.caption_projection_dim} must equal "
+                              f"num_attention_heads x attention_head_dim = {cfg.inner_dim}")  # fmt: skip
+    return cfg
+
+
+SD3_MARKER = "pos_embed_input.proj.weight"  # an SD3 ControlNet's control-latent embedding
+SD3_HEAD_CHANNELS = 64
+_STABILITY = r"transformer_blocks\.(\d+)"
+SD3_FILE_RULES = [
+    *(
+        Rule(rf"{_STABILITY}\.attn\.qkv\.{p}", r"transformer_blocks.\1.attn.", split=_split_qkv(p))
+        for p in ("weight", "bias")
+    ),  # fmt: skip
+    Rule(rf"{_STABILITY}\.attn\.proj\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
+    Rule(rf"{_STABILITY}\.mlp\.fc1\.(weight|bias)", r"transformer_blocks.\1.ff.net.0.proj.\2"),
+    Rule(rf"{_STABILITY}\.mlp\.fc2\.(weight|bias)", r"transformer_blocks.\1.ff.net.2.\2"),
+    Rule(rf"{_STABILITY}\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.norm1.linear.\2"),
+    *CONTROLNET_RULES,
+]
+
+
+def sd3_controlnet_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> SD3ControlNetConfig:
+    """An SD3 ControlNet file's architecture (module docstring)."""
+    layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("controlnet_blocks."))
+    dim, cin, p, _ = shapes[SD3_MARKER]
+    joint = shapes.get("context_embedder.weight")
+    table = shapes.get("pos_embed.pos_embed")
+    in_channels = shapes["pos_embed.proj.weight"][1] if "pos_embed.proj.weight" in shapes else cin
+    return SD3ControlNetConfig(
+        patch_size=p,
+        in_channels=in_channels,
+        num_layers=layers,
+        attention_head_dim=SD3_HEAD_CHANNELS,
+        num_attention_heads=dim // SD3_HEAD_CHANNELS,
+        joint_attention_dim=None if joint is None else joint[1],
+        caption_projection_dim=dim,
+        pooled_projection_dim=shapes["time_text_embed.text_embedder.linear_1.weight"][1],
+        pos_embed_max_size=None if table is None else round(table[1] ** 0.5),
+        extra_conditioning_channels=cin - in_channels,
+        use_pos_embed="pos_embed.proj.weight" in shapes,
+        qk_norm="rms_norm" if "transformer_blocks.0.attn.norm_q.weight" in shapes else None,
+        force_zeros_for_pooled_projection=joint is not None,
+    )
 
 
 def is_control_config(path: Path) -> bool:
     """A diffusers config.json of a ControlNet or a T2I-Adapter (both run as ControlNet units)."""
     text = path.read_text("utf-8", errors="replace")
-    return '"ControlNetModel"' in text or '"T2IAdapter"' in text
+    return any(f'"{name}"' in text for name in ("ControlNetModel", "T2IAdapter", SD3_CLASS))
 
 
 def _class_name(folder: Path) -> str | None:

@@ -288,7 +288,7 @@ CLIP_RULES = [
 
 # --- MMDiT (SD3 / SD3.5 transformer) ----------------------------------------------------------------------
 
-_MMDIT_UNDERSTOOD = {
+MMDIT_SETTINGS = {
     "patch_size",
     "in_channels",
     "num_layers",
@@ -306,9 +306,9 @@ _MMDIT_UNDERSTOOD = {
 
 def mmdit_config(config: Mapping) -> MMDiTConfig:
     """Translate a diffusers SD3Transformer2DModel config.json (`transformer/config.json`)."""
-    _check_settings("transformer", config, {}, _MMDIT_UNDERSTOOD)
+    _check_settings("transformer", config, {}, MMDIT_SETTINGS)
     defaults = MMDiTConfig()
-    values = {k: config[k] for k in _MMDIT_UNDERSTOOD | {"sample_size"} if k in config}
+    values = {k: config[k] for k in MMDIT_SETTINGS | {"sample_size"} if k in config}
     if values.get("out_channels", 0) is None:  # diffusers: None means in_channels
         values["out_channels"] = values.get("in_channels", defaults.in_channels)
     if values.get("pos_embed_max_size", 0) is None:

@@ -23,6 +23,8 @@ from .models import (
     ControlNetConfig,
     ControlNetModel,
     MMDiTConfig,
+    SD3ControlNetConfig,
+    SD3ControlNetModel,
     SD3Transformer2DModel,
     T5Config,
     T5EncoderModel,
@@ -39,6 +41,7 @@ KINDS = {
     "clip_text": (CLIPTextConfig, CLIPTextModel),
     "controlnet": (ControlNetConfig, ControlNetModel),
     "mmdit": (MMDiTConfig, SD3Transformer2DModel),
+    "sd3_controlnet": (SD3ControlNetConfig, SD3ControlNetModel),
     "t5_text": (T5Config, T5EncoderModel),
 }
 CONFIG_FILE = "config.json"

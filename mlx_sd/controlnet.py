@@ -42,7 +42,7 @@ from PIL import Image
 from .control_lora import ControlLoRA
 from .images import RESIZE_MODES, resize
 from .infotext import a1111_title
-from .models import ControlNetModel, UNetConfig
+from .models import ControlNetModel, MMDiTConfig, SD3ControlNetModel, UNetConfig
 from .models.layers import max_pool
 from .models.t2i_adapter import T2IAdapter
 from .models.unet import skip_channels
@@ -78,7 +78,7 @@ class ControlNet:
     short hash of its file ("" for folders). `title` is how A1111 lists it: "control_v11p_sd15_canny [d14c016b]".
     A Control-LoRA (`lora`) has no network until `bound` to a model's UNet."""
 
-    model: ControlNetModel | T2IAdapter | None
+    model: ControlNetModel | SD3ControlNetModel | T2IAdapter | None
     name: str
     short_hash: str = ""
     lora: ControlLoRA | None = None
@@ -96,9 +96,35 @@ class ControlNet:
         """A T2I-Adapter (features added inside the down blocks) rather than a ControlNet."""
         return isinstance(self.model, T2IAdapter)
 
-    def check(self, unet: UNetConfig) -> None:
-        """Raise ValueError unless this ControlNet's residuals fit `unet` (same family and widths)."""
+    @property
+    def is_sd3(self) -> bool:
+        """An SD3 / SD3.5 ControlNet (residuals for the MMDiT's blocks) rather than one for a UNet."""
+        return isinstance(self.model, SD3ControlNetModel)
+
+    def check(self, unet: UNetConfig | MMDiTConfig) -> None:
+        """Raise ValueError unless this ControlNet's residuals fit the denoiser of config `unet` (same family and
+        widths)."""
         cfg = self.lora.config if self.lora is not None else self.model.config
+        sd3 = isinstance(unet, MMDiTConfig)
+        if sd3 != self.is_sd3:
+            kind = "an SD3 ControlNet" if self.is_sd3 else "a T2I-Adapter" if self.is_adapter else "a UNet ControlNet"
+            model = "an SD3 model (MMDiT)" if sd3 else "an SD 1.x/2.x/XL model (UNet)"
+            made = "SD3 / SD3.5 models" if self.is_sd3 else "SD 1.x/2.x/XL models"
+            raise ValueError(f"ControlNet {self.name} is {kind}, made for {made}; this is {model}: use a "
+                             "ControlNet for this model's family")  # fmt: skip
+        if sd3:
+            if cfg.extra_conditioning_channels:
+                raise ValueError(f"SD3 ControlNet {self.name} takes {cfg.extra_conditioning_channels} extra control "
+                                 "channels (an inpainting ControlNet, diffusers' SD3ControlNetInpaintingPipeline), "
+                                 "which mlx-sd does not run yet")  # fmt: skip
+            mine = (cfg.inner_dim, cfg.in_channels, cfg.patch_size, cfg.pooled_projection_dim)
+            theirs = (unet.inner_dim, unet.in_channels, unet.patch_size, unet.pooled_projection_dim)
+            text = cfg.joint_attention_dim in (None, unet.joint_attention_dim)
+            if mine != theirs or not text:
+                raise ValueError(f"SD3 ControlNet {self.name} (width {cfg.inner_dim}, {cfg.num_layers} blocks) was "
+                                 f"made for another MMDiT than this model's (width {unet.inner_dim}); use one made "
+                                 "for this model (SD3 medium, SD3.5 large, ...)")  # fmt: skip
+            return
         if self.is_adapter:
             n = len(unet.block_out_channels)
             if tuple(cfg.channels[:n]) != tuple(unet.block_out_channels) or (cfg.adapter_type == "full_adapter_xl") != (
@@ -290,9 +316,11 @@ class Controls:
         inpaint=None,
         known=None,
         reference: Reference | None = None,
+        encode=None,
     ):
         """`known`: for "inpaint_only" units, (the init image's (1, h, w, 4) latents, the schedule's float32
-        alphas_cumprod); `reference`: the reference units' hooks (mlx_sd/reference.py)."""
+        alphas_cumprod); `reference`: the reference units' hooks (mlx_sd/reference.py); `encode(unit, image)`: what
+        a unit's network takes instead of its (1, H, W, 3) image (SD3 ControlNets: the image's VAE latents)."""
         self.units = units
         self.reference = reference
         self.known = None
@@ -303,6 +331,8 @@ class Controls:
             recip_m1 = np.sqrt(1.0 / alphas_cumprod.astype(np.float64) - 1)
             self.known = (latents, mask, recip.astype(np.float32), recip_m1.astype(np.float32))
         self.images = {id(u): control_image(u, width, height, crop, inpaint) for u in units if u.model is not None}
+        if encode is not None:
+            self.images = {id(u): encode(u, self.images[id(u)]) for u in units if u.model is not None}
         # a T2I-Adapter sees neither latents nor timestep: its features are computed once, here
         adapters = [u for u in units if isinstance(u.model, ControlNet) and u.model.is_adapter]
         self.features = {id(u): _adapter_features(u, self.images[id(u)]) for u in adapters}

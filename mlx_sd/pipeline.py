@@ -40,7 +40,7 @@ from .refiner import DEFAULT_SWITCH_AT, Handoff, check_refiner
 from .rng import make_noise
 from .samplers import SamplingPlan, plan_sampling
 from .schedules import FLOW_SCHEDULER, NoiseSchedule
-from .sd3 import check_sd3_request, model_defaults, sd3_model_fn
+from .sd3 import check_sd3_request, control_latents, model_defaults, sd3_model_fn
 from .textual_inversion import Embedding, add_embeddings, check_embedding, used_embeddings
 from .tiling import tiled_decode, tiled_encode
 from .upscale import HIRES_UPSCALERS, is_latent_upscaler
@@ -520,7 +520,7 @@ class Pipeline:
         unet = model.unet
         dtype = model.dtype
         if model.is_sd3:
-            return sd3_model_fn(unet, cond, uncond, request, dtype, self._plan(request).sigmas)
+            return sd3_model_fn(unet, cond, uncond, request, dtype, self._plan(request).sigmas, controls)
         schedule = self.schedule if model is self.model else _schedule(model)  # NGMS's noise levels
         guided = uncond is not None
         edit = init is not None and init.edit_latents is not None  # InstructPix2Pix: three-way guidance
@@ -630,7 +630,8 @@ class Pipeline:
         if not units:
             return None
         crop = (init.original.size, init.region) if init is not None and init.region is not None else None
-        rule = "diffusers" if plan.follows.startswith("diffusers") else "a1111"
+        # SD3 ControlNets have no A1111 counterpart: diffusers' window whatever the sampler
+        rule = "diffusers" if plan.follows.startswith("diffusers") or model.is_sd3 else "a1111"
         inpaint = known = None
         if request.mask is not None and any(u.module in INPAINT_MODULES for u in units):
             inpaint = prepare_inputs(request)[1:]  # the init image and binary mask as the sampler sees them
@@ -650,7 +651,15 @@ class Pipeline:
             latents = [(u, self._encode_images(image * 2 - 1, None, request.tiling, model)) for u, image in fitted]
             schedule = self.schedule if model is self.model else _schedule(model)
             reference = Reference(model.unet, latents, model.is_sdxl, hires_pass, schedule.alphas_cumprod, seed)
-        return Controls(units, request.width, request.height, plan.steps, rule, crop, inpaint, known, reference)
+        encode = None
+        if model.is_sd3:  # SD3 ControlNets take the control image's VAE latents
+
+            def encode(unit, image):
+                latents = self._encode_images(image * 2 - 1, None, request.tiling, model)  # the VAE's mean
+                return control_latents(unit.model.model.config, latents, model.vae.config)
+
+        return Controls(units, request.width, request.height, plan.steps, rule, crop, inpaint, known, reference,
+                        encode)  # fmt: skip
 
     def _time_ids(self, request: GenerationRequest, guided: bool, B: int, aesthetic: bool) -> mx.array:
         """SDXL micro-conditioning: (original size, crop top-left, target size), or the refiner's aesthetic score."""

@@ -6,9 +6,13 @@ SD3 shares the pipeline's request, noise, samplers (in rectified-flow space, mlx
 (mlx_sd/conditioning.py); the network takes it as one joint token sequence and a pooled vector, with no cross-attention
 cache, no micro-conditioning and no added embeddings.
 
-LoRAs apply to the MMDiT and the text encoders as to a UNet model's (mlx_sd/lora.py). The features built on the UNet's
-layers (ControlNet and T2I-Adapters, IP-Adapter, reference-only, textual inversion, the refiner, the hires fix's second
-model) have no SD3 counterpart here yet; a request that asks for one is refused by name before any work.
+LoRAs apply to the MMDiT and the text encoders as to a UNet model's (mlx_sd/lora.py). ControlNet units run SD3
+ControlNets (mlx_sd/models/sd3_controlnet.py) as diffusers' StableDiffusion3ControlNetPipeline does: each active unit's
+network sees the MMDiT's latents and timestep and its control image's VAE latents, its per-block residuals are scaled
+by the unit's weight, summed over the units and added inside the MMDiT; the guidance window follows diffusers' rule
+whatever the sampler. The features built on the UNet's layers (T2I-Adapters, IP-Adapter, reference-only, ControlNet
+inpainting and A1111's control modes, textual inversion, the refiner, the hires fix's second model) have no SD3
+counterpart here yet; a request that asks for one is refused by name before any work.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from dataclasses import replace
 import mlx.core as mx
 
 from .conditioning import Conditioning
+from .controlnet import INPAINT_MODULES, Controls
 from .denoiser import ModelFn, classifier_free_guidance
 from .params import FamilyDefaults, defaults_for
+from .reference import REFERENCE_MODULES
 
 # diffusers' model cards: SD3 medium 28 steps at CFG 7; SD3.5 large 28 at 3.5; SD3.5 medium 40 at 4.5.
 SD35_LARGE = {"steps": 28, "guidance": 3.5}
@@ -55,8 +61,12 @@ def check_sd3_params(request, config) -> None:
                          f"{depth - 1}")  # fmt: skip
     if request.skip_guidance_layers and request.guidance is not None and request.guidance <= 1.0:
         raise ValueError("skip_guidance_layers acts on classifier-free guidance: raise guidance above 1")
+    modules = {unit.module for unit in request.controlnet}
+    modes = sorted({unit.control_mode for unit in request.controlnet} - {"balanced"})
     _refuse({
-        "ControlNet units": bool(request.controlnet),
+        "reference-only ControlNet units": bool(modules & set(REFERENCE_MODULES)),
+        "ControlNet inpainting modules (inpaint, inpaint_only)": bool(modules & set(INPAINT_MODULES)),
+        f"ControlNet control_mode {', '.join(modes)} (SD3 ControlNets run diffusers' 'balanced')": bool(modes),
         "an IP-Adapter image": request.ip_adapter_image is not None,
         "the hires fix (enable_hr)": request.enable_hr,
         "seamless tiling": request.tiling,
@@ -82,32 +92,71 @@ def _refuse(asked: dict[str, bool]) -> None:
                          "SD 1.x/2.x/XL model")  # fmt: skip
 
 
-def sd3_model_fn(net, cond: Conditioning, uncond: Conditioning | None, request, dtype: mx.Dtype,
-                 sigmas=()) -> ModelFn:  # fmt: skip
+def sd3_model_fn(net, cond: Conditioning, uncond: Conditioning | None, request, dtype: mx.Dtype, sigmas=(),
+                 controls: Controls | None = None) -> ModelFn:  # fmt: skip
     """`model(x, t)` for the sampler: the MMDiT on the batch (doubled under guidance, [uncond; cond] as diffusers)
-    at timestep t = 1000 sigma, its velocity guided by CFG and, when the request asks, skip-layer guidance over the
-    plan's `sigmas` (`skip_layer_guidance`)."""
+    at timestep t = 1000 sigma, with the residuals of `controls`' active SD3 ControlNets, its velocity guided by CFG
+    and, when the request asks, skip-layer guidance over the plan's `sigmas` (`skip_layer_guidance`)."""
     guided = uncond is not None
     context = mx.concatenate([uncond.context, cond.context]) if guided else cond.context
     pooled = mx.concatenate([uncond.pooled, cond.pooled]) if guided else cond.pooled
     context, pooled = context.astype(dtype), pooled.astype(dtype)
+    last = {"residuals": ()}  # the last call's ControlNet residuals, for skip-layer guidance's conditional pass
 
     def model(x_in: mx.array, t: float) -> mx.array:
-        return net(x_in.astype(dtype), mx.full((x_in.shape[0],), t, dtype=mx.float32), context, pooled)
+        x_in = x_in.astype(dtype)
+        timestep = mx.full((x_in.shape[0],), t, dtype=mx.float32)
+        residuals = control_residuals(controls, net, x_in, timestep, context, pooled) if controls else ()
+        last["residuals"] = residuals
+        return net(x_in, timestep, context, pooled, controlnet_residuals=residuals)
 
     if not guided:
         return model
-    slg = skip_layer_guidance(net, cond, request, dtype, sigmas) if request.skip_guidance_layers else None
+    slg = None
+    if request.skip_guidance_layers:
+        slg = skip_layer_guidance(net, cond, request, dtype, sigmas, lambda: last["residuals"])
     return classifier_free_guidance(model, request.guidance, request.guidance_rescale, after=slg)
 
 
-def skip_layer_guidance(net, cond: Conditioning, request, dtype: mx.Dtype, sigmas):
+def control_residuals(controls: Controls, net, x: mx.array, timestep: mx.array, context: mx.array,
+                      pooled: mx.array) -> list[mx.array]:  # fmt: skip
+    """The summed residuals of the units' SD3 ControlNets that act at this step, each scaled by its unit's weight
+    (diffusers' SD3MultiControlNetModel), for the MMDiT's batch `x`; () when none acts. A network gets the text
+    tokens only if it has a text stream, and zeros for the pooled vector if it was trained so
+    (`force_zeros_for_pooled_projection`), as diffusers' pipeline gives them."""
+    total = ()
+    for unit in controls.units:
+        if not controls.active(unit):
+            continue
+        network = unit.model.model
+        cfg = network.config
+        image = controls.images[id(unit)]  # (1, h, w, C) latents
+        image = mx.broadcast_to(image, (x.shape[0], *image.shape[1:])).astype(x.dtype)
+        own_pooled = mx.zeros_like(pooled) if cfg.force_zeros_for_pooled_projection else pooled
+        out = network(x, timestep, context if cfg.joint else None, own_pooled, image, net.pos_embed)
+        if total and len(out) != len(total):
+            raise ValueError(f"SD3 ControlNet units with different block counts ({len(total)}, {len(out)}) cannot "
+                             "be summed; use ControlNets of one kind together")  # fmt: skip
+        out = [r * unit.weight for r in out]
+        total = out if not total else [a + b for a, b in zip(total, out)]
+    return total
+
+
+def control_latents(config, latents: mx.array, vae) -> mx.array:
+    """An SD3 ControlNet's control latents from the control image's latents as the MMDiT sees them ((z - shift) *
+    scale, `vae` the VAE's config): InstantX's networks (`force_zeros_for_pooled_projection`) take them unshifted,
+    z * scale, as diffusers' pipeline gives them."""
+    return latents + vae.shift_factor * vae.scaling_factor if config.force_zeros_for_pooled_projection else latents
+
+
+def skip_layer_guidance(net, cond: Conditioning, request, dtype: mx.Dtype, sigmas, residuals=lambda: ()):
     """SD3.5's skip-layer guidance (diffusers' `skip_guidance_layers`; ComfyUI's SkipLayerGuidanceSD3): at steps i
     with steps * start < i < steps * stop, the conditional pass runs again without `skip_guidance_layers` and
     (cond - that) * scale is added to the guided output, steering away from what those blocks alone contribute.
 
     The step of an evaluation is read from its noise level: the last step whose level is at least sigma (a second-
-    order sampler's evaluation at the next level counts for the next step)."""
+    order sampler's evaluation at the next level counts for the next step). `residuals()`: the guided call's
+    ControlNet residuals, whose conditional half the second pass gets too."""
     steps = len(sigmas) - 1
     active = {i for i in range(steps) if steps * request.skip_layer_guidance_start < i
               < steps * request.skip_layer_guidance_stop}  # fmt: skip
@@ -120,7 +169,8 @@ def skip_layer_guidance(net, cond: Conditioning, request, dtype: mx.Dtype, sigma
         if step not in active:
             return None
         timestep = mx.full((x.shape[0],), t, dtype=mx.float32)
-        skipped = net(x.astype(dtype), timestep, context, pooled, skip_layers=layers)
+        control = [r[-x.shape[0] :] for r in residuals()]  # the conditional half of [uncond; cond]
+        skipped = net(x.astype(dtype), timestep, context, pooled, skip_layers=layers, controlnet_residuals=control)
         return (cond_out - skipped) * request.skip_layer_guidance_scale
 
     return after

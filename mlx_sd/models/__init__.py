@@ -3,6 +3,7 @@
 from .clip import CLIPOutput, CLIPTextConfig, CLIPTextModel
 from .controlnet import ControlNetConfig, ControlNetModel
 from .mmdit import MMDiTConfig, SD3Transformer2DModel
+from .sd3_controlnet import SD3ControlNetConfig, SD3ControlNetModel
 from .t5 import T5Config, T5EncoderModel
 from .unet import UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL, LatentDistribution, VAEConfig
@@ -16,6 +17,8 @@ __all__ = [
     "ControlNetModel",
     "LatentDistribution",
     "MMDiTConfig",
+    "SD3ControlNetConfig",
+    "SD3ControlNetModel",
     "SD3Transformer2DModel",
     "T5Config",
     "T5EncoderModel",

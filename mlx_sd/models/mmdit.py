@@ -13,7 +13,7 @@ Channels-last: latents (B, h, w, C) in and out; tokens (B, N, C) inside.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -211,19 +211,38 @@ class JointTransformerBlock(nn.Module):
         return x, context
 
 
+class SingleTransformerBlock(nn.Module):
+    """diffusers' SD3SingleTransformerBlock (the blocks of Stability's SD3.5 ControlNets): a joint block's image
+    stream alone, self-attention without text tokens and without qk norms."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = AdaLayerNorm(dim, 6)
+        self.attn = JointAttention(dim, heads, head_dim, None, context=False, context_out=False)
+        self.ff = FeedForward(dim)
+
+    def __call__(self, x: mx.array, emb: mx.array) -> mx.array:
+        """x (B, N, D), emb = silu(temb) (B, D) -> x."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _chunks(self.norm1.linear, emb, 6)
+        x = _gated_add(x, gate_msa, self.attn(_modulate(_norm(x), shift_msa, scale_msa))[0])
+        return _gated_add(x, gate_mlp, self.ff(_modulate(_norm(x), shift_mlp, scale_mlp)))
+
+
 # --- embeddings ----------------------------------------------------------------------------------------------
 
 
 class PatchEmbed(nn.Module):
     """p x p patches -> tokens (diffusers' stride-p conv `proj`, run as one product), plus the centre crop of the
-    stored 2-D sin-cos position table `pos_embed` (1, M*M, D), as diffusers' cropped_pos_embed."""
+    stored 2-D sin-cos position table `pos_embed` (1, M*M, D), as diffusers' cropped_pos_embed; no table when
+    `max_size` is None (an SD3 ControlNet's `pos_embed_input`: diffusers' pos_embed_type=None)."""
 
-    def __init__(self, cfg: MMDiTConfig):
+    def __init__(self, in_channels: int, dim: int, patch_size: int, max_size: int | None):
         super().__init__()
-        p, M = cfg.patch_size, cfg.pos_embed_max_size
+        p, M = patch_size, max_size
         self.patch_size, self.max_size = p, M
-        self.proj = nn.Conv2d(cfg.in_channels, cfg.inner_dim, p, stride=p)  # weight (D, p, p, C)
-        self.pos_embed = mx.zeros((1, M * M, cfg.inner_dim))  # a buffer in diffusers, loaded from the checkpoint
+        self.proj = nn.Conv2d(in_channels, dim, p, stride=p)  # weight (D, p, p, C)
+        if M is not None:
+            self.pos_embed = mx.zeros((1, M * M, dim))  # a buffer in diffusers, loaded from the checkpoint
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
@@ -231,6 +250,10 @@ class PatchEmbed(nn.Module):
         if H % p or W % p:
             raise ValueError(f"mmdit: latent size {H}x{W} is not a multiple of the patch size {p}")
         h, w = H // p, W // p
+        patches = x.reshape(B, h, p, w, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, h * w, p * p * C)
+        weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1)  # (D, p*p*C), patch order (row, col, c)
+        if M is None:
+            return patches @ weight.T + self.proj.bias.astype(x.dtype)  # (B, h*w, D)
         if h > M or w > M:
             raise ValueError(
                 f"mmdit: latent size {H}x{W} is {h}x{w} patches; this model's position table covers at most "
@@ -239,8 +262,6 @@ class PatchEmbed(nn.Module):
             )
         top, left = (M - h) // 2, (M - w) // 2
         pos = self.pos_embed.reshape(M, M, -1)[top : top + h, left : left + w].reshape(h * w, -1)  # (h*w, D)
-        patches = x.reshape(B, h, p, w, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, h * w, p * p * C)
-        weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1)  # (D, p*p*C), patch order (row, col, c)
         return patches @ weight.T + (self.proj.bias + pos).astype(x.dtype)  # (B, h*w, D)
 
 
@@ -267,7 +288,7 @@ class SD3Transformer2DModel(nn.Module):
         super().__init__()
         self.config = cfg
         dim, n = cfg.inner_dim, cfg.num_layers
-        self.pos_embed = PatchEmbed(cfg)
+        self.pos_embed = PatchEmbed(cfg.in_channels, dim, cfg.patch_size, cfg.pos_embed_max_size)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, cfg.pooled_projection_dim)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
         self.transformer_blocks = [
@@ -283,6 +304,7 @@ class SD3Transformer2DModel(nn.Module):
         encoder_hidden_states: mx.array,
         pooled_projections: mx.array,
         skip_layers: Collection[int] = (),
+        controlnet_residuals: Sequence[mx.array] = (),
     ) -> mx.array:
         """Predict the flow velocity of latents `x`.
 
@@ -292,6 +314,9 @@ class SD3Transformer2DModel(nn.Module):
             encoder_hidden_states: (B, L, joint_attention_dim) text tokens (CLIP-L + bigG padded, then T5).
             pooled_projections: (B, pooled_projection_dim) the pooled CLIP embeddings.
             skip_layers: blocks to leave out (skip-layer guidance's second pass; diffusers' `skip_layers`).
+            controlnet_residuals: SD3 ControlNets' summed (B, N, D) residuals (diffusers'
+                `block_controlnet_hidden_states`): k of them spread over the n blocks, residual int(i / (n / k))
+                added to the image tokens after block i (skipped or not), except after the last block.
         Returns:
             (B, h, w, out_channels), in x's dtype.
         """
@@ -301,9 +326,12 @@ class SD3Transformer2DModel(nn.Module):
         tokens = self.pos_embed(x)  # (B, N, D)
         emb = silu(self.time_text_embed(t, pooled_projections.astype(x.dtype)))  # every adaLN's input, (B, D)
         context = linear(self.context_embedder, encoder_hidden_states.astype(x.dtype))  # (B, L, D)
+        n, k = len(self.transformer_blocks), len(controlnet_residuals)
         for i, block in enumerate(self.transformer_blocks):
             if i not in skip_layers:
                 tokens, context = block(tokens, context, emb)
+            if k and not block.context_pre_only:
+                tokens = tokens + controlnet_residuals[int(i / (n / k))]  # diffusers' interval_control, as floats
         scale, shift = _chunks(self.norm_out.linear, emb, 2)
         out = linear(self.proj_out, _modulate(_norm(tokens), shift, scale))  # (B, N, p*p*C)
         out = out.reshape(B, H // p, W // p, p, p, C).transpose(0, 1, 3, 2, 4, 5)

@@ -5,6 +5,7 @@ what SD3 cannot run yet refused with the reason."""
 import base64
 import io
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,9 +23,16 @@ def sd3(tmp_path_factory):
     from mlx_sd_convert import convert
 
     tmp = tmp_path_factory.mktemp("sd3-server")
+    from diffusers import SD3ControlNetModel
+    from test_sd3_controlnet import INSTANTX
+
+    from oracles import randomize
+
     tiny_sd3(tmp, transformer=SD35_MEDIUM).save_pretrained(tmp / "diffusers")
     convert(tmp / "diffusers", tmp / "models" / "sd35m", dtype="float32")
-    with running_server(tmp / "models", tmp, "--model", "sd35m", "--max-size", "128") as server:
+    randomize(SD3ControlNetModel(**INSTANTX), 7).save_pretrained(tmp / "controlnets" / "edges-sd3")
+    with running_server(tmp / "models", tmp, "--model", "sd35m", "--max-size", "128", "--controlnet-dir",
+                        str(tmp / "controlnets")) as server:  # fmt: skip
         yield server, tmp / "models" / "sd35m"
 
 
@@ -72,5 +80,18 @@ def test_sd3_native_job(sd3):
     expected = library(folder, sampler="DPM++ 2M", skip_guidance_layers=(1,), skip_layer_guidance_stop=0.7)
     np.testing.assert_array_equal(got, np.asarray(expected.images[0]))
     assert "SLG layers: 1" in expected.infotexts[0]
+    control = Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    control.save(buffer, format="PNG")
+    unit = {"model": "edges-sd3", "image": base64.b64encode(buffer.getvalue()).decode(), "weight": 0.7}
+    scripts = {"controlnet": {"args": [unit]}}
+    r = server.post("/sdapi/v1/txt2img", json={**PARAMS, "cfg_scale": 4.0, "alwayson_scripts": scripts})
+    assert r.status_code == 200, r.text
+    from mlx_sd.controlnet import ControlNetUnit
+    from mlx_sd_convert.controlnet import read_controlnet
+
+    network = read_controlnet(folder.parent.parent / "controlnets" / "edges-sd3", mx.float32)
+    expected = library(folder, sampler="Euler", guidance=4.0, controlnet=(ControlNetUnit(network, control, 0.7),))
+    np.testing.assert_array_equal(decode(r.json()["images"][0]), np.asarray(expected.images[0]))
     wrong = server.post("/v1/jobs", json={**PARAMS, "skip_guidance_layers": [7]})
     assert wrong.status_code == 422 and "blocks 0 to 2" in wrong.text, wrong.text
