@@ -13,6 +13,7 @@ when the arrays are computed; torch.cuda / torch.mps.synchronize).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import resource
@@ -31,9 +32,35 @@ if SIDE == "mlx":
 
     # isort: on
 
-from mlx_sd_convert.families import family_config  # noqa: E402
+from mlx_sd_convert.families import FAMILIES, SD3_TRANSFORMERS, TEXT_TOWERS, family_config  # noqa: E402
 
 TEXT_TOKENS = 77
+T5_TOKENS = 256  # diffusers' SD3 pipelines' max_sequence_length (mlx_sd.t5_tokenizer.MAX_LENGTH)
+SD3_CLIP_WIDTH = 768 + 1280  # SD3's CLIP tokens: CLIP-L's and bigG's states side by side
+# Benchmark family -> its MMDiT in SD3_TRANSFORMERS. SD3.5's releases share SD3's text towers and VAE
+# (FAMILIES["sd3"]) and differ in the MMDiT alone; "sd3" is SD3 medium.
+SD3_RELEASES = {"sd3": "sd3-medium", "sd3.5-medium": "sd3.5-medium", "sd3.5-large": "sd3.5-large"}
+FAMILY_NAMES = list(dict.fromkeys([*FAMILIES, *SD3_RELEASES]))
+
+
+def model_config(family: str, model: str) -> dict:
+    """The published diffusers config of one model of a benchmark family (family_config, plus SD3.5's MMDiTs)."""
+    if family in SD3_RELEASES:
+        if model == "transformer":
+            return copy.deepcopy(SD3_TRANSFORMERS[SD3_RELEASES[family]])
+        family = "sd3"
+    return family_config(family, model)
+
+
+def denoiser(family: str) -> str:
+    """The model a family's denoising step runs: SD3's MMDiT ("transformer") or the UNet."""
+    return "transformer" if family in SD3_RELEASES else "unet"
+
+
+def text_encoders(family: str) -> list[str]:
+    """The family's text encoders: its CLIP towers, then SD3's T5 (text_encoder_3)."""
+    towers = [encoder for encoder, _, _ in TEXT_TOWERS["sd3" if family in SD3_RELEASES else family]]
+    return towers + (["text_encoder_3"] if family in SD3_RELEASES else [])
 
 
 def run_dtype(component: str, dtype: str) -> str:
@@ -47,7 +74,7 @@ def run_dtype(component: str, dtype: str) -> str:
 
 def unet_inputs(family: str, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A classifier-free-guidance batch: the same latents twice, text and empty-text conditioning."""
-    cfg = family_config(family, "unet")
+    cfg = model_config(family, "unet")
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, latent, latent, cfg.get("in_channels", 4)), dtype=np.float32)
     inputs = {
@@ -63,10 +90,28 @@ def unet_inputs(family: str, latent: int, seed: int = 0) -> dict[str, np.ndarray
     return inputs
 
 
-def vae_inputs(latent: int, seed: int = 0) -> dict[str, np.ndarray]:
+def transformer_inputs(family: str, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """SD3's guided batch as its pipeline builds it: the same latents twice; 77 CLIP tokens (CLIP-L's 768 and bigG's
+    1280 features side by side, zero-padded to T5's width) then 256 T5 tokens; pooled CLIP-L + bigG (2048)."""
+    cfg = model_config(family, "transformer")
     rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, latent, latent, cfg["in_channels"]), dtype=np.float32)
+    width = cfg["joint_attention_dim"]
+    clip = rng.standard_normal((2, TEXT_TOKENS, SD3_CLIP_WIDTH), dtype=np.float32)
+    t5 = rng.standard_normal((2, T5_TOKENS, width), dtype=np.float32)
     return {
-        "latents": rng.standard_normal((1, latent, latent, 4), dtype=np.float32),
+        "x": np.concatenate([x, x]),
+        "t": np.array([500.0, 500.0], dtype=np.float32),  # sigma * 1000, as diffusers passes it
+        "context": np.concatenate([np.pad(clip, ((0, 0), (0, 0), (0, width - SD3_CLIP_WIDTH))), t5], axis=1),
+        "pooled": rng.standard_normal((2, cfg["pooled_projection_dim"]), dtype=np.float32),
+    }
+
+
+def vae_inputs(family: str, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    channels = model_config(family, "vae")["latent_channels"]
+    return {
+        "latents": rng.standard_normal((1, latent, latent, channels), dtype=np.float32),
         "image": rng.uniform(-1, 1, (1, 8 * latent, 8 * latent, 3)).astype(np.float32),
     }
 
@@ -78,6 +123,16 @@ def text_inputs(seed: int = 0) -> np.ndarray:
     for n in (20, 0):
         row = [49406, *rng.integers(0, 49406, size=n).tolist(), 49407]
         rows.append(row + [49407] * (TEXT_TOKENS - len(row)))
+    return np.array(rows, dtype=np.int64)
+
+
+def t5_inputs(seed: int = 0) -> np.ndarray:
+    """Two T5 token rows as mlx_sd.t5_tokenizer pads them: pieces, eos (1), then padding (0) to 256."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in (20, 0):
+        row = [*rng.integers(2, 32000, size=n).tolist(), 1]
+        rows.append(row + [0] * (T5_TOKENS - len(row)))
     return np.array(rows, dtype=np.int64)
 
 
@@ -181,16 +236,37 @@ class MLXSide:
     def _dtype(self, component: str) -> mx.Dtype:
         return getattr(mx, run_dtype(component, self.dtype))
 
+    @staticmethod
+    def _config(component: str, family: str):
+        """Our config for one of the family's models, translated from the published diffusers one."""
+        from mlx_sd_convert import diffusers as d
+
+        config = model_config(family, component)
+        translate = {
+            "unet": d.unet_config,
+            "transformer": d.mmdit_config,
+            "vae": d.vae_config,
+            "text_encoder_3": d.t5_config,
+        }.get(component)
+        return translate(config) if translate else d.clip_config(config, with_projection=False)
+
+    def parameters(self, component: str, family: str) -> dict:
+        """The model's parameter count (from its lazily initialised arrays' shapes: nothing is allocated)."""
+        from mlx.utils import tree_flatten
+
+        from mlx_sd.components import build
+
+        model = build(self._config(component, family))
+        return {"parameters": sum(v.size for _, v in tree_flatten(model.parameters()))}
+
     def setup(self, component: str, family: str, weights: str, folder: str, save: bool = True) -> dict:
         from mlx.utils import tree_flatten
         from safetensors.numpy import load_file
 
         from mlx_sd.components import build, load_component, save_component
-        from mlx_sd_convert.diffusers import clip_config, convert_weights, unet_config, vae_config
+        from mlx_sd_convert.diffusers import convert_weights
 
-        config = family_config(family, component)
-        cfg = {"unet": unet_config, "vae": vae_config}.get(component)
-        cfg = cfg(config) if cfg else clip_config(config, with_projection=False)
+        cfg = self._config(component, family)
         model = build(cfg)  # random initialisation: what the mlx-only runs use
         if Path(weights).exists():
             converted = convert_weights(component, cfg, load_file(weights))
@@ -249,10 +325,14 @@ class MLXSide:
                 self.text = (inputs["context"], TextContext(a["context"]))
             unet = self.models["unet"]
             return unet(a["x"], a["t"], self.text[1], pooled=a.get("pooled"), time_ids=a.get("time_ids"))
+        if component == "transformer":  # SD3's MMDiT: its text tokens change in every block, nothing to keep
+            return self.models["transformer"](a["x"], a["t"], a["context"], a["pooled"])
         if component == "vae_decode":
             return self.models["vae"].decode(a["latents"])
         if component == "vae_encode":
             return self.models["vae"].encode_moments(a["image"])
+        if component == "text_encoder_3":
+            return self.models[component](a["ids"])  # T5's last hidden state
         return self.models[component](a["ids"]).last_hidden_state  # a text tower
 
     def run(self, component: str, inputs: dict[str, np.ndarray], save: str | None) -> dict:
@@ -335,6 +415,7 @@ class TorchSide:
         self.dtype = dtype
         self.models = {}
         self.written = {}  # component -> the weights file `setup` wrote
+        self.buffers = {}  # component -> its buffers outside the state dict, kept while it is parked
 
     def _placed(self, model, component: str):
         return model.to(self.device, getattr(self.torch, run_dtype(component, self.dtype)))
@@ -345,16 +426,24 @@ class TorchSide:
 
     def _build(self, component: str, family: str, device: str = "cpu"):
         torch = self.torch
-        config = family_config(family, component)
+        config = model_config(family, component)
         with torch.device(device):
             if component == "unet":
                 from diffusers import UNet2DConditionModel
 
                 return UNet2DConditionModel(**config).eval()
+            if component == "transformer":
+                from diffusers import SD3Transformer2DModel
+
+                return SD3Transformer2DModel(**config).eval()
             if component == "vae":
                 from diffusers import AutoencoderKL
 
                 return AutoencoderKL(**config).eval()
+            if component == "text_encoder_3":
+                from transformers import T5Config, T5EncoderModel
+
+                return T5EncoderModel(T5Config(**config)).eval()
             from transformers import CLIPTextConfig, CLIPTextModel
 
             return CLIPTextModel(CLIPTextConfig(**config)).eval()
@@ -364,7 +453,8 @@ class TorchSide:
 
         self.torch.manual_seed(0)
         model = self._build(component, family)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+        tied = _tied_parameters(model)  # written once (safetensors refuses shared tensors), as save_pretrained does
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}, weights)
         self.models[component] = self._placed(model, component)
         self.written[component] = weights
         return {"rss_mb": rss_mb("VmRSS")}
@@ -376,6 +466,9 @@ class TorchSide:
         from safetensors.torch import save_file
 
         model = self.models.pop(component)
+        # buffers outside the state dict (CLIP's position ids), which a model built on the meta device lacks
+        kept = model.state_dict().keys()
+        self.buffers[component] = {n: b for n, b in model.named_buffers() if n not in kept}
         saved = Path(f"{folder}.safetensors")
         if not saved.exists():
             try:  # the model is unchanged since `setup` wrote it: a second name for that file, not a 10 GB rewrite
@@ -390,7 +483,12 @@ class TorchSide:
         from safetensors.torch import load_file
 
         model = self._build(component, family, "meta")  # no initialisation: the weights are assigned
-        model.load_state_dict(load_file(f"{folder}.safetensors"), assign=True)
+        state = load_file(f"{folder}.safetensors")
+        state.update({name: state[first] for name, first in _tied_parameters(model).items()})
+        model.load_state_dict(state, assign=True)
+        for name, buffer in self.buffers.get(component, {}).items():
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(leaf, buffer, persistent=False)
         self.models[component] = self._placed(model, component)
         return {"rss_mb": rss_mb("VmRSS")}
 
@@ -407,11 +505,15 @@ class TorchSide:
         if component == "unet":
             added = {"text_embeds": t["pooled"], "time_ids": t["time_ids"]} if "pooled" in t else None
             out = models["unet"](t["x"], t["t"], encoder_hidden_states=t["context"], added_cond_kwargs=added).sample
+        elif component == "transformer":
+            text = {"encoder_hidden_states": t["context"], "pooled_projections": t["pooled"]}
+            out = models["transformer"](t["x"], timestep=t["t"], **text).sample
         elif component == "vae_decode":
             out = models["vae"].decode(t["latents"]).sample
         elif component == "vae_encode":
             vae = models["vae"]
-            out = vae.quant_conv(vae.encoder(t["image"]))
+            out = vae.encoder(t["image"])
+            out = vae.quant_conv(out) if vae.quant_conv is not None else out  # SD3's VAE has none
         else:
             return models[component](t["ids"]).last_hidden_state  # a text tower
         return out.permute(0, 2, 3, 1)
@@ -510,14 +612,25 @@ class TorchSide:
         return {"flops": counter.get_total_flops()}
 
 
+def _tied_parameters(model) -> dict[str, str]:
+    """Second names of a torch model's shared parameters -> the first (T5's encoder.embed_tokens -> shared)."""
+    first, tied = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            tied[name] = first[id(p)]
+    return tied
+
+
 def _inputs(component: str, family: str, latent: int) -> dict[str, np.ndarray]:
     if component == "unet":
         return unet_inputs(family, latent)
+    if component == "transformer":
+        return transformer_inputs(family, latent)
     if component == "vae_decode":
-        return {"latents": vae_inputs(latent)["latents"]}
+        return {"latents": vae_inputs(family, latent)["latents"]}
     if component == "vae_encode":
-        return {"image": vae_inputs(latent)["image"]}
-    return {"ids": text_inputs()}
+        return {"image": vae_inputs(family, latent)["image"]}
+    return {"ids": t5_inputs() if component == "text_encoder_3" else text_inputs()}
 
 
 def main() -> None:

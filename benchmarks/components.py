@@ -22,6 +22,12 @@ Parts: unet (one guided step: batch 2 at each size), vae (decode and encode, bat
 77 tokens),
 load (fresh process -> component loaded and evaluated, fp16 and fp32 folders). Writes a JSON record of every figure.
 
+SD3 (`--family sd3`: SD3 medium; `sd3.5-medium`, `sd3.5-large`: their MMDiTs, with SD3's text encoders and VAE):
+"unet" times the MMDiT ("transformer") on SD3's guided batch, 2 x (77 CLIP + 256 T5 tokens); "text" CLIP-L, bigG and
+T5-XXL (batch 2, 256 tokens); "vae" the 16-channel VAE. Side by side one model at a time on the CPU, as SDXL. A model
+whose setup needs more memory than the machine has (T5-XXL, 4.8B parameters, and SD3.5 large's 8.1B MMDiT on a 24 GB
+machine: torch builds each in float32 and the mlx side converts it) is skipped with a note, and recorded as skipped.
+
 `--device gpu` runs MLX on its GPU (CUDA on Linux, Metal on a Mac) and torch on CUDA (MPS on a Mac), UNet and text
 towers in float16 (`--dtype`), the VAE in float32 on both sides; the product rate is then float16's at 8192^3, and
 each side's device peak is reported (MLX's allocator; torch.cuda.max_memory_allocated, none on MPS). Both models fit
@@ -43,26 +49,52 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _worker import FAMILY_NAMES, SD3_RELEASES, denoiser, run_dtype, text_encoders
 
 HERE = Path(__file__).resolve().parent
 # what is timed -> the model it runs
 COMPONENTS = {
     "unet": "unet",
+    "transformer": "transformer",
     "vae_decode": "vae",
     "vae_encode": "vae",
     "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder_2",
+    "text_encoder_3": "text_encoder_3",
 }
-PARTS = {"text": ["text_encoder"], "unet": ["unet"], "vae": ["vae_decode", "vae_encode"]}
+PARTS = ("text", "unet", "vae")
+# Families whose float32 models are run one side at a time on the CPU (see --one-at-a-time): SDXL's UNet is 10.3 GB,
+# SD3 medium's MMDiT 8.1 GB, and the mlx side's conversion holds a second copy while it runs.
+ONE_AT_A_TIME = {"sdxl", *SD3_RELEASES}
 
 
 def part_components(part: str, family: str) -> list[str]:
-    """What a part times for a family: "text" is each of the family's text towers (SDXL: CLIP-L and OpenCLIP-G)."""
+    """What a part times for a family: "text" is each of the family's text encoders (SDXL: CLIP-L and OpenCLIP-G;
+    SD3: those and T5-XXL), "unet" its denoiser (SD3: the MMDiT, "transformer")."""
     if part == "text":
-        from mlx_sd_convert.families import TEXT_TOWERS
+        return text_encoders(family)
+    if part == "unet":
+        return [denoiser(family)]
+    return ["vae_decode", "vae_encode"]
 
-        return [encoder for encoder, _, _ in TEXT_TOWERS[family]]
-    return PARTS[part]
+
+def too_large(workers: dict, model: str, family: str, torch_holds: str | None, memory_gb: float) -> str | None:
+    """Why `model` cannot be set up on this machine, or None. Setting it up takes, roughly: torch builds it in float32
+    and writes it, the mlx side converts that file (numpy's float32 copy and MLX's, tensor by tensor; counted as two
+    whole copies) while torch still holds its own, in `torch_holds` (its run dtype), unless the sides take turns;
+    mlx-only: one float32 copy."""
+    parameters = workers["mlx"]("parameters", component=model, family=family)["parameters"]
+    if "torch" not in workers:
+        need = 4 * parameters / 1e9
+    else:
+        need = (2 * 4 + (np.dtype(torch_holds).itemsize if torch_holds else 0)) * parameters / 1e9
+    if need <= memory_gb:
+        return None
+    how = "the mlx side converts that file" + ("" if torch_holds is None else " while torch holds its copy")
+    return (
+        f"{parameters / 1e9:.1f}B parameters need ~{need:.0f} GB to set up (torch builds them in float32 and writes "
+        f"them, {how}); this machine has {memory_gb} GB: run it where there is more (a GPU host: --device gpu)"
+    )
 
 
 class Worker:
@@ -144,6 +176,30 @@ class OneAtATime:
         reply = self.worker("run", **kw)
         self.park(model)
         return reply
+
+
+def set_up(workers, parked, family, needed, for_load, workdir, torch_holds, memory_gb) -> dict[str, str]:
+    """Build each needed model on every side: torch writes the weights the mlx side converts (mlx-only: the mlx side's
+    own random init); with `parked` (one side at a time) each side then parks its copy. Returns model -> why it was
+    skipped, for the models too large for this machine."""
+    skipped = {}
+    for model in ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae"):
+        if model not in needed:
+            continue
+        held = torch_holds and run_dtype(model, torch_holds)
+        reason = too_large(workers, model, family, held, memory_gb)
+        if reason:
+            skipped[model] = reason
+            print(f"{family} {model}: skipped: {reason}", flush=True)
+            continue
+        weights, folder = str(workdir / f"{model}.safetensors"), str(workdir / f"{family}-{model}")
+        for name in reversed(list(workers)):
+            save = for_load and model == denoiser(family)  # component folders for the load-time probe
+            workers[name]("setup", component=model, family=family, weights=weights, folder=folder, save=save)
+            if parked:
+                parked[name].park(model)
+        Path(weights).unlink(missing_ok=True)
+    return skipped
 
 
 def median_seconds(sides: dict, repeats: int, op: str, warmup: bool = False, **kw) -> dict[str, float]:
@@ -254,12 +310,10 @@ def bench_load(folder: Path, repeats: int, record: dict) -> None:
 
 
 def scaling(record: dict) -> None:
-    """Step-time growth exponent between the smallest and largest UNet sizes: t ~ pixels^k."""
-    for family in sorted({e["family"] for e in record["results"] if e["component"] == "unet"}):
-        rows = sorted(
-            (e for e in record["results"] if e.get("component") == "unet" and e["family"] == family),
-            key=lambda e: e["pixels"],
-        )
+    """Step-time growth exponent between the smallest and largest denoiser (UNet, MMDiT) sizes: t ~ pixels^k."""
+    steps = [e for e in record["results"] if e["component"] in ("unet", "transformer") and "mlx" in e]
+    for family in sorted({e["family"] for e in steps}):
+        rows = sorted((e for e in steps if e["family"] == family), key=lambda e: e["pixels"])
         if len(rows) < 2:
             continue
         lo, hi = rows[0], rows[-1]
@@ -329,8 +383,8 @@ def machine(device: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--family", default="sd1", help="comma-separated: sd1, sd2, sdxl")
-    p.add_argument("--sizes", default="512", help="comma-separated image sizes in pixels (UNet); VAE at the first")
+    p.add_argument("--family", default="sd1", help=f"comma-separated: {', '.join(FAMILY_NAMES)}")
+    p.add_argument("--sizes", default="512", help="comma-separated image sizes in pixels (denoiser); VAE at the first")
     p.add_argument("--parts", default="text,unet,vae,load", help="comma-separated: text, unet, vae, load")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--mlx-only", action="store_true", help="time mlx-sd alone (torch still counts FLOPs when present)")
@@ -345,6 +399,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON result file (default benchmarks/results/<date>-<host>.json)")
     args = p.parse_args()
     families, parts = args.family.split(","), args.parts.split(",")
+    unknown = sorted(set(families) - set(FAMILY_NAMES))
+    if unknown:
+        p.error(f"unknown families {unknown}; known: {', '.join(FAMILY_NAMES)}")
     sizes = [int(s) for s in args.sizes.split(",")]
     args.dtype = args.dtype or {"cpu": "float32", "gpu": "float16"}[args.device]
 
@@ -362,34 +419,30 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="mlx-sd-bench-") as tmp:
             workdir = Path(tmp)
             for family in families:
-                default = family == "sdxl" and args.device == "cpu"  # a GPU holds both SDXL UNets
+                default = family in ONE_AT_A_TIME and args.device == "cpu"  # a GPU holds both models
                 wanted = default if args.one_at_a_time is None else args.one_at_a_time
                 swap = wanted and "torch" in workers  # only side by side holds two models
                 sides = {n: OneAtATime(w, workdir, family) for n, w in workers.items()} if swap else workers
                 needed = {COMPONENTS[c] for part in parts if part in PARTS for c in part_components(part, family)}
                 if "load" in parts:
-                    needed.add("unet")
-                for model in ("text_encoder", "text_encoder_2", "unet", "vae"):
-                    if model not in needed:
-                        continue
-                    weights, folder = str(workdir / f"{model}.safetensors"), str(workdir / f"{family}-{model}")
-                    # torch writes the weights the mlx side converts (mlx-only: the mlx side's own random init)
-                    for name in reversed(list(workers)):
-                        kw = {"weights": weights, "folder": folder, "save": "load" in parts and model == "unet"}
-                        workers[name]("setup", component=model, family=family, **kw)
-                        if swap:
-                            sides[name].park(model)
-                    Path(weights).unlink(missing_ok=True)
+                    needed.add(denoiser(family))
+                held = None if swap or args.device == "gpu" else args.dtype  # torch's copy during the mlx setup
+                memory = record["machine"]["memory_gb"]
+                skipped = set_up(workers, swap and sides, family, needed, "load" in parts, workdir, held, memory)
                 for part in [p for p in parts if p in PARTS]:
                     for component in part_components(part, family):
-                        for size in sizes if component == "unet" else sizes[:1]:
+                        reason = skipped.get(COMPONENTS[component])
+                        if reason:
+                            record["results"].append({"component": component, "family": family, "skipped": reason})
+                            continue
+                        for size in sizes if component in ("unet", "transformer") else sizes[:1]:
                             for name, rows in interleaved(workers, 1, "sgemm").items():
                                 sgemm[name] += [r["gflops"] for r in rows]
                             bench_component(sides, component, family, size // 8, args.repeats, workdir, record, counter)
                             summarise(record, sgemm)
                             write(record, out)
-                if "load" in parts:
-                    bench_load(workdir / f"{family}-unet", args.repeats, record)
+                if "load" in parts and not skipped.get(denoiser(family)):
+                    bench_load(workdir / f"{family}-{denoiser(family)}", args.repeats, record)
                     write(record, out)
     finally:
         for w in {*workers.values(), *([counter] if counter else [])}:
