@@ -50,11 +50,10 @@ def sd3_defaults(base: FamilyDefaults, config) -> FamilyDefaults:
 def check_sd3_params(request, config) -> None:
     """Refuse, by name, what a (resolved) request asks that an SD3 model with MMDiT `config` cannot run here; needs
     no loaded model (the server checks at submission)."""
-    from .samplers.registry import FLOW_SAMPLERS, resolve
+    from .samplers.registry import check_flow_sampler, resolve
 
-    if request.sampler is not None and resolve(request.sampler)[0].name not in FLOW_SAMPLERS:
-        raise ValueError(f"sampler {request.sampler!r} does not run rectified-flow models (SD3); choose one of "
-                         f"{list(FLOW_SAMPLERS)}")  # fmt: skip
+    if request.sampler is not None:
+        check_flow_sampler(resolve(request.sampler)[0])
     depth = config.num_layers
     if any(not 0 <= i < depth for i in request.skip_guidance_layers):
         raise ValueError(f"skip_guidance_layers {list(request.skip_guidance_layers)}: this MMDiT has blocks 0 to "

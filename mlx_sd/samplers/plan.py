@@ -25,7 +25,7 @@ from ..denoiser import Denoiser, ModelFn
 from ..schedules import SCHEDULE_TYPES, NoiseSchedule, ScheduleType, check_steps, img2img_steps
 from .as_diffusers import diffusers_plan
 from .brownian import brownian_noise
-from .registry import FLOW_SAMPLERS, Sampler, resolve
+from .registry import Sampler, check_flow_sampler, resolve
 
 FOLLOW = ("a1111", "diffusers")
 # The schedule types defined for rectified flow (ComfyUI's, by the same names); "uniform" and "ddim" index a
@@ -183,9 +183,8 @@ def plan_sampling(
             reference cannot run (e.g. a prediction type the diffusers scheduler rejects), an unknown option.
     """
     entry, stype, diffusers_class = resolve(sampler, schedule_type)
-    if schedule.is_flow and entry.name not in FLOW_SAMPLERS:
-        raise ValueError(f"sampler {entry.name!r} does not run rectified-flow models (SD3); choose one of "
-                         f"{list(FLOW_SAMPLERS)}")  # fmt: skip
+    if schedule.is_flow:
+        check_flow_sampler(entry)
     check_steps(steps)
     if run_steps is not None and not (isinstance(run_steps, int) and 1 <= run_steps <= steps):
         raise ValueError(f"run_steps={run_steps!r}: must be a whole number between 1 and steps ({steps})")

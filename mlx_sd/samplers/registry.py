@@ -144,6 +144,13 @@ DIFFUSERS_CLASSES = {
 FLOW_SAMPLERS = ("Euler", "Heun", "DPM2", "LMS", "DPM++ 2M")
 
 
+def check_flow_sampler(entry: Sampler) -> None:
+    """Refuse, by name, a sampler that cannot run a rectified-flow model (SD3)."""
+    if entry.name not in FLOW_SAMPLERS:
+        raise ValueError(f"sampler {entry.name!r} does not run rectified-flow models (SD3); choose one of "
+                         f"{list(FLOW_SAMPLERS)}")  # fmt: skip
+
+
 def resolve(name: str, schedule: str | None = None) -> tuple[Sampler, ScheduleType | None, str | None]:
     """Turn a user's sampler name into (sampler, schedule type, diffusers class).
 
