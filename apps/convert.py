@@ -11,9 +11,9 @@ def add_parser(sub) -> None:
         help="convert a checkpoint (diffusers folder, .safetensors/.ckpt single file, hub id) to an MLX model folder",
         description="Convert a Stable Diffusion 1.x/2.x/XL or SD3/3.5 checkpoint into an mlx-sd model folder. SRC: a "
         "diffusers folder, an original single file (.safetensors, .ckpt, .pt, .pth), or a Hugging Face hub id "
-        "(owner/name, or owner/name/file.safetensors). Pickles are read without running code. SD3 single files must "
-        "include the CLIP text encoders (sd3_medium_incl_clips*.safetensors); for the others convert the diffusers "
-        "repo (e.g. stabilityai/stable-diffusion-3.5-large).",
+        "(owner/name, or owner/name/file.safetensors). Pickles are read without running code. SD3 single files "
+        "without text encoders (sd3.5_large.safetensors) take them from --text-encoder files or from text_encoders/ "
+        "beside the file.",
     )
     p.add_argument("src", help="diffusers folder, checkpoint file, or hub id")
     p.add_argument("out", help="the model folder to write")
@@ -31,6 +31,15 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--vae", metavar="FILE_OR_FOLDER",
                    help="a separately published VAE to use instead (e.g. an fp16-safe SDXL VAE)")  # fmt: skip
+    p.add_argument(
+        "--text-encoder",
+        dest="text_encoders",
+        action="append",
+        metavar="FILE",
+        help="SD3 single files: a text encoder published as a file of its own (clip_l, clip_g, t5xxl_fp16"
+        ".safetensors; repeat for each), completing or replacing the file's. Default: the file's own, else those "
+        "found in text_encoders/ beside it",
+    )
     p.add_argument(
         "--family", choices=("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3"), help="override the detected model family"
     )
@@ -80,6 +89,7 @@ def run_convert(args) -> None:
             dtype=args.dtype,
             quantize=args.quantize,
             vae=args.vae,
+            text_encoders=args.text_encoders,
             family=args.family,
             prediction_type=args.prediction_type,
             kind=args.kind,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -63,6 +63,7 @@ def convert(
     dtype: str | None = None,
     quantize: int | None = None,
     vae: str | Path | None = None,
+    text_encoders: Sequence[str | Path] | None = None,
     family: str | None = None,
     prediction_type: str | None = None,
     kind: str | None = None,
@@ -89,6 +90,11 @@ def convert(
         vae: a separately published VAE replacing the source's: a diffusers VAE folder, a model folder (its
             vae/), an original-layout VAE file (which keeps the model's latent scale), or a hub id. E.g. an
             fp16-safe SDXL VAE (madebyollin/sdxl-vae-fp16-fix).
+        text_encoders: SD3 single files: text encoders published as files of their own (CLIP-L, bigG, T5-XXL:
+            clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors; local files or hub ids), told apart by
+            their tensors, completing or replacing the file's. Default: the file's own, and for a file without
+            CLIP towers (sd3.5_large.safetensors) those files found in text_encoders/ beside it, or in
+            ../text_encoders/ or ../clip/ (a UI's model folders).
         family: "sd1", "sd2", "sdxl", "sdxl-refiner" or "sd3" to override detection (sd3 only for SD3 sources).
         prediction_type: "epsilon"/"eps" or "v_prediction"/"v" to override detection; "flow" is SD3's, and the
             only type SD3 models take.
@@ -110,7 +116,13 @@ def convert(
     check_destination(out, overwrite)
     report = progress or (lambda step: None)
     model = open_model(
-        str(src), family=family, prediction_type=prediction_type, kind=kind, use_ema=use_ema, variant=variant
+        str(src),
+        family=family,
+        prediction_type=prediction_type,
+        kind=kind,
+        use_ema=use_ema,
+        variant=variant,
+        text_encoders=None if text_encoders is None else [_local_file(str(f), "text encoder") for f in text_encoders],
     )
     if vae is not None:
         model = model.with_vae(open_vae(str(vae), variant))
@@ -171,25 +183,51 @@ def _check_options(dtype, quantize, family, prediction_type, kind) -> None:
 # --- sources ----------------------------------------------------------------------------------------------
 
 
-def open_model(src: str, *, family=None, prediction_type=None, kind=None, use_ema=True, variant=None) -> ModelPlan:
+def open_model(
+    src: str, *, family=None, prediction_type=None, kind=None, use_ema=True, variant=None, text_encoders=None
+) -> ModelPlan:
     """Plan the conversion of a local file or folder, or of a hub id (fetched first)."""
     path = Path(src).expanduser()
+    options = (family, prediction_type, kind, use_ema, variant, text_encoders)
     if path.exists():
-        return _open_local(path, family, prediction_type, kind, use_ema, variant)
+        return _open_local(path, *options)
     if parse_hub_id(src) is None:
         raise ConversionError(f"{src}: no such file or folder")
     local, facts = fetch(src, variant=variant)
     # A hub folder is named by its repo id (the snapshot folder is a commit hash), which is also kind evidence.
     name = None if "file" in facts else facts["repo_id"]
-    model = _open_local(local, family, prediction_type, kind, use_ema, variant, name)
+    model = _open_local(local, *options, name)
     return replace(model, details={**model.details, "hub": facts})
 
 
-def _open_local(path: Path, family, prediction_type, kind, use_ema, variant, name=None) -> ModelPlan:
+def _local_file(src: str, what: str) -> Path:
+    """A local file, or a hub id of one file (fetched into the hub cache)."""
+    path = Path(src).expanduser()
+    if path.is_file():
+        return path
+    hub = parse_hub_id(src)
+    if path.exists() or hub is None or hub[1] is None:
+        raise ConversionError(f"{what} {src}: " + ("not a file" if path.exists() else "no such file"))
+    return fetch(src)[0]
+
+
+def _open_local(path: Path, family, prediction_type, kind, use_ema, variant, text_encoders, name=None) -> ModelPlan:
     if path.is_file():
         if variant is not None:
             raise ConversionError(f"{path} is a single file; variant= (--variant) applies to diffusers folders")
-        return plan_file(path, family=family, prediction_type=prediction_type, use_ema=use_ema, kind=kind)
+        return plan_file(
+            path,
+            family=family,
+            prediction_type=prediction_type,
+            use_ema=use_ema,
+            kind=kind,
+            text_encoders=text_encoders,
+        )
+    if text_encoders is not None:
+        raise ConversionError(
+            f"{path} is a folder; text encoder files (--text-encoder) complete SD3 single files (a diffusers "
+            "folder has its own)"
+        )
     if (path / MODEL_INDEX).is_file() and is_sd3_folder(path):
         return plan_sd3_folder(
             path, family=family, prediction_type=prediction_type, variant=variant, kind=kind, name=name

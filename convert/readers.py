@@ -10,9 +10,15 @@ torch's tensor rebuilders and a few inert values, every other global refused by 
 Robustness: anything that is not a readable checkpoint (empty, truncated, corrupt, an HTML page or a Git LFS
 pointer saved under a checkpoint's name) raises one `ConversionError` naming the file and the problem.
 
-Values are numpy arrays in the file's own dtype, read-only, with the file's strides. numpy has no bfloat16:
-`checkpoint[key]` returns bfloat16 tensors as float32 (exact, the upcast loses nothing) and
-`checkpoint.raw(key)` returns their bits as uint16; `checkpoint.info(key).dtype` says "bfloat16" either way.
+Values are numpy arrays in the file's own dtype, read-only, with the file's strides. numpy has no bfloat16 or
+float8: `checkpoint[key]` returns those tensors as float32 (exact, the upcast loses nothing) and
+`checkpoint.raw(key)` returns their bits as uint16 / uint8; `checkpoint.info(key).dtype` says "bfloat16",
+"float8_e4m3fn" or "float8_e5m2" either way.
+
+Scaled fp8 (ComfyUI's `*_fp8_scaled.safetensors`: each float8 `X.weight` stored divided by a per-tensor or per-row
+`X.scale_weight`, marked by a `scaled_fp8` tensor; or its later `X.weight_scale` layout): `checkpoint["X.weight"]`
+is the weight times its scale (in float32), as ComfyUI computes it; the scale, input-scale and marker tensors are
+not in the mapping (`checkpoint.scaled` counts the weights rescaled).
 """
 
 from __future__ import annotations
@@ -22,13 +28,22 @@ import pickle
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from .keymap import ConversionError
-from .storage import DTYPES, StorageRef, TensorRef, bfloat16_to_float32, contiguous_strides, read_array
+from .storage import (
+    DTYPES,
+    StorageRef,
+    TensorRef,
+    bfloat16_to_float32,
+    contiguous_strides,
+    float8_to_float32,
+    read_array,
+)
 from .torch_pickle import ClassReference, UnsafeCheckpointError, load_torch_legacy, load_torch_zip
 
 __all__ = ["Checkpoint", "ConversionError", "TensorInfo", "UnsafeCheckpointError", "open_checkpoint"]
@@ -86,6 +101,10 @@ class Checkpoint(Mapping):
         self.extras = extras or {}
         self.metadata = metadata or {}
         self.global_step = global_step
+        self._scales = _fp8_scales(path, tensors)
+        if any(ref.dtype.name.startswith("float8") for ref in tensors.values()):  # scales and markers: not weights
+            self._tensors = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in _NOT_WEIGHTS}
+        self.scaled = len(self._scales)
 
     def __len__(self) -> int:
         return len(self._tensors)
@@ -102,7 +121,8 @@ class Checkpoint(Mapping):
         return TensorInfo(ref.shape, ref.dtype.name, ref.nbytes)
 
     def raw(self, key: str) -> np.ndarray:
-        """The tensor as stored (bfloat16 as its uint16 bits); a read-only view of the file where possible.
+        """The tensor as stored (bfloat16 / float8 as their uint16 / uint8 bits); a read-only view of the file where
+        possible.
 
         Raises:
             ConversionError if the storage fails its CRC check (zip files) or cannot be read.
@@ -116,12 +136,22 @@ class Checkpoint(Mapping):
             raise ConversionError(f"{self.path}: cannot read tensor {key} ({error})") from None
 
     def __getitem__(self, key: str) -> np.ndarray:
-        """The tensor as a numpy array; bfloat16 is returned as float32 (exact)."""
+        """The tensor as a numpy array; bfloat16 and float8 are returned as float32 (exact)."""
         array = self.raw(key)
-        if self._tensors[key].dtype.name == "bfloat16":
-            array = bfloat16_to_float32(array)
+        name = self._tensors[key].dtype.name
+        if name == "bfloat16" or name.startswith("float8"):
+            array = bfloat16_to_float32(array) if name == "bfloat16" else float8_to_float32(array, name)
+            if key in self._scales:
+                array *= self._read_scale(key, array.shape)
             array.flags.writeable = False  # one contract for every value: read-only
         return array
+
+    def _read_scale(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The scale of a scaled-fp8 weight, shaped to multiply it: one value, or one per output row."""
+        ref = self._scales[key]
+        scale = read_array(self.path, ref, self._verify)
+        scale = bfloat16_to_float32(scale) if ref.dtype.name == "bfloat16" else scale.astype(np.float32)
+        return scale.reshape(() if scale.size == 1 else (shape[0],) + (1,) * (len(shape) - 1))
 
     def __repr__(self) -> str:
         where = "/".join(self.nesting) or "top level"
@@ -174,6 +204,40 @@ def _what_else(head: bytes) -> str:
     return f"not a checkpoint (starts with {head[:16]!r}); expected .safetensors or a PyTorch .ckpt/.pt/.pth/.bin"
 
 
+# --- scaled fp8 -------------------------------------------------------------------------------------------
+
+# Scale tensors beside a float8 `X.weight`: ComfyUI's scaled_fp8 layout, then its comfy_quant layout.
+_SCALE_NAMES = ("scale_weight", "weight_scale")
+# Their tensors that are no weights (last key part): the scales, input scales (for fp8 matmuls), format markers.
+_NOT_WEIGHTS = (*_SCALE_NAMES, "scale_input", "input_scale", "comfy_quant", "scaled_fp8")
+
+
+def _fp8_scales(path: Path, tensors: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """float8 weight key -> its scale tensor, for the scaled-fp8 layouts (see the module docstring); {} for files
+    without float8 tensors (whose keys are left alone)."""
+    scales = {}
+    if not any(ref.dtype.name.startswith("float8") for ref in tensors.values()):
+        return scales
+    for key, ref in tensors.items():
+        base, _, last = key.rpartition(".")
+        if last not in _SCALE_NAMES:
+            continue
+        weight = tensors.get(f"{base}.weight")
+        if weight is None or not weight.dtype.name.startswith("float8"):
+            raise ConversionError(
+                f"{path}: {key} scales {base}.weight, which is {'missing' if weight is None else weight.dtype.name}, "
+                "not float8; the file is not in a scaled-fp8 layout mlx-sd reads: convert the fp16/bf16 file"
+            )
+        if prod(ref.shape) != 1 and not (weight.shape and prod(ref.shape) == weight.shape[0]):
+            raise ConversionError(
+                f"{path}: {key} is an fp8 scale of shape {ref.shape}, neither per tensor nor per row of "
+                f"{base}.weight {weight.shape}; block-scaled formats (mxfp8, nvfp4) are not supported: convert the "
+                "fp16/bf16 file"
+            )
+        scales[f"{base}.weight"] = ref
+    return scales
+
+
 # --- safetensors ------------------------------------------------------------------------------------------
 
 
@@ -193,13 +257,7 @@ def _open_safetensors(path: Path) -> Checkpoint:
     for key, entry in header.items():
         dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
-            fix = (
-                "; float8 files (e.g. sd3_medium_incl_clips_t5xxlfp8) are not supported: convert the fp16 file or the "
-                "diffusers folder"
-                if entry["dtype"].startswith("F8")
-                else ""
-            )
-            raise ConversionError(f"{path}: tensor {key} has dtype {entry['dtype']}, which mlx-sd cannot convert{fix}")
+            raise ConversionError(f"{path}: tensor {key} has dtype {entry['dtype']}, which mlx-sd cannot convert")
         begin, end = entry["data_offsets"]
         shape = tuple(entry["shape"])
         storage = StorageRef(key, end - begin, offset=8 + length + begin)

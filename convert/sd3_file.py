@@ -9,36 +9,32 @@
     text_encoders.t5xxl.transformer.shared|encoder.*      the T5 v1.1 XXL encoder (optional) -> text_encoder_3/
 
 The published files differ in what they hold: sd3_medium_incl_clips*.safetensors carry the CLIP towers (and T5 in
-the *_t5xxl* files), sd3_medium.safetensors and sd3.5_large.safetensors only the MMDiT and the autoencoder; those
-cannot become a model on their own and are refused with the diffusers folder to convert instead.
+the *_t5xxl* files, fp8 in one), sd3_medium.safetensors and the SD3.5 files only the MMDiT and the autoencoder.
+Text encoders published as files of their own (the repos' text_encoders/clip_l, clip_g, t5xxl_fp16.safetensors)
+complete them or replace the file's: passed by the caller, or found where Stability's repos and UIs keep them
+(convert/sd3_text.py: the towers, the files and where they are looked for).
 
-SD3 pools CLIP-L without its projection (Stability's sd3_infer.py and ComfyUI: return_projected_pooled=False);
-diffusers' single-file loader gives that tower an identity `text_projection` so that its CLIPTextModelWithProjection
-computes the same thing. So does this converter (a projection stored in the file is dropped, for that reason), which
-makes the converted folder look like a diffusers folder's. The tokenizers are not in the files: the CLIP ones are
-the bundled vocabulary, padded as SD3's folders pad (CLIP-L with eos, bigG with "!" = id 0) and cleaned as
-transformers does (SD3's reference code tokenizes with transformers); T5's comes from the hub
-(google/t5-v1_1-xxl's spiece.model, which is what SD3's tokenizer_3 holds), cached as any hub download.
+The tokenizers are not in the files: the CLIP ones are the bundled vocabulary, padded as SD3's folders pad (CLIP-L
+with eos, bigG with "!" = id 0) and cleaned as transformers does (SD3's reference code tokenizes with transformers);
+T5's comes from the hub (google/t5-v1_1-xxl's spiece.model, which is what SD3's tokenizer_3 holds), cached as any
+hub download.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-
-import numpy as np
 
 from mlx_sd.t5_tokenizer import SPIECE_FILE, T5Tokenizer
 from mlx_sd.tokenizer import CLIPTokenizer
 
-from .diffusers import CLIP_RULES, t5_rules
 from .families import SD3_REPOS, T5_TOWER, TEXT_TOWERS, family_config, scheduler_config
 from .hub import fetch_file
-from .keymap import ComponentPlan, ConversionError, Rule, rename
+from .keymap import ComponentPlan, ConversionError, rename
 from .kind import detect_kind
-from .ldm import TOP_LEVEL_DROPS, KeyView, clip_config_from_shapes, plan_component, strip_prefix
+from .ldm import TOP_LEVEL_DROPS, KeyView, plan_component, strip_prefix
 from .ldm_detect import CERTAIN, FLOW, VAE_PREFIX, Detection, Finding
 from .ldm_vae import vae_config_from_shapes, vae_rules
 from .plan import ModelPlan, SourceFiles
@@ -52,21 +48,33 @@ from .sd3 import (
     release,
     release_evidence,
 )
+from .sd3_text import (
+    CLIP_G_PREFIX,
+    CLIP_L_PREFIX,
+    IDENTITY,
+    PLACES,
+    T5_PREFIX,
+    TOWER_NAMES,
+    TowerFile,
+    clip_g,
+    clip_l,
+    discover_text_encoders,
+    open_text_encoders,
+    relative_name,
+    t5,
+)
 
-CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
-CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
-T5_PREFIX = "text_encoders.t5xxl.transformer."
 # SD3's tokenizer_3 is T5 v1.1's SentencePiece model; this repo publishes it ungated (the SD3 repos are gated).
 T5_TOKENIZER_REPO = "google/t5-v1_1-xxl"
 # SD3's reference code tokenizes CLIP prompts with transformers' CLIPTokenizer (mlx_sd/tokenizer.py "hf").
 SD3_NORMALIZATION = "hf"
-_IDENTITY = "<identity>"  # the stand-in key of CLIP-L's identity projection (not a tensor of the file)
-_CLIP_L_PROJECTION = Rule(
-    r"text_projection\.weight",
-    None,
-    "SD3 pools CLIP-L without its projection (sd3_infer.py, ComfyUI); an identity projection is written instead, "
-    "as diffusers' single-file loader does",
-)
+# The towers a single file may hold: component folder -> (key prefix, plan builder).
+_TOWERS = {
+    "text_encoder": (CLIP_L_PREFIX, clip_l),
+    "text_encoder_2": (CLIP_G_PREFIX, clip_g),
+    T5_TOWER[0]: (T5_PREFIX, t5),
+}
+_CLIPS = ("text_encoder", "text_encoder_2")
 
 
 def plan_sd3_file(
@@ -78,16 +86,20 @@ def plan_sd3_file(
     family: str | None = None,
     prediction_type: str | None = None,
     kind: str | None = None,
+    text_encoders: Sequence[Path] | None = None,
 ) -> ModelPlan:
-    """Plan the conversion of an SD3 / SD3.5 single file (nothing but the header is read; the T5 tokenizer may be
-    fetched from the hub when the file holds T5).
+    """Plan the conversion of an SD3 / SD3.5 single file (nothing but headers are read; the T5 tokenizer may be
+    fetched from the hub when the model has T5).
 
     Args:
         path: the file; checkpoint: it, opened; shapes, dtypes: key -> shape / dtype name of every tensor.
         family, prediction_type, kind: overrides; only "sd3", "flow" and standard/turbo make sense (else refused).
+        text_encoders: files of CLIP-L, bigG and/or T5 (convert/sd3_text.py), taking the place of the file's own
+            towers; None: the file's, and when it has no CLIP towers, the published files found near it.
     Raises:
-        ConversionError for a file that is not a whole SD3 model, tensors that belong to no component, or a T5
-        tokenizer that cannot be had offline.
+        ConversionError for a file that is not a whole SD3 model (no CLIP towers in or beside it), tensors that
+        belong to no component, text encoders that do not fit the MMDiT, or a T5 tokenizer that cannot be had
+        offline.
     """
     check_overrides(family, prediction_type, kind, str(path))
     if mmdit_prefix(shapes) != PREFIX:
@@ -97,27 +109,25 @@ def plan_sd3_file(
             f"{SD3_REPOS['sd3.5-large']} OUT"
         )
     transformer = _transformer(checkpoint, shapes)
-    name = release(transformer.config)
-    missing = [p for p in (CLIP_L_PREFIX, CLIP_G_PREFIX) if not any(k.startswith(p) for k in shapes)]
-    if missing:
-        repo = SD3_REPOS.get(name or "", SD3_REPOS["sd3.5-large"])
-        raise ConversionError(
-            f"{path}: no {' or '.join(p + '*' for p in missing)}: the file holds the MMDiT and the autoencoder but not "
-            f"SD3's CLIP text encoders (as sd3_medium.safetensors and sd3.5_large.safetensors are published); "
-            f"convert the diffusers folder instead (mlx-sd convert {repo} OUT), or the file that includes them "
-            "(sd3_medium_incl_clips*.safetensors)"
-        )
     components = {"transformer": transformer}
     vae_keys = strip_prefix(shapes, VAE_PREFIX)
     if vae_keys:
         components["vae"] = _vae(checkpoint, shapes, vae_keys)
-    components["text_encoder"] = _clip_l(checkpoint, shapes)
-    components["text_encoder_2"] = _clip_g(checkpoint, shapes)
-    with_t5 = any(k.startswith(T5_PREFIX) for k in shapes)
-    if with_t5:
-        components[T5_TOWER[0]] = _t5(checkpoint, shapes)
+    for slot, (prefix, build) in _TOWERS.items():
+        if any(k.startswith(prefix) for k in shapes):
+            components[slot] = build(checkpoint, shapes)
     _check_everything_claimed(shapes, components)
+    if text_encoders is None and not all(slot in components for slot in _CLIPS):
+        text_encoders = discover_text_encoders(path)
+    known = {slot: components[slot].config.hidden_size for slot in _CLIPS if slot in components}
+    separate = open_text_encoders(text_encoders or [], known)
+    components.update({slot: tower.plan for slot, tower in separate.items()})
+    missing = [slot for slot in _CLIPS if slot not in components]
+    if missing:
+        raise ConversionError(_no_clips(path, missing, release(transformer.config), text_encoders))
+    _check_towers(components, separate)
 
+    with_t5 = T5_TOWER[0] in components
     tokenizers = {
         tokenizer: CLIPTokenizer.bundled(pad_token_id=pad, normalization=SD3_NORMALIZATION)
         for _, tokenizer, pad in TEXT_TOWERS["sd3"]
@@ -125,14 +135,15 @@ def plan_sd3_file(
     if with_t5:
         tokenizers[T5_TOWER[1]] = _t5_tokenizer()
     counts = Counter(dtypes[PREFIX + k] for k in transformer.source).most_common()
+    where = {slot: _where(slot, path, separate) for slot in _TOWERS}
     t5_finding = (
-        Finding(True, CERTAIN, f"{T5_PREFIX}* tensors (tokenizer: {T5_TOKENIZER_REPO}/{SPIECE_FILE})")
+        Finding(True, CERTAIN, f"{where[T5_TOWER[0]]} (tokenizer: {T5_TOKENIZER_REPO}/{SPIECE_FILE})")
         if with_t5
-        else Finding(False, CERTAIN, f"no {T5_PREFIX}* tensors: SD3 conditions on zeros in T5's place")
+        else Finding(False, CERTAIN, f"no {T5_PREFIX}* tensors or T5 file: SD3 conditions on zeros in T5's place")
     )
     detection = Detection(
         family=Finding("sd3", CERTAIN, f"{PREFIX}joint_blocks.* (an MMDiT): {release_evidence(transformer.config)}"),
-        text_encoder=Finding("sd3", CERTAIN, f"{CLIP_L_PREFIX}* and {CLIP_G_PREFIX}* (transformers layout)"),
+        text_encoder=Finding("sd3", CERTAIN, "; ".join(f"{TOWER_NAMES[s]}: {where[s]}" for s in _CLIPS)),
         in_channels=Finding(transformer.config.in_channels, CERTAIN, "x_embedder.proj takes that many channels"),
         ema=Finding(False, CERTAIN, "SD3 files hold one set of MMDiT weights"),
         dtype=Finding(counts[0][0], CERTAIN, "MMDiT tensors: " + ", ".join(f"{n} {d}" for d, n in counts)),
@@ -140,6 +151,8 @@ def plan_sd3_file(
         kind=detect_kind(path.stem, override=kind, metadata=checkpoint.metadata),
         text_encoder_3=t5_finding,
     )
+    names = {slot: relative_name(tower.path, path.parent) for slot, tower in separate.items()}
+    details = {"format": checkpoint.format} | ({"text_encoders": names} if names else {})
     return ModelPlan(
         name=path.stem,
         kind="single-file",
@@ -147,9 +160,58 @@ def plan_sd3_file(
         components=components,
         tokenizers=tokenizers,
         scheduler=scheduler_config("sd3", FLOW),
-        files=SourceFiles(path.parent, (path.name,)),
-        details={"format": checkpoint.format},
+        files=SourceFiles(path.parent, (path.name, *names.values())),
+        details=details,
     )
+
+
+def _where(slot: str, path: Path, separate: dict[str, TowerFile]) -> str:
+    if slot in separate:
+        return f"{relative_name(separate[slot].path, path.parent)} (a file of its own)"
+    return f"{_TOWERS[slot][0]}* (transformers layout)"
+
+
+def _no_clips(path: Path, missing: list[str], name: str | None, given) -> str:
+    repo = SD3_REPOS.get(name or "", SD3_REPOS["sd3.5-large"])
+    lacking = " and ".join(TOWER_NAMES[slot] for slot in missing)
+    where = (
+        "among the text encoder files passed"
+        if given
+        else f"in the file, nor as clip_l/clip_g.safetensors in {', '.join(p + '/' for p in PLACES)} beside it"
+    )
+    return (
+        f"{path}: no {lacking} {where}: the file holds the MMDiT and the autoencoder but not SD3's CLIP text "
+        f"encoders (as sd3.5_large.safetensors and sd3_medium.safetensors are published); pass them: mlx-sd convert "
+        f"{path.name} OUT --text-encoder clip_l.safetensors --text-encoder clip_g.safetensors [--text-encoder "
+        f"t5xxl_fp16.safetensors] (text_encoders/ of {repo}), or convert the diffusers folder (mlx-sd convert {repo} "
+        "OUT)"
+    )
+
+
+def _check_towers(components: dict[str, ComponentPlan], separate: dict[str, TowerFile]) -> None:
+    """The text towers must give the MMDiT what it takes: pooled CLIP-L + bigG, and T5's width (the CLIP states are
+    padded to it)."""
+    config = components["transformer"].config
+    large, big = components["text_encoder"].config, components["text_encoder_2"].config
+    pooled = large.projection_dim + big.projection_dim
+    if pooled != config.pooled_projection_dim:
+        raise ConversionError(
+            f"the CLIP towers ({_named('text_encoder', separate)}, {_named('text_encoder_2', separate)}) pool "
+            f"{large.projection_dim} + {big.projection_dim} = {pooled} values, but this MMDiT takes "
+            f"{config.pooled_projection_dim}: they are not its text encoders"
+        )
+    width = large.hidden_size + big.hidden_size
+    t5_config = components[T5_TOWER[0]].config if T5_TOWER[0] in components else None
+    if width > config.joint_attention_dim or (t5_config and t5_config.d_model != config.joint_attention_dim):
+        t5_width = f", T5 {t5_config.d_model}" if t5_config else ""
+        raise ConversionError(
+            f"the text towers' widths (CLIP {large.hidden_size} + {big.hidden_size}{t5_width}) do not fit this "
+            f"MMDiT's {config.joint_attention_dim}-wide text tokens: they are not its text encoders"
+        )
+
+
+def _named(slot: str, separate: dict[str, TowerFile]) -> str:
+    return f"{TOWER_NAMES[slot]} " + (str(separate[slot].path.name) if slot in separate else "of the file")
 
 
 def _transformer(checkpoint, shapes) -> ComponentPlan:
@@ -171,82 +233,6 @@ def _vae(checkpoint, shapes, keys: dict[str, str]) -> ComponentPlan:
     return plan_component("vae", VAE_PREFIX, config, KeyView(checkpoint, keys, shapes), vae_rules(config))
 
 
-class _WithIdentity(Mapping):
-    """A tower's tensors plus one identity matrix under `_IDENTITY` (CLIP-L's projection, see the module docstring)."""
-
-    def __init__(self, view: KeyView, size: int):
-        self._view, self._size = view, size
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return np.eye(self._size, dtype=np.float32) if key == _IDENTITY else self._view[key]
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self._view
-        yield _IDENTITY
-
-    def __len__(self) -> int:
-        return len(self._view) + 1
-
-
-def _clip_l(checkpoint, shapes) -> ComponentPlan:
-    keys = strip_prefix(shapes, CLIP_L_PREFIX)
-    relative = {k: shapes[v] for k, v in keys.items()}
-    width = clip_config_from_shapes(relative).hidden_size
-    config = replace(clip_config_from_shapes(relative), projection_dim=width)
-    rules = [_CLIP_L_PROJECTION, Rule(_IDENTITY, "text_projection.weight"), *CLIP_RULES]
-    source = _WithIdentity(KeyView(checkpoint, keys, shapes), width)
-    shapes_with_identity = {**relative, _IDENTITY: (width, width)}
-    return ComponentPlan("text_encoder", CLIP_L_PREFIX, config, source, rules, shapes=shapes_with_identity)
-
-
-def _clip_g(checkpoint, shapes) -> ComponentPlan:
-    keys = strip_prefix(shapes, CLIP_G_PREFIX)
-    relative = {k: shapes[v] for k, v in keys.items()}
-    if "text_projection.weight" not in relative:
-        raise ConversionError(
-            f"text_encoder_2 ({CLIP_G_PREFIX}*): no text_projection.weight; SD3's pooled text needs it"
-        )
-    projection = relative["text_projection.weight"][0]  # a Linear's (out, in)
-    # OpenCLIP bigG (as SDXL's second tower): gelu, not OpenAI CLIP's quick_gelu.
-    config = replace(clip_config_from_shapes(relative), hidden_act="gelu", projection_dim=projection)
-    return plan_component("text_encoder_2", CLIP_G_PREFIX, config, KeyView(checkpoint, keys, shapes), CLIP_RULES)
-
-
-def _t5(checkpoint, shapes) -> ComponentPlan:
-    from mlx_sd.models import T5Config
-
-    keys = strip_prefix(shapes, T5_PREFIX)
-    relative = {k: shapes[v] for k, v in keys.items()}
-    rules = t5_rules(relative)
-    embedding = relative.get("shared.weight", relative.get("encoder.embed_tokens.weight"))
-    bias = relative.get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
-    query = relative.get("encoder.block.0.layer.0.SelfAttention.q.weight")
-    if embedding is None or bias is None or query is None:
-        raise ConversionError(
-            f"text_encoder_3 ({T5_PREFIX}*): no shared.weight, relative_attention_bias or q.weight of block 0; the T5 "
-            "encoder in this file is incomplete"
-        )
-    blocks = {int(k.split(".")[2]) for k in relative if k.startswith("encoder.block.")}
-    buckets, heads = bias
-    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in relative
-    ff = relative.get(f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight", (0,))[0]
-    published = family_config("sd3", "text_encoder_3")
-    config = T5Config(
-        vocab_size=embedding[0],
-        d_model=embedding[1],
-        d_kv=query[0] // heads,
-        d_ff=ff,
-        num_layers=len(blocks),
-        num_heads=heads,
-        relative_attention_num_buckets=buckets,
-        # Not in the shapes: T5 v1.1's (SD3's) values.
-        relative_attention_max_distance=published["relative_attention_max_distance"],
-        layer_norm_epsilon=published["layer_norm_epsilon"],
-        feed_forward_proj="gated-gelu" if gated else "relu",
-    )
-    return plan_component(T5_TOWER[0], T5_PREFIX, config, KeyView(checkpoint, keys, shapes), rules)
-
-
 def _t5_tokenizer() -> T5Tokenizer:
     path = fetch_file(T5_TOKENIZER_REPO, SPIECE_FILE, "the T5 tokenizer of the file's text_encoders.t5xxl")
     try:
@@ -256,7 +242,7 @@ def _t5_tokenizer() -> T5Tokenizer:
 
 
 def _check_everything_claimed(shapes: Mapping, components: dict[str, ComponentPlan]) -> None:
-    claimed = {plan.prefix + k for plan in components.values() for k in plan.source if k != _IDENTITY}
+    claimed = {plan.prefix + k for plan in components.values() for k in plan.source if k != IDENTITY}
     stray = sorted(k for k in shapes if k not in claimed and rename(k, TOP_LEVEL_DROPS) is None)
     if stray:
         shown = ", ".join(stray[:8]) + (f" and {len(stray) - 8} more" if len(stray) > 8 else "")

@@ -9,6 +9,7 @@ family's pad id, and the scheduler is the family's published config for the dete
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from mlx_sd.tokenizer import CLIPTokenizer
@@ -39,6 +40,7 @@ def plan_file(
     prediction_type: str | None = None,
     use_ema: bool = True,
     kind: str | None = None,
+    text_encoders: Sequence[Path] | None = None,
 ) -> ModelPlan:
     """Open an original-layout checkpoint and plan its conversion (nothing but the header is read).
 
@@ -46,6 +48,7 @@ def plan_file(
         path: the checkpoint file.
         family, prediction_type, kind: overrides of what detection finds (kind: convert/kind.py).
         use_ema: take the UNet's EMA weights when the file has them.
+        text_encoders: SD3 only: text encoder files taking the place of the file's (convert/sd3_file.py).
     Returns:
         the plan; `components` may lack "vae" when the file has none (the caller then needs a separate VAE).
     Raises:
@@ -55,7 +58,19 @@ def plan_file(
     shapes, dtypes = _header(checkpoint)
     if is_sd3(shapes):
         return plan_sd3_file(
-            path, checkpoint, shapes, dtypes, family=family, prediction_type=prediction_type, kind=kind
+            path,
+            checkpoint,
+            shapes,
+            dtypes,
+            family=family,
+            prediction_type=prediction_type,
+            kind=kind,
+            text_encoders=text_encoders,
+        )
+    if text_encoders is not None:
+        raise ConversionError(
+            f"{path}: text encoder files (--text-encoder) complete SD3 single files; this is no SD3 file "
+            f"(no {UNET_PREFIX}{MMDIT_MARKER}), and its text encoders come from the file itself"
         )
     if family == "sd3":
         raise ConversionError(

@@ -28,7 +28,7 @@ class DType:
     """One element type, under the names each format gives it."""
 
     name: str  # torch's name, used in messages and `TensorInfo.dtype`: "float16", "bfloat16", ...
-    numpy: str  # how the bytes are viewed; numpy has no bfloat16, so its raw bits are uint16
+    numpy: str  # how the bytes are viewed; numpy has no bfloat16 or float8, so their raw bits are uint16 / uint8
     safetensors: str  # the safetensors header's name
     torch_storage: str | None  # the legacy typed storage class (torch.HalfStorage); None for newer dtypes
 
@@ -51,6 +51,10 @@ DTYPES = (
     DType("uint16", "uint16", "U16", None),
     DType("uint32", "uint32", "U32", None),
     DType("uint64", "uint64", "U64", None),
+    # float8 (fp8 checkpoints: t5xxl_fp8_e4m3fn.safetensors, sd3_medium_incl_clips_t5xxlfp8.safetensors); torch
+    # writes them as untyped bytes plus a dtype (_rebuild_tensor_v3).
+    DType("float8_e4m3fn", "uint8", "F8_E4M3", None),
+    DType("float8_e5m2", "uint8", "F8_E5M2", None),
 )
 BY_NAME = {d.name: d for d in DTYPES}
 UINT8 = BY_NAME["uint8"]
@@ -160,6 +164,26 @@ def read_array(path: Path, tensor: TensorRef, verify: bool = True) -> np.ndarray
         array = array.astype(dtype.newbyteorder("="))
     array.flags.writeable = False
     return array
+
+
+def _e4m3fn_table() -> np.ndarray:
+    """float8_e4m3fn's 256 values: 1 sign, 4 exponent (bias 7) and 3 mantissa bits; exponent 0 is subnormal, and
+    S.1111.111 is NaN (the "fn" variant has no infinities: S.1111.xxx are finite, up to 448)."""
+    bits = np.arange(256)
+    exponent, mantissa = (bits >> 3) & 0xF, bits & 0x7
+    magnitude = np.where(exponent == 0, mantissa / 8 * 2.0**-6, (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    magnitude = np.where((bits & 0x7F) == 0x7F, np.nan, magnitude)
+    return np.where(bits & 0x80, -magnitude, magnitude).astype(np.float32)
+
+
+_E4M3FN = _e4m3fn_table()
+
+
+def float8_to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """Exact: every float8 value is a float32. float8_e5m2 is the upper byte of the float16 of the same value."""
+    if dtype == "float8_e5m2":
+        return (bits.astype(np.uint16) << 8).view(np.float16).astype(np.float32)
+    return _E4M3FN[bits]
 
 
 def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:

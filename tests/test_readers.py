@@ -37,7 +37,11 @@ def assert_matches(checkpoint, reference: dict[str, torch.Tensor]):
         assert info.dtype == str(tensor.dtype).removeprefix("torch.") and info.shape == tuple(tensor.shape), key
         raw = checkpoint.raw(key)
         expected = (
-            tensor.view(torch.int16).numpy().view(np.uint16) if tensor.dtype == torch.bfloat16 else tensor.numpy()
+            tensor.view(torch.int16).numpy().view(np.uint16)
+            if tensor.dtype == torch.bfloat16
+            else tensor.view(torch.uint8).numpy()
+            if tensor.dtype in FLOAT8
+            else tensor.numpy()
         )
         assert raw.dtype == expected.dtype and raw.shape == expected.shape, key
         if expected.size > 1:
@@ -47,6 +51,18 @@ def assert_matches(checkpoint, reference: dict[str, torch.Tensor]):
         assert not value.flags.writeable
         if tensor.dtype == torch.bfloat16:
             assert value.dtype == np.float32 and value.tobytes() == tensor.float().numpy().tobytes(), key
+        if tensor.dtype in FLOAT8:  # NaN payloads may differ: equal values, signs (of zeros too) and NaN places
+            assert value.dtype == np.float32, key
+            np.testing.assert_array_equal(value, tensor.float().numpy(), err_msg=key)
+            np.testing.assert_array_equal(np.signbit(value), np.signbit(tensor.float().numpy()), err_msg=key)
+
+
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def every_float8(dtype: torch.dtype) -> torch.Tensor:
+    """All 256 bit patterns of a float8 type (NaNs included), as a 16x16 tensor."""
+    return torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
 
 
 def variety() -> dict[str, torch.Tensor]:
@@ -69,6 +85,8 @@ def variety() -> dict[str, torch.Tensor]:
         "conv": torch.randn(8, 4, 3, 3, generator=g),
         "empty": torch.zeros(0, 3),
         "uint16": torch.arange(5).to(torch.uint16),  # torch >= 2.3 writes this with _rebuild_tensor_v3
+        "fp8_e4m3fn": every_float8(torch.float8_e4m3fn),  # also v3: fp8 files (t5xxl_fp8_e4m3fn.safetensors)
+        "fp8_e5m2": every_float8(torch.float8_e5m2)[2:, ::3],  # a strided view
     }
     tensors["tied"] = tensors["fp32"]  # the same tensor under two names
     return tensors
@@ -76,7 +94,7 @@ def variety() -> dict[str, torch.Tensor]:
 
 def legacy_variety():
     # The legacy format predates _rebuild_tensor_v3 (torch refuses to save uint16 that way).
-    return {k: v for k, v in variety().items() if k != "uint16"}
+    return {k: v for k, v in variety().items() if k != "uint16" and v.dtype not in FLOAT8}
 
 
 @pytest.mark.parametrize("nesting", [(), ("state_dict",), ("model",), ("module",), ("state_dict", "model")])
@@ -110,10 +128,63 @@ def test_safetensors_match_safetensors_library(tmp_path):
     assert set(checkpoint) == set(reference)
 
 
+def test_scaled_fp8_weights_are_rescaled(tmp_path):
+    """ComfyUI's scaled fp8 (`scale_weight` per tensor, marked by `scaled_fp8`) and its later layout (`weight_scale`,
+    here per row): each weight is its float8 values times its scale, as ComfyUI dequantizes; scales, input scales and
+    markers are not weights."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 3, generator=g), torch.randn(5, 2, 3, 3, generator=g)
+    a_scale, b_scale = a.abs().max() / 448, b.abs().amax(dim=(1, 2, 3)) / 448
+    tensors = {
+        "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn),
+        "x.a.weight": (a / a_scale).to(torch.float8_e4m3fn),
+        "x.a.scale_weight": a_scale,
+        "x.a.scale_input": torch.tensor(1.0),
+        "x.a.bias": torch.randn(4, generator=g).half(),
+        "x.b.weight": (b / b_scale[:, None, None, None]).to(torch.float8_e4m3fn),
+        "x.b.weight_scale": b_scale.bfloat16(),
+        "x.b.comfy_quant": torch.tensor([1, 2], dtype=torch.uint8),
+        "x.c.weight": torch.randn(2, 2, generator=g).to(torch.float8_e5m2),  # float8 without a scale
+    }
+    path = tmp_path / "scaled.safetensors"
+    safetensors.torch.save_file(tensors, path)
+    checkpoint = open_checkpoint(path)
+    assert sorted(checkpoint) == ["x.a.bias", "x.a.weight", "x.b.weight", "x.c.weight"] and checkpoint.scaled == 2
+    assert checkpoint.info("x.a.weight").dtype == "float8_e4m3fn"
+    expected = {
+        "x.a.weight": tensors["x.a.weight"].float() * a_scale,
+        "x.b.weight": tensors["x.b.weight"].float() * b_scale.bfloat16().float()[:, None, None, None],
+        "x.c.weight": tensors["x.c.weight"].float(),
+    }
+    for key, value in expected.items():
+        np.testing.assert_array_equal(checkpoint[key], value.numpy(), err_msg=key)
+    assert checkpoint.raw("x.a.weight").tobytes() == tensors["x.a.weight"].view(torch.uint8).numpy().tobytes()
+
+    plain = {"x.weight_scale": torch.ones(3), "x.weight": torch.ones(3)}  # no float8: names mean nothing
+    safetensors.torch.save_file(plain, tmp_path / "plain.safetensors")
+    assert sorted(open_checkpoint(tmp_path / "plain.safetensors")) == sorted(plain)
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"a.weight": torch.ones(4, 4).half(), "a.scale_weight": torch.tensor(1.0),
+          "b": torch.ones(1).to(torch.float8_e4m3fn)},
+         r"a\.scale_weight scales a\.weight, which is float16, not float8"),
+        ({"a.weight": torch.ones(4, 4).to(torch.float8_e4m3fn), "a.weight_scale": torch.ones(4, 2)},
+         r"a\.weight_scale is an fp8 scale of shape \(4, 2\), neither per tensor nor per row .*block-scaled"),
+    ],
+)  # fmt: skip
+def test_unreadable_scaled_fp8_is_refused(tmp_path, tensors, message):
+    safetensors.torch.save_file(tensors, tmp_path / "bad.safetensors")
+    with pytest.raises(ConversionError, match=message):
+        open_checkpoint(tmp_path / "bad.safetensors")
+
+
 def test_big_endian_recompressed_and_zip64_archives(tmp_path):
     """torch honours a `byteorder` record of "big", reads deflated members and zip64 headers; so must we."""
     # uint16 is left out: torch stores it as untyped bytes and so never byte-swaps it (we do).
-    skip = ("tied", "empty", "uint16")
+    skip = ("tied", "empty", "uint16", "fp8_e4m3fn", "fp8_e5m2")
     tensors = {k: v.contiguous().clone() for k, v in variety().items() if k not in skip}
     source = tmp_path / "little.pt"
     torch.save(tensors, source)

@@ -278,15 +278,6 @@ def test_single_file_clip_l_projection_is_the_identity(sources, tmp_path):
     check_networks(sources["pipe"], tmp_path / "with", t5=False)
 
 
-def test_single_file_without_text_encoders_is_refused(sources, tmp_path):
-    """sd3_medium.safetensors / sd3.5_large.safetensors hold the MMDiT and the autoencoder alone."""
-    file = write_single_file(tmp_path / "sd3.5_large.safetensors", single_file_state(sources["pipe"], False, False))
-    with pytest.raises(ConversionError, match=r"no text_encoders\.clip_l.*convert the diffusers folder instead "
-                       r"\(mlx-sd convert stabilityai/stable-diffusion-3\.5-large OUT\)"):  # fmt: skip
-        convert(file, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
 def test_single_file_t5_tokenizer_offline_fails_fast(sources, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
