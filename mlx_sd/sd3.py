@@ -10,7 +10,9 @@ LoRAs apply to the MMDiT and the text encoders as to a UNet model's (mlx_sd/lora
 ControlNets (mlx_sd/models/sd3_controlnet.py) as diffusers' StableDiffusion3ControlNetPipeline does: each active unit's
 network sees the MMDiT's latents and timestep and its control image's VAE latents, its per-block residuals are scaled
 by the unit's weight, summed over the units and added inside the MMDiT; the guidance window follows diffusers' rule
-whatever the sampler. The features built on the UNet's layers (T2I-Adapters, IP-Adapter, reference-only, ControlNet
+whatever the sampler. The hires fix runs as for the UNet families (mlx_sd/hires.py: the first pass's latents
+interpolated, or decoded, upscaled and encoded again, then img2img on the MMDiT). The features built on the UNet's
+layers (T2I-Adapters, IP-Adapter, reference-only, ControlNet
 inpainting and A1111's control modes, textual inversion, the refiner, the hires fix's second model) have no SD3
 counterpart here yet; a request that asks for one is refused by name before any work.
 """
@@ -24,6 +26,7 @@ import mlx.core as mx
 from .conditioning import Conditioning
 from .controlnet import INPAINT_MODULES, Controls
 from .denoiser import ModelFn, classifier_free_guidance
+from .hires import LATENT_SCALE, hires_target
 from .params import FamilyDefaults, defaults_for
 from .reference import REFERENCE_MODULES
 
@@ -54,6 +57,15 @@ def check_sd3_params(request, config) -> None:
 
     if request.sampler is not None:
         check_flow_sampler(resolve(request.sampler)[0])
+    step = LATENT_SCALE * config.patch_size  # the MMDiT cuts the latents into patch_size x patch_size patches
+    sizes = {"width x height": (request.width, request.height)}
+    if request.enable_hr:
+        sizes["the hires size"] = hires_target(request).size[::-1]
+    for what, (w, h) in sizes.items():
+        if w % step or h % step:
+            raise ValueError(f"{what} {w}x{h}: SD3 models take multiples of {step} pixels (an 8x VAE, then "
+                             f"{config.patch_size}x{config.patch_size} patches); use e.g. {w // step * step}x"
+                             f"{h // step * step}")  # fmt: skip
     depth = config.num_layers
     if any(not 0 <= i < depth for i in request.skip_guidance_layers):
         raise ValueError(f"skip_guidance_layers {list(request.skip_guidance_layers)}: this MMDiT has blocks 0 to "
@@ -67,7 +79,6 @@ def check_sd3_params(request, config) -> None:
         "ControlNet inpainting modules (inpaint, inpaint_only)": bool(modules & set(INPAINT_MODULES)),
         f"ControlNet control_mode {', '.join(modes)} (SD3 ControlNets run diffusers' 'balanced')": bool(modes),
         "an IP-Adapter image": request.ip_adapter_image is not None,
-        "the hires fix (enable_hr)": request.enable_hr,
         "seamless tiling": request.tiling,
         "s_min_uncond (NGMS)": request.s_min_uncond > 0,
     })  # fmt: skip

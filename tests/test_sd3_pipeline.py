@@ -125,10 +125,49 @@ def test_sd3_inpaint_matches_diffusers(sd3, strength):
     check(result, expected, f"sd3 inpaint strength {strength}")
 
 
+@pytest.mark.parametrize("upscaler,size", [("Latent", (64, 32)), ("Lanczos", (32, 64))])
+def test_sd3_hires_fix_matches_diffusers_composed_as_a1111(sd3, upscaler, size):
+    """The hires fix on SD3: StableDiffusion3Pipeline's latents, upscaled (interpolated, or decoded to 8-bit images,
+    Lanczos-resized and encoded with the first pass's generator), then StableDiffusion3Img2ImgPipeline over
+    int(3 / 0.5) = 6 steps of which the last 3 run, from a fresh generator (tests/test_hires.py: A1111's rule)."""
+    import torch
+    from diffusers import StableDiffusion3Img2ImgPipeline
+    from PIL import Image as PILImage
+
+    ref, ours = sd3
+    (h, w), target = size, (size[0] * 3 // 2, size[1] * 3 // 2)
+    first = generators(11, 1)
+    latents = ref(PROMPT, negative_prompt="blurry", width=w, height=h, num_inference_steps=4, guidance_scale=5.0,
+                  generator=first, output_type="latent").images  # fmt: skip
+    vae = ref.vae
+    lh, lw = target[0] // 8, target[1] // 8
+    with torch.no_grad():
+        if upscaler == "Latent":
+            up = torch.nn.functional.interpolate(latents, size=(lh, lw), mode="bilinear", align_corners=False)
+        else:
+            pixels = (vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample + 1) * 0.5
+            image = (pixels.clamp(0, 1)[0] * 255).permute(1, 2, 0).numpy().astype(np.uint8)
+            resized = PILImage.fromarray(image).resize((lw * 8, lh * 8), PILImage.LANCZOS)
+            x = torch.from_numpy(np.asarray(resized, np.float32) / 255).permute(2, 0, 1)[None]
+            dist = vae.encode(x * 2 - 1).latent_dist
+            sample = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=first[0])
+            up = (sample - vae.config.shift_factor) * vae.config.scaling_factor
+    img2img = StableDiffusion3Img2ImgPipeline(**ref.components)
+    img2img.set_progress_bar_config(disable=True)
+    expected = img2img(PROMPT, negative_prompt="blurry", image=up, strength=0.5, num_inference_steps=6,
+                       guidance_scale=5.0, generator=generators(11, 1), output_type="np").images  # fmt: skip
+    result = ours.generate(prompt=PROMPT, negative_prompt="blurry", width=w, height=h, steps=4, guidance=5.0, seed=11,
+                           enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler, hr_second_pass_steps=3,
+                           strength=0.5)  # fmt: skip
+    assert result.images[0].size == (target[1], target[0])
+    check(result, expected, f"sd3 hires fix ({upscaler})")
+
+
 def test_sd3_refuses_what_it_cannot_run(sd3):
     _, ours = sd3
-    refused = {"seamless tiling": dict(tiling=True), "hires fix": dict(enable_hr=True),
-               "rectified-flow": dict(sampler="Euler a")}  # fmt: skip
+    refused = {"seamless tiling": dict(tiling=True), "rectified-flow": dict(sampler="Euler a"),
+               r"width x height 72x64: SD3 models take multiples of 16 pixels .*use e\.g\. 64x64": dict(width=72),
+               r"the hires size 72x72: .*multiples of 16": dict(enable_hr=True, hr_scale=1.125)}  # fmt: skip
     for named, params in refused.items():
         with pytest.raises(ValueError, match=named):
             ours.generate(**{"prompt": "a cat", "steps": 1, "width": 64, "height": 64, **params})
