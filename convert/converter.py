@@ -32,6 +32,7 @@ from .ldm_detect import FAMILIES, FLOW, normalize_prediction_type
 from .output import check_destination, sha256_file, staged_output
 from .plan import ModelPlan, SourceFiles, VAESource
 from .sd3_folder import is_sd3_folder, plan_sd3_folder
+from .sd3_text import hub_text_encoders
 from .single_file import plan_file, plan_vae_single_file
 from .writer import FLOAT_DTYPES, plan_write, write_component
 
@@ -94,7 +95,8 @@ def convert(
             clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors; local files or hub ids), told apart by
             their tensors, completing or replacing the file's. Default: the file's own, and for a file without
             CLIP towers (sd3.5_large.safetensors) those files found in text_encoders/ beside it, or in
-            ../text_encoders/ or ../clip/ (a UI's model folders).
+            ../text_encoders/ or ../clip/ (a UI's model folders); for such a file given as a hub id, its repo's
+            text_encoders/ (clip_l, clip_g, t5xxl_fp16), fetched.
         family: "sd1", "sd2", "sdxl", "sdxl-refiner" or "sd3" to override detection (sd3 only for SD3 sources).
         prediction_type: "epsilon"/"eps" or "v_prediction"/"v" to override detection; "flow" is SD3's, and the
             only type SD3 models take.
@@ -188,15 +190,16 @@ def open_model(
 ) -> ModelPlan:
     """Plan the conversion of a local file or folder, or of a hub id (fetched first)."""
     path = Path(src).expanduser()
-    options = (family, prediction_type, kind, use_ema, variant, text_encoders)
     if path.exists():
-        return _open_local(path, *options)
+        return _open_local(path, family, prediction_type, kind, use_ema, variant, text_encoders)
     if parse_hub_id(src) is None:
         raise ConversionError(f"{src}: no such file or folder")
     local, facts = fetch(src, variant=variant)
+    if "file" in facts and text_encoders is None:
+        text_encoders = hub_text_encoders(local, facts["repo_id"])
     # A hub folder is named by its repo id (the snapshot folder is a commit hash), which is also kind evidence.
     name = None if "file" in facts else facts["repo_id"]
-    model = _open_local(local, *options, name)
+    model = _open_local(local, family, prediction_type, kind, use_ema, variant, text_encoders, name)
     return replace(model, details={**model.details, "hub": facts})
 
 

@@ -165,6 +165,19 @@ def discover_text_encoders(model_file: Path) -> list[Path]:
     return []
 
 
+def hub_text_encoders(model_file: Path, repo_id: str) -> list[Path] | None:
+    """For an SD3 file of a hub repo that lacks the CLIP towers (stabilityai/stable-diffusion-3.5-large's
+    sd3.5_large.safetensors): the towers the repo publishes in text_encoders/ (CLIP-L, bigG, T5 in fp16), fetched
+    into the same snapshot as any hub file; None for any other file."""
+    from .hub import fetch
+    from .sd3 import is_sd3
+
+    shapes = {key: open_checkpoint(model_file).info(key).shape for key in open_checkpoint(model_file)}
+    if not is_sd3(shapes) or any(k.startswith((CLIP_L_PREFIX, CLIP_G_PREFIX)) for k in shapes):
+        return None
+    return [fetch(f"{repo_id}/text_encoders/{names[0]}")[0] for names in NAMES.values()]
+
+
 def open_text_encoders(paths: Sequence[Path], known: Mapping[str, int] | None = None) -> dict[str, TowerFile]:
     """Plan each file's tower; component folder -> `TowerFile`. `known`: the widths of the model file's own CLIP
     towers (component folder -> width), which tell the files' apart when their widths are not the published ones.

@@ -195,6 +195,26 @@ def test_fp8_t5_matches_transformers_on_its_weights(sources, tmp_path, offline_t
         np.testing.assert_array_equal(np.array(stored[name].astype(mx.float32)), value.float().numpy(), err_msg=name)
 
 
+def test_hub_file_id_fetches_its_repos_towers(sources, tmp_path, monkeypatch, offline_t5):
+    """`stabilityai/stable-diffusion-3.5-large/sd3.5_large.safetensors`: the repo's text_encoders/ files are fetched
+    with it (here from an offline hub cache laid out as huggingface_hub writes it); missing, the error names them."""
+    from test_sd3_convert import COMMIT
+
+    snapshot = offline_t5 / "models--stabilityai--stable-diffusion-3.5-large" / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(COMMIT)
+    write_single_file(snapshot / "sd3.5_large.safetensors", single_file_state(sources["pipe"], False, False))
+    hub_id = "stabilityai/stable-diffusion-3.5-large/sd3.5_large.safetensors"
+    with pytest.raises(ConversionError, match=r"text_encoders/clip_l\.safetensors is not \(completely\) in the local"):
+        convert(hub_id, tmp_path / "out")
+    tower_files(sources["pipe"], snapshot / "text_encoders")
+    info = convert(hub_id, tmp_path / "out", dtype="float32")
+    assert_same_as_folder(sources, tmp_path / "out")
+    assert info.source["hub"]["revision"] == COMMIT
+    assert info.source["text_encoders"]["text_encoder_3"] == "text_encoders/t5xxl_fp16.safetensors"
+
+
 # --- refusals -----------------------------------------------------------------------------------------------
 
 
