@@ -181,6 +181,24 @@ def open_weights(folder: Path, variant: str | None) -> tuple[Checkpoint | Sharde
     return ShardedCheckpoint(folder / choice.index, shards), choice
 
 
+def open_component(root: Path, name: str, variant: str | None) -> tuple[dict, Mapping, WeightChoice, list[str]]:
+    """A component folder: its config.json, its weights (lazily) and the weights choice, and the files read
+    (relative to `root`, for the manifest)."""
+    config = read_json(root / name / CONFIG)
+    weights, choice = open_weights(root / name, variant)
+    return config, weights, choice, [f"{name}/{CONFIG}", *(f"{name}/{f}" for f in choice.files)]
+
+
+def read_tokenizer(root: Path, name: str, reader):
+    """A tokenizer folder read by `reader` (e.g. CLIPTokenizer.from_folder): the tokenizer and the files it holds
+    (relative to `root`, for the manifest)."""
+    try:
+        tokenizer = reader(root / name)
+    except (OSError, ValueError, ImportError) as error:
+        raise ConversionError(f"{root / name}: {error}") from None
+    return tokenizer, sorted(f"{name}/{p.name}" for p in (root / name).iterdir() if p.is_file())
+
+
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -193,7 +211,7 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def _component(folder: Path, name: str, config, weights) -> ComponentPlan:
+def _component(name: str, config, weights) -> ComponentPlan:
     shapes = tensor_shapes(weights)
     return ComponentPlan(name, "", config, weights, RULES[kind_of(config)], shapes=shapes)
 
@@ -244,9 +262,8 @@ def plan_diffusers_folder(
     found_family = overridden(family, _family(present, unet_cfg, text_cfg))
     components, choices = {}, {}
     for name in (c for c in CONVERTED if c in present):
-        folder = root / name
-        config = read_json(folder / CONFIG)
-        weights, choice = open_weights(folder, variant)
+        config, weights, choices[name], read = open_component(root, name, variant)
+        files += read
         if name == "unet":
             translated = unet_config(config)
         elif name == "vae":
@@ -254,16 +271,11 @@ def plan_diffusers_folder(
         else:
             projection = "CLIPTextModelWithProjection" in (config.get("architectures") or [])
             translated = clip_config(config, with_projection=projection)
-        components[name] = _component(folder, name, translated, weights)
-        choices[name] = choice
-        files += [f"{name}/{CONFIG}", *(f"{name}/{f}" for f in choice.files)]
+        components[name] = _component(name, translated, weights)
     tokenizers = {}
     for name in (c for c in ("tokenizer", "tokenizer_2") if c in present):
-        try:
-            tokenizers[name] = CLIPTokenizer.from_folder(root / name)
-        except (OSError, ValueError) as error:
-            raise ConversionError(f"{root / name}: {error}") from None
-        files += sorted(f"{name}/{p.name}" for p in (root / name).iterdir() if p.is_file())
+        tokenizers[name], read = read_tokenizer(root, name, CLIPTokenizer.from_folder)
+        files += read
     scheduler_path = root / "scheduler" / SCHEDULER_CONFIG
     scheduler = read_json(scheduler_path) if scheduler_path.is_file() else None
     if scheduler is not None:
@@ -400,7 +412,7 @@ def plan_vae_folder(folder: Path, variant: str | None = None) -> VAESource:
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise ConversionError(f"{folder / CONFIG}: a {config['_class_name']}, not an AutoencoderKL (VAE)")
     weights, choice = open_weights(folder, variant)
-    plan = _component(folder, "vae", vae_config(config), weights)
+    plan = _component("vae", vae_config(config), weights)
     names = tuple(str((folder / n).relative_to(root)) for n in (CONFIG, *choice.files))
     finding = Finding(root.resolve().name, OVERRIDE, f"diffusers VAE folder {folder}")
     return VAESource(root.resolve().name, plan, SourceFiles(root, names), finding, stored_dtype(weights))

@@ -22,7 +22,7 @@ from mlx_sd.t5_tokenizer import T5Tokenizer
 from mlx_sd.tokenizer import CLIPTokenizer
 
 from .diffusers import RULES, clip_config, mmdit_config, t5_config, t5_rules, vae_config
-from .diffusers_folder import CONFIG, MODEL_INDEX, SCHEDULER_CONFIG, dtype_finding, open_weights, read_json
+from .diffusers_folder import MODEL_INDEX, SCHEDULER_CONFIG, dtype_finding, open_component, read_json, read_tokenizer
 from .families import T5_TOWER, TEXT_TOWERS, scheduler_config
 from .keymap import ComponentPlan, ConversionError, tensor_shapes
 from .kind import detect_kind
@@ -89,20 +89,16 @@ def plan_sd3_folder(
     files = [MODEL_INDEX]
     components, choices, configs = {}, {}, {}
     for folder in ("transformer", "vae", "text_encoder", "text_encoder_2") + ((encoder_3,) if with_t5 else ()):
-        config = configs[folder] = read_json(root / folder / CONFIG)
-        weights, choices[folder] = open_weights(root / folder, variant)
-        translated, rules = _translate(folder, config, weights)
+        configs[folder], weights, choices[folder], read = open_component(root, folder, variant)
+        translated, rules = _translate(folder, configs[folder], weights)
         components[folder] = ComponentPlan(folder, "", translated, weights, rules, shapes=tensor_shapes(weights))
-        files += [f"{folder}/{CONFIG}", *(f"{folder}/{f}" for f in choices[folder].files)]
+        files += read
 
     tokenizers = {}
     for folder in ("tokenizer", "tokenizer_2") + ((tokenizer_3,) if with_t5 else ()):
         reader = T5Tokenizer.from_folder if folder == tokenizer_3 else CLIPTokenizer.from_folder
-        try:
-            tokenizers[folder] = reader(root / folder)
-        except (OSError, ValueError, ImportError) as error:
-            raise ConversionError(f"{root / folder}: {error}") from None
-        files += sorted(f"{folder}/{p.name}" for p in (root / folder).iterdir() if p.is_file())
+        tokenizers[folder], read = read_tokenizer(root, folder, reader)
+        files += read
 
     scheduler, prediction = _scheduler(root / "scheduler" / SCHEDULER_CONFIG)
     if (root / "scheduler" / SCHEDULER_CONFIG).is_file():
