@@ -187,7 +187,11 @@ UPSCALERS = {
     "ditn": ("DITN", {"upscale": 4}),  # spandrel's defaults: 60 channels, 4 + 4 layers
     "seemore": ("SeemoRe", {"scale": 4}),  # spandrel's defaults: 64 channels, 6 groups of 6 experts
     "omnisr": ("OmniSR", {"num_feat": 64, "res_num": 5, "block_num": 1, "window_size": 8, "up_scale": 4}),  # x4 DIV2K
+    "srformer": ("SRFormer", {"img_size": 64, "embed_dim": 180, "depths": [6] * 6, "num_heads": [6] * 6,
+                              "window_size": 22, "mlp_ratio": 2.0, "upscale": 4,
+                              "upsampler": "pixelshuffle"}),  # SRFormer_SRx4_DF2K
 }  # fmt: skip
+EXTRA_ARCHITECTURES = ("SRFormer",)  # spandrel_extra_arches' (tests/a1111_upscale.py's `spandrel_extra`)
 
 
 def tile_input(tile: int, seed: int = 0) -> np.ndarray:
@@ -558,12 +562,13 @@ class TorchSide:
         """Build a random full-size spandrel upscaler and write its state dict to `path`; returns its FLOPs per
         tile. spandrel comes with the test oracles (tests/oracles.txt)."""
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from a1111_upscale import load_descriptor, spandrel
+        from a1111_upscale import load_descriptor, spandrel, spandrel_extra
         from torch.utils.flop_counter import FlopCounterMode
 
         name, kwargs, *network_class = UPSCALERS[arch]  # the module's own class, unless named
         generator = self.torch.Generator().manual_seed(0)
-        network = getattr(spandrel(name), network_class[0] if network_class else name)(**kwargs)
+        module = (spandrel_extra if name in EXTRA_ARCHITECTURES else spandrel)(name)
+        network = getattr(module, network_class[0] if network_class else name)(**kwargs)
         for p in network.parameters():  # scaled by fan-in, so activations stay of order one
             p.data.copy_(self.torch.randn(p.shape, generator=generator) / max(int(np.prod(p.shape[1:])), 16) ** 0.5)
         self.torch.save(network.state_dict(), path)

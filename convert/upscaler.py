@@ -47,11 +47,14 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
 - SeemoRe (`body.N.local_block.block.moe_layer.experts.M`, `global_block`): the Tiny, Big and Large models;
 - DITN (`sft`, `UFONE.N.ITLs.M`, `UFONE.N.SALs.M`, `upsample.0`): the DITN models (8-pixel patches);
 - OmniSR (`input`, `residual_layer.N.residual_layer.M.layer.K`, `esa`, `up.0`): the OmniSR models, with or without
-  the position bias (the window read from its table); thop's `total_ops` / `total_params` counters are skipped.
+  the position bias (the window read from its table); thop's `total_ops` / `total_params` counters are skipped;
+- SRFormer (SwinIR's names with the permuted attention's `attn.q`, `attn.kv`, `aligned_relative_position_index` and
+  ATD's `mlp.dwconv`): SRFormer, SRFormer-light and the real-world models, with any of SwinIR's heads; the window
+  read from the bias table, the shift from a mask's presence, the index and mask buffers recomputed.
 
 The configuration is read from the shapes (width, blocks, growth, upsampling stages; in/out channels give the
 unshuffle factor; SwinIR's, DAT's and HAT's head, depths, heads and window), as spandrel decides it, and the file is
-mapped strictly. Other architectures (SRFormer, LDSR, GFPGAN, ...) are refused by name.
+mapped strictly. Other architectures (GRL, LDSR, GFPGAN, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ from mlx_sd.models.safmn import SAFMN, SAFMNBCIE, SAFMNBCIEConfig, SAFMNConfig
 from mlx_sd.models.scunet import SCUNet, SCUNetConfig
 from mlx_sd.models.seemore import SeemoRe, SeemoReConfig
 from mlx_sd.models.span import SPAN, SPANConfig
+from mlx_sd.models.srformer import SRFormer, SRFormerConfig
 from mlx_sd.models.swiftsrgan import SwiftSRGAN, SwiftSRGANConfig
 from mlx_sd.models.swin2sr import Swin2SR, Swin2SRConfig
 from mlx_sd.models.swinir import SwinIR, SwinIRConfig
@@ -94,6 +98,7 @@ from .upscaler_transformers import (
     DAT_KEY,
     HAT_KEY,
     RGT_KEY,
+    SRFORMER_KEY,
     SWIN2SR_KEY,
     SWINIR_KEY,
     atd_config,
@@ -102,6 +107,7 @@ from .upscaler_transformers import (
     hat_config,
     indices,
     rgt_config,
+    srformer_config,
     swin2sr_config,
     swinir_config,
 )
@@ -125,7 +131,7 @@ A1111_NAMES = {
 }
 SUPPORTED = (
     "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
-    "SAFMN (and SAFMN BCIE), Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR, Swift-SRGAN, DITN, SeemoRe"
+    "SAFMN (and SAFMN BCIE), Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR, Swift-SRGAN, DITN, SeemoRe, SRFormer"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
@@ -133,17 +139,17 @@ NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig:
             RCANConfig: RCAN, OmniSRConfig: OmniSR,
             RGTConfig: RGT, ATDConfig: ATD, FDATConfig: FDAT, MoESRConfig: MoESR,
             SAFMNBCIEConfig: SAFMNBCIE, SwiftSRGANConfig: SwiftSRGAN, DITNConfig: DITN,
-            SeemoReConfig: SeemoRe}  # fmt: skip
+            SeemoReConfig: SeemoRe, SRFormerConfig: SRFormer}  # fmt: skip
 # spandrel never runs these in half precision
 FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig, ATDConfig,
-                SAFMNBCIEConfig, SeemoReConfig)  # fmt: skip
+                SAFMNBCIEConfig, SeemoReConfig, SRFormerConfig)  # fmt: skip
 # DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
 INIT_POS = Rule(r"(?:module\.)?(?:to_img|upsampler)\.init_pos", None, "recomputed from the scale (DySample's grid)")
 OMNISR_KEY = "residual_layer.0.residual_layer.0.layer.0.fn.0.weight"
 # thop's profiling counters, which some OmniSR releases were saved with (spandrel deletes them)
 OMNISR_JUNK = Rule(r"(?:module\.)?(?:.+\.)?(?:total_ops|total_params)", None, "a profiler's counter")
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
-    ("conv_after_body.weight", "transformer (SRFormer, ...)"),
+    ("conv_after_body.weight", "transformer (GRL, CRAFT, ...)"),
     ("model.diffusion_model.input_blocks.0.0.weight", "LDSR (latent diffusion)"),
     ("stylegan_decoder.to_rgb1.weight", "GFPGAN (face restoration)"),
 )
@@ -197,6 +203,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
     stripped = {_strip(key): shape for key, shape in tensor_shapes(state).items()}
     if SWIN2SR_KEY in stripped:
         return swin2sr_config(path, stripped)
+    if SRFORMER_KEY in stripped:
+        return srformer_config(path, stripped)
     if ATD_KEY in stripped and "relative_position_index_SA" in stripped:
         return atd_config(path, stripped)
     if FDAT_KEY in stripped and "upsampler.MetaUpsample" in stripped:

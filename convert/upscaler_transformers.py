@@ -1,6 +1,6 @@
 """The transformer upscalers' configurations, read from a file's tensor shapes as spandrel reads them (SwinIR,
-Swin2SR, DAT, RGT, HAT, DRCT, ATD), with each one's key map: their own names, the buffers the networks recompute
-dropped. Used by `mlx_sd_convert.upscaler`.
+Swin2SR, DAT, RGT, HAT, DRCT, ATD, SRFormer), with each one's key map: their own names, the buffers the networks
+recompute dropped. Used by `mlx_sd_convert.upscaler`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from mlx_sd.models.dat import DATConfig
 from mlx_sd.models.drct import DRCTConfig
 from mlx_sd.models.hat import HATConfig
 from mlx_sd.models.rgt import RGTConfig
+from mlx_sd.models.srformer import SRFormerConfig
 from mlx_sd.models.swin2sr import Swin2SRConfig
 from mlx_sd.models.swinir import SwinIRConfig
 
@@ -25,6 +26,7 @@ DAT_KEY = "layers.0.blocks.0.attn.attns.0.rpe_biases"  # RGT has it too, and RGT
 RGT_KEY = "layers.0.blocks.0.gamma"
 ATD_KEY = "layers.0.residual_group.td"  # the token dictionary
 SWIN2SR_KEY = "layers.0.residual_group.blocks.0.attn.logit_scale"  # Swin V2's attention (SWINIR_KEY too)
+SRFORMER_KEY = "layers.0.residual_group.blocks.0.attn.aligned_relative_position_index"  # the permuted attention's
 
 
 def indices(shapes: dict, pattern: str) -> list[int]:
@@ -281,6 +283,49 @@ def swin2sr_config(path: Path, shapes: dict) -> tuple[Swin2SRConfig, list[Rule]]
     rules = [
         Rule(r"(?:module\.)?layers\.\d+\.residual_group\.blocks\.\d+\.(?:attn\.relative_position_index"
              r"|attn\.relative_coords_table|attn_mask)", None, buffers),
+        Rule(r"(?:module\.)?(.+)", r"\1"),
+    ]  # fmt: skip
+    return config, rules
+
+
+def srformer_config(path: Path, shapes: dict) -> tuple[SRFormerConfig, list[Rule]]:
+    """SRFormer's configuration from its shapes (spandrel_extra_arches' rules: the window from the bias table's
+    (window - 1)^2 rows, the training size from a shifted block's mask, which without one leaves every block
+    unshifted) and the map: its own names, the buffers dropped."""
+    if "absolute_pos_embed" in shapes:
+        raise ConversionError(
+            f"{path}: an SRFormer with an absolute position embedding, which runs only at its "
+            "training size; mlx-sd runs SRFormer models without one (all published ones)"
+        )
+    block = "layers.0.residual_group.blocks.0."
+    embed_dim, in_channels = shapes["conv_first.weight"][:2]
+    layers = range(max(indices(shapes, r"layers\.(\d+)\..+")) + 1)  # spandrel counts to the highest index
+    depths = tuple(max(indices(shapes, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\..+")) + 1 for i in layers)
+    heads = tuple(shapes[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"][1] for i in layers)
+    if "conv_hr.weight" in shapes:
+        upsampler, upscale = "nearest+conv", 4
+    elif "conv_before_upsample.0.weight" in shapes:
+        upsampler, upscale = "pixelshuffle", 1
+        for i in indices(shapes, r"upsample\.(\d+)\.weight"):
+            out, feat = shapes[f"upsample.{i}.weight"][:2]
+            upscale *= math.isqrt(out // feat)
+    elif "upsample.0.weight" in shapes:
+        upsampler, upscale = "pixelshuffledirect", math.isqrt(shapes["upsample.0.weight"][0] // in_channels)
+    else:
+        upsampler, upscale = "", 1
+    window = math.isqrt(shapes[block + "attn.relative_position_bias_table"][0]) + 1
+    mask = shapes.get("layers.0.residual_group.blocks.1.attn_mask")
+    config = SRFormerConfig(
+        in_channels=in_channels, embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=window,
+        mlp_ratio=shapes[block + "mlp.fc1.weight"][0] / embed_dim, qkv_bias=block + "attn.q.bias" in shapes,
+        patch_norm="patch_embed.norm.weight" in shapes, upsampler=upsampler, upscale=upscale,
+        resi_connection="1conv" if "conv_after_body.weight" in shapes else "3conv",
+        img_size=math.isqrt(mask[0]) * window if mask else window,
+    )  # fmt: skip
+    buffers = "recomputed from the window size and the image (aligned_relative_position_index, attn_mask)"
+    rules = [
+        Rule(r"(?:module\.)?layers\.\d+\.residual_group\.blocks\.\d+\.(?:attn\.aligned_relative_position_index"
+             r"|attn_mask)", None, buffers),
         Rule(r"(?:module\.)?(.+)", r"\1"),
     ]  # fmt: skip
     return config, rules

@@ -24,9 +24,20 @@ def spandrel(architecture: str):
     return importlib.import_module(f"spandrel.architectures.{architecture}")
 
 
+def spandrel_extra(architecture: str):
+    """spandrel_extra_arches' module for an architecture ("SRFormer": the networks with restrictive licences that
+    ComfyUI and chaiNNer add to spandrel's registry), without either package's __init__."""
+    package = _bare_package("spandrel")
+    descriptor = importlib.import_module("spandrel.__helpers.model_descriptor")
+    for name in ("Architecture", "ImageModelDescriptor", "SizeRequirements", "StateDict"):
+        setattr(package, name, getattr(descriptor, name))  # what its architectures import from spandrel's __init__
+    _bare_package("spandrel_extra_arches")
+    return importlib.import_module(f"spandrel_extra_arches.architectures.{architecture}")
+
+
 def load_descriptor(state_dict: dict):
-    """spandrel's ModelDescriptor for an ESRGAN-family, HAT, SwinIR, DAT or SCUNet state dict (its canonicalisation and
-    architecture detection)."""
+    """spandrel's ModelDescriptor for an ESRGAN-family, HAT, SwinIR, DAT, SCUNet, ... state dict (its canonicalisation
+    and architecture detection), spandrel_extra_arches' SRFormer registered after spandrel's own, as ComfyUI adds it."""
     _bare_package("spandrel")
     canonical = importlib.import_module("spandrel.__helpers.canonicalize").canonicalize_state_dict(state_dict)
     names = ("ESRGAN", "Compact", "HAT", "SPAN", "PLKSR", "DRCT", "MoSR", "RealCUGAN", "SAFMN", "Swin2SR", "RCAN",
@@ -34,6 +45,7 @@ def load_descriptor(state_dict: dict):
              "MoESR", "SAFMNBCIE", "SwiftSRGAN", "DITN",
              "SeemoRe")  # fmt: skip
     architectures = [spandrel(name).__dict__[f"{name}Arch"]() for name in names]
+    architectures.append(spandrel_extra("SRFormer").SRFormerArch())
     for arch in architectures:
         if arch.detect(canonical):
             with warnings.catch_warnings():  # SwinIR's torch.meshgrid call without `indexing` (spandrel's, harmless)

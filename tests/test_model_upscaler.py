@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from a1111_upscale import extras_upscale as a1111_extras
-from a1111_upscale import load_descriptor, resize_image, spandrel, upscale_with_model
+from a1111_upscale import load_descriptor, resize_image, spandrel, spandrel_extra, upscale_with_model
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -130,6 +130,14 @@ def hat_state(seed: int = 0, **kwargs) -> dict:
     kwargs = {"img_size": 16, "embed_dim": 24, "depths": [2, 3], "num_heads": [2, 3], "window_size": 4,
               "compress_ratio": 3, "squeeze_factor": 6, "mlp_ratio": 2.0, **kwargs}  # fmt: skip
     return _random(spandrel("HAT").HAT(**kwargs), seed).state_dict()
+
+
+def srformer_state(seed: int = 0, **kwargs) -> dict:
+    """A random SRFormer's state dict (spandrel_extra_arches'; tiny: 24 channels, 8-pixel windows, so 4 x 4 key
+    cells, groups of two and three blocks; trained at 16 pixels, so every second block shifts)."""
+    kwargs = {"img_size": 16, "embed_dim": 24, "depths": [2, 3], "num_heads": [2, 3], "window_size": 8,
+              "mlp_ratio": 2.0, **kwargs}  # fmt: skip
+    return _random(spandrel_extra("SRFormer").SRFormer(**kwargs), seed).state_dict()
 
 
 def span_state(seed: int = 0, **kwargs) -> dict:
@@ -342,6 +350,16 @@ FILES = {  # file name -> its contents
     "4x_MoESR.pth": lambda: moesr_state(scale=4),  # pixelshuffledirect head, inputs padded to even sizes
     "2x_MoESR_dysample.safetensors": lambda: moesr_state(scale=2, upsampler="dysample", expansion_factor=1.5),
     "1x_MoESR_conv.pth": lambda: moesr_state(upsampler="conv"),
+    "SRFormer_SRx4_DF2K.pth": lambda: {"params": srformer_state(upscale=4, upsampler="pixelshuffle")},
+    # 6-pixel windows: the shift (3) is odd, so the key cells' regions are cut at -2 on the half-size map
+    "SRFormer_SRx2_DF2K.safetensors": lambda: srformer_state(
+        upscale=2, upsampler="pixelshuffle", window_size=6, img_size=12, qkv_bias=False
+    ),  # fmt: skip
+    "SRFormerLight_SRx3_DIV2K.pth": lambda: srformer_state(upscale=3, upsampler="pixelshuffledirect", patch_norm=False),
+    "4x_SRFormer_real.pth": lambda: {
+        "params_ema": srformer_state(upscale=4, upsampler="nearest+conv", resi_connection="3conv")
+    },  # fmt: skip
+    "1x_SRFormer.pth": lambda: srformer_state(upsampler="", img_size=8),  # trained at the window: no block shifts
     "DAT_light_x4.pth": lambda: {
         "params": dat_state(upscale=4, upsampler="pixelshuffledirect", split_size=[4, 2], resi_connection="3conv")
     },  # fmt: skip
@@ -414,6 +432,28 @@ def test_hat_on_the_blocked_attention_path_matches_spandrel(tmp_path, monkeypatc
         expected = load_descriptor(state)(x).numpy().transpose(0, 2, 3, 1)
     got = np.array(ours.run(mx.array(x.numpy().transpose(0, 2, 3, 1))))
     assert (2 * 30, 36, 24) in blocked and (2 * 30, 16, 24) in blocked  # both attentions, both images
+    assert np.abs(got - expected).max() < TOLERANCE
+
+
+def test_srformer_on_the_blocked_attention_path_matches_spandrel(tmp_path, monkeypatch):
+    """At real sizes SRFormer's permuted attention runs blocked (x86 CPU): each window's 64 queries against its 16
+    key cells, keys and values read in place from the stacked projection, the shifted blocks' masks per window."""
+    import mlx_sd.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "BLOCKED_MIN_SCORES", 1)
+    blocked = []
+    run = attention_module._windows_blocked
+    monkeypatch.setattr(
+        attention_module, "_windows_blocked", lambda q, k, v, h, b, mask, *a: blocked.append((k.shape, mask is None))
+        or run(q, k, v, h, b, mask, *a)
+    )  # fmt: skip
+    state = srformer_state(upscale=2, upsampler="pixelshuffle")
+    ours = read_upscaler(_save(tmp_path, "SRFormer_x2.pth", state), mx.float32)
+    x = _pixels((2, 3, 24, 20))
+    with torch.no_grad():
+        expected = load_descriptor(state)(x).numpy().transpose(0, 2, 3, 1)
+    got = np.array(ours.run(mx.array(x.numpy().transpose(0, 2, 3, 1))))
+    assert {((2 * 9, 16, 24), True), ((2 * 9, 16, 24), False)} <= set(blocked)  # 24 x 24 padded: 9 windows an image
     assert np.abs(got - expected).max() < TOLERANCE
 
 
@@ -497,6 +537,7 @@ def _close_images(got: Image.Image, expected: Image.Image, passes: int = 1):
     ("4xRealWebPhoto_drct-l.pth", (48, 40), (192, 160), 32, 1),  # and DRCT
     ("4xNomos2_hq_mosr.pth", (48, 40), (192, 160), 32, 1),  # and MoSR
     ("up2x-latest-conservative.pth", (70, 52), (140, 104), 48, 1),  # and Real-CUGAN
+    ("SRFormer_SRx2_DF2K.safetensors", (70, 52), (140, 104), 32, 1),  # and SRFormer
 ])  # fmt: skip
 def test_a1111_upscale_with_a_model_matches_a1111(tmp_path, name, size, target, tile, passes):
     state = FILES[name]()
@@ -513,14 +554,14 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     for name in ("RealESRGAN_x4plus.pth", "ESRGAN_4x.pth", "realesr-general-x4v3.pth", swinir, dat, scunet, hat):
         _save(tmp_path, name, FILES[name]())
     (tmp_path / "sub").mkdir()
-    _save(tmp_path / "sub", "4x_SRFormer.pth", {"conv_first.weight": torch.zeros(8, 3, 3, 3),
-                                                 "conv_after_body.weight": torch.zeros(8, 8, 3, 3)})  # fmt: skip
+    _save(tmp_path / "sub", "4x_GRL.pth", {"conv_first.weight": torch.zeros(8, 3, 3, 3),
+                                            "conv_after_body.weight": torch.zeros(8, 8, 3, 3)})  # fmt: skip
     library = UpscalerLibrary(tmp_path, mx.float32)
-    names = ["4x_SRFormer", "DAT x2", "ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3", "Real_HAT_GAN_SRx4",
+    names = ["4x_GRL", "DAT x2", "ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3", "Real_HAT_GAN_SRx4",
              "ScuNET", "SwinIR 4x"]  # fmt: skip
     assert list(library.listing()) == names
     entries = {e["name"]: e for e in library.api_listing()}
-    assert set(entries) == set(names) - {"4x_SRFormer"}  # the file it cannot run left out
+    assert set(entries) == set(names) - {"4x_GRL"}  # the file it cannot run left out
     families = {name: (e["model_name"], e["scale"]) for name, e in entries.items()}
     assert families == {"ESRGAN_4x": ("ESRGAN", 4), "R-ESRGAN 4x+": ("RealESRGAN", 4), "DAT x2": ("DAT", 2),
                         "R-ESRGAN General 4xV3": ("RealESRGAN", 4), "SwinIR 4x": ("SwinIR", 4),
@@ -530,8 +571,8 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     assert library("DAT x2").network.dtype == library("Real_HAT_GAN_SRx4").network.dtype == mx.float32
     assert (library("ScuNET").tile, library("R-ESRGAN 4x+").tile) == (256, 192)  # A1111's SCUNET_tile, ESRGAN_tile
     with pytest.raises(ConversionError, match=rf"a transformer .*; mlx-sd runs {re.escape(SUPPORTED)} upscalers"):
-        library("4x_SRFormer")
-    with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_SRFormer, DAT x2"):
+        library("4x_GRL")
+    with pytest.raises(ConversionError, match=r"'R-ESRGAN 2x\+' not found .*available: 4x_GRL, DAT x2"):
         library("R-ESRGAN 2x+")
     _save(tmp_path, "aux.pth", swin2sr_state(upsampler="pixelshuffle_aux", upscale=2))
     with pytest.raises(ConversionError, match="aux.pth: a Swin2SR with the auxiliary or high-frequency head"):
@@ -545,6 +586,9 @@ def test_library_lists_a1111_names_and_refuses_what_it_cannot_run(tmp_path):
     _save(tmp_path, "HAT_ape.pth", hat_state(ape=True))
     with pytest.raises(ConversionError, match="HAT_ape.pth: a HAT with an absolute position embedding"):
         read_upscaler(tmp_path / "HAT_ape.pth")
+    _save(tmp_path, "SRFormer_ape.pth", srformer_state(ape=True))
+    with pytest.raises(ConversionError, match="SRFormer_ape.pth: an SRFormer with an absolute position embedding"):
+        read_upscaler(tmp_path / "SRFormer_ape.pth")
     torch.save({"model.0.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "broken.pth")
     with pytest.raises(ConversionError, match="without residual dense blocks"):
         read_upscaler(tmp_path / "broken.pth")

@@ -104,30 +104,37 @@ def relative_position_index(height: int, width: int) -> np.ndarray:
     return rel[..., 0] * (2 * width - 1) + rel[..., 1]
 
 
-@lru_cache(maxsize=16)
-def shift_mask(height: int, width: int, window: tuple[int, int], shift: tuple[int, int]) -> np.ndarray:
-    """(nW, N, N) additive mask of the windows (window[0] x window[1] pixels) of a map rolled back by `shift`: 0
-    within a region, -100 between regions (the original's `calculate_mask`)."""
+def shift_regions(height: int, width: int, window: tuple[int, int], shift: tuple[int, int]) -> np.ndarray:
+    """(nW, window[0] x window[1]) region of every pixel of each window of a map rolled back by `shift`: the map cut
+    at -window and -shift on each axis into 3 x 3 regions, numbered row by row (the original's `img_mask`)."""
     regions = np.zeros((height, width), np.float32)
     cuts = [(slice(0, -w), slice(-w, -s), slice(-s, None)) for w, s in zip(window, shift, strict=True)]
     for i, (h, w) in enumerate((h, w) for h in cuts[0] for w in cuts[1]):
         regions[h, w] = i
     wh, ww = window
-    windows = regions.reshape(height // wh, wh, width // ww, ww).transpose(0, 2, 1, 3).reshape(-1, wh * ww)
+    return regions.reshape(height // wh, wh, width // ww, ww).transpose(0, 2, 1, 3).reshape(-1, wh * ww)
+
+
+@lru_cache(maxsize=16)
+def shift_mask(height: int, width: int, window: tuple[int, int], shift: tuple[int, int]) -> np.ndarray:
+    """(nW, N, N) additive mask of the windows (window[0] x window[1] pixels) of a map rolled back by `shift`: 0
+    within a region, -100 between regions (the original's `calculate_mask`)."""
+    windows = shift_regions(height, width, window, shift)
     return np.where(windows[:, None, :] != windows[:, :, None], MASKED, 0.0).astype(np.float32)
 
 
-def shifted_windows(attn, y: mx.array, window: int, shift: int) -> mx.array:
+def shifted_windows(attn, y: mx.array, window: int, shift: int, masks=shift_mask) -> mx.array:
     """Swin's (shifted) window attention over a (B, H, W, C) map (sides multiples of the window): the map rolled back
     by `shift`, cut into window x window windows, `attn(windows, mask)` with the shift's mask (None unshifted), the
     windows put back and the map rolled forward again (attn may change the channels: ATD's takes q, k and v). SwinIR's,
-    HAT's, DRCT's and ATD's blocks."""
+    HAT's, DRCT's, ATD's and SRFormer's blocks; `masks(H, W, (window, window), (shift, shift))` makes the mask
+    (SRFormer's keys are pooled: its own)."""
     B, H, W, C = y.shape
     ws, s = window, shift
     if s:
         y = mx.roll(y, (-s, -s), axis=(1, 2))
     windows = y.reshape(B, H // ws, ws, W // ws, ws, C).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
-    mask = mx.array(shift_mask(H, W, (ws, ws), (s, s))) if s else None
+    mask = mx.array(masks(H, W, (ws, ws), (s, s))) if s else None
     y = attn(windows, mask).reshape(B, H // ws, W // ws, ws, ws, -1).transpose(0, 1, 3, 2, 4, 5).reshape(B, H, W, -1)
     return mx.roll(y, (s, s), axis=(1, 2)) if s else y
 
@@ -198,11 +205,12 @@ class ResidualGroup(nn.Module):
 
 
 class RSTB(nn.Module):
-    """Residual Swin transformer block: Swin blocks, back to a map, a conv, back to tokens, plus the input."""
+    """Residual Swin transformer block: Swin blocks, back to a map, a conv, back to tokens, plus the input
+    (`block`: SwinIR's, or SRFormer's permuted-attention ones)."""
 
-    def __init__(self, c: SwinIRConfig, depth: int, heads: int):
+    def __init__(self, c: SwinIRConfig, depth: int, heads: int, block=None):
         super().__init__()
-        self.residual_group = ResidualGroup(c, depth, heads)
+        self.residual_group = ResidualGroup(c, depth, heads, block)
         self.conv = residual_convs(c.embed_dim, c.resi_connection)
 
     def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
