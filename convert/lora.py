@@ -31,14 +31,24 @@ splits W_qkv; sd-scripts' split_qkv files store a block-diagonal up, which split
 swapped the same way. (diffusers 0.42 reads only its own format for SD3; ComfyUI and sd-scripts merge these files
 into Stability's fused weights, which is what this split reproduces.)
 
+LyCORIS networks, in kohya's key layout as A1111 reads them (convert/lycoris.py decides the kind and checks shapes):
+
+    LoHa        lora_unet_<module>.hada_w1_a, .hada_w1_b, .hada_w2_a, .hada_w2_b (+ .hada_t1, .hada_t2: Tucker)
+    LoKr        .lokr_w1 or .lokr_w1_a/.lokr_w1_b, .lokr_w2 or .lokr_w2_a/.lokr_w2_b (+ .lokr_t2: Tucker)
+    full        .diff (+ .diff_b, the bias's difference)
+    Tucker LoCon .lora_mid.weight beside lora_down/lora_up (folded into the down: still a LoRA)
+    DoRA        .dora_scale beside any of them (one magnitude per input channel)
+
 Since "_" also occurs inside names (`to_q`, `transformer_blocks`), underscore names are never split by rule: they
 are looked up in tables built from the model's own layer paths, so a name either denotes exactly one layer or is
-an error. Every key of the file is consumed or the load fails naming it (LyCORIS LoHa/LoKr/DoRA/Tucker tensors
-included: they are different maths, not LoRA). Torch layouts become MLX's here: conv downs (r, in, kh, kw) ->
-(r, kh, kw, in), 1x1-conv LoRAs on layers we hold as Linear (SD1's proj_in/proj_out) are flattened.
+an error. Every key of the file is consumed or the load fails naming it; networks mlx-sd does not apply (IA3,
+GLoRA, OFT/BOFT, norm-layer networks, PEFT's DoRA magnitude vectors) are refused by name. Torch layouts become
+MLX's here for LoRAs: conv downs (r, in, kh, kw) -> (r, kh, kw, in), 1x1-conv LoRAs on layers we hold as Linear
+(SD1's proj_in/proj_out) are flattened. LyCORIS factors keep the file's layout (their products mix input and kernel
+axes); `mlx_sd.lycoris` transposes the rebuilt update once.
 
 Scale: alpha / rank per layer, alpha from the `.alpha` tensor or PEFT's adapter config (`use_rslora`:
-alpha / sqrt(rank)); no alpha means scale 1 (diffusers' and A1111's convention).
+alpha / sqrt(rank)); no alpha means scale 1 (diffusers' and A1111's convention). LyCORIS kinds: convert/lycoris.py.
 """
 
 from __future__ import annotations
@@ -56,9 +66,11 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd.lora import COMPONENTS, LoRA, LoRALayer, LoRATargets
+from mlx_sd.lycoris import NetworkLayer
 
 from .keymap import ConversionError, rename
 from .ldm_unet import RESNET_LEAVES, block_table, unet_rules
+from .lycoris import KIND_ROLES, dora_magnitude, fold_mid, lycoris_layer, network_kind
 from .readers import open_checkpoint
 from .sd3 import mmdit_rules
 
@@ -67,7 +79,12 @@ _SHOWN = 8
 # or MMDiT; "unet" and "transformer" name one of the two (`_Tables.component`).
 _KOHYA_PREFIXES = {"lora_unet": "denoiser", "lora_transformer": "transformer", "lora_te": "text_encoder",
                    "lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}  # fmt: skip
-_KOHYA = re.compile(r"(lora_unet|lora_transformer|lora_te[123]?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+# kohya/LyCORIS suffixes -> roles (`lycoris.KIND_ROLES`): LoRA's matrices, LyCORIS's tensors under their own names.
+_KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid"}
+_KOHYA_ROLES |= {role: role for roles in KIND_ROLES.values() for role in sorted(roles - {"down", "up", "mid"})}
+_KOHYA = re.compile(
+    r"(lora_unet|lora_transformer|lora_te[123]?)_([^.]+)\.(" + "|".join(re.escape(r) for r in _KOHYA_ROLES) + ")"
+)
 _ROLES = {
     "lora_A.weight": "down",
     "lora_B.weight": "up",
@@ -87,9 +104,19 @@ _PROCESSOR_TARGETS = {
     "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
     "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
 }
-# Tensors of networks that are not LoRA (LyCORIS and DoRA): named in the error instead of "unknown key".
-_OTHER_NETWORKS = re.compile(r".*\.(hada_\w+|lokr_\w+|lora_mid\.weight|dora_scale|lora_magnitude_vector\S*|oft_\w+|"
-                             r"diff|diff_b|w_norm|b_norm|a1\.weight|a2\.weight|b1\.weight|b2\.weight)")  # fmt: skip
+# Tensors of networks mlx-sd does not apply (as A1111 names them), named in the error instead of "unknown key".
+_UNSUPPORTED = {
+    "IA3": r"(lora_unet|lora_transformer|lora_te[123]?)_[^.]+\.(weight|on_input)",
+    "GLoRA": r".*\.(a1|a2|b1|b2)\.weight",
+    "OFT/BOFT": r".*\.(oft_\w+|boft_\w+)",
+    "norm-layer networks": r".*\.(w_norm|b_norm)",
+    "PEFT DoRA (lora_magnitude_vector)": r".*\.lora_magnitude_vector\S*",
+    "LyCORIS tensors A1111 does not read": r"(lora_unet|lora_transformer|lora_te[123]?)_[^.]+\.(hada_\w+|lokr_\w+)",
+    # A1111 reads LyCORIS tensors in kohya's key layout only; PEFT's own LoHa/LoKr state dicts carry their scale in a
+    # separate adapter config.
+    "LyCORIS tensors under diffusers/PEFT names": r".*\.(hada_\w+|lokr_\w+|lora_mid\.weight|dora_scale|diff|diff_b)",
+}
+_UNSUPPORTED_KEY = {kind: re.compile(pattern) for kind, pattern in _UNSUPPORTED.items()}
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 # Hints for "made for another family": the cross-attention key/value input width of each family's UNet.
 _CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
@@ -119,7 +146,7 @@ def map_lora(
     targets: LoRATargets,
     metadata: Mapping[str, str] | None = None,
     name: str = "lora",
-) -> dict[str, dict[str, LoRALayer]]:
+) -> dict[str, dict[str, NetworkLayer]]:
     """Map a LoRA state dict onto a model's layers.
 
     Args:
@@ -128,18 +155,23 @@ def map_lora(
         metadata: the safetensors header's `__metadata__` (PEFT's adapter config lives there), or None.
         name: the LoRA's name, for messages.
     Returns:
-        component -> module path -> LoRALayer (MLX layout, the file's dtype; bfloat16 read as float32).
+        component -> module path -> the layer's update: a LoRALayer (MLX layout, the file's dtype; bfloat16 read as
+        float32), or for LyCORIS networks a LoHaLayer, LoKrLayer or FullLayer (`mlx_sd.lycoris`, the file's layout).
     Raises:
-        ConversionError naming every key that is unknown, unmatched, incomplete or of the wrong shape, with the
-        family the LoRA looks made for when it is not the model's.
+        ConversionError naming every key that is unknown, unmatched, incomplete, of a network mlx-sd does not apply
+        or of the wrong shape, with the family the LoRA looks made for when it is not the model's.
     """
     tables = _Tables(targets)
     entries: dict[tuple[str, str], _Entry] = {}
-    unknown, unmatched, other = [], [], []
+    unknown, unmatched, other = [], [], {}
     for key in state:
         parsed = _parse_key(key)
         if parsed is None:
-            (other if _OTHER_NETWORKS.fullmatch(key) else unknown).append(key)
+            kind = next((k for k, pattern in _UNSUPPORTED_KEY.items() if pattern.fullmatch(key)), None)
+            if kind is None:
+                unknown.append(key)
+            else:
+                other.setdefault(kind, []).append(key)
             continue
         named, module, role, naming = parsed
         component = tables.component(named)
@@ -156,40 +188,58 @@ def map_lora(
     hint = _family_hint(state, targets)
     problems = []
     if other:
-        problems.append(
-            f"{len(other)} tensors belong to network types other than LoRA (LyCORIS LoHa/LoKr/Tucker, DoRA, ...), "
-            f"which mlx-sd does not apply ({_summary(other)})"
-        )
+        kinds = "; ".join(f"{kind}: {_summary(keys)}" for kind, keys in other.items())
+        count = sum(len(keys) for keys in other.values())
+        problems.append(f"{count} tensors belong to network types mlx-sd does not apply ({kinds})")
     if unknown:
         problems.append(f"{len(unknown)} keys are not LoRA keys of a known format ({_summary(unknown)})")
     if unmatched:
         problems.append(f"{len(unmatched)} keys name no layer of this model ({_summary(unmatched)})")
-    incomplete = [f"{c}.{p} has only {sorted(e.keys)}" for (c, p), e in entries.items() if {"down", "up"} - set(e.keys)]
+    kinds = {where: network_kind(set(e.keys)) for where, e in entries.items()}
+    incomplete = [f"{c}.{p} has only {sorted(entries[c, p].keys)}" for (c, p), kind in kinds.items() if kind is None]
     if incomplete:
-        problems.append(f"{len(incomplete)} layers lack a down or up matrix ({_summary(incomplete)})")
+        problems.append(
+            f"{len(incomplete)} layers lack a down or up matrix (or a LyCORIS network's: LoHa's four hada_w, LoKr's "
+            f"lokr_w1 and lokr_w2 or their factors, full's diff) ({_summary(incomplete)})"
+        )
+    mixed = [f"{c}.{p}: a {kind} with {', '.join(sorted(extra))}" for (c, p), kind in kinds.items()
+             if kind and (extra := set(entries[c, p].keys) - KIND_ROLES[kind])]  # fmt: skip
+    if mixed:
+        problems.append(f"{len(mixed)} layers hold tensors their network kind does not use ({_summary(mixed)})")
     if problems:
         raise ConversionError(f"LoRA {name}: " + "; ".join(problems) + hint)
     if not entries:
         raise ConversionError(f"LoRA {name}: the file holds no LoRA tensors")
 
     alphas = _PeftAlphas(metadata)
-    layers: dict[str, dict[str, LoRALayer]] = {}
+    layers: dict[str, dict[str, NetworkLayer]] = {}
     misshaped, twice = [], []
     for (component, path), entry in entries.items():
         fused = tables.fused.get(component, {}).get(path)
         shape = fused.shape if fused else targets.shapes[component][path]
-        alpha, rslora = alphas.alpha(entry.named, path), alphas.rslora(entry.named)
+        kind = kinds[component, path]
         try:
-            down, up, scale = _matrices(state, entry, shape, alpha, rslora)
+            if fused and (kind != "LoRA" or "dora_scale" in entry.keys):
+                what = "a LoRA with DoRA" if kind == "LoRA" else f"a {kind}"
+                raise ValueError(f"Stability's fused layer takes LoRAs only, not {what} (its update cannot be split)")
+            if kind != "LoRA":
+                tensors = {role: state[key] for role, key in entry.keys.items()}
+                updates = {path: lycoris_layer(kind, tensors, shape)}
+            else:
+                alpha, rslora = alphas.alpha(entry.named, path), alphas.rslora(entry.named)
+                down, up, scale = _matrices(state, entry, shape, alpha, rslora)
+                dora = dora_magnitude(state[entry.keys["dora_scale"]], shape) if "dora_scale" in entry.keys else None
+                down = mx.array(down)
+                updates = {ours: LoRALayer(down, mx.array(np.ascontiguousarray(part)), scale, dora)
+                           for ours, part in (fused.split_up(up) if fused else {path: up}).items()}  # fmt: skip
         except ValueError as error:
             misshaped.append(f"{component}.{path}: {error}")
             continue
-        down = mx.array(down)
-        for ours, part in (fused.split_up(up) if fused else {path: up}).items():
+        for ours, update in updates.items():
             if ours in layers.get(component, {}):
                 twice.append(f"{component}.{ours} (from {path} and from another key)")
                 continue
-            layers.setdefault(component, {})[ours] = LoRALayer(down, mx.array(np.ascontiguousarray(part)), scale)
+            layers.setdefault(component, {})[ours] = update
     if misshaped:
         count = len(misshaped)
         raise ConversionError(f"LoRA {name}: {count} layers have the wrong shape ({_summary(misshaped)}){hint}")
@@ -201,8 +251,7 @@ def map_lora(
 def _parse_key(key: str) -> tuple[str, str, str, str] | None:
     """(the file's network name, module name, role, naming) of a LoRA key; naming is "underscore" or "dotted"."""
     if m := _KOHYA.fullmatch(key):
-        role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m.group(3)]
-        return _KOHYA_PREFIXES[m.group(1)], m.group(2), role, "underscore"
+        return _KOHYA_PREFIXES[m.group(1)], m.group(2), _KOHYA_ROLES[m.group(3)], "underscore"
     if m := _PROCESSOR.fullmatch(key):
         named = m.group(1) or "denoiser"
         kind = "text" if named.startswith("text_encoder") else "unet"
@@ -364,9 +413,13 @@ class _PeftAlphas:
 
 def _matrices(state, entry: _Entry, target: tuple[int, ...], config_alpha: float | None,
               rslora: bool) -> tuple[np.ndarray, np.ndarray, float]:  # fmt: skip
-    """(down, up, scale) of one entry in MLX layout, checked against the layer's weight shape `target`."""
+    """(down, up, scale) of one entry in MLX layout, checked against the layer's weight shape `target`. A Tucker
+    LoCon's mid is folded into its down (`lycoris.fold_mid`); its scale's rank is still lora_down's (A1111's dim)."""
     down = np.asarray(state[entry.keys["down"]])
     up = np.asarray(state[entry.keys["up"]])
+    dim = down.shape[0]
+    if "mid" in entry.keys:
+        down = fold_mid(down, np.asarray(state[entry.keys["mid"]]))
     rank = down.shape[0]
     if up.ndim == 4:
         if up.shape[2:] != (1, 1):
@@ -385,7 +438,7 @@ def _matrices(state, entry: _Entry, target: tuple[int, ...], config_alpha: float
     if made != tuple(target):
         raise ValueError(f"the LoRA makes {made}, the layer is {tuple(target)}")
     alpha = float(np.asarray(state[entry.keys["alpha"]]).reshape(())) if "alpha" in entry.keys else config_alpha
-    scale = 1.0 if alpha is None else alpha / (math.sqrt(rank) if rslora else rank)
+    scale = 1.0 if alpha is None else alpha / (math.sqrt(dim) if rslora else dim)
     return np.ascontiguousarray(down), up, scale
 
 

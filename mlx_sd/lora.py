@@ -13,6 +13,11 @@ denoiser, a UNet or SD3's MMDiT, is the component "unet"; the text encoders, SD3
   quantized layer and adds multiplier * scale * (x @ down.T) @ up.T at run time (the way diffusers/PEFT run LoRAs
   unfused). Unwrapping restores the quantized layer object.
 
+LyCORIS networks (LoHa, LoKr, full) and DoRA (`mlx_sd.lycoris`) only exist as a dense delta of the whole weight, and
+are applied as AUTOMATIC1111 does: each layer's networks in order, DoRA renormalising the weight as it stands after
+the networks before it. Fused, that is W + the delta; on a quantized layer the wrapper adds x @ delta.T, one dense
+(out, in) term per layer, of the size and cost of an unquantized weight.
+
 Switching LoRAs between requests restores the originals and fuses the new set; the model is never reloaded.
 The prompt syntax `<lora:name:weight>` (AUTOMATIC1111) is parsed here; the name is resolved by a callable the
 application provides (a configured LoRA folder).
@@ -29,6 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .components import build
+from .lycoris import NetworkLayer, weight_decompose
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3")  # "unet": the denoiser, SD3's too
 # A1111's extra-network syntax: <kind:arg[:arg...]>; `lora` (and its alias `lyco`) is the kind handled here.
@@ -38,19 +44,29 @@ SHORT_HASH = 12  # A1111 records the first 12 hex digits of a LoRA's or embeddin
 
 
 @dataclass(frozen=True, eq=False)
-class LoRALayer:
+class LoRALayer(NetworkLayer):
     """The low-rank update of one layer, in MLX layout.
 
-    down: (r, in) for a Linear, (r, kh, kw, in) for a Conv2d; up: (out, r); scale: alpha / r (1 without alpha).
+    down: (r, in) for a Linear, (r, kh, kw, in) for a Conv2d; up: (out, r); scale: alpha / r (1 without alpha);
+    dora_scale: DoRA's magnitude per input channel (in,), None for a plain LoRA (see `mlx_sd.lycoris`).
     """
 
     down: mx.array
     up: mx.array
     scale: float = 1.0
+    dora_scale: mx.array | None = None
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.up.shape[0], *self.down.shape[1:])
+
+    @property
+    def low_rank(self) -> bool:
+        return self.dora_scale is None
 
     def delta(self) -> mx.array:
         """scale * up @ down in float32, shaped as the layer's weight: (out, in) or (out, kh, kw, in)."""
@@ -64,14 +80,15 @@ class LoRA:
     """A LoRA mapped onto a model's parameter names.
 
     name: what the user calls it (the file name without extension).
-    layers: component (`COMPONENTS`: "unet" is the denoiser, SD3's MMDiT too) -> module path -> LoRALayer.
+    layers: component (`COMPONENTS`: "unet" is the denoiser, SD3's MMDiT too) -> module path -> the layer's update:
+        a `LoRALayer`, or a LyCORIS kind (`mlx_sd.lycoris`: LoHaLayer, LoKrLayer, FullLayer).
     sha256: A1111's hash of the file (for safetensors, of the bytes after the header), "" if unknown.
     family: the model family it was mapped for ("sd1", "sdxl", "sd3", ...).
     path: the file it came from.
     """
 
     name: str
-    layers: Mapping[str, Mapping[str, LoRALayer]]
+    layers: Mapping[str, Mapping[str, NetworkLayer]]
     sha256: str = ""
     family: str = ""
     path: str = ""
@@ -157,21 +174,28 @@ def lora_networks(model) -> dict[str, nn.Module]:
 
 
 class LoRALinear(nn.Module):
-    """A quantized Linear plus low-rank updates computed at run time: base(x) + sum_i m_i (x @ down_i.T) @ up_i.T.
-
-    m_i = multiplier_i * scale_i. `base` is the original layer, put back by `LoRAState` when unloading.
+    """A quantized Linear plus updates computed at run time: base(x) + sum_i m_i (x @ down_i.T) @ up_i.T for LoRAs
+    (m_i = multiplier_i * scale_i), or base(x) + x @ dense.T (+ bias) when the layer's networks only exist as a dense
+    delta (LyCORIS kinds, DoRA). `base` is the original layer, put back by `LoRAState` when unloading.
     """
 
-    def __init__(self, base: nn.Module, terms: list[tuple[LoRALayer, float]], dtype: mx.Dtype):
+    def __init__(self, base: nn.Module, terms: list[tuple[LoRALayer, float]], dtype: mx.Dtype,
+                 dense: mx.array | None = None, bias: mx.array | None = None):  # fmt: skip
         super().__init__()
         self.base = base
         self.downs = [layer.down.astype(dtype) for layer, _ in terms]
         self.ups = [(layer.up * (m * layer.scale)).astype(dtype) for layer, m in terms]
+        self.dense = [] if dense is None else [dense.astype(dtype)]  # (out, in)
+        self.bias_update = [] if bias is None else [bias.astype(dtype)]  # (out,)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
         for down, up in zip(self.downs, self.ups):
             y = y + (x @ down.T) @ up.T  # (..., r) then (..., out): never forms the (out, in) delta
+        for delta in self.dense:
+            y = y + x @ delta.T  # a second (out, in) matmul: the cost of an unquantized layer
+        for bias in self.bias_update:
+            y = y + bias
         return y
 
 
@@ -180,6 +204,7 @@ class _Patched:
     network: nn.Module
     originals: dict[str, mx.array]  # module path -> original weight (fused layers)
     wrapped: dict[str, nn.Module]  # module path -> original module (run-time layers)
+    biases: dict[str, mx.array | None] = field(default_factory=dict)  # module path -> original bias (None: had none)
 
 
 class LoRAState:
@@ -223,10 +248,10 @@ class LoRAState:
         """Restore every patched layer (the exact original arrays and modules)."""
         self.apply(networks, [])
 
-    def _plan(self, component, network, loras) -> dict[str, list[tuple[LoRALayer, float]]]:
+    def _plan(self, component, network, loras) -> dict[str, list[tuple[NetworkLayer, float]]]:
         """module path -> [(layer, multiplier)] for one network, checked against the (unpatched) layers."""
         modules = dict(_original_modules(network, self._patched.get(component)))
-        terms: dict[str, list[tuple[LoRALayer, float]]] = {}
+        terms: dict[str, list[tuple[NetworkLayer, float]]] = {}
         for applied in loras:
             m = applied.multiplier(component)
             for path, layer in applied.lora.layers.get(component, {}).items():
@@ -237,7 +262,7 @@ class LoRAState:
                         f"another model ({applied.lora.family}), load it again for this one"
                     )
                 out_in = _out_in(module)
-                want = (layer.up.shape[0], *layer.down.shape[1:])
+                want = tuple(layer.shape)
                 if out_in != want:
                     raise ValueError(
                         f"LoRA {applied.lora.name!r}: {component}.{path} is {out_in}, the LoRA makes {want}; "
@@ -268,28 +293,69 @@ def _out_in(module: nn.Module) -> tuple[int, ...]:
     return tuple(module.weight.shape)
 
 
-def _patch(network: nn.Module, terms: dict[str, list[tuple[LoRALayer, float]]]) -> _Patched:
+def _patch(network: nn.Module, terms: dict[str, list[tuple[NetworkLayer, float]]]) -> _Patched:
     record = _Patched(network, {}, {})
     modules = dict(network.named_modules())
+    dense = []  # the wrappers' dense terms, computed now rather than at the first step
     for path, layer_terms in terms.items():
         module = modules[path]
         if isinstance(module, nn.QuantizedLinear):
             dtype = module.scales.dtype
-            _set_module(network, path, LoRALinear(module, layer_terms, dtype))
+            if all(layer.low_rank for layer, _ in layer_terms):
+                wrapper = LoRALinear(module, layer_terms, dtype)
+            else:  # one dense term for all of the layer's networks; DoRA sees the dequantized weight
+                delta, bias = _updates(_dequantized(module), layer_terms)
+                wrapper = LoRALinear(module, [], dtype, delta, bias)
+                dense += wrapper.dense + wrapper.bias_update
+            _set_module(network, path, wrapper)
             record.wrapped[path] = module
             continue
         weight = module.weight
-        delta = sum(m * layer.delta() for layer, m in layer_terms)
+        delta, bias = _updates(weight.astype(mx.float32), layer_terms)
         module.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
         record.originals[path] = weight
-    mx.eval([modules[p].weight for p in record.originals])
+        if bias is not None:
+            record.biases[path] = old = module.get("bias")  # None: the layer had none, restored without one
+            if old is None:
+                module.bias = bias.astype(weight.dtype)
+            else:
+                module.bias = (old.astype(mx.float32) + bias).astype(old.dtype)
+    mx.eval([modules[p].weight for p in record.originals], [modules[p].bias for p in record.biases], dense)
     return record
+
+
+def _updates(weight: mx.array, terms: list[tuple[NetworkLayer, float]]) -> tuple[mx.array, mx.array | None]:
+    """The change of one layer's weight (float32, MLX layout) and of its bias (None: unchanged) that its networks make,
+    each in order as A1111's network_apply_weights adds them: multiplier * scale * dW, or with DoRA multiplier * (the
+    renormalised weight - the weight as the networks before left it)."""
+    delta, bias = 0, None
+    for layer, m in terms:
+        update = layer.delta()
+        if layer.dora_scale is not None:
+            update = weight_decompose(weight + delta, update, layer.dora_scale)
+        delta = delta + m * update
+        if layer.bias is not None:  # A1111: ex_bias * multiplier, unscaled
+            term = m * layer.bias.astype(mx.float32)
+            bias = term if bias is None else bias + term
+    return delta, bias
+
+
+def _dequantized(module: nn.QuantizedLinear) -> mx.array:
+    """The float32 weight (out, in) a quantized Linear computes with."""
+    weight = mx.dequantize(module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
+                           mode=module.mode)  # fmt: skip
+    return weight.astype(mx.float32)
 
 
 def _restore(record: _Patched) -> None:
     modules = dict(record.network.named_modules())
     for path, weight in record.originals.items():
         modules[path].weight = weight
+    for path, bias in record.biases.items():
+        if bias is None:
+            modules[path].pop("bias")
+        else:
+            modules[path].bias = bias
     for path, module in record.wrapped.items():
         _set_module(record.network, path, module)
 

@@ -305,8 +305,8 @@ def test_unknown_unmatched_and_other_network_keys_are_named(sd1, tmp_path):
         "unknown": ({"some_weird_tensor": np.zeros(3, np.float32)}, r"not LoRA keys .*some_weird_tensor"),
         "unmatched": ({"lora_unet_down_blocks_9_attn_to_q.lora_down.weight": np.zeros((2, 32), np.float32)},
                       "name no layer of this model .*down_blocks_9"),
-        "loha": ({"lora_unet_conv_in.hada_w1_a": np.zeros((4, 2), np.float32)}, "LyCORIS LoHa"),
-        "dora": ({"lora_unet_conv_in.dora_scale": np.zeros((4,), np.float32)}, "DoRA"),
+        "oft": ({"lora_unet_conv_in.oft_blocks": np.zeros((4, 2, 2), np.float32)}, "not apply .*OFT/BOFT"),
+        "half a loha": ({"lora_unet_conv_in.hada_w1_a": np.zeros((4, 2), np.float32)}, "lack .*LoHa's four hada_w"),
     }  # fmt: skip
     for name, (extra, message) in cases.items():
         with pytest.raises(ConversionError, match=message):

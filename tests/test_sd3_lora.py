@@ -371,7 +371,11 @@ def test_unknown_twice_and_misshaped_sd3_keys_are_named(sd3, tmp_path):
                   r"adapted twice .*transformer_blocks\.0\.attn\.to_k"),
         "shape": ({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": up[:47]},
                   r"wrong shape .*x_block\.attn\.qkv: the LoRA makes \(47, 16\), the layer is \(48, 16\)"),
-        "dora": ({"lora_unet_joint_blocks_0_x_block_attn_qkv.dora_scale": up[:, :1]}, "DoRA"),
+        "dora": ({"lora_unet_joint_blocks_0_x_block_attn_qkv.dora_scale": up[:, :1]},
+                 "x_block.attn.qkv: Stability's fused layer takes LoRAs only, not a LoRA with DoRA"),
+        "loha": ({f"lora_unet_joint_blocks_0_context_block_attn_qkv.hada_{w}": m
+                  for w, m in (("w1_a", up), ("w1_b", down), ("w2_a", up), ("w2_b", down))},
+                 "context_block.attn.qkv: Stability's fused layer takes LoRAs only, not a LoHa"),
     }  # fmt: skip
     for name, (extra, message) in cases.items():
         with pytest.raises(ConversionError, match=message):
