@@ -29,10 +29,11 @@ def _samplers(args) -> None:
         schedules = [{"name": s.name, "label": s.label, "aliases": list(s.aliases)} for s in SCHEDULE_TYPES.values()]
         print(json.dumps({"samplers": rows, "schedule_types": schedules}, indent=2))
         return
-    print(f"{'sampler':<18} {'stochastic':<10} {'calls':<5} {'Automatic':<11} follows")
+    print(f"{'sampler':<18} {'stochastic':<10} {'calls':<5} {'Automatic':<11} {'SD3':<4} follows")
     for r in rows:
+        sd3 = "yes" if r["rectified_flow"] else "no"
         print(f"{r['name']:<18} {'yes' if r['stochastic'] else 'no':<10} {r['model_calls_per_step']:<5} "
-              f"{r['default_schedule'] or '-':<11} {r['follows']}")  # fmt: skip
+              f"{r['default_schedule'] or '-':<11} {sd3:<4} {r['follows']}")  # fmt: skip
     print("\nschedule types: Automatic, " + ", ".join(s.label for s in SCHEDULE_TYPES.values()))
     print('legacy names such as "DPM++ 2M Karras" combine a sampler with a schedule type; aliases: --json')
 

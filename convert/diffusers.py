@@ -182,8 +182,6 @@ UNET_RULES = [Rule(r"(.+)", r"\1")]
 
 _VAE_REQUIRED = {
     "act_fn": "silu",
-    "latents_mean": None,
-    "latents_std": None,
     "mid_block_add_attention": True,
 }
 _VAE_UNDERSTOOD = {
@@ -199,6 +197,8 @@ _VAE_UNDERSTOOD = {
     "shift_factor",
     "use_quant_conv",
     "use_post_quant_conv",
+    "latents_mean",  # per-channel latent statistics (Playground v2.5), with latents_std
+    "latents_std",
     # The pipeline keeps the VAE in float32 by default, which is what force_upcast asks for.
     "force_upcast",
 }
@@ -223,7 +223,25 @@ def vae_config(config: Mapping) -> VAEConfig:
         shift_factor=config.get("shift_factor") or 0.0,
         use_quant_conv=config.get("use_quant_conv", True),
         use_post_quant_conv=config.get("use_post_quant_conv", True),
+        latents_mean=_statistics(config, "latents_mean"),
+        latents_std=_statistics(config, "latents_std"),
     )
+
+
+def _statistics(config: Mapping, key: str) -> tuple[float, ...] | None:
+    """A VAE's per-channel latent mean or std: one number per latent channel, both or neither."""
+    value, other = config.get(key), config.get("latents_std" if key == "latents_mean" else "latents_mean")
+    if value is None and other is None:
+        return None
+    channels = config.get("latent_channels", 4)
+    ok = all(isinstance(v, list) and len(v) == channels and all(isinstance(x, int | float) for x in v)
+             for v in (value, other))  # fmt: skip
+    if not ok or 0 in config["latents_std"]:
+        raise ConversionError(
+            f"vae/config.json: latents_mean and latents_std must both be lists of {channels} numbers (std nonzero), "
+            f"got {config.get('latents_mean')!r} and {config.get('latents_std')!r}"
+        )
+    return tuple(float(x) for x in value)
 
 
 VAE_RULES = [

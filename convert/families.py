@@ -267,6 +267,42 @@ T5_TOWER = ("text_encoder_3", "tokenizer_3")
 # A family's published scheduler assumes its published prediction type. Where a model of the family predicts the
 # other one, the config of the folder published for that combination is used instead: SD 2.x 512-base and
 # inpainting models (epsilon) ship PNDM, the same config as SD 1.5.
+# EDM SDXL models (mlx_sd/schedules.py), as published. Playground v2.5's scheduler_config.json
+# (playgroundai/playground-v2.5-1024px-aesthetic); CosXL's is diffusers' documented recipe (EDM v-prediction,
+# sigma_data 1, exponential sigmas), its sigma range read from the file's markers.
+PLAYGROUND_SCHEDULER = {
+    "_class_name": "EDMDPMSolverMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "sigma_min": 0.002,
+    "sigma_max": 80.0,
+    "sigma_data": 0.5,
+    "sigma_schedule": "karras",
+    "prediction_type": "epsilon",
+    "rho": 7.0,
+    "solver_order": 2,
+    "algorithm_type": "dpmsolver++",
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "euler_at_final": False,
+    "final_sigmas_type": "zero",
+    "thresholding": False,
+}
+COSXL_SCHEDULER = {
+    "_class_name": "EDMEulerScheduler",
+    "num_train_timesteps": 1000,
+    "sigma_min": 0.002,
+    "sigma_max": 120.0,
+    "sigma_data": 1.0,
+    "sigma_schedule": "exponential",
+    "prediction_type": "v_prediction",
+}
+# Playground v2.5's latents: per-channel statistics and scale (its vae/config.json; ComfyUI's SDXL_Playground_2_5).
+PLAYGROUND_LATENTS = {
+    "scaling_factor": 0.5,
+    "latents_mean": (-1.6574, 1.886, -1.383, 2.5155),
+    "latents_std": (8.4927, 5.9022, 6.5498, 5.2299),
+}
+
 _SCHEDULER_FOR = {("sd2", "epsilon"): "sd1"}
 
 

@@ -68,6 +68,7 @@ TOP_LEVEL_DROPS = [
     Rule(r"scale_factor", None, "the latent scaling factor (scale_by_std); read into the VAE config"),
     Rule(r"model_ema\.(?:decay|num_updates)", None, "EMA bookkeeping, not weights"),
     Rule(r"v_pred|ztsnr", None, "marker tensors for v-prediction / zero-terminal SNR; read by detection"),
+    Rule(r"edm_vpred\.sigma_(?:max|min)|edm_mean|edm_std", None, "EDM markers (CosXL, Playground); read by detection"),
     Rule(r"denoiser\.sigmas", None, "the sgm denoiser's noise levels; the scheduler config recomputes them"),
 ]
 _UNUSED_EMA = Rule(r"model_ema\..+", None, "the UNet's EMA copy, not selected (use_ema=False)")

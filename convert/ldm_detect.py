@@ -6,8 +6,11 @@ prediction type, a weight statistic. Every finding can be overridden, and each s
 
 Prediction type, in order of trust:
 1. `prediction_type=` (the user's `--prediction-type`).
-2. A `v_pred` marker tensor (ComfyUI writes one when it saves a v-prediction model; `ztsnr` beside it means a
-   zero-terminal-SNR schedule), or safetensors metadata `modelspec.prediction_type` (Stability's ModelSpec).
+2. Marker tensors, as ComfyUI reads them (its `SDXL.model_type`): `edm_mean` / `edm_std` (Playground v2.5, an EDM
+   epsilon model), `edm_vpred.sigma_max` / `sigma_min` (an EDM v-prediction model such as CosXL; ComfyUI writes them),
+   `v_pred` (ComfyUI writes one when it saves a v-prediction model; `ztsnr` beside it means a zero-terminal-SNR
+   schedule); or safetensors metadata `modelspec.prediction_type` (Stability's ModelSpec). convert/single_file.py
+   turns the EDM markers and `ztsnr` into the published scheduler.
 3. The family: SD1.x and SDXL (base and refiner) models are epsilon models; SD2 inpainting models and SD-Turbo
    (kind "turbo", convert/kind.py; Stability's sd_2_1.yaml: EpsScaling) are epsilon models.
 4. SD2 with 4 input channels: 512-base (epsilon) and 768-v (v) have the same tensors. diffusers treats the
@@ -253,6 +256,11 @@ def _prediction_type(state, shapes, family, in_channels, override, metadata, glo
         return Finding(normalize_prediction_type(override), OVERRIDE, "set by the caller")
     if family == "sd3":
         return Finding(FLOW, CERTAIN, "SD3 / SD3.5 are rectified-flow models")
+    if "edm_mean" in shapes and "edm_std" in shapes:
+        return Finding(EPSILON, HIGH, "marker tensors edm_mean / edm_std: Playground v2.5, an EDM model (ComfyUI)")
+    if "edm_vpred.sigma_max" in shapes:
+        return Finding(V_PREDICTION, HIGH, "marker tensors edm_vpred.sigma_max / sigma_min: an EDM v-prediction "
+                                           "model such as CosXL (written by ComfyUI)")  # fmt: skip
     if "v_pred" in shapes:
         zsnr = " and zero-terminal-SNR (ztsnr)" if "ztsnr" in shapes else ""
         return Finding(V_PREDICTION, HIGH, f"marker tensor 'v_pred'{zsnr} (written by ComfyUI)")

@@ -10,11 +10,14 @@ family's pad id, and the scheduler is the family's published config for the dete
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from mlx_sd.tokenizer import CLIPTokenizer
 
-from .families import TEXT_TOWERS, scheduler_config
+from .families import COSXL_SCHEDULER, PLAYGROUND_LATENTS, PLAYGROUND_SCHEDULER, TEXT_TOWERS, scheduler_config
 from .keymap import ConversionError
 from .kind import detect_kind
 from .ldm import plan_single_file, plan_vae_file
@@ -98,6 +101,8 @@ def plan_file(
         tokenizer: CLIPTokenizer.bundled(pad_token_id=pad, normalization=SINGLE_FILE_NORMALIZATION)
         for _, tokenizer, pad in TEXT_TOWERS[found.family.value]
     }
+    components = dict(plan.components)
+    scheduler = _scheduler(checkpoint, shapes, found, found_kind.value, components)
     details = {"format": checkpoint.format}
     if checkpoint.nesting:
         details["nesting"] = "/".join(checkpoint.nesting)
@@ -107,12 +112,42 @@ def plan_file(
         name=path.stem,
         kind="single-file",
         detection=found,
-        components=dict(plan.components),
+        components=components,
         tokenizers=tokenizers,
-        scheduler=scheduler_config(found.family.value, found.prediction_type.value, found_kind.value),
+        scheduler=scheduler,
         files=SourceFiles(path.parent, (path.name,)),
         details=details,
     )
+
+
+def _scheduler(checkpoint: Checkpoint, shapes, found, kind: str, components: dict) -> dict:
+    """The scheduler to publish, from the family and the file's markers (convert/ldm_detect.py): Playground v2.5's
+    EDM scheduler (its latents' statistics, `edm_mean` / `edm_std`, go to the VAE in `components`), CosXL's with the
+    file's sigma range, or the family's (with zero-terminal SNR for `ztsnr` v-prediction files)."""
+    prediction = found.prediction_type.value
+    if "edm_mean" in shapes and "edm_std" in shapes:
+        vae = components.get("vae")
+        if vae is not None:
+            stats = {k: _vector(checkpoint, f"edm_{k.rsplit('_', 1)[1]}") for k in ("latents_mean", "latents_std")}
+            scale = PLAYGROUND_LATENTS["scaling_factor"]
+            components["vae"] = replace(vae, config=replace(vae.config, scaling_factor=scale, **stats))
+        return {**PLAYGROUND_SCHEDULER, "prediction_type": prediction}
+    if "edm_vpred.sigma_max" in shapes:
+        sigmas = {k: float(np.asarray(checkpoint[f"edm_vpred.{k}"]).reshape(-1)[0])
+                  for k in ("sigma_max", "sigma_min") if f"edm_vpred.{k}" in shapes}  # fmt: skip
+        return {**COSXL_SCHEDULER, **sigmas, "prediction_type": prediction}
+    config = scheduler_config(found.family.value, prediction, kind)
+    if "ztsnr" in shapes and prediction == "v_prediction":  # as ComfyUI: zero terminal SNR for v_pred + ztsnr files
+        config["rescale_betas_zero_snr"] = True
+    return config
+
+
+def _vector(checkpoint: Checkpoint, key: str) -> tuple[float, ...]:
+    values = np.asarray(checkpoint[key], np.float64).reshape(-1)
+    if values.size != 4 or not np.all(np.isfinite(values)) or (key == "edm_std" and np.any(values == 0)):
+        raise ConversionError(f"{checkpoint.path}: {key} holds {values.size} values; Playground's latent statistics "
+                              "are 4 finite numbers (std nonzero)")  # fmt: skip
+    return tuple(float(v) for v in values)
 
 
 def plan_vae_single_file(path: Path) -> VAESource:

@@ -14,6 +14,13 @@ itself at timestep 1000 * sigma and predict the velocity eps - x0:
 
     flow:         x0 = x - sigma * out
 
+EDM models (Playground v2.5, CosXL; schedules.py) are preconditioned as Karras et al. 2022, Table 1, with their
+sigma_data s: out = model(x * c_in, 0.25 ln sigma), c_in = 1 / sqrt(sigma^2 + s^2), and
+
+    x0 = c_skip * x + c_out * out,   c_skip = s^2 / (sigma^2 + s^2),   c_out = sigma * s / sqrt(sigma^2 + s^2)
+
+(c_out negated for v_prediction, which with s = 1 is the VP v formula above), as diffusers' EDM schedulers.
+
 Classifier-free guidance is linear in the model output, so guiding eps or v (what diffusers and A1111 do) equals
 guiding x0: fold it into the model function with `classifier_free_guidance` before building the denoiser.
 """
@@ -69,6 +76,12 @@ class Denoiser:
         kind = self.schedule.prediction_type
         if kind == "flow":
             return x - self.model(x, t).astype(x.dtype) * sigma
+        if self.schedule.is_edm:
+            data = self.schedule.edm.sigma_data
+            norm = sigma * sigma + data * data
+            out = self.model(x * (1.0 / math.sqrt(norm)), 0.25 * math.log(sigma)).astype(x.dtype)
+            c_out = sigma * data / math.sqrt(norm)
+            return x * (data * data / norm) + out * (c_out if kind == "epsilon" else -c_out)
         c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)
         out = self.model(x * c_in, t).astype(x.dtype)
         if kind == "epsilon":

@@ -268,7 +268,7 @@ def _schedule_label(request: GenerationRequest, plan: SamplingPlan) -> str | Non
 
 def _eta(request: GenerationRequest, plan: SamplingPlan) -> float | None:
     """The eta to record: A1111 writes it when it differs from the sampler's default (1 ancestral, 0 DDIM)."""
-    parameter = inspect.signature(plan.sampler.function).parameters.get("eta")
+    parameter = inspect.signature(plan.function).parameters.get("eta")
     if request.eta is None or parameter is None or request.eta == parameter.default:
         return None
     return request.eta

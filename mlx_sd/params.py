@@ -7,6 +7,7 @@ strength, ...
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
 from PIL import Image
@@ -46,6 +47,24 @@ FAMILY_DEFAULTS = {
 TURBO_DEFAULTS = {"steps": 1, "guidance": 0.0, "sampler": "Euler a", "width": 512, "height": 512}
 LCM_DEFAULTS = {"steps": 4, "guidance": 1.0, "sampler": "LCM"}
 SD3_TURBO_DEFAULTS = {"steps": 4, "guidance": 0.0}  # SD3.5 Large Turbo's card: 4 steps of its Euler, no guidance
+
+
+# EDM models (mlx_sd/schedules.py): the sampler of the scheduler they are published with, over its sigma schedule;
+# Playground v2.5 (EDM epsilon, sigma_data 0.5) at its model card's CFG 3.
+EDM_SAMPLERS = {"EDMDPMSolverMultistepScheduler": "DPM++ 2M", "EDMEulerScheduler": "Euler"}
+PLAYGROUND_GUIDANCE = 3.0
+
+
+def edm_defaults(base: FamilyDefaults, scheduler_config: Mapping) -> FamilyDefaults:
+    """`base` with an EDM model's published sampler and schedule type (`scheduler_config`: its diffusers config)."""
+    sampler = EDM_SAMPLERS.get(scheduler_config.get("_class_name"), base.sampler)
+    schedule = str(scheduler_config.get("sigma_schedule", "karras")).capitalize()
+    playground = (
+        scheduler_config.get("prediction_type", "epsilon") == "epsilon"
+        and scheduler_config.get("sigma_data", 0.5) == 0.5
+    )
+    guidance = PLAYGROUND_GUIDANCE if playground else base.guidance
+    return replace(base, sampler=sampler, schedule_type=schedule, guidance=guidance)
 
 
 def defaults_for(family: str, prediction_type: str = "epsilon", kind: str = "") -> FamilyDefaults:

@@ -267,7 +267,7 @@ class Pipeline:
 
     @property
     def defaults(self):
-        return model_defaults(self.model.info, self.model.unet.config)
+        return model_defaults(self.model.info, self.model.unet.config, self.model.scheduler_config)
 
     # --- the streaming API ------------------------------------------------------------------------------------
 

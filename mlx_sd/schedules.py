@@ -11,7 +11,12 @@ Rectified-flow models (SD3, prediction_type "flow") are the exception: their lat
 is x = (1 - sigma) * x0 + sigma * eps, the network predicts the velocity eps - x0 at timestep 1000 * sigma, and the
 samplers run in that space as ComfyUI's (its "CONST" model sampling): the ODE there is dx/dsigma = (x - x0) / sigma
 as in VE space, so Euler, Heun, DPM2 and LMS are exact ODE solvers of it, and Euler is diffusers'
-FlowMatchEulerDiscreteScheduler. VE space cannot hold them: sigma = 1 (pure noise) is sigma_VE = inf.
+FlowMatchEulerDiscreteScheduler; the ancestral and SDE samplers take ComfyUI's flow arithmetic (samplers/flow.py). VE
+space cannot hold them: sigma = 1 (pure noise) is sigma_VE = inf.
+
+EDM models (Karras et al. 2022's preconditioning: Playground v2.5, CosXL) are trained on continuous noise levels
+sigma in [sigma_min, sigma_max] of VE space itself; their table (for the schedule types that index one) is ComfyUI's
+ModelSamplingContinuousEDM's, 1000 levels evenly spaced in log sigma, and the network sees 0.25 ln sigma.
 
 Everything runs in k-diffusion's variance-exploding ("VE") space, x = x0 + sigma * eps. The DDPM/diffusers
 "VP" latent at the same noise level is x / sqrt(1 + sigma^2), with sigma^2 = (1 - alpha_bar) / alpha_bar.
@@ -31,6 +36,7 @@ import numpy as np
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # the scheduler class of rectified-flow models (SD3)
+EDM_SCHEDULERS = ("EDMDPMSolverMultistepScheduler", "EDMEulerScheduler")  # the scheduler classes of EDM models
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # VE space cannot hold alpha_bar = 0 (sigma = inf) at the last step of a zero-terminal-SNR schedule. diffusers'
 # Euler, DPM-Solver and UniPC use 2^-24 there ("FP16 smallest positive subnormal", sigma 4096); its DDIM, DDPM and
@@ -139,6 +145,16 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class EDM:
+    """An EDM model's continuous noise levels and preconditioning (diffusers' EDM schedulers' config)."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    sigma_schedule: str = "karras"  # the published schedule type: "karras" or "exponential" ("Automatic")
+
+
+@dataclass(frozen=True)
 class NoiseSchedule:
     """A model's training noise schedule and its table of noise levels.
 
@@ -150,6 +166,7 @@ class NoiseSchedule:
         alphas_cumprod: float32 array (num_train_timesteps,): alpha_bar(t) (diffusion models only).
         shift: rectified flow's timestep shift (SD3: 3.0): sigma = shift * s / (1 + (shift - 1) * s) for the
             uniform s = t / N, as diffusers' FlowMatchEulerDiscreteScheduler and ComfyUI's ModelSamplingDiscreteFlow.
+        edm: an EDM model's noise range and sigma_data (`EDM`), or None.
     """
 
     num_train_timesteps: int = 1000
@@ -161,6 +178,7 @@ class NoiseSchedule:
     rescale_betas_zero_snr: bool = False
     terminal_alpha_bar: float = ZERO_SNR_ALPHA_BAR  # alpha_bar(N - 1) when rescale_betas_zero_snr (see above)
     shift: float = 1.0
+    edm: EDM | None = None
     scheduler_config: Mapping = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -176,6 +194,11 @@ class NoiseSchedule:
             raise ValueError(f"shift must be positive, got {self.shift}")
 
     @property
+    def is_edm(self) -> bool:
+        """An EDM model: VE latents at continuous noise levels, Karras et al.'s preconditioning (denoiser.py)."""
+        return self.edm is not None
+
+    @property
     def is_flow(self) -> bool:
         """A rectified-flow model (SD3): latents (1 - sigma) x0 + sigma eps, sigma in [0, 1]."""
         return self.prediction_type == "flow"
@@ -186,6 +209,8 @@ class NoiseSchedule:
         in `scheduler_config` for the samplers that follow diffusers."""
         if config.get("_class_name") == FLOW_SCHEDULER:
             return cls._flow(config)
+        if config.get("_class_name") in EDM_SCHEDULERS:
+            return cls._edm(config)
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
         kwargs = {k: config[k] for k in keys if config.get(k) is not None}
         if config.get("trained_betas") is not None:
@@ -204,6 +229,22 @@ class NoiseSchedule:
         n = int(config.get("num_train_timesteps", 1000))
         return cls(num_train_timesteps=n, prediction_type="flow", shift=float(config.get("shift", 1.0)),
                    scheduler_config=dict(config))  # fmt: skip
+
+    @classmethod
+    def _edm(cls, config: Mapping) -> NoiseSchedule:
+        edm = EDM(
+            **{k: float(config[k]) for k in ("sigma_min", "sigma_max", "sigma_data") if config.get(k) is not None},
+            sigma_schedule=config.get("sigma_schedule", "karras"),
+        )
+        prediction = config.get("prediction_type", "epsilon")
+        if prediction not in ("epsilon", "v_prediction") or edm.sigma_schedule not in ("karras", "exponential"):
+            raise ValueError(f"{config.get('_class_name')} with prediction_type {prediction!r} and sigma_schedule "
+                             f"{edm.sigma_schedule!r}: EDM models predict epsilon or v over karras or exponential "
+                             "sigmas")  # fmt: skip
+        if not 0 < edm.sigma_min < edm.sigma_max or edm.sigma_data <= 0:
+            raise ValueError(f"EDM sigmas must satisfy 0 < sigma_min < sigma_max and sigma_data > 0, got {edm}")
+        n = int(config.get("num_train_timesteps", 1000))
+        return cls(num_train_timesteps=n, prediction_type=prediction, edm=edm, scheduler_config=dict(config))
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> NoiseSchedule:
@@ -229,6 +270,8 @@ class NoiseSchedule:
     def alphas_cumprod(self) -> np.ndarray:
         if self.is_flow:
             raise ValueError("a rectified-flow model (SD3) has no alpha_bar table; this needs a diffusion model")
+        if self.is_edm:  # the VP latent's alpha_bar at each table level
+            return (1 / (1 + self.sigmas.astype(np.float64) ** 2)).astype(np.float32)
         alphas_cumprod = _cumprod_f32(np.float32(1) - self.betas)
         if self.rescale_betas_zero_snr:
             alphas_cumprod[-1] = self.terminal_alpha_bar
@@ -240,6 +283,11 @@ class NoiseSchedule:
             s = np.linspace(1, self.num_train_timesteps, self.num_train_timesteps, dtype=np.float32)
             s = s / np.float32(self.num_train_timesteps)
             return (self.shift * s / (1 + (self.shift - 1) * s)).astype(np.float32)
+        if self.is_edm:  # ComfyUI's ModelSamplingContinuousEDM table
+            e = self.edm
+            return np.exp(np.linspace(math.log(e.sigma_min), math.log(e.sigma_max), self.num_train_timesteps)).astype(
+                np.float32
+            )
         ab = self.alphas_cumprod
         return np.sqrt((np.float32(1) - ab) / ab).astype(np.float32)
 
@@ -249,11 +297,11 @@ class NoiseSchedule:
 
     @property
     def sigma_min(self) -> float:
-        return float(self.sigmas[0])
+        return self.edm.sigma_min if self.is_edm else float(self.sigmas[0])
 
     @property
     def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
+        return self.edm.sigma_max if self.is_edm else float(self.sigmas[-1])
 
     def sigma_to_t(self, sigma):
         """The (fractional) training timestep of a noise level: linear in log sigma between table entries

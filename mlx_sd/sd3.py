@@ -19,6 +19,7 @@ counterpart here yet; a request that asks for one is refused by name before any 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import mlx.core as mx
@@ -27,17 +28,21 @@ from .conditioning import Conditioning
 from .controlnet import INPAINT_MODULES, Controls
 from .denoiser import ModelFn, classifier_free_guidance
 from .hires import LATENT_SCALE, hires_target
-from .params import FamilyDefaults, defaults_for
+from .params import FamilyDefaults, defaults_for, edm_defaults
 from .reference import REFERENCE_MODULES
+from .schedules import EDM_SCHEDULERS
 
 # diffusers' model cards: SD3 medium 28 steps at CFG 7; SD3.5 large 28 at 3.5; SD3.5 medium 40 at 4.5.
 SD35_LARGE = {"steps": 28, "guidance": 3.5}
 SD35_MEDIUM = {"steps": 40, "guidance": 4.5}
 
 
-def model_defaults(info, config) -> FamilyDefaults:
-    """A converted model's defaults from its manifest (`ModelInfo`) and its denoiser's config."""
+def model_defaults(info, config, scheduler_config: Mapping | None = None) -> FamilyDefaults:
+    """A converted model's defaults from its manifest (`ModelInfo`), its denoiser's config and its scheduler config
+    (EDM models: mlx_sd/params.py `edm_defaults`)."""
     base = defaults_for(info.family, info.prediction_type, info.kind)
+    if scheduler_config and scheduler_config.get("_class_name") in EDM_SCHEDULERS and info.kind != "turbo":
+        return edm_defaults(base, scheduler_config)
     return sd3_defaults(base, config) if info.family == "sd3" and info.kind != "turbo" else base
 
 

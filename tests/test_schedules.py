@@ -152,7 +152,7 @@ def test_flow_match_euler_steps_and_img2img_noise_as_diffusers():
     ours = strength_plan.noised_latents(mx.array(x0.numpy()), mx.array(noise.numpy()))
     np.testing.assert_allclose(np.array(ours), noised.numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="does not run rectified-flow"):
-        plan_sampling("Euler a", schedule, 6)
+        plan_sampling("DDIM", schedule, 6)
     with pytest.raises(ValueError, match="Uniform"):
         plan_sampling("Euler", schedule, 6, schedule_type="Uniform")
     with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler"):

@@ -26,7 +26,7 @@ from mlx_sd import __version__
 from mlx_sd.controlnet import MODULES
 from mlx_sd.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, GenerationRequest
 from mlx_sd.rng import NOISE_MODES
-from mlx_sd.samplers import FLOW_SAMPLERS, FOLLOW, list_samplers
+from mlx_sd.samplers import FOLLOW, list_samplers
 from mlx_sd.schedules import SCHEDULE_TYPES
 from mlx_sd.sd_upscale import DEFAULT_OVERLAP, SDUpscale
 from mlx_sd.upscale import IMAGE_UPSCALERS, LATENT_UPSCALERS
@@ -290,9 +290,8 @@ def capabilities(state: State):
             "prediction_type": entry.info.prediction_type, "kind": entry.info.kind or "standard",
             "inpainting": entry.inpainting, "sha256": entry.info.sha256 or None,
             "defaults": {"width": d.width, "height": d.height, "steps": d.steps, "guidance": d.guidance,
-                         "sampler": d.sampler},
-            # the samplers this model runs (rectified-flow models, SD3, run the ODE solvers only)
-            "samplers": [s.name for s in list_samplers() if entry.info.family != "sd3" or s.name in FLOW_SAMPLERS],
+                         "sampler": d.sampler, "schedule_type": d.schedule_type or "Automatic"},
+            "samplers": entry.samplers,  # the samplers this model runs (SD3, EDM models: not every one)
             "current": entry == engine.default_model, "loaded": engine.loaded == entry,
         })  # fmt: skip
     return {

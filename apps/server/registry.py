@@ -15,6 +15,8 @@ from mlx_sd.components import load_config
 from mlx_sd.infotext import a1111_title
 from mlx_sd.model import MANIFEST, ModelInfo, denoiser_folder
 from mlx_sd.params import FamilyDefaults
+from mlx_sd.samplers import FLOW_SAMPLERS, list_samplers
+from mlx_sd.schedules import EDM_SCHEDULERS
 from mlx_sd.sd3 import model_defaults
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")  # A1111 clients often send the file name
@@ -29,6 +31,7 @@ class ModelEntry:
     info: ModelInfo
     in_channels: int = 4  # 9: an inpainting UNet (latents + mask + masked-image latents); 8: InstructPix2Pix
     config: object = None  # the denoiser's config (SD3.5's defaults differ from SD3's)
+    scheduler: dict | None = None  # the scheduler config (EDM models' defaults come from it)
 
     @property
     def inpainting(self) -> bool:
@@ -45,8 +48,19 @@ class ModelEntry:
         return a1111_title(self.name, self.info.short_hash)
 
     @property
+    def samplers(self) -> list[str]:
+        """The samplers this model runs: rectified-flow models (SD3) those with a flow variant (`Sampler.flow`), EDM
+        models the k-diffusion ones (mlx_sd/samplers/plan.py), the others every one."""
+        entries = list_samplers()
+        if self.info.family == "sd3":
+            return [s.name for s in entries if s.name in FLOW_SAMPLERS]
+        if (self.scheduler or {}).get("_class_name") in EDM_SCHEDULERS:
+            return [s.name for s in entries if s.kdiffusion is not None]
+        return [s.name for s in entries]
+
+    @property
     def defaults(self) -> FamilyDefaults:
-        return model_defaults(self.info, self.config)
+        return model_defaults(self.info, self.config, self.scheduler)
 
     def keys(self) -> set[str]:
         keys = {self.name, self.title}
@@ -77,12 +91,13 @@ class ModelRegistry:
                 denoiser = folder / denoiser_folder(info)
                 in_channels = int(json.loads((denoiser / "config.json").read_text())["in_channels"])
                 config = load_config(denoiser) if info.family == "sd3" else None  # SD3.5's defaults differ
+                scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
             except (OSError, ValueError, TypeError, KeyError):
                 continue  # a half-written or foreign folder is not offered
             name = folder.name
             if name in entries and entries[name].folder.resolve() != folder.resolve():
                 name = f"{folder.parent.name}-{name}"  # two folders of one name: keep both reachable
-            entries[name] = ModelEntry(name, folder, info, in_channels, config)
+            entries[name] = ModelEntry(name, folder, info, in_channels, config, scheduler)
         with self._lock:
             self._entries = entries
 

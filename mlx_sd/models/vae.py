@@ -33,6 +33,9 @@ class VAEConfig:
     # SD3's VAE has neither 1x1 convolution around the latent.
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
+    # Per-channel latent statistics (Playground v2.5): latents are (z - mean) * scaling_factor / std.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
 
     @property
     def downscale(self) -> int:
@@ -40,14 +43,24 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     def scale(self, latents: mx.array) -> mx.array:
-        """The VAE's latents as the denoiser sees them (diffusers: (z - shift_factor) * scaling_factor)."""
+        """The VAE's latents as the denoiser sees them (diffusers: (z - shift_factor) * scaling_factor; with
+        per-channel statistics (z - latents_mean) * scaling_factor / latents_std, in diffusers' order)."""
+        if self.latents_mean is not None:
+            mean, std = self._statistics(latents.dtype)
+            return (latents - mean) * self.scaling_factor / std
         shifted = latents - self.shift_factor if self.shift_factor else latents
         return shifted * self.scaling_factor
 
     def unscale(self, latents: mx.array) -> mx.array:
         """The inverse of `scale`: the denoiser's latents as the decoder takes them."""
+        if self.latents_mean is not None:
+            mean, std = self._statistics(latents.dtype)
+            return latents * std / self.scaling_factor + mean
         unscaled = latents / self.scaling_factor
         return unscaled + self.shift_factor if self.shift_factor else unscaled
+
+    def _statistics(self, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        return mx.array(self.latents_mean, dtype), mx.array(self.latents_std, dtype)  # broadcast over NHWC channels
 
 
 @dataclass

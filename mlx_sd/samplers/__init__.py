@@ -9,6 +9,14 @@ from .ddim import ddim, ddpm, plms
 from .dpm import dpm_2, dpm_2_ancestral
 from .dpmpp import brownian_pair, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_ancestral, dpmpp_3m_sde, dpmpp_sde
 from .euler import euler, euler_ancestral, heun
+from .flow import (
+    dpm_2_ancestral_flow,
+    dpmpp_2m_sde_flow,
+    dpmpp_2s_ancestral_flow,
+    dpmpp_3m_sde_flow,
+    dpmpp_sde_flow,
+    euler_ancestral_flow,
+)
 from .lcm import lcm
 from .lms import lms
 from .plan import FOLLOW, SamplingPlan, plan_sampling
@@ -27,13 +35,19 @@ __all__ = [
     "ddpm",
     "dpm_2",
     "dpm_2_ancestral",
+    "dpm_2_ancestral_flow",
     "dpmpp_2m",
     "dpmpp_2m_sde",
+    "dpmpp_2m_sde_flow",
     "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_flow",
     "dpmpp_3m_sde",
+    "dpmpp_3m_sde_flow",
     "dpmpp_sde",
+    "dpmpp_sde_flow",
     "euler",
     "euler_ancestral",
+    "euler_ancestral_flow",
     "heun",
     "lcm",
     "list_samplers",

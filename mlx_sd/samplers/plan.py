@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..denoiser import Denoiser, ModelFn
 from ..schedules import SCHEDULE_TYPES, NoiseSchedule, ScheduleType, check_steps, img2img_steps
 from .as_diffusers import diffusers_plan
 from .brownian import brownian_noise
-from .registry import Sampler, check_flow_sampler, resolve
+from .registry import Sampler, check_flow_sampler, list_samplers, resolve
 
 FOLLOW = ("a1111", "diffusers")
 # The schedule types defined for rectified flow (ComfyUI's, by the same names); "uniform" and "ddim" index a
@@ -51,7 +51,8 @@ class SamplingPlan:
         follows: which reference this plan reproduces, in words.
         schedule_label: the schedule type or spacing, in words.
         noise_interval: (sigma_min, sigma_max) of A1111's Brownian tree for samplers that draw from one
-            (`Sampler.brownian`): the whole schedule's smallest nonzero and largest sigma, img2img included.
+            (`Sampler.brownian`): the whole schedule's smallest nonzero and largest sigma, img2img included (flow
+            models: their flow sigmas, up to 1, as ComfyUI spans its tree).
     """
 
     sampler: Sampler
@@ -69,6 +70,11 @@ class SamplingPlan:
     def steps(self) -> int:
         return len(self.sigmas) - 1
 
+    @property
+    def function(self) -> Callable:
+        """The sampler function that runs: the entry's `flow` variant for a rectified-flow model (SD3)."""
+        return self.sampler.flow if self.schedule.is_flow else self.sampler.function
+
     def denoiser(self, model: ModelFn) -> Denoiser:
         return Denoiser(model, self.schedule, self.timesteps)
 
@@ -82,7 +88,7 @@ class SamplingPlan:
             raise ValueError(f"sampler {self.sampler.name!r} is stochastic: pass a noise source (rng)")
         if self.noise_interval is not None and rng is not None:
             rng = brownian_noise(rng, x.shape, *self.noise_interval) or rng
-        return self.sampler.function(self.denoiser(model), x, self.sigmas, rng, **self.options)
+        return self.function(self.denoiser(model), x, self.sigmas, rng, **self.options)
 
     def initial_latents(self, noise: mx.array) -> mx.array:
         """txt2img: the starting latent from unit noise."""
@@ -113,11 +119,20 @@ class SamplingPlan:
                 "steps": self.steps}  # fmt: skip
 
 
-def _check_options(sampler: Sampler, options: Mapping) -> None:
+def _check_edm(entry: Sampler, diffusers_class: str | None, name: str) -> None:
+    """EDM models (Playground v2.5, CosXL) run k-diffusion's samplers over their continuous sigmas; the DDPM-family
+    schedulers (diffusers' classes, DDIM, PLMS, UniPC, LCM) index a diffusion model's timestep table."""
+    if diffusers_class or entry.kdiffusion is None:
+        runnable = [s.name for s in list_samplers() if s.kdiffusion is not None]
+        raise ValueError(f"sampler {name!r} runs a diffusion model's (DDPM) timestep table; EDM models (Playground "
+                         f"v2.5, CosXL) run {runnable} (diffusers' EDMEulerScheduler and EDMDPMSolverMultistepScheduler"
+                         " are Euler and DPM++ 2M)")  # fmt: skip
+
+
+def _check_options(sampler: Sampler, options: Mapping, flow: bool = False) -> None:
+    function = sampler.flow if flow else sampler.function
     accepted = [
-        p.name
-        for p in inspect.signature(sampler.function).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        p.name for p in inspect.signature(function).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
     ]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -137,13 +152,17 @@ def a1111_plan(sampler: Sampler, stype: ScheduleType | None, schedule: NoiseSche
     sigmas = stype.function(schedule, steps + 1 if sampler.discard_penultimate else steps)
     if sampler.discard_penultimate:
         sigmas = sigmas[:-2] + sigmas[-1:]
-    # A1111 spans its Brownian tree over the whole schedule, also when img2img runs only its end
+    # A1111 spans its Brownian tree over the whole schedule, also when img2img runs only its end; a single step to 0
+    # draws no noise and spans no interval (k-diffusion's tree would refuse it)
     interval = (min(s for s in sigmas if s > 0), max(sigmas)) if sampler.brownian else None
+    interval = interval if interval and interval[0] < interval[1] else None
     total = len(sigmas) - 1  # A1111's "DDIM" schedule type can give more levels than steps
     sigmas = sigmas[total - (img2img_steps(total, strength) if run_steps is None else run_steps) :]
+    # on flow models ComfyUI's function of the same name (its CONST branch) is the reference
+    follows = f"ComfyUI {sampler.kdiffusion} on rectified flow" if schedule.is_flow else sampler.follows
     return SamplingPlan(
         sampler, schedule, sigmas, {**sampler.options, **options}, init_noise_sigma=sigmas[0], latent_space="ve",
-        follows=sampler.follows, schedule_label=stype.label, noise_interval=interval,
+        follows=follows, schedule_label=stype.label, noise_interval=interval,
     )  # fmt: skip
 
 
@@ -192,15 +211,18 @@ def plan_sampling(
         raise ValueError(f"follow must be one of {FOLLOW}, got {follow!r}")
     if follow is None:
         follow = "diffusers" if diffusers_class or entry.kdiffusion is None else "a1111"
+    if schedule.is_edm:
+        _check_edm(entry, diffusers_class, sampler)
+        follow = "a1111"  # diffusers' EDM schedulers are k-diffusion's Euler and DPM++ 2M over these sigmas
     if follow == "a1111" and diffusers_class:
         raise ValueError(f"{sampler!r} is a diffusers scheduler; use follow='diffusers' or an A1111 sampler name")
     if follow == "a1111" and scheduler_config:
         raise ValueError("scheduler_config only applies with follow='diffusers'")
     if follow == "a1111" and entry.kdiffusion is not None:
-        _check_options(entry, options)
+        _check_options(entry, options, schedule.is_flow)
         return a1111_plan(entry, stype, schedule, steps, strength, options, run_steps)
     fields = diffusers_plan(
         entry, diffusers_class, stype, schedule, steps, strength, scheduler_config or {}, options, run_steps
     )
-    _check_options(fields["sampler"], fields["options"])
+    _check_options(fields["sampler"], fields["options"], schedule.is_flow)
     return SamplingPlan(**fields)

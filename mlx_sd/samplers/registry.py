@@ -12,6 +12,14 @@ from .ddim import ddim, ddpm, plms
 from .dpm import dpm_2, dpm_2_ancestral
 from .dpmpp import dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_ancestral, dpmpp_3m_sde, dpmpp_sde
 from .euler import euler, euler_ancestral, heun
+from .flow import (
+    dpm_2_ancestral_flow,
+    dpmpp_2m_sde_flow,
+    dpmpp_2s_ancestral_flow,
+    dpmpp_3m_sde_flow,
+    dpmpp_sde_flow,
+    euler_ancestral_flow,
+)
 from .lcm import lcm
 from .lms import lms
 from .unipc import unipc
@@ -36,6 +44,9 @@ class Sampler:
         diffusers_config: scheduler_config values the name implies for that class.
         brownian: A1111 draws its noise from a Brownian tree seeded per image (k-diffusion's
             `BrownianTreeNoiseSampler`; mlx_sd/samplers/brownian.py), not one fresh draw per step.
+        flow: the function that runs this name on a rectified-flow model (SD3), with the same options: the ODE
+            solvers themselves, the stochastic samplers ComfyUI's flow arithmetic (`flow.py`); None: refused there
+            (the sampler's noise or VP arithmetic assumes a diffusion model).
     """
 
     name: str
@@ -50,6 +61,7 @@ class Sampler:
     diffusers: str | None = None
     diffusers_config: Mapping = field(default_factory=dict)
     brownian: bool = False
+    flow: Callable | None = None
 
     @property
     def follows(self) -> str:
@@ -64,28 +76,30 @@ SAMPLERS: dict[str, Sampler] = {
     s.name: s
     for s in (
         Sampler("Euler a", euler_ancestral, ("k_euler_a", "k_euler_ancestral", "euler_ancestral"), True, 1,
-                "sample_euler_ancestral", diffusers="EulerAncestralDiscreteScheduler"),
-        Sampler("Euler", euler, ("k_euler",), False, 1, "sample_euler", diffusers="EulerDiscreteScheduler"),
-        Sampler("LMS", lms, ("k_lms",), False, 1, "sample_lms", diffusers="LMSDiscreteScheduler"),
-        Sampler("Heun", heun, ("k_heun",), False, 2, "sample_heun", diffusers="HeunDiscreteScheduler"),
+                "sample_euler_ancestral", diffusers="EulerAncestralDiscreteScheduler", flow=euler_ancestral_flow),
+        Sampler("Euler", euler, ("k_euler",), False, 1, "sample_euler", diffusers="EulerDiscreteScheduler",
+                flow=euler),
+        Sampler("LMS", lms, ("k_lms",), False, 1, "sample_lms", diffusers="LMSDiscreteScheduler", flow=lms),
+        Sampler("Heun", heun, ("k_heun",), False, 2, "sample_heun", diffusers="HeunDiscreteScheduler", flow=heun),
         Sampler("DPM2", dpm_2, ("k_dpm_2", "dpm_2"), False, 2, "sample_dpm_2", "karras", True,
-                diffusers="KDPM2DiscreteScheduler"),
+                diffusers="KDPM2DiscreteScheduler", flow=dpm_2),
         Sampler("DPM2 a", dpm_2_ancestral, ("k_dpm_2_a", "dpm_2_ancestral"), True, 2, "sample_dpm_2_ancestral",
-                "karras", True, diffusers="KDPM2AncestralDiscreteScheduler"),
+                "karras", True, diffusers="KDPM2AncestralDiscreteScheduler", flow=dpm_2_ancestral_flow),
         Sampler("DPM++ 2S a", dpmpp_2s_ancestral, ("k_dpmpp_2s_a", "dpmpp_2s_ancestral"), True, 2,
-                "sample_dpmpp_2s_ancestral", "karras"),
+                "sample_dpmpp_2s_ancestral", "karras", flow=dpmpp_2s_ancestral_flow),
         Sampler("DPM++ 2M", dpmpp_2m, ("k_dpmpp_2m", "dpmpp_2m"), False, 1, "sample_dpmpp_2m", "karras",
-                diffusers="DPMSolverMultistepScheduler"),
+                diffusers="DPMSolverMultistepScheduler", flow=dpmpp_2m),
         Sampler("DPM++ SDE", dpmpp_sde, ("k_dpmpp_sde", "dpmpp_sde"), True, 2, "sample_dpmpp_sde", "karras",
-                diffusers="DPMSolverSDEScheduler", brownian=True),
+                diffusers="DPMSolverSDEScheduler", brownian=True, flow=dpmpp_sde_flow),
         Sampler("DPM++ 2M SDE", dpmpp_2m_sde, ("k_dpmpp_2m_sde", "dpmpp_2m_sde"), True, 1, "sample_dpmpp_2m_sde",
-                "exponential", diffusers="DPMSolverMultistepScheduler", diffusers_config=_SDE, brownian=True),
+                "exponential", diffusers="DPMSolverMultistepScheduler", diffusers_config=_SDE, brownian=True,
+                flow=dpmpp_2m_sde_flow),
         Sampler("DPM++ 2M SDE Heun", dpmpp_2m_sde, ("k_dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun"), True, 1,
                 "sample_dpmpp_2m_sde", "exponential", options={"solver_type": "heun"},
                 diffusers="DPMSolverMultistepScheduler", diffusers_config={**_SDE, "solver_type": "heun"},
-                brownian=True),
+                brownian=True, flow=dpmpp_2m_sde_flow),
         Sampler("DPM++ 3M SDE", dpmpp_3m_sde, ("k_dpmpp_3m_sde", "dpmpp_3m_sde"), True, 1, "sample_dpmpp_3m_sde",
-                "exponential", True, brownian=True),
+                "exponential", True, brownian=True, flow=dpmpp_3m_sde_flow),
         Sampler("DDIM", ddim, ("ddim",), False, 1, diffusers="DDIMScheduler"),
         Sampler("DDPM", ddpm, ("ddpm",), True, 1, diffusers="DDPMScheduler"),
         Sampler("PLMS", plms, ("PNDM", "plms", "pndm"), False, 1, diffusers="PNDMScheduler"),
@@ -112,6 +126,7 @@ def sampler_table() -> list[dict]:
             "follows": s.follows,
             "diffusers": s.diffusers,
             "options": [p.name for p in inspect.signature(s.function).parameters.values() if p.kind is p.KEYWORD_ONLY],
+            "rectified_flow": s.flow is not None,  # runs SD3 (ComfyUI's flow arithmetic for the stochastic ones)
         }
         for s in SAMPLERS.values()
     ]
@@ -139,16 +154,15 @@ def _unknown(name: str) -> ValueError:
 DIFFUSERS_CLASSES = {
     s.diffusers: s.name for s in reversed(list(SAMPLERS.values())) if s.diffusers and not s.diffusers_config
 } | {FLOW_SCHEDULER: "Euler"}  # rectified-flow models' (SD3) Euler
-# What runs rectified-flow models (mlx_sd/schedules.py): the ODE solvers, exact in their space, and DPM++ 2M as
-# ComfyUI runs it there. The others' noise or VP arithmetic assumes a diffusion model's latents.
-FLOW_SAMPLERS = ("Euler", "Heun", "DPM2", "LMS", "DPM++ 2M")
+# What runs rectified-flow models (SD3, mlx_sd/schedules.py), in A1111's order: the names with a `flow` function
+FLOW_SAMPLERS = tuple(s.name for s in SAMPLERS.values() if s.flow is not None)
 
 
 def check_flow_sampler(entry: Sampler) -> None:
     """Refuse, by name, a sampler that cannot run a rectified-flow model (SD3)."""
-    if entry.name not in FLOW_SAMPLERS:
-        raise ValueError(f"sampler {entry.name!r} does not run rectified-flow models (SD3); choose one of "
-                         f"{list(FLOW_SAMPLERS)}")  # fmt: skip
+    if entry.flow is None:
+        raise ValueError(f"sampler {entry.name!r} does not run rectified-flow models (SD3): its noise or VP "
+                         f"arithmetic assumes a diffusion model; choose one of {list(FLOW_SAMPLERS)}")  # fmt: skip
 
 
 def resolve(name: str, schedule: str | None = None) -> tuple[Sampler, ScheduleType | None, str | None]:

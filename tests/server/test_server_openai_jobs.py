@@ -191,7 +191,7 @@ def test_native_validation_and_capabilities(server):
     caps = server.get("/v1/capabilities").json()
     assert [m["id"] for m in caps["models"]] == ["tiny-a", "tiny-b"] and caps["models"][0]["current"]
     assert caps["models"][0]["defaults"] == {"width": 512, "height": 512, "steps": 20, "guidance": 7.0,
-                                             "sampler": "DPM++ 2M"}  # fmt: skip
+                                             "sampler": "DPM++ 2M", "schedule_type": "Automatic"}  # fmt: skip
     assert caps["limits"]["max_queue"] == 2 and caps["limits"]["max_width"] == 128
     assert "DPM++ 2M" in [s["name"] for s in caps["samplers"]] and "Karras" in caps["schedule_types"]
     assert server.get("/health").json()["status"] == "ok"

@@ -51,13 +51,20 @@ def test_sd3_listed_and_a1111_txt2img(sd3):
     models = server.get("/v1/capabilities").json()
     entry = next(m for m in models["models"] if m["id"] == "sd35m")
     assert entry["family"] == "sd3" and entry["defaults"]["steps"] == 40 and entry["defaults"]["guidance"] == 4.5
-    assert entry["samplers"] == ["Euler", "LMS", "Heun", "DPM2", "DPM++ 2M"]  # what a page offers for this model
+    # what a page offers for this model: every sampler with a rectified-flow variant
+    assert entry["samplers"] == ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ 2M",
+                                 "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"]  # fmt: skip
     r = server.post("/sdapi/v1/txt2img", json={**PARAMS, "cfg_scale": 4.0, "sampler_name": "Euler"})
     assert r.status_code == 200, r.text
     expected = library(folder, guidance=4.0, sampler="Euler")
     np.testing.assert_array_equal(decode(r.json()["images"][0]), np.asarray(expected.images[0]))
 
-    refused = server.post("/sdapi/v1/txt2img", json={**PARAMS, "sampler_name": "DPM++ 2M SDE"})
+    # A1111 clients' default sampler, with eta, runs ComfyUI's flow arithmetic (tests/test_flow_samplers.py)
+    r = server.post("/sdapi/v1/txt2img", json={**PARAMS, "cfg_scale": 4.0, "sampler_name": "Euler a", "eta": 0.7})
+    assert r.status_code == 200, r.text
+    expected = library(folder, guidance=4.0, sampler="Euler a", eta=0.7)
+    np.testing.assert_array_equal(decode(r.json()["images"][0]), np.asarray(expected.images[0]))
+    refused = server.post("/sdapi/v1/txt2img", json={**PARAMS, "sampler_name": "DDIM"})
     assert refused.status_code == 422 and "rectified-flow" in refused.text, refused.text
     tiled = server.post("/sdapi/v1/txt2img", json={**PARAMS, "tiling": True})
     assert tiled.status_code == 422 and "seamless tiling" in tiled.text, tiled.text
