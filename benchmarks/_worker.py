@@ -190,6 +190,11 @@ UPSCALERS = {
     "srformer": ("SRFormer", {"img_size": 64, "embed_dim": 180, "depths": [6] * 6, "num_heads": [6] * 6,
                               "window_size": 22, "mlp_ratio": 2.0, "upscale": 4,
                               "upsampler": "pixelshuffle"}),  # SRFormer_SRx4_DF2K
+    "fbcnn": ("FBCNN", {}),  # spandrel's defaults: fbcnn_color's shape (64 to 512 channels, 4 blocks a level)
+    "dncnn": ("DnCNN", {"in_nc": 3, "out_nc": 3, "nc": 64, "nb": 20, "act_mode": "R"}),  # dncnn_color_blind
+    "drunet": ("DRUNet", {"in_nc": 4, "out_nc": 3}),  # drunet_color (64 to 512 channels, 4 blocks a level)
+    "nafnet": ("NAFNet", {"width": 32, "enc_blk_nums": [2, 2, 4, 8], "middle_blk_num": 12,
+                          "dec_blk_nums": [2, 2, 2, 2]}),  # NAFNet-SIDD-width32
 }  # fmt: skip
 EXTRA_ARCHITECTURES = ("SRFormer",)  # spandrel_extra_arches' (tests/a1111_upscale.py's `spandrel_extra`)
 

@@ -1,6 +1,7 @@
 """Model upscalers (A1111's "R-ESRGAN 4x+", "General 4xV3", "SwinIR 4x", "DAT x4", "ScuNET"; Real_HAT_GAN_SRx4, a
 48-channel SPAN, a RealPLKSR, DRCT, MoSR, Real-CUGAN up2x, SAFMN, Swin2SR, RCAN,
-OmniSR, RGT, ATD, FDAT, MoESR, Swift-SRGAN, DITN, SeemoRe, SRFormer) beside spandrel/torch.
+OmniSR, RGT, ATD, FDAT, MoESR, Swift-SRGAN, DITN, SeemoRe, SRFormer; the 1x restoration networks FBCNN, DnCNN,
+DRUNet, NAFNet) beside spandrel/torch.
 
     python benchmarks/upscalers.py                  # one 192-pixel tile (A1111's tile) of each, 3 rounds
     python benchmarks/upscalers.py --tile 96 --arch esrgan,swinir --repeats 5
@@ -25,7 +26,7 @@ from components import Worker, median_seconds
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     every = "esrgan,compact,swinir,dat,scunet,hat,span,plksr,drct,mosr,cugan,safmn,swin2sr,rcan,omnisr,rgt,atd,fdat,"
-    every += "moesr,swiftsrgan,ditn,seemore,srformer"
+    every += "moesr,swiftsrgan,ditn,seemore,srformer,fbcnn,dncnn,drunet,nafnet"
     p.add_argument("--arch", default=every, help=f"comma-separated, of {every}")
     p.add_argument("--tile", type=int, default=192, help="tile side in pixels (A1111's default: 192)")
     p.add_argument("--repeats", type=int, default=3)

@@ -50,11 +50,19 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
   the position bias (the window read from its table); thop's `total_ops` / `total_params` counters are skipped;
 - SRFormer (SwinIR's names with the permuted attention's `attn.q`, `attn.kv`, `aligned_relative_position_index` and
   ATD's `mlp.dwconv`): SRFormer, SRFormer-light and the real-world models, with any of SwinIR's heads; the window
-  read from the bias table, the shift from a mask's presence, the index and mask buffers recomputed.
+  read from the bias table, the shift from a mask's presence, the index and mask buffers recomputed;
+- spandrel's 1x restoration networks (`upscaler_restoration.py`), recognised by the keys spandrel's detection asks
+  for: FBCNN (`m_head`, `m_down1.N.res.M`, `m_body_encoder`, `qf_pred.N`, `m_up3.N`, `to_gamma_3.0`): fbcnn_color,
+  fbcnn_gray, fbcnn_gray_double, with each of KAIR's down- and upsamplings; DnCNN (`model.N`: convs at 0, 2, 4, ...,
+  or with BatchNorm at 3, 6, ...; spandrel's key sets, which no original-layout ESRGAN matches): dncnn_15 / 25 / 50,
+  dncnn_color_blind, dncnn_gray_blind and FDnCNN's fdncnn_gray / color (a noise-map channel in); DRUNet (`m_head`,
+  `m_body.N.res.M`, `m_up3.N`): drunet_color and drunet_gray; NAFNet (`intro`, `encoders.N.M`, `downs.N`,
+  `middle_blks.N`, `ups.N.0`, `decoders.N.M`, `ending`, under `params` as published): NAFNet-SIDD, -GoPro, -REDS.
 
 The configuration is read from the shapes (width, blocks, growth, upsampling stages; in/out channels give the
 unshuffle factor; SwinIR's, DAT's and HAT's head, depths, heads and window), as spandrel decides it, and the file is
-mapped strictly. Other architectures (GRL, LDSR, GFPGAN, ...) are refused by name.
+mapped strictly. Other architectures (GRL, LDSR, GFPGAN, ...) are refused by name. A grey model (one input channel)
+runs on the image's luma (`mlx_sd.model_upscaler`).
 """
 
 from __future__ import annotations
@@ -71,12 +79,16 @@ from mlx_sd.models.atd import ATD, ATDConfig
 from mlx_sd.models.cugan import CUGAN, CUGANConfig
 from mlx_sd.models.dat import DAT, DATConfig
 from mlx_sd.models.ditn import DITN, DITNConfig
+from mlx_sd.models.dncnn import DnCNN, DnCNNConfig
 from mlx_sd.models.drct import DRCT, DRCTConfig
+from mlx_sd.models.drunet import DRUNet, DRUNetConfig
 from mlx_sd.models.esrgan import CompactConfig, ESRGANConfig, RRDBNet, SRVGGNetCompact
+from mlx_sd.models.fbcnn import FBCNN, FBCNNConfig
 from mlx_sd.models.fdat import FDAT, FDATConfig
 from mlx_sd.models.hat import HAT, HATConfig
 from mlx_sd.models.moesr import MoESR, MoESRConfig
 from mlx_sd.models.mosr import MoSR, MoSRConfig
+from mlx_sd.models.nafnet import NAFNet, NAFNetConfig
 from mlx_sd.models.omnisr import OmniSR, OmniSRConfig
 from mlx_sd.models.plksr import PLKSR, PLKSRConfig
 from mlx_sd.models.rcan import RCAN, RCANConfig
@@ -93,6 +105,16 @@ from mlx_sd.models.swinir import SwinIR, SwinIRConfig
 from .keymap import ConversionError, Rule, load_mapped, tensor_shapes
 from .readers import open_checkpoint
 from .upscaler_neosr import FDAT_KEY, MOESR_KEY, fdat_config, moesr_config
+from .upscaler_restoration import (
+    DNCNN_KEYS,
+    DRUNET_KEYS,
+    FBCNN_KEYS,
+    NAFNET_KEYS,
+    dncnn_config,
+    drunet_config,
+    fbcnn_config,
+    nafnet_config,
+)
 from .upscaler_transformers import (
     ATD_KEY,
     DAT_KEY,
@@ -131,7 +153,8 @@ A1111_NAMES = {
 }
 SUPPORTED = (
     "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
-    "SAFMN (and SAFMN BCIE), Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR, Swift-SRGAN, DITN, SeemoRe, SRFormer"
+    "SAFMN (and SAFMN BCIE), Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR, Swift-SRGAN, DITN, SeemoRe, SRFormer, "
+    "and the 1x restoration networks FBCNN, DnCNN (and FDnCNN), DRUNet, NAFNet"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
@@ -139,10 +162,11 @@ NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig:
             RCANConfig: RCAN, OmniSRConfig: OmniSR,
             RGTConfig: RGT, ATDConfig: ATD, FDATConfig: FDAT, MoESRConfig: MoESR,
             SAFMNBCIEConfig: SAFMNBCIE, SwiftSRGANConfig: SwiftSRGAN, DITNConfig: DITN,
-            SeemoReConfig: SeemoRe, SRFormerConfig: SRFormer}  # fmt: skip
+            SeemoReConfig: SeemoRe, SRFormerConfig: SRFormer, FBCNNConfig: FBCNN, DnCNNConfig: DnCNN,
+            DRUNetConfig: DRUNet, NAFNetConfig: NAFNet}  # fmt: skip
 # spandrel never runs these in half precision
 FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig, ATDConfig,
-                SAFMNBCIEConfig, SeemoReConfig, SRFormerConfig)  # fmt: skip
+                SAFMNBCIEConfig, SeemoReConfig, SRFormerConfig, DnCNNConfig, DRUNetConfig, NAFNetConfig)  # fmt: skip
 # DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
 INIT_POS = Rule(r"(?:module\.)?(?:to_img|upsampler)\.init_pos", None, "recomputed from the scale (DySample's grid)")
 OMNISR_KEY = "residual_layer.0.residual_layer.0.layer.0.fn.0.weight"
@@ -245,6 +269,14 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         return _plksr_config(path, stripped), [INIT_POS, Rule(r"(?:module\.)?(.+)", r"\1")]
     if "m_head.0.weight" in stripped and "m_tail.0.weight" in stripped:
         return _scunet_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
+    if all(k in stripped for k in FBCNN_KEYS):
+        return fbcnn_config(path, stripped)
+    if all(k in stripped for k in NAFNET_KEYS):
+        return nafnet_config(stripped)
+    if all(k in stripped for k in DRUNET_KEYS):
+        return drunet_config(path, stripped)
+    if any(all(k in stripped for k in keys) for keys in DNCNN_KEYS):  # before ESRGAN's `model.0`, as spandrel
+        return dncnn_config(stripped)
     if DAT_KEY in stripped:  # DAT or RGT: the first window from its last position offset
         offsets = _tensor(state, DAT_KEY)
         window = tuple(int(v) + 1 for v in offsets[-1])

@@ -14,6 +14,10 @@ bits once. DAT goes through `upscale_with_model` as ESRGAN does (its own `DAT_ti
 ScuNET through `upscale_2` with 256-pixel tiles (`SCUNET_tile`); every other architecture (HAT, SPAN, PLKSR, ...:
 A1111 keeps them in `models/ESRGAN`) as ESRGAN. The network says which (`a1111_tiling`). Here the tiles of an image
 run through the network a few at a time, one batch per evaluation.
+
+A grey model (one input channel: fbcnn_gray, drunet_gray, the grey DnCNNs, ...; A1111 hands every network three
+channels, which such a model cannot take) sees the image's luma, as chaiNNer converts an image for one (OpenCV's
+BGR2GRAY weights, in float), and its output is written to all three channels.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .grid import combine_grid, split_grid
 TILE = 192  # A1111's ESRGAN_tile
 TILE_OVERLAP = 8  # A1111's ESRGAN_tile_overlap
 TILE_BATCH = 4  # tiles per network call
+LUMA_BGR = (0.114, 0.587, 0.299)  # OpenCV's BGR2GRAY weights (ITU-R BT.601), which chaiNNer gives grey models
 
 
 @dataclass
@@ -39,7 +44,8 @@ class ModelUpscaler:
 
     Attributes:
         network: one of `mlx_sd.models`' upscaling networks (`RRDBNet`, `SRVGGNetCompact`, `SwinIR`, `DAT`, ...):
-            its `config.scale`, `size_minimum`, `size_multiple`, `a1111_tiling`, optionally `a1111_tile`.
+            its `config.scale`, `size_minimum`, `size_multiple`, `a1111_tiling`, optionally `a1111_tile` and
+            `input_channels` (1: a grey model, given the luma).
         name: e.g. "R-ESRGAN 4x+" or "4x-UltraSharp".
         tile, tile_overlap: A1111's tiling (its defaults: 192 and 8, ScuNET's tile 256); tile 0 runs the whole image
             at once.
@@ -59,13 +65,17 @@ class ModelUpscaler:
         return self.network.config.scale
 
     def run(self, pixels: mx.array) -> mx.array:
-        """The network on (B, H, W, C) float pixels in [0, 1]: padded to its size rules, clamped to [0, 1], cropped
-        to (B, H*scale, W*scale, C), float32."""
-        _, H, W, _ = pixels.shape
+        """The network on (B, H, W, C) float pixels in [0, 1] (BGR, as A1111 hands them): padded to its size rules,
+        clamped to [0, 1], cropped to (B, H*scale, W*scale, C), float32. Three channels given to a grey model are
+        its luma, its output repeated to three."""
+        _, H, W, C = pixels.shape
         net = self.network
+        grey = C == 3 and getattr(net, "input_channels", C) == 1
+        if grey:
+            pixels = pixels @ mx.array(LUMA_BGR)[:, None]  # (B, H, W, 1)
         x = _pad_bottom_right(pixels, *(_padded(n, net.size_multiple, net.size_minimum) - n for n in (H, W)))
-        y = self.network(x.astype(self.network.dtype))
-        return mx.clip(y[:, : H * self.scale, : W * self.scale].astype(mx.float32), 0.0, 1.0)
+        y = mx.clip(net(x.astype(net.dtype))[:, : H * self.scale, : W * self.scale].astype(mx.float32), 0.0, 1.0)
+        return mx.repeat(y, 3, axis=-1) if grey else y
 
     def __call__(self, image: Image.Image) -> Image.Image:
         """One pass of the network over an RGB image, tiled (A1111's `upscale_with_model`): scale x the size."""

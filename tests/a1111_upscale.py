@@ -36,14 +36,15 @@ def spandrel_extra(architecture: str):
 
 
 def load_descriptor(state_dict: dict):
-    """spandrel's ModelDescriptor for an ESRGAN-family, HAT, SwinIR, DAT, SCUNet, ... state dict (its canonicalisation
-    and architecture detection), spandrel_extra_arches' SRFormer registered after spandrel's own, as ComfyUI adds it."""
+    """spandrel's ModelDescriptor for an ESRGAN-family, HAT, SwinIR, DAT, SCUNet, FBCNN, DnCNN, ... state dict (its
+    canonicalisation and architecture detection; no two of these detect one file), spandrel_extra_arches' SRFormer
+    registered after spandrel's own, as ComfyUI adds it."""
     _bare_package("spandrel")
     canonical = importlib.import_module("spandrel.__helpers.canonicalize").canonicalize_state_dict(state_dict)
     names = ("ESRGAN", "Compact", "HAT", "SPAN", "PLKSR", "DRCT", "MoSR", "RealCUGAN", "SAFMN", "Swin2SR", "RCAN",
              "SwinIR", "DAT", "SCUNet", "OmniSR", "RGT", "ATD", "FDAT",
              "MoESR", "SAFMNBCIE", "SwiftSRGAN", "DITN",
-             "SeemoRe")  # fmt: skip
+             "SeemoRe", "FBCNN", "NAFNet", "DRUNet", "DnCNN")  # fmt: skip
     architectures = [spandrel(name).__dict__[f"{name}Arch"]() for name in names]
     architectures.append(spandrel_extra("SRFormer").SRFormerArch())
     for arch in architectures:
