@@ -9,7 +9,8 @@ Dialects (a file may mix the two text-encoder/UNet halves of one dialect, not di
                          A1111/LyCORIS; blocks renumbered with `ldm_unet.block_table`, resnets' in_layers_2 ->
                          conv1 ...). Text encoders use transformers' names (lora_te1_text_model_encoder_layers_0_...).
     diffusers / PEFT    unet.<module>.lora_A.weight, .lora_B.weight (text_encoder., text_encoder_2. prefixes;
-                        `lora_adapter_metadata` in the safetensors header holds lora_alpha / alpha_pattern)
+                        `lora_adapter_metadata` in the safetensors header holds lora_alpha / alpha_pattern / use_dora),
+                        .lora_magnitude_vector (a DoRA adapter: PEFT's magnitudes, applied by PEFT's rule)
     older diffusers     <module>.processor.to_q_lora.down.weight (attention processors, UNet only when unprefixed),
                         <module>.lora.down.weight, text_encoder.<module>.to_q_lora.down.weight,
                         <module>.lora_linear_layer.down.weight, optional per-module <module>.alpha
@@ -37,18 +38,21 @@ LyCORIS networks, in kohya's key layout as A1111 reads them (convert/lycoris.py 
     LoKr        .lokr_w1 or .lokr_w1_a/.lokr_w1_b, .lokr_w2 or .lokr_w2_a/.lokr_w2_b (+ .lokr_t2: Tucker)
     full        .diff (+ .diff_b, the bias's difference)
     Tucker LoCon .lora_mid.weight beside lora_down/lora_up (folded into the down: still a LoRA)
-    DoRA        .dora_scale beside any of them (one magnitude per input channel)
+    DoRA        .dora_scale beside any of them: one magnitude per input channel (A1111's rule) or per output
+                channel (LyCORIS wd_on_out; ComfyUI's rule); `mlx_sd.lycoris.DoRA`
+    scale       .scale beside any of them: A1111's calc_scale reads it in place of alpha / dim
 
 Since "_" also occurs inside names (`to_q`, `transformer_blocks`), underscore names are never split by rule: they
 are looked up in tables built from the model's own layer paths, so a name either denotes exactly one layer or is
 an error. Every key of the file is consumed or the load fails naming it; networks mlx-sd does not apply (IA3,
-GLoRA, OFT/BOFT, norm-layer networks, PEFT's DoRA magnitude vectors) are refused by name. Torch layouts become
-MLX's here for LoRAs: conv downs (r, in, kh, kw) -> (r, kh, kw, in), 1x1-conv LoRAs on layers we hold as Linear
-(SD1's proj_in/proj_out) are flattened. LyCORIS factors keep the file's layout (their products mix input and kernel
-axes); `mlx_sd.lycoris` transposes the rebuilt update once.
+GLoRA, OFT/BOFT, norm-layer networks) are refused by name. Torch layouts become MLX's here for LoRAs: conv downs
+(r, in, kh, kw) -> (r, kh, kw, in), 1x1-conv LoRAs on layers we hold as Linear (SD1's proj_in/proj_out) are
+flattened. LyCORIS factors keep the file's layout (their products mix input and kernel axes); `mlx_sd.lycoris`
+transposes the rebuilt update once.
 
 Scale: alpha / rank per layer, alpha from the `.alpha` tensor or PEFT's adapter config (`use_rslora`:
-alpha / sqrt(rank)); no alpha means scale 1 (diffusers' and A1111's convention). LyCORIS kinds: convert/lycoris.py.
+alpha / sqrt(rank)); no alpha means scale 1 (diffusers' and A1111's convention); a `.scale` tensor replaces it
+(A1111). LyCORIS kinds: convert/lycoris.py.
 """
 
 from __future__ import annotations
@@ -65,12 +69,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd.lora import COMPONENTS, LoRA, LoRALayer, LoRATargets
+from mlx_sd.lora import LoRA, LoRALayer, LoRATargets
 from mlx_sd.lycoris import NetworkLayer
 
 from .keymap import ConversionError, rename
 from .ldm_unet import RESNET_LEAVES, block_table, unet_rules
-from .lycoris import KIND_ROLES, dora_magnitude, fold_mid, lycoris_layer, network_kind
+from .lycoris import KIND_ROLES, dora_magnitude, fold_mid, lycoris_layer, network_kind, peft_magnitude, scalar
 from .readers import open_checkpoint
 from .sd3 import mmdit_rules
 
@@ -81,7 +85,8 @@ _KOHYA_PREFIXES = {"lora_unet": "denoiser", "lora_transformer": "transformer", "
                    "lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}  # fmt: skip
 # kohya/LyCORIS suffixes -> roles (`lycoris.KIND_ROLES`): LoRA's matrices, LyCORIS's tensors under their own names.
 _KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid"}
-_KOHYA_ROLES |= {role: role for roles in KIND_ROLES.values() for role in sorted(roles - {"down", "up", "mid"})}
+_KOHYA_ROLES |= {role: role for roles in KIND_ROLES.values()
+                 for role in sorted(roles - {"down", "up", "mid", "magnitude"})}  # fmt: skip
 _KOHYA = re.compile(
     r"(lora_unet|lora_transformer|lora_te[123]?)_([^.]+)\.(" + "|".join(re.escape(r) for r in _KOHYA_ROLES) + ")"
 )
@@ -95,6 +100,7 @@ _ROLES = {
     "lora_down.weight": "down",  # ComfyUI's dotted names (diffusion_model.joint_blocks...)
     "lora_up.weight": "up",
     "alpha": "alpha",
+    "lora_magnitude_vector": "magnitude",  # PEFT's DoRA (get_peft_model_state_dict, diffusers' save_lora_weights)
 }
 _PREFIX = r"(?:(unet|transformer|text_encoder|text_encoder_2)\.)?"
 _DIFFUSERS = re.compile(_PREFIX + r"(.+?)\.(" + "|".join(re.escape(r) for r in _ROLES) + ")")
@@ -110,7 +116,6 @@ _UNSUPPORTED = {
     "GLoRA": r".*\.(a1|a2|b1|b2)\.weight",
     "OFT/BOFT": r".*\.(oft_\w+|boft_\w+)",
     "norm-layer networks": r".*\.(w_norm|b_norm)",
-    "PEFT DoRA (lora_magnitude_vector)": r".*\.lora_magnitude_vector\S*",
     "LyCORIS tensors A1111 does not read": r"(lora_unet|lora_transformer|lora_te[123]?)_[^.]+\.(hada_\w+|lokr_\w+)",
     # A1111 reads LyCORIS tensors in kohya's key layout only; PEFT's own LoHa/LoKr state dicts carry their scale in a
     # separate adapter config.
@@ -206,12 +211,21 @@ def map_lora(
              if kind and (extra := set(entries[c, p].keys) - KIND_ROLES[kind])]  # fmt: skip
     if mixed:
         problems.append(f"{len(mixed)} layers hold tensors their network kind does not use ({_summary(mixed)})")
+    alphas = _PeftAlphas(metadata)
+    both = [f"{c}.{p}" for (c, p), e in entries.items() if {"dora_scale", "magnitude"} <= set(e.keys)]
+    if both:
+        problems.append(f"{len(both)} layers hold both LyCORIS's dora_scale and PEFT's lora_magnitude_vector "
+                        f"({_summary(both)})")  # fmt: skip
+    bare = [f"{c}.{p}" for (c, p), e in entries.items()
+            if kinds[c, p] == "LoRA" and alphas.use_dora(e.named) and "magnitude" not in e.keys]  # fmt: skip
+    if bare:
+        problems.append(f"{len(bare)} layers of a DoRA adapter (use_dora) have no lora_magnitude_vector "
+                        f"({_summary(bare)})")  # fmt: skip
     if problems:
         raise ConversionError(f"LoRA {name}: " + "; ".join(problems) + hint)
     if not entries:
         raise ConversionError(f"LoRA {name}: the file holds no LoRA tensors")
 
-    alphas = _PeftAlphas(metadata)
     layers: dict[str, dict[str, NetworkLayer]] = {}
     misshaped, twice = [], []
     for (component, path), entry in entries.items():
@@ -219,7 +233,7 @@ def map_lora(
         shape = fused.shape if fused else targets.shapes[component][path]
         kind = kinds[component, path]
         try:
-            if fused and (kind != "LoRA" or "dora_scale" in entry.keys):
+            if fused and (kind != "LoRA" or {"dora_scale", "magnitude"} & set(entry.keys)):
                 what = "a LoRA with DoRA" if kind == "LoRA" else f"a {kind}"
                 raise ValueError(f"Stability's fused layer takes LoRAs only, not {what} (its update cannot be split)")
             if kind != "LoRA":
@@ -228,7 +242,11 @@ def map_lora(
             else:
                 alpha, rslora = alphas.alpha(entry.named, path), alphas.rslora(entry.named)
                 down, up, scale = _matrices(state, entry, shape, alpha, rslora)
-                dora = dora_magnitude(state[entry.keys["dora_scale"]], shape) if "dora_scale" in entry.keys else None
+                dora = None
+                if "magnitude" in entry.keys:
+                    dora = peft_magnitude(state[entry.keys["magnitude"]], shape)
+                elif "dora_scale" in entry.keys:
+                    dora = dora_magnitude(state[entry.keys["dora_scale"]], shape)
                 down = mx.array(down)
                 updates = {ours: LoRALayer(down, mx.array(np.ascontiguousarray(part)), scale, dora)
                            for ours, part in (fused.split_up(up) if fused else {path: up}).items()}  # fmt: skip
@@ -384,7 +402,8 @@ def _original_unet_names(config, shapes: Mapping[str, tuple[int, ...]]) -> dict[
 
 
 class _PeftAlphas:
-    """alpha per layer from PEFT's adapter config in the safetensors metadata (`lora_alpha`, `alpha_pattern`)."""
+    """PEFT's adapter config in the safetensors metadata: alpha per layer (`lora_alpha`, `alpha_pattern`),
+    `use_rslora`, `use_dora`."""
 
     def __init__(self, metadata: Mapping[str, str] | None):
         self.config: dict = {}
@@ -394,9 +413,10 @@ class _PeftAlphas:
                 self.config = json.loads(raw)
             except json.JSONDecodeError as error:
                 raise ConversionError(f"LoRA metadata {PEFT_METADATA_KEY} is not valid JSON ({error})") from None
-        for component in (*COMPONENTS, "transformer"):
-            if self.config.get(f"{component}.use_dora"):
-                raise ConversionError(f"{component}: this is a DoRA adapter (use_dora), which mlx-sd does not apply")
+
+    def use_dora(self, component: str) -> bool:
+        """True for a DoRA adapter: every layer then has a lora_magnitude_vector."""
+        return bool(self.config.get(f"{component}.use_dora"))
 
     def rslora(self, component: str) -> bool:
         return bool(self.config.get(f"{component}.use_rslora"))
@@ -437,8 +457,10 @@ def _matrices(state, entry: _Entry, target: tuple[int, ...], config_alpha: float
     made = (up.shape[0], *down.shape[1:])
     if made != tuple(target):
         raise ValueError(f"the LoRA makes {made}, the layer is {tuple(target)}")
-    alpha = float(np.asarray(state[entry.keys["alpha"]]).reshape(())) if "alpha" in entry.keys else config_alpha
+    alpha = scalar(state[entry.keys["alpha"]], "alpha") if "alpha" in entry.keys else config_alpha
     scale = 1.0 if alpha is None else alpha / (math.sqrt(dim) if rslora else dim)
+    if "scale" in entry.keys:  # A1111's calc_scale: the file's .scale before alpha / dim
+        scale = scalar(state[entry.keys["scale"]], "scale")
     return np.ascontiguousarray(down), up, scale
 
 

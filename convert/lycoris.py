@@ -3,14 +3,19 @@ against the layer's weight shape.
 
 A layer's tensors are named by role, the file's suffix after the module name (kohya/LyCORIS key layout,
 `lora_unet_<module>.<role>`): LoRA's down/up/mid (`lora_down.weight`, `lora_up.weight`, `lora_mid.weight`), LoHa's
-`hada_w1_a` ... `hada_t2`, LoKr's `lokr_w1` ... `lokr_t2`, full's `diff` and `diff_b`, and `alpha`, `dora_scale` for
-any of them. The kind is decided by the roles present, in the order AUTOMATIC1111 tries its module types (LoRA, LoHa,
-LoKr, full); a role the kind does not use is an error (A1111 would ignore it and apply something else than the file
-means). The factors stay in the file's (torch) layout: `mlx_sd.lycoris` rebuilds dW as A1111 does and transposes
-the product once.
+`hada_w1_a` ... `hada_t2`, LoKr's `lokr_w1` ... `lokr_t2`, full's `diff` and `diff_b`, and `alpha`, `scale`,
+`dora_scale` for any of them (PEFT's `lora_magnitude_vector` beside a LoRA, under diffusers names only). The kind
+is decided by the roles present, in the order AUTOMATIC1111 tries its module types (LoRA, LoHa, LoKr, full); a role
+the kind does not use is an error (A1111 would ignore it and apply something else than the file means). The factors
+stay in the file's (torch) layout: `mlx_sd.lycoris` rebuilds dW as A1111 does and transposes the product once.
 
-Scale, as A1111's calc_scale: alpha / dim, dim from the kind's low-rank factor (lora_down's rows; LoHa's hada_w1_b;
-LoKr's lokr_w2_b, else lokr_w1_b), 1 without alpha or without such a factor (full; LoKr with two full matrices).
+Scale, as A1111's calc_scale: the layer's `.scale` when the file has one (it replaces alpha / dim for every kind, the
+full network's diff included; ComfyUI does not read it); else alpha / dim, dim from the kind's low-rank factor
+(lora_down's rows; LoHa's hada_w1_b; LoKr's lokr_w2_b, else lokr_w1_b), 1 without alpha or without such a factor
+(full; LoKr with two full matrices).
+
+DoRA's `dora_scale` is read by its shape as ComfyUI reads it (`dora_magnitude`): one magnitude per output channel
+(LyCORIS wd_on_out) follows ComfyUI's rule, one per input channel A1111's (`mlx_sd.lycoris.DoRA`).
 """
 
 from __future__ import annotations
@@ -21,14 +26,15 @@ from collections.abc import Mapping
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd.lycoris import FullLayer, LoHaLayer, LoKrLayer, NetworkLayer, torch_shape
+from mlx_sd.lycoris import DoRA, FullLayer, LoHaLayer, LoKrLayer, NetworkLayer, torch_shape
 
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-_COMMON = ("alpha", "dora_scale")
-# Every role each kind may have: anything else beside them is refused by name.
+_COMMON = ("alpha", "scale", "dora_scale")
+# Every role each kind may have: anything else beside them is refused by name. "magnitude" is PEFT's
+# lora_magnitude_vector, a role of diffusers-named keys only.
 KIND_ROLES = {
-    "LoRA": {"down", "up", "mid", *_COMMON},
+    "LoRA": {"down", "up", "mid", "magnitude", *_COMMON},
     "LoHa": {*_LOHA, "hada_t1", "hada_t2", *_COMMON},
     "LoKr": {*_LOKR, *_COMMON},
     "full": {"diff", "diff_b", *_COMMON},
@@ -57,25 +63,32 @@ def lycoris_layer(kind: str, tensors: Mapping[str, np.ndarray], shape: tuple[int
         ValueError saying which tensors do not fit together or do not make the layer's shape.
     """
     t = {role: np.asarray(value) for role, value in tensors.items()}
-    alpha = float(t["alpha"].reshape(())) if "alpha" in t else None
+    alpha = scalar(t["alpha"], "alpha") if "alpha" in t else None
+    fixed = scalar(t["scale"], "scale") if "scale" in t else None  # A1111's calc_scale: .scale first
     dora = dora_magnitude(t["dora_scale"], shape) if "dora_scale" in t else None
     if kind == "LoHa":
         for i in ("1", "2"):
             _check_made(_rebuilt_shape(t[f"hada_w{i}_a"], t[f"hada_w{i}_b"], t.get(f"hada_t{i}")), shape, f"w{i}")
         scale = 1.0 if alpha is None else alpha / t["hada_w1_b"].shape[0]
         factors = (_mx(t.get(role)) for role in (*_LOHA, "hada_t1", "hada_t2"))
-        return LoHaLayer(shape, *factors, scale=scale, dora_scale=dora)
+        return LoHaLayer(shape, *factors, scale=scale if fixed is None else fixed, dora=dora)
     if kind == "LoKr":
-        return _lokr(t, shape, alpha, dora)
+        return _lokr(t, shape, alpha, fixed, dora)
     diff = t["diff"]
     _check_made(diff.shape, shape, "diff")
     bias = t.get("diff_b")
     if bias is not None and bias.shape != (shape[0],):
         raise ValueError(f"diff_b {bias.shape} is not the layer's bias ({shape[0]},)")
-    return FullLayer(shape, _mx(diff), _mx(bias), dora_scale=dora)
+    if dora is not None and dora.rule == "comfyui":
+        raise ValueError(
+            "dora_scale per output channel beside a full network (diff): ComfyUI ignores it there and A1111 would "
+            "normalise input columns; LyCORIS does not write it"
+        )
+    return FullLayer(shape, _mx(diff), _mx(bias), 1.0 if fixed is None else fixed, dora)
 
 
-def _lokr(t: dict[str, np.ndarray], shape: tuple[int, ...], alpha: float | None, dora: mx.array | None) -> LoKrLayer:
+def _lokr(t: dict[str, np.ndarray], shape: tuple[int, ...], alpha: float | None, fixed: float | None,
+          dora: DoRA | None) -> LoKrLayer:  # fmt: skip
     if "lokr_w1" in t and ("lokr_w1_a" in t or "lokr_w1_b" in t):
         raise ValueError("it has both lokr_w1 and its factors lokr_w1_a/lokr_w1_b")
     if "lokr_w2" in t and ({"lokr_w2_a", "lokr_w2_b", "lokr_t2"} & set(t)):
@@ -87,8 +100,8 @@ def _lokr(t: dict[str, np.ndarray], shape: tuple[int, ...], alpha: float | None,
     made = (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
     _check_made(made, shape, "kron(w1, w2)")
     dim = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else None
-    scale = 1.0 if alpha is None or dim is None else alpha / dim
-    return LoKrLayer(shape, *(_mx(t.get(role)) for role in _LOKR), scale=scale, dora_scale=dora)
+    scale = fixed if fixed is not None else 1.0 if alpha is None or dim is None else alpha / dim
+    return LoKrLayer(shape, *(_mx(t.get(role)) for role in _LOKR), scale=scale, dora=dora)
 
 
 def _rebuilt_shape(wa: np.ndarray, wb: np.ndarray, core: np.ndarray | None) -> tuple[int, ...]:
@@ -109,23 +122,49 @@ def _check_made(made: tuple[int, ...], shape: tuple[int, ...], what: str) -> Non
         raise ValueError(f"{what} makes {made}, the layer is {torch_shape(shape)} (torch layout)")
 
 
-def dora_magnitude(value: np.ndarray, shape: tuple[int, ...]) -> mx.array:
-    """DoRA's dora_scale as A1111 reads it, one magnitude per input channel: (1, in) or (1, in, 1, 1) -> (in,).
+def dora_magnitude(value: np.ndarray, shape: tuple[int, ...]) -> DoRA:
+    """LyCORIS's dora_scale for a layer whose weight is `shape` (MLX layout), its axis told by its shape as ComfyUI
+    tells it (`wd_on_output_axis = dora_scale.shape[0] == weight.shape[0]`):
+
+    - (out, 1) or (out, 1, 1, 1), one magnitude per output channel (LyCORIS wd_on_out): ComfyUI's rule. A1111 would
+      divide these by the input columns' norms (a bug there), so mlx-sd follows ComfyUI for them.
+    - (1, in) or (1, in, 1, 1), one per input channel (LyCORIS's default before wd_on_out): A1111's rule, which
+      ComfyUI shares.
 
     Raises:
-        ValueError for magnitudes per output channel ((out, 1), LyCORIS's wd_on_out), which A1111 does not apply
-        (it would divide them by the input columns' norms), or any other shape.
+        ValueError for any other shape.
     """
     value = np.asarray(value)
-    channels = shape[-1]
+    out, channels = shape[0], shape[-1]
+    if value.ndim >= 2 and value.shape[0] == out and value.size == out:
+        return DoRA(mx.array(np.ascontiguousarray(value.reshape(out))), "comfyui")
     if value.ndim >= 2 and value.shape[0] == 1 and value.shape[1] == channels and value.size == channels:
-        return mx.array(np.ascontiguousarray(value.reshape(channels)))
-    if value.ndim >= 1 and value.shape[0] == shape[0] and value.size == shape[0] and shape[0] != 1:
-        raise ValueError(
-            f"dora_scale {value.shape} holds a magnitude per output channel (LyCORIS wd_on_out), which A1111 does "
-            "not apply (it normalises input columns); mlx-sd refuses it rather than apply something else"
-        )
-    raise ValueError(f"dora_scale {value.shape} is not one magnitude per input channel (1, {channels})")
+        return DoRA(mx.array(np.ascontiguousarray(value.reshape(channels))), "a1111")
+    raise ValueError(
+        f"dora_scale {value.shape} is neither one magnitude per output channel ({out}, 1) nor one per input channel "
+        f"(1, {channels})"
+    )
+
+
+def peft_magnitude(value: np.ndarray, shape: tuple[int, ...]) -> DoRA:
+    """PEFT's lora_magnitude_vector, (out,) for a Linear or (1, out, 1, 1) for a convolution, as PEFT's DoRA applies
+    it (`mlx_sd.lycoris.DoRA`, rule "peft").
+
+    Raises:
+        ValueError when it is not one magnitude per output channel.
+    """
+    value = np.asarray(value)
+    if value.size != shape[0] or max(value.shape, default=1) != shape[0]:
+        raise ValueError(f"lora_magnitude_vector {value.shape} is not one magnitude per output channel ({shape[0]},)")
+    return DoRA(mx.array(np.ascontiguousarray(value.reshape(shape[0]))), "peft")
+
+
+def scalar(value: np.ndarray, what: str) -> float:
+    """A one-element tensor (alpha, scale) as a float."""
+    value = np.asarray(value)
+    if value.size != 1:
+        raise ValueError(f"{what} {value.shape} is not one number")
+    return float(value.reshape(()))
 
 
 def fold_mid(down: np.ndarray, mid: np.ndarray) -> np.ndarray:

@@ -15,8 +15,9 @@ denoiser, a UNet or SD3's MMDiT, is the component "unet"; the text encoders, SD3
 
 LyCORIS networks (LoHa, LoKr, full) and DoRA (`mlx_sd.lycoris`) only exist as a dense delta of the whole weight, and
 are applied as AUTOMATIC1111 does: each layer's networks in order, DoRA renormalising the weight as it stands after
-the networks before it. Fused, that is W + the delta; on a quantized layer the wrapper adds x @ delta.T, one dense
-(out, in) term per layer, of the size and cost of an unquantized weight.
+the networks before it (by A1111's, ComfyUI's or PEFT's rule, as the magnitudes' kind says). Fused, that is W + the
+delta; on a quantized layer the wrapper adds x @ delta.T, one dense (out, in) term per layer, of the size and cost of
+an unquantized weight.
 
 Switching LoRAs between requests restores the originals and fuses the new set; the model is never reloaded.
 The prompt syntax `<lora:name:weight>` (AUTOMATIC1111) is parsed here; the name is resolved by a callable the
@@ -34,7 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .components import build
-from .lycoris import NetworkLayer, weight_decompose
+from .lycoris import DoRA, NetworkLayer
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3")  # "unet": the denoiser, SD3's too
 # A1111's extra-network syntax: <kind:arg[:arg...]>; `lora` (and its alias `lyco`) is the kind handled here.
@@ -47,14 +48,15 @@ SHORT_HASH = 12  # A1111 records the first 12 hex digits of a LoRA's or embeddin
 class LoRALayer(NetworkLayer):
     """The low-rank update of one layer, in MLX layout.
 
-    down: (r, in) for a Linear, (r, kh, kw, in) for a Conv2d; up: (out, r); scale: alpha / r (1 without alpha);
-    dora_scale: DoRA's magnitude per input channel (in,), None for a plain LoRA (see `mlx_sd.lycoris`).
+    down: (r, in) for a Linear, (r, kh, kw, in) for a Conv2d; up: (out, r); scale: alpha / r (1 without alpha, or
+    the file's `.scale`);
+    dora: DoRA's magnitudes and rule (`mlx_sd.lycoris.DoRA`), None for a plain LoRA.
     """
 
     down: mx.array
     up: mx.array
     scale: float = 1.0
-    dora_scale: mx.array | None = None
+    dora: DoRA | None = None
 
     @property
     def rank(self) -> int:
@@ -66,7 +68,7 @@ class LoRALayer(NetworkLayer):
 
     @property
     def low_rank(self) -> bool:
-        return self.dora_scale is None
+        return self.dora is None
 
     def delta(self) -> mx.array:
         """scale * up @ down in float32, shaped as the layer's weight: (out, in) or (out, kh, kw, in)."""
@@ -268,7 +270,7 @@ class LoRAState:
                         f"LoRA {applied.lora.name!r}: {component}.{path} is {out_in}, the LoRA makes {want}; "
                         "it was made for another model"
                     )
-                if m != 0:
+                if m != 0:  # 0 leaves the layer alone (PEFT's DoRA at 0 would still rescale it: magnitude / ||W0||)
                     terms.setdefault(path, []).append((layer, m))
         return terms
 
@@ -326,14 +328,12 @@ def _patch(network: nn.Module, terms: dict[str, list[tuple[NetworkLayer, float]]
 
 def _updates(weight: mx.array, terms: list[tuple[NetworkLayer, float]]) -> tuple[mx.array, mx.array | None]:
     """The change of one layer's weight (float32, MLX layout) and of its bias (None: unchanged) that its networks make,
-    each in order as A1111's network_apply_weights adds them: multiplier * scale * dW, or with DoRA multiplier * (the
-    renormalised weight - the weight as the networks before left it)."""
+    each in order as A1111's network_apply_weights adds them: multiplier * scale * dW, or with DoRA the change its rule
+    makes to the weight as the networks before left it (`mlx_sd.lycoris.DoRA.change`)."""
     delta, bias = 0, None
     for layer, m in terms:
         update = layer.delta()
-        if layer.dora_scale is not None:
-            update = weight_decompose(weight + delta, update, layer.dora_scale)
-        delta = delta + m * update
+        delta = delta + (m * update if layer.dora is None else layer.dora.change(weight, weight + delta, update, m))
         if layer.bias is not None:  # A1111: ex_bias * multiplier, unscaled
             term = m * layer.bias.astype(mx.float32)
             bias = term if bias is None else bias + term

@@ -14,17 +14,34 @@ layout as the file stores the factors, then transposed once to the layer's MLX l
                                               [, kh, kw]) with out = out_a * out_b, in = in_a * in_b
     full ("diff")                             dW = diff, and the bias gains diff_b
 
-Scale (A1111's calc_scale): alpha / dim, where dim is w1b's row count for LoHa; for LoKr w2b's, else w1b's; 1 when the
-file has no alpha or (LoKr with two full matrices, full) no low-rank factor.
+Scale (A1111's calc_scale): the layer's `.scale` tensor when the file has one; else alpha / dim, where dim is w1b's row
+count for LoHa; for LoKr w2b's, else w1b's; 1 when the file has no alpha or (LoKr with two full matrices, full) no
+low-rank factor.
 
-DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"), a `dora_scale` beside any kind: A1111 merges
-the scaled update into the current weight, renormalises each input column to the stored magnitude and takes the
-difference, which the multiplier then scales:
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") rescales the adapted weight to stored
+magnitudes. Three rules exist in the files people download, told apart by the magnitudes' shape and key (`DoRA`):
 
-    W' = W + multiplier * (dora_scale * (W + scale * dW) / ||W + scale * dW||_col - W)
+    per input channel   LyCORIS's dora_scale (1, in), its default before wd_on_out; beside any kind, as A1111 applies
+                        it (network.py apply_weight_decompose): the scaled update merged into the current weight, each
+                        input column renormalised, the difference scaled by the multiplier:
+                            W' = W + multiplier * (dora_scale * (W + scale * dW) / ||W + scale * dW||_col - W)
+    per output channel  LyCORIS's dora_scale (out, 1) (wd_on_out=True, the default of recent LyCORIS LoCon/LoRA
+                        training), as ComfyUI applies it (comfy/weight_adapter/base.py weight_decompose; A1111 divides
+                        these by the input columns' norms, a bug there). ComfyUI divides each output row by the row's
+                        norm in the weight *before* the update (plus float32's eps) and scales the difference by the
+                        strength, as A1111 does:
+                            W' = W + strength * (dora_scale * (W + scale * dW) / (||W||_row + eps) - W)
+                        (LyCORIS trains with ||W + scale * dW||_row; ComfyUI's own pull request #15458 would change
+                        this, and mlx-sd follows ComfyUI as released.)
+    PEFT                lora_magnitude_vector (out,) of a diffusers/PEFT DoRA adapter (use_dora), as PEFT's DoRA layer
+                        computes it (peft/tuners/lora/dora.py): the strength (diffusers' set_adapters weight) scales
+                        PEFT's scaling, so it acts inside the norm, which is of the layer's own weight W0:
+                            W' = magnitude * (W + strength * scale * dW) / ||W0 + strength * scale * dW||_row
 
-(||.||_col: the norm over every axis but the input channel's). It is not linear in the multiplier, and the W it sees
-includes the networks applied before it (`mlx_sd.lora` applies them in order, as A1111 does).
+(||.||_col: the norm over every axis but the input channel's; ||.||_row: over every axis but the output channel's.)
+A1111's and ComfyUI's change is the multiplier times a fixed difference (DoRA's weight minus W), not times
+scale * dW; PEFT's is not linear in the strength at all. Each rule sees the weight W as the networks before it left it
+(`mlx_sd.lora` applies a layer's networks in order, as A1111, ComfyUI and PEFT do).
 """
 
 from __future__ import annotations
@@ -36,11 +53,10 @@ import mlx.core as mx
 
 class NetworkLayer:
     """What every kind of network layer offers `mlx_sd.lora`: the adapted weight's `shape` (MLX layout), `delta()`
-    (scale * dW in float32, that layout), an optional DoRA magnitude `dora_scale` (in,) and bias update `bias`
-    (out,)."""
+    (scale * dW in float32, that layout), an optional `dora` (`DoRA`) and bias update `bias` (out,)."""
 
     shape: tuple[int, ...]
-    dora_scale: mx.array | None = None
+    dora: DoRA | None = None
     bias: mx.array | None = None
 
     @property
@@ -92,7 +108,7 @@ class LoHaLayer(NetworkLayer):
     t1: mx.array | None = None
     t2: mx.array | None = None
     scale: float = 1.0
-    dora_scale: mx.array | None = None
+    dora: DoRA | None = None
 
     def delta(self) -> mx.array:
         w1a, w1b, w2a, w2b, t1, t2 = _f32(self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2)
@@ -117,7 +133,7 @@ class LoKrLayer(NetworkLayer):
     w2b: mx.array | None = None
     t2: mx.array | None = None
     scale: float = 1.0
-    dora_scale: mx.array | None = None
+    dora: DoRA | None = None
 
     def delta(self) -> mx.array:
         w1, w1a, w1b, w2, w2a, w2b, t2 = _f32(self.w1, self.w1a, self.w1b, self.w2, self.w2a, self.w2b, self.t2)
@@ -133,21 +149,56 @@ class LoKrLayer(NetworkLayer):
 @dataclass(frozen=True, eq=False)
 class FullLayer(NetworkLayer):
     """LyCORIS full network: the weight's difference `diff` as the file stores it (torch layout), and the bias's,
-    `bias` (out,) (diff_b); A1111 scales neither (dim is None, so scale 1)."""
+    `bias` (out,) (diff_b); A1111 scales the diff by 1 (dim is None), or by the file's `.scale`, the bias never."""
 
     shape: tuple[int, ...]
     diff: mx.array
     bias: mx.array | None = None
-    dora_scale: mx.array | None = None
+    scale: float = 1.0
+    dora: DoRA | None = None
 
     def delta(self) -> mx.array:
-        return to_mlx_layout(self.diff.astype(mx.float32), self.shape)
+        return self.scale * to_mlx_layout(self.diff.astype(mx.float32), self.shape)
 
 
-def weight_decompose(weight: mx.array, update: mx.array, dora_scale: mx.array) -> mx.array:
-    """DoRA as A1111 applies it (network.py apply_weight_decompose): the update that takes `weight` to
-    `dora_scale * merged / ||merged||_col`, merged = weight + update. All float32, MLX layout, input channels last;
-    dora_scale (in,). No epsilon, as A1111."""
-    merged = weight + update
-    norm = mx.sqrt(mx.sum(mx.square(merged), axis=tuple(range(merged.ndim - 1))))  # (in,)
-    return merged * (dora_scale.astype(mx.float32) / norm) - weight
+DORA_RULES = ("a1111", "comfyui", "peft")
+# ComfyUI adds torch.finfo(weight.dtype).eps to the row norms; it patches weights in float32.
+COMFYUI_EPS = float(mx.finfo(mx.float32).eps)
+
+
+@dataclass(frozen=True, eq=False)
+class DoRA:
+    """DoRA's magnitudes and the rule that applies them (see the module docstring).
+
+    magnitude: (in,) for "a1111" (LyCORIS's dora_scale per input channel), (out,) for "comfyui" (dora_scale per
+        output channel, wd_on_out) and "peft" (lora_magnitude_vector).
+    rule: one of `DORA_RULES`, named after the program whose formula it follows.
+    """
+
+    magnitude: mx.array
+    rule: str
+
+    def __post_init__(self):
+        if self.rule not in DORA_RULES:
+            raise ValueError(f"DoRA rule {self.rule!r} is not one of {DORA_RULES}")
+
+    def change(self, weight: mx.array, current: mx.array, update: mx.array, multiplier: float) -> mx.array:
+        """What the layer's DoRA network adds to `current`. All float32 in MLX layout (input channels last):
+        weight: the layer's own weight W0; current: W0 plus the networks before this one; update: scale * dW."""
+        magnitude = self.magnitude.astype(mx.float32)
+        if self.rule == "a1111":  # A1111 apply_weight_decompose: per input column of the merged weight, no epsilon
+            merged = current + update
+            return multiplier * (merged * (magnitude / _norm(merged, keep=-1)) - current)
+        rows = magnitude.reshape(-1, *[1] * (current.ndim - 1))  # (out, 1[, 1, 1])
+        if self.rule == "comfyui":  # ComfyUI weight_decompose, wd_on_output_axis: rows of the weight before
+            merged = current + update
+            return multiplier * (merged * (rows / (_norm(current, keep=0) + COMFYUI_EPS)) - current)
+        # PEFT DoraLinearLayer / _DoraConvNdLayer: scaling (strength inside) in the rows' norm of the base weight
+        merged = current + multiplier * update
+        return merged * (rows / _norm(weight + multiplier * update, keep=0)) - current
+
+
+def _norm(weight: mx.array, keep: int) -> mx.array:
+    """The L2 norm over every axis but `keep`, kept as size-1 axes for broadcasting."""
+    axes = tuple(a for a in range(weight.ndim) if a != keep % weight.ndim)
+    return mx.sqrt(mx.sum(mx.square(weight), axis=axes, keepdims=True))

@@ -32,18 +32,23 @@ def _randomize_lora(model: torch.nn.Module, seed: int, std: float = 0.2) -> None
 
 
 def peft_lora(parts: dict, folder: Path, seed: int, rank: int = 4, alpha: float | None = 2.0,
-              text: bool = True, metadata: bool = True) -> Path:  # fmt: skip
+              text: bool = True, metadata: bool = True, dora: bool = False) -> Path:  # fmt: skip
     """A random LoRA trained-by-peft shape for `parts`' UNet and text encoders, saved by diffusers' save_lora_weights.
 
-    Returns the .safetensors file. alpha None: no adapter config saved (diffusers then scales by 1).
+    Returns the .safetensors file. alpha None: no adapter config saved (diffusers then scales by 1). dora: a DoRA
+    adapter (use_dora), its lora_magnitude_vector the rows' norms of W + scale * B A times 0.5..1.5 (as trained
+    magnitudes drift from their initial norms).
     """
     from peft import LoraConfig, get_peft_model_state_dict
 
     def adapt(model, targets, offset):
         model = copy.deepcopy(model)
-        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=False)
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=False,
+                            use_dora=dora)  # fmt: skip
         model.add_adapter(config, adapter_name="a")
         _randomize_lora(model, seed + offset)
+        if dora:
+            drift_magnitudes(model, seed + offset)
         return get_peft_model_state_dict(model, adapter_name="a"), config.to_dict()
 
     layers, configs = {}, {}
@@ -57,6 +62,21 @@ def peft_lora(parts: dict, folder: Path, seed: int, rank: int = 4, alpha: float 
     pipeline_class = _pipeline_class(parts)
     pipeline_class.save_lora_weights(folder, **layers, **(configs if metadata and alpha else {}))
     return folder / "pytorch_lora_weights.safetensors"
+
+
+def drift_magnitudes(model: torch.nn.Module, seed: int) -> None:
+    """PEFT DoRA magnitudes set to the norm of each output row of W + scale * B A, times 0.5..1.5."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if "a" not in getattr(module, "lora_magnitude_vector", {}):
+                continue
+            weight = module.get_base_layer().weight
+            merged = weight + module.get_delta_weight("a").reshape(weight.shape)  # W + scale * B A
+            magnitude = module.lora_magnitude_vector["a"].weight
+            norms = merged.reshape(weight.shape[0], -1).norm(dim=1)
+            drift = 0.5 + torch.rand(norms.shape, generator=g)
+            magnitude.copy_((norms * drift).reshape(magnitude.shape))
 
 
 def _pipeline_class(parts: dict):

@@ -14,6 +14,7 @@ Errors are max|ours - ref| / max|ref| at float32.
 """
 
 import copy
+import math
 
 import mlx.core as mx
 import numpy as np
@@ -186,8 +187,8 @@ def _forms(network: PeftNetwork) -> set[str]:
 
 
 def a1111_updown(weight: torch.Tensor, t: dict[str, torch.Tensor], multiplier: float):
-    """(updown, ex_bias) of one layer as network_lora.py / network_full.py calc_updown and network.py
-    finalize_updown compute them, for the current `weight` (torch layout)."""
+    """(updown, ex_bias) of one layer as network_lora.py / network_hada.py (without Tucker cores) / network_full.py
+    calc_updown and network.py finalize_updown compute them, for the current `weight` (torch layout)."""
     alpha = t["alpha"].item() if "alpha" in t else None
     ex_bias, dim = None, None
     if "lora_up.weight" in t:
@@ -203,6 +204,12 @@ def a1111_updown(weight: torch.Tensor, t: dict[str, torch.Tensor], multiplier: f
             if len(down.shape) == 4:
                 output_shape += down.shape[2:]
             updown = (up.reshape(up.size(0), -1) @ down.reshape(down.size(0), -1)).reshape(output_shape)
+    elif "hada_w1_a" in t:  # network_hada, rebuild_conventional for each pair
+        w1a, w1b, w2a, w2b = (t[f"hada_{n}"] for n in ("w1_a", "w1_b", "w2_a", "w2_b"))
+        dim = w1b.shape[0]
+        output_shape = [w1a.size(0), w1b.size(1), *w1b.shape[2:]]
+        updown = ((w1a.reshape(w1a.size(0), -1) @ w1b.reshape(dim, -1)).reshape(output_shape)
+                  * (w2a.reshape(w2a.size(0), -1) @ w2b.reshape(w2b.size(0), -1)).reshape(output_shape))  # fmt: skip
     else:  # network_full
         updown, output_shape = t["diff"], t["diff"].shape
         ex_bias = t.get("diff_b")
@@ -212,7 +219,10 @@ def a1111_updown(weight: torch.Tensor, t: dict[str, torch.Tensor], multiplier: f
         updown = updown.reshape(weight.shape)
     if ex_bias is not None:
         ex_bias = ex_bias * multiplier
-    updown = updown * (alpha / dim if dim is not None and alpha is not None else 1.0)
+    if "scale" in t:  # calc_scale: the layer's .scale first
+        updown = updown * t["scale"].item()
+    else:
+        updown = updown * (alpha / dim if dim is not None and alpha is not None else 1.0)
     if "dora_scale" in t:  # apply_weight_decompose
         merged = updown + weight
         norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
@@ -313,6 +323,38 @@ def test_dora_tucker_and_full_match_a1111_at_two_strengths(tiny1, tmp_path):
     assert np.array_equal(tiny1.our_unet(), before[0]) and np.array_equal(tiny1.our_text("text_encoder"), before[1])
 
 
+def test_scale_key_replaces_alpha_over_rank_as_a1111_reads_it(tiny1, tmp_path):
+    """A1111's NetworkModule reads a layer's `.scale` tensor and calc_scale returns it before alpha / dim: on a LoRA
+    (alpha present and ignored), a LoCon, a LoHa, a full network (the diff scaled, diff_b not) and under DoRA."""
+    unet = tiny1.parts["unet"]
+    networks = {path: {**t, "scale": np.array(0.3 + 0.1 * i)}
+                for i, (path, t) in enumerate(dora_networks(unet, seed=8).items()) if i % 2}  # fmt: skip
+    networks |= {path: {k: v for k, v in t.items() if k != "dora_scale"} | {"scale": np.array(1.7)}
+                 for path, t in dora_networks(unet, seed=9).items() if path.endswith(("conv1", "to_k"))}  # fmt: skip
+    rng = np.random.default_rng(10)
+    for path in ("down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj", "conv_in"):
+        o, i, *k = unet.get_submodule(path).weight.shape
+        w1a, w2a = (rng.normal(0, 0.4, (o, 2)) for _ in range(2))
+        w1b, w2b = (rng.normal(0, 0.4, (2, i * math.prod(k))) for _ in range(2))
+        networks[path] = {"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b,
+                          "alpha": np.array(4.0), "scale": np.array(0.25)}  # fmt: skip
+    full = tucker_and_full_networks(unet, seed=11)
+    networks |= {p: {**t, "scale": np.array(-0.8)} for p, t in full.items() if "diff" in t}
+    kinds = {("dora" if "dora_scale" in t else "") + ("hada" if "hada_w1_a" in t else "diff" if "diff" in t else "lora")
+             for t in networks.values()}  # fmt: skip
+    assert kinds == {"doralora", "lora", "hada", "diff"}, kinds
+    lora = read_lora(save_networks(tmp_path / "scale.safetensors", {"lora_unet": networks}), tiny1.targets)
+    before = tiny1.our_unet()
+    state = LoRAState()
+    for strength in (1.0, 0.6):
+        state.apply(lora_networks(tiny1.ours), [AppliedLoRA(lora, strength)])
+        reference = a1111_apply(unet, [(networks, strength)])
+        error = assert_close(tiny1.our_unet(), torch_unet(tiny1, reference), TOL, f".scale x{strength}")
+        print(f".scale on LoRA, DoRA, LoHa and full layers x{strength}: max error {error:.1e}")
+    state.clear(lora_networks(tiny1.ours))
+    assert np.array_equal(tiny1.our_unet(), before)
+
+
 # --- quantized models: the dense delta at run time ---------------------------------------------------------------
 
 
@@ -397,7 +439,12 @@ def test_unsupported_networks_and_misfits_are_refused_by_name(tiny1, tmp_path):
         "oft": ({f"{linear}.oft_blocks": z(4, 8, 8), f"{linear}.alpha": z()}, r"does not apply \(OFT/BOFT: "),
         "peft loha": ({"unet.conv_in.hada_w1_a": z(4, 2)}, "LyCORIS tensors under diffusers/PEFT names"),
         "lokr t1": ({f"{conv}.lokr_t1": z(1, 1, 3, 3)}, "does not apply"),
-        "dora on the output axis": ({**loha, f"{linear}.dora_scale": z(32, 1) + 1}, "per output channel .*wd_on_out"),
+        "dora per output beside a diff": ({f"{linear}.diff": z(32, 32), f"{linear}.dora_scale": z(32, 1) + 1},
+                                          "dora_scale per output channel beside a full network"),
+        "dora shape": ({**loha, f"{linear}.dora_scale": z(2, 32) + 1},
+                       r"dora_scale \(2, 32\) is neither one magnitude per output channel \(32, 1\) nor"),
+        "dora without its unit axes": ({**loha, f"{linear}.dora_scale": z(32) + 1}, r"dora_scale \(32,\) is neither"),
+        "scale of two numbers": ({**loha, f"{linear}.scale": z(2)}, r"scale \(2,\) is not one number"),
         "two kinds": ({**loha, f"{linear}.lora_down.weight": z(2, 32), f"{linear}.lora_up.weight": z(32, 2)},
                       "a LoRA with hada_w1_a"),
         "w1 twice": ({f"{linear}.lokr_w1": z(4, 4), f"{linear}.lokr_w1_a": z(4, 1), f"{linear}.lokr_w1_b": z(1, 4),

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from lora_fixtures import TEXT_TARGETS, kohya_state, save_kohya
+from lora_fixtures import TEXT_TARGETS, drift_magnitudes, kohya_state, save_kohya
 from safetensors.numpy import load_file
 from test_lora import Tiny
 from test_mmdit import to_single_file
@@ -98,16 +98,20 @@ def _randomize_lora(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def peft_sd3_lora(pipe, folder, seed: int, text: bool = True):
-    """A random PEFT LoRA over the transformer (and the CLIP towers), saved as diffusers saves SD3 LoRAs."""
+def peft_sd3_lora(pipe, folder, seed: int, text: bool = True, dora: bool = False):
+    """A random PEFT LoRA over the transformer (and the CLIP towers), saved as diffusers saves SD3 LoRAs; `dora`: a
+    DoRA adapter, magnitudes as lora_fixtures makes them."""
     from diffusers import StableDiffusion3Pipeline
     from peft import LoraConfig, get_peft_model_state_dict
 
     def adapt(model, targets, offset):
         model = copy.deepcopy(model)
-        config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False)
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False,
+                            use_dora=dora)  # fmt: skip
         model.add_adapter(config, adapter_name="a")
         _randomize_lora(model, seed + offset)
+        if dora:
+            drift_magnitudes(model, seed + offset)
         return get_peft_model_state_dict(model, adapter_name="a"), config.to_dict()
 
     layers, configs = {}, {}
@@ -242,6 +246,27 @@ def test_peft_lora_matches_diffusers_and_unloads_exactly(sd3, tmp_path):
     finally:
         sd3.pipe.unload_lora_weights()
     assert all(np.array_equal(a, b) for a, b in zip(sd3.outputs(), before))
+
+
+def test_peft_dora_transformer_matches_diffusers(sd3, tmp_path):
+    """A PEFT DoRA adapter (use_dora, lora_magnitude_vector) over every MMDiT Linear and the patch conv, at adapter
+    weights 1 and 0.6 (PEFT's rule: tests/test_dora.py)."""
+    before = sd3.our_transformer()
+    path = peft_sd3_lora(sd3.pipe, tmp_path, seed=9, text=False, dora=True)
+    lora = read_lora(path, sd3.targets)
+    assert {layer.dora.rule for layer in lora.layers["unet"].values()} == {"peft"}
+    sd3.pipe.load_lora_weights(str(tmp_path), weight_name=path.name, adapter_name="d")
+    try:
+        state = LoRAState()
+        for weight in (1.0, 0.6):
+            sd3.pipe.set_adapters(["d"], [weight])
+            state.apply(lora_networks(sd3.ours), [AppliedLoRA(lora, weight)])
+            error = assert_close(sd3.our_transformer(), sd3.ref_transformer(), TOL, f"sd3 PEFT DoRA x{weight}")
+            print(f"sd3 PEFT DoRA x{weight}: transformer max error {error:.1e}")
+        state.clear(lora_networks(sd3.ours))
+    finally:
+        sd3.pipe.unload_lora_weights()
+    assert np.array_equal(sd3.our_transformer(), before)
 
 
 @pytest.mark.parametrize("variant", ["sd3-medium", "sd3.5-medium"])
