@@ -57,11 +57,20 @@ def warm_up_in_background() -> None:
     first step does not wait for it: ~0.7 s with the kernels cached, ~3 s without. Called when a model is loaded."""
     global _warm_up
     if _warm_up is None:
-        _warm_up = threading.Thread(target=_call_each_kernel, name="mlx_sd_numba_warm_up", daemon=True)
+        _warm_up = threading.Thread(target=_warm_up_quietly, name="mlx_sd_numba_warm_up", daemon=True)
         _warm_up.start()
 
 
 _warm_up = None
+
+
+def _warm_up_quietly() -> None:
+    # Only a head start: if it fails (another process rewriting numba's cache at that moment, say), the first real
+    # call loads or compiles its kernel itself, so the thread must not print a traceback over the user's output.
+    try:
+        _call_each_kernel()
+    except Exception:
+        pass
 
 
 def _call_each_kernel() -> None:
