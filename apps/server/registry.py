@@ -91,7 +91,8 @@ class ModelRegistry:
                 denoiser = folder / denoiser_folder(info)
                 in_channels = int(json.loads((denoiser / "config.json").read_text())["in_channels"])
                 config = load_config(denoiser) if info.family == "sd3" else None  # SD3.5's defaults differ
-                scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+                scheduler_file = folder / "scheduler" / "scheduler_config.json"  # EDM models' defaults come from it
+                scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else None
             except (OSError, ValueError, TypeError, KeyError):
                 continue  # a half-written or foreign folder is not offered
             name = folder.name
