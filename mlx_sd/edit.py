@@ -1,9 +1,12 @@
 """InstructPix2Pix (Brooks et al. 2023): models that edit an image as the prompt says ("make it winter").
 
 The UNet takes 8 channels: the latents and, beside them, the init image's VAE latents (the distribution's mode,
-unscaled, as diffusers' `StableDiffusionInstructPix2PixPipeline` and A1111 pass them). Guidance is three-way
-(diffusers' and A1111's `combine_denoised_for_edit_model`): one batch holds the prompt with the image, the negative
-prompt with the image, and the negative prompt with zeros for the image; the output is
+unscaled, as diffusers' `StableDiffusionInstructPix2PixPipeline` / `StableDiffusionXLInstructPix2PixPipeline` and
+A1111 pass them; scaled by the VAE's scaling factor for CosXL Edit, an EDM v-prediction SDXL edit model, as diffusers'
+`is_cosxl_edit` and ComfyUI's `SDXL_instructpix2pix` do). Guidance is three-way (diffusers' and A1111's
+`combine_denoised_for_edit_model`): one batch holds the prompt with the image, the negative prompt with the image, and
+the negative prompt with zeros for the image (SDXL's pooled text and micro-conditioning in the same rows); the
+output is
     uncond + guidance (text - image) + image_guidance (image - uncond),
 `image_guidance` (A1111's "Image CFG scale", default 1.5) weighing the init image. As in A1111, the request runs as
 img2img: the sampler starts from the init latents noised to `strength` (1: all the steps).
@@ -24,7 +27,6 @@ def check_edit(request, model) -> None:
     problems = [
         (request.init_image is None, "needs an init image (it edits an image as the prompt says): give init_image"),
         (request.mask is not None, "does not inpaint: drop the mask"),
-        (model.unet.config.addition_time_embed_dim is not None, "is an SDXL edit model, which mlx-sd does not run"),
         (bool(request.controlnet), "runs without ControlNets here: drop the units"),
         (request.ip_adapter_image is not None, "runs without an image prompt here: drop ip_adapter_image"),
         (request.guidance_rescale > 0 or request.s_min_uncond > 0, "takes no guidance_rescale or s_min_uncond"),
@@ -35,13 +37,19 @@ def check_edit(request, model) -> None:
 
 
 def guided_rows(cond: mx.array, uncond: mx.array) -> mx.array:
-    """The text rows of the three-way batch: [prompt, negative, negative]."""
+    """The text rows of the three-way batch (context, pooled or micro-conditioning): [prompt, negative, negative]."""
     return mx.concatenate([cond, uncond, uncond])
 
 
 def image_rows(image_latents: mx.array) -> mx.array:
     """The image rows beside them: [image, image, zeros]."""
     return mx.concatenate([image_latents, image_latents, mx.zeros_like(image_latents)])
+
+
+def image_latents(mode: mx.array, vae_config, schedule) -> mx.array:
+    """The init image's latents as the UNet sees them beside the latents: the VAE's mode unscaled, or times the
+    scaling factor for an EDM model (CosXL Edit: diffusers' `is_cosxl_edit`, ComfyUI's V_PREDICTION_EDM rule)."""
+    return mode * vae_config.scaling_factor if schedule.is_edm else mode
 
 
 def edit_guidance(model: ModelFn, guidance: float, image_guidance: float) -> ModelFn:

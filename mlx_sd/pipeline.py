@@ -26,7 +26,7 @@ from . import backend
 from .conditioning import Conditioning
 from .controlnet import INPAINT_MODULES, INPAINT_ONLY, ControlNet, Controls, control_image
 from .denoiser import classifier_free_guidance
-from .edit import check_edit, edit_guidance, guided_rows, image_rows
+from .edit import check_edit, edit_guidance, guided_rows, image_latents, image_rows
 from .hires import check_hires_model, firstpass_pixels, hires_plan, hires_request, hires_target, upscale_first_pass
 from .images import latent_preview, to_pil
 from .img2img import prepare_inputs, prepare_latents, restore_output
@@ -471,9 +471,10 @@ class Pipeline:
                 4 if self._refining(request) else unet.config.in_channels, vae.config.latent_channels,
                 self.model.dtype, vary,
             )  # fmt: skip
-            if self.model.is_edit:  # the image beside the latents: the VAE's mode, unscaled (diffusers, A1111)
+            if self.model.is_edit:  # the image beside the latents: the VAE's mode (mlx_sd/edit.py)
                 image = prepare_inputs(request)[1]
-                mode = vae.encode(image.astype(vae.dtype)).mean.astype(self.model.dtype)
+                mode = image_latents(vae.encode(image.astype(vae.dtype)).mean, vae.config, self.schedule)
+                mode = mode.astype(self.model.dtype)
                 init.edit_latents = mx.broadcast_to(mode, (request.batch_size, *mode.shape[1:]))
             return x, init
         shape = (request.batch_size, vae.config.latent_channels, request.height // 8, request.width // 8)
@@ -532,6 +533,9 @@ class Pipeline:
         if unet.config.addition_time_embed_dim is not None:
             pooled = mx.concatenate([uncond.pooled, cond.pooled]) if guided else cond.pooled
             time_ids = self._time_ids(request, guided, B, model.info.requires_aesthetics_score)
+            if edit and guided:  # [negative; prompt] -> [prompt; negative; negative]
+                pooled = guided_rows(cond.pooled, uncond.pooled)
+                time_ids = guided_rows(time_ids[B:], time_ids[:B])
         extra = None
         if init is not None and unet.config.in_channels == 9:
             extra = mx.concatenate([init.mask, init.masked_latents], axis=-1)  # (B, h, w, 5)

@@ -78,8 +78,9 @@ TINY_VAE = dict(
 
 
 @functools.cache
-def diffusers_parts(kind: str, seed: int = 0) -> dict:
-    """Tiny random diffusers components of an SDXL `kind` ("base" or "refiner"), tokenizers and scheduler too."""
+def diffusers_parts(kind: str, seed: int = 0, in_channels: int = 4) -> dict:
+    """Tiny random diffusers components of an SDXL `kind` ("base" or "refiner"), tokenizers and scheduler too;
+    `in_channels` 8 makes an InstructPix2Pix UNet (latents + the image to edit)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -89,7 +90,7 @@ def diffusers_parts(kind: str, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         **UNETS[kind], use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
-        norm_num_groups=32, sample_size=16,
+        norm_num_groups=32, sample_size=16, in_channels=in_channels, out_channels=4,
     )  # fmt: skip
     parts = {
         "unet": randomize(unet, seed),

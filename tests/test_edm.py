@@ -224,3 +224,12 @@ def test_edm_sigmas_equal_diffusers(config, steps):
     seen = []
     plan.denoiser(lambda x, t: seen.append(t) or x)(mx.ones((1, 2, 2, 4)), plan.sigmas[0])
     np.testing.assert_allclose(seen[0], reference.timesteps.numpy()[0], rtol=1e-6)
+
+
+def test_automatic_schedule_type_is_the_published_one(cosxl):
+    """A request naming no schedule type (A1111 clients send none) walks the model's published sigmas."""
+    _, ours, _ = cosxl
+    kwargs = dict(prompt=PROMPT, width=64, height=64, steps=4, seed=2, sampler="Euler")
+    automatic = ours.generate(**kwargs, schedule_type="Automatic")
+    exponential = ours.generate(**kwargs, schedule_type="Exponential")
+    assert np.array_equal(np.asarray(automatic.images[0]), np.asarray(exponential.images[0]))

@@ -52,6 +52,30 @@ def dpmpp_2m_sde(
     denoiser, x, sigmas, rng=None, *, eta=1.0, s_noise=1.0, solver_type="midpoint", lower_order_final=False
 ):
     """DPM-Solver++(2M) SDE: the 2M step with a fraction eta of the noise renewed each step (stochastic)."""
+    return (yield from multistep_sde_2m(denoiser, x, sigmas, rng, eta, s_noise, solver_type, lower_order_final))
+
+
+def dpmpp_3m_sde(denoiser, x, sigmas, rng=None, *, eta=1.0, s_noise=1.0):
+    """DPM-Solver++(3M) SDE: third-order multistep with renewed noise (k-diffusion only)."""
+    return (yield from multistep_sde_3m(denoiser, x, sigmas, rng, eta, s_noise))
+
+
+# The multistep SDE solvers run in VE space and, with `flow=True`, on rectified-flow latents (samplers/flow.py):
+# there the half-logSNR is lambda = log(alpha / sigma), alpha = 1 - sigma, and each x0 term carries alpha_next
+# (ComfyUI's CONST branch); in VE space alpha = 1 and lambda = -log sigma. k-diffusion draws the step's noise whenever
+# eta is set, ComfyUI only when it adds some (s_noise > 0 too).
+
+
+def _half_log_snr(sigma: float, flow: bool) -> float:
+    return math.log((1.0 - sigma) / sigma) if flow else -math.log(sigma)
+
+
+def _renews_noise(eta: float, s_noise: float, flow: bool) -> bool:
+    return eta > 0 and s_noise > 0 if flow else bool(eta)
+
+
+def multistep_sde_2m(denoiser, x, sigmas, rng, eta, s_noise, solver_type, lower_order_final, flow=False):
+    """DPM-Solver++(2M) SDE in VE space or (`flow`) on rectified-flow latents; `solver_type` "midpoint" or "heun"."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     n = len(sigmas) - 1
@@ -62,17 +86,18 @@ def dpmpp_2m_sde(
         if sigma_next == 0:
             x = denoised
         else:
-            h = math.log(sigma / sigma_next)
+            h = _half_log_snr(sigma_next, flow) - _half_log_snr(sigma, flow)
             eta_h = eta * h
+            alpha_next = 1 - sigma_next if flow else 1.0
             decay = -math.expm1(-h - eta_h)  # 1 - exp(-(1 + eta) h)
-            x = (sigma_next / sigma) * math.exp(-eta_h) * x + decay * denoised
+            x = (sigma_next / sigma) * math.exp(-eta_h) * x + (alpha_next * decay) * denoised
             if old_denoised is not None and not (lower_order_final and i == n - 1):
                 r = h_last / h
                 if solver_type == "heun":
-                    x = x + (decay / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                    x = x + (alpha_next * (decay / (-h - eta_h) + 1) / r) * (denoised - old_denoised)
                 else:
-                    x = x + 0.5 * decay * (1 / r) * (denoised - old_denoised)
-            if eta:
+                    x = x + (0.5 * alpha_next * decay / r) * (denoised - old_denoised)
+            if _renews_noise(eta, s_noise, flow):
                 x = x + step_noise(rng, x, sigma, sigma_next) * (
                     sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
                 )
@@ -81,8 +106,8 @@ def dpmpp_2m_sde(
         x = yield from emit(x, old_denoised)
 
 
-def dpmpp_3m_sde(denoiser, x, sigmas, rng=None, *, eta=1.0, s_noise=1.0):
-    """DPM-Solver++(3M) SDE: third-order multistep with renewed noise (k-diffusion only)."""
+def multistep_sde_3m(denoiser, x, sigmas, rng, eta, s_noise, flow=False):
+    """DPM-Solver++(3M) SDE in VE space or (`flow`) on rectified-flow latents."""
     denoised_1 = denoised_2 = None
     h_1 = h_2 = None
     for i in range(len(sigmas) - 1):
@@ -91,9 +116,10 @@ def dpmpp_3m_sde(denoiser, x, sigmas, rng=None, *, eta=1.0, s_noise=1.0):
         if sigma_next == 0:
             x = denoised
         else:
-            h = math.log(sigma / sigma_next)
+            h = _half_log_snr(sigma_next, flow) - _half_log_snr(sigma, flow)
             h_eta = h * (eta + 1)
-            x = math.exp(-h_eta) * x + (-math.expm1(-h_eta)) * denoised
+            alpha_next = 1 - sigma_next if flow else 1.0
+            x = (sigma_next / sigma) * math.exp(-h * eta) * x + (alpha_next * -math.expm1(-h_eta)) * denoised
             phi_2 = math.expm1(-h_eta) / h_eta + 1
             if h_2 is not None:
                 r0, r1 = h_1 / h, h_2 / h
@@ -101,10 +127,10 @@ def dpmpp_3m_sde(denoiser, x, sigmas, rng=None, *, eta=1.0, s_noise=1.0):
                 d1_1 = (denoised_1 - denoised_2) / r1
                 d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
                 d2 = (d1_0 - d1_1) / (r0 + r1)
-                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+                x = x + (alpha_next * phi_2) * d1 - (alpha_next * (phi_2 / h_eta - 0.5)) * d2
             elif h_1 is not None:
-                x = x + phi_2 * ((denoised - denoised_1) / (h_1 / h))
-            if eta:
+                x = x + (alpha_next * phi_2) * ((denoised - denoised_1) / (h_1 / h))
+            if _renews_noise(eta, s_noise, flow):
                 noise = step_noise(rng, x, sigma, sigma_next)
                 x = x + noise * (sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
             h_1, h_2 = h, h_1

@@ -25,9 +25,9 @@ import math
 
 import numpy as np
 
-from .common import ancestral_step, emit, noise_like, step_noise, to_d
+from .common import ancestral_step, emit, noise_like, to_d
 from .dpm import _log_midpoint
-from .dpmpp import brownian_pair
+from .dpmpp import brownian_pair, multistep_sde_2m, multistep_sde_3m
 
 SNR_OFFSET = 1e-4  # ComfyUI's `offset_first_sigma_for_snr(percent_offset=1e-4)`: a fraction of the timestep range
 
@@ -191,64 +191,11 @@ def _sde_step(x, denoised, lam: float, lam_to: float, eta: float, noise, s_noise
 
 def dpmpp_2m_sde_flow(denoiser, x, sigmas, rng=None, *, eta=1.0, s_noise=1.0, solver_type="midpoint"):
     """DPM++ 2M SDE on a flow model (ComfyUI `sample_dpmpp_2m_sde`, CONST); `solver_type` "midpoint" or "heun"."""
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     sigmas = offset_first_sigma(denoiser.schedule, sigmas)
-    old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = half_log_snr(sigma_next) - half_log_snr(sigma)
-            h_eta = h * (eta + 1)
-            alpha_next = 1 - sigma_next
-            decay = -math.expm1(-h_eta)  # 1 - exp(-(1 + eta) h)
-            x = (sigma_next / sigma) * math.exp(-h * eta) * x + (alpha_next * decay) * denoised
-            if old_denoised is not None:
-                r = h_last / h
-                if solver_type == "heun":
-                    x = x + (alpha_next * (decay / -h_eta + 1) / r) * (denoised - old_denoised)
-                else:
-                    x = x + (0.5 * alpha_next * decay / r) * (denoised - old_denoised)
-            if eta > 0 and s_noise > 0:
-                x = x + step_noise(rng, x, sigma, sigma_next) * (
-                    sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
-                )
-            h_last = h
-        old_denoised = denoised
-        x = yield from emit(x, old_denoised)
+    return (yield from multistep_sde_2m(denoiser, x, sigmas, rng, eta, s_noise, solver_type, False, flow=True))
 
 
 def dpmpp_3m_sde_flow(denoiser, x, sigmas, rng=None, *, eta=1.0, s_noise=1.0):
     """DPM++ 3M SDE on a flow model (ComfyUI `sample_dpmpp_3m_sde`, CONST)."""
     sigmas = offset_first_sigma(denoiser.schedule, sigmas)
-    denoised_1 = denoised_2 = None
-    h_1 = h_2 = None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = half_log_snr(sigma_next) - half_log_snr(sigma)
-            h_eta = h * (eta + 1)
-            alpha_next = 1 - sigma_next
-            x = (sigma_next / sigma) * math.exp(-h * eta) * x + (alpha_next * -math.expm1(-h_eta)) * denoised
-            phi_2 = math.expm1(-h_eta) / h_eta + 1
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0 = (denoised - denoised_1) / r0
-                d1_1 = (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                x = x + (alpha_next * phi_2) * d1 - (alpha_next * (phi_2 / h_eta - 0.5)) * d2
-            elif h_1 is not None:
-                x = x + (alpha_next * phi_2) * ((denoised - denoised_1) / (h_1 / h))
-            if eta > 0 and s_noise > 0:
-                noise = step_noise(rng, x, sigma, sigma_next)
-                x = x + noise * (sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
-            h_1, h_2 = h, h_1
-        denoised_1, denoised_2 = denoised, denoised_1
-        x = yield from emit(x, *(d for d in (denoised_1, denoised_2) if d is not None))
+    return (yield from multistep_sde_3m(denoiser, x, sigmas, rng, eta, s_noise, flow=True))

@@ -214,6 +214,7 @@ def plan_sampling(
     if schedule.is_edm:
         _check_edm(entry, diffusers_class, sampler)
         follow = "a1111"  # diffusers' EDM schedulers are k-diffusion's Euler and DPM++ 2M over these sigmas
+        stype = stype or SCHEDULE_TYPES[schedule.edm.sigma_schedule]  # "Automatic": the published sigma schedule
     if follow == "a1111" and diffusers_class:
         raise ValueError(f"{sampler!r} is a diffusers scheduler; use follow='diffusers' or an A1111 sampler name")
     if follow == "a1111" and scheduler_config:
