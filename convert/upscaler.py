@@ -51,6 +51,11 @@ The ESRGAN family, in every key layout found in A1111's `models/ESRGAN` and `mod
 - SRFormer (SwinIR's names with the permuted attention's `attn.q`, `attn.kv`, `aligned_relative_position_index` and
   ATD's `mlp.dwconv`): SRFormer, SRFormer-light and the real-world models, with any of SwinIR's heads; the window
   read from the bias table, the shift from a mask's presence, the index and mask buffers recomputed;
+- CRAFT (`layers.N.residual_group.srwa_blocks.M`, `hfer_blocks.M`, `hf_blocks.M.attn.temperature`): the CRAFT
+  models; the window pair read from the position buffers (`relative_position_index_h`, `biases_v`; recomputed), the
+  smaller side first as spandrel assumes;
+- DCTLSA (`fea_conv`, `BK.body.N.transformer_body.0.blocks.M.attn.local`, `c`, `c1`..`c5`, `LR_conv`, `upsampler.0`):
+  the DCTLSA models, BatchNorm with its running statistics (five heads, spandrel's number: files do not record it);
 - spandrel's 1x restoration networks (`upscaler_restoration.py`), recognised by the keys spandrel's detection asks
   for: FBCNN (`m_head`, `m_down1.N.res.M`, `m_body_encoder`, `qf_pred.N`, `m_up3.N`, `to_gamma_3.0`): fbcnn_color,
   fbcnn_gray, fbcnn_gray_double, with each of KAIR's down- and upsamplings; DnCNN (`model.N`: convs at 0, 2, 4, ...,
@@ -76,8 +81,11 @@ import numpy as np
 
 from mlx_sd.model_upscaler import ModelUpscaler
 from mlx_sd.models.atd import ATD, ATDConfig
+from mlx_sd.models.craft import CRAFT, CRAFTConfig
 from mlx_sd.models.cugan import CUGAN, CUGANConfig
 from mlx_sd.models.dat import DAT, DATConfig
+from mlx_sd.models.dctlsa import DCTLSA, DCTLSAConfig
+from mlx_sd.models.dctlsa import MODULES as DCTLSA_MODULES
 from mlx_sd.models.ditn import DITN, DITNConfig
 from mlx_sd.models.dncnn import DnCNN, DnCNNConfig
 from mlx_sd.models.drct import DRCT, DRCTConfig
@@ -117,6 +125,7 @@ from .upscaler_restoration import (
 )
 from .upscaler_transformers import (
     ATD_KEY,
+    CRAFT_KEY,
     DAT_KEY,
     HAT_KEY,
     RGT_KEY,
@@ -124,6 +133,7 @@ from .upscaler_transformers import (
     SWIN2SR_KEY,
     SWINIR_KEY,
     atd_config,
+    craft_config,
     dat_config,
     drct_config,
     hat_config,
@@ -154,7 +164,7 @@ A1111_NAMES = {
 SUPPORTED = (
     "ESRGAN, Real-ESRGAN (RRDBNet and compact), BSRGAN, SwinIR, DAT, ScuNET, HAT, SPAN, PLKSR, DRCT, MoSR, Real-CUGAN, "
     "SAFMN (and SAFMN BCIE), Swin2SR, RCAN, OmniSR, RGT, ATD, FDAT, MoESR, Swift-SRGAN, DITN, SeemoRe, SRFormer, "
-    "and the 1x restoration networks FBCNN, DnCNN (and FDnCNN), DRUNet, NAFNet"
+    "CRAFT, DCTLSA and the 1x restoration networks FBCNN, DnCNN (and FDnCNN), DRUNet, NAFNet"
 )
 NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR, DATConfig: DAT,
             SCUNetConfig: SCUNet, HATConfig: HAT, SPANConfig: SPAN, PLKSRConfig: PLKSR, DRCTConfig: DRCT,
@@ -163,17 +173,20 @@ NETWORKS = {ESRGANConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig:
             RGTConfig: RGT, ATDConfig: ATD, FDATConfig: FDAT, MoESRConfig: MoESR,
             SAFMNBCIEConfig: SAFMNBCIE, SwiftSRGANConfig: SwiftSRGAN, DITNConfig: DITN,
             SeemoReConfig: SeemoRe, SRFormerConfig: SRFormer, FBCNNConfig: FBCNN, DnCNNConfig: DnCNN,
-            DRUNetConfig: DRUNet, NAFNetConfig: NAFNet}  # fmt: skip
+            DRUNetConfig: DRUNet, NAFNetConfig: NAFNet, CRAFTConfig: CRAFT,
+            DCTLSAConfig: DCTLSA}  # fmt: skip
 # spandrel never runs these in half precision
 FLOAT32_ONLY = (SwinIRConfig, Swin2SRConfig, DATConfig, SCUNetConfig, HATConfig, DRCTConfig, SAFMNConfig, ATDConfig,
-                SAFMNBCIEConfig, SeemoReConfig, SRFormerConfig, DnCNNConfig, DRUNetConfig, NAFNetConfig)  # fmt: skip
+                SAFMNBCIEConfig, SeemoReConfig, SRFormerConfig, DnCNNConfig, DRUNetConfig, NAFNetConfig,
+                DCTLSAConfig)  # fmt: skip
 # DySample's sub-pixel grid, a buffer its module computes (mlx_sd.models.dysample.initial_positions)
 INIT_POS = Rule(r"(?:module\.)?(?:to_img|upsampler)\.init_pos", None, "recomputed from the scale (DySample's grid)")
+DCTLSA_KEY = "B1.body.0.transformer_body.0.blocks.0.attn.local.pointwise_prenorm_1.weight"
 OMNISR_KEY = "residual_layer.0.residual_layer.0.layer.0.fn.0.weight"
 # thop's profiling counters, which some OmniSR releases were saved with (spandrel deletes them)
 OMNISR_JUNK = Rule(r"(?:module\.)?(?:.+\.)?(?:total_ops|total_params)", None, "a profiler's counter")
 _OTHER_ARCHITECTURES = (  # (a key only that architecture has, its name) for the refusal
-    ("conv_after_body.weight", "transformer (GRL, CRAFT, ...)"),
+    ("conv_after_body.weight", "transformer (GRL, ...)"),
     ("model.diffusion_model.input_blocks.0.0.weight", "LDSR (latent diffusion)"),
     ("stylegan_decoder.to_rgb1.weight", "GFPGAN (face restoration)"),
 )
@@ -263,6 +276,11 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         return _safmn_bcie_config(path, stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
     if "to_feat.weight" in stripped and "feats.0.safm.aggr.weight" in stripped:
         return _safmn_config(stripped), [Rule(r"(?:module\.)?(.+)", r"\1")]
+    if "fea_conv.weight" in stripped and DCTLSA_KEY in stripped:  # after SAFMN BCIE, as spandrel
+        return _dctlsa_config(path, stripped), [
+            Rule(r"(?:module\.)?.+\.num_batches_tracked", None, "BatchNorm's training counter"),
+            Rule(r"(?:module\.)?(.+)", r"\1"),
+        ]
     if "gblocks.0.weight" in stripped and "gblocks.1.fc1.weight" in stripped:
         return _mosr_config(path, stripped), [INIT_POS, Rule(r"(?:module\.)?(.+)", r"\1")]
     if "feats.0.weight" in stripped and "feats.1.refine.weight" in stripped:
@@ -281,6 +299,8 @@ def _config(path: Path, state) -> tuple[object, list[Rule]]:
         offsets = _tensor(state, DAT_KEY)
         window = tuple(int(v) + 1 for v in offsets[-1])
         return rgt_config(stripped, window) if RGT_KEY in stripped else dat_config(stripped, window)
+    if CRAFT_KEY in stripped and "conv_first.weight" in stripped:  # after DAT, as spandrel
+        return craft_config(path, stripped)
     other = next((name for key, name in _OTHER_ARCHITECTURES if key in stripped), None)
     if other:
         raise ConversionError(f"{path}: a {other} model; mlx-sd runs {SUPPORTED} upscalers")
@@ -390,6 +410,17 @@ def _shuffle(path: Path, network: str, shuffled: int, in_channels: int) -> tuple
         raise ConversionError(f"{path}: a {network} whose last conv makes {shuffled} channels, no pixel shuffle of 1, "
                               "3 or 4 channels")  # fmt: skip
     return math.isqrt(shuffled // fits[0]), fits[0]
+
+
+def _dctlsa_config(path: Path, shapes: dict) -> DCTLSAConfig:
+    """DCTLSA's configuration (spandrel's rules: the width from the first conv, the head's scale and channels as for
+    every pixel shuffle); the module count the last fusion conv records must be the six the network runs."""
+    nf, in_channels = shapes["fea_conv.weight"][:2]
+    if shapes["c.0.weight"][1] != nf * DCTLSA_MODULES:
+        raise ConversionError(f"{path}: a DCTLSA fusing {shapes['c.0.weight'][1] // nf} modules; the network (and "
+                              f"spandrel's) runs {DCTLSA_MODULES}")  # fmt: skip
+    upscale, out_channels = _shuffle(path, "DCTLSA", shapes["upsampler.0.weight"][0], in_channels)
+    return DCTLSAConfig(in_channels=in_channels, out_channels=out_channels, nf=nf, upscale=upscale)
 
 
 def _omnisr_config(path: Path, shapes: dict) -> OmniSRConfig:

@@ -1,5 +1,5 @@
 """The transformer upscalers' configurations, read from a file's tensor shapes as spandrel reads them (SwinIR,
-Swin2SR, DAT, RGT, HAT, DRCT, ATD, SRFormer), with each one's key map: their own names, the buffers the networks
+Swin2SR, DAT, RGT, HAT, DRCT, ATD, SRFormer, CRAFT), with each one's key map: their own names, the buffers the networks
 recompute dropped. Used by `mlx_sd_convert.upscaler`.
 """
 
@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from mlx_sd.models.atd import ATDConfig
+from mlx_sd.models.craft import CRAFTConfig
 from mlx_sd.models.dat import DATConfig
 from mlx_sd.models.drct import DRCTConfig
 from mlx_sd.models.hat import HATConfig
@@ -27,6 +28,7 @@ RGT_KEY = "layers.0.blocks.0.gamma"
 ATD_KEY = "layers.0.residual_group.td"  # the token dictionary
 SWIN2SR_KEY = "layers.0.residual_group.blocks.0.attn.logit_scale"  # Swin V2's attention (SWINIR_KEY too)
 SRFORMER_KEY = "layers.0.residual_group.blocks.0.attn.aligned_relative_position_index"  # the permuted attention's
+CRAFT_KEY = "layers.0.residual_group.hf_blocks.0.attn.temperature"  # the fusion block's channel attention
 
 
 def indices(shapes: dict, pattern: str) -> list[int]:
@@ -326,6 +328,34 @@ def srformer_config(path: Path, shapes: dict) -> tuple[SRFormerConfig, list[Rule
     rules = [
         Rule(r"(?:module\.)?layers\.\d+\.residual_group\.blocks\.\d+\.(?:attn\.aligned_relative_position_index"
              r"|attn_mask)", None, buffers),
+        Rule(r"(?:module\.)?(.+)", r"\1"),
+    ]  # fmt: skip
+    return config, rules
+
+
+def craft_config(path: Path, shapes: dict) -> tuple[CRAFTConfig, list[Rule]]:
+    """CRAFT's configuration from its shapes (spandrel's rules) and the map: its own names, the position buffers
+    (recomputed) dropped. The window pair comes from the index buffer's s0 x s1 rows and the offsets' (2 s0 - 1) x
+    (2 s1 - 1); which side is which the shapes cannot tell, and spandrel takes s0 <= s1, as here."""
+    embed_dim, in_channels = shapes["conv_first.weight"][:2]
+    layers = range(max(indices(shapes, r"layers\.(\d+)\..+")) + 1)  # spandrel counts to the highest index
+    depths = tuple(max(indices(shapes, rf"layers\.{i}\.residual_group\.hf_blocks\.(\d+)\..+")) + 1 for i in layers)
+    heads = tuple(shapes[f"layers.{i}.residual_group.hf_blocks.0.attn.temperature"][0] for i in layers)
+    cells, offsets = shapes["relative_position_index_h"][0], shapes["biases_v"][0]
+    sides = [s for s in range(1, cells + 1) if cells % s == 0 and (2 * s - 1) * (2 * cells // s - 1) == offsets]
+    if not sides:
+        raise ConversionError(f"{path}: a CRAFT whose position buffers ({cells} window cells, {offsets} offsets) fit "
+                              "no rectangular window")  # fmt: skip
+    block = "layers.0.residual_group.srwa_blocks.0."
+    config = CRAFTConfig(
+        in_channels=in_channels, embed_dim=embed_dim, depths=depths, num_heads=heads,
+        split_size=(sides[0], cells // sides[0]), mlp_ratio=shapes[block + "mlp.fc1.bias"][0] / embed_dim,
+        qkv_bias=block + "qkv.bias" in shapes, upscale=math.isqrt(shapes["upsample.0.bias"][0] // in_channels),
+        resi_connection="1conv" if "conv_after_body.weight" in shapes else "identity",
+    )  # fmt: skip
+    rules = [
+        Rule(r"(?:module\.)?(?:relative_position_index_[hv]|biases_[hv])", None,
+             "recomputed from the window pair (the position index and offsets)"),
         Rule(r"(?:module\.)?(.+)", r"\1"),
     ]  # fmt: skip
     return config, rules

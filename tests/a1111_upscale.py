@@ -44,7 +44,7 @@ def load_descriptor(state_dict: dict):
     names = ("ESRGAN", "Compact", "HAT", "SPAN", "PLKSR", "DRCT", "MoSR", "RealCUGAN", "SAFMN", "Swin2SR", "RCAN",
              "SwinIR", "DAT", "SCUNet", "OmniSR", "RGT", "ATD", "FDAT",
              "MoESR", "SAFMNBCIE", "SwiftSRGAN", "DITN",
-             "SeemoRe", "FBCNN", "NAFNet", "DRUNet", "DnCNN")  # fmt: skip
+             "SeemoRe", "FBCNN", "NAFNet", "DRUNet", "DnCNN", "CRAFT", "DCTLSA")  # fmt: skip
     architectures = [spandrel(name).__dict__[f"{name}Arch"]() for name in names]
     architectures.append(spandrel_extra("SRFormer").SRFormerArch())
     for arch in architectures:

@@ -130,10 +130,11 @@ def window_offsets(height: int, width: int) -> np.ndarray:
 class SpatialBranch(nn.Module):
     """One branch's window attention (the original's `Spatial_Attention`): its position-bias MLP and window."""
 
-    def __init__(self, dim: int, heads: int, window: tuple[int, int]):
+    def __init__(self, dim: int, heads: int, window: tuple[int, int], masked: bool = True):
         super().__init__()
         self.heads = heads
         self.window = window
+        self.masked = masked  # shifted windows masked where they wrap (CRAFT's are not)
         self.pos = DynamicPosBias(dim // 4, heads)
 
     def bias(self) -> mx.array:
@@ -150,7 +151,7 @@ class SpatialBranch(nn.Module):
         mask = None
         if shift is not None:
             qkv = mx.roll(qkv, (-shift[0], -shift[1]), axis=(1, 2))
-            mask = mx.array(shift_mask(H, W, self.window, shift))
+            mask = mx.array(shift_mask(H, W, self.window, shift)) if self.masked else None
         windows = qkv.reshape(B, H // wh, wh, W // ww, ww, 3 * C).transpose(0, 1, 3, 2, 4, 5)
         q, k, v = mx.split(windows.reshape(-1, wh * ww, 3 * C), 3, axis=-1)
         out = window_attention(q, k, v, heads, self.bias(), mask)
@@ -161,16 +162,18 @@ class SpatialBranch(nn.Module):
 class WindowBranches(nn.Module):
     """The qkv projection and two window branches on half the channels each (height x width windows, then width x
     height), the map padded with zero tokens to the larger side; `attend` returns their output and the qkv. DAT's
-    spatial attention and RGT's L-SA add their own branch beside it."""
+    spatial attention, RGT's L-SA and CRAFT's SRWAB (shifted windows unmasked) add their own branch beside it."""
 
-    def __init__(self, dim: int, heads: int, split_size: tuple[int, int], qkv_bias: bool, shifted: bool):
+    def __init__(
+        self, dim: int, heads: int, split_size: tuple[int, int], qkv_bias: bool, shifted: bool, masked: bool = True
+    ):
         super().__init__()
         s0, s1 = split_size
         self.shift = ((s0 // 2, s1 // 2), (s1 // 2, s0 // 2)) if shifted else (None, None)
         self.pad_to = max(s0, s1)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.attns = [SpatialBranch(dim // 2, heads // 2, (s0, s1)), SpatialBranch(dim // 2, heads // 2, (s1, s0))]
+        self.attns = [SpatialBranch(dim // 2, heads // 2, window, masked) for window in ((s0, s1), (s1, s0))]
 
     def attend(self, x: mx.array, size: tuple[int, int]) -> tuple[mx.array, mx.array]:
         """(B, L, C) tokens -> the branches' (B, H, W, C) output and the (B, H, W, 3, C) queries, keys, values."""
