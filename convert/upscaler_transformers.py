@@ -180,17 +180,7 @@ def atd_config(path: Path, shapes: dict) -> tuple[ATDConfig, list[Rule]]:
     layers = indices(shapes, r"layers\.(\d+)\.residual_group\.td")
     layer = "layers.{}.residual_group.layers.{}."
     depths = tuple(len(indices(shapes, rf"layers\.{i}\.residual_group\.layers\.(\d+)\.norm1\.weight")) for i in layers)
-    if "conv_up1.weight" in shapes:
-        upsampler, upscale = "nearest+conv", 4
-    elif "conv_before_upsample.0.weight" in shapes:
-        upsampler, upscale = "pixelshuffle", 1
-        for i in indices(shapes, r"upsample\.(\d+)\.weight"):
-            out, feat = shapes[f"upsample.{i}.weight"][:2]
-            upscale *= math.isqrt(out // feat)
-    elif "conv_last.weight" in shapes:
-        upsampler, upscale = "", 1
-    else:
-        upsampler, upscale = "pixelshuffledirect", math.isqrt(shapes["upsample.0.weight"][0] // in_channels)
+    upsampler, upscale = _head(shapes, in_channels, "conv_up1.weight")
     first = layer.format(0, 0)
     config = ATDConfig(
         in_channels=in_channels, embed_dim=embed_dim, depths=depths,
@@ -210,6 +200,23 @@ def atd_config(path: Path, shapes: dict) -> tuple[ATDConfig, list[Rule]]:
         Rule(r"(?:module\.)?(.+)", r"\1"),
     ]
     return config, rules
+
+
+def _head(shapes: dict, in_channels: int, nearest_key: str) -> tuple[str, int]:
+    """SwinIR's four heads as ATD and SRFormer store them (spandrel's rules): nearest+conv (4x; its last conv is
+    `nearest_key`), pixelshuffle (the factor of each upsample conv multiplied), pixelshuffledirect (one conv straight
+    to the image), or none (a 1x restoration model)."""
+    if nearest_key in shapes:
+        return "nearest+conv", 4
+    if "conv_before_upsample.0.weight" in shapes:
+        upscale = 1
+        for i in indices(shapes, r"upsample\.(\d+)\.weight"):
+            out, feat = shapes[f"upsample.{i}.weight"][:2]
+            upscale *= math.isqrt(out // feat)
+        return "pixelshuffle", upscale
+    if "upsample.0.weight" in shapes:
+        return "pixelshuffledirect", math.isqrt(shapes["upsample.0.weight"][0] // in_channels)
+    return "", 1
 
 
 def drct_config(path: Path, shapes: dict) -> tuple[DRCTConfig, list[Rule]]:
@@ -304,17 +311,7 @@ def srformer_config(path: Path, shapes: dict) -> tuple[SRFormerConfig, list[Rule
     layers = range(max(indices(shapes, r"layers\.(\d+)\..+")) + 1)  # spandrel counts to the highest index
     depths = tuple(max(indices(shapes, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\..+")) + 1 for i in layers)
     heads = tuple(shapes[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"][1] for i in layers)
-    if "conv_hr.weight" in shapes:
-        upsampler, upscale = "nearest+conv", 4
-    elif "conv_before_upsample.0.weight" in shapes:
-        upsampler, upscale = "pixelshuffle", 1
-        for i in indices(shapes, r"upsample\.(\d+)\.weight"):
-            out, feat = shapes[f"upsample.{i}.weight"][:2]
-            upscale *= math.isqrt(out // feat)
-    elif "upsample.0.weight" in shapes:
-        upsampler, upscale = "pixelshuffledirect", math.isqrt(shapes["upsample.0.weight"][0] // in_channels)
-    else:
-        upsampler, upscale = "", 1
+    upsampler, upscale = _head(shapes, in_channels, "conv_hr.weight")
     window = math.isqrt(shapes[block + "attn.relative_position_bias_table"][0]) + 1
     mask = shapes.get("layers.0.residual_group.blocks.1.attn_mask")
     config = SRFormerConfig(
